@@ -1,0 +1,347 @@
+"""Typed, frozen configuration dataclasses, YAML loading and ``key=value`` overrides.
+
+Every stage of the pipeline takes one of these small dataclasses; a run is a ``RunConfig``
+that nests them. Unknown keys and wrong types are errors that name the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or has the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder."""
+
+    vocab_size: int = 49152
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    hidden_dim: int = 1536
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    # Llama 3.1 style rope scaling: None or dict(factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings).
+    rope_scaling: tuple[tuple[str, float], ...] | None = None
+    tie_embeddings: bool = True
+    max_seq_len: int = 8192
+    dtype: Literal["float32", "bfloat16"] = "float32"  # activations / compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
+            )
+
+    @property
+    def n_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.hidden_dim
+        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * (attn + mlp + 2 * self.dim) + emb + self.dim
+
+    @classmethod
+    def smollm2_135m(cls, **kw: Any) -> "ModelConfig":
+        return cls(**kw)
+
+    @classmethod
+    def llama32_1b(cls, **kw: Any) -> "ModelConfig":
+        base = dict(
+            vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+            hidden_dim=8192, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True,
+            max_seq_len=131072, dtype="bfloat16", param_dtype="bfloat16",
+            rope_scaling=LLAMA3_ROPE_SCALING_32,
+        )
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def llama31_8b(cls, **kw: Any) -> "ModelConfig":
+        base = dict(
+            vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+            hidden_dim=14336, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=False,
+            max_seq_len=131072, dtype="bfloat16", param_dtype="bfloat16",
+            rope_scaling=LLAMA3_ROPE_SCALING_8,
+        )
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, **kw: Any) -> "ModelConfig":
+        """A random-weight toy model for tests."""
+        base = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                    hidden_dim=128, rope_theta=10000.0, max_seq_len=512)
+        base.update(kw)
+        return cls(**base)
+
+
+LLAMA3_ROPE_SCALING_8 = (("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                         ("original_max_position_embeddings", 8192.0))
+LLAMA3_ROPE_SCALING_32 = (("factor", 32.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                          ("original_max_position_embeddings", 8192.0))
+
+MODEL_PRESETS = {
+    "smollm2-135m": ModelConfig.smollm2_135m,
+    "llama-3.2-1b": ModelConfig.llama32_1b,
+    "llama-3.1-8b": ModelConfig.llama31_8b,
+    "tiny": ModelConfig.tiny,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.3
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    max_new_tokens: int = 128
+    greedy: bool = False
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeConfig:
+    """Branching of trajectory expansion: n generator samples, m critiques each, l refinements each."""
+
+    n: int = 3
+    m: int = 3
+    l: int = 3
+    questions_per_batch: int = 4
+    share_prefix: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 2e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    sft_epochs: int = 2
+    dpo_epochs: int = 1
+    dpo_learning_rate: float = 5e-5
+    dpo_beta: float = 0.2
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    max_seq_len: int = 512
+    value_threshold: float = 0.5
+    max_pairs_per_parent: int = 2
+    generator_dpo: bool = False
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    num_questions: int = 100
+    votes: int = 3
+    temperature: float = 0.3
+    max_new_tokens: int = 128
+    bootstrap_samples: int = 2000
+    seed: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    name: str = "synthetic"
+    path: str = ""  # local data file/dir for real benchmarks
+    num_train: int = 32
+    num_eval: int = 100
+    seed: int = 0
+    # task-specific knobs (e.g. synthetic difficulty), kept as a flat mapping
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    model_preset: str = "smollm2-135m"
+    weights: str = "smollm2"  # "smollm2" (embedded GGUF), a .gguf path, an HF dir, or "random"
+    run_dir: str = "runs/default"
+    mesh: tuple[tuple[str, int], ...] = ()  # e.g. (("data", 8),) ; empty = all devices on "data"
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    tree: TreeConfig = TreeConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass with checking
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        if cfg and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in cfg):
+            return {k: to_dict(v) for k, v in cfg}
+        return [to_dict(x) for x in cfg]
+    return cfg
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        # mapping-shaped tuple: tuple[tuple[str, X], ...]
+        if len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple \
+                and typing.get_args(args[0])[:1] == (str,):
+            if isinstance(value, dict):
+                vt = typing.get_args(args[0])[1]
+                return tuple((str(k), _coerce(v, vt, f"{key}.{k}")) for k, v in value.items())
+            if isinstance(value, (list, tuple)) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in value):
+                return tuple((str(k), v) for k, v in value)
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, str) and len(args) == 2 and args[1] is Ellipsis:
+                value = [value]
+            else:
+                raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an int, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a float, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies ``a.b.c=value`` strings (value parsed as YAML) onto a nested dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Loads a RunConfig from YAML; ``model`` is taken from ``model_preset`` unless given."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    preset = data.get("model_preset", RunConfig.model_preset)
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"model_preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
+    model_over = data.pop("model", {}) or {}
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    base_model = MODEL_PRESETS[preset]()
+    model = from_dict(ModelConfig, {**to_dict(base_model), **model_over}, prefix="model.")
+    return dataclasses.replace(cfg, model=model)
