@@ -1,0 +1,256 @@
+"""A Llama-family decoder as pure functions over a parameter pytree.
+
+Parameters are a plain dict; per-layer weights are stacked on a leading ``layers`` axis and
+the decoder runs them with ``jax.lax.scan`` (one compiled layer body, fast compiles for
+30-layer models). Linear weights are stored ``[in, out]`` (``y = x @ w``).
+
+    params = {
+      "embed":      [vocab, dim],
+      "layers": {
+        "attn_norm": [L, dim],       "mlp_norm": [L, dim],
+        "wq": [L, dim, H*hd],        "wk": [L, dim, K*hd],   "wv": [L, dim, K*hd],
+        "wo": [L, H*hd, dim],
+        "w_gate": [L, dim, ffn],     "w_up": [L, dim, ffn],  "w_down": [L, ffn, dim],
+      },
+      "final_norm": [dim],
+      "lm_head":    [dim, vocab],    # only when embeddings are untied
+    }
+
+RoPE uses the Hugging Face "rotate-half" layout. GGUF files store Q/K rows permuted for
+llama.cpp's interleaved rope; ``weights.py`` un-permutes them on import.
+
+LoRA adapters (``lora.py``) are a separate pytree ``{"layers": {name: {"a": [L,in,r], "b": [L,r,out]}}}``
+and are applied on the fly: ``x @ w + scale * (x @ a) @ b``, so one frozen base serves every role.
+
+The KV cache is a static-shape ``[L, B, S, K, hd]`` buffer. Every token carries its own
+position; a token at position ``p`` is written to cache slot ``p`` of its row and attends to
+slots ``<= p``. Rows therefore advance independently (ragged prompts, forked tree rows).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from malt_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, K, hd]
+    v: jax.Array  # [L, B, S, K, hd]
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None) -> "KVCache":
+        dtype = dtype or jnp.dtype(cfg.dtype)
+        shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    def repeat(self, times: int) -> "KVCache":
+        """Forks every row ``times`` times (row b -> rows b*times .. b*times+times-1)."""
+        return KVCache(k=jnp.repeat(self.k, times, axis=1), v=jnp.repeat(self.v, times, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# initialisation
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
+    """Random parameters (normal(0, std) matrices, unit norms), in ``cfg.param_dtype``."""
+    dt = jnp.dtype(cfg.param_dtype)
+    L, D, H, K, hd, F = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
+    shapes = {
+        "wq": (L, D, H * hd), "wk": (L, D, K * hd), "wv": (L, D, K * hd), "wo": (L, H * hd, D),
+        "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+    }
+    keys = jax.random.split(key, len(shapes) + 2)
+    layers = {name: (std * jax.random.normal(k, s)).astype(dt) for (name, s), k in zip(shapes.items(), keys)}
+    layers["attn_norm"] = jnp.ones((L, D), dt)
+    layers["mlp_norm"] = jnp.ones((L, D), dt)
+    params: Params = {
+        "embed": (std * jax.random.normal(keys[-2], (cfg.vocab_size, D))).astype(dt),
+        "layers": layers,
+        "final_norm": jnp.ones((D,), dt),
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = (std * jax.random.normal(keys[-1], (D, cfg.vocab_size))).astype(dt)
+    return params
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Expected shapes of every parameter (used to check imported checkpoints)."""
+    return jax.tree.map(lambda x: tuple(x.shape), jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [hd/2], with Llama-3.1 style scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if cfg.rope_scaling:
+        s = dict(cfg.rope_scaling)
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = jnp.where(is_mid, mid, scaled)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x: [B, T, heads, hd]; positions: [B, T]."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _linear(x: jax.Array, w: jax.Array, lora: dict | None, scale: float) -> jax.Array:
+    y = x @ w.astype(x.dtype)
+    if lora is not None:
+        y = y + scale * ((x @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype))
+    return y
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array
+) -> jax.Array:
+    """Grouped-query attention.
+
+    q: [B, T, H, hd]; k, v: [B, S, K, hd]; q_pos: [B, T] and k_pos: [B, S] positions;
+    k_valid: [B, S] bool, whether a key holds a real token. A key is visible to a query iff it is
+    valid and its position is ``<=`` the query's.
+    """
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, T, S]
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H * hd)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    *,
+    cache: KVCache | None = None,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    token_valid: jax.Array | None = None,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder.
+
+    Args:
+      tokens: [B, T] int token ids.
+      positions: [B, T] int absolute positions (cache slots) of the tokens.
+      cache: optional KV cache; the new keys/values are written at ``positions`` and attention
+        runs over the whole cache. Without a cache, attention is causal over ``tokens``.
+      lora: optional adapter pytree (see lora.py), applied with ``lora_scale`` (alpha / rank).
+      token_valid: [B, T] bool; False marks padding (its keys are never attended to and, with
+        a cache, it is not written).
+    Returns:
+      logits [B, T, vocab] in float32 (or the final hidden states if ``return_hidden``), and
+      the updated cache (None without one).
+    """
+    dt = jnp.dtype(cfg.dtype)
+    B, T = tokens.shape
+    if token_valid is None:
+        token_valid = jnp.ones((B, T), bool)
+    inv_freq = rope_frequencies(cfg)
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    x = params["embed"].astype(dt)[tokens]
+    lora_layers = (lora or {}).get("layers", {})
+    rows = jnp.arange(B)[:, None]
+
+    if cache is not None:
+        # Cache slot j holds position j. Slots below a row's current position were written by
+        # earlier steps; slots above it are masked by the position test. Padding is redirected
+        # past the end of the cache so the scatter drops it.
+        write_pos = jnp.where(token_valid, positions, cache.size)
+        k_pos = jnp.broadcast_to(jnp.arange(cache.size), (B, cache.size))
+        k_valid = jnp.ones((B, cache.size), bool)
+    else:
+        write_pos = None
+        k_pos, k_valid = positions, token_valid
+
+    def layer(h, xs):
+        lp, ll, kc, vc = xs
+        a_in = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
+        q = _linear(a_in, lp["wq"], ll.get("wq"), lora_scale).reshape(B, T, H, hd)
+        k = _linear(a_in, lp["wk"], ll.get("wk"), lora_scale).reshape(B, T, K, hd)
+        v = _linear(a_in, lp["wv"], ll.get("wv"), lora_scale).reshape(B, T, K, hd)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if kc is not None:
+            kc = kc.at[rows, write_pos].set(k.astype(kc.dtype), mode="drop")
+            vc = vc.at[rows, write_pos].set(v.astype(vc.dtype), mode="drop")
+            attn = attention(q, kc.astype(dt), vc.astype(dt), positions, k_pos, k_valid)
+        else:
+            attn = attention(q, k, v, positions, k_pos, k_valid)
+        h = h + _linear(attn, lp["wo"], ll.get("wo"), lora_scale)
+        m_in = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
+        gate = _linear(m_in, lp["w_gate"], ll.get("w_gate"), lora_scale)
+        up = _linear(m_in, lp["w_up"], ll.get("w_up"), lora_scale)
+        h = h + _linear(jax.nn.silu(gate) * up, lp["w_down"], ll.get("w_down"), lora_scale)
+        return h, (kc, vc)
+
+    kcs = cache.k if cache is not None else None
+    vcs = cache.v if cache is not None else None
+    x, (kcs, vcs) = jax.lax.scan(layer, x, (params["layers"], lora_layers, kcs, vcs))
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    new_cache = KVCache(k=kcs, v=vcs) if cache is not None else None
+    if return_hidden:
+        return x, new_cache
+    return lm_head(params, x, cfg), new_cache
+
+
+def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Projects final hidden states [..., dim] to float32 logits [..., vocab]."""
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def causal_positions(batch: int, length: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))

@@ -1,0 +1,237 @@
+"""Batched, jit-compiled sampling with a static-shape KV cache.
+
+The sampler is made of three pure pieces that trajectory expansion reuses:
+
+* :func:`prefill` writes a right-padded block of tokens into the cache at per-row positions
+  and returns the logits that follow each row's last real token;
+* :func:`decode` runs a ``jax.lax.while_loop`` that samples one token per row per step until
+  every row has hit a stop token / stop sequence or ``max_new_tokens``; rows stop independently;
+* :func:`generate` = fresh cache + prefill + decode, the everyday entry point.
+
+Randomness is per row: the token sampled by row ``b`` at step ``t`` uses
+``fold_in(keys[b], t)``, so a row's sample does not depend on which other rows share its
+batch (this is what makes sharded == unsharded and forked == naive expansion testable).
+
+Stop tokens (EOS, ``<|im_end|>``) end a row and are not part of its output; stop sequences
+(token-id sequences, e.g. the encoding of a stop string) end a row and are kept in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from malt_jax.config import ModelConfig, SamplingConfig
+from malt_jax.model.llama import KVCache, Params, forward, lm_head
+
+PAD_ID = 0
+
+
+@flax.struct.dataclass
+class Generation:
+    tokens: jax.Array  # [B, N] sampled tokens (PAD_ID after a row's end)
+    lengths: jax.Array  # [B] number of output tokens (stop token excluded)
+    logps: jax.Array  # [B, N] log p(token) under the model's unscaled distribution (0 after end)
+    stopped: jax.Array  # [B] True if the row ended by a stop token/sequence (False: length limit)
+    end_pos: jax.Array  # [B] next free cache position of each row after decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class StopCriteria:
+    """Static stop rules: single stop token ids and right-aligned stop sequences."""
+
+    stop_ids: tuple[int, ...] = ()
+    stop_seqs: tuple[tuple[int, ...], ...] = ()
+
+    def seq_array(self) -> np.ndarray:
+        width = max((len(s) for s in self.stop_seqs), default=1)
+        arr = np.full((max(len(self.stop_seqs), 1), width), -1, np.int32)
+        for i, s in enumerate(self.stop_seqs):
+            arr[i, width - len(s):] = s
+        return arr
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Samples one token from ``logits`` [V] under temperature / top-k / top-p (or greedy)."""
+    if cfg.greedy or cfg.temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k and cfg.top_k > 0:
+        kth = jax.lax.top_k(x, cfg.top_k)[0][..., -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if cfg.top_p < 1.0:
+        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+        keep = cum < cfg.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < cutoff, -jnp.inf, x)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+def prefill(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    start: jax.Array,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+) -> tuple[jax.Array, KVCache]:
+    """Writes right-padded ``tokens`` [B, T] at positions ``start[b] + t`` (t < lengths[b]).
+
+    Returns the float32 logits [B, V] after each row's last real token, and the cache.
+    Rows with ``lengths == 0`` write nothing (their logits are meaningless).
+    """
+    B, T = tokens.shape
+    t = jnp.arange(T)[None, :]
+    positions = start[:, None] + t
+    valid = t < lengths[:, None]
+    hidden, cache = forward(params, tokens, positions, cfg, cache=cache, lora=lora,
+                            lora_scale=lora_scale, token_valid=valid, return_hidden=True)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    return lm_head(params, last, cfg), cache
+
+
+@flax.struct.dataclass
+class _DecodeState:
+    step: jax.Array
+    cache: KVCache
+    logits: jax.Array  # [B, V] logits of the next token
+    pos: jax.Array  # [B] next cache position
+    done: jax.Array  # [B]
+    stopped: jax.Array  # [B]
+    lengths: jax.Array  # [B]
+    tokens: jax.Array  # [B, N]
+    logps: jax.Array  # [B, N]
+    recent: jax.Array  # [B, W] last W tokens (for stop sequences)
+
+
+def decode(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    logits: jax.Array,
+    pos: jax.Array,
+    keys: jax.Array,
+    sampling: SamplingConfig,
+    stop: StopCriteria,
+    max_new_tokens: int,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    active: jax.Array | None = None,
+) -> tuple[Generation, KVCache]:
+    """Samples up to ``max_new_tokens`` per row, starting from next-token ``logits`` [B, V].
+
+    ``pos`` [B]: cache position where each row's first new token goes; ``keys`` [B]: per-row
+    PRNG keys; ``active`` [B] (optional): rows marked False produce nothing.
+    """
+    B = logits.shape[0]
+    N = max_new_tokens
+    seqs = jnp.asarray(stop.seq_array())
+    W = seqs.shape[1]
+    stop_ids = jnp.asarray(stop.stop_ids or (-1,), jnp.int32)
+    done0 = jnp.zeros((B,), bool) if active is None else ~active
+
+    def cond(s: _DecodeState) -> jax.Array:
+        return (s.step < N) & ~jnp.all(s.done)
+
+    def body(s: _DecodeState) -> _DecodeState:
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, s.step)
+        tok = jax.vmap(partial(sample_logits, cfg=sampling))(s.logits, step_keys)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+        recent = jnp.concatenate([s.recent[:, 1:], tok[:, None]], axis=1)
+        hit_id = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        hit_seq = jnp.any(jnp.all((seqs[None] == -1) | (recent[:, None, :] == seqs[None]), axis=-1), axis=-1)
+        hit_seq = hit_seq & bool(stop.stop_seqs)
+        live = ~s.done
+        emit = live & ~hit_id  # token becomes part of the output (and of the cache)
+        tokens = s.tokens.at[:, s.step].set(jnp.where(emit, tok, PAD_ID))
+        logps = s.logps.at[:, s.step].set(jnp.where(emit, logp, 0.0))
+        stopped = s.stopped | (live & (hit_id | hit_seq))
+        done = s.done | hit_id | hit_seq | (s.step + 1 >= N)
+        new_logits, cache = forward(params, tok[:, None], s.pos[:, None], cfg, cache=s.cache, lora=lora,
+                                    lora_scale=lora_scale, token_valid=emit[:, None], return_hidden=True)
+        new_logits = lm_head(params, new_logits[:, 0], cfg)
+        return _DecodeState(
+            step=s.step + 1, cache=cache, logits=new_logits, pos=s.pos + emit, done=done, stopped=stopped,
+            lengths=s.lengths + emit, tokens=tokens, logps=logps, recent=recent,
+        )
+
+    init = _DecodeState(
+        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits.astype(jnp.float32), pos=pos.astype(jnp.int32),
+        done=done0, stopped=jnp.zeros((B,), bool), lengths=jnp.zeros((B,), jnp.int32),
+        tokens=jnp.full((B, N), PAD_ID, jnp.int32), logps=jnp.zeros((B, N), jnp.float32),
+        recent=jnp.full((B, W), -2, jnp.int32),
+    )
+    s = jax.lax.while_loop(cond, body, init)
+    gen = Generation(tokens=s.tokens, lengths=s.lengths, logps=s.logps, stopped=s.stopped, end_pos=s.pos)
+    return gen, s.cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "sampling", "stop", "max_new_tokens", "cache_size", "lora_scale"))
+def generate(
+    params: Params,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    keys: jax.Array,
+    *,
+    cfg: ModelConfig,
+    sampling: SamplingConfig,
+    stop: StopCriteria = StopCriteria(),
+    max_new_tokens: int = 64,
+    cache_size: int | None = None,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+) -> Generation:
+    """Samples continuations of right-padded prompts [B, T] with lengths [B] and keys [B]."""
+    B, T = prompt_tokens.shape
+    size = cache_size or (T + max_new_tokens)
+    cache = KVCache.zeros(cfg, B, size)
+    start = jnp.zeros((B,), jnp.int32)
+    logits, cache = prefill(params, cfg, cache, prompt_tokens, prompt_lengths, start, lora, lora_scale)
+    gen, _ = decode(params, cfg, cache, logits, prompt_lengths.astype(jnp.int32), keys, sampling, stop,
+                    max_new_tokens, lora, lora_scale)
+    return gen
+
+
+def row_keys(seed: int | jax.Array, n: int) -> jax.Array:
+    """``n`` independent per-row PRNG keys from a seed."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return jax.random.split(key, n)
+
+
+def pad_batch(seqs: list[list[int]], bucket: int = 16, pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token lists to a length rounded up to ``bucket`` (limits recompilation)."""
+    longest = max((len(s) for s in seqs), default=1)
+    width = max(bucket, -(-longest // bucket) * bucket)
+    out = np.full((len(seqs), width), pad_id, np.int32)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out, np.asarray([len(s) for s in seqs], np.int32)
+
+
+def trim(gen: Generation) -> list[list[int]]:
+    """Host-side: output token lists without padding."""
+    toks, lens = np.asarray(gen.tokens), np.asarray(gen.lengths)
+    return [toks[i, : lens[i]].tolist() for i in range(toks.shape[0])]
+
+
+def cut_at_stop_strings(text: str, stop_strings: tuple[str, ...] | list[str]) -> str:
+    """Host-side: truncates text at the first occurrence of any stop string (kept out)."""
+    cut = len(text)
+    for s in stop_strings:
+        i = text.find(s)
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+Any  # re-exported typing helper for annotations
