@@ -1,0 +1,180 @@
+"""G -> V -> R trajectory expansion as one jit-compiled, in-graph tree sampler.
+
+For Q questions the tree has Q·n generator rows, Q·n·m verifier rows and Q·n·m·l refiner
+rows. The three roles form one growing chat (see ``tasks.base.role_messages``)::
+
+    [question prompt] G-answer [V turn] V-critique [R turn] R-answer
+
+so the context of every node is its parent's context plus a few tokens. Each row keeps
+its context tokens ``ctx [rows, S]`` with length ``ctx_len``; between levels the rows are
+*forked* (``repeat``) ``fanout`` times. Three ways to get the KV cache of a level:
+
+* ``"extend"`` (roles share weights, e.g. the untrained base during data collection):
+  the question is prefilled once; each level appends the role's turn tokens to the
+  parent's cache and forks it: nothing is ever re-encoded.
+* ``"fork"`` (roles have different adapters): each parent context is prefilled once with
+  the role's weights and the cache is forked to its children.
+* ``"naive"`` (reference / benchmark baseline): contexts are forked first and every row
+  re-encodes its whole prompt.
+
+All three give the same samples for the same keys (tests check this): the token a row
+samples at step t uses ``fold_in(row_key, t)``, and children keys are derived from the
+parent's key and the child's index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from malt_jax.config import ModelConfig, SamplingConfig
+from malt_jax.model.llama import KVCache, Params
+from malt_jax.sampling import Generation, StopCriteria, decode, prefill
+
+ROLES = ("G", "V", "R")
+
+Mode = Literal["extend", "fork", "naive"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpansionSpec:
+    """Static shape of an expansion: branching, token budgets, sampling rules."""
+
+    n: int = 3
+    m: int = 3
+    l: int = 3
+    max_new: tuple[int, int, int] = (96, 96, 96)  # per role G, V, R
+    sampling: SamplingConfig = SamplingConfig()
+    stop: StopCriteria = StopCriteria()
+    depth: int = 3  # 1 = generator only, 3 = full G -> V -> R
+    mode: Mode = "extend"
+
+    @property
+    def fanouts(self) -> tuple[int, int, int]:
+        return (self.n, self.m, self.l)
+
+
+@flax.struct.dataclass
+class Tree:
+    """Sampled tree; level i holds arrays shaped [Q, n, (m, (l,))] + [max_new_i] for tokens."""
+
+    tokens: tuple[jax.Array, ...]
+    lengths: tuple[jax.Array, ...]
+    logps: tuple[jax.Array, ...]
+    stopped: tuple[jax.Array, ...]
+
+
+def _append(ctx: jax.Array, ctx_len: jax.Array, toks: jax.Array) -> jax.Array:
+    """Writes toks [B, N] into ctx [B, S] starting at ctx_len [B] (overflow dropped)."""
+    B, N = toks.shape
+    cols = ctx_len[:, None] + jnp.arange(N)[None, :]
+    return ctx.at[jnp.arange(B)[:, None], cols].set(toks, mode="drop")
+
+
+def _fork(x: jax.Array, times: int) -> jax.Array:
+    return jnp.repeat(x, times, axis=0)
+
+
+def _child_keys(keys: jax.Array, fanout: int) -> jax.Array:
+    """Keys for the ``fanout`` children of every row (row-major, like ``_fork``)."""
+    branch = jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(keys)
+    kids = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(fanout)))(branch)
+    return kids.reshape((-1,) + kids.shape[2:])
+
+
+@partial(jax.jit, static_argnames=("cfg", "spec", "lora_scale"))
+def expand(
+    params: Params,
+    adapters: tuple[Params | None, Params | None, Params | None],
+    q_tokens: jax.Array,
+    q_lens: jax.Array,
+    turns: tuple[jax.Array, jax.Array],
+    keys: jax.Array,
+    *,
+    cfg: ModelConfig,
+    spec: ExpansionSpec,
+    lora_scale: float = 1.0,
+) -> Tree:
+    """Samples a G -> V -> R tree for Q questions.
+
+    Args:
+      params: base model parameters (shared by every role).
+      adapters: per-role LoRA adapters (G, V, R); ``None`` = the bare base.
+      q_tokens: [Q, Tq] right-padded question prompts (chat-rendered, ending with the
+        assistant header); q_lens: [Q].
+      turns: token arrays [Tv] and [Tr] appended before the verifier / refiner turns (they
+        start by closing the previous assistant turn, e.g. ``<|im_end|>\\n<|im_start|>user...``).
+      keys: [Q] per-question PRNG keys.
+    """
+    Q, Tq = q_tokens.shape
+    if spec.mode == "extend" and any(a is not None for a in adapters):
+        raise ValueError("expand: mode='extend' shares KV caches across roles, so it needs one set of "
+                         "weights for all roles; use mode='fork' with per-role adapters")
+    size = Tq + sum(spec.max_new[: spec.depth]) + sum(int(t.shape[0]) for t in turns[: spec.depth - 1])
+    ctx = jnp.zeros((Q, size), jnp.int32).at[:, :Tq].set(q_tokens)
+    ctx_len = q_lens.astype(jnp.int32)
+    row_keys = keys
+    cache = None
+    logits = None
+    if spec.mode == "extend":
+        cache = KVCache.zeros(cfg, Q, size)
+        logits, cache = prefill(params, cfg, cache, q_tokens, ctx_len, jnp.zeros((Q,), jnp.int32))
+
+    out_tokens, out_lens, out_logps, out_stopped = [], [], [], []
+    for level in range(spec.depth):
+        fan = spec.fanouts[level]
+        lora = adapters[level]
+        if level > 0:  # append this role's turn tokens
+            turn = turns[level - 1]
+            B = ctx.shape[0]
+            t = jnp.broadcast_to(turn[None, :], (B, turn.shape[0])).astype(jnp.int32)
+            if spec.mode == "extend":
+                logits, cache = prefill(params, cfg, cache, t, jnp.full((B,), turn.shape[0]), ctx_len)
+            ctx = _append(ctx, ctx_len, t)
+            ctx_len = ctx_len + turn.shape[0]
+        if spec.mode == "extend":
+            cache, logits = cache.repeat(fan), _fork(logits, fan)
+        elif spec.mode == "fork":
+            cache = KVCache.zeros(cfg, ctx.shape[0], size)
+            logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
+            cache, logits = cache.repeat(fan), _fork(logits, fan)
+        ctx, ctx_len = _fork(ctx, fan), _fork(ctx_len, fan)
+        row_keys = _child_keys(row_keys, fan)
+        if spec.mode == "naive":
+            cache = KVCache.zeros(cfg, ctx.shape[0], size)
+            logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
+        sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
+        gen, cache = decode(params, cfg, cache, logits, ctx_len, sample_keys, spec.sampling, spec.stop,
+                            spec.max_new[level], lora, lora_scale)
+        ctx = _append(ctx, ctx_len, gen.tokens)
+        ctx_len = ctx_len + gen.lengths
+        lead = (Q,) + spec.fanouts[: level + 1]
+        out_tokens.append(gen.tokens.reshape(lead + (-1,)))
+        out_lens.append(gen.lengths.reshape(lead))
+        out_logps.append(gen.logps.reshape(lead + (-1,)))
+        out_stopped.append(gen.stopped.reshape(lead))
+    return Tree(tokens=tuple(out_tokens), lengths=tuple(out_lens), logps=tuple(out_logps),
+                stopped=tuple(out_stopped))
+
+
+def tree_texts(tree: Tree, decode_fn) -> list[np.ndarray]:
+    """Host-side: decodes every node into an object array of strings shaped like its level."""
+    out = []
+    for toks, lens in zip(tree.tokens, tree.lengths):
+        toks, lens = np.asarray(toks), np.asarray(lens)
+        flat_t = toks.reshape(-1, toks.shape[-1])
+        flat_l = lens.reshape(-1)
+        texts = np.empty(flat_l.shape[0], dtype=object)
+        for i in range(flat_l.shape[0]):
+            texts[i] = decode_fn(flat_t[i, : flat_l[i]].tolist())
+        out.append(texts.reshape(lens.shape))
+    return out
+
+
+Generation  # noqa: B018  (re-export for type users)

@@ -1,0 +1,128 @@
+"""Device meshes and one table of logical axes that drives every sharding decision.
+
+Arrays are described by *logical* axis names (``"batch"``, ``"embed"``, ``"heads"``...);
+``AXIS_RULES`` maps each logical axis to mesh axes. Mesh axes:
+
+* ``data``   – data parallelism (batch);
+* ``fsdp``   – fully-sharded data parallelism (batch, and parameters along ``embed``);
+* ``tensor`` – tensor parallelism (heads / ffn / vocab), for large models.
+
+A dimension whose size is not divisible by its mesh axes is replicated instead (e.g. 3 KV
+heads on a 4-way tensor axis), so any model runs on any mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "ffn": ("tensor",),
+    "layers": (),
+    "seq": (),
+    "rank": (),
+}
+
+# logical axes of every parameter (see model/llama.py for the layout)
+PARAM_AXES: dict[str, Any] = {
+    "embed": ("vocab", "embed"),
+    "final_norm": (None,),
+    "lm_head": ("embed", "vocab"),
+    "layers": {
+        "attn_norm": ("layers", None),
+        "mlp_norm": ("layers", None),
+        "wq": ("layers", "embed", "heads"),
+        "wk": ("layers", "embed", "kv_heads"),
+        "wv": ("layers", "embed", "kv_heads"),
+        "wo": ("layers", "heads", "embed"),
+        "w_gate": ("layers", "embed", "ffn"),
+        "w_up": ("layers", "embed", "ffn"),
+        "w_down": ("layers", "ffn", "embed"),
+    },
+}
+
+# LoRA factors: a [L, in, r] keeps the input axis of its base weight, b [L, r, out] the output axis.
+def lora_axes(name: str) -> dict[str, tuple]:
+    base = PARAM_AXES["layers"][name]
+    return {"a": (base[0], base[1], "rank"), "b": (base[0], "rank", base[2])}
+
+
+KV_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", None)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh with axes (data, fsdp, tensor). Missing axes get size 1; with no shape,
+    every device goes on ``data``. A size of -1 takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = dict(shape or {})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {sorted(unknown)[0]!r}; axes are {MESH_AXES}")
+    if not shape:
+        shape = {"data": len(devices)}
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError("mesh: at most one axis may be -1")
+    if -1 in sizes:
+        rest = int(np.prod([s for s in sizes if s != -1]))
+        sizes[sizes.index(-1)] = len(devices) // rest
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec for an array of ``shape`` with logical ``axes`` (non-divisible -> replicated)."""
+    out = []
+    used: set[str] = set()
+    for name, dim in zip(axes, shape):
+        mesh_axes = tuple(a for a in AXIS_RULES.get(name, ()) if name and mesh.shape.get(a, 1) > 1 and a not in used)
+        size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if not mesh_axes or dim % size:
+            out.append(None)
+        else:
+            used.update(mesh_axes)
+            out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*out)
+
+
+def sharding_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(axes, shape, mesh))
+
+
+def param_shardings(params: Any, mesh: Mesh, lora: bool = False) -> Any:
+    """NamedShardings for a params pytree (or a LoRA adapter pytree with ``lora=True``)."""
+    if lora:
+        axes = {"layers": {k: lora_axes(k) for k in params.get("layers", {})}}
+    else:
+        axes = {k: v for k, v in PARAM_AXES.items() if k in params}
+    return jax.tree.map(lambda ax, x: sharding_for(ax, x.shape, mesh), axes, params,
+                        is_leaf=lambda t: isinstance(t, tuple))
+
+
+def shard_params(params: Any, mesh: Mesh, lora: bool = False) -> Any:
+    return jax.device_put(params, param_shardings(params, mesh, lora=lora))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) -> NamedSharding:
+    """Shards the leading (batch) axis over data+fsdp; other axes replicated."""
+    axes = ("batch",) + (None,) * (ndim - 1)
+    shape = shape or (int(np.prod([mesh.shape[a] for a in AXIS_RULES["batch"]])),) + (1,) * (ndim - 1)
+    return sharding_for(axes, shape, mesh)
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Puts every array of ``tree`` on the mesh with its leading axis split over data+fsdp."""
+    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), np.shape(x))), tree)

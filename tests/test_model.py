@@ -1,0 +1,219 @@
+"""Model correctness: JAX forward vs an independent NumPy reference, weight import/export."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from malt_jax.config import ModelConfig
+from malt_jax.model import llama, weights
+from tests.reference import reference_logits
+
+
+def _random_hf(cfg: ModelConfig, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    H, K, hd, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.hidden_dim
+    t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (cfg.vocab_size, D)),
+         "model.norm.weight": 1 + rng.normal(0, 0.1, D)}
+    if not cfg.tie_embeddings:
+        t["lm_head.weight"] = rng.normal(0, 0.1, (cfg.vocab_size, D))
+    for i in range(cfg.n_layers):
+        s = lambda *shape: rng.normal(0, 0.15, shape)
+        t.update({
+            f"model.layers.{i}.input_layernorm.weight": 1 + rng.normal(0, 0.1, D),
+            f"model.layers.{i}.post_attention_layernorm.weight": 1 + rng.normal(0, 0.1, D),
+            f"model.layers.{i}.self_attn.q_proj.weight": s(H * hd, D),
+            f"model.layers.{i}.self_attn.k_proj.weight": s(K * hd, D),
+            f"model.layers.{i}.self_attn.v_proj.weight": s(K * hd, D),
+            f"model.layers.{i}.self_attn.o_proj.weight": s(D, H * hd),
+            f"model.layers.{i}.mlp.gate_proj.weight": s(F, D),
+            f"model.layers.{i}.mlp.up_proj.weight": s(F, D),
+            f"model.layers.{i}.mlp.down_proj.weight": s(D, F),
+        })
+    return t
+
+
+def _write_hf(tmp_path, cfg, hf):
+    from safetensors.numpy import save_file
+
+    save_file({k: v.astype(np.float32) for k, v in hf.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_seq_len}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_forward_matches_numpy_reference(tmp_path, tied):
+    cfg = ModelConfig.tiny(tie_embeddings=tied)
+    hf = _random_hf(cfg)
+    params, loaded_cfg = weights.load_hf(_write_hf(tmp_path, cfg, hf))
+    assert loaded_cfg == cfg
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 23)
+    ref = reference_logits(hf, cfg, tokens)
+    out, _ = llama.forward(params, jnp.asarray(tokens)[None], llama.causal_positions(1, 23), cfg)
+    chex.assert_shape(out, (1, 23, cfg.vocab_size))
+    chex.assert_type(out, jnp.float32)
+    # float32 JAX vs float64 NumPy: relative error stays below 1e-4 of the logit scale
+    np.testing.assert_allclose(np.asarray(out[0]), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_cached_prefill_plus_steps_equals_full_forward():
+    cfg = ModelConfig.tiny()
+    params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+    toks = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    full, _ = llama.forward(params, toks, llama.causal_positions(2, 12), cfg)
+    cache = llama.KVCache.zeros(cfg, 2, 16)
+    a, cache = llama.forward(params, toks[:, :8], llama.causal_positions(2, 8), cfg, cache=cache)
+    outs = [a]
+    for t in range(8, 12):
+        o, cache = llama.forward(params, toks[:, t:t + 1], jnp.full((2, 1), t), cfg, cache=cache)
+        outs.append(o)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
+
+
+def test_left_padding_with_positions_matches_unpadded():
+    cfg = ModelConfig.tiny()
+    params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+    toks = jax.random.randint(jax.random.key(1), (1, 7), 0, cfg.vocab_size)
+    ref, _ = llama.forward(params, toks, llama.causal_positions(1, 7), cfg)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), toks], 1)
+    valid = jnp.arange(10)[None] >= 3
+    pos = jnp.maximum(jnp.arange(10)[None] - 3, 0)
+    out, _ = llama.forward(params, padded, pos, cfg, token_valid=valid)
+    np.testing.assert_allclose(out[:, 3:], ref, rtol=2e-5, atol=2e-5)
+
+
+def test_bf16_close_to_fp32():
+    cfg = ModelConfig.tiny()
+    params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+    toks = jax.random.randint(jax.random.key(1), (1, 9), 0, cfg.vocab_size)
+    ref, _ = llama.forward(params, toks, llama.causal_positions(1, 9), cfg)
+    cfg16 = ModelConfig.tiny(dtype="bfloat16", param_dtype="bfloat16")
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    out, _ = llama.forward(p16, toks, llama.causal_positions(1, 9), cfg16)
+    assert out.dtype == jnp.float32
+    assert np.mean(np.argmax(out, -1) == np.argmax(ref, -1)) > 0.6
+    assert np.abs(np.asarray(out) - np.asarray(ref)).mean() < 0.1 * np.abs(np.asarray(ref)).mean()
+
+
+def test_hf_roundtrip(tmp_path):
+    cfg = ModelConfig.tiny(tie_embeddings=False)
+    params = llama.init_params(cfg, jax.random.key(3))
+    weights.save_hf(params, cfg, tmp_path)
+    back, cfg2 = weights.load_hf(tmp_path)
+    assert cfg2 == cfg
+    chex.assert_trees_all_equal(back, params)
+
+
+def test_gguf_roundtrip_unpermutes_qk(tmp_path):
+    """A GGUF written the llama.cpp way (Q/K rows permuted, Q8_0 matrices) loads to the same model."""
+    import gguf
+    from gguf import quants
+
+    cfg = ModelConfig.tiny(vocab_size=256, dim=64, hidden_dim=128)
+    hf = _random_hf(cfg, seed=5)
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.n_layers)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_vocab_size(cfg.vocab_size)
+    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+             "mlp.down_proj.weight": "ffn_down.weight"}
+    expect = {}
+    for name, arr in hf.items():
+        arr = arr.astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            i, rest = name.split(".")[2], ".".join(name.split(".")[3:])
+            gname = f"blk.{i}.{names[rest]}"
+            if rest == "self_attn.q_proj.weight":
+                arr = weights.gguf_permute(arr, cfg.n_heads)
+            if rest == "self_attn.k_proj.weight":
+                arr = weights.gguf_permute(arr, cfg.n_kv_heads)
+        if arr.ndim == 2:
+            q = quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            expect[name] = None
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    params, cfg2 = weights.load_gguf(path)
+    assert cfg2.n_heads == cfg.n_heads and cfg2.tie_embeddings
+    tokens = np.arange(0, 40, 3)
+    ref = reference_logits(hf, cfg, tokens)
+    out, _ = llama.forward(params, jnp.asarray(tokens)[None], llama.causal_positions(1, len(tokens)), cfg2)
+    # Q8_0 quantization error only (the un-permutation must be exact for this to hold)
+    assert np.corrcoef(np.asarray(out[0]).ravel(), ref.ravel())[0, 1] > 0.999
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    cfg = ModelConfig.tiny()
+    _write_hf(tmp_path, cfg, _random_hf(cfg))
+    with pytest.raises(weights.WeightError, match=r"tensor layer 0 wo has shape \(64, 64\), expected \(128, 64\)"):
+        weights.load_hf(tmp_path, ModelConfig.tiny(n_heads=8, n_kv_heads=2))
+
+
+def test_missing_and_truncated_files(tmp_path):
+    with pytest.raises(weights.WeightError, match="not found"):
+        weights.load_weights(tmp_path / "nope.gguf")
+    bad = tmp_path / "trunc.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 7)
+    with pytest.raises(weights.WeightError, match="trunc.gguf"):
+        weights.load_gguf(bad)
+    cfg = ModelConfig.tiny()
+    d = _write_hf(tmp_path / "hf", cfg, _random_hf(cfg)) if (tmp_path / "hf").mkdir() is None else None
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(weights.WeightError, match="truncated"):
+        weights.load_hf(d)
+
+
+def test_llama_presets_shapes():
+    c8 = ModelConfig.llama31_8b()
+    assert 7.9e9 < c8.n_params < 8.1e9
+    c1 = ModelConfig.llama32_1b()
+    assert 1.1e9 < c1.n_params < 1.3e9
+    assert 1.3e8 < ModelConfig.smollm2_135m().n_params < 1.4e8
+    inv = llama.rope_frequencies(c8)
+    assert inv.shape == (64,) and float(inv[-1]) < 1.0 / 500000.0 ** (126 / 128)  # low freqs scaled down
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_is_coherent():
+    from malt_jax import sampling
+    from malt_jax.config import SamplingConfig
+    from malt_jax.model.files import smollm2_gguf_path
+    from malt_jax.model.tokenizer import Tokenizer
+
+    params, cfg = weights.load_weights("smollm2")
+    tok = Tokenizer.from_gguf(smollm2_gguf_path())
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    x, n = sampling.pad_batch([ids])
+    g = sampling.generate(params, jnp.asarray(x), jnp.asarray(n), sampling.row_keys(0, 1), cfg=cfg,
+                          sampling=SamplingConfig(greedy=True),
+                          stop=sampling.StopCriteria(tuple(tok.stop_ids)), max_new_tokens=24)
+    text = tok.decode(sampling.trim(g)[0])
+    assert "Paris" in text
+    assert bool(g.stopped[0])
