@@ -149,6 +149,9 @@ class TrainConfig:
     generator_dpo: bool = False
     checkpoint_every: int = 50
     seed: int = 0
+    # DPO reference policy: "sft" = the role's adapter as it was when DPO started (MALT paper),
+    # "base" = the adapter-free base model. Its log-probs are precomputed once (see train.py).
+    dpo_reference: Literal["sft", "base"] = "sft"
 
 
 @dataclasses.dataclass(frozen=True)

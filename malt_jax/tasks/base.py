@@ -27,12 +27,13 @@ class Example:
 
     ``question`` is the full text shown to the model (for CSQA: the stem plus lettered
     choices); ``answer`` is the canonical gold (``"72"``, ``"\\frac{1}{2}"``, ``"A"``).
+    Hashable by (id, question, answer); ``meta`` holds extras (solution, choices, ...).
     """
 
     id: str
     question: str
     answer: str
-    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
 
 class DataError(ValueError):

@@ -1,0 +1,201 @@
+"""Token-level training examples and their packing into fixed-shape NumPy batches.
+
+The sampler produces token ids, so examples are token lists and are never re-tokenized:
+
+* :class:`SFTExample` ``(prompt, completion)`` — a positive trajectory for one role;
+* :class:`DPOExample` ``(prompt, chosen, rejected)`` — a preference pair.
+
+Packing (``pack_sft`` / ``pack_dpo``) right-pads every row of a batch to a *length bucket*
+(the next power of two >= 16, capped at ``max_seq_len``) so a run compiles only a handful of
+shapes. A row holds ``seq = prompt + completion``; with the usual shift
+
+    tokens[t] = seq[t]        targets[t] = seq[t + 1]        loss_mask[t] = 1 iff seq[t + 1] is a completion token
+
+so ``logits = forward(tokens)`` lines up with ``targets`` (``losses.py``'s convention). Sequences
+longer than ``max_seq_len`` lose prompt tokens from the LEFT; completion tokens are only dropped
+(from the END) when the completion alone does not fit (one prompt token is kept, when there is
+one, so the first completion token still has a context to be predicted from).
+
+Batches have a fixed number of rows: :func:`epoch_batches` pads the last partial batch with
+``None`` slots that pack as all-padding rows of weight 0 (they count for nothing), instead of
+dropping examples. Batch order is a deterministic function of ``(seed, epoch)``, and an epoch
+can be resumed at any batch index (``start``), which makes checkpoint restarts exact.
+
+DPO batches interleave the two sequences of a pair, ``[c0, r0, c1, r1, ...]`` (shape
+``[2B, T]``): one forward pass scores both, and every shard/microbatch of consecutive rows
+holds whole pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "SFTExample",
+    "DPOExample",
+    "truncate",
+    "bucket_length",
+    "pack_sft",
+    "pack_dpo",
+    "pack",
+    "num_batches",
+    "epoch_order",
+    "epoch_batches",
+    "gather",
+    "MIN_BUCKET",
+]
+
+MIN_BUCKET = 16
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+    """A prompt and the completion the role should learn to produce (token ids)."""
+
+    prompt: Sequence[int]
+    completion: Sequence[int]
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOExample:
+    """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) completion."""
+
+    prompt: Sequence[int]
+    chosen: Sequence[int]
+    rejected: Sequence[int]
+    weight: float = 1.0
+
+
+def truncate(prompt: Sequence[int], completion: Sequence[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Fits ``prompt + completion`` into ``max_len`` tokens.
+
+    The prompt loses tokens from the left; if the completion alone is too long, one prompt
+    token (when there is one) is kept and the completion's end is cut.
+    """
+    prompt, completion = list(prompt), list(completion)
+    if max_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_len}")
+    if len(prompt) + len(completion) <= max_len:
+        return prompt, completion
+    keep_prompt = max_len - len(completion)
+    if keep_prompt >= min(1, len(prompt)):
+        return prompt[len(prompt) - keep_prompt:] if keep_prompt else [], completion
+    keep_prompt = min(1, len(prompt))
+    return prompt[len(prompt) - keep_prompt:], completion[: max_len - keep_prompt]
+
+
+def bucket_length(n: int, max_len: int, min_bucket: int = MIN_BUCKET) -> int:
+    """Padded row length for ``n`` tokens: next power of two >= max(n, min_bucket), <= max_len."""
+    return int(min(max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1))))), max_len))
+
+
+def _rows(seqs: list[tuple[list[int], list[int]]], T: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    n = len(seqs)
+    tokens = np.full((n, T), pad_id, np.int32)
+    targets = np.full((n, T), pad_id, np.int32)
+    mask = np.zeros((n, T), np.float32)
+    for i, (p, c) in enumerate(seqs):
+        seq = p + c
+        L = len(seq) - 1  # number of (input, target) positions
+        if L <= 0:
+            continue
+        tokens[i, :L] = seq[:-1]
+        targets[i, :L] = seq[1:]
+        start = max(len(p) - 1, 0)  # position whose target is the first completion token
+        mask[i, start:L] = 1.0
+    return tokens, targets, mask
+
+
+def pack_sft(examples: Sequence[SFTExample | None], max_len: int, pad_id: int = 0,
+             length: int | None = None) -> Batch:
+    """Packs SFT examples (``None`` = a padding row) into a batch.
+
+    Returns ``{"tokens", "targets": int32[B, T], "loss_mask": float32[B, T] (already multiplied
+    by the example weight; 0 on prompt and padding), "weights": float32[B]}``. ``T`` is the
+    bucket of the longest row unless ``length`` is given.
+    """
+    seqs, weights = [], []
+    for ex in examples:
+        if ex is None:
+            seqs.append(([], []))
+            weights.append(0.0)
+        else:
+            seqs.append(truncate(ex.prompt, ex.completion, max_len))
+            weights.append(float(ex.weight))
+    longest = max((len(p) + len(c) - 1 for p, c in seqs), default=1)
+    T = length or bucket_length(longest, max_len)
+    tokens, targets, mask = _rows(seqs, T, pad_id)
+    w = np.asarray(weights, np.float32)
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask * w[:, None], "weights": w}
+
+
+def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 0,
+             length: int | None = None) -> Batch:
+    """Packs preference pairs (``None`` = padding pair) into an interleaved batch.
+
+    Returns ``{"tokens", "targets": int32[2B, T], "loss_mask": float32[2B, T] (0/1),
+    "weights": float32[B]}``; rows ``2i`` / ``2i + 1`` are pair ``i``'s chosen / rejected. The
+    prompt is truncated once so that the longer of the two completions fits.
+    """
+    seqs, weights = [], []
+    for ex in examples:
+        if ex is None:
+            seqs += [([], []), ([], [])]
+            weights.append(0.0)
+            continue
+        longer = ex.chosen if len(ex.chosen) >= len(ex.rejected) else ex.rejected
+        p, _ = truncate(ex.prompt, longer, max_len)
+        for c in (ex.chosen, ex.rejected):
+            seqs.append(truncate(p, c, max_len))
+        weights.append(float(ex.weight))
+    longest = max((len(p) + len(c) - 1 for p, c in seqs), default=1)
+    T = length or bucket_length(longest, max_len)
+    tokens, targets, mask = _rows(seqs, T, pad_id)
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask,
+            "weights": np.asarray(weights, np.float32)}
+
+
+def pack(examples: Sequence[SFTExample | DPOExample | None], max_len: int, pad_id: int = 0,
+         length: int | None = None) -> Batch:
+    """``pack_sft`` or ``pack_dpo`` depending on the example type."""
+    kind = next((type(e) for e in examples if e is not None), SFTExample)
+    fn = pack_dpo if kind is DPOExample else pack_sft
+    return fn(examples, max_len, pad_id, length)
+
+
+def num_batches(n_examples: int, batch_size: int) -> int:
+    """Batches per epoch (the last partial one is padded, never dropped)."""
+    return -(-n_examples // batch_size)
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The example order of one epoch: a permutation determined by ``(seed, epoch)`` only."""
+    if not shuffle:
+        return np.arange(n_examples)
+    return np.random.default_rng([seed, epoch]).permutation(n_examples)
+
+
+def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                  shuffle: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields ``(batch_index, example_indices[batch_size])`` from batch ``start`` on.
+
+    Indices of ``-1`` mark padding slots of the last partial batch.
+    """
+    order = epoch_order(n_examples, seed, epoch, shuffle)
+    nb = num_batches(n_examples, batch_size)
+    padded = np.full(nb * batch_size, -1, np.int64)
+    padded[:n_examples] = order
+    for b in range(start, nb):
+        yield b, padded[b * batch_size:(b + 1) * batch_size]
+
+
+def gather(examples: Sequence, idx: np.ndarray) -> list:
+    """``[examples[i] or None for padding (-1)]``."""
+    return [examples[i] if i >= 0 else None for i in idx]

@@ -1,0 +1,316 @@
+"""The MALT pipeline as resumable stages over one run directory.
+
+    expand  -> <run>/expansion/batch_*.npz (+ .jsonl texts)   trees of G/V/R samples and leaf rewards
+    credit  -> <run>/credit/{G,V,R}_{sft,dpo}.jsonl, summary.json
+    train   -> <run>/adapters/{G,V,R}/                        one LoRA adapter per role (orbax)
+    eval    -> <run>/eval/<system>.jsonl, report.md, *.png
+
+Every stage skips work whose output already exists, so an interrupted run resumes where it
+stopped (expansion per question batch, training per checkpoint, evaluation per system).
+Stages talk through these files and the public functions below, never through globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from malt_jax import credit as credit_lib
+from malt_jax.config import ModelConfig, RunConfig, SamplingConfig, to_dict
+from malt_jax.expansion import ExpansionSpec, Tree, expand
+from malt_jax.model.llama import Params, init_params
+from malt_jax.model.tokenizer import Tokenizer
+from malt_jax.sampling import StopCriteria, pad_batch
+from malt_jax.tasks import Example, Task, role_messages
+
+ROLES = ("G", "V", "R")
+ROLE_NAMES = {"G": "generator", "V": "verifier", "R": "refiner"}
+
+
+# ----------------------------------------------------------------------------------------------
+# model + prompts
+
+
+@dataclasses.dataclass
+class Model:
+    params: Params
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+
+
+def load_model(weights: str = "smollm2", cfg: ModelConfig | None = None, seed: int = 0) -> Model:
+    """Loads the base model and its tokenizer.
+
+    ``weights``: ``"smollm2"`` (embedded default), a ``.gguf`` file, a Hugging Face directory,
+    or ``"random"`` (random weights of ``cfg``, with the SmolLM2 tokenizer; for tests).
+    """
+    from malt_jax.model.files import smollm2_gguf_path
+    from malt_jax.model.tokenizer import load_tokenizer
+    from malt_jax.model.weights import load_weights
+
+    if weights == "random":
+        tok = load_tokenizer(smollm2_gguf_path())
+        cfg = dataclasses.replace(cfg or ModelConfig.tiny(), vocab_size=tok.vocab_size)
+        return Model(init_params(cfg, jax.random.key(seed)), cfg, tok)
+    src = smollm2_gguf_path() if weights == "smollm2" else Path(weights)
+    params, loaded = load_weights(src, None)
+    if cfg is not None and cfg.dtype != loaded.dtype:
+        loaded = dataclasses.replace(loaded, dtype=cfg.dtype)
+    return Model(params, loaded, load_tokenizer(src))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptCodec:
+    """Token-level rendering of the G -> V -> R conversation of a task.
+
+    The roles share one chat, so the verifier context is ``question_tokens + g + turns[0]``
+    and the refiner context ``... + v + turns[1]``: the turn tokens are constant.
+    """
+
+    tokenizer: Tokenizer
+    task: Task
+
+    def question(self, q: str) -> list[int]:
+        return self.tokenizer.encode_chat(role_messages(self.task.prompts, "G", q))
+
+    @property
+    def turns(self) -> tuple[list[int], list[int]]:
+        tok, p = self.tokenizer, self.task.prompts
+        q, g, v = "QUESTION", "\x00GEN\x00", "\x00VER\x00"
+        s_g = tok.apply_chat_template(role_messages(p, "G", q))
+        s_v = tok.apply_chat_template(role_messages(p, "V", q, generator_out=g))
+        s_r = tok.apply_chat_template(role_messages(p, "R", q, generator_out=g, verifier_out=v))
+        if not (s_v.startswith(s_g + g) and s_r.startswith(s_v + v)):
+            raise ValueError("the chat template does not render the G -> V -> R roles as one growing "
+                             "conversation; prefix sharing needs that (check the task's prompts)")
+        return tok.encode(s_v[len(s_g) + len(g):]), tok.encode(s_r[len(s_v) + len(v):])
+
+    @property
+    def stop(self) -> StopCriteria:
+        return StopCriteria(stop_ids=tuple(self.tokenizer.stop_ids))
+
+    @property
+    def end_of_turn(self) -> int:
+        """Token appended to a completion that stopped by itself (the first turn token)."""
+        return self.turns[0][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# expansion
+
+
+def question_keys(seed: int, indices: Sequence[int]) -> jax.Array:
+    """Per-question keys that depend only on (seed, question index), not on batching."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.int32))
+
+
+def sample_trees(
+    model: Model,
+    codec: PromptCodec,
+    examples: Sequence[Example],
+    spec: ExpansionSpec,
+    *,
+    seed: int,
+    batch_size: int,
+    adapters: tuple[Params | None, ...] = (None, None, None),
+    lora_scale: float = 1.0,
+    on_batch: Callable[[int, dict], None] | None = None,
+    skip: Callable[[int], bool] = lambda b: False,
+    desc: str = "expand",
+    progress: bool = True,
+) -> None:
+    """Samples trees for ``examples`` in batches of ``batch_size`` questions.
+
+    Every batch is padded to ``batch_size`` questions and one prompt width, so the whole
+    stage compiles once. ``on_batch(index, arrays)`` receives host arrays per batch.
+    """
+    from tqdm.auto import tqdm
+
+    q_ids = [codec.question(e.question) for e in examples]
+    width = -(-max(len(q) for q in q_ids) // 32) * 32
+    turns = tuple(jnp.asarray(t, jnp.int32) for t in codec.turns)
+    n_batches = -(-len(examples) // batch_size)
+    todo = [b for b in range(n_batches) if not skip(b)]
+    bar = tqdm(total=len(todo) * batch_size, desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
+    for b in todo:
+        lo, hi = b * batch_size, min(len(examples), (b + 1) * batch_size)
+        idx = list(range(lo, hi)) + [lo] * (batch_size - (hi - lo))  # pad with copies, dropped below
+        x, lens = pad_batch([q_ids[i] for i in idx], bucket=width)
+        t0 = time.perf_counter()
+        tree = expand(model.params, tuple(adapters), jnp.asarray(x), jnp.asarray(lens), turns,
+                      question_keys(seed, idx), cfg=model.cfg, spec=spec, lora_scale=lora_scale)
+        tree = jax.device_get(tree)
+        dt = time.perf_counter() - t0
+        k = hi - lo
+        arrays = {"index": np.arange(lo, hi), "q_tokens": x[:k], "q_lens": lens[:k]}
+        for level, role in enumerate(ROLES[: spec.depth]):
+            arrays[f"{role}_tokens"] = np.asarray(tree.tokens[level])[:k]
+            arrays[f"{role}_lengths"] = np.asarray(tree.lengths[level])[:k]
+            arrays[f"{role}_logps"] = np.asarray(tree.logps[level])[:k]
+            arrays[f"{role}_stopped"] = np.asarray(tree.stopped[level])[:k]
+        n_tok = sum(int(np.asarray(tree.lengths[i]).sum()) for i in range(spec.depth))
+        bar.set_postfix(tok_s=f"{n_tok / dt:.0f}")
+        bar.update(batch_size)
+        if on_batch:
+            on_batch(b, arrays)
+    bar.close()
+
+
+def decode_level(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Object array of texts shaped like ``lengths``."""
+    flat_t = tokens.reshape(-1, tokens.shape[-1])
+    flat_l = lengths.reshape(-1)
+    out = np.empty(flat_l.shape[0], dtype=object)
+    for i in range(flat_l.shape[0]):
+        out[i] = tokenizer.decode(flat_t[i, : flat_l[i]].tolist(), skip_special_tokens=True)
+    return out.reshape(lengths.shape)
+
+
+def grade_leaves(task: Task, examples: Sequence[Example], texts: np.ndarray) -> np.ndarray:
+    """Rewards [Q, ...] of the final-role texts [Q, ...] against each question's gold."""
+    rewards = np.zeros(texts.shape, np.float32)
+    for q, ex in enumerate(examples):
+        for idx in np.ndindex(texts.shape[1:]):
+            rewards[(q,) + idx] = task.grade_example(texts[(q,) + idx], ex)
+    return rewards
+
+
+def expansion_spec(cfg: RunConfig, **kw: Any) -> ExpansionSpec:
+    t, s = cfg.tree, cfg.sampling
+    base = dict(n=t.n, m=t.m, l=t.l, max_new=(s.max_new_tokens,) * 3, sampling=s,
+                mode="extend" if t.share_prefix else "naive")
+    base.update(kw)
+    return ExpansionSpec(**base)
+
+
+def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example], run_dir: Path,
+               progress: bool = True) -> Path:
+    """Stage 1: trajectory expansion of the training questions (resumable per batch)."""
+    out = run_dir / "expansion"
+    out.mkdir(parents=True, exist_ok=True)
+    codec = PromptCodec(model.tokenizer, task)
+    spec = dataclasses.replace(expansion_spec(cfg), stop=codec.stop)
+    bs = cfg.tree.questions_per_batch
+
+    def save(b: int, arrays: dict) -> None:
+        exs = [train[i] for i in arrays["index"]]
+        texts = {r: decode_level(model.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"]) for r in ROLES}
+        arrays["rewards"] = grade_leaves(task, exs, texts["R"])
+        tmp = out / f"batch_{b:05d}.tmp.npz"
+        np.savez(tmp, **arrays)
+        with open(out / f"batch_{b:05d}.jsonl", "w") as f:
+            for q, ex in enumerate(exs):
+                f.write(json.dumps({"id": ex.id, "question": ex.question, "gold": ex.answer,
+                                    "G": texts["G"][q].tolist(), "V": texts["V"][q].tolist(),
+                                    "R": texts["R"][q].tolist(), "rewards": arrays["rewards"][q].tolist()}) + "\n")
+        os.replace(tmp, out / f"batch_{b:05d}.npz")  # atomic: a batch file exists only when complete
+
+    sample_trees(model, codec, train, spec, seed=cfg.train.seed, batch_size=bs, on_batch=save,
+                 skip=lambda b: (out / f"batch_{b:05d}.npz").exists(), desc="expand (train trees)",
+                 progress=progress)
+    return out
+
+
+def load_expansion(run_dir: Path) -> dict[str, np.ndarray]:
+    files = sorted((run_dir / "expansion").glob("batch_*[0-9].npz"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir / 'expansion'}: no expansion batches; run the expand stage first")
+    parts = [dict(np.load(f)) for f in files]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# credit assignment -> per-role datasets
+
+
+def _ids(tokens: np.ndarray, length: int) -> list[int]:
+    return tokens[:length].tolist()
+
+
+def node_context(trees: dict[str, np.ndarray], turns: tuple[list[int], list[int]], coord: Sequence[int]) -> list[int]:
+    """Prompt tokens of the node at ``coord`` = (q, i[, j[, k]]) (the context before its output)."""
+    q = coord[0]
+    ctx = _ids(trees["q_tokens"][q], trees["q_lens"][q])
+    if len(coord) >= 3:
+        i = coord[1]
+        ctx += _ids(trees["G_tokens"][q, i], trees["G_lengths"][q, i]) + turns[0]
+    if len(coord) == 4:
+        i, j = coord[1], coord[2]
+        ctx += _ids(trees["V_tokens"][q, i, j], trees["V_lengths"][q, i, j]) + turns[1]
+    return ctx
+
+
+def node_output(trees: dict[str, np.ndarray], coord: Sequence[int], end_token: int) -> list[int]:
+    """The node's generated tokens, plus the end-of-turn token if it stopped by itself."""
+    role = ROLES[len(coord) - 2]
+    c = tuple(coord)
+    out = _ids(trees[f"{role}_tokens"][c], trees[f"{role}_lengths"][c])
+    return out + [end_token] if trees[f"{role}_stopped"][c] else out
+
+
+def build_datasets(trees: dict[str, np.ndarray], turns, end_token: int, threshold: float,
+                   max_pairs_per_parent: int | None, seed: int) -> tuple[dict, dict]:
+    """Value iteration + labels -> per-role SFT examples and DPO pairs (token level)."""
+    values = credit_lib.node_values(jnp.asarray(trees["rewards"]), threshold=threshold)
+    datasets: dict[str, dict[str, list]] = {}
+    for role in ROLES:
+        sft = [{"prompt": node_context(trees, turns, c), "completion": node_output(trees, c, end_token),
+                "coord": [int(x) for x in c]} for c in credit_lib.sft_indices(values, role)]
+        dpo = []
+        for chosen, rejected in credit_lib.dpo_pairs(values, role, max_pairs_per_parent, seed):
+            dpo.append({"prompt": node_context(trees, turns, chosen),
+                        "chosen": node_output(trees, chosen, end_token),
+                        "rejected": node_output(trees, rejected, end_token),
+                        "coords": [[int(x) for x in chosen], [int(x) for x in rejected]]})
+        datasets[role] = {"sft": sft, "dpo": dpo}
+    return datasets, credit_lib.summary(values, max_pairs_per_parent)
+
+
+def run_credit(cfg: RunConfig, model: Model, task: Task, run_dir: Path) -> dict:
+    """Stage 2: value iteration, labels, SFT sets and DPO pairs for each role."""
+    out = run_dir / "credit"
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    trees = load_expansion(run_dir)
+    codec = PromptCodec(model.tokenizer, task)
+    datasets, summary = build_datasets(trees, codec.turns, codec.end_of_turn, cfg.train.value_threshold,
+                                       cfg.train.max_pairs_per_parent, cfg.train.seed)
+    for role, d in datasets.items():
+        for kind, rows in d.items():
+            with open(out / f"{role}_{kind}.jsonl", "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+    summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
+    summary["leaf_accuracy"] = float(trees["rewards"].mean())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_datasets(run_dir: Path, role: str) -> tuple[list, list]:
+    from malt_jax.data import DPOExample, SFTExample
+
+    d = run_dir / "credit"
+
+    def rows(kind):
+        p = d / f"{role}_{kind}.jsonl"
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: missing; run the credit stage first")
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    sft = [SFTExample(prompt=r["prompt"], completion=r["completion"]) for r in rows("sft")]
+    dpo = [DPOExample(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows("dpo")]
+    return sft, dpo
+
+
+Any  # noqa: B018
+_ = (to_dict, SamplingConfig)

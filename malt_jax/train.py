@@ -1,0 +1,576 @@
+"""LoRA training of one MALT role: SFT on positive trajectories, then DPO on preference pairs.
+
+Design
+------
+* The base model is frozen and passed to every step separately; only the adapter (``lora.py``)
+  is differentiated and optimised. ``TrainState = (step, adapter, opt_state)``.
+* One call of :func:`sft_step` / :func:`dpo_step` is one optimizer update. ``batch_size``
+  counts examples (pairs for DPO) per update; with ``grad_accum = A`` the batch is split into
+  ``A`` microbatches that run sequentially under ``lax.scan`` and whose gradients are summed.
+  Losses are normalised by the *whole* batch's token count (SFT) or pair weight (DPO), so the
+  accumulated step equals a step on the union batch.
+* Optimizer (:func:`make_optimizer`): global-norm clipping, then AdamW with linear warmup and
+  cosine decay to 0 (the learning rate is injected so it can be reported).
+* NaN/Inf guard: the step applies the update only when loss and gradient norm are finite
+  (``jnp.where`` on the state inside the jitted step); the host then raises
+  :class:`NonFiniteError` naming the role and step. The state returned is the unchanged one,
+  so no bad update ever reaches a checkpoint.
+* DPO reference: ``train_cfg.dpo_reference`` is ``"sft"`` (the role's adapter as it was when
+  DPO started, i.e. after SFT, as in the MALT paper) or ``"base"`` (no adapter). Either way no
+  second model copy is held: :func:`reference_logps` runs ONE jitted, gradient-free pass over
+  the whole DPO dataset before training and the per-pair reference log-probs are fed to
+  :func:`dpo_step` with each batch (and stored in DPO checkpoints, so resuming is exact).
+* Sharding: with a mesh, :class:`Stepper` jits the step with ``in_shardings``/``out_shardings``:
+  base params by ``sharding.param_shardings`` (fsdp over embed, tensor over heads/ffn), adapter
+  and its optimizer moments by the LoRA shardings, scalars replicated, batches split over
+  ``data`` x ``fsdp``.
+* :func:`train_role` is the host driver: stages, progress bar, checkpoints every
+  ``checkpoint_every`` steps and at stage ends, exact resume from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from malt_jax import data as data_lib
+from malt_jax.checkpoint import Checkpointer, flatten_named
+from malt_jax.config import LoraConfig, ModelConfig, TrainConfig, to_dict
+from malt_jax.data import DPOExample, SFTExample
+from malt_jax.losses import dpo_loss, sequence_logps, sft_loss
+from malt_jax.model.llama import Params, causal_positions, forward, init_params
+from malt_jax.model.lora import adapter_shapes, init_lora, lora_scale
+from malt_jax.sharding import batch_sharding, param_shardings
+
+__all__ = [
+    "TrainState",
+    "NonFiniteError",
+    "make_optimizer",
+    "lr_schedule",
+    "sft_step",
+    "dpo_step",
+    "reference_logps",
+    "state_shardings",
+    "Stepper",
+    "train_role",
+]
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, jax.Array]
+
+
+class NonFiniteError(FloatingPointError):
+    """Loss or gradient norm became NaN/Inf; the offending update was not applied.
+
+    ``state`` holds the (unchanged) training state, ``metrics`` the step's metrics.
+    """
+
+    def __init__(self, message: str, state: Any = None, metrics: dict | None = None):
+        super().__init__(message)
+        self.state = state
+        self.metrics = metrics
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Trainable state of one role: update counter, LoRA adapter, optimizer state."""
+
+    step: jax.Array
+    adapter: Params
+    opt_state: optax.OptState
+
+    @classmethod
+    def create(cls, adapter: Params, optimizer: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), adapter=adapter, opt_state=optimizer.init(adapter))
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer
+
+
+def lr_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup ``peak * (t+1) / warmup`` for ``t < warmup``, then cosine decay towards 0
+    over the remaining steps (the last step keeps a small positive rate)."""
+    warmup = max(int(warmup_steps), 0)
+    decay = max(int(total_steps) - warmup, 1)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count, jnp.float32)
+        warm = peak * (t + 1.0) / max(warmup, 1)
+        progress = jnp.clip((t - warmup) / decay, 0.0, 1.0)
+        cos = peak * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        return jnp.where(t < warmup, warm, cos)
+
+    return schedule
+
+
+@functools.lru_cache(maxsize=64)
+def make_optimizer(train_cfg: TrainConfig, total_steps: int,
+                   learning_rate: float | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping + AdamW (warmup + cosine schedule over ``total_steps`` updates).
+
+    Gradient accumulation is done inside the step (``grad_accum`` microbatches per update), not
+    by the optimizer. Cached, so equal arguments give the same object (and jit cache hits).
+    """
+    lr = train_cfg.learning_rate if learning_rate is None else learning_rate
+    schedule = lr_schedule(lr, min(train_cfg.warmup_steps, max(total_steps - 1, 0)), total_steps)
+    parts = []
+    if train_cfg.grad_clip and train_cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+    else:
+        parts.append(optax.identity())
+    parts.append(optax.inject_hyperparams(optax.adamw)(
+        learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def _current_lr(opt_state: Any) -> jax.Array:
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
+        if hasattr(node, "hyperparams"):
+            return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
+    return jnp.zeros((), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# the steps
+
+
+def _microbatches(tree: Any, accum: int) -> Any:
+    """[B, ...] -> [A, B // A, ...]; microbatch ``i`` holds rows ``i, i + A, ...`` so that every
+    device shard of the batch axis contributes evenly to every microbatch."""
+
+    def split(x: jax.Array) -> jax.Array:
+        B = x.shape[0]
+        return jnp.swapaxes(x.reshape(B // accum, accum, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def _accumulate(loss_fn: Any, adapter: Params, batch: Any, accum: int) -> tuple[jax.Array, Metrics, Params]:
+    """Sums ``value_and_grad(loss_fn)`` over ``accum`` microbatches (``lax.scan``)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (loss, metrics), grads = grad_fn(adapter, batch)
+        return loss, metrics, grads
+    micro = _microbatches(batch, accum)
+    first = jax.tree.map(lambda x: x[0], micro)
+    (l_shape, m_shape) = jax.eval_shape(loss_fn, adapter, first)
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
+    init = (jnp.zeros((), jnp.float32), zeros(m_shape), jax.tree.map(jnp.zeros_like, adapter))
+
+    def body(carry: Any, mb: Any) -> tuple[Any, None]:
+        l_acc, m_acc, g_acc = carry
+        (loss, metrics), grads = grad_fn(adapter, mb)
+        return (l_acc + loss, jax.tree.map(jnp.add, m_acc, metrics), jax.tree.map(jnp.add, g_acc, grads)), None
+
+    (loss, metrics, grads), _ = jax.lax.scan(body, init, micro)
+    return loss, metrics, grads
+
+
+def _apply(state: TrainState, loss: jax.Array, metrics: Metrics, grads: Params,
+           optimizer: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
+    """Optimizer update, applied only when loss and gradient norm are finite."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.adapter)
+    adapter = optax.apply_updates(state.adapter, updates)
+    new = TrainState(step=state.step + 1, adapter=adapter, opt_state=opt_state)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite,
+               "learning_rate": _current_lr(opt_state)}
+    return new, metrics
+
+
+def _sft_micro(adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig,
+               scale: float) -> tuple[jax.Array, Metrics]:
+    B, T = mb["tokens"].shape
+    logits, _ = forward(base, mb["tokens"], causal_positions(B, T), cfg, lora=adapter, lora_scale=scale)
+    loss, m = sft_loss(logits, mb["targets"], mb["loss_mask"])
+    frac = m["n_tokens"] / total  # re-weights the microbatch mean into the whole-batch mean
+    return loss * frac, {"accuracy": m["accuracy"] * frac, "n_tokens": m["n_tokens"]}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "train_cfg", "optimizer", "scale"))
+def sft_step(base: Params, state: TrainState, batch: dict, *, cfg: ModelConfig, train_cfg: TrainConfig,
+             optimizer: optax.GradientTransformation, scale: float) -> tuple[TrainState, Metrics]:
+    """One SFT update (masked next-token cross-entropy on completion tokens).
+
+    Args:
+      base: frozen base params (never differentiated).
+      state: the role's TrainState.
+      batch: ``data.pack_sft`` output: tokens/targets int32[B, T], loss_mask f32[B, T], weights f32[B].
+      scale: LoRA scale (alpha / rank).
+    Returns:
+      (new state — unchanged if the loss/grad norm is non-finite, metrics: loss, accuracy,
+      n_tokens, grad_norm, learning_rate, finite).
+    """
+    total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1e-8)
+    mb = {k: batch[k] for k in ("tokens", "targets", "loss_mask")}
+    loss_fn = functools.partial(_sft_micro, base=base, total=total, cfg=cfg, scale=scale)
+    loss, metrics, grads = _accumulate(loss_fn, state.adapter, mb, train_cfg.grad_accum)
+    return _apply(state, loss, metrics, grads, optimizer)
+
+
+def _pairs(batch: dict, ref_logps: jax.Array) -> dict:
+    """Interleaved [2B, ...] rows -> [B, 2, ...] pairs (so microbatching keeps pairs whole)."""
+    B = batch["weights"].shape[0]
+    out = {k: batch[k].reshape(B, 2, *batch[k].shape[1:]) for k in ("tokens", "targets", "loss_mask")}
+    out["weights"] = batch["weights"]
+    out["ref"] = ref_logps.reshape(B, 2)
+    return out
+
+
+def _dpo_micro(adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig,
+               scale: float, train_cfg: TrainConfig) -> tuple[jax.Array, Metrics]:
+    b, _, T = mb["tokens"].shape
+    flat = lambda x: x.reshape(2 * b, T)  # noqa: E731
+    logits, _ = forward(base, flat(mb["tokens"]), causal_positions(2 * b, T), cfg, lora=adapter,
+                        lora_scale=scale)
+    lp = sequence_logps(logits, flat(mb["targets"]), flat(mb["loss_mask"])).reshape(b, 2)
+    w = mb["weights"].astype(jnp.float32)
+    loss, m = dpo_loss(lp[:, 0], lp[:, 1], mb["ref"][:, 0], mb["ref"][:, 1], beta=train_cfg.dpo_beta,
+                       loss_type=train_cfg.dpo_loss, label_smoothing=train_cfg.label_smoothing, weights=w)
+    frac = w.sum() / total
+    m = {k: v * frac for k, v in m.items() if k != "loss"}
+    return loss * frac, m
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "train_cfg", "optimizer", "scale"))
+def dpo_step(base: Params, state: TrainState, batch: dict, ref_logps: jax.Array, *, cfg: ModelConfig,
+             train_cfg: TrainConfig, optimizer: optax.GradientTransformation,
+             scale: float) -> tuple[TrainState, Metrics]:
+    """One DPO update (``train_cfg.dpo_loss``, ``beta = train_cfg.dpo_beta``).
+
+    Args:
+      batch: ``data.pack_dpo`` output (interleaved chosen/rejected rows [2B, T], weights [B]).
+      ref_logps: f32[2B] reference log-probs of the same rows (see :func:`reference_logps`).
+    Returns:
+      (new state, metrics with TRL names: loss, rewards/chosen, rewards/rejected,
+      rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, grad_norm, ...).
+    """
+    total = jnp.maximum(batch["weights"].astype(jnp.float32).sum(), 1e-8)
+    loss_fn = functools.partial(_dpo_micro, base=base, total=total, cfg=cfg, scale=scale, train_cfg=train_cfg)
+    loss, metrics, grads = _accumulate(loss_fn, state.adapter, _pairs(batch, ref_logps), train_cfg.grad_accum)
+    return _apply(state, loss, metrics, grads, optimizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# reference log-probs (one no-grad pass)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scale"))
+def _batch_logps(base: Params, adapter: Params | None, tokens: jax.Array, targets: jax.Array,
+                 loss_mask: jax.Array, *, cfg: ModelConfig, scale: float) -> jax.Array:
+    B, T = tokens.shape
+    logits, _ = forward(base, tokens, causal_positions(B, T), cfg, lora=adapter, lora_scale=scale)
+    return sequence_logps(logits, targets, loss_mask)
+
+
+def reference_logps(base: Params, adapter: Params | None, examples: Sequence[DPOExample], cfg: ModelConfig,
+                    train_cfg: TrainConfig, scale: float, mesh: Mesh | None = None,
+                    pad_id: int = 0) -> np.ndarray:
+    """Summed completion log-probs ``[N, 2]`` (chosen, rejected) of every pair under the reference
+    policy (``adapter=None``: the base model). Runs once, without gradients, in batches of
+    ``batch_size // grad_accum`` pairs."""
+    rows = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
+    out = np.zeros((len(examples), 2), np.float32)
+    for start in range(0, len(examples), rows):
+        chunk = list(examples[start:start + rows])
+        batch = data_lib.pack_dpo(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
+        arrays = [batch["tokens"], batch["targets"], batch["loss_mask"]]
+        if mesh is not None:
+            arrays = [jax.device_put(a, batch_sharding(mesh, a.ndim, a.shape)) for a in arrays]
+        lp = np.asarray(_batch_logps(base, adapter, *arrays, cfg=cfg, scale=scale)).reshape(rows, 2)
+        out[start:start + len(chunk)] = lp[:len(chunk)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# sharding + host-side runner
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """NamedShardings for a TrainState: the adapter by the LoRA rules, optimizer moments like the
+    adapter leaf they mirror (matched by key-path suffix and shape), everything else replicated."""
+    rep = NamedSharding(mesh, P())
+    ad_sh = param_shardings(state.adapter, mesh, lora=True)
+    by_name = {name: (sh, tuple(np.shape(leaf))) for (name, sh), (_, leaf) in
+               zip(flatten_named(ad_sh)[0], flatten_named(state.adapter)[0])}
+
+    def opt_leaf(path: Any, leaf: Any) -> NamedSharding:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        for ad_name, (sh, shape) in by_name.items():
+            if (name == ad_name or name.endswith("/" + ad_name)) and tuple(np.shape(leaf)) == shape:
+                return sh
+        return rep
+
+    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state)
+    return TrainState(step=rep, adapter=ad_sh, opt_state=opt_sh)
+
+
+def _batch_shardings(kind: str, rows: int, mesh: Mesh) -> tuple:
+    rows2 = 2 * rows if kind == "dpo" else rows
+    b = {"tokens": batch_sharding(mesh, 2, (rows2, 1)), "targets": batch_sharding(mesh, 2, (rows2, 1)),
+         "loss_mask": batch_sharding(mesh, 2, (rows2, 1)), "weights": batch_sharding(mesh, 1, (rows,))}
+    if kind == "dpo":
+        return b, batch_sharding(mesh, 1, (rows2,))
+    return (b,)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig,
+              optimizer: optax.GradientTransformation, mesh: Mesh | None, donate: bool) -> Any:
+    fn = sft_step if kind == "sft" else dpo_step
+    part = functools.partial(fn, cfg=cfg, train_cfg=train_cfg, optimizer=optimizer, scale=lora_scale(lora_cfg))
+    donate_argnums = (1,) if donate else ()
+    if mesh is None:
+        return jax.jit(part, donate_argnums=donate_argnums)
+    base_abs = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ad_abs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(cfg, lora_cfg),
+                          is_leaf=lambda t: isinstance(t, tuple))
+    state_abs = jax.eval_shape(lambda a: TrainState.create(a, optimizer), ad_abs)
+    st_sh = state_shardings(state_abs, mesh)
+    in_sh = (param_shardings(base_abs, mesh), st_sh, *_batch_shardings(kind, train_cfg.batch_size, mesh))
+    return jax.jit(part, in_shardings=in_sh, out_shardings=(st_sh, NamedSharding(mesh, P())),
+                   donate_argnums=donate_argnums)
+
+
+class Stepper:
+    """A compiled (optionally sharded) SFT or DPO step plus the host-side NaN/Inf guard.
+
+    ``stepper(base, state, batch[, ref_logps]) -> (state, metrics as Python floats)``; raises
+    :class:`NonFiniteError` (naming ``role``, the stage and the step) instead of returning a
+    non-finite update. With ``mesh``, inputs are placed on it (base/state should already be
+    sharded as :func:`state_shardings` / ``param_shardings`` say, e.g. via :meth:`place`).
+    """
+
+    def __init__(self, kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig,
+                 optimizer: optax.GradientTransformation, mesh: Mesh | None = None, role: str = "role",
+                 donate: bool = False):
+        if kind not in ("sft", "dpo"):
+            raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+        if train_cfg.batch_size % max(train_cfg.grad_accum, 1):
+            raise ValueError(f"train.batch_size={train_cfg.batch_size} must be a multiple of "
+                             f"train.grad_accum={train_cfg.grad_accum} (batch_size counts examples per update)")
+        self.kind, self.role, self.mesh, self.optimizer = kind, role, mesh, optimizer
+        self.cfg, self.lora_cfg, self.train_cfg = cfg, lora_cfg, train_cfg
+        self._fn = _compiled(kind, cfg, lora_cfg, train_cfg, optimizer, mesh, donate)
+        self._batch_sh = _batch_shardings(kind, train_cfg.batch_size, mesh) if mesh is not None else None
+
+    def place(self, base: Params, state: TrainState) -> tuple[Params, TrainState]:
+        """Puts base params and state on the mesh with the step's shardings (no-op without mesh)."""
+        if self.mesh is None:
+            return base, state
+        return (jax.device_put(base, param_shardings(base, self.mesh)),
+                jax.device_put(state, state_shardings(state, self.mesh)))
+
+    def __call__(self, base: Params, state: TrainState, batch: dict,
+                 ref_logps: Any = None) -> tuple[TrainState, dict[str, float]]:
+        args: list[Any] = [batch] if self.kind == "sft" else [batch, ref_logps]
+        if self._batch_sh is not None:
+            args = [jax.device_put(a, s) for a, s in zip(args, self._batch_sh)]
+        step = int(jax.device_get(state.step))
+        new_state, metrics = self._fn(base, state, *args)
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not host.pop("finite"):
+            raise NonFiniteError(
+                f"role {self.role!r}: non-finite {self.kind.upper()} loss at step {step} "
+                f"(loss={host['loss']}, grad_norm={host['grad_norm']}); the update was NOT applied and the "
+                "last checkpoint is intact. Lower the learning rate or check the batch for bad values.",
+                state=new_state, metrics=host)
+        return new_state, host
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _n_tokens(examples: Sequence[Any], max_len: int) -> int:
+    n = 0
+    for ex in examples:
+        if ex is None:
+            continue
+        if isinstance(ex, DPOExample):
+            n += min(len(ex.prompt) + len(ex.chosen), max_len) + min(len(ex.prompt) + len(ex.rejected), max_len)
+        else:
+            n += min(len(ex.prompt) + len(ex.completion), max_len)
+    return n
+
+
+@dataclasses.dataclass
+class _Stage:
+    name: str
+    examples: list
+    epochs: int
+    learning_rate: float
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return data_lib.num_batches(len(self.examples), batch_size)
+
+    def total(self, batch_size: int) -> int:
+        return self.epochs * self.steps_per_epoch(batch_size) if self.examples else 0
+
+
+def train_role(
+    base: Params,
+    cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    train_cfg: TrainConfig,
+    sft_examples: Sequence[SFTExample] | None,
+    dpo_examples: Sequence[DPOExample] | None,
+    role: str,
+    ckpt_dir: str | Path,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    *,
+    pad_id: int = 0,
+    stop_after_steps: int | None = None,
+) -> tuple[Params, list[dict[str, Any]]]:
+    """Trains one role's adapter: ``sft_epochs`` of SFT, then ``dpo_epochs`` of DPO.
+
+    A stage without data is skipped with a log message. Checkpoints (``ckpt_dir``) are written
+    every ``checkpoint_every`` steps and at the end of each stage; if ``ckpt_dir`` already holds
+    a checkpoint of this role, training resumes from it exactly (stage, step, data position,
+    optimizer state, DPO reference log-probs). ``stop_after_steps`` stops after that many
+    updates in this call without saving (simulates a preemption; for tests).
+
+    Returns:
+      (the trained adapter, history: one dict of float metrics per step, incl. ``stage``,
+      ``step``, ``tokens_per_s``).
+    Raises:
+      ValueError if there are neither SFT examples nor DPO pairs; NonFiniteError on NaN/Inf.
+    """
+    from tqdm.auto import tqdm
+
+    sft, dpo = list(sft_examples or []), list(dpo_examples or [])
+    if not sft and not dpo:
+        raise ValueError(
+            f"role {role!r}: no positive trajectories (0 SFT examples) and no DPO pairs, so there is "
+            "nothing to train on. Make the task easier, use more training questions, or draw more "
+            "samples per question (larger tree n/m/l or a higher temperature).")
+    B = train_cfg.batch_size
+    scale = lora_scale(lora_cfg)
+    stages = [_Stage("sft", sft, train_cfg.sft_epochs, train_cfg.learning_rate),
+              _Stage("dpo", dpo, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate)]
+    if mesh is not None:
+        base = jax.device_put(base, param_shardings(base, mesh))
+    key = jax.random.fold_in(jax.random.key(train_cfg.seed), zlib.crc32(role.encode()) & 0x7FFFFFFF)
+    adapter = init_lora(cfg, lora_cfg, key)
+    common_meta = {"role": role, "model_hash": _hash(cfg), "lora": to_dict(lora_cfg),
+                   "train_hash": _hash(train_cfg)}
+
+    ckpt = Checkpointer(ckpt_dir)
+    history: list[dict[str, Any]] = []
+    global_step, resume_stage, resume_step = 0, 0, 0
+    meta: dict | None = None
+    if ckpt.latest_step() is not None:
+        meta = ckpt.metadata()
+        if meta.get("role") != role:
+            raise ValueError(f"{ckpt_dir}: checkpoint belongs to role {meta.get('role')!r}, not {role!r}")
+        resume_stage = [s.name for s in stages].index(meta["stage"])
+        resume_step = int(meta["stage_step"])
+        global_step = int(meta["global_step"])
+        history = list(meta.get("history", []))
+        st = stages[resume_stage]
+        if meta["n_examples"] != len(st.examples) or meta["stage_total"] != st.total(B):
+            raise ValueError(
+                f"{ckpt_dir}: the checkpoint's {st.name} stage had {meta['n_examples']} examples / "
+                f"{meta['stage_total']} steps, now {len(st.examples)} / {st.total(B)}; it cannot be resumed "
+                "exactly. Use a fresh checkpoint directory.")
+        log.info("%s: resuming %s at step %d/%d from %s", role, st.name, resume_step, st.total(B), ckpt_dir)
+
+    steps_this_call = 0
+    try:
+        for si, st in enumerate(stages):
+            if si < resume_stage:
+                continue
+            total = st.total(B)
+            if total == 0:
+                log.warning("%s: skipping %s stage (%s)", role, st.name,
+                            "no examples" if not st.examples else f"{st.name}_epochs = 0")
+                continue
+            optimizer = make_optimizer(train_cfg, total, st.learning_rate)
+            stepper = Stepper(st.name, cfg, lora_cfg, train_cfg, optimizer, mesh=mesh, role=role, donate=True)
+            state = TrainState.create(adapter, optimizer)
+            ref = None
+            start = 0
+            if meta is not None and si == resume_stage:
+                target: dict[str, Any] = {"state": state}
+                if st.name == "dpo":
+                    target["ref_logps"] = np.zeros((len(st.examples), 2), np.float32)
+                sh = {"state": state_shardings(state, mesh)} if mesh is not None else None
+                if sh is not None and st.name == "dpo":
+                    sh["ref_logps"] = NamedSharding(mesh, P())
+                restored, _ = ckpt.restore(target, step=global_step, shardings=sh)
+                state, ref = restored["state"], restored.get("ref_logps")
+                ref = None if ref is None else np.asarray(ref)
+                start = resume_step
+            else:
+                _, state = stepper.place(base, state)
+            if st.name == "dpo" and ref is None:
+                ref_adapter = None if train_cfg.dpo_reference == "base" else state.adapter
+                ref = reference_logps(base, ref_adapter, st.examples, cfg, train_cfg, scale, mesh, pad_id)
+
+            spe = st.steps_per_epoch(B)
+            k = start
+            bar = tqdm(total=total, initial=k, desc=f"{role}/{st.name}", disable=not progress, leave=False)
+            try:
+                while k < total:
+                    epoch, b0 = divmod(k, spe)
+                    for b, idx in data_lib.epoch_batches(len(st.examples), B, train_cfg.seed, epoch, start=b0):
+                        if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                            return state.adapter, history
+                        exs = data_lib.gather(st.examples, idx)
+                        if st.name == "dpo":
+                            batch = data_lib.pack_dpo(exs, train_cfg.max_seq_len, pad_id)
+                            r = np.where((idx >= 0)[:, None], ref[np.maximum(idx, 0)], 0.0).astype(np.float32)
+                            t0 = time.perf_counter()
+                            state, m = stepper(base, state, batch, r.reshape(-1))
+                        else:
+                            batch = data_lib.pack_sft(exs, train_cfg.max_seq_len, pad_id)
+                            t0 = time.perf_counter()
+                            state, m = stepper(base, state, batch)
+                        dt = max(time.perf_counter() - t0, 1e-9)
+                        k += 1
+                        global_step += 1
+                        steps_this_call += 1
+                        m.update(stage=st.name, step=k, epoch=epoch,
+                                 tokens_per_s=_n_tokens(exs, train_cfg.max_seq_len) / dt)
+                        history.append(m)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                        if k % max(train_cfg.checkpoint_every, 1) == 0 or k == total:
+                            e2, b2 = divmod(k, spe)
+                            tree: dict[str, Any] = {"state": state}
+                            if st.name == "dpo":
+                                tree["ref_logps"] = ref
+                            ckpt.save(global_step, tree, {
+                                **common_meta, "stage": st.name, "stage_step": k, "stage_total": total,
+                                "epoch": e2, "batch_in_epoch": b2, "global_step": global_step,
+                                "n_examples": len(st.examples), "history": history})
+            finally:
+                bar.close()
+            adapter = state.adapter
+    finally:
+        ckpt.close()
+    return adapter, history

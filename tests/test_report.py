@@ -1,0 +1,146 @@
+"""malt_jax.report: report.md tables and PNG plots."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from malt_jax.evaluate import SystemResult, compare
+from malt_jax.report import format_table, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND" or b"IEND" in data[-12:]
+    assert len(data) > 5_000, f"{path.name} suspiciously small ({len(data)} bytes)"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture
+def results():
+    base = np.array([True] * 5 + [False] * 5)  # 0.5
+    malt = np.array([True] * 8 + [False] * 2)  # 0.8; right wherever base is
+    return {
+        "baseline G": SystemResult("baseline G", base),
+        "MALT G->V->R": SystemResult("MALT G->V->R", malt),
+    }
+
+
+CREDIT = {
+    "threshold": 0.5,
+    "questions": 4,
+    "generator/nodes": 12,
+    "generator/positive_rate": 0.25,
+    "generator/sft": 3,
+    "generator/dpo_pairs": 7,
+    "verifier/nodes": 36,
+    "verifier/positive_rate": 0.5,
+    "verifier/sft": 18,
+    "verifier/dpo_pairs": 20,
+    "R/positive_rate": 0.75,  # short alias
+    "R/sft": 81,
+    "R/dpo_pairs": 40,
+}
+
+META = {
+    "model": "SmolLM2-135M-Instruct",
+    "task": "synthetic",
+    "seeds": [0, 1, 2],
+    "config_hash": "abc123",
+    "wall_times": {"expansion": 12.34, "train": 5.0},
+    "device": "cpu",
+}
+
+
+def test_report_tables_and_plots(tmp_path, results):
+    comps = compare(results, "MALT G->V->R", ["baseline G"], bootstrap_samples=200, seed=0)
+    path = write_report(tmp_path / "run", results, comps, CREDIT, META)
+    assert path == tmp_path / "run" / "report.md"
+    text = path.read_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("# ")
+
+    # meta table
+    assert "| Model | SmolLM2-135M-Instruct |" in lines
+    assert "| Task | synthetic |" in lines
+    assert "| Questions | 10 |" in lines  # derived from results
+    assert "| Seeds | 0, 1, 2 |" in lines
+    assert "| Config hash | abc123 |" in lines
+    assert "| Wall time | expansion: 12.3 s, train: 5.0 s |" in lines
+    assert "| device | cpu |" in lines
+
+    # accuracy table (Wilson 5/10 = [0.2366, 0.7634], 8/10 = [0.4902, 0.9433])
+    assert "| system | accuracy | 95% Wilson CI | n |" in lines
+    assert "| baseline G | 0.5000 | [0.2366, 0.7634] | 10 |" in lines
+    assert "| MALT G->V->R | 0.8000 | [0.4902, 0.9433] | 10 |" in lines
+
+    # paired comparison: 3 discordant questions, all wins -> McNemar p = 2 * 1/8 = 0.25
+    assert "| target vs baseline | diff | McNemar p | bootstrap 95% CI | bootstrap p |" in lines
+    row = next(line for line in lines if line.startswith("| MALT G->V->R vs baseline G |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    c = comps[0]
+    assert cells[1:] == ["+0.3000", "0.2500", f"[{c['bootstrap_lo']:.4f}, {c['bootstrap_hi']:.4f}]",
+                         f"{c['bootstrap_p']:.4f}"]
+
+    # credit table: aliases folded into the role names, ordered G, V, R
+    assert "| role | valid nodes | positive rate | SFT examples | DPO pairs |" in lines
+    assert "| generator | 12 | 0.2500 | 3 | 7 |" in lines
+    assert "| verifier | 36 | 0.5000 | 18 | 20 |" in lines
+    assert "| refiner | n/a | 0.7500 | 81 | 40 |" in lines
+    assert lines.index("| generator | 12 | 0.2500 | 3 | 7 |") < lines.index("| refiner | n/a | 0.7500 | 81 | 40 |")
+    assert "threshold: 0.5" in text
+
+    # plots, referenced from the markdown
+    for name in ("accuracy.png", "positive_rate.png"):
+        w, h = _png_size(tmp_path / "run" / name)
+        assert w >= 300 and h >= 300
+        assert f"]({name})" in text
+
+
+def test_report_without_credit_summary(tmp_path, results):
+    # stale plot from an earlier run must not survive next to the new report
+    (tmp_path / "positive_rate.png").write_bytes(b"stale")
+    comps = compare(results, "MALT G->V->R", ["baseline G"], bootstrap_samples=50)
+    path = write_report(tmp_path, results, comps, None, {"model": "m"})
+    text = path.read_text()
+    assert "Credit assignment" not in text
+    assert not (tmp_path / "positive_rate.png").exists()
+    _png_size(tmp_path / "accuracy.png")
+
+    path = write_report(tmp_path, results, comps, {}, {})
+    text = path.read_text()
+    assert "## Credit assignment" in text and "No per-role credit statistics" in text
+    assert "positive_rate.png" not in text
+    assert not (tmp_path / "positive_rate.png").exists()
+    assert "| baseline G | 0.5000 | [0.2366, 0.7634] | 10 |" in text.splitlines()
+
+
+def test_report_nan_rates_and_empty_inputs(tmp_path):
+    # "generator/sft" comes first, so a last-write-wins merge of the "G/" alias would show 0
+    credit = {"generator/sft": 2, "G/positive_rate": float("nan"), "G/sft": 0, "G/dpo_pairs": 0}
+    path = write_report(tmp_path, {}, [], credit, {"title": "Empty run"})
+    text = path.read_text()
+    assert text.startswith("# Empty run\n")
+    assert "No systems were evaluated." in text and "No paired comparisons." in text
+    assert "| generator | n/a | 2 | 0 |" in text.splitlines()  # full role name wins over "G/"
+    assert not (tmp_path / "accuracy.png").exists()
+    _png_size(tmp_path / "positive_rate.png")
+
+
+def test_format_table_alignment(results):
+    table = format_table(results)
+    lines = table.splitlines()
+    assert lines[0].split() == ["system", "accuracy", "95%", "Wilson", "CI", "n"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].startswith("baseline G ") and "0.5000" in lines[2] and "[0.2366, 0.7634]" in lines[2]
+    assert lines[3].startswith("MALT G->V->R") and lines[3].endswith("10")
+    # columns are aligned: the accuracy and n columns end at the same offsets in every row
+    ends = {line.index("0.") for line in lines[2:]}
+    assert len(ends) == 1
+    assert len({len(line) for line in lines}) == 1
