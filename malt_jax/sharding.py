@@ -57,7 +57,7 @@ def lora_axes(name: str) -> dict[str, tuple]:
     return {"a": (base[0], base[1], "rank"), "b": (base[0], "rank", base[2])}
 
 
-KV_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", None)
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "seq", None)
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None,

@@ -45,12 +45,12 @@ LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, hd]
-    v: jax.Array  # [L, B, S, K, hd]
+    k: jax.Array  # [L, B, K, S, hd] (heads before slots: attention reads it without transposes)
+    v: jax.Array  # [L, B, K, S, hd]
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
@@ -59,7 +59,7 @@ class KVCache:
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None) -> "KVCache":
         dtype = dtype or jnp.dtype(cfg.dtype)
-        shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def repeat(self, times: int) -> "KVCache":
@@ -148,19 +148,19 @@ def attention(
 ) -> jax.Array:
     """Grouped-query attention.
 
-    q: [B, T, H, hd]; k, v: [B, S, K, hd]; q_pos: [B, T] and k_pos: [B, S] positions;
+    q: [B, T, H, hd]; k, v: [B, K, S, hd]; q_pos: [B, T] and k_pos: [B, S] positions;
     k_valid: [B, S] bool, whether a key holds a real token. A key is visible to a query iff it is
     valid and its position is ``<=`` the query's.
     """
     B, T, H, hd = q.shape
-    K = k.shape[2]
+    K = k.shape[1]
     qg = q.reshape(B, T, K, H // K, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(hd))
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, T, S]
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(B, T, H * hd)
 
 
@@ -215,32 +215,51 @@ def forward(
         write_pos = None
         k_pos, k_valid = positions, token_valid
 
-    def layer(h, xs):
-        lp, ll, kc, vc = xs
+    def block(h, lp, ll, kv_fn):
         a_in = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
         q = _linear(a_in, lp["wq"], ll.get("wq"), lora_scale).reshape(B, T, H, hd)
         k = _linear(a_in, lp["wk"], ll.get("wk"), lora_scale).reshape(B, T, K, hd)
         v = _linear(a_in, lp["wv"], ll.get("wv"), lora_scale).reshape(B, T, K, hd)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        if kc is not None:
-            kc = kc.at[rows, write_pos].set(k.astype(kc.dtype), mode="drop")
-            vc = vc.at[rows, write_pos].set(v.astype(vc.dtype), mode="drop")
-            attn = attention(q, kc.astype(dt), vc.astype(dt), positions, k_pos, k_valid)
-        else:
-            attn = attention(q, k, v, positions, k_pos, k_valid)
+        keys, values, kv_state = kv_fn(k, v)
+        attn = attention(q, keys, values, positions, k_pos, k_valid)
         h = h + _linear(attn, lp["wo"], ll.get("wo"), lora_scale)
         m_in = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
         gate = _linear(m_in, lp["w_gate"], ll.get("w_gate"), lora_scale)
         up = _linear(m_in, lp["w_up"], ll.get("w_up"), lora_scale)
         h = h + _linear(jax.nn.silu(gate) * up, lp["w_down"], ll.get("w_down"), lora_scale)
-        return h, (kc, vc)
+        return h, kv_state
 
-    kcs = cache.k if cache is not None else None
-    vcs = cache.v if cache is not None else None
-    x, (kcs, vcs) = jax.lax.scan(layer, x, (params["layers"], lora_layers, kcs, vcs))
+    if cache is None:
+        def layer(h, xs):
+            lp, ll = xs
+            h, _ = block(h, lp, ll, lambda k, v: (k.swapaxes(1, 2), v.swapaxes(1, 2), None))
+            return h, None
+
+        x, _ = jax.lax.scan(layer, x, (params["layers"], lora_layers))
+        new_cache = None
+    else:
+        # The whole cache rides in the scan carry and is updated in place with one scatter per
+        # layer (a cache in xs/ys would be copied in full at every decode step).
+        def layer(carry, xs):
+            h, kall, vall = carry
+            lp, ll, i = xs
+
+            def kv_fn(k, v):
+                heads = jnp.arange(K)[None, None, :]
+                r, w = rows[:, :, None], write_pos[:, :, None]
+                ka = kall.at[i, r, heads, w].set(k.astype(kall.dtype), mode="drop")
+                va = vall.at[i, r, heads, w].set(v.astype(vall.dtype), mode="drop")
+                return ka[i].astype(dt), va[i].astype(dt), (ka, va)
+
+            h, (kall, vall) = block(h, lp, ll, kv_fn)
+            return (h, kall, vall), None
+
+        layer_ids = jnp.arange(cfg.n_layers)
+        (x, kall, vall), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params["layers"], lora_layers, layer_ids))
+        new_cache = KVCache(k=kall, v=vall)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    new_cache = KVCache(k=kcs, v=vcs) if cache is not None else None
     if return_hidden:
         return x, new_cache
     return lm_head(params, x, cfg), new_cache
