@@ -84,7 +84,9 @@ class Checkpointer:
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=False,
         )
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     # -- queries ---------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ __all__ = [
     "epoch_order",
     "epoch_batches",
     "gather",
+    "batches",
     "MIN_BUCKET",
 ]
 
@@ -199,3 +200,13 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, start
 def gather(examples: Sequence, idx: np.ndarray) -> list:
     """``[examples[i] or None for padding (-1)]``."""
     return [examples[i] if i >= 0 else None for i in idx]
+
+
+def batches(examples: Sequence[SFTExample | DPOExample], batch_size: int, max_len: int, seed: int, epoch: int,
+            start: int = 0, pad_id: int = 0, shuffle: bool = True) -> Iterator[tuple[int, np.ndarray, Batch]]:
+    """Packed batches of one epoch from batch ``start`` on: ``(batch_index, example_indices, batch)``.
+
+    Every batch has ``batch_size`` rows (pairs for DPO); the last one is padded with weight-0 rows.
+    """
+    for b, idx in epoch_batches(len(examples), batch_size, seed, epoch, start, shuffle):
+        yield b, idx, pack(gather(examples, idx), max_len, pad_id)

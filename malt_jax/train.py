@@ -10,7 +10,8 @@ Design
   Losses are normalised by the *whole* batch's token count (SFT) or pair weight (DPO), so the
   accumulated step equals a step on the union batch.
 * Optimizer (:func:`make_optimizer`): global-norm clipping, then AdamW with linear warmup and
-  cosine decay to 0 (the learning rate is injected so it can be reported).
+  cosine decay to 0. The schedule values live in the optimizer state, so one compiled step
+  serves every stage and role.
 * NaN/Inf guard: the step applies the update only when loss and gradient norm are finite
   (``jnp.where`` on the state inside the jitted step); the host then raises
   :class:`NonFiniteError` naming the role and step. The state returned is the unchanged one,
@@ -39,7 +40,7 @@ import math
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -61,7 +62,8 @@ __all__ = [
     "TrainState",
     "NonFiniteError",
     "make_optimizer",
-    "lr_schedule",
+    "warmup_cosine",
+    "ScheduleState",
     "sft_step",
     "dpo_step",
     "reference_logps",
@@ -104,46 +106,85 @@ class TrainState:
 # optimizer
 
 
-def lr_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup ``peak * (t+1) / warmup`` for ``t < warmup``, then cosine decay towards 0
-    over the remaining steps (the last step keeps a small positive rate)."""
-    warmup = max(int(warmup_steps), 0)
-    decay = max(int(total_steps) - warmup, 1)
-
-    def schedule(count: jax.Array) -> jax.Array:
-        t = jnp.asarray(count, jnp.float32)
-        warm = peak * (t + 1.0) / max(warmup, 1)
-        progress = jnp.clip((t - warmup) / decay, 0.0, 1.0)
-        cos = peak * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-        return jnp.where(t < warmup, warm, cos)
-
-    return schedule
+def warmup_cosine(count: jax.Array, peak: jax.Array, warmup: jax.Array, total: jax.Array) -> jax.Array:
+    """Learning rate of update ``count`` (0-based): linear warmup ``peak * (count+1) / warmup``
+    for ``count < warmup``, then cosine decay from ``peak`` towards 0 over the remaining
+    ``total - warmup`` updates (the last update keeps a small positive rate)."""
+    t = jnp.asarray(count, jnp.float32)
+    warm = peak * (t + 1.0) / jnp.maximum(warmup, 1.0)
+    progress = jnp.clip((t - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    return jnp.where(t < warmup, warm, peak * 0.5 * (1.0 + jnp.cos(math.pi * progress)))
 
 
-@functools.lru_cache(maxsize=64)
+class ScheduleState(NamedTuple):
+    """Schedule parameters live in the optimizer *state* (not in closures), so one compiled
+    step serves every stage and role whatever their learning rate and length."""
+
+    count: jax.Array  # int32, updates applied
+    peak: jax.Array  # f32
+    warmup: jax.Array  # f32
+    total: jax.Array  # f32
+    learning_rate: jax.Array  # f32, rate of the last update (for logging)
+
+
+def scale_by_warmup_cosine() -> optax.GradientTransformation:
+    """``updates * -warmup_cosine(count, ...)`` with the schedule read from :class:`ScheduleState`."""
+
+    def init(params: Any) -> ScheduleState:
+        z = jnp.zeros((), jnp.float32)
+        return ScheduleState(jnp.zeros((), jnp.int32), z, z, z, z)
+
+    def update(updates: Any, state: ScheduleState, params: Any = None) -> tuple[Any, ScheduleState]:
+        lr = warmup_cosine(state.count, state.peak, state.warmup, state.total)
+        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        return updates, state._replace(count=state.count + 1, learning_rate=lr)
+
+    return optax.GradientTransformation(init, update)
+
+
+@functools.lru_cache(maxsize=16)
+def _base_optimizer(grad_clip: float, weight_decay: float) -> optax.GradientTransformation:
+    # = optax.adamw (scale_by_adam -> decoupled weight decay -> scale by -lr), after clipping.
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip) if grad_clip and grad_clip > 0 else optax.identity(),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        scale_by_warmup_cosine(),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(grad_clip: float, weight_decay: float) -> Any:
+    return jax.jit(_base_optimizer(grad_clip, weight_decay).init)
+
+
 def make_optimizer(train_cfg: TrainConfig, total_steps: int,
                    learning_rate: float | None = None) -> optax.GradientTransformation:
-    """Global-norm clipping + AdamW (warmup + cosine schedule over ``total_steps`` updates).
+    """Global-norm clipping (``grad_clip``) + AdamW (``weight_decay``) with linear warmup
+    (``warmup_steps``) and cosine decay over ``total_steps`` updates, peak ``learning_rate``
+    (default ``train_cfg.learning_rate``).
 
     Gradient accumulation is done inside the step (``grad_accum`` microbatches per update), not
-    by the optimizer. Cached, so equal arguments give the same object (and jit cache hits).
+    by the optimizer. The schedule values are written into the state by ``init``; ``update`` is
+    shared by all optimizers with the same ``grad_clip``/``weight_decay`` (no recompiles).
     """
     lr = train_cfg.learning_rate if learning_rate is None else learning_rate
-    schedule = lr_schedule(lr, min(train_cfg.warmup_steps, max(total_steps - 1, 0)), total_steps)
-    parts = []
-    if train_cfg.grad_clip and train_cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-    else:
-        parts.append(optax.identity())
-    parts.append(optax.inject_hyperparams(optax.adamw)(
-        learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_cfg.weight_decay))
-    return optax.chain(*parts)
+    warmup = min(train_cfg.warmup_steps, max(total_steps - 1, 0))
+    base = _base_optimizer(float(train_cfg.grad_clip), float(train_cfg.weight_decay))
+    base_init = _jitted_init(float(train_cfg.grad_clip), float(train_cfg.weight_decay))
+
+    def init(params: Any) -> Any:
+        *rest, sched = base_init(params)
+        f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+        return (*rest, sched._replace(peak=f(lr), warmup=f(warmup), total=f(total_steps)))
+
+    return optax.GradientTransformation(init, base.update)
 
 
 def _current_lr(opt_state: Any) -> jax.Array:
-    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
-        if hasattr(node, "hyperparams"):
-            return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScheduleState)):
+        if isinstance(node, ScheduleState):
+            return node.learning_rate
     return jnp.zeros((), jnp.float32)
 
 
@@ -183,12 +224,25 @@ def _accumulate(loss_fn: Any, adapter: Params, batch: Any, accum: int) -> tuple[
     return loss, metrics, grads
 
 
+class _StepCfg(NamedTuple):
+    """The few TrainConfig fields a compiled step depends on (its static jit key)."""
+
+    grad_accum: int
+    dpo_beta: float
+    dpo_loss: str
+    label_smoothing: float
+
+    @classmethod
+    def of(cls, t: TrainConfig) -> "_StepCfg":
+        return cls(max(int(t.grad_accum), 1), float(t.dpo_beta), t.dpo_loss, float(t.label_smoothing))
+
+
 def _apply(state: TrainState, loss: jax.Array, metrics: Metrics, grads: Params,
-           optimizer: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
+           update: optax.TransformUpdateFn) -> tuple[TrainState, Metrics]:
     """Optimizer update, applied only when loss and gradient norm are finite."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.adapter)
+    updates, opt_state = update(grads, state.opt_state, state.adapter)
     adapter = optax.apply_updates(state.adapter, updates)
     new = TrainState(step=state.step + 1, adapter=adapter, opt_state=opt_state)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
@@ -206,10 +260,9 @@ def _sft_micro(adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg
     return loss * frac, {"accuracy": m["accuracy"] * frac, "n_tokens": m["n_tokens"]}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "train_cfg", "optimizer", "scale"))
 def sft_step(base: Params, state: TrainState, batch: dict, *, cfg: ModelConfig, train_cfg: TrainConfig,
              optimizer: optax.GradientTransformation, scale: float) -> tuple[TrainState, Metrics]:
-    """One SFT update (masked next-token cross-entropy on completion tokens).
+    """One SFT update (masked next-token cross-entropy on completion tokens); jit-compiled.
 
     Args:
       base: frozen base params (never differentiated).
@@ -220,11 +273,18 @@ def sft_step(base: Params, state: TrainState, batch: dict, *, cfg: ModelConfig, 
       (new state — unchanged if the loss/grad norm is non-finite, metrics: loss, accuracy,
       n_tokens, grad_norm, learning_rate, finite).
     """
+    return _sft_step(base, state, batch, cfg=cfg, sc=_StepCfg.of(train_cfg), update=optimizer.update,
+                     scale=float(scale))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "update", "scale"))
+def _sft_step(base: Params, state: TrainState, batch: dict, *, cfg: ModelConfig, sc: _StepCfg,
+              update: optax.TransformUpdateFn, scale: float) -> tuple[TrainState, Metrics]:
     total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1e-8)
     mb = {k: batch[k] for k in ("tokens", "targets", "loss_mask")}
     loss_fn = functools.partial(_sft_micro, base=base, total=total, cfg=cfg, scale=scale)
-    loss, metrics, grads = _accumulate(loss_fn, state.adapter, mb, train_cfg.grad_accum)
-    return _apply(state, loss, metrics, grads, optimizer)
+    loss, metrics, grads = _accumulate(loss_fn, state.adapter, mb, sc.grad_accum)
+    return _apply(state, loss, metrics, grads, update)
 
 
 def _pairs(batch: dict, ref_logps: jax.Array) -> dict:
@@ -237,25 +297,24 @@ def _pairs(batch: dict, ref_logps: jax.Array) -> dict:
 
 
 def _dpo_micro(adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig,
-               scale: float, train_cfg: TrainConfig) -> tuple[jax.Array, Metrics]:
+               scale: float, sc: _StepCfg) -> tuple[jax.Array, Metrics]:
     b, _, T = mb["tokens"].shape
     flat = lambda x: x.reshape(2 * b, T)  # noqa: E731
     logits, _ = forward(base, flat(mb["tokens"]), causal_positions(2 * b, T), cfg, lora=adapter,
                         lora_scale=scale)
     lp = sequence_logps(logits, flat(mb["targets"]), flat(mb["loss_mask"])).reshape(b, 2)
     w = mb["weights"].astype(jnp.float32)
-    loss, m = dpo_loss(lp[:, 0], lp[:, 1], mb["ref"][:, 0], mb["ref"][:, 1], beta=train_cfg.dpo_beta,
-                       loss_type=train_cfg.dpo_loss, label_smoothing=train_cfg.label_smoothing, weights=w)
+    loss, m = dpo_loss(lp[:, 0], lp[:, 1], mb["ref"][:, 0], mb["ref"][:, 1], beta=sc.dpo_beta,
+                       loss_type=sc.dpo_loss, label_smoothing=sc.label_smoothing, weights=w)
     frac = w.sum() / total
     m = {k: v * frac for k, v in m.items() if k != "loss"}
     return loss * frac, m
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "train_cfg", "optimizer", "scale"))
 def dpo_step(base: Params, state: TrainState, batch: dict, ref_logps: jax.Array, *, cfg: ModelConfig,
              train_cfg: TrainConfig, optimizer: optax.GradientTransformation,
              scale: float) -> tuple[TrainState, Metrics]:
-    """One DPO update (``train_cfg.dpo_loss``, ``beta = train_cfg.dpo_beta``).
+    """One DPO update (``train_cfg.dpo_loss``, ``beta = train_cfg.dpo_beta``); jit-compiled.
 
     Args:
       batch: ``data.pack_dpo`` output (interleaved chosen/rejected rows [2B, T], weights [B]).
@@ -264,10 +323,17 @@ def dpo_step(base: Params, state: TrainState, batch: dict, ref_logps: jax.Array,
       (new state, metrics with TRL names: loss, rewards/chosen, rewards/rejected,
       rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, grad_norm, ...).
     """
+    return _dpo_step(base, state, batch, ref_logps, cfg=cfg, sc=_StepCfg.of(train_cfg),
+                     update=optimizer.update, scale=float(scale))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "update", "scale"))
+def _dpo_step(base: Params, state: TrainState, batch: dict, ref_logps: jax.Array, *, cfg: ModelConfig,
+              sc: _StepCfg, update: optax.TransformUpdateFn, scale: float) -> tuple[TrainState, Metrics]:
     total = jnp.maximum(batch["weights"].astype(jnp.float32).sum(), 1e-8)
-    loss_fn = functools.partial(_dpo_micro, base=base, total=total, cfg=cfg, scale=scale, train_cfg=train_cfg)
-    loss, metrics, grads = _accumulate(loss_fn, state.adapter, _pairs(batch, ref_logps), train_cfg.grad_accum)
-    return _apply(state, loss, metrics, grads, optimizer)
+    loss_fn = functools.partial(_dpo_micro, base=base, total=total, cfg=cfg, scale=scale, sc=sc)
+    loss, metrics, grads = _accumulate(loss_fn, state.adapter, _pairs(batch, ref_logps), sc.grad_accum)
+    return _apply(state, loss, metrics, grads, update)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,21 +400,34 @@ def _batch_shardings(kind: str, rows: int, mesh: Mesh) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig,
-              optimizer: optax.GradientTransformation, mesh: Mesh | None, donate: bool) -> Any:
-    fn = sft_step if kind == "sft" else dpo_step
-    part = functools.partial(fn, cfg=cfg, train_cfg=train_cfg, optimizer=optimizer, scale=lora_scale(lora_cfg))
+def _compiled(kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, sc: _StepCfg, batch_size: int,
+              update: optax.TransformUpdateFn, abstract_state: Any, mesh: Mesh | None, donate: bool) -> Any:
+    """The jitted (and, with a mesh, sharded) step; cached so stages/roles share compilations."""
+    fn = _sft_step if kind == "sft" else _dpo_step
+    part = functools.partial(fn, cfg=cfg, sc=sc, update=update, scale=lora_scale(lora_cfg))
     donate_argnums = (1,) if donate else ()
     if mesh is None:
         return jax.jit(part, donate_argnums=donate_argnums)
     base_abs = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    ad_abs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(cfg, lora_cfg),
-                          is_leaf=lambda t: isinstance(t, tuple))
-    state_abs = jax.eval_shape(lambda a: TrainState.create(a, optimizer), ad_abs)
-    st_sh = state_shardings(state_abs, mesh)
-    in_sh = (param_shardings(base_abs, mesh), st_sh, *_batch_shardings(kind, train_cfg.batch_size, mesh))
+    st_sh = state_shardings(abstract_state.tree, mesh)
+    in_sh = (param_shardings(base_abs, mesh), st_sh, *_batch_shardings(kind, batch_size, mesh))
     return jax.jit(part, in_shardings=in_sh, out_shardings=(st_sh, NamedSharding(mesh, P())),
                    donate_argnums=donate_argnums)
+
+
+class _Hashable:
+    """Wraps an abstract pytree so it can key an lru_cache (by structure, shapes and dtypes)."""
+
+    def __init__(self, tree: Any):
+        self.tree = tree
+        leaves, treedef = jax.tree.flatten(tree)
+        self._key = (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Hashable) and self._key == other._key
 
 
 class Stepper:
@@ -370,13 +449,19 @@ class Stepper:
                              f"train.grad_accum={train_cfg.grad_accum} (batch_size counts examples per update)")
         self.kind, self.role, self.mesh, self.optimizer = kind, role, mesh, optimizer
         self.cfg, self.lora_cfg, self.train_cfg = cfg, lora_cfg, train_cfg
-        self._fn = _compiled(kind, cfg, lora_cfg, train_cfg, optimizer, mesh, donate)
+        ad_abs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(cfg, lora_cfg),
+                              is_leaf=lambda t: isinstance(t, tuple))
+        state_abs = _Hashable(jax.eval_shape(lambda a: TrainState.create(a, optimizer), ad_abs))
+        self._fn = _compiled(kind, cfg, lora_cfg, _StepCfg.of(train_cfg), train_cfg.batch_size,
+                             optimizer.update, state_abs, mesh, donate)
         self._batch_sh = _batch_shardings(kind, train_cfg.batch_size, mesh) if mesh is not None else None
 
     def place(self, base: Params, state: TrainState) -> tuple[Params, TrainState]:
-        """Puts base params and state on the mesh with the step's shardings (no-op without mesh)."""
+        """Puts base params and state on the mesh with the step's shardings (without a mesh: on
+        the default device, committed, so fresh and restored states hit the same compilation)."""
         if self.mesh is None:
-            return base, state
+            dev = jax.devices()[0]
+            return jax.device_put(base, dev), jax.device_put(state, dev)
         return (jax.device_put(base, param_shardings(base, self.mesh)),
                 jax.device_put(state, state_shardings(state, self.mesh)))
 
@@ -472,8 +557,7 @@ def train_role(
     scale = lora_scale(lora_cfg)
     stages = [_Stage("sft", sft, train_cfg.sft_epochs, train_cfg.learning_rate),
               _Stage("dpo", dpo, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate)]
-    if mesh is not None:
-        base = jax.device_put(base, param_shardings(base, mesh))
+    base = jax.device_put(base, param_shardings(base, mesh) if mesh is not None else jax.devices()[0])
     key = jax.random.fold_in(jax.random.key(train_cfg.seed), zlib.crc32(role.encode()) & 0x7FFFFFFF)
     adapter = init_lora(cfg, lora_cfg, key)
     common_meta = {"role": role, "model_hash": _hash(cfg), "lora": to_dict(lora_cfg),
@@ -510,8 +594,8 @@ def train_role(
                             "no examples" if not st.examples else f"{st.name}_epochs = 0")
                 continue
             optimizer = make_optimizer(train_cfg, total, st.learning_rate)
-            stepper = Stepper(st.name, cfg, lora_cfg, train_cfg, optimizer, mesh=mesh, role=role, donate=True)
-            state = TrainState.create(adapter, optimizer)
+            stepper = Stepper(st.name, cfg, lora_cfg, train_cfg, optimizer, mesh=mesh, role=role, donate=False)
+            _, state = stepper.place({}, TrainState.create(adapter, optimizer))
             ref = None
             start = 0
             if meta is not None and si == resume_stage:
@@ -525,32 +609,29 @@ def train_role(
                 state, ref = restored["state"], restored.get("ref_logps")
                 ref = None if ref is None else np.asarray(ref)
                 start = resume_step
-            else:
-                _, state = stepper.place(base, state)
             if st.name == "dpo" and ref is None:
                 ref_adapter = None if train_cfg.dpo_reference == "base" else state.adapter
                 ref = reference_logps(base, ref_adapter, st.examples, cfg, train_cfg, scale, mesh, pad_id)
 
             spe = st.steps_per_epoch(B)
             k = start
-            bar = tqdm(total=total, initial=k, desc=f"{role}/{st.name}", disable=not progress, leave=False)
+            bar = tqdm(total=total, initial=k, desc=f"{role}/{st.name}", disable=not progress)
             try:
                 while k < total:
                     epoch, b0 = divmod(k, spe)
-                    for b, idx in data_lib.epoch_batches(len(st.examples), B, train_cfg.seed, epoch, start=b0):
+                    for _, idx, batch in data_lib.batches(st.examples, B, train_cfg.max_seq_len, train_cfg.seed,
+                                                          epoch, start=b0, pad_id=pad_id):
                         if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                             return state.adapter, history
-                        exs = data_lib.gather(st.examples, idx)
+                        t0 = time.perf_counter()
                         if st.name == "dpo":
-                            batch = data_lib.pack_dpo(exs, train_cfg.max_seq_len, pad_id)
+                            # reference log-probs of this batch's pairs, interleaved like its rows
                             r = np.where((idx >= 0)[:, None], ref[np.maximum(idx, 0)], 0.0).astype(np.float32)
-                            t0 = time.perf_counter()
                             state, m = stepper(base, state, batch, r.reshape(-1))
                         else:
-                            batch = data_lib.pack_sft(exs, train_cfg.max_seq_len, pad_id)
-                            t0 = time.perf_counter()
                             state, m = stepper(base, state, batch)
                         dt = max(time.perf_counter() - t0, 1e-9)
+                        exs = data_lib.gather(st.examples, idx)
                         k += 1
                         global_step += 1
                         steps_this_call += 1

@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,11 +13,12 @@ from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
 from malt_jax.model.llama import init_params
 from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.sharding import make_mesh
+from jax.sharding import PartitionSpec as P
 from malt_jax.train import (NonFiniteError, Stepper, TrainState, make_optimizer, reference_logps,
                             train_role)
 
 CFG = ModelConfig.tiny(n_layers=1)
-LORA = LoraConfig(rank=4, alpha=8.0)
+LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))  # few leaves: faster compiles
 TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_steps=2, batch_size=8, grad_accum=1,
                     max_seq_len=32, grad_clip=1.0, sft_epochs=1, dpo_epochs=1, checkpoint_every=2)
 
@@ -35,7 +37,12 @@ def _dpo_examples(n, seed=0):
 
 @pytest.fixture(scope="module")
 def base():
-    return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
+    # std 0.3 (not 0.02): frozen embeddings need a usable logit range for LoRA to memorise.
+    # Drawn with NumPy (no compile); the steps below share compilations (same shapes/configs).
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape) if len(s.shape) > 1 else np.ones(s.shape),
+                                              jnp.float32), shapes)
 
 
 def _state(train_cfg, total, lr, key=1):
@@ -98,16 +105,15 @@ def test_epoch_batches_deterministic_resumable_padded():
 
 
 def test_sft_loss_decreases_memorisation(base):
-    cfg = dataclasses.replace(TRAIN, batch_size=4)
-    exs = _sft_examples(4)
-    state, opt = _state(cfg, 20, cfg.learning_rate)
-    step = Stepper("sft", CFG, LORA, cfg, opt, role="generator")
-    batch = D.pack_sft(exs, cfg.max_seq_len)
+    exs = _sft_examples(8)
+    state, opt = _state(TRAIN, 20, 3e-2)
+    step = Stepper("sft", CFG, LORA, TRAIN, opt, role="generator")
+    batch = D.pack_sft(exs, TRAIN.max_seq_len)
     losses = []
     for _ in range(20):
         state, m = step(base, state, batch)
         losses.append(m["loss"])
-    assert losses[0] > 4.0 and losses[-1] < 0.5 * losses[0], losses
+    assert losses[0] > 4.0 and losses[-1] < 0.25 * losses[0], losses  # 7.6 -> ~1.0
     assert int(state.step) == 20 and m["grad_norm"] > 0 and m["learning_rate"] > 0
 
 
@@ -126,34 +132,42 @@ def test_dpo_step_increases_margin(base):
     assert margins[-1] > margins[1] > 0 and losses[-1] < losses[0]
 
 
-def test_grad_accumulation_equals_union_batch(base):
-    exs = _sft_examples(7, seed=1)  # 7 examples + 1 weight-0 padding row
-    batch = D.pack_sft(exs + [None], TRAIN.max_seq_len)
+def _kind_batch(kind, seed):
+    """7 examples + 1 weight-0 padding row; DPO gets reference log-probs != the policy's."""
+    if kind == "sft":
+        return D.pack_sft(_sft_examples(7, seed) + [None], TRAIN.max_seq_len), ()
+    ref = np.random.default_rng(seed).normal(-40, 3, size=(16,)).astype(np.float32)
+    return D.pack_dpo(_dpo_examples(7, seed) + [None], TRAIN.max_seq_len), (ref,)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_grad_accumulation_equals_union_batch(base, kind):
+    batch, extra = _kind_batch(kind, seed=1)
     out = {}
     for accum in (1, 2):
         cfg = dataclasses.replace(TRAIN, grad_accum=accum)
         state, opt = _state(cfg, 10, cfg.learning_rate)
-        out[accum] = Stepper("sft", CFG, LORA, cfg, opt)(base, state, batch)
+        out[accum] = Stepper(kind, CFG, LORA, cfg, opt)(base, state, batch, *extra)
     (s1, m1), (s2, m2) = out[1], out[2]
     _close(s1.adapter, s2.adapter, rtol=1e-5, atol=1e-6)
-    for k in ("loss", "accuracy", "n_tokens", "grad_norm"):
-        assert math.isclose(m1[k], m2[k], rel_tol=1e-5), k
+    for k, v in m1.items():
+        assert math.isclose(v, m2[k], rel_tol=1e-5, abs_tol=1e-6), (k, v, m2[k])
 
 
-@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8}])
-def test_sharded_step_matches_single_device(base, shape):
+@pytest.mark.parametrize("kind,shape", [("sft", {"data": 2, "fsdp": 2, "tensor": 2}), ("dpo", {"data": 8})])
+def test_sharded_step_matches_single_device(base, kind, shape):
     mesh = make_mesh(shape)
     cfg = dataclasses.replace(TRAIN, grad_accum=2)
-    exs = _dpo_examples(8, seed=2)
-    batch = D.pack_dpo(exs, cfg.max_seq_len)
-    state0, opt = _state(cfg, 10, cfg.dpo_learning_rate)
-    ref = np.random.default_rng(0).normal(-40, 3, size=(16,)).astype(np.float32)  # policy != ref
-    single = Stepper("dpo", CFG, LORA, cfg, opt)
-    s_ref, m_ref = single(base, state0, batch, ref)
-    sharded = Stepper("dpo", CFG, LORA, cfg, opt, mesh=mesh)
+    batch, extra = _kind_batch(kind, seed=2)
+    state0, opt = _state(cfg, 10, cfg.learning_rate)
+    s_ref, m_ref = Stepper(kind, CFG, LORA, cfg, opt)(base, state0, batch, *extra)
+    sharded = Stepper(kind, CFG, LORA, cfg, opt, mesh=mesh)
     b_sh, st_sh = sharded.place(base, state0)
-    assert b_sh["layers"]["wq"].sharding.spec == (None, "fsdp", "tensor") or shape == {"data": 8}
-    s_sh, m_sh = sharded(b_sh, st_sh, batch, ref)
+    if "tensor" in shape:
+        assert b_sh["layers"]["wq"].sharding.spec == P(None, "fsdp", "tensor")
+        assert st_sh.adapter["layers"]["wq"]["a"].sharding.spec == P(None, "fsdp", None)
+        assert st_sh.opt_state[1].mu["layers"]["wq"]["b"].sharding.spec == P(None, None, "tensor")
+    s_sh, m_sh = sharded(b_sh, st_sh, batch, *extra)
     assert s_sh.adapter["layers"]["wq"]["b"].sharding.mesh.shape == mesh.shape
     _close(s_ref.adapter, s_sh.adapter, rtol=1e-5, atol=1e-6)
     for k, v in m_ref.items():
