@@ -312,5 +312,233 @@ def load_datasets(run_dir: Path, role: str) -> tuple[list, list]:
     return sft, dpo
 
 
-Any  # noqa: B018
-_ = (to_dict, SamplingConfig)
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def save_adapter(adapter: Params, path: Path) -> None:
+    """Writes an adapter as safetensors (flat ``layers.<name>.<a|b>`` keys); atomic."""
+    from safetensors.numpy import save_file
+
+    flat = {f"layers.{n}.{f}": np.asarray(adapter["layers"][n][f]) for n in adapter["layers"] for f in ("a", "b")}
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_adapter(path: Path) -> Params:
+    from safetensors.numpy import load_file
+
+    layers: dict[str, dict] = {}
+    for k, v in load_file(str(path)).items():
+        _, name, f = k.split(".")
+        layers.setdefault(name, {})[f] = jnp.asarray(v)
+    return {"layers": layers}
+
+
+def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: bool = True,
+              roles: Sequence[str] = ROLES) -> dict[str, Params]:
+    """Stage 3: SFT for every role, then DPO for V and R (and G if ``train.generator_dpo``)."""
+    from malt_jax.train import train_role
+
+    out = run_dir / "adapters"
+    out.mkdir(parents=True, exist_ok=True)
+    adapters = {}
+    for role in roles:
+        final = out / f"{role}.safetensors"
+        if final.exists():
+            adapters[role] = load_adapter(final)
+            continue
+        sft, dpo = load_datasets(run_dir, role)
+        if role == "G" and not cfg.train.generator_dpo:
+            dpo = []
+        adapter, history = train_role(model.params, model.cfg, cfg.lora, cfg.train, sft, dpo,
+                                      ROLE_NAMES[role], out / f"{role}_ckpt", mesh=mesh, progress=progress,
+                                      pad_id=model.tokenizer.pad_id)
+        with open(out / f"{role}_history.jsonl", "w") as f:
+            for h in history:
+                f.write(json.dumps(h) + "\n")
+        save_adapter(adapter, final)
+        adapters[role] = adapter
+    return adapters
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """An inference system: depth 1 (single model) or 3 (G->V->R chain), ``votes`` parallel
+    passes (majority vote when > 1), greedy or sampled, base or MALT adapters."""
+
+    name: str
+    depth: int
+    votes: int
+    greedy: bool
+    trained: bool
+
+
+def default_systems(votes: int = 3) -> list[System]:
+    mv = f"+MV@{votes}"
+    return [
+        System("single", 1, 1, True, False), System("single" + mv, 1, votes, False, False),
+        System("chain", 3, 1, True, False), System("chain" + mv, 3, votes, False, False),
+        System("malt", 3, 1, True, True), System("malt" + mv, 3, votes, False, True),
+    ]
+
+
+def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example],
+                    adapters: dict[str, Params] | None, out_path: Path, progress: bool = True) -> dict:
+    """Runs one system on ``examples``; writes per-question jsonl; returns correctness/answers."""
+    from malt_jax.evaluate import majority_vote
+
+    if out_path.exists():
+        rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+        if len(rows) == len(examples):
+            return {"correct": np.asarray([r["correct"] for r in rows], bool), "answers": [r["answer"] for r in rows]}
+    codec = PromptCodec(model.tokenizer, task)
+    e = cfg.eval
+    sampling = dataclasses.replace(cfg.sampling, greedy=system.greedy, temperature=e.temperature)
+    trained = system.trained and adapters is not None
+    spec = ExpansionSpec(n=system.votes, m=1, l=1, depth=system.depth, max_new=(e.max_new_tokens,) * 3,
+                         sampling=sampling, stop=codec.stop, mode="fork" if trained else "extend")
+    ads = tuple(adapters[r] for r in ROLES) if trained else (None, None, None)
+    from malt_jax.model.lora import lora_scale
+
+    final_role = ROLES[system.depth - 1]
+    rows: list[dict] = []
+
+    def on_batch(b: int, arrays: dict) -> None:
+        texts = {r: decode_level(model.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"])
+                 for r in ROLES[: system.depth]}
+        for q, i in enumerate(arrays["index"]):
+            ex = examples[i]
+            finals = [texts[final_role][(q, p) + (0,) * (system.depth - 1)] for p in range(system.votes)]
+            answers = [task.extract(t) for t in finals]
+            correct = [task.grade_example(t, ex) for t in finals]
+            voted = majority_vote(answers)
+            ok = bool(voted is not None and correct[answers.index(voted)])
+            rows.append({"id": ex.id, "gold": ex.answer, "answer": voted, "correct": ok,
+                         "pass_answers": answers, "pass_correct": correct,
+                         "texts": {r: texts[r][q].reshape(-1).tolist() for r in texts}})
+
+    sample_trees(model, codec, examples, spec, seed=e.seed, batch_size=cfg.tree.questions_per_batch * 3,
+                 adapters=ads, lora_scale=lora_scale(cfg.lora), on_batch=on_batch, desc=f"eval {system.name}",
+                 progress=progress)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out_path)
+    return {"correct": np.asarray([r["correct"] for r in rows], bool), "answers": [r["answer"] for r in rows]}
+
+
+def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example], run_dir: Path,
+             adapters: dict[str, Params] | None, systems: Sequence[System] | None = None,
+             progress: bool = True) -> dict:
+    """Stage 4: every system on the held-out questions, paired statistics, report."""
+    from malt_jax.evaluate import SystemResult, compare
+
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    systems = list(systems or default_systems(cfg.eval.votes))
+    results = {}
+    for sys_ in systems:
+        if sys_.trained and adapters is None:
+            continue
+        r = evaluate_system(sys_, cfg, model, task, examples, adapters, out / f"{sys_.name}.jsonl", progress)
+        results[sys_.name] = SystemResult(sys_.name, r["correct"], r["answers"])
+    comparisons = []
+    for target in [s.name for s in systems if s.trained and s.name in results]:
+        base = [s.name for s in systems if not s.trained and s.name in results]
+        comparisons += compare(results, target, base, cfg.eval.bootstrap_samples, cfg.eval.seed)
+    return {"results": results, "comparisons": comparisons}
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole run
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Creates the run directory with the resolved config; refuses a directory of another config."""
+    import yaml
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp = run_dir / "config.yaml"
+    h = cfg.hash()
+    if stamp.exists():
+        old = yaml.safe_load(stamp.read_text()) or {}
+        if old.get("config_hash") != h:
+            raise ValueError(f"{run_dir} holds a run with another config (hash {old.get('config_hash')}, this one "
+                             f"is {h}); use a new run_dir or delete the old one")
+    else:
+        stamp.write_text(yaml.safe_dump({"config_hash": h, **to_dict(cfg)}, sort_keys=False))
+    return run_dir
+
+
+def load_splits(cfg: RunConfig, task: Task, run_dir: Path) -> tuple[list[Example], list[Example]]:
+    """Seeded train/eval questions; the ids are written to ``splits.json`` in the run dir."""
+    from malt_jax.tasks import train_eval_sets
+
+    t = cfg.task
+    opts = dict(t.options)
+    train_split, eval_split = opts.pop("train_split", "train"), opts.pop("eval_split", "test")
+    train, evals = train_eval_sets(task, t.num_train, t.num_eval, t.seed, train_split, eval_split)
+    path = run_dir / "splits.json"
+    if not path.exists():
+        path.write_text(json.dumps({"seed": t.seed, "train": [e.id for e in train], "eval": [e.id for e in evals]}))
+    return train, evals
+
+
+def make_task(cfg: RunConfig) -> Task:
+    from malt_jax.tasks import get_task
+
+    opts = {k: v for k, v in cfg.task.options if k not in ("train_split", "eval_split")}
+    return get_task(cfg.task.name, path=cfg.task.path or None, **opts)
+
+
+def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "eval"), progress: bool = True,
+        model: Model | None = None, task: Task | None = None) -> dict:
+    """Runs the MALT pipeline (each stage resumable) and writes the report; returns a summary."""
+    from malt_jax.report import format_table, write_report
+
+    run_dir = prepare_run_dir(cfg)
+    timings_path = run_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    t0 = time.perf_counter()
+    model = model or load_model(cfg.weights, cfg.model)
+    task = task or make_task(cfg)
+    train, evals = load_splits(cfg, task, run_dir)
+    timings["load"] = round(time.perf_counter() - t0, 1)
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
+        timings_path.write_text(json.dumps(timings, indent=2))
+        return out
+
+    if "expand" in stages:
+        timed("expand", lambda: run_expand(cfg, model, task, train, run_dir, progress))
+    credit_summary = None
+    if "credit" in stages:
+        credit_summary = timed("credit", lambda: run_credit(cfg, model, task, run_dir))
+        summary["credit"] = credit_summary
+    adapters = None
+    if "train" in stages:
+        adapters = timed("train", lambda: run_train(cfg, model, run_dir, progress=progress))
+    elif (run_dir / "adapters").exists() and all((run_dir / "adapters" / f"{r}.safetensors").exists() for r in ROLES):
+        adapters = {r: load_adapter(run_dir / "adapters" / f"{r}.safetensors") for r in ROLES}
+    if "eval" in stages:
+        ev = timed("eval", lambda: run_eval(cfg, model, task, evals, run_dir, adapters, progress=progress))
+        if credit_summary is None and (run_dir / "credit" / "summary.json").exists():
+            credit_summary = json.loads((run_dir / "credit" / "summary.json").read_text())
+        meta = {"model": cfg.weights, "task": cfg.task.name, "questions": len(evals),
+                "train questions": len(train), "tree": f"{cfg.tree.n}x{cfg.tree.m}x{cfg.tree.l}",
+                "seeds": f"split {cfg.task.seed}, train {cfg.train.seed}, eval {cfg.eval.seed}",
+                "config hash": cfg.hash(), "wall_times": dict(timings)}
+        report = write_report(run_dir, ev["results"], ev["comparisons"], credit_summary, meta)
+        summary.update(table=format_table(ev["results"]), report=str(report), comparisons=ev["comparisons"])
+    summary["timings"] = timings
+    return summary
