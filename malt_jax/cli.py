@@ -3,6 +3,7 @@
     malt-jax run experiments/smollm2_synthetic.yaml            # every stage, resumable
     malt-jax expand|credit|train|eval CONFIG [overrides]       # one stage
     malt-jax chat "What is the capital of France?"              # greedy answer of the base model
+    malt-jax plan CONFIG --mesh data=1,fsdp=8,tensor=1 --device v5p   # per-device memory/FLOPs, no hardware
 """
 
 from __future__ import annotations
@@ -56,6 +57,36 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import math
+    import os
+
+    from malt_jax import plan as plan_lib
+    from malt_jax.config import load_run_config
+
+    overrides = list(args.overrides)
+    device, devices = args.device, args.devices
+    if args.overlay:
+        extra = plan_lib.load_overlay(args.overlay).get("plan") or {}
+        device = device or extra.get("device")
+        devices = devices or extra.get("devices")
+        overrides = plan_lib.overlay_overrides(args.overlay) + overrides
+    cfg = load_run_config(args.config, overrides)
+    if args.compile and "jax" not in sys.modules:
+        # fake enough CPU devices for the AOT check (only possible before jax starts a backend)
+        sizes = [v for v in plan_lib.parse_mesh(args.mesh or dict(cfg.mesh)).values() if v > 0]
+        n = devices or max(1, math.prod(sizes))
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    plan = plan_lib.make_plan(cfg, mesh=args.mesh, devices=devices, device=device, device_memory=args.device_memory,
+                              usable=args.usable, prompt_tokens=args.prompt_tokens, turn_tokens=args.turn_tokens,
+                              compile=args.compile)
+    print(json.dumps(plan_lib.plan_dict(plan), indent=2, default=str) if args.json else plan.table())
+    if not plan.fits:
+        print(f"malt-jax: {plan.refusal()}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="malt-jax", description="MALT: multi-agent LLM training in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -73,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_cmd_chat)
+    pl = sub.add_parser("plan", help="per-device memory / FLOPs of a config on a mesh (abstract shapes, no hardware)")
+    pl.add_argument("config", help="YAML experiment config (experiments/*.yaml)")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16")
+    pl.add_argument("--mesh", default=None, help="data=1,fsdp=8,tensor=1 (default: the config's mesh)")
+    pl.add_argument("--devices", type=int, default=None, help="number of devices (default: the mesh's size)")
+    pl.add_argument("--device", default=None, help="device kind for the HBM size: v4, v5e, v5p, v6e, a100, h100, h200 "
+                                                   "(default v5e, 16 GiB)")
+    pl.add_argument("--device-memory", default=None, help="per-device memory, e.g. 16GiB (overrides --device)")
+    pl.add_argument("--usable", type=float, default=0.9, help="usable fraction of device memory (default 0.9)")
+    pl.add_argument("--overlay", default=None, help="a tpu_configs/*.yaml overlay (mesh, batch sizes, device)")
+    pl.add_argument("--prompt-tokens", type=int, default=256, help="question prompt budget for the KV cache")
+    pl.add_argument("--turn-tokens", type=int, default=32, help="tokens of each verifier/refiner turn header")
+    pl.add_argument("--compile", action="store_true", help="also AOT-compile a 1-layer sharded SFT step on fake "
+                                                           "CPU devices and report XLA cost/memory analysis")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
     return p
 
 
@@ -80,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     from malt_jax.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    if args.command != "plan":
+        from malt_jax.distributed import maybe_initialize_from_env
+
+        maybe_initialize_from_env()  # multi-host: MALT_DISTRIBUTED=1 or a TPU pod environment
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -127,6 +127,9 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    # Adapt only the top k layers (0 = all). The frozen layers below then need no backward pass,
+    # which makes CPU training several times cheaper.
+    top_layers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,3 +71,26 @@ def test_merge_matches_on_the_fly_and_hf_roundtrip(setup, tmp_path):
     assert cfg2.n_layers == CFG.n_layers and cfg2.tie_embeddings is False
     reload_logits, _ = fwd(loaded, tokens, pos, CFG)
     np.testing.assert_array_equal(np.asarray(reload_logits), np.asarray(merged_logits))
+
+
+def test_top_layers_adapter_equals_full_adapter_with_zero_bottom():
+    """An adapter on the top k layers == a full-depth adapter whose lower layers are zero."""
+    import dataclasses
+
+    from malt_jax.model import llama, lora
+
+    cfg = ModelConfig.tiny(n_layers=3)
+    params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+    top_cfg = LoraConfig(rank=2, targets=("wq", "w_down"), top_layers=2)
+    top = lora.init_lora(cfg, top_cfg, jax.random.key(1))
+    top = jax.tree.map(lambda x: x + 0.1, top)  # non-zero b
+    full = jax.tree.map(lambda t: jnp.concatenate([jnp.zeros_like(t[:1]), t], 0), top)
+    toks = jax.random.randint(jax.random.key(2), (2, 7), 0, cfg.vocab_size)
+    pos = llama.causal_positions(2, 7)
+    a, _ = llama.forward(params, toks, pos, cfg, lora=top, lora_scale=2.0)
+    b, _ = llama.forward(params, toks, pos, cfg, lora=full, lora_scale=2.0)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    merged, _ = llama.forward(lora.merge(params, top, 2.0), toks, pos, cfg)
+    np.testing.assert_allclose(a, merged, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="top_layers"):
+        lora.init_lora(cfg, dataclasses.replace(top_cfg, top_layers=4), jax.random.key(0))

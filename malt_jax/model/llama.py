@@ -231,13 +231,24 @@ def forward(
         h = h + _linear(jax.nn.silu(gate) * up, lp["w_down"], ll.get("w_down"), lora_scale)
         return h, kv_state
 
+    # An adapter may cover only the top k layers: the layers below run in their own scan with
+    # no adapter, and (not depending on it) get no backward pass when training the adapter.
+    L = cfg.n_layers
+    n_top = next((ab["a"].shape[0] for ab in lora_layers.values()), L)
+    split = L - n_top
+    segments = [(0, split, {}), (split, L, lora_layers)] if split else [(0, L, lora_layers)]
+
+    def seg_params(lo, hi):
+        return params["layers"] if (lo, hi) == (0, L) else jax.tree.map(lambda w: w[lo:hi], params["layers"])
+
     if cache is None:
         def layer(h, xs):
             lp, ll = xs
             h, _ = block(h, lp, ll, lambda k, v: (k.swapaxes(1, 2), v.swapaxes(1, 2), None))
             return h, None
 
-        x, _ = jax.lax.scan(layer, x, (params["layers"], lora_layers))
+        for lo, hi, ll in segments:
+            x, _ = jax.lax.scan(layer, x, (seg_params(lo, hi), ll))
         new_cache = None
     else:
         # The whole cache rides in the scan carry and is updated in place with one scatter per
@@ -256,8 +267,9 @@ def forward(
             h, (kall, vall) = block(h, lp, ll, kv_fn)
             return (h, kall, vall), None
 
-        layer_ids = jnp.arange(cfg.n_layers)
-        (x, kall, vall), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params["layers"], lora_layers, layer_ids))
+        kall, vall = cache.k, cache.v
+        for lo, hi, ll in segments:
+            (x, kall, vall), _ = jax.lax.scan(layer, (x, kall, vall), (seg_params(lo, hi), ll, jnp.arange(lo, hi)))
         new_cache = KVCache(k=kall, v=vall)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if return_hidden:

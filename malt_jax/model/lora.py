@@ -35,12 +35,15 @@ def _check_targets(lora_cfg: LoraConfig) -> None:
 
 
 def adapter_shapes(cfg: ModelConfig, lora_cfg: LoraConfig) -> dict:
-    """Expected shapes ``{"layers": {name: {"a": (L, in, r), "b": (L, r, out)}}}``."""
+    """Expected shapes ``{"layers": {name: {"a": (k, in, r), "b": (k, r, out)}}}``, where k is
+    the number of adapted (top) layers."""
     _check_targets(lora_cfg)
+    if not 0 <= lora_cfg.top_layers <= cfg.n_layers:
+        raise ValueError(f"lora.top_layers must be in [0, {cfg.n_layers}], got {lora_cfg.top_layers}")
     base = param_shapes(cfg)["layers"]
     r = lora_cfg.rank
-    return {"layers": {n: {"a": (base[n][0], base[n][1], r), "b": (base[n][0], r, base[n][2])}
-                       for n in lora_cfg.targets}}
+    k = lora_cfg.top_layers or cfg.n_layers
+    return {"layers": {n: {"a": (k, base[n][1], r), "b": (k, r, base[n][2])} for n in lora_cfg.targets}}
 
 
 def init_lora(cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -76,7 +79,9 @@ def merge(params: Params, adapter: Params, scale: float) -> Params:
     for name, ab in adapter.get("layers", {}).items():
         w = layers[name]
         delta = jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
-        layers[name] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+        top = w[w.shape[0] - delta.shape[0]:]  # adapters may cover only the top layers
+        merged = (top.astype(jnp.float32) + scale * delta).astype(w.dtype)
+        layers[name] = w.at[w.shape[0] - delta.shape[0]:].set(merged)
     return {**params, "layers": layers}
 
 
