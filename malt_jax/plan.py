@@ -46,7 +46,8 @@ FLOPs of one train step are analytic (global, then / devices for an ideal split)
 
 (forward ``2 N`` plus the backward input-gradient ``2 N`` through the frozen weights, LoRA
 forward + both backward products, full ``T x T`` attention forward ``4 L H hd T`` and backward
-twice that; ``N_mm`` = layer matrices + LM head). XLA's ``cost_analysis`` counts a ``scan``
+twice that; ``N_mm`` = layer matrices + LM head). With ``lora.top_layers = k`` only the top
+``k`` layers (and the LM head) get a backward pass and keep activations. XLA's ``cost_analysis`` counts a ``scan``
 body once, so the full model cannot be measured by compiling it; with ``compile=True`` the plan
 AOT-compiles (``jax.jit(...).lower(ShapeDtypeStruct with shardings).compile()``, no arrays
 allocated) a **1-layer** version of the sharded SFT step on the local (fake CPU) devices and
@@ -106,6 +107,8 @@ _ADVICE = {
               "devices or raise tensor (splits the vocab)",
     "fsdp_gather": "raise mesh tensor (splits each gathered layer)",
 }
+_ADVICE["activations_dpo"] = _ADVICE["activations"] + " (a DPO microbatch holds 2 rows per pair)"
+_ADVICE["logits_dpo"] = _ADVICE["logits"] + " (a DPO microbatch holds 2 rows per pair)"
 
 
 class PlanError(ValueError):
@@ -315,7 +318,8 @@ class Plan:
         f = self.flops
         lines += [
             "",
-            f"FLOPs per train step (analytic, 4*N*tok + 6*N_lora*tok + 12*L*H*hd*T*tok): SFT {_fmt_flops(f['sft'])}, "
+            f"FLOPs per train step (analytic; 4*N*tok + 6*N_lora*tok + 12*L*H*hd*T*tok with all layers adapted): "
+            f"SFT {_fmt_flops(f['sft'])}, "
             f"DPO {_fmt_flops(f['dpo'])}; per device SFT {_fmt_flops(f['sft_per_device'])}, "
             f"DPO {_fmt_flops(f['dpo_per_device'])} ({f['sft_tokens']:.0f} / {f['dpo_tokens']:.0f} tokens per step)",
         ]
@@ -328,7 +332,9 @@ class Plan:
                     f"AOT check (1-layer SFT microbatch, compiled on {k['devices']} local {k['platform']} devices in "
                     f"{k['compile_s']:.1f} s): XLA cost_analysis {_fmt_flops(k['flops'])} per device vs analytic "
                     f"{_fmt_flops(k['analytic_flops'])} (ratio {k['flops'] / max(k['analytic_flops'], 1):.2f}); "
-                    f"memory_analysis args {fmt_bytes(k['argument_bytes'])}, temp {fmt_bytes(k['temp_bytes'])}")
+                    f"XLA:{k['platform'].upper()} memory_analysis args {fmt_bytes(k['argument_bytes'])}, temp "
+                    f"{fmt_bytes(k['temp_bytes'])} (a 1-layer program; XLA:CPU upcasts bfloat16 and reuses buffers "
+                    "less than TPU/GPU, so read its temp as an upper bound)")
         for n in self.notes:
             lines.append(f"note: {n}")
         lines.append("verdict: " + ("fits" if self.fits else "REFUSED (see below)"))
@@ -461,7 +467,9 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     T = t.max_seq_len
     micro = max(t.batch_size // accum, 1)
     sft_dev, dpo_dev = _split(micro, amesh), _split(2 * micro, amesh)
-    per_row_layers = T * L * (b * lin + Hd * T * (4 + b))
+    L_bwd = lo.top_layers or L  # frozen lower layers (lora.top_layers) get no backward pass
+    saved_layers = L_bwd + (1 if L_bwd < L else 0)  # + one transient frozen layer
+    per_row_layers = T * saved_layers * (b * lin + Hd * T * (4 + b))
     per_row_logits = T * Vd * 4 * 3
     c["adapter"] = adapter_dev
     c["gradients"] = adapter_dev * (2 if accum > 1 else 1)
@@ -484,14 +492,11 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     }
 
     # -- FLOPs -----------------------------------------------------------------------------
-    n_mm = L * layer_params_mm(m) + head_params
     flops = {}
     for kind, r in (("sft", t.batch_size), ("dpo", 2 * t.batch_size)):
-        tokens = r * T
-        total = 4 * n_mm * tokens + 6 * n_lora * tokens + 12 * L * H * hd * T * tokens
-        flops[kind] = float(total)
-        flops[f"{kind}_tokens"] = float(tokens)
-        flops[f"{kind}_per_device"] = float(total) / n_dev
+        flops[kind] = analytic_step_flops(cfg, r)
+        flops[f"{kind}_tokens"] = float(r * T)
+        flops[f"{kind}_per_device"] = flops[kind] / n_dev
 
     details = {
         "param_dtype": m.param_dtype, "dtype": m.dtype, "param_bytes_total": _tree_bytes(params),
@@ -526,16 +531,29 @@ def layer_params_mm(m: Any) -> int:
     return m.dim * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.dim * m.hidden_dim
 
 
-def analytic_step_flops(cfg: RunConfig, rows: int, n_layers: int | None = None) -> float:
-    """Analytic FLOPs of one SFT train step on ``rows`` x ``train.max_seq_len`` tokens."""
-    from malt_jax.model.lora import adapter_shapes
+def analytic_step_flops(cfg: RunConfig, rows: int) -> float:
+    """Analytic FLOPs of one train step on ``rows`` x ``train.max_seq_len`` tokens.
 
-    m = cfg.model if n_layers is None else dataclasses.replace(cfg.model, n_layers=n_layers)
+    Forward ``2 * N_mm`` per token through every layer and the LM head; backward input
+    gradients ``2 * N_mm`` through the LM head and the adapted layers only (``lora.top_layers``:
+    frozen lower layers get no backward pass); LoRA ``6 * N_lora`` (forward, input and weight
+    gradients); attention over the full ``T x T`` (masked, not skipped) ``4 * H * hd * T`` per
+    token and layer forward, twice that backward."""
+    m, lo = cfg.model, cfg.lora
     T = cfg.train.max_seq_len
-    tokens = rows * T
-    n_lora = sum(int(np.prod(s)) for ab in adapter_shapes(m, cfg.lora)["layers"].values() for s in ab.values())
-    n_mm = m.n_layers * layer_params_mm(m) + m.vocab_size * m.dim
-    return float(4 * n_mm * tokens + 6 * n_lora * tokens + 12 * m.n_layers * m.n_heads * m.head_dim * T * tokens)
+    tokens = float(rows * T)
+    L = m.n_layers
+    L_bwd = lo.top_layers or L
+    per_layer, head = layer_params_mm(m), m.vocab_size * m.dim
+    r, k = lo.rank, L_bwd
+    shapes = {"wq": (m.dim, m.n_heads * m.head_dim), "wk": (m.dim, m.n_kv_heads * m.head_dim),
+              "wv": (m.dim, m.n_kv_heads * m.head_dim), "wo": (m.n_heads * m.head_dim, m.dim),
+              "w_gate": (m.dim, m.hidden_dim), "w_up": (m.dim, m.hidden_dim), "w_down": (m.hidden_dim, m.dim)}
+    n_lora = k * sum(r * (shapes[n][0] + shapes[n][1]) for n in lo.targets)
+    attn = 4 * m.n_heads * m.head_dim * T
+    fwd = 2 * (L * per_layer + head) + attn * L
+    bwd = 2 * (L_bwd * per_layer + head) + 2 * attn * L_bwd
+    return tokens * (fwd + bwd + 6 * n_lora)
 
 
 def _aot_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[str, Any]:
@@ -557,11 +575,12 @@ def _aot_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[str, A
         return {"error": f"the mesh needs {n_dev} devices but only {have} are visible (run with "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} JAX_PLATFORMS=cpu)"}
     m = dataclasses.replace(cfg.model, n_layers=1)
+    lora_cfg = dataclasses.replace(cfg.lora, top_layers=0)
     t = dataclasses.replace(cfg.train, grad_accum=1, batch_size=max(cfg.train.batch_size // max(cfg.train.grad_accum, 1), 1))
     mesh = make_mesh(sizes, jax.devices()[:n_dev])
     opt = make_optimizer(t, 100)
     params = jax.eval_shape(lambda: init_params(m, jax.random.key(0)))
-    ad = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(m, cfg.lora),
+    ad = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(m, lora_cfg),
                       is_leaf=lambda x: isinstance(x, tuple))
     state = jax.eval_shape(lambda a: TrainState.create(a, opt), ad)
     B, T = t.batch_size, t.max_seq_len
@@ -569,7 +588,7 @@ def _aot_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[str, A
              "loss_mask": jax.ShapeDtypeStruct((B, T), jnp.float32), "weights": jax.ShapeDtypeStruct((B,), jnp.float32)}
     st_sh = state_shardings(state, mesh)
     (b_sh,) = _batch_shardings("sft", B, mesh)
-    fn = functools.partial(_sft_step, cfg=m, sc=_StepCfg.of(t), update=opt.update, scale=lora_scale(cfg.lora))
+    fn = functools.partial(_sft_step, cfg=m, sc=_StepCfg.of(t), update=opt.update, scale=lora_scale(lora_cfg))
     jitted = jax.jit(fn, in_shardings=(param_shardings(params, mesh), st_sh, b_sh),
                      out_shardings=(st_sh, NamedSharding(mesh, P())))
     t0 = time.perf_counter()
@@ -578,7 +597,7 @@ def _aot_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[str, A
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
-    one = dataclasses.replace(cfg, model=m, train=t)
+    one = dataclasses.replace(cfg, model=m, train=t, lora=lora_cfg)
     return {
         "devices": n_dev, "platform": jax.devices()[0].platform, "compile_s": dt,
         "flops": float((cost or {}).get("flops", 0.0)),

@@ -1,0 +1,231 @@
+"""Experiment configs, TPU overlays and the per-device plan (``malt-jax plan``), all abstract."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from malt_jax import cli
+from malt_jax.config import ModelConfig, load_run_config
+from malt_jax.plan import (DEVICE_HBM, GiB, PlanError, analytic_step_flops, make_plan, overlay_overrides,
+                           parse_bytes, parse_mesh)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+OVERLAYS = sorted((ROOT / "tpu_configs").glob("*.yaml"))
+PAPER_8B = [ROOT / "experiments" / f"llama31_8b_{t}.yaml" for t in ("gsm8k", "math", "csqa")]
+GSM8K_8B = str(PAPER_8B[0])
+
+
+def _prompt_tokens(path: Path) -> int:
+    return 384 if "math" in path.name else 256
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_config_loads(path):
+    cfg = load_run_config(path)  # unknown keys / bad types raise ConfigError
+    assert cfg.name and cfg.run_dir
+    assert all(k in ("data", "fsdp", "tensor") for k, _ in cfg.mesh)
+
+
+def test_paper_setting_configs():
+    tasks = set()
+    for path in PAPER_8B:
+        cfg = load_run_config(path)
+        tasks.add(cfg.task.name)
+        assert cfg.model_preset == "llama-3.1-8b" and cfg.model == ModelConfig.llama31_8b()
+        assert cfg.weights.startswith("/") and "Llama-3.1-8B-Instruct" in cfg.weights
+        assert (cfg.tree.n, cfg.tree.m, cfg.tree.l) == (3, 3, 3)
+        assert cfg.sampling.temperature == 0.3 and cfg.eval.temperature == 0.3
+        assert cfg.train.dpo_beta == 0.2 and cfg.train.sft_epochs >= 1 and cfg.train.dpo_epochs >= 1
+        assert cfg.eval.votes == 3
+        assert dict(cfg.mesh) and np.prod([v for _, v in cfg.mesh]) == 8
+        # the refiner's context (prompt + 3 turns of new tokens) fits the training length
+        assert cfg.train.max_seq_len >= _prompt_tokens(path) + 3 * cfg.sampling.max_new_tokens + 64
+    assert tasks == {"gsm8k", "math", "csqa"}
+    one = load_run_config(ROOT / "experiments" / "llama32_1b_gsm8k.yaml")
+    assert one.model_preset == "llama-3.2-1b" and np.prod([v for _, v in one.mesh]) == 1
+
+
+def test_overlay_overrides_flatten():
+    ov = overlay_overrides(ROOT / "tpu_configs" / "v5p-64.yaml")
+    assert 'mesh={"data":2,"fsdp":8,"tensor":2}' in ov  # one atomic value: replaces the whole mesh
+    assert "train.batch_size=64" in ov and not any(o.startswith("plan") for o in ov)
+    cfg = load_run_config(GSM8K_8B, ov)
+    assert dict(cfg.mesh) == {"data": 2, "fsdp": 8, "tensor": 2} and cfg.train.grad_accum == 4
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_tpu_overlays_fit_every_8b_experiment(overlay):
+    import yaml
+
+    meta = yaml.safe_load(overlay.read_text())["plan"]
+    for path in PAPER_8B:
+        cfg = load_run_config(path, overlay_overrides(overlay))
+        plan = make_plan(cfg, devices=meta["devices"], device=meta["device"], prompt_tokens=_prompt_tokens(path))
+        assert plan.devices == meta["devices"]
+        assert plan.fits, plan.refusal()
+
+
+def test_parsers():
+    assert parse_bytes("16GiB") == 16 * GiB and parse_bytes("80GB") == 80 * 10 ** 9 and parse_bytes(1024) == 1024
+    assert parse_bytes("1.5 TiB") == int(1.5 * 1024 ** 4)
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes("lots")
+    assert parse_mesh("data=1,fsdp=8,tensor=1") == {"data": 1, "fsdp": 8, "tensor": 1}
+    with pytest.raises(ValueError, match="unknown axis"):
+        parse_mesh("model=8")
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan
+
+
+def test_8b_on_v5p_fsdp8_fits_and_matches_hand_computed_bytes():
+    cfg = load_run_config(GSM8K_8B)
+    plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="v5p")
+    assert plan.fits and plan.check() is plan and plan.device_memory == DEVICE_HBM["v5p"] == 95 * GiB
+    m = cfg.model
+    assert plan.n_params == 8_030_261_248  # Llama-3.1-8B
+    norms = 2 * m.n_layers * m.dim + m.dim  # replicated RMSNorm weights; every matrix splits 8-way on embed
+    assert plan.components["parameters"] == (plan.n_params - norms) * 2 // 8 + norms * 2
+    assert plan.components["parameters"] == pytest.approx(8.03e9 * 2 / 8, rel=1e-3)
+    # KV cache of the refiner level: 16 questions x 27 rows over 8 devices, bf16 k and v
+    S = 256 + 3 * cfg.sampling.max_new_tokens + 2 * 32
+    rows = cfg.tree.questions_per_batch * 27
+    assert plan.details["cache_len"] == S
+    assert plan.components["kv_cache"] == 2 * m.n_layers * (rows // 8) * m.n_kv_heads * S * m.head_dim * 2
+    # LoRA: r * (in + out) per target per layer; Adam mu + nu mirror it
+    r = cfg.lora.rank
+    per_layer = r * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)
+    assert plan.n_lora == m.n_layers * per_layer
+    assert 0 < plan.components["optimizer"] - 2 * plan.components["adapter"] < 64  # + replicated scalars
+    # activations: 1 SFT row per device x T x L x (bytes * lin + H * T * (4 + bytes))
+    T, lin = cfg.train.max_seq_len, 4 * 4096 + 3 * 4096 + 3 * 1024 + 3 * 14336
+    assert plan.components["activations"] == T * m.n_layers * (2 * lin + 32 * T * 6)
+    assert plan.components["activations_dpo"] == 2 * plan.components["activations"]
+    # FLOPs: 4 N tok + 6 N_lora tok + 12 L H hd T tok (all layers adapted)
+    tok = cfg.train.batch_size * T
+    n_mm = m.n_layers * (4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336) + 128256 * 4096
+    want = 4 * n_mm * tok + 6 * plan.n_lora * tok + 12 * 32 * 32 * 128 * T * tok
+    assert plan.flops["sft"] == pytest.approx(want, rel=1e-9)
+    assert plan.flops["sft_per_device"] == pytest.approx(want / 8)
+    table = plan.table()
+    for word in ("parameters", "kv_cache", "activations", "optimizer", "FLOPs", "verdict: fits"):
+        assert word in table
+
+
+def test_8b_on_one_16gib_device_is_refused_naming_parameters():
+    cfg = load_run_config(GSM8K_8B, ["mesh={}"])
+    plan = make_plan(cfg, mesh="data=1,fsdp=1,tensor=1", device_memory="16GiB")
+    assert not plan.fits and plan.components["parameters"] > plan.budget
+    with pytest.raises(PlanError) as e:
+        plan.check()
+    msg = str(e.value)
+    assert "plan refused" in msg and "overflowing component: parameters" in msg
+    assert "raise mesh fsdp" in msg
+
+
+def test_refusal_names_kv_cache_when_the_tree_is_too_big():
+    cfg = load_run_config(ROOT / "experiments" / "llama32_1b_gsm8k.yaml", ["tree.questions_per_batch=64"])
+    plan = make_plan(cfg, device="h100")
+    assert ("sample", "kv_cache") in plan.overflows() and ("sft", "parameters") not in plan.overflows()
+    assert "overflowing component: kv_cache" in plan.refusal() and "tree.questions_per_batch" in plan.refusal()
+
+
+def test_top_layers_cut_activations_and_backward_flops():
+    cfg = load_run_config(GSM8K_8B)
+    full = make_plan(cfg, device="v5p")
+    top = make_plan(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, top_layers=8)), device="v5p")
+    assert top.components["activations"] == full.components["activations"] * 9 // 32  # 8 adapted + 1 transient
+    assert top.n_lora * 4 == full.n_lora
+    assert 0.55 < top.flops["sft"] / full.flops["sft"] < 0.7  # forward everywhere, backward on 8/32 layers
+
+
+def test_aot_one_layer_compile_agrees_with_analytic_flops():
+    """AOT-compiles the sharded 1-layer 8B SFT step from ShapeDtypeStructs (nothing allocated)."""
+    assert jax.device_count() >= 8
+    cfg = load_run_config(GSM8K_8B, ["train.max_seq_len=512", "train.grad_accum=1", "train.batch_size=8"])
+    plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="v5p", compile=True)
+    k = plan.compiled
+    assert "error" not in k, k
+    assert k["devices"] == 8 and k["argument_bytes"] > 0
+    assert 0.9 < k["flops"] / k["analytic_flops"] < 1.3, k
+    assert analytic_step_flops(cfg, 8) == plan.flops["sft"]
+    assert "AOT check" in plan.table()
+
+
+def test_aot_check_reports_missing_devices():
+    cfg = load_run_config(ROOT / "experiments" / "llama32_1b_gsm8k.yaml")
+    plan = make_plan(cfg, mesh="data=1,fsdp=64,tensor=1", device="v5p", compile=True)
+    assert "64 devices" in plan.compiled["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_plan_prints_the_table(capsys):
+    rc = cli.main(["plan", GSM8K_8B, "--mesh", "data=1,fsdp=8,tensor=1", "--device", "v5p"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "mesh data=1,fsdp=8,tensor=1 = 8 devices" in out and "v5p: 95.00 GiB" in out
+    for row in ("parameters", "kv_cache", "activations_dpo", "total", "fits"):
+        assert any(line.startswith(row) for line in out.splitlines()), row
+    assert "verdict: fits" in out
+
+
+def test_cli_plan_refuses(capsys):
+    rc = cli.main(["plan", GSM8K_8B, "--mesh", "data=1,fsdp=1,tensor=1", "--devices", "1", "--device-memory", "16GiB"])
+    cap = capsys.readouterr()
+    assert rc == 3
+    assert "verdict: REFUSED" in cap.out
+    assert "overflowing component: parameters" in cap.err
+
+
+def test_cli_plan_overlay_and_bad_mesh(capsys):
+    rc = cli.main(["plan", GSM8K_8B, "--overlay", str(ROOT / "tpu_configs" / "v5e-16.yaml")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "= 16 devices | v5e: 16.00 GiB" in out
+    rc = cli.main(["plan", GSM8K_8B, "--mesh", "data=3,fsdp=8", "--devices", "8"])
+    assert rc == 2 and "24 devices" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_launch_sh_runs_the_same_command_on_every_worker():
+    env = {**os.environ, "DRY_RUN": "1", "TPU": "malt-v5p", "ZONE": "us-east5-a", "LOCAL_PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(ROOT / "tpu_configs" / "launch.sh"), "run", "v5p-64", "experiments/llama31_8b_gsm8k.yaml",
+                          "task.path=/data/gsm8k"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(out.stdout)
+    assert words[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in words
+    remote = shlex.split(next(w for w in words if w.startswith("--command=")).split("=", 1)[1])
+    assert "MALT_DISTRIBUTED=1" in remote and ".venv/bin/malt-jax" in remote
+    i = remote.index(".venv/bin/malt-jax")
+    args = remote[i + 1:remote.index("--no-progress")]
+    assert args[:2] == ["run", "experiments/llama31_8b_gsm8k.yaml"] and args[-1] == "task.path=/data/gsm8k"
+    cfg = load_run_config(ROOT / args[1], args[2:])  # what every worker will run
+    assert dict(cfg.mesh) == {"data": 2, "fsdp": 8, "tensor": 2} and cfg.tree.questions_per_batch == 64
+
+
+def test_refusal_names_dpo_activations_and_every_component_has_advice():
+    from malt_jax.plan import _ADVICE
+
+    cfg = load_run_config(ROOT / "experiments" / "llama32_1b_gsm8k.yaml")
+    plan = make_plan(cfg, device="v5e")  # 16 GiB: the 1B weights fit, a 1280-token DPO microbatch does not
+    assert set(plan.components) <= set(_ADVICE)
+    assert ("dpo", "activations_dpo") in plan.overflows()
+    assert "overflowing component: activations_dpo" in plan.refusal() and "train.grad_accum" in plan.refusal()
