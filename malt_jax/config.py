@@ -159,8 +159,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    num_questions: int = 100
     votes: int = 3
+    batch_questions: int = 0  # questions per sampling batch (0 = all at once)
     temperature: float = 0.3
     max_new_tokens: int = 128
     bootstrap_samples: int = 2000

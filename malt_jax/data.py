@@ -6,7 +6,7 @@ The sampler produces token ids, so examples are token lists and are never re-tok
 * :class:`DPOExample` ``(prompt, chosen, rejected)`` — a preference pair.
 
 Packing (``pack_sft`` / ``pack_dpo``) right-pads every row of a batch to a *length bucket*
-(the next power of two >= 16, capped at ``max_seq_len``) so a run compiles only a handful of
+(next power of two >= 16 up to 128, then multiples of 64; capped at ``max_seq_len``) so a run compiles only a handful of
 shapes. A row holds ``seq = prompt + completion``; with the usual shift
 
     tokens[t] = seq[t]        targets[t] = seq[t + 1]        loss_mask[t] = 1 iff seq[t + 1] is a completion token
@@ -93,8 +93,14 @@ def truncate(prompt: Sequence[int], completion: Sequence[int], max_len: int) -> 
 
 
 def bucket_length(n: int, max_len: int, min_bucket: int = MIN_BUCKET) -> int:
-    """Padded row length for ``n`` tokens: next power of two >= max(n, min_bucket), <= max_len."""
-    return int(min(max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1))))), max_len))
+    """Padded row length for ``n`` tokens, <= max_len: the next power of two >= max(n, min_bucket)
+    up to 128, then the next multiple of 64 (at most 64 padding tokens on long rows; a handful
+    of shapes per run)."""
+    if n <= 128:
+        b = max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    else:
+        b = -(-n // 64) * 64
+    return int(min(b, max_len))
 
 
 def _rows(seqs: list[tuple[list[int], list[int]]], T: int, pad_id: int) -> tuple[np.ndarray, ...]:

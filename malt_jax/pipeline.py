@@ -127,13 +127,22 @@ def sample_trees(
     skip: Callable[[int], bool] = lambda b: False,
     desc: str = "expand",
     progress: bool = True,
+    mesh=None,
 ) -> None:
     """Samples trees for ``examples`` in batches of ``batch_size`` questions.
 
     Every batch is padded to ``batch_size`` questions and one prompt width, so the whole
-    stage compiles once. ``on_batch(index, arrays)`` receives host arrays per batch.
+    stage compiles once. ``on_batch(index, arrays)`` receives host arrays per batch. With a
+    ``mesh``, the question batch (rounded up to a multiple of the data-parallel size) is split
+    over the ``data``/``fsdp`` axes and every tree row is sampled on its question's device.
     """
     from tqdm.auto import tqdm
+
+    from malt_jax.sharding import shard_batch
+
+    if mesh is not None:
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        batch_size = -(-batch_size // dp) * dp
 
     q_ids = [codec.question(e.question) for e in examples]
     width = -(-max(len(q) for q in q_ids) // 32) * 32
@@ -146,8 +155,11 @@ def sample_trees(
         idx = list(range(lo, hi)) + [lo] * (batch_size - (hi - lo))  # pad with copies, dropped below
         x, lens = pad_batch([q_ids[i] for i in idx], bucket=width)
         t0 = time.perf_counter()
-        tree = expand(model.params, tuple(adapters), jnp.asarray(x), jnp.asarray(lens), turns,
-                      question_keys(seed, idx), cfg=model.cfg, spec=spec, lora_scale=lora_scale)
+        inputs = (jnp.asarray(x), jnp.asarray(lens), question_keys(seed, idx))
+        if mesh is not None:
+            inputs = shard_batch(inputs, mesh)
+        tree = expand(model.params, tuple(adapters), inputs[0], inputs[1], turns, inputs[2],
+                      cfg=model.cfg, spec=spec, lora_scale=lora_scale)
         tree = jax.device_get(tree)
         dt = time.perf_counter() - t0
         k = hi - lo
@@ -193,7 +205,7 @@ def expansion_spec(cfg: RunConfig, **kw: Any) -> ExpansionSpec:
 
 
 def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example], run_dir: Path,
-               progress: bool = True) -> Path:
+               progress: bool = True, mesh=None) -> Path:
     """Stage 1: trajectory expansion of the training questions (resumable per batch)."""
     out = run_dir / "expansion"
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +228,7 @@ def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example
 
     sample_trees(model, codec, train, spec, seed=cfg.train.seed, batch_size=bs, on_batch=save,
                  skip=lambda b: (out / f"batch_{b:05d}.npz").exists(), desc="expand (train trees)",
-                 progress=progress)
+                 progress=progress, mesh=mesh)
     return out
 
 
@@ -369,8 +381,9 @@ def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: 
 
 @dataclasses.dataclass(frozen=True)
 class System:
-    """An inference system: depth 1 (single model) or 3 (G->V->R chain), ``votes`` parallel
-    passes (majority vote when > 1), greedy or sampled, base or MALT adapters."""
+    """An inference run: depth 1 (single model) or 3 (G->V->R chain), ``votes`` parallel passes,
+    greedy or sampled, base or MALT adapters. A run with ``votes > 1`` reports two systems:
+    ``name`` (its first pass alone: one sampled chain, no vote) and ``name+MV@k``."""
 
     name: str
     depth: int
@@ -380,23 +393,21 @@ class System:
 
 
 def default_systems(votes: int = 3) -> list[System]:
-    mv = f"+MV@{votes}"
-    return [
-        System("single", 1, 1, True, False), System("single" + mv, 1, votes, False, False),
-        System("chain", 3, 1, True, False), System("chain" + mv, 3, votes, False, False),
-        System("malt", 3, 1, True, True), System("malt" + mv, 3, votes, False, True),
-    ]
+    return [System("single-greedy", 1, 1, True, False), System("single", 1, votes, False, False),
+            System("chain", 3, votes, False, False), System("malt", 3, votes, False, True)]
 
 
 def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example],
-                    adapters: dict[str, Params] | None, out_path: Path, progress: bool = True) -> dict:
-    """Runs one system on ``examples``; writes per-question jsonl; returns correctness/answers."""
+                    adapters: dict[str, Params] | None, out_path: Path, progress: bool = True,
+                    mesh=None) -> list[dict]:
+    """Runs one system on ``examples`` (all in one batch); per-question rows, also written as jsonl."""
     from malt_jax.evaluate import majority_vote
+    from malt_jax.model.lora import lora_scale
 
     if out_path.exists():
         rows = [json.loads(line) for line in out_path.read_text().splitlines()]
         if len(rows) == len(examples):
-            return {"correct": np.asarray([r["correct"] for r in rows], bool), "answers": [r["answer"] for r in rows]}
+            return rows
     codec = PromptCodec(model.tokenizer, task)
     e = cfg.eval
     sampling = dataclasses.replace(cfg.sampling, greedy=system.greedy, temperature=e.temperature)
@@ -404,8 +415,6 @@ def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, ex
     spec = ExpansionSpec(n=system.votes, m=1, l=1, depth=system.depth, max_new=(e.max_new_tokens,) * 3,
                          sampling=sampling, stop=codec.stop, mode="fork" if trained else "extend")
     ads = tuple(adapters[r] for r in ROLES) if trained else (None, None, None)
-    from malt_jax.model.lora import lora_scale
-
     final_role = ROLES[system.depth - 1]
     rows: list[dict] = []
 
@@ -416,46 +425,73 @@ def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, ex
             ex = examples[i]
             finals = [texts[final_role][(q, p) + (0,) * (system.depth - 1)] for p in range(system.votes)]
             answers = [task.extract(t) for t in finals]
-            correct = [task.grade_example(t, ex) for t in finals]
+            correct = [bool(task.grade_example(t, ex)) for t in finals]
             voted = majority_vote(answers)
-            ok = bool(voted is not None and correct[answers.index(voted)])
-            rows.append({"id": ex.id, "gold": ex.answer, "answer": voted, "correct": ok,
-                         "pass_answers": answers, "pass_correct": correct,
+            rows.append({"id": ex.id, "gold": ex.answer, "pass_answers": answers, "pass_correct": correct,
+                         "vote_answer": voted,
+                         "vote_correct": bool(voted is not None and correct[answers.index(voted)]),
                          "texts": {r: texts[r][q].reshape(-1).tolist() for r in texts}})
 
-    sample_trees(model, codec, examples, spec, seed=e.seed, batch_size=cfg.tree.questions_per_batch * 3,
-                 adapters=ads, lora_scale=lora_scale(cfg.lora), on_batch=on_batch, desc=f"eval {system.name}",
-                 progress=progress)
+    batch = max(1, min(len(examples), e.batch_questions or len(examples)))
+    sample_trees(model, codec, examples, spec, seed=e.seed, batch_size=batch, adapters=ads,
+                 lora_scale=lora_scale(cfg.lora), on_batch=on_batch, desc=f"eval {system.name}", progress=progress,
+                 mesh=mesh)
     tmp = out_path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, out_path)
-    return {"correct": np.asarray([r["correct"] for r in rows], bool), "answers": [r["answer"] for r in rows]}
+    return rows
+
+
+def system_results(system: System, rows: list[dict]) -> dict:
+    """``SystemResult``s of a run: its first pass, and its majority vote when it has several."""
+    from malt_jax.evaluate import SystemResult
+
+    out = {system.name: SystemResult(system.name, np.asarray([r["pass_correct"][0] for r in rows], bool),
+                                      [r["pass_answers"][0] for r in rows])}
+    if system.votes > 1:
+        name = f"{system.name}+MV@{system.votes}"
+        out[name] = SystemResult(name, np.asarray([r["vote_correct"] for r in rows], bool),
+                                 [r["vote_answer"] for r in rows])
+    return out
 
 
 def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example], run_dir: Path,
              adapters: dict[str, Params] | None, systems: Sequence[System] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, mesh=None) -> dict:
     """Stage 4: every system on the held-out questions, paired statistics, report."""
-    from malt_jax.evaluate import SystemResult, compare
+    from malt_jax.evaluate import compare
 
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     systems = list(systems or default_systems(cfg.eval.votes))
-    results = {}
+    results, trained_names = {}, []
     for sys_ in systems:
         if sys_.trained and adapters is None:
             continue
-        r = evaluate_system(sys_, cfg, model, task, examples, adapters, out / f"{sys_.name}.jsonl", progress)
-        results[sys_.name] = SystemResult(sys_.name, r["correct"], r["answers"])
+        rows = evaluate_system(sys_, cfg, model, task, examples, adapters, out / f"{sys_.name}.jsonl", progress,
+                               mesh=mesh)
+        res = system_results(sys_, rows)
+        results.update(res)
+        if sys_.trained:
+            trained_names += list(res)
+    baselines = [n for n in results if n not in trained_names]
     comparisons = []
-    for target in [s.name for s in systems if s.trained and s.name in results]:
-        base = [s.name for s in systems if not s.trained and s.name in results]
-        comparisons += compare(results, target, base, cfg.eval.bootstrap_samples, cfg.eval.seed)
+    for target in trained_names:
+        comparisons += compare(results, target, baselines, cfg.eval.bootstrap_samples, cfg.eval.seed)
     return {"results": results, "comparisons": comparisons}
 
 
 # ----------------------------------------------------------------------------------------------
 # the whole run
+
+
+def make_run_mesh(cfg: RunConfig):
+    """The run's mesh (``cfg.mesh``; default: every device on ``data``), or None on one device."""
+    from malt_jax.sharding import make_mesh
+
+    if jax.device_count() == 1 and not cfg.mesh:
+        return None
+    return make_mesh(dict(cfg.mesh) or None)
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -507,6 +543,11 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     t0 = time.perf_counter()
     model = model or load_model(cfg.weights, cfg.model)
+    mesh = make_run_mesh(cfg)
+    if mesh is not None:
+        from malt_jax.sharding import shard_params
+
+        model = dataclasses.replace(model, params=shard_params(model.params, mesh))
     task = task or make_task(cfg)
     train, evals = load_splits(cfg, task, run_dir)
     timings["load"] = round(time.perf_counter() - t0, 1)
@@ -520,18 +561,19 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
         return out
 
     if "expand" in stages:
-        timed("expand", lambda: run_expand(cfg, model, task, train, run_dir, progress))
+        timed("expand", lambda: run_expand(cfg, model, task, train, run_dir, progress, mesh=mesh))
     credit_summary = None
     if "credit" in stages:
         credit_summary = timed("credit", lambda: run_credit(cfg, model, task, run_dir))
         summary["credit"] = credit_summary
     adapters = None
     if "train" in stages:
-        adapters = timed("train", lambda: run_train(cfg, model, run_dir, progress=progress))
+        adapters = timed("train", lambda: run_train(cfg, model, run_dir, mesh=mesh, progress=progress))
     elif (run_dir / "adapters").exists() and all((run_dir / "adapters" / f"{r}.safetensors").exists() for r in ROLES):
         adapters = {r: load_adapter(run_dir / "adapters" / f"{r}.safetensors") for r in ROLES}
     if "eval" in stages:
-        ev = timed("eval", lambda: run_eval(cfg, model, task, evals, run_dir, adapters, progress=progress))
+        ev = timed("eval", lambda: run_eval(cfg, model, task, evals, run_dir, adapters, progress=progress,
+                                            mesh=mesh))
         if credit_summary is None and (run_dir / "credit" / "summary.json").exists():
             credit_summary = json.loads((run_dir / "credit" / "summary.json").read_text())
         meta = {"model": cfg.weights, "task": cfg.task.name, "questions": len(evals),

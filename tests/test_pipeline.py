@@ -76,14 +76,18 @@ def test_artifacts_and_consistency(tiny_run):
                                   np.array(row["rewards"]))
     # every system evaluated on the same 6 questions; the report's accuracies match the jsonl
     report = (out / "report.md").read_text()
-    for name in ("single", "single+MV@3", "chain", "chain+MV@3", "malt", "malt+MV@3"):
-        rows = [json.loads(x) for x in (out / "eval" / f"{name}.jsonl").read_text().splitlines()]
+    for run in ("single-greedy", "single", "chain", "malt"):
+        rows = [json.loads(x) for x in (out / "eval" / f"{run}.jsonl").read_text().splitlines()]
         assert len(rows) == 6
-        acc = np.mean([r["correct"] for r in rows])
-        assert f"| {name} | {acc:.4f}" in report or f"| {name} | {acc * 100:.1f}" in report, name
+        systems = {run: np.mean([r["pass_correct"][0] for r in rows])}
+        if run != "single-greedy":
+            assert all(len(r["pass_answers"]) == 3 for r in rows)
+            systems[run + "+MV@3"] = np.mean([r["vote_correct"] for r in rows])
+        for name, acc in systems.items():
+            assert f"| {name} | {acc:.4f}" in report or f"| {name} | {acc * 100:.1f}" in report, name
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "positive_rate.png").exists()
-    assert len(summary["comparisons"]) == 8  # 2 MALT systems x 4 baselines
+    assert len(summary["comparisons"]) == 10  # 2 MALT systems x 5 baselines
     splits = json.loads((out / "splits.json").read_text())
     assert len(splits["train"]) == 4 and len(splits["eval"]) == 6
 

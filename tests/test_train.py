@@ -65,6 +65,7 @@ def test_truncate_keeps_completion():
     assert D.truncate([1, 2, 3], [4, 5, 6, 7, 8], 4) == ([3], [4, 5, 6])  # completion end cut, 1 prompt kept
     assert D.truncate([], [4, 5, 6, 7, 8], 4) == ([], [4, 5, 6, 7])
     assert D.bucket_length(3, 512) == 16 and D.bucket_length(17, 512) == 32 and D.bucket_length(300, 256) == 256
+    assert D.bucket_length(129, 512) == 192 and D.bucket_length(321, 512) == 384
 
 
 def test_pack_sft_alignment_and_padding_rows():
