@@ -1,3 +1,45 @@
-"""malt-jax: JAX-native MALT (Multi-Agent LLM Training)."""
+"""malt-jax: JAX-native MALT (Multi-Agent LLM Training).
+
+The pipeline, one module per stage::
+
+    tasks/ (data, prompts, grading) -> model/ (Llama, weights, tokenizer, LoRA)
+      -> sampling.py -> expansion.py (G -> V -> R trees) -> credit.py (value iteration, labels)
+      -> losses.py + train.py (SFT, DPO) -> evaluate.py + report.py;  pipeline.py runs them all.
+
+Public API (a small set of names; everything else is importable from its module)::
+
+    model = malt_jax.load_model("smollm2")                 # base model + tokenizer
+    task = malt_jax.get_task("synthetic", max_value=9, steps=1)
+    tree = malt_jax.expand(params, adapters, q_tokens, q_lens, turns, keys, cfg=..., spec=...)
+    values = malt_jax.assign_credit(rewards)                 # [Q, n, m, l] -> node values + labels
+    adapter, history = malt_jax.train_role(params, cfg, lora_cfg, train_cfg, sft, dpo, "verifier", ckpt_dir)
+    summary = malt_jax.run(malt_jax.load_run_config("experiments/smollm2_synthetic.yaml"))
+"""
+
+from malt_jax.config import (
+    EvalConfig,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+    TaskConfig,
+    TrainConfig,
+    TreeConfig,
+    load_run_config,
+)
+from malt_jax.credit import dpo_pairs, sft_indices
+from malt_jax.credit import node_values as assign_credit
+from malt_jax.expansion import ExpansionSpec, expand
+from malt_jax.pipeline import Model, PromptCodec, build_datasets, load_model, run, run_eval, sample_trees
+from malt_jax.sampling import StopCriteria, generate
+from malt_jax.tasks import Example, Task, get_task
+from malt_jax.train import train_role
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "EvalConfig", "ExpansionSpec", "Example", "LoraConfig", "Model", "ModelConfig", "PromptCodec",
+    "RunConfig", "SamplingConfig", "StopCriteria", "Task", "TaskConfig", "TrainConfig", "TreeConfig",
+    "assign_credit", "build_datasets", "dpo_pairs", "expand", "generate", "get_task", "load_model",
+    "load_run_config", "run", "run_eval", "sample_trees", "sft_indices", "train_role",
+]

@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """A configuration key is unknown, missing or has the wrong type."""
 
 
+def _check_min(section: str, obj: Any, **minimums: float) -> None:
+    """Raises ConfigError naming ``section.field`` when a field is below its minimum."""
+    for name, lo in minimums.items():
+        value = getattr(obj, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < lo:
+            raise ConfigError(f"{section}.{name} must be >= {lo}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape of a Llama-family decoder."""
@@ -38,9 +46,20 @@ class ModelConfig:
     tie_embeddings: bool = True
     max_seq_len: int = 8192
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations / compute dtype
+    remat: bool = False  # recompute each layer's activations in the backward pass (big models)
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
+        # shapes may come from a weight file's metadata (config.json, GGUF): check them here
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
+                raise ConfigError(f"model.{name}: expected a positive int, got {value!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"model.{name}: expected a number, got {value!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
@@ -150,6 +169,10 @@ class TrainConfig:
     value_threshold: float = 0.5
     max_pairs_per_parent: int = 2
     generator_dpo: bool = False
+    # Budget caps per role (0 = use everything): a seeded random subset of the SFT examples /
+    # DPO pairs is kept, e.g. to fit a CPU time budget.
+    max_sft_examples: int = 0
+    max_dpo_pairs: int = 0
     checkpoint_every: int = 50
     seed: int = 0
     # DPO reference policy: "sft" = the role's adapter as it was when DPO started (MALT paper),
@@ -336,7 +359,10 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: invalid YAML{where}: {what}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])

@@ -62,8 +62,8 @@ def load_model(weights: str = "smollm2", cfg: ModelConfig | None = None, seed: i
         return Model(init_params(cfg, jax.random.key(seed)), cfg, tok)
     src = smollm2_gguf_path() if weights == "smollm2" else Path(weights)
     params, loaded = load_weights(src, None)
-    if cfg is not None and cfg.dtype != loaded.dtype:
-        loaded = dataclasses.replace(loaded, dtype=cfg.dtype)
+    if cfg is not None:  # shapes come from the checkpoint, runtime choices from the config
+        loaded = dataclasses.replace(loaded, dtype=cfg.dtype, remat=cfg.remat)
     return Model(params, loaded, load_tokenizer(src))
 
 
@@ -348,6 +348,14 @@ def load_adapter(path: Path) -> Params:
     return {"layers": layers}
 
 
+def _subsample(rows: list, cap: int, seed: int) -> list:
+    """A seeded random subset of at most ``cap`` rows (in their original order); cap 0 = all."""
+    if not cap or len(rows) <= cap:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), cap, replace=False))
+    return [rows[i] for i in keep]
+
+
 def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: bool = True,
               roles: Sequence[str] = ROLES) -> dict[str, Params]:
     """Stage 3: SFT for every role, then DPO for V and R (and G if ``train.generator_dpo``)."""
@@ -364,6 +372,8 @@ def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: 
         sft, dpo = load_datasets(run_dir, role)
         if role == "G" and not cfg.train.generator_dpo:
             dpo = []
+        sft = _subsample(sft, cfg.train.max_sft_examples, cfg.train.seed)
+        dpo = _subsample(dpo, cfg.train.max_dpo_pairs, cfg.train.seed)
         adapter, history = train_role(model.params, model.cfg, cfg.lora, cfg.train, sft, dpo,
                                       ROLE_NAMES[role], out / f"{role}_ckpt", mesh=mesh, progress=progress,
                                       pad_id=model.tokenizer.pad_id)

@@ -217,3 +217,18 @@ def test_smollm2_greedy_is_coherent():
     text = tok.decode(sampling.trim(g)[0])
     assert "Paris" in text
     assert bool(g.stopped[0])
+
+
+def test_remat_gives_same_gradients():
+    import dataclasses
+
+    cfg = ModelConfig.tiny()
+    params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+    toks = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+
+    def loss(p, c):
+        return llama.forward(p, toks, llama.causal_positions(2, 9), c)[0].std()
+
+    g1 = jax.grad(loss)(params, cfg)
+    g2 = jax.grad(loss)(params, dataclasses.replace(cfg, remat=True))
+    chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-6)

@@ -247,8 +247,9 @@ def forward(
             h, _ = block(h, lp, ll, lambda k, v: (k.swapaxes(1, 2), v.swapaxes(1, 2), None))
             return h, None
 
+        body = jax.checkpoint(layer) if cfg.remat else layer
         for lo, hi, ll in segments:
-            x, _ = jax.lax.scan(layer, x, (seg_params(lo, hi), ll))
+            x, _ = jax.lax.scan(body, x, (seg_params(lo, hi), ll))
         new_cache = None
     else:
         # The whole cache rides in the scan carry and is updated in place with one scatter per
