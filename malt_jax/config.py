@@ -129,6 +129,9 @@ class SamplingConfig:
     greedy: bool = False
     stop_strings: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        _check_min("sampling", self, temperature=0, top_k=0, max_new_tokens=1)
+
 
 @dataclasses.dataclass(frozen=True)
 class TreeConfig:
@@ -140,6 +143,9 @@ class TreeConfig:
     questions_per_batch: int = 4
     share_prefix: bool = True
 
+    def __post_init__(self) -> None:
+        _check_min("tree", self, n=1, m=1, l=1, questions_per_batch=1)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -149,6 +155,9 @@ class LoraConfig:
     # Adapt only the top k layers (0 = all). The frozen layers below then need no backward pass,
     # which makes CPU training several times cheaper.
     top_layers: int = 0
+
+    def __post_init__(self) -> None:
+        _check_min("lora", self, rank=1, top_layers=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +188,11 @@ class TrainConfig:
     # "base" = the adapter-free base model. Its log-probs are precomputed once (see train.py).
     dpo_reference: Literal["sft", "base"] = "sft"
 
+    def __post_init__(self) -> None:
+        _check_min("train", self, learning_rate=0, dpo_learning_rate=0, warmup_steps=0, grad_clip=0,
+                   batch_size=1, grad_accum=1, sft_epochs=0, dpo_epochs=0, max_seq_len=2,
+                   max_sft_examples=0, max_dpo_pairs=0)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -188,6 +202,9 @@ class EvalConfig:
     max_new_tokens: int = 128
     bootstrap_samples: int = 2000
     seed: int = 1
+
+    def __post_init__(self) -> None:
+        _check_min("eval", self, votes=1, batch_questions=0, temperature=0, max_new_tokens=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +216,9 @@ class TaskConfig:
     seed: int = 0
     # task-specific knobs (e.g. synthetic difficulty), kept as a flat mapping
     options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_min("task", self, num_train=1, num_eval=1)
 
 
 @dataclasses.dataclass(frozen=True)

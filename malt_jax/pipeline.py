@@ -304,7 +304,7 @@ def run_credit(cfg: RunConfig, model: Model, task: Task, run_dir: Path) -> dict:
                     f.write(json.dumps(r) + "\n")
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     summary["leaf_accuracy"] = float(trees["rewards"].mean())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))  # last: marks the stage done
     return summary
 
 
@@ -504,11 +504,20 @@ def make_run_mesh(cfg: RunConfig):
     return make_mesh(dict(cfg.mesh) or None)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` via a temporary file + rename, so a killed run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Creates the run directory with the resolved config; refuses a directory of another config."""
     import yaml
 
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} exists and is not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp = run_dir / "config.yaml"
     h = cfg.hash()
@@ -518,7 +527,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
             raise ValueError(f"{run_dir} holds a run with another config (hash {old.get('config_hash')}, this one "
                              f"is {h}); use a new run_dir or delete the old one")
     else:
-        stamp.write_text(yaml.safe_dump({"config_hash": h, **to_dict(cfg)}, sort_keys=False))
+        _write_atomic(stamp, yaml.safe_dump({"config_hash": h, **to_dict(cfg)}, sort_keys=False))
     return run_dir
 
 
@@ -532,15 +541,20 @@ def load_splits(cfg: RunConfig, task: Task, run_dir: Path) -> tuple[list[Example
     train, evals = train_eval_sets(task, t.num_train, t.num_eval, t.seed, train_split, eval_split)
     path = run_dir / "splits.json"
     if not path.exists():
-        path.write_text(json.dumps({"seed": t.seed, "train": [e.id for e in train], "eval": [e.id for e in evals]}))
+        _write_atomic(path, json.dumps({"seed": t.seed, "train": [e.id for e in train], "eval": [e.id for e in evals]}))
     return train, evals
 
 
 def make_task(cfg: RunConfig) -> Task:
     from malt_jax.tasks import get_task
 
+    from malt_jax.config import ConfigError
+
     opts = {k: v for k, v in cfg.task.options if k not in ("train_split", "eval_split")}
-    return get_task(cfg.task.name, path=cfg.task.path or None, **opts)
+    try:
+        return get_task(cfg.task.name, path=cfg.task.path or None, **opts)
+    except (TypeError, ValueError) as e:  # unknown task / option, bad option value
+        raise ConfigError(f"task (name {cfg.task.name!r}, options {opts}): {e}") from None
 
 
 def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "eval"), progress: bool = True,
@@ -567,7 +581,7 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
         t = time.perf_counter()
         out = fn()
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
-        timings_path.write_text(json.dumps(timings, indent=2))
+        _write_atomic(timings_path, json.dumps(timings, indent=2))
         return out
 
     if "expand" in stages:
