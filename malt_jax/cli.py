@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         maybe_initialize_from_env()  # multi-host: MALT_DISTRIBUTED=1 or a TPU pod environment
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError, FloatingPointError) as e:  # NonFiniteError too
         print(f"malt-jax: error: {e}", file=sys.stderr)
         return 2
 

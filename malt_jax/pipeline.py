@@ -229,6 +229,17 @@ def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example
     sample_trees(model, codec, train, spec, seed=cfg.train.seed, batch_size=bs, on_batch=save,
                  skip=lambda b: (out / f"batch_{b:05d}.npz").exists(), desc="expand (train trees)",
                  progress=progress, mesh=mesh)
+    # Batches are skipped by file name; files written with another batch size (e.g. a resume
+    # on another device count, which rounds the batch) would silently drop or repeat questions.
+    held: list[int] = []
+    for f in out.glob("batch_*[0-9].npz"):
+        with np.load(f) as z:
+            held += z["index"].tolist()
+    held.sort()
+    if held != list(range(len(train))):
+        raise ValueError(f"{out}: the expansion batches hold {len(held)} question(s) ({len(set(held))} distinct) "
+                         f"but the run has {len(train)} training questions; they were written with another batch "
+                         f"size or device count. Delete {out} to redo the expansion.")
     return out
 
 
@@ -554,7 +565,7 @@ def make_task(cfg: RunConfig) -> Task:
     try:
         return get_task(cfg.task.name, path=cfg.task.path or None, **opts)
     except (TypeError, ValueError) as e:  # unknown task / option, bad option value
-        raise ConfigError(f"task (name {cfg.task.name!r}, options {opts}): {e}") from None
+        raise ConfigError(f"task {cfg.task.name!r} (options {opts}): {e}") from None
 
 
 def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "eval"), progress: bool = True,
@@ -566,14 +577,14 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     t0 = time.perf_counter()
+    task = task or make_task(cfg)  # data and task errors surface before the (slow) model load
+    train, evals = load_splits(cfg, task, run_dir)
     model = model or load_model(cfg.weights, cfg.model)
     mesh = make_run_mesh(cfg)
     if mesh is not None:
         from malt_jax.sharding import shard_params
 
         model = dataclasses.replace(model, params=shard_params(model.params, mesh))
-    task = task or make_task(cfg)
-    train, evals = load_splits(cfg, task, run_dir)
     timings["load"] = round(time.perf_counter() - t0, 1)
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 

@@ -571,6 +571,10 @@ def train_role(
         meta = ckpt.metadata()
         if meta.get("role") != role:
             raise ValueError(f"{ckpt_dir}: checkpoint belongs to role {meta.get('role')!r}, not {role!r}")
+        if meta.get("model_hash", common_meta["model_hash"]) != common_meta["model_hash"]:
+            raise ValueError(f"{ckpt_dir}: checkpoint was trained on another model config (hash "
+                             f"{meta.get('model_hash')}, this model is {common_meta['model_hash']}); "
+                             "use a fresh checkpoint directory")
         resume_stage = [s.name for s in stages].index(meta["stage"])
         resume_step = int(meta["stage_step"])
         global_step = int(meta["global_step"])

@@ -64,7 +64,11 @@ class Problem:
 
 
 def _as_range(value: int | Sequence[int], what: str) -> tuple[int, int]:
-    lo, hi = (value, value) if isinstance(value, int) else tuple(value)
+    try:
+        lo, hi = (value, value) if isinstance(value, int) else tuple(value)
+        lo, hi = int(lo), int(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an int or a (lo, hi) pair of ints, got {value!r}") from None
     if not 1 <= lo <= hi:
         raise ValueError(f"{what} must satisfy 1 <= lo <= hi, got {value!r}")
     return int(lo), int(hi)
@@ -83,7 +87,7 @@ class SyntheticArithmetic(Task):
         super().__init__()
         self.seed = int(seed)
         lo, hi = (min_value, max_value) if num_range is None else tuple(num_range)
-        self.num_range = _as_range((int(lo), int(hi)), "num_range")
+        self.num_range = _as_range((lo, hi), "num_range" if num_range is not None else "min_value/max_value")
         self.steps = _as_range(steps, "steps")
         if not ops or set(ops) - set(SYMBOLS):
             raise ValueError(f"ops must be a non-empty string over '+-*', got {ops!r}")
