@@ -15,28 +15,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: make ``malt_jax`` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from malt_jax.tasks import Example, LoadResult, Task, default_prompts  # noqa: E402
-
-
-class ParityTask(Task):
-    """Answer = parity of the output's length, so a random model gets about half right and
-    every tree has positive and negative leaves (as in tests/test_pipeline.py)."""
-
-    name = "parity"
-
-    def __init__(self):
-        super().__init__()
-        self.prompts = default_prompts("synthetic")
-
-    def _load(self, split):
-        return LoadResult([Example(id=f"{split}-{i}", question=f"Question number {i}?", answer="even")
-                           for i in range(12)])
-
-    def extract(self, text):
-        return "even" if len(text) % 2 == 0 else "odd"
-
-    def grade(self, text, gold):
-        return int(self.extract(text) == gold)
+from tests.parity_task import ParityTask  # noqa: E402
 
 
 def main(config: str) -> int:

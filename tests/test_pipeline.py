@@ -7,28 +7,7 @@ import pytest
 
 from malt_jax import pipeline
 from malt_jax.config import load_run_config
-from malt_jax.tasks import Example, LoadResult, Task, default_prompts
-
-
-class ParityTask(Task):
-    """A task a random model can 'solve' half the time: the answer is the parity of the
-    number of characters of the output, so the trees get both positive and negative leaves."""
-
-    name = "parity"
-
-    def __init__(self):
-        super().__init__()
-        self.prompts = default_prompts("synthetic")
-
-    def _load(self, split):
-        return LoadResult([Example(id=f"{split}-{i}", question=f"Question number {i}?", answer="even")
-                           for i in range(12)])
-
-    def extract(self, text):
-        return "even" if len(text) % 2 == 0 else "odd"
-
-    def grade(self, text, gold):
-        return int(self.extract(text) == gold)
+from tests.parity_task import ParityTask
 
 
 CONFIG = """
