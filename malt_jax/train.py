@@ -571,10 +571,6 @@ def train_role(
         meta = ckpt.metadata()
         if meta.get("role") != role:
             raise ValueError(f"{ckpt_dir}: checkpoint belongs to role {meta.get('role')!r}, not {role!r}")
-        if meta.get("model_hash", common_meta["model_hash"]) != common_meta["model_hash"]:
-            raise ValueError(f"{ckpt_dir}: checkpoint was trained on another model config (hash "
-                             f"{meta.get('model_hash')}, this model is {common_meta['model_hash']}); "
-                             "use a fresh checkpoint directory")
         resume_stage = [s.name for s in stages].index(meta["stage"])
         resume_step = int(meta["stage_step"])
         global_step = int(meta["global_step"])
@@ -609,7 +605,11 @@ def train_role(
                 sh = {"state": state_shardings(state, mesh)} if mesh is not None else None
                 if sh is not None and st.name == "dpo":
                     sh["ref_logps"] = NamedSharding(mesh, P())
-                restored, _ = ckpt.restore(target, step=global_step, shardings=sh)
+                restored, _ = ckpt.restore(target, step=global_step, shardings=sh)  # checks shapes
+                if meta.get("model_hash", common_meta["model_hash"]) != common_meta["model_hash"]:
+                    raise ValueError(f"{ckpt_dir}: checkpoint was trained on another model config (hash "
+                                     f"{meta.get('model_hash')}, this model is {common_meta['model_hash']}); "
+                                     "use a fresh checkpoint directory")
                 state, ref = restored["state"], restored.get("ref_logps")
                 ref = None if ref is None else np.asarray(ref)
                 start = resume_step

@@ -46,7 +46,7 @@ def test_paper_setting_configs():
     for path in PAPER_8B:
         cfg = load_run_config(path)
         tasks.add(cfg.task.name)
-        assert cfg.model_preset == "llama-3.1-8b" and cfg.model == ModelConfig.llama31_8b()
+        assert cfg.model_preset == "llama-3.1-8b" and cfg.model == ModelConfig.llama31_8b(remat=True)
         assert cfg.weights.startswith("/") and "Llama-3.1-8B-Instruct" in cfg.weights
         assert (cfg.tree.n, cfg.tree.m, cfg.tree.l) == (3, 3, 3)
         assert cfg.sampling.temperature == 0.3 and cfg.eval.temperature == 0.3

@@ -851,3 +851,13 @@ def test_case_counts(capsys):
               f"(bad input = {len(CONFIG_CASES)} config + {len(TASK_CASES)} task + 1 CLI subprocess + "
               f"{len(ROW_CASES) + 2} data + {len(WEIGHT_CASES)} weights + {len(CKPT_CASES)} checkpoint + "
               "1 empty training set + 1 mismatched expansion batches; grading: each string x 4 tasks' graders and extractors)")
+
+
+def test_checkpoint_from_same_shape_other_model_is_refused(nf_base, tmp_path):
+    """Adapter shapes can match across models (here: another vocabulary); the model hash cannot."""
+    cfg2 = dataclasses.replace(NF_CFG, vocab_size=NF_CFG.vocab_size + 8)
+    train = dataclasses.replace(NF_TRAIN, sft_epochs=1)
+    exs = _sft(8)
+    train_role(nf_base, NF_CFG, NF_LORA, train, exs, None, "generator", tmp_path / "ck", progress=False)
+    with pytest.raises(ValueError, match="another model config"):
+        train_role(_base(cfg2), cfg2, NF_LORA, train, exs, None, "generator", tmp_path / "ck", progress=False)
