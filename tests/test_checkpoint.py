@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures import numpy_random_params
+
 from malt_jax import data as D
 from malt_jax.checkpoint import Checkpointer, CheckpointError
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
@@ -23,10 +25,7 @@ TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_steps=2, 
 
 @pytest.fixture(scope="module")
 def base():
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape) if len(s.shape) > 1 else np.ones(s.shape),
-                                              jnp.float32), shapes)
+    return numpy_random_params(CFG)
 
 
 def _examples(seed=0):

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures import numpy_random_params
+
 from malt_jax import data as D
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
 from malt_jax.model.llama import init_params
@@ -37,12 +39,7 @@ def _dpo_examples(n, seed=0):
 
 @pytest.fixture(scope="module")
 def base():
-    # std 0.3 (not 0.02): frozen embeddings need a usable logit range for LoRA to memorise.
-    # Drawn with NumPy (no compile); the steps below share compilations (same shapes/configs).
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape) if len(s.shape) > 1 else np.ones(s.shape),
-                                              jnp.float32), shapes)
+    return numpy_random_params(CFG)
 
 
 def _state(train_cfg, total, lr, key=1):

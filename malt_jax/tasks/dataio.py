@@ -77,13 +77,17 @@ def read_jsonl(path: str | Path, parse: RowParser, on_error: str = "raise") -> L
             try:
                 example = parse(_loads(line), f"{stem}-{lineno}")
             except RowError as e:
-                err = DataError(path, lineno, str(e))
-                if on_error == "raise":
-                    raise err from None
-                result.add_error(err)
+                _row_error(result, DataError(path, lineno, str(e)), on_error)
                 continue
             result.examples.append(example)
     return result
+
+
+def _row_error(result: LoadResult, err: DataError, on_error: str) -> None:
+    """Raise ``err`` (on_error="raise") or count it as a skipped row."""
+    if on_error == "raise":
+        raise err from None
+    result.add_error(err)
 
 
 def iter_json_files(root: str | Path) -> Iterator[Path]:
@@ -101,10 +105,7 @@ def read_json_files(root: str | Path, parse: RowParser, on_error: str = "raise")
             text = file.read_text(encoding="utf-8")
             example = parse(_loads(text), file.relative_to(base).with_suffix("").as_posix())
         except RowError as e:
-            err = DataError(file, getattr(e, "lineno", None), str(e))
-            if on_error == "raise":
-                raise err from None
-            result.add_error(err)
+            _row_error(result, DataError(file, getattr(e, "lineno", None), str(e)), on_error)
             continue
         result.examples.append(example)
     return result
