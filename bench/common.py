@@ -1,0 +1,112 @@
+"""Shared helpers of the side-by-side benchmarks (bench/*.py).
+
+The machine these run on is small and shared (2 cores, other jobs around), so absolute times
+are noisy. Every benchmark therefore measures the variants it compares in ONE process,
+interleaving their repetitions (A, B, A, B, ...), and reports medians and the RATIO of medians;
+a slow spell then hits both variants alike. Compile / warm-up runs are always excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/x.py`
+    sys.path.insert(0, str(ROOT))
+
+# Persistent XLA compilation cache for the benchmarks (compile time is never timed, but on 2 cores
+# it is most of a run's wall time; re-runs reuse it). Set before jax is imported; override with
+# JAX_COMPILATION_CACHE_DIR, or set it to "" to disable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / "runs" / "bench" / "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+# Fixed chat prompts (different lengths, so batches are ragged like real ones).
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one paragraph why the sky is blue.",
+    "What is 17 + 25? Think step by step.",
+    "Give me three tips for learning a new language.",
+    "Who wrote Pride and Prejudice, and when was it published?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "How do I reverse a list in Python?",
+]
+
+
+def prompts(n: int) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes (``fn`` must block until its result is ready)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int | dict[str, int] = 1,
+                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Times every variant ``reps`` times, round-robin, after ``warmup`` untimed calls each
+    (an int, or ``{name: count}`` with 0 for names left out).
+
+    Returns ``{name: [seconds, ...]}``.
+    """
+    for name, fn in variants.items():
+        for _ in range(warmup if isinstance(warmup, int) else warmup.get(name, 0)):
+            t = timed(fn)
+            if log:
+                log(f"  warm-up {name}: {t:.2f}s")
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(reps):
+        for name, fn in variants.items():
+            out[name].append(timed(fn))
+        if log:
+            log(f"  rep {r + 1}/{reps}: " + ", ".join(f"{n}={v[-1]:.2f}s" for n, v in out.items()))
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> str:
+    """'median (min-max)' of a list of seconds."""
+    return f"{median(xs):.3f}s ({min(xs):.3f}-{max(xs):.3f})"
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}, python {platform.python_version()}"
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """A small markdown table."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def save_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=float))

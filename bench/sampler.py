@@ -1,0 +1,193 @@
+"""malt-jax sampler throughput on SmolLM2-135M-Instruct (the embedded model), one process.
+
+1. ``generate`` at batch 1, 8, 27, 64: fixed chat prompts, fixed seed, a fixed number of new
+   tokens with NO stop ids (every row generates the full count, so every run does the same
+   work). Compile time is excluded (one warm-up per shape); the batch sizes are timed
+   round-robin. Reported: generated tokens/s (prefill included, as a user sees it), model
+   FLOP/s as a fraction of the measured f32 matmul peak, and the weight-read rate (a decode
+   step reads all ~540 MB of f32 weights) as a fraction of the measured memory bandwidth.
+2. Tree expansion 3x3x3 (G -> V -> R, 39 rows per question) with prefix sharing
+   (``mode="extend"``: prompts and turns are encoded once and KV caches are forked) vs naive
+   re-prefill (``mode="naive"``: every row re-encodes its whole context at every level),
+   interleaved, same keys; the two must sample identical tokens (checked). Also printed: the
+   prompt tokens each mode encodes and the measured time of naive's re-prefills alone.
+
+    python bench/sampler.py            # default sizes (~5 min on 2 quiet cores, first run compiles)
+    python bench/sampler.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import common
+import flops
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def chat_ids(tokenizer, texts):
+    return [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+
+
+def bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log):
+    from malt_jax.sampling import StopCriteria, generate, pad_batch, row_keys
+
+    cfg, params = model.cfg, model.params
+    variants, meta = {}, {}
+    for B in batches:
+        ids = chat_ids(model.tokenizer, common.prompts(B))
+        x, lens = pad_batch(ids, bucket=16)
+        x, lens_j, keys = jnp.asarray(x), jnp.asarray(lens), row_keys(0, B)
+
+        def run(x=x, lens_j=lens_j, keys=keys):
+            g = generate(params, x, lens_j, keys, cfg=cfg, sampling=sampling, stop=StopCriteria(),
+                         max_new_tokens=new_tokens)
+            return jax.block_until_ready(g)
+
+        variants[f"B={B}"] = run
+        meta[f"B={B}"] = (B, lens.tolist(), x.shape[1])
+    t0 = time.perf_counter()
+    for name, fn in variants.items():  # compile + check every row generates the full count
+        g = fn()
+        assert int(np.min(np.asarray(g.lengths))) == new_tokens, "a row stopped early"
+    log(f"  compile + first run of {len(variants)} shapes: {time.perf_counter() - t0:.1f}s")
+    times = common.interleaved(variants, reps, warmup=0, log=log)
+    rows = []
+    wbytes = flops.matmul_params(cfg) * 4
+    for name, ts in times.items():
+        B, lens, width = meta[name]
+        t = common.median(ts)
+        fl = flops.decode_flops(cfg, B, lens, new_tokens)
+        rows.append({
+            "batch": B, "prompt width": width, "new tokens": new_tokens, "median s": t,
+            "tokens/s": B * new_tokens / t, "ms/step": 1e3 * t / new_tokens,
+            "GFLOP/s": fl / t / 1e9, "% peak FLOP/s": 100 * fl / t / peak,
+            "% mem BW (weights/step)": 100 * wbytes * new_tokens / t / bw,
+        })
+    return rows, times
+
+
+def bench_expansion(model, n_questions, max_new, reps, log):
+    from malt_jax.config import SamplingConfig
+    from malt_jax.expansion import ExpansionSpec, expand
+    from malt_jax.pipeline import PromptCodec, question_keys
+    from malt_jax.sampling import StopCriteria, pad_batch, prefill
+    from malt_jax.model.llama import KVCache
+    from malt_jax.tasks import get_task
+
+    cfg, params = model.cfg, model.params
+    task = get_task("synthetic", max_value=9, steps=1, ops="+-")
+    codec = PromptCodec(model.tokenizer, task)
+    examples = task.load("train")[:n_questions]
+    q_ids = [codec.question(e.question) for e in examples]
+    width = -(-max(len(q) for q in q_ids) // 32) * 32
+    x, lens = pad_batch(q_ids, bucket=width)
+    turns = tuple(jnp.asarray(t, jnp.int32) for t in codec.turns)
+    keys = question_keys(0, list(range(n_questions)))
+    sampling = SamplingConfig(temperature=0.7)
+    specs = {m: ExpansionSpec(n=3, m=3, l=3, max_new=(max_new,) * 3, sampling=sampling, stop=StopCriteria(),
+                              depth=3, mode=m) for m in ("extend", "naive")}
+
+    def runner(spec):
+        return lambda: jax.block_until_ready(
+            expand(params, (None, None, None), jnp.asarray(x), jnp.asarray(lens), turns, keys, cfg=cfg, spec=spec))
+
+    variants = {m: runner(s) for m, s in specs.items()}
+    t0 = time.perf_counter()
+    trees = {m: fn() for m, fn in variants.items()}
+    log(f"  compile + first run: {time.perf_counter() - t0:.1f}s")
+    same = all(np.array_equal(np.asarray(trees["extend"].tokens[i]), np.asarray(trees["naive"].tokens[i]))
+               for i in range(3))
+    times = common.interleaved(variants, reps, warmup=0, log=log)
+
+    # Breakdown: the prompt tokens each mode encodes, and naive's re-prefills timed alone.
+    Q, Tq = x.shape
+    tv, tr = (int(t.shape[0]) for t in turns)
+    size = Tq + 3 * max_new + tv + tr
+    rows_per_level = [Q * 3, Q * 9, Q * 27]
+    extend_tokens = int(lens.sum()) + Q * 3 * tv + Q * 9 * tr  # question once, each turn once per parent
+    naive_padded = sum(r * size for r in rows_per_level)  # every row re-encodes a full-width context
+
+    pre = jax.jit(prefill, static_argnames=("cfg",))
+    calls = []
+    for r in rows_per_level:  # compile each level's shape without running it
+        a = (params, KVCache.zeros(cfg, r, size), jnp.ones((r, size), jnp.int32),
+             jnp.full((r,), size // 2, jnp.int32), jnp.zeros((r,), jnp.int32))  # the mask, not the length, sets the work
+        f = pre.lower(a[0], cfg, *a[1:]).compile()
+        calls.append(lambda f=f, a=a: f(a[0], *a[1:]))
+
+    def naive_prefills():
+        return jax.block_until_ready([c() for c in calls])
+
+    pre_t = common.timed(naive_prefills)
+    gen_tokens = Q * (3 + 9 + 27) * max_new
+    te, tn = common.median(times["extend"]), common.median(times["naive"])
+    return {
+        "questions": Q, "max_new per role": max_new, "rows (G,V,R)": rows_per_level, "context width": size,
+        "identical samples": same, "generated tokens": gen_tokens,
+        "extend s": te, "naive s": tn, "extend tok/s": gen_tokens / te, "naive tok/s": gen_tokens / tn,
+        "speedup (naive/extend)": tn / te,
+        "prompt tokens encoded: extend": extend_tokens, "prompt tokens encoded: naive (padded)": naive_padded,
+        "naive re-prefills alone s": pre_t,
+    }, times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--batches", type=str, default=None, help="comma-separated batch sizes (default 1,8,27,64)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 64)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default 3)")
+    ap.add_argument("--sample", action="store_true", help="temperature 0.7 fixed-seed sampling (default greedy)")
+    ap.add_argument("--questions", type=int, default=None, help="questions in the expansion (default 1)")
+    ap.add_argument("--expansion-tokens", type=int, default=None, help="new tokens per role (default 32)")
+    ap.add_argument("--expansion-reps", type=int, default=None, help="timed reps per mode (default 2)")
+    ap.add_argument("--skip-expansion", action="store_true")
+    ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--json", type=str, default=None, help="also write the results here")
+    args = ap.parse_args()
+    batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,27,64")).split(",")]
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    reps = args.reps or (2 if args.quick else 3)
+
+    from malt_jax.config import SamplingConfig
+    from malt_jax.pipeline import load_model
+
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(f"# malt-jax sampler benchmark\nmachine: {common.machine()}\njax {jax.__version__}, "
+        f"backend {jax.default_backend()}, devices {len(jax.devices())}")
+    model = load_model("smollm2")
+    peak = flops.measure_peak_jax(1024 if args.quick else 2048)
+    bw = flops.measure_bandwidth_jax(128 if args.quick else 512)
+    log(f"measured peak: f32 matmul {peak / 1e9:.1f} GFLOP/s, memory read {bw / 1e9:.1f} GB/s")
+    result = {"machine": common.machine(), "peak_flops": peak, "bandwidth": bw}
+
+    if not args.skip_generate:
+        sampling = SamplingConfig(temperature=0.7) if args.sample else SamplingConfig(greedy=True)
+        log(f"\n## generate: batches {batches}, {new_tokens} new tokens, "
+            f"{'temperature 0.7' if args.sample else 'greedy'}, no stop ids, {reps} reps")
+        rows, times = bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log)
+        log(common.table(rows, ["batch", "prompt width", "new tokens", "median s", "tokens/s", "ms/step",
+                                "GFLOP/s", "% peak FLOP/s", "% mem BW (weights/step)"]))
+        result["generate"] = rows
+
+    if not args.skip_expansion:
+        q = args.questions or 1
+        mx = args.expansion_tokens or (16 if args.quick else 32)
+        ereps = args.expansion_reps or 2
+        log(f"\n## tree expansion 3x3x3: {q} question(s), {mx} new tokens per role, extend vs naive, {ereps} reps")
+        res, times = bench_expansion(model, q, mx, ereps, log)
+        for k, v in res.items():
+            log(f"  {k}: {v:.3g}" if isinstance(v, float) else f"  {k}: {v}")
+        log(f"RATIO prefix sharing (extend) vs naive re-prefill: {res['speedup (naive/extend)']:.2f}x "
+            f"(target >= 1.5x: {'met' if res['speedup (naive/extend)'] >= 1.5 else 'MISSED'})")
+        result["expansion"] = res
+    common.save_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
