@@ -31,11 +31,10 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from malt_jax.config import ModelConfig, SamplingConfig
 from malt_jax.model.llama import KVCache, Params
-from malt_jax.sampling import Generation, StopCriteria, decode, prefill
+from malt_jax.sampling import StopCriteria, decode, prefill
 
 ROLES = ("G", "V", "R")
 
@@ -161,20 +160,3 @@ def expand(
         out_stopped.append(gen.stopped.reshape(lead))
     return Tree(tokens=tuple(out_tokens), lengths=tuple(out_lens), logps=tuple(out_logps),
                 stopped=tuple(out_stopped))
-
-
-def tree_texts(tree: Tree, decode_fn) -> list[np.ndarray]:
-    """Host-side: decodes every node into an object array of strings shaped like its level."""
-    out = []
-    for toks, lens in zip(tree.tokens, tree.lengths):
-        toks, lens = np.asarray(toks), np.asarray(lens)
-        flat_t = toks.reshape(-1, toks.shape[-1])
-        flat_l = lens.reshape(-1)
-        texts = np.empty(flat_l.shape[0], dtype=object)
-        for i in range(flat_l.shape[0]):
-            texts[i] = decode_fn(flat_t[i, : flat_l[i]].tolist())
-        out.append(texts.reshape(lens.shape))
-    return out
-
-
-Generation  # noqa: B018  (re-export for type users)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from malt_jax import credit as credit_lib
-from malt_jax.config import ModelConfig, RunConfig, SamplingConfig, to_dict
-from malt_jax.expansion import ExpansionSpec, Tree, expand
+from malt_jax.config import ModelConfig, RunConfig, to_dict
+from malt_jax.expansion import ExpansionSpec, expand
 from malt_jax.model.llama import Params, init_params
 from malt_jax.model.tokenizer import Tokenizer
 from malt_jax.sampling import StopCriteria, pad_batch

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -233,5 +231,3 @@ def cut_at_stop_strings(text: str, stop_strings: tuple[str, ...] | list[str]) ->
             cut = min(cut, i)
     return text[:cut]
 
-
-Any  # re-exported typing helper for annotations
