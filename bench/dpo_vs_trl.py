@@ -212,7 +212,21 @@ def main() -> None:
     ratio = common.median(tt[best]) / mj
     log(f"TRL best with {best} torch thread(s); vs {threads[0]} threads: "
         f"{common.median(tt[threads[0]]) / mj:.2f}x")
-    log(f"malt-jax losses: {[round(x, 4) for x in ours['loss']]}")
+    # breakdown: the forward pass alone (the same no-grad pass as the reference log-probs) vs the step
+    from malt_jax.train import _batch_logps
+
+    b0 = batches[0][0]
+    fwd = lambda: jax.block_until_ready(_batch_logps(base, state.adapter, b0["tokens"], b0["targets"],  # noqa: E731
+                                                     b0["loss_mask"], cfg=cfg, scale=lora_scale(lora_cfg)))
+    fwd()
+    tf = common.median([common.timed(fwd) for _ in range(3)])
+    fwd_fl = sum(2.0 * (flops.matmul_params(cfg) + flops.lora_params_per_token(cfg, 8, TARGETS_OURS)) * t
+                 + flops.attn_flops(cfg, 1.0) * t * (t + 1) / 2 for t in rows_lens)
+    log(f"malt-jax breakdown: forward alone {tf:.2f}s = {100 * tf / mj:.0f}% of the step time "
+        f"(forward = {100 * fwd_fl / fl:.0f}% of the step's model FLOPs; forward at "
+        f"{100 * fwd_fl / tf / peak:.0f}% of peak)")
+    log(f"malt-jax losses: {[round(x, 4) for x in ours['loss']]} (mean {np.mean(ours['loss']):.4f}; "
+        f"TRL logs its mean train_loss above)")
     log(f"RATIO LoRA DPO step: malt-jax {ratio:.2f}x TRL (best thread count) (target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})")
     log(f"load average at end: {os.getloadavg()}")
     common.save_json(args.json, {"machine": common.machine(), "peak": peak, "rows": rows, "ratio": ratio,
