@@ -194,6 +194,8 @@ def main() -> None:
     log(f"TRL train() incl. reference precompute: {time.perf_counter() - t0:.1f}s; TRL batch shapes: "
         f"{sorted(set(hf_shapes))}")
 
+    peak = max(peak, flops.measure_peak_jax(1024 if args.quick else 2048))  # best of before/after
+    log(f"f32 matmul peak (jax), best of before/after: {peak / 1e9:.1f} GFLOP/s")
     tj = times["jax"][warmup:]
     tt = {n: [t for t, k in list(zip(times["trl"], times["trl_threads"]))[warmup:] if k == n] for n in threads}
     tokens = sum(lens) / len(examples) * 2 * B  # real tokens per step (chosen + rejected rows)

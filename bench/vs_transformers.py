@@ -132,6 +132,8 @@ def main() -> None:
     warm = {n: 1 for n in variants if n.startswith("jax") and n != f"jax B={Bc}"}
     warm.update({f"hf{n}t B={batches[0]}": 1 for n in threads})
     times = common.interleaved(variants, reps, warmup=warm, log=log)
+    peak = max(peak, flops.measure_peak_jax(1024 if args.quick else 2048))  # best of before/after
+    log(f"f32 matmul peak (jax), best of before/after: {peak / 1e9:.1f} GFLOP/s")
     rows = []
     for B in batches:
         tj = common.median(times[f"jax B={B}"])
