@@ -197,6 +197,16 @@ def _new_figure(width: float, height: float):
     return fig
 
 
+def _save_rate_plot(fig, ax, ylabel: str, title: str, path: Path) -> None:
+    """Common finish of the rate plots: [0, 1] y axis, labels, grid, PNG."""
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
 def _plot_accuracy(results: Mapping[str, SystemResult], path: Path) -> None:
     names = list(results)
     accs, err_lo, err_hi = [], [], []
@@ -216,12 +226,7 @@ def _plot_accuracy(results: Mapping[str, SystemResult], path: Path) -> None:
                 ha="left", va="bottom", fontsize=8)  # beside the error bar, not on it
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
-    ax.set_ylim(0.0, 1.0)
-    ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy per system (95% Wilson CI)")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    _save_rate_plot(fig, ax, "accuracy", "Accuracy per system (95% Wilson CI)", path)
 
 
 def _plot_positive_rate(by_role: Mapping[str, Mapping[str, Any]], path: Path) -> None:
@@ -245,12 +250,7 @@ def _plot_positive_rate(by_role: Mapping[str, Mapping[str, Any]], path: Path) ->
         ax.text(xi, min(h + 0.02, 0.85), label, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x)
     ax.set_xticklabels(roles)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_ylabel("positive rate")
-    ax.set_title("Positive rate per role (expansion tree)")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    _save_rate_plot(fig, ax, "positive rate", "Positive rate per role (expansion tree)", path)
 
 
 # --------------------------------------------------------------------------- report
