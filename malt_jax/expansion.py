@@ -115,14 +115,18 @@ def expand(
     if spec.mode == "extend" and any(a is not None for a in adapters):
         raise ValueError("expand: mode='extend' shares KV caches across roles, so it needs one set of "
                          "weights for all roles; use mode='fork' with per-role adapters")
-    size = Tq + sum(spec.max_new[: spec.depth]) + sum(int(t.shape[0]) for t in turns[: spec.depth - 1])
+    # Cache slots each level needs (its context plus its own output): every level decodes over
+    # a cache of exactly that size, since attention reads all of a cache's slots at every step.
+    turn_lens = (0,) + tuple(int(t.shape[0]) for t in turns[: spec.depth - 1])
+    sizes = [Tq + sum(spec.max_new[: i + 1]) + sum(turn_lens[: i + 1]) for i in range(spec.depth)]
+    size = sizes[-1]
     ctx = jnp.zeros((Q, size), jnp.int32).at[:, :Tq].set(q_tokens)
     ctx_len = q_lens.astype(jnp.int32)
     row_keys = keys
     cache = None
     logits = None
     if spec.mode == "extend":
-        cache = KVCache.zeros(cfg, Q, size)
+        cache = KVCache.zeros(cfg, Q, sizes[0])
         logits, cache = prefill(params, cfg, cache, q_tokens, ctx_len, jnp.zeros((Q,), jnp.int32))
 
     out_tokens, out_lens, out_logps, out_stopped = [], [], [], []
@@ -134,19 +138,20 @@ def expand(
             B = ctx.shape[0]
             t = jnp.broadcast_to(turn[None, :], (B, turn.shape[0])).astype(jnp.int32)
             if spec.mode == "extend":
+                cache = cache.grow(sizes[level])
                 logits, cache = prefill(params, cfg, cache, t, jnp.full((B,), turn.shape[0]), ctx_len)
             ctx = _append(ctx, ctx_len, t)
             ctx_len = ctx_len + turn.shape[0]
         if spec.mode == "extend":
             cache, logits = cache.repeat(fan), _fork(logits, fan)
         elif spec.mode == "fork":
-            cache = KVCache.zeros(cfg, ctx.shape[0], size)
+            cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level])
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
             cache, logits = cache.repeat(fan), _fork(logits, fan)
         ctx, ctx_len = _fork(ctx, fan), _fork(ctx_len, fan)
         row_keys = _child_keys(row_keys, fan)
         if spec.mode == "naive":
-            cache = KVCache.zeros(cfg, ctx.shape[0], size)
+            cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level])
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
         sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
         gen, cache = decode(params, cfg, cache, logits, ctx_len, sample_keys, spec.sampling, spec.stop,

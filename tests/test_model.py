@@ -77,6 +77,36 @@ def test_cached_prefill_plus_steps_equals_full_forward():
     np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
 
 
+def test_cache_ignores_stale_slots_and_grows():
+    """Slots at or above a row's first new position are never read, whatever they hold (forked
+    caches carry other rows' junk there); growing a cache keeps its slots."""
+    cfg = ModelConfig.tiny()
+    params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+    toks = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    full, _ = llama.forward(params, toks, llama.causal_positions(2, 10), cfg)
+    junk = llama.KVCache(k=jax.random.normal(jax.random.key(2), (cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim)),
+                         v=jax.random.normal(jax.random.key(3), (cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim)))
+    # ragged prefill: row 0 takes 6 tokens, row 1 takes 4 (right-padded to 6)
+    lens = jnp.asarray([6, 4])
+    valid = jnp.arange(6)[None] < lens[:, None]
+    a, cache = llama.forward(params, toks[:, :6], llama.causal_positions(2, 6), cfg, cache=junk, token_valid=valid)
+    np.testing.assert_allclose(a[0], full[0, :6], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(a[1, :4], full[1, :4], rtol=2e-5, atol=2e-5)
+    grown = cache.grow(12)
+    chex.assert_shape(grown.k, (cfg.n_layers, 2, cfg.n_kv_heads, 12, cfg.head_dim))
+    np.testing.assert_array_equal(grown.k[:, :, :, :7], cache.k)
+    np.testing.assert_array_equal(grown.v[:, :, :, 7:], 0.0)
+    with pytest.raises(ValueError, match="3 slots < current 12"):
+        grown.grow(3)
+    # continue each row from its own position, one token at a time
+    pos = lens
+    for _ in range(4):
+        step_tok = jnp.take_along_axis(toks, pos[:, None], axis=1)
+        o, grown = llama.forward(params, step_tok, pos[:, None], cfg, cache=grown)
+        np.testing.assert_allclose(o[:, 0], full[jnp.arange(2), pos], rtol=2e-5, atol=2e-5)
+        pos = pos + 1
+
+
 def test_left_padding_with_positions_matches_unpadded():
     cfg = ModelConfig.tiny()
     params = llama.init_params(cfg, jax.random.key(0), std=0.2)

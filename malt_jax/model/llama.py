@@ -62,6 +62,13 @@ class KVCache:
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
+    def grow(self, size: int) -> "KVCache":
+        """The same cache with ``size`` slots (new slots zero); ``size`` must not shrink it."""
+        if size < self.size:
+            raise ValueError(f"KVCache.grow: {size} slots < current {self.size}")
+        pad = [(0, 0)] * 3 + [(0, size - self.size), (0, 0)]
+        return KVCache(k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad))
+
     def repeat(self, times: int) -> "KVCache":
         """Forks every row ``times`` times (row b -> rows b*times .. b*times+times-1)."""
         return KVCache(k=jnp.repeat(self.k, times, axis=1), v=jnp.repeat(self.v, times, axis=1))
@@ -164,6 +171,34 @@ def attention(
     return out.reshape(B, T, H * hd)
 
 
+def cached_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+    q_pos: jax.Array, old_len: jax.Array, valid: jax.Array,
+) -> jax.Array:
+    """Grouped-query attention of new tokens over a KV cache and over themselves.
+
+    q: [B, T, H, hd], k, v: [B, T, K, hd] for the new tokens at positions q_pos [B, T] (valid
+    [B, T]); cache_k, cache_v: [B, K, S, hd], cache slot j holding position j. A query sees the
+    cache slots below ``old_len`` [B] (the row's first new position) and the valid new tokens at
+    positions ``<=`` its own. Same result as writing the new tokens into the cache and calling
+    :func:`attention` over it, without touching the cache.
+    """
+    B, T, H, hd = q.shape
+    K, S = cache_k.shape[1], cache_k.shape[2]
+    qg = q.reshape(B, T, K, H // K, hd) * (1.0 / math.sqrt(hd))
+    s_old = jnp.einsum("btkgd,bksd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
+    s_new = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    m_old = jnp.arange(S)[None, :] < old_len[:, None]  # [B, S]
+    m_new = (q_pos[:, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [B, T, T]
+    neg = jnp.finfo(jnp.float32).min
+    s_old = jnp.where(m_old[:, None, None, None, :], s_old, neg)
+    s_new = jnp.where(m_new[:, None, None, :, :], s_new, neg)
+    probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(v.dtype)
+    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cache_v)
+           + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v))
+    return out.reshape(B, T, H * hd)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
@@ -205,25 +240,18 @@ def forward(
     rows = jnp.arange(B)[:, None]
 
     if cache is not None:
-        # Cache slot j holds position j. Slots below a row's current position were written by
-        # earlier steps; slots above it are masked by the position test. Padding is redirected
-        # past the end of the cache so the scatter drops it.
+        # Cache slot j holds position j. Padding is redirected past the end of the cache so the
+        # scatter drops it.
         write_pos = jnp.where(token_valid, positions, cache.size)
-        k_pos = jnp.broadcast_to(jnp.arange(cache.size), (B, cache.size))
-        k_valid = jnp.ones((B, cache.size), bool)
-    else:
-        write_pos = None
-        k_pos, k_valid = positions, token_valid
 
-    def block(h, lp, ll, kv_fn):
+    def block(h, lp, ll, attend):
         a_in = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
         q = _linear(a_in, lp["wq"], ll.get("wq"), lora_scale).reshape(B, T, H, hd)
         k = _linear(a_in, lp["wk"], ll.get("wk"), lora_scale).reshape(B, T, K, hd)
         v = _linear(a_in, lp["wv"], ll.get("wv"), lora_scale).reshape(B, T, K, hd)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        keys, values, kv_state = kv_fn(k, v)
-        attn = attention(q, keys, values, positions, k_pos, k_valid)
+        attn, kv_state = attend(q, k, v)
         h = h + _linear(attn, lp["wo"], ll.get("wo"), lora_scale)
         m_in = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
         gate = _linear(m_in, lp["w_gate"], ll.get("w_gate"), lora_scale)
@@ -244,7 +272,8 @@ def forward(
     if cache is None:
         def layer(h, xs):
             lp, ll = xs
-            h, _ = block(h, lp, ll, lambda k, v: (k.swapaxes(1, 2), v.swapaxes(1, 2), None))
+            h, _ = block(h, lp, ll, lambda q, k, v: (
+                attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid), None))
             return h, None
 
         body = jax.checkpoint(layer) if cfg.remat else layer
@@ -252,26 +281,32 @@ def forward(
             x, _ = jax.lax.scan(body, x, (seg_params(lo, hi), ll))
         new_cache = None
     else:
-        # The whole cache rides in the scan carry and is updated in place with one scatter per
-        # layer (a cache in xs/ys would be copied in full at every decode step).
-        def layer(carry, xs):
-            h, kall, vall = carry
-            lp, ll, i = xs
+        # Attention reads the layer's cache slots below each row's first new position plus the
+        # new tokens' own keys/values (``cached_attention``); the new keys/values of all layers
+        # are stacked by the scan and written with one scatter afterwards. Writing inside the
+        # scan made XLA:CPU rewrite the whole stacked cache buffer at every layer.
+        old_len = positions[:, 0]
 
-            def kv_fn(k, v):
-                heads = jnp.arange(K)[None, None, :]
-                r, w = rows[:, :, None], write_pos[:, :, None]
-                ka = kall.at[i, r, heads, w].set(k.astype(kall.dtype), mode="drop")
-                va = vall.at[i, r, heads, w].set(v.astype(vall.dtype), mode="drop")
-                return ka[i].astype(dt), va[i].astype(dt), (ka, va)
+        def layer(h, xs):
+            lp, ll, ck, cv = xs
 
-            h, (kall, vall) = block(h, lp, ll, kv_fn)
-            return (h, kall, vall), None
+            def attend(q, k, v):
+                out = cached_attention(q, k, v, ck.astype(dt), cv.astype(dt), positions, old_len, token_valid)
+                return out, (k, v)
 
-        kall, vall = cache.k, cache.v
+            return block(h, lp, ll, attend)
+
+        new_k, new_v = [], []
         for lo, hi, ll in segments:
-            (x, kall, vall), _ = jax.lax.scan(layer, (x, kall, vall), (seg_params(lo, hi), ll, jnp.arange(lo, hi)))
-        new_cache = KVCache(k=kall, v=vall)
+            x, (k_seg, v_seg) = jax.lax.scan(
+                layer, x, (seg_params(lo, hi), ll, cache.k[lo:hi], cache.v[lo:hi]))
+            new_k.append(k_seg)
+            new_v.append(v_seg)
+        heads = jnp.arange(K)[None, None, :]
+        r, w = rows[:, :, None], write_pos[:, :, None]
+        cat = (lambda xs: xs[0]) if len(segments) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
+        new_cache = KVCache(k=cache.k.at[:, r, heads, w].set(cat(new_k).astype(cache.k.dtype), mode="drop"),
+                            v=cache.v.at[:, r, heads, w].set(cat(new_v).astype(cache.v.dtype), mode="drop"))
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if return_hidden:
         return x, new_cache
