@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all malt bench peers chat clean
+.PHONY: csqa install test test-slow test-all malt bench peers chat clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-all: $(STAMP)
 # The main job: MALT end to end on the embedded default (SmolLM2-135M-Instruct, synthetic arithmetic).
 malt: $(STAMP)
 	$(BIN)/malt-jax run experiments/smollm2_synthetic.yaml $(ARGS)
+
+# MALT on real CommonsenseQA rows (../shared/data), about an hour on a 2-core CPU
+csqa: $(STAMP)
+	$(BIN)/malt-jax run experiments/smollm2_csqa.yaml $(ARGS)
 
 # Side-by-side benchmarks (bench/README.md). The peer comparisons (transformers, TRL) run only
 # when the optional peers env exists: make peers

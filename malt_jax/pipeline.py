@@ -418,17 +418,42 @@ def default_systems(votes: int = 3) -> list[System]:
             System("chain", 3, votes, False, False), System("malt", 3, votes, False, True)]
 
 
+def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]]) -> dict:
+    """One question's row: the final role's ``system.votes`` texts graded, and their vote."""
+    from malt_jax.evaluate import majority_vote
+
+    finals = texts[ROLES[system.depth - 1]]
+    answers = [task.extract(t) for t in finals]
+    correct = [bool(task.grade_example(t, ex)) for t in finals]
+    voted = majority_vote(answers)
+    return {"id": ex.id, "gold": ex.answer, "pass_answers": answers, "pass_correct": correct,
+            "vote_answer": voted, "vote_correct": bool(voted is not None and correct[answers.index(voted)]),
+            "texts": texts}
+
+
+def _read_rows(path: Path, n: int) -> list[dict] | None:
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if len(rows) == n:
+            return rows
+    return None
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example],
                     adapters: dict[str, Params] | None, out_path: Path, progress: bool = True,
                     mesh=None) -> list[dict]:
-    """Runs one system on ``examples`` (all in one batch); per-question rows, also written as jsonl."""
-    from malt_jax.evaluate import majority_vote
+    """Runs one system on ``examples``; per-question rows, also written as jsonl."""
     from malt_jax.model.lora import lora_scale
 
-    if out_path.exists():
-        rows = [json.loads(line) for line in out_path.read_text().splitlines()]
-        if len(rows) == len(examples):
-            return rows
+    rows = _read_rows(out_path, len(examples))
+    if rows is not None:
+        return rows
     codec = PromptCodec(model.tokenizer, task)
     e = cfg.eval
     sampling = dataclasses.replace(cfg.sampling, greedy=system.greedy, temperature=e.temperature)
@@ -436,30 +461,34 @@ def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, ex
     spec = ExpansionSpec(n=system.votes, m=1, l=1, depth=system.depth, max_new=(e.max_new_tokens,) * 3,
                          sampling=sampling, stop=codec.stop, mode="fork" if trained else "extend")
     ads = tuple(adapters[r] for r in ROLES) if trained else (None, None, None)
-    final_role = ROLES[system.depth - 1]
-    rows: list[dict] = []
+    rows = []
 
     def on_batch(b: int, arrays: dict) -> None:
         texts = {r: decode_level(model.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"])
                  for r in ROLES[: system.depth]}
         for q, i in enumerate(arrays["index"]):
-            ex = examples[i]
-            finals = [texts[final_role][(q, p) + (0,) * (system.depth - 1)] for p in range(system.votes)]
-            answers = [task.extract(t) for t in finals]
-            correct = [bool(task.grade_example(t, ex)) for t in finals]
-            voted = majority_vote(answers)
-            rows.append({"id": ex.id, "gold": ex.answer, "pass_answers": answers, "pass_correct": correct,
-                         "vote_answer": voted,
-                         "vote_correct": bool(voted is not None and correct[answers.index(voted)]),
-                         "texts": {r: texts[r][q].reshape(-1).tolist() for r in texts}})
+            rows.append(_score(system, task, examples[i], {r: texts[r][q].reshape(-1).tolist() for r in texts}))
 
     batch = max(1, min(len(examples), e.batch_questions or len(examples)))
     sample_trees(model, codec, examples, spec, seed=e.seed, batch_size=batch, adapters=ads,
                  lora_scale=lora_scale(cfg.lora), on_batch=on_batch, desc=f"eval {system.name}", progress=progress,
                  mesh=mesh)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out_path)
+    _write_rows(out_path, rows)
+    return rows
+
+
+def _shares_generator(single: System, chain: System) -> bool:
+    """Whether ``single``'s samples are exactly ``chain``'s generator level: the untrained chain's
+    first role is the single model, sampled with the same keys (see ``question_keys``)."""
+    return (single.depth == 1 and chain.depth > 1 and not single.trained and not chain.trained
+            and single.votes == chain.votes and single.greedy == chain.greedy)
+
+
+def derive_single(single: System, chain_rows: list[dict], task: Task, examples: Sequence[Example],
+                  out_path: Path) -> list[dict]:
+    """``single``'s rows scored from the untrained chain's generator texts (no new sampling)."""
+    rows = [_score(single, task, ex, {"G": r["texts"]["G"]}) for ex, r in zip(examples, chain_rows, strict=True)]
+    _write_rows(out_path, rows)
     return rows
 
 
@@ -485,16 +514,27 @@ def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Exampl
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     systems = list(systems or default_systems(cfg.eval.votes))
-    results, trained_names = {}, []
-    for sys_ in systems:
+    # A single-model system whose samples are an untrained chain's generator level is scored
+    # from that chain's texts: the chain runs first and the single model is not sampled again.
+    source = {s.name: next((c for c in systems if _shares_generator(s, c)), None) for s in systems}
+    order = sorted(systems, key=lambda s: source[s.name] is not None)
+    results, trained_names, all_rows = {}, [], {}
+    for sys_ in order:
         if sys_.trained and adapters is None:
             continue
-        rows = evaluate_system(sys_, cfg, model, task, examples, adapters, out / f"{sys_.name}.jsonl", progress,
-                               mesh=mesh)
-        res = system_results(sys_, rows)
-        results.update(res)
-        if sys_.trained:
-            trained_names += list(res)
+        path = out / f"{sys_.name}.jsonl"
+        chain = source[sys_.name]
+        if chain is not None and _read_rows(path, len(examples)) is None:
+            rows = derive_single(sys_, all_rows[chain.name], task, examples, path)
+        else:
+            rows = evaluate_system(sys_, cfg, model, task, examples, adapters, path, progress, mesh=mesh)
+        all_rows[sys_.name] = rows
+    for sys_ in systems:  # the report lists systems in the given order
+        if sys_.name in all_rows:
+            res = system_results(sys_, all_rows[sys_.name])
+            results.update(res)
+            if sys_.trained:
+                trained_names += list(res)
     baselines = [n for n in results if n not in trained_names]
     comparisons = []
     for target in trained_names:

@@ -87,3 +87,20 @@ def test_other_config_in_same_run_dir_is_refused(tiny_run):
     other = dataclasses.replace(cfg, name="changed")
     with pytest.raises(ValueError, match="another config"):
         pipeline.prepare_run_dir(other)
+
+
+def test_single_scored_from_chain_equals_sampling_it(tiny_run, tmp_path):
+    """The sampled single-model system is scored from the untrained chain's generator level;
+    sampling it on its own gives the same texts, answers and votes."""
+    cfg, model, _ = tiny_run
+    out = pipeline.Path(cfg.run_dir)
+    derived = [json.loads(x) for x in (out / "eval" / "single.jsonl").read_text().splitlines()]
+    task = ParityTask()
+    _, evals = pipeline.load_splits(cfg, task, out)
+    single = next(s for s in pipeline.default_systems(3) if s.name == "single")
+    sampled = pipeline.evaluate_system(single, cfg, model, task, evals, None, tmp_path / "single.jsonl",
+                                       progress=False)
+    assert [r["texts"]["G"] for r in sampled] == [r["texts"]["G"] for r in derived]
+    assert sampled == derived
+    chain = [json.loads(x) for x in (out / "eval" / "chain.jsonl").read_text().splitlines()]
+    assert [r["texts"]["G"] for r in chain] == [r["texts"]["G"] for r in derived]
