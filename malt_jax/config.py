@@ -128,9 +128,13 @@ class SamplingConfig:
     max_new_tokens: int = 128
     greedy: bool = False
     stop_strings: tuple[str, ...] = ()
+    # Decoding runs until a batch's longest row ends. When half of the rows have ended, the live
+    # rows continue alone in a half-size batch (up to this many halvings; 0 = never). Speed only:
+    # the samples are the same, so it is not part of a run's identity (config hash).
+    compact_levels: int = dataclasses.field(default=2, metadata={"identity": False})
 
     def __post_init__(self) -> None:
-        _check_min("sampling", self, temperature=0, top_k=0, max_new_tokens=1)
+        _check_min("sampling", self, temperature=0, top_k=0, max_new_tokens=1, compact_levels=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,20 +241,23 @@ class RunConfig:
     eval: EvalConfig = EvalConfig()
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(to_dict(self, identity_only=True), sort_keys=True).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------
 # dict <-> dataclass with checking
 
 
-def to_dict(cfg: Any) -> Any:
+def to_dict(cfg: Any, identity_only: bool = False) -> Any:
+    """Plain dict/list form of a config; ``identity_only`` leaves out speed-only fields (those
+    with ``metadata={"identity": False}``), which do not change a run's results."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {f.name: to_dict(getattr(cfg, f.name), identity_only) for f in dataclasses.fields(cfg)
+                if not (identity_only and f.metadata.get("identity", True) is False)}
     if isinstance(cfg, tuple):
         if cfg and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in cfg):
-            return {k: to_dict(v) for k, v in cfg}
-        return [to_dict(x) for x in cfg]
+            return {k: to_dict(v, identity_only) for k, v in cfg}
+        return [to_dict(x, identity_only) for x in cfg]
     return cfg
 
 

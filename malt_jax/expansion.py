@@ -13,7 +13,8 @@ its context tokens ``ctx [rows, S]`` with length ``ctx_len``; between levels the
   the question is prefilled once; each level appends the role's turn tokens to the
   parent's cache and forks it: nothing is ever re-encoded.
 * ``"fork"`` (roles have different adapters): each parent context is prefilled once with
-  the role's weights and the cache is forked to its children.
+  the role's weights and the cache is forked to its children. When the adapters cover only
+  the top layers, the parent's cache is kept and only those layers are recomputed.
 * ``"naive"`` (reference / benchmark baseline): contexts are forked first and every row
   re-encodes its whole prompt.
 
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from malt_jax.config import ModelConfig, SamplingConfig
-from malt_jax.model.llama import KVCache, Params
+from malt_jax.model.llama import KVCache, Params, lora_first_layer, refresh_top
 from malt_jax.sampling import StopCriteria, decode, prefill
 
 ROLES = ("G", "V", "R")
@@ -125,6 +126,11 @@ def expand(
     row_keys = keys
     cache = None
     logits = None
+    # "fork" with adapters on the top layers only: the layers below give the same keys/values
+    # for every role, so a level keeps its parent's cache and recomputes only the top layers of
+    # the context with its adapter (from the hidden states the cache stores at that layer).
+    hidden_at = min(lora_first_layer(cfg, a) for a in adapters[: spec.depth])
+    refresh = spec.mode == "fork" and 0 < hidden_at < cfg.n_layers
     if spec.mode == "extend":
         cache = KVCache.zeros(cfg, Q, sizes[0])
         logits, cache = prefill(params, cfg, cache, q_tokens, ctx_len, jnp.zeros((Q,), jnp.int32))
@@ -137,15 +143,18 @@ def expand(
             turn = turns[level - 1]
             B = ctx.shape[0]
             t = jnp.broadcast_to(turn[None, :], (B, turn.shape[0])).astype(jnp.int32)
-            if spec.mode == "extend":
+            if spec.mode == "extend" or refresh:
                 cache = cache.grow(sizes[level])
-                logits, cache = prefill(params, cfg, cache, t, jnp.full((B,), turn.shape[0]), ctx_len)
+                if refresh:
+                    cache = refresh_top(params, cfg, cache, ctx_len, lora, lora_scale)
+                logits, cache = prefill(params, cfg, cache, t, jnp.full((B,), turn.shape[0]), ctx_len, lora,
+                                        lora_scale)
             ctx = _append(ctx, ctx_len, t)
             ctx_len = ctx_len + turn.shape[0]
-        if spec.mode == "extend":
+        if spec.mode == "extend" or (refresh and level > 0):
             cache, logits = cache.repeat(fan), _fork(logits, fan)
         elif spec.mode == "fork":
-            cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level])
+            cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level], hidden_at=hidden_at if refresh else 0)
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
             cache, logits = cache.repeat(fan), _fork(logits, fan)
         ctx, ctx_len = _fork(ctx, fan), _fork(ctx_len, fan)

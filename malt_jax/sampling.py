@@ -110,6 +110,38 @@ class _DecodeState:
     tokens: jax.Array  # [B, N]
     logps: jax.Array  # [B, N]
     recent: jax.Array  # [B, W] last W tokens (for stop sequences)
+    keys: jax.Array  # [B] per-row PRNG keys
+
+
+_MIN_COMPACT_ROWS = 4  # a compacted batch has at least this many rows
+
+
+def _take_rows(s: _DecodeState, idx: jax.Array) -> _DecodeState:
+    rows = jax.tree.map(lambda x: x[idx], s.replace(cache=None, step=None))
+    return rows.replace(step=s.step, cache=s.cache.take_rows(idx))
+
+
+def _put_rows(s: _DecodeState, idx: jax.Array, sub: _DecodeState) -> _DecodeState:
+    rows = jax.tree.map(lambda x, y: x.at[idx].set(y), s.replace(cache=None, step=None),
+                        sub.replace(cache=None, step=None))
+    return rows.replace(step=sub.step, cache=s.cache.put_rows(idx, sub.cache))
+
+
+def _run_compacting(cond, body, s: _DecodeState, levels: int) -> _DecodeState:
+    """``while_loop(cond, body, s)``, except that once half of the rows are done the live rows
+    are gathered into a half-size batch that continues alone (recursively, ``levels`` times) and
+    is scattered back at the end. Rows are independent (per-row keys, positions and cache), so
+    the result is the same as decoding the full batch; only the work on ended rows is saved."""
+    half = s.done.shape[0] // 2
+    if levels == 0 or half < _MIN_COMPACT_ROWS:
+        return jax.lax.while_loop(cond, body, s)
+    s = jax.lax.while_loop(lambda s: cond(s) & (jnp.sum(~s.done) > half), body, s)
+
+    def compact(s: _DecodeState) -> _DecodeState:
+        idx = jnp.argsort(s.done, stable=True)[:half]  # every live row, then ended ones
+        return _put_rows(s, idx, _run_compacting(cond, body, _take_rows(s, idx), levels - 1))
+
+    return jax.lax.cond(cond(s), compact, lambda s: s, s)
 
 
 def decode(
@@ -142,7 +174,7 @@ def decode(
         return (s.step < N) & ~jnp.all(s.done)
 
     def body(s: _DecodeState) -> _DecodeState:
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, s.step)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, s.step)
         tok = jax.vmap(partial(sample_logits, cfg=sampling))(s.logits, step_keys)
         logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
         recent = jnp.concatenate([s.recent[:, 1:], tok[:, None]], axis=1)
@@ -160,16 +192,16 @@ def decode(
         new_logits = lm_head(params, new_logits[:, 0], cfg)
         return _DecodeState(
             step=s.step + 1, cache=cache, logits=new_logits, pos=s.pos + emit, done=done, stopped=stopped,
-            lengths=s.lengths + emit, tokens=tokens, logps=logps, recent=recent,
+            lengths=s.lengths + emit, tokens=tokens, logps=logps, recent=recent, keys=s.keys,
         )
 
     init = _DecodeState(
         step=jnp.zeros((), jnp.int32), cache=cache, logits=logits.astype(jnp.float32), pos=pos.astype(jnp.int32),
         done=done0, stopped=jnp.zeros((B,), bool), lengths=jnp.zeros((B,), jnp.int32),
         tokens=jnp.full((B, N), PAD_ID, jnp.int32), logps=jnp.zeros((B, N), jnp.float32),
-        recent=jnp.full((B, W), -2, jnp.int32),
+        recent=jnp.full((B, W), -2, jnp.int32), keys=keys,
     )
-    s = jax.lax.while_loop(cond, body, init)
+    s = _run_compacting(cond, body, init, sampling.compact_levels)
     gen = Generation(tokens=s.tokens, lengths=s.lengths, logps=s.logps, stopped=s.stopped, end_pos=s.pos)
     return gen, s.cache
 

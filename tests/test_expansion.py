@@ -73,13 +73,17 @@ def test_tree_rows_equal_flat_generation_of_full_context(setup):
     assert sampling.trim(out)[0] == np.asarray(t.tokens[2][q, i, j, k])[: int(t.lengths[2][q, i, j, k])].tolist()
 
 
-def test_per_role_adapters_fork_equals_naive(setup):
+@pytest.mark.parametrize("top_layers", [0, 1])
+def test_per_role_adapters_fork_equals_naive(setup, top_layers):
+    """Per-role adapters on every layer (each level re-encodes its context) or on the top layer
+    only (each level keeps its parent's cache and recomputes the top layer): same samples as
+    naive re-encoding."""
     from malt_jax.config import LoraConfig
     from malt_jax.model import lora
 
     adapters = []
     for r in range(3):
-        a = lora.init_lora(CFG, LoraConfig(rank=2), jax.random.key(r))
+        a = lora.init_lora(CFG, LoraConfig(rank=2, top_layers=top_layers), jax.random.key(r))
         a = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape), a)
         adapters.append(a)
     f = _run(setup, "fork", tuple(adapters))

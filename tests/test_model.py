@@ -262,3 +262,40 @@ def test_remat_gives_same_gradients():
     g1 = jax.grad(loss)(params, cfg)
     g2 = jax.grad(loss)(params, dataclasses.replace(cfg, remat=True))
     chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_refresh_top_equals_reencoding_with_the_adapter():
+    """A cache written without an adapter, refreshed on the top layer with one, holds what
+    encoding the same tokens with the adapter writes; the next token's logits agree too."""
+    from malt_jax.config import LoraConfig
+    from malt_jax.model import lora
+
+    cfg = ModelConfig.tiny()
+    params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+    ad = lora.init_lora(cfg, LoraConfig(rank=2, top_layers=1), jax.random.key(1))
+    ad = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(2), w.shape), ad)
+    toks = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+    lens = jnp.asarray([9, 6])
+    valid = jnp.arange(9)[None] < lens[:, None]
+    top = cfg.n_layers - 1
+    plain, _ = llama.forward(params, toks, llama.causal_positions(2, 9), cfg, token_valid=valid,
+                             cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top))
+    _, plain_cache = llama.forward(params, toks, llama.causal_positions(2, 9), cfg, token_valid=valid,
+                                   cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top))
+    refreshed = llama.refresh_top(params, cfg, plain_cache, lens, ad)
+    _, want = llama.forward(params, toks, llama.causal_positions(2, 9), cfg, token_valid=valid, lora=ad,
+                            cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top))
+    mask = (jnp.arange(12)[None] < lens[:, None])[None, :, None, :, None]
+    for got, ref in [(refreshed.k, want.k), (refreshed.v, want.v)]:
+        np.testing.assert_allclose(jnp.where(mask, got, 0), jnp.where(mask, ref, 0), rtol=2e-5, atol=2e-5)
+    assert not np.allclose(jnp.where(mask, plain_cache.k, 0)[top], jnp.where(mask, want.k, 0)[top])
+    np.testing.assert_array_equal(refreshed.k[:top], plain_cache.k[:top])  # lower layers untouched
+    nxt = jnp.asarray([[5], [7]])
+    a, _ = llama.forward(params, nxt, lens[:, None], cfg, cache=refreshed, lora=ad)
+    b, _ = llama.forward(params, nxt, lens[:, None], cfg, cache=want, lora=ad)
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="hidden_at > 0"):
+        llama.refresh_top(params, cfg, llama.KVCache.zeros(cfg, 2, 12), lens, ad)
+    full = lora.init_lora(cfg, LoraConfig(rank=2), jax.random.key(1))
+    with pytest.raises(ValueError, match="starts at layer 0"):
+        llama.refresh_top(params, cfg, plain_cache, lens, full)

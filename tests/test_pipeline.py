@@ -104,3 +104,17 @@ def test_single_scored_from_chain_equals_sampling_it(tiny_run, tmp_path):
     assert sampled == derived
     chain = [json.loads(x) for x in (out / "eval" / "chain.jsonl").read_text().splitlines()]
     assert [r["texts"]["G"] for r in chain] == [r["texts"]["G"] for r in derived]
+
+
+def test_speed_only_fields_do_not_change_run_identity(tiny_run):
+    """A run dir accepts the same config with another decode compaction setting (same samples),
+    and refuses one whose sampling changes."""
+    import dataclasses
+
+    cfg, _, _ = tiny_run
+    faster = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, compact_levels=0))
+    assert faster.hash() == cfg.hash()
+    assert pipeline.prepare_run_dir(faster) == pipeline.Path(cfg.run_dir)
+    hotter = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, temperature=0.5))
+    with pytest.raises(ValueError, match="another config"):
+        pipeline.prepare_run_dir(hotter)

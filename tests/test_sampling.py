@@ -121,3 +121,31 @@ def test_sharded_equals_single_device(params):
     assert len(sharded.tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
     np.testing.assert_allclose(np.asarray(sharded.logps), np.asarray(single.logps), rtol=1e-4, atol=1e-5)
+
+
+def test_compacting_live_rows_changes_nothing(params):
+    """Once half of the rows have ended the live ones continue in a smaller batch (twice here:
+    32 -> 16 -> 8 rows); every output, and the cache handed back, equals plain decoding."""
+    prompts = _prompts(32, seed=3)
+    stop = StopCriteria(stop_ids=tuple(range(3, CFG.vocab_size, 6)))  # rows end at scattered steps
+    x, lens = sampling.pad_batch(prompts, bucket=16)
+    keys = sampling.row_keys(1, 32)
+    outs = {}
+    for levels in (0, 2):
+        sc = SamplingConfig(temperature=1.0, compact_levels=levels)
+        cache = llama.KVCache.zeros(CFG, 32, 16 + 20)
+        logits, cache = sampling.prefill(params, CFG, cache, jnp.asarray(x), jnp.asarray(lens), jnp.zeros(32, jnp.int32))
+        outs[levels] = jax.jit(sampling.decode, static_argnames=("cfg", "sampling", "stop", "max_new_tokens"))(
+            params, cache=cache, logits=logits, pos=jnp.asarray(lens), keys=keys, cfg=CFG, sampling=sc, stop=stop,
+            max_new_tokens=20)
+    (g0, c0), (g2, c2) = outs[0], outs[2]
+    lengths = np.asarray(g0.lengths)
+    assert lengths.min() < 5 and (lengths >= 12).sum() >= 3, lengths  # both early and late enders
+    assert (lengths <= 10).sum() > 24  # so that the batch is compacted twice
+    np.testing.assert_array_equal(g2.tokens, g0.tokens)
+    for a, b in [(g2.lengths, g0.lengths), (g2.stopped, g0.stopped), (g2.end_pos, g0.end_pos)]:
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(g2.logps, g0.logps, rtol=1e-5, atol=1e-6)
+    # the cache holds float32 keys/values computed at another batch size: equal up to rounding
+    np.testing.assert_allclose(c2.k, c0.k, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(c2.v, c0.v, rtol=1e-4, atol=1e-5)

@@ -45,8 +45,17 @@ LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 @flax.struct.dataclass
 class KVCache:
+    """Keys/values of every layer, plus (optionally) the hidden state entering layer ``hidden_at``.
+
+    ``h`` lets a role with an adapter on the top layers only re-use another role's cache: the
+    layers below ``hidden_at`` do not depend on the adapter, so :func:`refresh_top` recomputes
+    the top layers' keys/values from ``h`` instead of re-encoding the whole context.
+    """
+
     k: jax.Array  # [L, B, K, S, hd] (heads before slots: attention reads it without transposes)
     v: jax.Array  # [L, B, K, S, hd]
+    h: jax.Array | None = None  # [B, S, dim] hidden state entering layer `hidden_at` (if > 0)
+    hidden_at: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def size(self) -> int:
@@ -57,21 +66,36 @@ class KVCache:
         return self.k.shape[1]
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None, hidden_at: int = 0) -> "KVCache":
         dtype = dtype or jnp.dtype(cfg.dtype)
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        if not 0 <= hidden_at < cfg.n_layers:
+            raise ValueError(f"KVCache.zeros: hidden_at={hidden_at} not in [0, {cfg.n_layers})")
+        h = jnp.zeros((batch, size, cfg.dim), dtype) if hidden_at else None
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), h=h, hidden_at=hidden_at)
+
+    def _map(self, kv_fn, h_fn) -> "KVCache":
+        return self.replace(k=kv_fn(self.k), v=kv_fn(self.v), h=None if self.h is None else h_fn(self.h))
 
     def grow(self, size: int) -> "KVCache":
         """The same cache with ``size`` slots (new slots zero); ``size`` must not shrink it."""
         if size < self.size:
             raise ValueError(f"KVCache.grow: {size} slots < current {self.size}")
-        pad = [(0, 0)] * 3 + [(0, size - self.size), (0, 0)]
-        return KVCache(k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad))
+        extra = size - self.size
+        return self._map(lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, extra), (0, 0)]),
+                         lambda h: jnp.pad(h, [(0, 0), (0, extra), (0, 0)]))
 
     def repeat(self, times: int) -> "KVCache":
         """Forks every row ``times`` times (row b -> rows b*times .. b*times+times-1)."""
-        return KVCache(k=jnp.repeat(self.k, times, axis=1), v=jnp.repeat(self.v, times, axis=1))
+        return self._map(lambda x: jnp.repeat(x, times, axis=1), lambda h: jnp.repeat(h, times, axis=0))
+
+    def take_rows(self, idx: jax.Array) -> "KVCache":
+        return self._map(lambda x: x[:, idx], lambda h: h[idx])
+
+    def put_rows(self, idx: jax.Array, sub: "KVCache") -> "KVCache":
+        """This cache with rows ``idx`` replaced by ``sub``'s rows (inverse of ``take_rows``)."""
+        return self.replace(k=self.k.at[:, idx].set(sub.k), v=self.v.at[:, idx].set(sub.v),
+                            h=None if self.h is None else self.h.at[idx].set(sub.h))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,9 +243,11 @@ def forward(
 
     Args:
       tokens: [B, T] int token ids.
-      positions: [B, T] int absolute positions (cache slots) of the tokens.
+      positions: [B, T] int absolute positions (cache slots) of the tokens. With a cache, a
+        row's new tokens occupy consecutive positions from ``positions[:, 0]``.
       cache: optional KV cache; the new keys/values are written at ``positions`` and attention
-        runs over the whole cache. Without a cache, attention is causal over ``tokens``.
+        runs over the cache slots below each row's first new position plus the new tokens.
+        Without a cache, attention is causal over ``tokens``.
       lora: optional adapter pytree (see lora.py), applied with ``lora_scale`` (alpha / rank).
       token_valid: [B, T] bool; False marks padding (its keys are never attended to and, with
         a cache, it is not written).
@@ -229,20 +255,60 @@ def forward(
       logits [B, T, vocab] in float32 (or the final hidden states if ``return_hidden``), and
       the updated cache (None without one).
     """
+    x = params["embed"].astype(jnp.dtype(cfg.dtype))[tokens]
+    x, new_cache = _decoder(params, x, positions, cfg, cache, lora, lora_scale, token_valid, first_layer=0)
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if return_hidden:
+        return x, new_cache
+    return lm_head(params, x, cfg), new_cache
+
+
+def refresh_top(params: Params, cfg: ModelConfig, cache: KVCache, lengths: jax.Array,
+                lora: Params | None = None, lora_scale: float = 1.0) -> KVCache:
+    """Recomputes the keys/values of layers ``cache.hidden_at ..`` for slots ``< lengths`` [B]
+    from the stored hidden states, with ``lora`` (which must not adapt the layers below).
+
+    Equal to re-encoding every row's first ``lengths`` tokens with ``lora`` (the layers below
+    ``hidden_at`` give the same keys/values whatever the adapter), at the cost of the top layers.
+    """
+    if cache.h is None:
+        raise ValueError("refresh_top needs a cache created with hidden_at > 0")
+    if lora_first_layer(cfg, lora) < cache.hidden_at:
+        raise ValueError(f"refresh_top: the adapter starts at layer {lora_first_layer(cfg, lora)}, below the "
+                         f"cache's stored hidden state (layer {cache.hidden_at})")
+    B, S = cache.h.shape[:2]
+    positions = causal_positions(B, S)
+    _, new = _decoder(params, cache.h, positions, cfg, cache, lora, lora_scale,
+                      positions < lengths[:, None], first_layer=cache.hidden_at)
+    return new
+
+
+def lora_first_layer(cfg: ModelConfig, lora: Params | None) -> int:
+    """Index of the first layer an adapter touches (``n_layers`` for no adapter)."""
+    layers = (lora or {}).get("layers", {})
+    return cfg.n_layers - next((ab["a"].shape[0] for ab in layers.values()), 0)
+
+
+def _decoder(
+    params: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    cache: KVCache | None,
+    lora: Params | None,
+    lora_scale: float,
+    token_valid: jax.Array | None,
+    first_layer: int,
+) -> tuple[jax.Array, KVCache | None]:
+    """Layers ``first_layer ..`` on hidden states x [B, T, dim]; see :func:`forward`."""
     dt = jnp.dtype(cfg.dtype)
-    B, T = tokens.shape
+    B, T = x.shape[:2]
     if token_valid is None:
         token_valid = jnp.ones((B, T), bool)
     inv_freq = rope_frequencies(cfg)
-    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    x = params["embed"].astype(dt)[tokens]
+    H, K, hd, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     lora_layers = (lora or {}).get("layers", {})
     rows = jnp.arange(B)[:, None]
-
-    if cache is not None:
-        # Cache slot j holds position j. Padding is redirected past the end of the cache so the
-        # scatter drops it.
-        write_pos = jnp.where(token_valid, positions, cache.size)
 
     def block(h, lp, ll, attend):
         a_in = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
@@ -259,15 +325,23 @@ def forward(
         h = h + _linear(jax.nn.silu(gate) * up, lp["w_down"], ll.get("w_down"), lora_scale)
         return h, kv_state
 
-    # An adapter may cover only the top k layers: the layers below run in their own scan with
-    # no adapter, and (not depending on it) get no backward pass when training the adapter.
-    L = cfg.n_layers
-    n_top = next((ab["a"].shape[0] for ab in lora_layers.values()), L)
-    split = L - n_top
-    segments = [(0, split, {}), (split, L, lora_layers)] if split else [(0, L, lora_layers)]
+    # Layers run in scanned segments: an adapter may cover only the top layers (the layers below
+    # run without it and, not depending on it, get no backward pass when training it), and a
+    # cache may store the hidden state entering layer `hidden_at`.
+    lora_from = lora_first_layer(cfg, lora) if lora_layers else L
+    cuts = {first_layer, L, lora_from}
+    if cache is not None and cache.h is not None:
+        cuts.add(cache.hidden_at)
+    cuts = sorted(c for c in cuts if first_layer <= c <= L)
+    segments = list(zip(cuts[:-1], cuts[1:]))
 
-    def seg_params(lo, hi):
-        return params["layers"] if (lo, hi) == (0, L) else jax.tree.map(lambda w: w[lo:hi], params["layers"])
+    def seg(lo, hi):
+        lp = params["layers"] if (lo, hi) == (0, L) else jax.tree.map(lambda w: w[lo:hi], params["layers"])
+        if lo < lora_from or not lora_layers:
+            return lp, {}
+        a, b = lo - lora_from, hi - lora_from
+        ll = lora_layers if (a, b) == (0, L - lora_from) else jax.tree.map(lambda w: w[a:b], lora_layers)
+        return lp, ll
 
     if cache is None:
         def layer(h, xs):
@@ -277,40 +351,40 @@ def forward(
             return h, None
 
         body = jax.checkpoint(layer) if cfg.remat else layer
-        for lo, hi, ll in segments:
-            x, _ = jax.lax.scan(body, x, (seg_params(lo, hi), ll))
-        new_cache = None
-    else:
-        # Attention reads the layer's cache slots below each row's first new position plus the
-        # new tokens' own keys/values (``cached_attention``); the new keys/values of all layers
-        # are stacked by the scan and written with one scatter afterwards. Writing inside the
-        # scan made XLA:CPU rewrite the whole stacked cache buffer at every layer.
-        old_len = positions[:, 0]
+        for lo, hi in segments:
+            x, _ = jax.lax.scan(body, x, seg(lo, hi))
+        return x, None
 
-        def layer(h, xs):
-            lp, ll, ck, cv = xs
+    # Attention reads the layer's cache slots below each row's first new position plus the new
+    # tokens' own keys/values (``cached_attention``); the new keys/values of all layers are
+    # stacked by the scan and written with one scatter afterwards (writing inside the scan made
+    # XLA:CPU rewrite the whole stacked cache buffer at every layer).
+    write_pos = jnp.where(token_valid, positions, cache.size)  # padding goes past the end: dropped
+    old_len = positions[:, 0]
 
-            def attend(q, k, v):
-                out = cached_attention(q, k, v, ck.astype(dt), cv.astype(dt), positions, old_len, token_valid)
-                return out, (k, v)
+    def layer(h, xs):
+        lp, ll, i = xs
 
-            return block(h, lp, ll, attend)
+        def attend(q, k, v):
+            ck, cv = cache.k[i].astype(dt), cache.v[i].astype(dt)
+            return cached_attention(q, k, v, ck, cv, positions, old_len, token_valid), (k, v)
 
-        new_k, new_v = [], []
-        for lo, hi, ll in segments:
-            x, (k_seg, v_seg) = jax.lax.scan(
-                layer, x, (seg_params(lo, hi), ll, cache.k[lo:hi], cache.v[lo:hi]))
-            new_k.append(k_seg)
-            new_v.append(v_seg)
-        heads = jnp.arange(K)[None, None, :]
-        r, w = rows[:, :, None], write_pos[:, :, None]
-        cat = (lambda xs: xs[0]) if len(segments) == 1 else (lambda xs: jnp.concatenate(xs, axis=0))
-        new_cache = KVCache(k=cache.k.at[:, r, heads, w].set(cat(new_k).astype(cache.k.dtype), mode="drop"),
-                            v=cache.v.at[:, r, heads, w].set(cat(new_v).astype(cache.v.dtype), mode="drop"))
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    if return_hidden:
-        return x, new_cache
-    return lm_head(params, x, cfg), new_cache
+        return block(h, lp, ll, attend)
+
+    new_k, new_v, h_store = [], [], cache.h
+    for lo, hi in segments:
+        if h_store is not None and lo == cache.hidden_at and first_layer < lo:
+            h_store = h_store.at[rows, write_pos].set(x.astype(h_store.dtype), mode="drop")
+        x, (k_seg, v_seg) = jax.lax.scan(layer, x, (*seg(lo, hi), jnp.arange(lo, hi)))
+        new_k.append(k_seg)
+        new_v.append(v_seg)
+    heads = jnp.arange(K)[None, None, :]
+    r, w = rows[:, :, None], write_pos[:, :, None]
+    new_k = jnp.concatenate(new_k, axis=0) if len(new_k) > 1 else new_k[0]
+    new_v = jnp.concatenate(new_v, axis=0) if len(new_v) > 1 else new_v[0]
+    k_all = cache.k.at[first_layer:, r, heads, w].set(new_k.astype(cache.k.dtype), mode="drop")
+    v_all = cache.v.at[first_layer:, r, heads, w].set(new_v.astype(cache.v.dtype), mode="drop")
+    return x, cache.replace(k=k_all, v=v_all, h=h_store)
 
 
 def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
