@@ -217,14 +217,12 @@ def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example
         exs = [train[i] for i in arrays["index"]]
         texts = {r: decode_level(model.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"]) for r in ROLES}
         arrays["rewards"] = grade_leaves(task, exs, texts["R"])
-        tmp = out / f"batch_{b:05d}.tmp.npz"
-        np.savez(tmp, **arrays)
-        with open(out / f"batch_{b:05d}.jsonl", "w") as f:
-            for q, ex in enumerate(exs):
-                f.write(json.dumps({"id": ex.id, "question": ex.question, "gold": ex.answer,
-                                    "G": texts["G"][q].tolist(), "V": texts["V"][q].tolist(),
-                                    "R": texts["R"][q].tolist(), "rewards": arrays["rewards"][q].tolist()}) + "\n")
-        os.replace(tmp, out / f"batch_{b:05d}.npz")  # atomic: a batch file exists only when complete
+        _write_atomic(out / f"batch_{b:05d}.jsonl", "".join(
+            json.dumps({"id": ex.id, "question": ex.question, "gold": ex.answer, "G": texts["G"][q].tolist(),
+                        "V": texts["V"][q].tolist(), "R": texts["R"][q].tolist(),
+                        "rewards": arrays["rewards"][q].tolist()}) + "\n" for q, ex in enumerate(exs)))
+        # last: a batch counts as done once its arrays exist
+        _write_atomic(out / f"batch_{b:05d}.npz", lambda f: np.savez(f, **arrays))
 
     sample_trees(model, codec, train, spec, seed=cfg.train.seed, batch_size=bs, on_batch=save,
                  skip=lambda b: (out / f"batch_{b:05d}.npz").exists(), desc="expand (train trees)",
@@ -310,9 +308,7 @@ def run_credit(cfg: RunConfig, model: Model, task: Task, run_dir: Path) -> dict:
                                        cfg.train.max_pairs_per_parent, cfg.train.seed)
     for role, d in datasets.items():
         for kind, rows in d.items():
-            with open(out / f"{role}_{kind}.jsonl", "w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
+            _write_atomic(out / f"{role}_{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     summary["leaf_accuracy"] = float(trees["rewards"].mean())
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2))  # last: marks the stage done
@@ -341,12 +337,10 @@ def load_datasets(run_dir: Path, role: str) -> tuple[list, list]:
 
 def save_adapter(adapter: Params, path: Path) -> None:
     """Writes an adapter as safetensors (flat ``layers.<name>.<a|b>`` keys); atomic."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     flat = {f"layers.{n}.{f}": np.asarray(adapter["layers"][n][f]) for n in adapter["layers"] for f in ("a", "b")}
-    tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp))
-    os.replace(tmp, path)
+    _write_atomic(path, lambda f: f.write(save(flat)))
 
 
 def load_adapter(path: Path) -> Params:
@@ -388,9 +382,7 @@ def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: 
         adapter, history = train_role(model.params, model.cfg, cfg.lora, cfg.train, sft, dpo,
                                       ROLE_NAMES[role], out / f"{role}_ckpt", mesh=mesh, progress=progress,
                                       pad_id=model.tokenizer.pad_id)
-        with open(out / f"{role}_history.jsonl", "w") as f:
-            for h in history:
-                f.write(json.dumps(h) + "\n")
+        _write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         save_adapter(adapter, final)
         adapters[role] = adapter
     return adapters
@@ -440,9 +432,7 @@ def _read_rows(path: Path, n: int) -> list[dict] | None:
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example],
@@ -555,11 +545,22 @@ def make_run_mesh(cfg: RunConfig):
     return make_mesh(dict(cfg.mesh) or None)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` via a temporary file + rename, so a killed run never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_atomic(path: Path, content: str | Callable[[Any], Any]) -> None:
+    """Writes ``content`` (text, or a function writing to a binary file) to ``path`` atomically:
+    readers see the old file or the whole new one. The temporary name is unique per process, so
+    the processes of a multi-host run may all write the same (identical) file."""
+    import jax
+
+    tmp = path.with_name(f".{path.name}.{jax.process_index()}.{os.getpid()}.tmp")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        else:
+            with open(tmp, "wb") as f:
+                content(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:

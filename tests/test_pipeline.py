@@ -118,3 +118,18 @@ def test_speed_only_fields_do_not_change_run_identity(tiny_run):
     hotter = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, temperature=0.5))
     with pytest.raises(ValueError, match="another config"):
         pipeline.prepare_run_dir(hotter)
+
+
+def test_write_atomic_text_and_binary_leave_no_temporaries(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    pipeline._write_atomic(target, '{"x": 1}')
+    assert json.loads(target.read_text()) == {"x": 1}
+    arrays = {"t": np.arange(6).reshape(2, 3)}
+    pipeline._write_atomic(tmp_path / "b.npz", lambda f: np.savez(f, **arrays))
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npz")["t"], arrays["t"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]
+    with pytest.raises(ZeroDivisionError):  # a failed write keeps the old file, and no temporary
+        pipeline._write_atomic(target, lambda f: 1 / 0)
+    assert json.loads(target.read_text()) == {"x": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]
