@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from malt_jax.tasks import DataError, get_task
+from malt_jax.tasks import DataError, get_task, train_eval_sets
 from malt_jax.tasks.gsm8k import to_tfds
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -232,3 +232,29 @@ def test_real_csqa_rows() -> None:
     assert first.answer == "A" and first.meta["choices"]["A"] == "bank"
     assert task.grade_example("Final Answer: bank", first) == 1
     assert sum(task.grade(f"Final Answer: {e.answer}", e.answer) for e in rows) == len(rows)
+
+
+@needs_shared
+def test_csqa_experiment_split_is_seeded_disjoint_and_600_held_out(tmp_path, monkeypatch):
+    """experiments/smollm2_csqa.yaml splits the real validation rows into 64 training and 600
+    held-out questions, disjoint also by question text, the same on every call, written to
+    the run dir's splits.json."""
+    import dataclasses
+    import json
+
+    from malt_jax import pipeline
+    from malt_jax.config import load_run_config
+
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)  # task.path is relative to the project root
+    cfg = load_run_config(root / "experiments" / "smollm2_csqa.yaml")
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"))
+    task = pipeline.make_task(cfg)
+    run_dir = pipeline.prepare_run_dir(cfg)
+    train, evals = pipeline.load_splits(cfg, task, run_dir)
+    assert (len(train), len(evals)) == (64, 600)
+    assert not {e.question for e in train} & {e.question for e in evals}
+    saved = json.loads((run_dir / "splits.json").read_text())
+    assert saved["train"] == [e.id for e in train] and saved["eval"] == [e.id for e in evals]
+    again = train_eval_sets(task, 64, 600, cfg.task.seed, "validation", "validation")
+    assert [e.id for e in again[1]] == saved["eval"]
