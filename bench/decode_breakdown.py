@@ -9,7 +9,8 @@ benchmark (48 prompt + 64 new = 112 slots), times these jitted pieces, round-rob
 * ``no_cache``   — the decoder on one token per row WITHOUT a KV cache (same weight matmuls,
                    attention over the token itself): the weight-bound part;
 * ``kv_scatter`` — only the per-layer cache writes ``cache.at[layer, row, head, pos].set(kv)``
-                   carried through a 30-layer scan (as ``llama.forward`` does);
+                   carried through a 30-layer scan (how ``llama.forward`` wrote the cache until
+                   session 2; it now writes all layers once after the scan);
 * ``attention``  — only the cached GQA attention (``llama.attention`` on q [B,1,H,hd] against
                    the full [B,K,S,hd] cache) for 30 layers.
 
@@ -91,7 +92,7 @@ def main() -> None:
         acc, _ = jax.lax.scan(layer, jnp.zeros((B, H), jnp.float32), jnp.arange(L))
         return acc
 
-    variants, meta = {}, {}
+    variants = {}
     for B in batches:
         tok = jnp.ones((B, 1), jnp.int32)
         pos = jnp.full((B, 1), S // 2, jnp.int32)

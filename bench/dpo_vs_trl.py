@@ -95,7 +95,6 @@ def main() -> None:
     from trl import DPOConfig, DPOTrainer
 
     import jax
-    import jax.numpy as jnp
 
     from malt_jax.config import LoraConfig, TrainConfig
     from malt_jax.data import DPOExample, pack_dpo

@@ -3,7 +3,6 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,7 +11,6 @@ from tests.fixtures import numpy_random_params
 from malt_jax import data as D
 from malt_jax.checkpoint import Checkpointer, CheckpointError
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
-from malt_jax.model.llama import init_params
 from malt_jax.model.lora import init_lora
 from malt_jax.sharding import make_mesh
 from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings, train_role

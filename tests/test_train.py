@@ -4,7 +4,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,7 +11,6 @@ from tests.fixtures import numpy_random_params
 
 from malt_jax import data as D
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
-from malt_jax.model.llama import init_params
 from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.sharding import make_mesh
 from jax.sharding import PartitionSpec as P

@@ -48,7 +48,7 @@ def adapter_shapes(cfg: ModelConfig, lora_cfg: LoraConfig) -> dict:
 
 def init_lora(cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
     """A fresh adapter: ``a ~ U(-1/sqrt(in), 1/sqrt(in))`` (PEFT's kaiming-uniform), ``b = 0``."""
-    shapes = adapter_shapes(cfg, lora_cfg)["layers"]  # validates the config eagerly
+    adapter_shapes(cfg, lora_cfg)  # validates the config eagerly (raises naming the bad field)
     return _init_lora(cfg, lora_cfg, key, jnp.dtype(dtype))
 
 
