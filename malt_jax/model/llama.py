@@ -170,8 +170,41 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 def _linear(x: jax.Array, w: jax.Array, lora: dict | None, scale: float) -> jax.Array:
     y = x @ w.astype(x.dtype)
     if lora is not None:
-        y = y + scale * ((x @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype))
+        y = y + scale * lora_delta(x, lora["a"].astype(x.dtype), lora["b"].astype(x.dtype))
     return y
+
+
+@jax.custom_vjp
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """The low-rank update ``(x @ a) @ b`` for x [..., in], a [in, r], b [r, out].
+
+    Same forward as the plain expression; the backward is written by hand with the token axes
+    flattened: ``db = (x a)ᵀ g``, ``da = xᵀ (g bᵀ)``, ``dx = (g bᵀ) aᵀ``. Autodiff of the plain
+    expression contracts the [B, T, out] cotangent over (B, T) for ``db``, and XLA:CPU then
+    materialises that cotangent transposed (a strided loop fusion that took 40 % of a LoRA
+    DPO step on SmolLM2-135M); this form keeps every operand in its natural layout (the step
+    went from 3.5 to 2.4 s, see bench/README.md). Gradients equal autodiff's to float rounding
+    (tests/test_lora.py).
+    """
+    return (x @ a) @ b
+
+
+def _lora_delta_fwd(x: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple]:
+    xa = x @ a
+    return xa @ b, (x, a, b, xa)
+
+
+def _lora_delta_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, a, b, xa = res
+    g2 = g.reshape(-1, g.shape[-1])
+    g_xa = g2 @ b.T  # [N, r]
+    db = xa.reshape(-1, xa.shape[-1]).T @ g2
+    da = x.reshape(-1, x.shape[-1]).T @ g_xa
+    dx = (g_xa @ a.T).reshape(x.shape)
+    return dx, da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def attention(
