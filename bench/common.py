@@ -110,3 +110,25 @@ def save_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, default=float))
+
+
+def log(s: str) -> None:
+    print(s, flush=True)
+
+
+def peer_start(title: str, threads: list[int], versions: dict[str, str]) -> Any:
+    """Common start of the peer benchmarks (malt-jax vs a PyTorch library, peers env only):
+    sets torch's thread count to the first of ``threads``, prints the header (machine, jax /
+    torch versions, ``versions`` of the peer libraries, load average) and loads the embedded
+    SmolLM2 model, which it returns."""
+    import jax
+    import torch
+
+    from malt_jax.pipeline import load_model
+
+    torch.set_num_threads(threads[0])
+    peers = ", ".join(f"{k} {v}" for k, v in versions.items())
+    log(f"# {title}\nmachine: {machine()}\njax {jax.__version__} (backend {jax.default_backend()}), "
+        f"torch {torch.__version__} (threads {threads}, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {peers}\nload average at start: {os.getloadavg()}")
+    return load_model("smollm2")

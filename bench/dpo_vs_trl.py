@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="pairs per step (default 2)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 128)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="timed TRL steps per torch thread count (default 2; malt-jax runs one step per TRL step)")
+                    help="timed TRL steps per torch thread count (default 4; malt-jax runs one step per TRL step)")
     ap.add_argument("--threads", type=str, default="2,1",
                     help="torch thread counts; TRL steps cycle through them (default 2,1: on a loaded 2-core VM "
                          "2 OpenMP threads can be slower than 1, so the ratio uses the faster)")
@@ -82,7 +82,7 @@ def main() -> None:
     B = args.batch or 2
     seq = args.seq or (64 if args.quick else 128)
     threads = [int(t) for t in args.threads.split(",")]
-    steps = args.steps or (1 if args.quick else 2)
+    steps = args.steps or (1 if args.quick else 4)
     warmup = len(threads)  # the first step of each thread count (and malt-jax's compile) is dropped
     total_steps = warmup + steps * len(threads)
 
@@ -100,16 +100,12 @@ def main() -> None:
     from malt_jax.data import DPOExample, pack_dpo
     from malt_jax.model.lora import init_lora, lora_scale
     from malt_jax.model.weights import save_hf
-    from malt_jax.pipeline import load_model
     from malt_jax.train import Stepper, TrainState, make_optimizer, reference_logps
 
-    torch.set_num_threads(threads[0])
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    log(f"# LoRA DPO step: malt-jax vs TRL DPOTrainer + peft\nmachine: {common.machine()}\n"
-        f"jax {jax.__version__}, torch {torch.__version__} (threads {threads}), "
-        f"transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}\n"
-        f"load average at start: {os.getloadavg()}")
-    model = load_model("smollm2")
+    log = common.log
+    model = common.peer_start("LoRA DPO step: malt-jax vs TRL DPOTrainer + peft", threads,
+                              {"transformers": transformers.__version__, "trl": trl.__version__,
+                               "peft": peft.__version__})
     cfg, params, tok = model.cfg, model.params, model.tokenizer
     peak = flops.measure_peak_jax(1024 if args.quick else 2048)
     log(f"measured f32 matmul peak (jax): {peak / 1e9:.1f} GFLOP/s")

@@ -54,17 +54,12 @@ def main() -> None:
 
     from malt_jax.config import SamplingConfig
     from malt_jax.model.weights import save_hf
-    from malt_jax.pipeline import load_model
     from malt_jax.sampling import StopCriteria, generate, pad_batch, row_keys
 
     threads = [int(t) for t in args.threads.split(",")]
-    torch.set_num_threads(threads[0])
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    log(f"# malt-jax vs transformers generate()\nmachine: {common.machine()}\njax {jax.__version__} "
-        f"(backend {jax.default_backend()}), torch {torch.__version__} (threads {threads}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), transformers {transformers.__version__}\n"
-        f"load average at start: {os.getloadavg()}")
-    model = load_model("smollm2")
+    log = common.log
+    model = common.peer_start("malt-jax vs transformers generate()", threads,
+                              {"transformers": transformers.__version__})
     cfg, params, tok = model.cfg, model.params, model.tokenizer
     with tempfile.TemporaryDirectory() as d:
         save_hf(params, cfg, d)
