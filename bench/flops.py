@@ -69,13 +69,12 @@ def lora_train_flops(cfg, seq_lens, rank: int, targets) -> float:
     return total
 
 
-def measure_peak_jax(n: int = 2048, reps: int = 5) -> float:
-    """Best FLOP/s of an ``n x n @ n x n`` float32 jitted matmul (compile excluded)."""
+def measure_peak_jax(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """Best FLOP/s of an ``n x n @ n x n`` jitted matmul in ``dtype`` (compile excluded)."""
     import jax
-    import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, b).block_until_ready()
     best = float("inf")

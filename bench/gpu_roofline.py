@@ -6,14 +6,15 @@ run, its percentages mean nothing). One process, compile excluded, medians of ti
 
 * **peak**: the device's dense bf16 matmul peak from its spec sheet (``--peak-tflops``; known
   for H100/H200 SXM) **and** the FLOP/s of a large jitted bf16 matmul measured in this run;
-  memory: the spec HBM bandwidth (``--hbm-tbs``) and a measured device-to-device copy.
+  memory: the spec HBM bandwidth (``--hbm-tbs``) and a measured read of a large array.
 * **SFT / DPO**: ``train.Stepper`` as the MALT recipe runs it (LoRA on all 7 projections,
   AdamW, clipping), ``--rows`` rows of ``--seq`` tokens (DPO: rows/2 pairs); model FLOPs per
   step from ``flops.lora_train_flops`` (forward ``2N`` + activation gradients ``2N`` per token
   + attention; the frozen base gets no weight gradients), MFU = FLOPs / time / peak.
 * **decode, batch 1**: ``sampling.generate`` greedy for ``--new-tokens`` after a ``--prompt``
   token prompt; per-step time = (generate - prefill) / new tokens; bytes a step must read = all
-  matmul weights + the KV cache up to the current position; utilisation = bytes / time / HBM.
+  matmul weights + the KV cache up to the current position; utilisation = bytes / time / HBM
+  (spec and measured read bandwidth).
 
 Run on a lent H100 (its image has jax, flax, optax, orbax, chex, einops)::
 
@@ -49,26 +50,6 @@ def spec_for(kind: str) -> tuple[float | None, float | None]:
 def median_time(fn, reps: int) -> float:
     fn()  # compile / warm-up
     return common.median([common.timed(fn) for _ in range(reps)])
-
-
-def measure_peak(dtype, n: int, reps: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    return 2.0 * n ** 3 / median_time(lambda: f(a, b).block_until_ready(), reps)
-
-
-def measure_copy_bandwidth(mbytes: int, reps: int = 5) -> float:
-    """Bytes/s of a device-to-device copy, counting the bytes read and written."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((mbytes * 2 ** 20 // 4,), jnp.float32)
-    f = jax.jit(lambda v: v + 1.0)
-    return 2 * x.size * 4 / median_time(lambda: f(x).block_until_ready(), reps)
 
 
 def main() -> None:
@@ -111,9 +92,9 @@ def main() -> None:
     log(f"# accelerator roofline: {args.preset if not q else 'tiny (smoke run)'}, {dtype}\n"
         f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}; spec peak "
         f"{spec_tf or '?'} TFLOP/s, {spec_bw or '?'} TB/s")
-    peak = measure_peak(jnp.dtype(dtype), 1024 if q else 8192)
-    bw = measure_copy_bandwidth(64 if q else 4096)
-    log(f"measured: {dtype} matmul {peak / 1e12:.2f} TFLOP/s; device copy {bw / 1e12:.3f} TB/s (read + write)")
+    peak = flops.measure_peak_jax(1024 if q else 8192, dtype=dtype)
+    bw = flops.measure_bandwidth_jax(64 if q else 4096)
+    log(f"measured: {dtype} matmul {peak / 1e12:.2f} TFLOP/s (best of 5); memory read {bw / 1e12:.3f} TB/s")
     peaks = {"measured": peak, **({"spec": spec_tf * 1e12} if spec_tf else {})}
 
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
@@ -123,7 +104,7 @@ def main() -> None:
     tok = lambda n: rng.integers(3, cfg.vocab_size, n).tolist()  # noqa: E731
     lora_cfg = LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
     targets = lora_cfg.targets
-    results: dict = {"device": dev.device_kind, "dtype": dtype, "peaks": peaks, "copy_bw": bw, "rows": []}
+    results: dict = {"device": dev.device_kind, "dtype": dtype, "peaks": peaks, "read_bw": bw, "rows": []}
 
     # ---- training steps
     half = seq // 2
@@ -168,7 +149,7 @@ def main() -> None:
     achieved = (w_bytes + kv_bytes) / step_s
     row = {"what": "decode step, batch 1", "shape": f"prompt {prompt}, {new} new", "median s": step_s,
            "tokens/s": 1 / step_s, "GB read per step": (w_bytes + kv_bytes) / 1e9, "achieved TB/s": achieved / 1e12,
-           "% of measured copy BW": 100 * achieved / bw,
+           "% of measured read BW": 100 * achieved / bw,
            **({"% of spec HBM": 100 * achieved / (spec_bw * 1e12)} if spec_bw else {})}
     results["rows"].append(row)
     log(common.table([row], list(row)))
