@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: csqa install test test-slow test-all malt bench peers chat clean
+.PHONY: csqa install test test-slow test-all malt study bench peers chat clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test-all: $(STAMP)
 # The main job: MALT end to end on the embedded default (SmolLM2-135M-Instruct, synthetic arithmetic).
 malt: $(STAMP)
 	$(BIN)/malt-jax run experiments/smollm2_synthetic.yaml $(ARGS)
+
+# The learning-curve study (README "Study"): MALT on 40 / 126 / 400 training questions, 400 held-out
+# questions, every system; resumable (rerun to continue). Several hours on a 2-core CPU.
+study: $(STAMP)
+	$(BIN)/malt-jax study experiments/study_synthetic.yaml $(ARGS)
 
 # MALT on real CommonsenseQA rows (../shared/data), about an hour on a 2-core CPU
 csqa: $(STAMP)

@@ -140,7 +140,7 @@ def main() -> None:
     log(f"pairs: {len(examples)}, row lengths (prompt + completion): min {min(lens)} max {max(lens)}")
     lora_cfg = LoraConfig(rank=8, alpha=16.0, targets=TARGETS_OURS)
     train_cfg = TrainConfig(batch_size=B, grad_accum=1, dpo_beta=beta, dpo_loss="sigmoid", grad_clip=1.0,
-                            weight_decay=0.0, warmup_steps=0, max_seq_len=max(seq, 16), dpo_learning_rate=lr)
+                            weight_decay=0.0, warmup_ratio=0.0, max_seq_len=max(seq, 16), dpo_learning_rate=lr)
     opt = make_optimizer(train_cfg, total_steps, lr)
     stepper = Stepper("dpo", cfg, lora_cfg, train_cfg, opt)
     adapter = init_lora(cfg, lora_cfg, jax.random.key(0))

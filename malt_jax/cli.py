@@ -2,6 +2,7 @@
 
     malt-jax run experiments/smollm2_synthetic.yaml            # every stage, resumable
     malt-jax expand|credit|train|eval CONFIG [overrides]       # one stage
+    malt-jax study experiments/study_synthetic.yaml           # learning curve over training-set sizes
     malt-jax chat "What is the capital of France?"              # greedy answer of the base model
     malt-jax plan CONFIG --mesh data=1,fsdp=8,tensor=1 --device v5p   # per-device memory/FLOPs, no hardware
 """
@@ -34,6 +35,23 @@ def _cmd_stage(args: argparse.Namespace) -> int:
                   f"bootstrap 95% CI [{row['bootstrap_lo']:+.3f}, {row['bootstrap_hi']:+.3f}]")
         print(f"report: {summary['report']}")
     print(f"done in {time.perf_counter() - t0:.0f} s; run dir {summary['run_dir']}")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from malt_jax.config import load_run_config
+    from malt_jax.study import run_study
+
+    cfg = load_run_config(args.config, args.overrides)
+    command = " ".join(["malt-jax study", args.config, *args.overrides])
+    out = run_study(cfg, progress=not args.no_progress, command=command)
+    for point in out["curve"]:
+        s = point["systems"]
+        p = point["primary"] or {}
+        print(f"n_train={point['n_train']}: " + ", ".join(f"{n} {v['accuracy']:.3f}" for n, v in s.items())
+              + (f" | primary {p['a']} vs {p['b']}: diff {p['diff']:+.3f}, p={p['p']:.3g}" if p else ""))
+    print("baselines: " + ", ".join(f"{n} {v['accuracy']:.3f}" for n, v in out["baselines"].items()))
+    print(f"wall time {out['wall_time_s']:.0f} s (this call {out['this_call_s']:.0f} s)")
     return 0
 
 
@@ -96,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task.num_train=16")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         s.set_defaults(func=_cmd_stage)
+    st = sub.add_parser("study", help="learning curve: MALT on nested training sets (study.train_sizes)")
+    st.add_argument("config", help="YAML study config (experiments/study_synthetic.yaml)")
+    st.add_argument("overrides", nargs="*", help="key=value overrides")
+    st.add_argument("--no-progress", action="store_true", help="no progress bars")
+    st.set_defaults(func=_cmd_study)
     c = sub.add_parser("chat", help="the base model's answer to one question")
     c.add_argument("question")
     c.add_argument("--weights", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")

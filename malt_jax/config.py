@@ -126,6 +126,9 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     max_new_tokens: int = 128
+    # per-role budgets (G, V, R) for expansion AND evaluation; empty = max_new_tokens for trees,
+    # eval.max_new_tokens for evaluation
+    role_max_new_tokens: tuple[int, ...] = ()
     greedy: bool = False
     stop_strings: tuple[str, ...] = ()
     # Decoding runs until a batch's longest row ends. When half of the rows have ended, the live
@@ -135,6 +138,17 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _check_min("sampling", self, temperature=0, top_k=0, max_new_tokens=1, compact_levels=0)
+        if self.role_max_new_tokens and (len(self.role_max_new_tokens) != 3 or min(self.role_max_new_tokens) < 1):
+            raise ConfigError(f"sampling.role_max_new_tokens must be empty or three ints >= 1 (G, V, R), "
+                              f"got {list(self.role_max_new_tokens)}")
+
+    def budgets(self, default: int | None = None) -> tuple[int, int, int]:
+        """New-token budgets of G, V, R (``role_max_new_tokens``, else ``default`` or
+        ``max_new_tokens`` for each)."""
+        if self.role_max_new_tokens:
+            return tuple(int(x) for x in self.role_max_new_tokens)  # type: ignore[return-value]
+        n = self.max_new_tokens if default is None else default
+        return (n, n, n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +181,18 @@ class LoraConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     learning_rate: float = 2e-4
-    warmup_steps: int = 10
+    # Linear warmup over ceil(warmup_ratio * the stage's total steps) updates (>= 1 when the ratio
+    # is > 0, < total so the cosine decay always runs), then cosine decay to 0.
+    warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
+    # MAXIMUM epochs per stage; with a held-out set the best epoch (held-out loss) is kept and a
+    # stage stops after ``early_stop_patience`` epochs without improvement (0 = never early).
     sft_epochs: int = 2
     dpo_epochs: int = 1
+    early_stop_patience: int = 2
     dpo_learning_rate: float = 5e-5
     dpo_beta: float = 0.2
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -182,6 +201,11 @@ class TrainConfig:
     value_threshold: float = 0.5
     max_pairs_per_parent: int = 2
     generator_dpo: bool = False
+    # weight the verifier's SFT examples / DPO pairs so that those under right and under wrong
+    # generator answers carry equal weight (see pipeline.build_datasets)
+    verifier_balance: bool = True
+    # fraction of the training questions whose examples are held out to choose epochs (0 = none)
+    heldout_fraction: float = 0.1
     # Budget caps per role (0 = use everything): a seeded random subset of the SFT examples /
     # DPO pairs is kept, e.g. to fit a CPU time budget.
     max_sft_examples: int = 0
@@ -193,9 +217,13 @@ class TrainConfig:
     dpo_reference: Literal["sft", "base"] = "sft"
 
     def __post_init__(self) -> None:
-        _check_min("train", self, learning_rate=0, dpo_learning_rate=0, warmup_steps=0, grad_clip=0,
+        _check_min("train", self, learning_rate=0, dpo_learning_rate=0, warmup_ratio=0, grad_clip=0,
                    batch_size=1, grad_accum=1, sft_epochs=0, dpo_epochs=0, max_seq_len=2,
-                   max_sft_examples=0, max_dpo_pairs=0)
+                   max_sft_examples=0, max_dpo_pairs=0, early_stop_patience=0, heldout_fraction=0)
+        if isinstance(self.heldout_fraction, (int, float)) and not self.heldout_fraction < 1:
+            raise ConfigError(f"train.heldout_fraction must be < 1, got {self.heldout_fraction!r}")
+        if isinstance(self.warmup_ratio, (int, float)) and not self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be < 1, got {self.warmup_ratio!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +234,7 @@ class EvalConfig:
     max_new_tokens: int = 128
     bootstrap_samples: int = 2000
     seed: int = 1
+    sft_chain: bool = False  # also evaluate the SFT-only trained chain (the paper's STaR-style ablation)
 
     def __post_init__(self) -> None:
         _check_min("eval", self, votes=1, batch_questions=0, temperature=0, max_new_tokens=1)
@@ -220,9 +249,28 @@ class TaskConfig:
     seed: int = 0
     # task-specific knobs (e.g. synthetic difficulty), kept as a flat mapping
     options: tuple[tuple[str, Any], ...] = ()
+    # how the roles see each other: "chat" (one growing conversation) or "separate" (each role
+    # its own prompt quoting the earlier outputs, as in the paper); see tasks/prompts.py
+    framing: Literal["chat", "separate"] = "chat"
 
     def __post_init__(self) -> None:
         _check_min("task", self, num_train=1, num_eval=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A learning-curve study (``malt-jax study``): MALT trained on nested training sets of these
+    sizes (the first k of ``task.num_train`` questions, one shared expansion), every system
+    evaluated on the same held-out questions. Empty = not a study."""
+
+    train_sizes: tuple[int, ...] = ()
+    results: str = ""  # JSON summaries + plot go to <results>/<name>*.json|png ("" = <run_dir>/results)
+
+    def __post_init__(self) -> None:
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.train_sizes):
+            raise ConfigError(f"study.train_sizes must be ints >= 1, got {list(self.train_sizes)}")
+        if len(set(self.train_sizes)) != len(self.train_sizes):
+            raise ConfigError(f"study.train_sizes has duplicates: {list(self.train_sizes)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +287,12 @@ class RunConfig:
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    study: StudyConfig = StudyConfig()
+
+    def __post_init__(self) -> None:
+        if self.study.train_sizes and max(self.study.train_sizes) > self.task.num_train:
+            raise ConfigError(f"study.train_sizes: the largest size {max(self.study.train_sizes)} exceeds "
+                              f"task.num_train={self.task.num_train} (the questions expanded for the study)")
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(to_dict(self, identity_only=True), sort_keys=True).encode()).hexdigest()[:12]

@@ -6,6 +6,10 @@
 * :func:`paired_bootstrap` -- paired bootstrap CI / p-value for an accuracy difference.
 * :class:`SystemResult` + :func:`compare` -- per-system correctness vectors and the paired
   "target vs baselines" table used by :mod:`malt_jax.report`.
+* :func:`holm` -- Holm-Bonferroni adjusted p-values for a family of comparisons.
+* :func:`parse_verdict` + :func:`verifier_confusion` -- what a verifier said about an answer
+  ("correct" / "incorrect") against whether the answer was right: a confusion matrix and the
+  balanced accuracy.
 
 All systems compared with each other must be evaluated on the *same* questions in the *same*
 order (paired design): element ``i`` of every correctness vector refers to question ``i``.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +33,9 @@ __all__ = [
     "paired_bootstrap",
     "SystemResult",
     "compare",
+    "holm",
+    "parse_verdict",
+    "verifier_confusion",
 ]
 
 
@@ -292,3 +300,73 @@ def compare(
             "bootstrap_p": bs["p_value"],
         })
     return rows
+
+
+# --------------------------------------------------------------------------- multiple comparisons
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given; each capped at 1).
+
+    Sorted ascending, the i-th smallest (0-based) is multiplied by ``m - i`` and the running
+    maximum is taken, so adjusted values keep the order of the raw ones.
+    """
+    p = [float(x) for x in p_values]
+    if any(not 0.0 <= x <= 1.0 for x in p):
+        raise ValueError(f"p-values must lie in [0, 1], got {p}")
+    m = len(p)
+    out = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda k: p[k])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+# --------------------------------------------------------------------------- verifier verdicts
+
+_VERDICT_RE = re.compile(r"\b(incorrect|not\s+correct|wrong|correct|right)\b", re.IGNORECASE)
+_VERDICT_LINE_RE = re.compile(r"verdict\s*[:：]", re.IGNORECASE)
+
+
+def parse_verdict(text: str) -> bool | None:
+    """What a critique says of the answer it checks: True ("correct"), False ("incorrect", "not
+    correct", "wrong") or None (no verdict).
+
+    The first verdict word after the last ``Verdict:`` counts, else the first one anywhere (a
+    critique states its verdict before explaining). Bounded: only the first 2,000 characters
+    after that point are read.
+    """
+    if not isinstance(text, str):
+        return None
+    last = None
+    for last in _VERDICT_LINE_RE.finditer(text):
+        pass
+    segment = text[last.end():] if last else text
+    m = _VERDICT_RE.search(segment[:2000])
+    if m is None:
+        return None
+    return m.group(1).lower() in ("correct", "right")
+
+
+def verifier_confusion(answer_correct: Sequence[bool], verdicts: Sequence[bool | None]) -> dict[str, Any]:
+    """Confusion matrix of verdicts against the checked answers' real correctness.
+
+    Returns counts ``{right,wrong}_{says_correct,says_incorrect,no_verdict}``, ``n``,
+    ``tpr`` = P(says correct | answer right), ``tnr`` = P(says incorrect | answer wrong) (no
+    verdict counts as a miss in both) and ``balanced_accuracy`` = (tpr + tnr) / 2 (NaN parts when
+    a class is empty: then the balanced accuracy is NaN), plus ``says_correct_rate``.
+    """
+    if len(answer_correct) != len(verdicts):
+        raise ValueError(f"{len(answer_correct)} answers but {len(verdicts)} verdicts")
+    counts = {f"{a}_{v}": 0 for a in ("right", "wrong") for v in ("says_correct", "says_incorrect", "no_verdict")}
+    for ok, verdict in zip(answer_correct, verdicts):
+        v = "no_verdict" if verdict is None else ("says_correct" if verdict else "says_incorrect")
+        counts[f"{'right' if ok else 'wrong'}_{v}"] += 1
+    n_right = sum(counts[f"right_{v}"] for v in ("says_correct", "says_incorrect", "no_verdict"))
+    n_wrong = sum(counts[f"wrong_{v}"] for v in ("says_correct", "says_incorrect", "no_verdict"))
+    tpr = counts["right_says_correct"] / n_right if n_right else float("nan")
+    tnr = counts["wrong_says_incorrect"] / n_wrong if n_wrong else float("nan")
+    n = n_right + n_wrong
+    return {**counts, "n": n, "tpr": tpr, "tnr": tnr, "balanced_accuracy": (tpr + tnr) / 2,
+            "says_correct_rate": (counts["right_says_correct"] + counts["wrong_says_correct"]) / n if n else float("nan")}

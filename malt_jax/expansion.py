@@ -1,13 +1,25 @@
 """G -> V -> R trajectory expansion as one jit-compiled, in-graph tree sampler.
 
 For Q questions the tree has Q·n generator rows, Q·n·m verifier rows and Q·n·m·l refiner
-rows. The three roles form one growing chat (see ``tasks.base.role_messages``)::
+rows. Two framings of the roles (see ``tasks.prompts``):
 
-    [question prompt] G-answer [V turn] V-critique [R turn] R-answer
+* **chat**: the roles form one growing chat::
 
-so the context of every node is its parent's context plus a few tokens. Each row keeps
-its context tokens ``ctx [rows, S]`` with length ``ctx_len``; between levels the rows are
-*forked* (``repeat``) ``fanout`` times. Three ways to get the KV cache of a level:
+      [question prompt] G-answer [V turn] V-critique [R turn] R-answer
+
+  so the context of every node is its parent's context plus a few constant tokens (``turns``).
+* **separate** (the paper's): every role has its own prompt that quotes the earlier outputs::
+
+      V: [V prefix(q)] G-answer [sep]                          -> V-critique
+      R: [R prefix(q)] G-answer [sep] V-critique [sep]         -> R-answer
+
+  (:class:`Contexts`). A level's cache is built with prefix sharing: the level's question
+  prefix is prefilled once per question, forked to the n answers, extended by each answer
+  (and forked/extended again for the critiques), then forked to the siblings; siblings always
+  share their parent's whole context, and no context is encoded twice.
+
+Between levels the rows are *forked* (``repeat``) ``fanout`` times. In the chat framing there
+are three ways to get the KV cache of a level:
 
 * ``"extend"`` (roles share weights, e.g. the untrained base during data collection):
   the question is prefilled once; each level appends the role's turn tokens to the
@@ -18,7 +30,9 @@ its context tokens ``ctx [rows, S]`` with length ``ctx_len``; between levels the
 * ``"naive"`` (reference / benchmark baseline): contexts are forked first and every row
   re-encodes its whole prompt.
 
-All three give the same samples for the same keys (tests check this): the token a row
+In the separate framing "extend" and "fork" both build each level's cache with sharing as
+above (with the level's adapter, if any), and "naive" re-encodes every row's whole context.
+All modes give the same samples for the same keys (tests check this): the token a row
 samples at step t uses ``fold_in(row_key, t)``, and children keys are derived from the
 parent's key and the child's index.
 """
@@ -61,6 +75,20 @@ class ExpansionSpec:
 
 
 @flax.struct.dataclass
+class Contexts:
+    """Separate-framing contexts of the levels after the first (V, R).
+
+    The context of level ``L`` (1 = V, 2 = R) is ``prefixes[L-1][q]`` (right-padded, length
+    ``prefix_lens[L-1][q]``) followed, for each earlier level ``a < L``, by that level's output and
+    the constant tokens ``seps[L-1][a]``.
+    """
+
+    prefixes: tuple[jax.Array, ...]  # per level >= 1: [Q, P_L] int32
+    prefix_lens: tuple[jax.Array, ...]  # per level >= 1: [Q] int32
+    seps: tuple[tuple[jax.Array, ...], ...]  # per level L >= 1: L constant token arrays
+
+
+@flax.struct.dataclass
 class Tree:
     """Sampled tree; level i holds arrays shaped [Q, n, (m, (l,))] + [max_new_i] for tokens."""
 
@@ -79,6 +107,55 @@ def _append(ctx: jax.Array, ctx_len: jax.Array, toks: jax.Array) -> jax.Array:
 
 def _fork(x: jax.Array, times: int) -> jax.Array:
     return jnp.repeat(x, times, axis=0)
+
+
+def _join(tokens: jax.Array, lens: jax.Array, sep: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row: the first ``lens[b]`` of ``tokens [B, N]`` followed by ``sep [S]``, right-padded."""
+    B, N = tokens.shape
+    S = sep.shape[0]
+    if S == 0:
+        return tokens, lens
+    j = jnp.arange(N + S)[None, :]
+    tok = jnp.pad(tokens, ((0, 0), (0, S)))
+    rel = j - lens[:, None]
+    out = jnp.where(rel < 0, tok, jnp.where(rel < S, sep[jnp.clip(rel, 0, S - 1)], 0))
+    return out.astype(jnp.int32), lens + S
+
+
+def _separate_level(params: Params, cfg: ModelConfig, contexts: Contexts, level: int,
+                    outs: list[tuple[jax.Array, jax.Array]], fanouts: tuple[int, ...], size: int, mode: Mode,
+                    lora: Params | None, lora_scale: float, fan: int) -> tuple[jax.Array, KVCache, jax.Array]:
+    """Logits, cache and context lengths of level ``level``'s rows (its parents' contexts forked
+    ``fan`` times: after encoding with sharing, before encoding in mode "naive")."""
+    pre, pre_len = contexts.prefixes[level - 1], contexts.prefix_lens[level - 1].astype(jnp.int32)
+    seps = contexts.seps[level - 1]
+    if mode == "naive":  # every row encodes its whole context
+        rows = 1
+        for f in fanouts[:level]:
+            rows *= f
+        ctx, ctx_len = _fork(pre, rows), _fork(pre_len, rows)
+        ctx = jnp.pad(ctx, ((0, 0), (0, size - ctx.shape[1])))
+        for a in range(level):
+            rest = 1
+            for f in fanouts[a + 1: level]:
+                rest *= f
+            block, blen = _join(_fork(outs[a][0], rest), _fork(outs[a][1], rest), seps[a])
+            ctx = _append(ctx, ctx_len, block)
+            ctx_len = ctx_len + blen
+        ctx, ctx_len = _fork(ctx, fan), _fork(ctx_len, fan)
+        cache = KVCache.zeros(cfg, ctx.shape[0], size)
+        logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
+        return logits, cache, ctx_len
+    # prefix sharing: the question prefix once per question, each earlier output once per node
+    cache = KVCache.zeros(cfg, pre.shape[0], size)
+    logits, cache = prefill(params, cfg, cache, pre, pre_len, jnp.zeros_like(pre_len), lora, lora_scale)
+    pos = pre_len
+    for a in range(level):
+        cache, pos = cache.repeat(fanouts[a]), _fork(pos, fanouts[a])
+        block, blen = _join(outs[a][0], outs[a][1], seps[a])
+        logits, cache = prefill(params, cfg, cache, block, blen, pos, lora, lora_scale)
+        pos = pos + blen
+    return _fork(logits, fan), cache.repeat(fan), _fork(pos, fan)
 
 
 def _child_keys(keys: jax.Array, fanout: int) -> jax.Array:
@@ -100,6 +177,7 @@ def expand(
     cfg: ModelConfig,
     spec: ExpansionSpec,
     lora_scale: float = 1.0,
+    contexts: Contexts | None = None,
 ) -> Tree:
     """Samples a G -> V -> R tree for Q questions.
 
@@ -111,8 +189,13 @@ def expand(
       turns: token arrays [Tv] and [Tr] appended before the verifier / refiner turns (they
         start by closing the previous assistant turn, e.g. ``<|im_end|>\\n<|im_start|>user...``).
       keys: [Q] per-question PRNG keys.
+      contexts: the separate framing's V and R contexts (then ``turns`` is not used); ``None``
+        = the chat framing.
     """
     Q, Tq = q_tokens.shape
+    if contexts is not None:
+        return _expand_separate(params, adapters, q_tokens, q_lens, keys, contexts, cfg=cfg, spec=spec,
+                                lora_scale=lora_scale)
     if spec.mode == "extend" and any(a is not None for a in adapters):
         raise ValueError("expand: mode='extend' shares KV caches across roles, so it needs one set of "
                          "weights for all roles; use mode='fork' with per-role adapters")
@@ -167,6 +250,49 @@ def expand(
                             spec.max_new[level], lora, lora_scale)
         ctx = _append(ctx, ctx_len, gen.tokens)
         ctx_len = ctx_len + gen.lengths
+        lead = (Q,) + spec.fanouts[: level + 1]
+        out_tokens.append(gen.tokens.reshape(lead + (-1,)))
+        out_lens.append(gen.lengths.reshape(lead))
+        out_logps.append(gen.logps.reshape(lead + (-1,)))
+        out_stopped.append(gen.stopped.reshape(lead))
+    return Tree(tokens=tuple(out_tokens), lengths=tuple(out_lens), logps=tuple(out_logps),
+                stopped=tuple(out_stopped))
+
+
+def _expand_separate(params: Params, adapters: tuple[Params | None, ...], q_tokens: jax.Array, q_lens: jax.Array,
+                     keys: jax.Array, contexts: Contexts, *, cfg: ModelConfig, spec: ExpansionSpec,
+                     lora_scale: float) -> Tree:
+    """:func:`expand` in the separate framing: every level builds its own cache (see module doc)."""
+    Q, Tq = q_tokens.shape
+    row_keys = keys
+    outs: list[tuple[jax.Array, jax.Array]] = []
+    out_tokens, out_lens, out_logps, out_stopped = [], [], [], []
+    for level in range(spec.depth):
+        fan, lora = spec.fanouts[level], adapters[level]
+        if level == 0:
+            size = Tq + spec.max_new[0]
+            ctx_len = q_lens.astype(jnp.int32)
+            if spec.mode == "naive":
+                cache = KVCache.zeros(cfg, Q * fan, size)
+                logits, cache = prefill(params, cfg, cache, _fork(q_tokens, fan), _fork(ctx_len, fan),
+                                        jnp.zeros((Q * fan,), jnp.int32), lora, lora_scale)
+            else:
+                cache = KVCache.zeros(cfg, Q, size)
+                logits, cache = prefill(params, cfg, cache, q_tokens, ctx_len, jnp.zeros_like(ctx_len), lora,
+                                        lora_scale)
+                cache, logits = cache.repeat(fan), _fork(logits, fan)
+            ctx_len = _fork(ctx_len, fan)
+        else:
+            seps = contexts.seps[level - 1]
+            size = (contexts.prefixes[level - 1].shape[1] + sum(spec.max_new[: level + 1])
+                    + sum(int(t.shape[0]) for t in seps))
+            logits, cache, ctx_len = _separate_level(params, cfg, contexts, level, outs, spec.fanouts, size,
+                                                     spec.mode, lora, lora_scale, fan)
+        row_keys = _child_keys(row_keys, fan)
+        sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
+        gen, _ = decode(params, cfg, cache, logits, ctx_len, sample_keys, spec.sampling, spec.stop,
+                        spec.max_new[level], lora, lora_scale)
+        outs.append((gen.tokens, gen.lengths))
         lead = (Q,) + spec.fanouts[: level + 1]
         out_tokens.append(gen.tokens.reshape(lead + (-1,)))
         out_lens.append(gen.lengths.reshape(lead))

@@ -13,7 +13,9 @@ Stages talk through these files and the public functions below, never through gl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -25,11 +27,13 @@ import numpy as np
 
 from malt_jax import credit as credit_lib
 from malt_jax.config import ModelConfig, RunConfig, to_dict
-from malt_jax.expansion import ExpansionSpec, expand
+from malt_jax.expansion import Contexts, ExpansionSpec, expand
 from malt_jax.model.llama import Params, init_params
 from malt_jax.model.tokenizer import Tokenizer
 from malt_jax.sampling import StopCriteria, pad_batch
 from malt_jax.tasks import Example, Task, role_messages
+
+log = logging.getLogger(__name__)
 
 ROLES = ("G", "V", "R")
 ROLE_NAMES = {"G": "generator", "V": "verifier", "R": "refiner"}
@@ -67,40 +71,106 @@ def load_model(weights: str = "smollm2", cfg: ModelConfig | None = None, seed: i
     return Model(params, loaded, load_tokenizer(src))
 
 
+_G, _V = "\x00GEN\x00", "\x00VER\x00"  # sentinels for the earlier outputs while rendering
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptCodec:
-    """Token-level rendering of the G -> V -> R conversation of a task.
+    """Token-level rendering of the G -> V -> R contexts of a task, in one of two framings.
 
-    The roles share one chat, so the verifier context is ``question_tokens + g + turns[0]``
-    and the refiner context ``... + v + turns[1]``: the turn tokens are constant.
+    The context of level 1 (V) is ``prefixes(q)[0] + g + seps[0][0]`` and that of level 2 (R)
+    ``prefixes(q)[1] + g + seps[1][0] + v + seps[1][1]``: a per-question prefix and constant
+    separators between the earlier outputs (tokens as sampled, never re-tokenized).
+
+    * ``framing="chat"``: one growing chat, so both prefixes are the question prompt and the
+      separators are the role turns: ``seps = ((t_v,), (t_v, t_r))``.
+    * ``framing="separate"``: each role has its own system prompt and a user turn quoting the
+      question and the earlier outputs (``tasks.prompts.separate_messages``).
+
+    A role's reply prefix (``RolePrompts.verifier_prefix`` / ``refiner_prefix``) ends its
+    separator, so it is context, and :meth:`text` puts it back in front of the output.
     """
 
     tokenizer: Tokenizer
     task: Task
+    framing: str = "chat"
+
+    def __post_init__(self) -> None:
+        from malt_jax.tasks.prompts import FRAMINGS
+
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, got {self.framing!r}")
+        if self.framing == "separate" and not self.task.prompts.has_separate:
+            raise ValueError(f"task {self.task.name!r}: the separate framing needs the role prompts "
+                             "verifier_separate and refiner_separate")
 
     def question(self, q: str) -> list[int]:
         return self.tokenizer.encode_chat(role_messages(self.task.prompts, "G", q))
 
+    def _render(self, role: str, q: str) -> str:
+        from malt_jax.tasks.prompts import separate_messages
+
+        p = self.task.prompts
+        msgs = role_messages if self.framing == "chat" else separate_messages
+        return self.tokenizer.apply_chat_template(msgs(p, role, q, generator_out=_G,
+                                                       verifier_out=p.verifier_prefix + _V))
+
+    def prefixes(self, q: str) -> tuple[list[int], list[int]]:
+        """Per-question prefixes of the V and R contexts (before the generator's answer)."""
+        if self.framing == "chat":
+            g = self.question(q)
+            return g, g
+        return tuple(self.tokenizer.encode(self._render(r, q).split(_G)[0], add_special_tokens=False)
+                     for r in ("V", "R"))
+
+    @functools.cached_property
+    def seps(self) -> tuple[tuple[list[int]], tuple[list[int], list[int]]]:
+        """Constant tokens after each earlier output: ``((after g,), (after g, after v))`` for V, R."""
+        tok, p = self.tokenizer, self.task.prompts
+        enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+        if self.framing == "chat":
+            q = "QUESTION"
+            s_g = tok.apply_chat_template(role_messages(p, "G", q))
+            s_v, s_r = self._render("V", q), self._render("R", q)
+            if not (s_v.startswith(s_g + _G) and s_r.startswith(s_v + p.verifier_prefix + _V)):
+                raise ValueError("the chat template does not render the G -> V -> R roles as one growing "
+                                 "conversation; prefix sharing needs that (check the task's prompts)")
+            t_v = enc(s_v[len(s_g) + len(_G):] + p.verifier_prefix)
+            t_r = enc(s_r[len(s_v) + len(p.verifier_prefix) + len(_V):] + p.refiner_prefix)
+            return (t_v,), (t_v, t_r)
+        out = []
+        for role, prefix in (("V", p.verifier_prefix), ("R", p.refiner_prefix)):
+            pieces = [self._render(role, q).split(_G, 1)[1] for q in ("QUESTION A", "QUESTION B")]
+            if pieces[0] != pieces[1]:
+                raise ValueError(f"the {role} prompt of the separate framing must quote the question before the "
+                                 "answer and the critique (the text after them must not depend on the question)")
+            after = pieces[0].split(_V) if role == "R" else [pieces[0]]
+            after[-1] += prefix
+            out.append(tuple(enc(t) for t in after))
+        return tuple(out)  # type: ignore[return-value]
+
     @property
     def turns(self) -> tuple[list[int], list[int]]:
-        tok, p = self.tokenizer, self.task.prompts
-        q, g, v = "QUESTION", "\x00GEN\x00", "\x00VER\x00"
-        s_g = tok.apply_chat_template(role_messages(p, "G", q))
-        s_v = tok.apply_chat_template(role_messages(p, "V", q, generator_out=g))
-        s_r = tok.apply_chat_template(role_messages(p, "R", q, generator_out=g, verifier_out=v))
-        if not (s_v.startswith(s_g + g) and s_r.startswith(s_v + v)):
-            raise ValueError("the chat template does not render the G -> V -> R roles as one growing "
-                             "conversation; prefix sharing needs that (check the task's prompts)")
-        return tok.encode(s_v[len(s_g) + len(g):]), tok.encode(s_r[len(s_v) + len(v):])
+        """The chat framing's V and R turn tokens (``seps[1]``)."""
+        if self.framing != "chat":
+            raise ValueError("turns exist in the chat framing only; use prefixes() and seps")
+        return self.seps[1]
 
     @property
     def stop(self) -> StopCriteria:
         return StopCriteria(stop_ids=tuple(self.tokenizer.stop_ids))
 
-    @property
+    @functools.cached_property
     def end_of_turn(self) -> int:
-        """Token appended to a completion that stopped by itself (the first turn token)."""
-        return self.turns[0][0]
+        """Token appended to a completion that stopped by itself: the first token the template
+        writes after an assistant reply."""
+        msgs = role_messages(self.task.prompts, "V", "QUESTION", generator_out=_G)[:3]
+        text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=False).split(_G, 1)[1]
+        return self.tokenizer.encode(text, add_special_tokens=False)[0]
+
+    def text(self, role: str, output: str) -> str:
+        """A role's reply as read by graders and later roles: its prefix + the sampled output."""
+        return self.task.prompts.prefix(role) + output
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,8 +215,15 @@ def sample_trees(
         batch_size = -(-batch_size // dp) * dp
 
     q_ids = [codec.question(e.question) for e in examples]
-    width = -(-max(len(q) for q in q_ids) // 32) * 32
-    turns = tuple(jnp.asarray(t, jnp.int32) for t in codec.turns)
+    width = _bucket32(max(len(q) for q in q_ids))
+    separate = codec.framing == "separate" and spec.depth > 1
+    if separate:  # the V and R contexts' per-question prefixes, padded to one width per level
+        pre = [codec.prefixes(e.question) for e in examples]
+        pre_width = [_bucket32(max(len(p[lv]) for p in pre)) for lv in range(2)]
+        seps = tuple(tuple(jnp.asarray(t, jnp.int32) for t in level) for level in codec.seps)
+        turns = None
+    else:
+        turns = tuple(jnp.asarray(t, jnp.int32) for t in codec.seps[1])
     n_batches = -(-len(examples) // batch_size)
     todo = [b for b in range(n_batches) if not skip(b)]
     bar = tqdm(total=len(todo) * batch_size, desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
@@ -154,16 +231,27 @@ def sample_trees(
         lo, hi = b * batch_size, min(len(examples), (b + 1) * batch_size)
         idx = list(range(lo, hi)) + [lo] * (batch_size - (hi - lo))  # pad with copies, dropped below
         x, lens = pad_batch([q_ids[i] for i in idx], bucket=width)
-        t0 = time.perf_counter()
-        inputs = (jnp.asarray(x), jnp.asarray(lens), question_keys(seed, idx))
-        if mesh is not None:
-            inputs = shard_batch(inputs, mesh)
-        tree = expand(model.params, tuple(adapters), inputs[0], inputs[1], turns, inputs[2],
-                      cfg=model.cfg, spec=spec, lora_scale=lora_scale)
-        tree = jax.device_get(tree)
-        dt = time.perf_counter() - t0
         k = hi - lo
         arrays = {"index": np.arange(lo, hi), "q_tokens": x[:k], "q_lens": lens[:k]}
+        t0 = time.perf_counter()
+        inputs: tuple = (jnp.asarray(x), jnp.asarray(lens), question_keys(seed, idx))
+        contexts = None
+        if separate:
+            prefix_arrays = []
+            for lv, role in enumerate(ROLES[1:]):
+                px, pl = pad_batch([pre[i][lv] for i in idx], bucket=pre_width[lv])
+                arrays[f"{role}_prefix"], arrays[f"{role}_prefix_lens"] = px[:k], pl[:k]
+                prefix_arrays.append((jnp.asarray(px), jnp.asarray(pl)))
+            inputs += tuple(prefix_arrays)
+        if mesh is not None:
+            inputs = shard_batch(inputs, mesh)
+        if separate:
+            (pv, lv_), (pr, lr) = inputs[3], inputs[4]
+            contexts = Contexts(prefixes=(pv, pr), prefix_lens=(lv_, lr), seps=seps)
+        tree = expand(model.params, tuple(adapters), inputs[0], inputs[1], turns, inputs[2],
+                      cfg=model.cfg, spec=spec, lora_scale=lora_scale, contexts=contexts)
+        tree = jax.device_get(tree)
+        dt = time.perf_counter() - t0
         for level, role in enumerate(ROLES[: spec.depth]):
             arrays[f"{role}_tokens"] = np.asarray(tree.tokens[level])[:k]
             arrays[f"{role}_lengths"] = np.asarray(tree.lengths[level])[:k]
@@ -177,28 +265,52 @@ def sample_trees(
     bar.close()
 
 
-def decode_level(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Object array of texts shaped like ``lengths``."""
+def _bucket32(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+def decode_level(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray, prefix: str = "") -> np.ndarray:
+    """Object array of texts shaped like ``lengths`` (each ``prefix`` + the decoded output)."""
     flat_t = tokens.reshape(-1, tokens.shape[-1])
     flat_l = lengths.reshape(-1)
     out = np.empty(flat_l.shape[0], dtype=object)
     for i in range(flat_l.shape[0]):
-        out[i] = tokenizer.decode(flat_t[i, : flat_l[i]].tolist(), skip_special_tokens=True)
+        out[i] = prefix + tokenizer.decode(flat_t[i, : flat_l[i]].tolist(), skip_special_tokens=True)
     return out.reshape(lengths.shape)
 
 
-def grade_leaves(task: Task, examples: Sequence[Example], texts: np.ndarray) -> np.ndarray:
-    """Rewards [Q, ...] of the final-role texts [Q, ...] against each question's gold."""
+def decode_tree(codec: PromptCodec, arrays: dict, roles: Sequence[str] = ROLES) -> dict[str, np.ndarray]:
+    """Each role's texts of a sampled tree, read as graders and later roles read them."""
+    return {r: decode_level(codec.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"],
+                            codec.task.prompts.prefix(r)) for r in roles}
+
+
+def grade_leaves(task: Task, examples: Sequence[Example], texts: np.ndarray,
+                 stopped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(rewards, lenient)`` [Q, ...] of the final-role texts [Q, ...] against each question's gold.
+
+    ``lenient`` is the task's grade (it may fall back to e.g. the last number in the text);
+    ``rewards`` is 1 only where ``lenient`` is 1, the text states its answer explicitly
+    (``task.has_explicit_answer``) and the completion stopped by itself (``stopped``, bool
+    [Q, ...]; None = all stopped), so a refinement cut off at "... 2 + 4 = " earns nothing.
+    Tasks with ``strict_rewards = False`` get ``rewards == lenient``.
+    """
+    strict = getattr(task, "strict_rewards", True)
     rewards = np.zeros(texts.shape, np.float32)
+    lenient = np.zeros(texts.shape, np.float32)
     for q, ex in enumerate(examples):
         for idx in np.ndindex(texts.shape[1:]):
-            rewards[(q,) + idx] = task.grade_example(texts[(q,) + idx], ex)
-    return rewards
+            c = (q,) + idx
+            lenient[c] = task.grade_example(texts[c], ex)
+            if lenient[c] and (not strict or ((stopped is None or stopped[c])
+                                              and task.has_explicit_answer(texts[c], ex))):
+                rewards[c] = 1.0
+    return rewards, lenient
 
 
 def expansion_spec(cfg: RunConfig, **kw: Any) -> ExpansionSpec:
     t, s = cfg.tree, cfg.sampling
-    base = dict(n=t.n, m=t.m, l=t.l, max_new=(s.max_new_tokens,) * 3, sampling=s,
+    base = dict(n=t.n, m=t.m, l=t.l, max_new=s.budgets(), sampling=s,
                 mode="extend" if t.share_prefix else "naive")
     base.update(kw)
     return ExpansionSpec(**base)
@@ -209,18 +321,24 @@ def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example
     """Stage 1: trajectory expansion of the training questions (resumable per batch)."""
     out = run_dir / "expansion"
     out.mkdir(parents=True, exist_ok=True)
-    codec = PromptCodec(model.tokenizer, task)
+    codec = PromptCodec(model.tokenizer, task, cfg.task.framing)
     spec = dataclasses.replace(expansion_spec(cfg), stop=codec.stop)
     bs = cfg.tree.questions_per_batch
 
     def save(b: int, arrays: dict) -> None:
         exs = [train[i] for i in arrays["index"]]
-        texts = {r: decode_level(model.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"]) for r in ROLES}
-        arrays["rewards"] = grade_leaves(task, exs, texts["R"])
+        texts = decode_tree(codec, arrays)
+        arrays["rewards"], arrays["rewards_lenient"] = grade_leaves(task, exs, texts["R"], arrays["R_stopped"])
+        # whether each generator answer is right (graded as evaluation grades it): the verifier's
+        # training data is balanced over right and wrong answers, and its verdicts are scored
+        arrays["G_correct"] = grade_leaves(task, exs, texts["G"])[1] > 0
+        arrays["rewards_explicit"] = np.array([[task.has_explicit_answer(t, ex) for t in texts["R"][q].reshape(-1)]
+                                               for q, ex in enumerate(exs)], bool).reshape(texts["R"].shape)
         _write_atomic(out / f"batch_{b:05d}.jsonl", "".join(
             json.dumps({"id": ex.id, "question": ex.question, "gold": ex.answer, "G": texts["G"][q].tolist(),
                         "V": texts["V"][q].tolist(), "R": texts["R"][q].tolist(),
-                        "rewards": arrays["rewards"][q].tolist()}) + "\n" for q, ex in enumerate(exs)))
+                        "rewards": arrays["rewards"][q].tolist(),
+                        "rewards_lenient": arrays["rewards_lenient"][q].tolist()}) + "\n" for q, ex in enumerate(exs)))
         # last: a batch counts as done once its arrays exist
         _write_atomic(out / f"batch_{b:05d}.npz", lambda f: np.savez(f, **arrays))
 
@@ -257,16 +375,23 @@ def _ids(tokens: np.ndarray, length: int) -> list[int]:
     return tokens[:length].tolist()
 
 
-def node_context(trees: dict[str, np.ndarray], turns: tuple[list[int], list[int]], coord: Sequence[int]) -> list[int]:
-    """Prompt tokens of the node at ``coord`` = (q, i[, j[, k]]) (the context before its output)."""
-    q = coord[0]
-    ctx = _ids(trees["q_tokens"][q], trees["q_lens"][q])
-    if len(coord) >= 3:
-        i = coord[1]
-        ctx += _ids(trees["G_tokens"][q, i], trees["G_lengths"][q, i]) + turns[0]
-    if len(coord) == 4:
-        i, j = coord[1], coord[2]
-        ctx += _ids(trees["V_tokens"][q, i, j], trees["V_lengths"][q, i, j]) + turns[1]
+def node_context(trees: dict[str, np.ndarray], seps, coord: Sequence[int]) -> list[int]:
+    """Prompt tokens of the node at ``coord`` = (q, i[, j[, k]]) (the context before its output).
+
+    ``seps`` = :attr:`PromptCodec.seps`. V and R contexts start with the per-question prefix the
+    sampler used (``V_prefix`` / ``R_prefix`` in the separate framing, else the question prompt).
+    """
+    q, level = coord[0], len(coord) - 2
+    if level == 0:
+        return _ids(trees["q_tokens"][q], trees["q_lens"][q])
+    role = ROLES[level]
+    if f"{role}_prefix" in trees:
+        ctx = _ids(trees[f"{role}_prefix"][q], trees[f"{role}_prefix_lens"][q])
+    else:
+        ctx = _ids(trees["q_tokens"][q], trees["q_lens"][q])
+    for a in range(level):
+        c = tuple(coord[: a + 2])
+        ctx += _ids(trees[f"{ROLES[a]}_tokens"][c], trees[f"{ROLES[a]}_lengths"][c]) + list(seps[level - 1][a])
     return ctx
 
 
@@ -278,44 +403,101 @@ def node_output(trees: dict[str, np.ndarray], coord: Sequence[int], end_token: i
     return out + [end_token] if trees[f"{role}_stopped"][c] else out
 
 
-def build_datasets(trees: dict[str, np.ndarray], turns, end_token: int, threshold: float,
-                   max_pairs_per_parent: int | None, seed: int) -> tuple[dict, dict]:
-    """Value iteration + labels -> per-role SFT examples and DPO pairs (token level)."""
+def _balance_weights(classes: Sequence[bool]) -> list[float]:
+    """Example weights giving each class half of the total weight (mean weight 1); all 1 when a
+    class is missing."""
+    n, n_true = len(classes), int(sum(classes))
+    if n_true in (0, n):
+        return [1.0] * n
+    w_true, w_false = n / (2.0 * n_true), n / (2.0 * (n - n_true))
+    return [w_true if c else w_false for c in classes]
+
+
+def build_datasets(trees: dict[str, np.ndarray], seps, end_token: int, threshold: float,
+                   max_pairs_per_parent: int | None, seed: int,
+                   verifier_balance: bool = False) -> tuple[dict, dict]:
+    """Value iteration + labels -> per-role SFT examples and DPO pairs (token level).
+
+    DPO pairs whose chosen and rejected completions are the same tokens are dropped (counted as
+    ``<role>/dpo_identical``). With ``verifier_balance`` (and ``G_correct`` in the trees), the
+    verifier's SFT examples and DPO pairs are weighted so that those under right and under wrong
+    generator answers carry equal total weight: most positive critiques sit under right answers,
+    and unweighted SFT would teach the verifier to call every answer correct.
+    """
     values = credit_lib.node_values(jnp.asarray(trees["rewards"]), threshold=threshold)
+    summary = credit_lib.summary(values, max_pairs_per_parent)
     datasets: dict[str, dict[str, list]] = {}
     for role in ROLES:
-        sft = [{"prompt": node_context(trees, turns, c), "completion": node_output(trees, c, end_token),
+        sft = [{"prompt": node_context(trees, seps, c), "completion": node_output(trees, c, end_token),
                 "coord": [int(x) for x in c]} for c in credit_lib.sft_indices(values, role)]
-        dpo = []
+        dpo, identical = [], 0
         for chosen, rejected in credit_lib.dpo_pairs(values, role, max_pairs_per_parent, seed):
-            dpo.append({"prompt": node_context(trees, turns, chosen),
-                        "chosen": node_output(trees, chosen, end_token),
-                        "rejected": node_output(trees, rejected, end_token),
-                        "coords": [[int(x) for x in chosen], [int(x) for x in rejected]]})
+            row = {"prompt": node_context(trees, seps, chosen), "chosen": node_output(trees, chosen, end_token),
+                   "rejected": node_output(trees, rejected, end_token),
+                   "coords": [[int(x) for x in chosen], [int(x) for x in rejected]]}
+            if row["chosen"] == row["rejected"]:
+                identical += 1
+                continue
+            dpo.append(row)
+        summary[f"{credit_lib.normalize_role(role)}/dpo_identical"] = identical
+        summary[f"{credit_lib.normalize_role(role)}/dpo_pairs"] = len(dpo)
+        if role == "V" and "G_correct" in trees:
+            g_ok = trees["G_correct"]
+            sft_cls = [bool(g_ok[r["coord"][0], r["coord"][1]]) for r in sft]
+            dpo_cls = [bool(g_ok[r["coords"][0][0], r["coords"][0][1]]) for r in dpo]
+            summary["verifier/sft_under_right_answers"] = int(sum(sft_cls))
+            summary["verifier/sft_under_wrong_answers"] = len(sft_cls) - int(sum(sft_cls))
+            summary["verifier/dpo_under_right_answers"] = int(sum(dpo_cls))
+            summary["verifier/dpo_under_wrong_answers"] = len(dpo_cls) - int(sum(dpo_cls))
+            if verifier_balance:
+                for rows, cls in ((sft, sft_cls), (dpo, dpo_cls)):
+                    for r, w in zip(rows, _balance_weights(cls)):
+                        r["weight"] = w
         datasets[role] = {"sft": sft, "dpo": dpo}
-    return datasets, credit_lib.summary(values, max_pairs_per_parent)
+    return datasets, summary
 
 
-def run_credit(cfg: RunConfig, model: Model, task: Task, run_dir: Path) -> dict:
-    """Stage 2: value iteration, labels, SFT sets and DPO pairs for each role."""
-    out = run_dir / "credit"
+def run_credit(cfg: RunConfig, model: Model, task: Task, run_dir: Path, out: Path | None = None,
+               n_questions: int | None = None) -> dict:
+    """Stage 2: value iteration, labels, SFT sets and DPO pairs for each role.
+
+    ``n_questions``: use only the first that many trees (the study's nested training sets),
+    written to ``out`` (default ``run_dir / "credit"``).
+    """
+    out = out or run_dir / "credit"
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     trees = load_expansion(run_dir)
-    codec = PromptCodec(model.tokenizer, task)
-    datasets, summary = build_datasets(trees, codec.turns, codec.end_of_turn, cfg.train.value_threshold,
-                                       cfg.train.max_pairs_per_parent, cfg.train.seed)
+    if n_questions is not None:
+        if n_questions > len(trees["index"]):
+            raise ValueError(f"{run_dir}: {n_questions} questions asked, the expansion holds {len(trees['index'])}")
+        trees = {k: v[:n_questions] for k, v in trees.items()}
+    codec = PromptCodec(model.tokenizer, task, cfg.task.framing)
+    datasets, summary = build_datasets(trees, codec.seps, codec.end_of_turn, cfg.train.value_threshold,
+                                       cfg.train.max_pairs_per_parent, cfg.train.seed,
+                                       verifier_balance=cfg.train.verifier_balance)
     for role, d in datasets.items():
         for kind, rows in d.items():
             _write_atomic(out / f"{role}_{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     summary["leaf_accuracy"] = float(trees["rewards"].mean())
+    if "rewards_lenient" in trees:  # how often the lenient grade alone would have rewarded a leaf
+        lenient = trees["rewards_lenient"] > 0
+        fallback = {"leaves": int(lenient.size), "rewarded": int((trees["rewards"] > 0).sum()),
+                    "rewarded_lenient": int(lenient.sum())}
+        if "rewards_explicit" in trees:
+            explicit = trees["rewards_explicit"].astype(bool)
+            fallback["no_explicit_answer"] = int((lenient & ~explicit).sum())
+            fallback["cut_off"] = int((lenient & explicit & ~trees["R_stopped"].astype(bool)).sum())
+        summary["reward_fallback"] = fallback
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2))  # last: marks the stage done
     return summary
 
 
-def load_datasets(run_dir: Path, role: str) -> tuple[list, list]:
+def load_datasets(run_dir: Path, role: str, with_questions: bool = False) -> tuple:
+    """A role's SFT examples and DPO pairs from the credit stage (``run_dir/credit``); with
+    ``with_questions`` also the training-question index of each (for held-out splits)."""
     from malt_jax.data import DPOExample, SFTExample
 
     d = run_dir / "credit"
@@ -326,8 +508,12 @@ def load_datasets(run_dir: Path, role: str) -> tuple[list, list]:
             raise FileNotFoundError(f"{p}: missing; run the credit stage first")
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
-    sft = [SFTExample(prompt=r["prompt"], completion=r["completion"]) for r in rows("sft")]
-    dpo = [DPOExample(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows("dpo")]
+    sft_rows, dpo_rows = rows("sft"), rows("dpo")
+    sft = [SFTExample(prompt=r["prompt"], completion=r["completion"], weight=r.get("weight", 1.0)) for r in sft_rows]
+    dpo = [DPOExample(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], weight=r.get("weight", 1.0))
+           for r in dpo_rows]
+    if with_questions:
+        return sft, dpo, [r["coord"][0] for r in sft_rows], [r["coords"][0][0] for r in dpo_rows]
     return sft, dpo
 
 
@@ -361,31 +547,87 @@ def _subsample(rows: list, cap: int, seed: int) -> list:
     return [rows[i] for i in keep]
 
 
+def heldout_questions(n_questions: int, fraction: float, seed: int) -> set[int]:
+    """The training questions whose examples are held out to choose epochs (about ``fraction``
+    of them, at least one when ``fraction > 0``; seeded, the same for every role)."""
+    if fraction <= 0 or n_questions < 2:
+        return set()
+    k = min(n_questions - 1, max(1, round(fraction * n_questions)))
+    return set(np.random.default_rng([seed, 0x4E1D]).choice(n_questions, k, replace=False).tolist())
+
+
+def _split(examples: list, questions: list[int], held: set[int]) -> tuple[list, list]:
+    return ([e for e, q in zip(examples, questions) if q not in held],
+            [e for e, q in zip(examples, questions) if q in held])
+
+
+def training_counts(run_dir: Path) -> dict:
+    """``adapters/training.json``: per role the example counts (held out, before / after caps)."""
+    p = run_dir / "adapters" / "training.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
 def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: bool = True,
               roles: Sequence[str] = ROLES) -> dict[str, Params]:
-    """Stage 3: SFT for every role, then DPO for V and R (and G if ``train.generator_dpo``)."""
+    """Stage 3: SFT for every role, then DPO for V and R (and G if ``train.generator_dpo``).
+
+    The examples of a seeded ``train.heldout_fraction`` of the training questions are held out
+    (by question, so no prompt is shared) to choose each stage's epochs; ``train.max_sft_examples``
+    / ``max_dpo_pairs`` then cap the training part. The counts before and after are written to
+    ``adapters/training.json`` (and the report). A role without any example keeps the base model.
+    """
     from malt_jax.train import train_role
 
     out = run_dir / "adapters"
     out.mkdir(parents=True, exist_ok=True)
+    n_questions = int(json.loads((run_dir / "credit" / "summary.json").read_text())["questions"])
+    held = heldout_questions(n_questions, cfg.train.heldout_fraction, cfg.train.seed)
+    counts = training_counts(run_dir)
     adapters = {}
     for role in roles:
         final = out / f"{role}.safetensors"
         if final.exists():
             adapters[role] = load_adapter(final)
             continue
-        sft, dpo = load_datasets(run_dir, role)
+        sft, dpo, sft_q, dpo_q = load_datasets(run_dir, role, with_questions=True)
         if role == "G" and not cfg.train.generator_dpo:
-            dpo = []
-        sft = _subsample(sft, cfg.train.max_sft_examples, cfg.train.seed)
-        dpo = _subsample(dpo, cfg.train.max_dpo_pairs, cfg.train.seed)
-        adapter, history = train_role(model.params, model.cfg, cfg.lora, cfg.train, sft, dpo,
-                                      ROLE_NAMES[role], out / f"{role}_ckpt", mesh=mesh, progress=progress,
-                                      pad_id=model.tokenizer.pad_id)
-        _write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        save_adapter(adapter, final)
-        adapters[role] = adapter
+            dpo, dpo_q = [], []
+        (sft_train, sft_held), (dpo_train, dpo_held) = _split(sft, sft_q, held), _split(dpo, dpo_q, held)
+        c = {"heldout_questions": len(held),
+             "sft": {"examples": len(sft), "heldout": len(sft_held), "train": len(sft_train)},
+             "dpo": {"pairs": len(dpo), "heldout": len(dpo_held), "train": len(dpo_train)}}
+        sft_train = _subsample(sft_train, cfg.train.max_sft_examples, cfg.train.seed)
+        dpo_train = _subsample(dpo_train, cfg.train.max_dpo_pairs, cfg.train.seed)
+        c["sft"]["train_after_cap"], c["dpo"]["train_after_cap"] = len(sft_train), len(dpo_train)
+        for kind, cap in (("sft", cfg.train.max_sft_examples), ("dpo", cfg.train.max_dpo_pairs)):
+            if c[kind]["train_after_cap"] < c[kind]["train"]:
+                log.warning("%s: train.max_%s caps %d %s training examples to %d", role,
+                            "sft_examples" if kind == "sft" else "dpo_pairs", c[kind]["train"], kind, cap)
+        result = train_role(model.params, model.cfg, cfg.lora, cfg.train, sft_train, dpo_train,
+                            ROLE_NAMES[role], out / f"{role}_ckpt", mesh=mesh, progress=progress,
+                            pad_id=model.tokenizer.pad_id, sft_heldout=sft_held, dpo_heldout=dpo_held)
+        c["trained"] = result.trained
+        _write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
+        _write_atomic(out / f"{role}_epochs.jsonl", "".join(json.dumps(e) + "\n" for e in result.epochs))
+        save_adapter(result.sft_adapter, out / f"{role}_sft.safetensors")
+        counts[role] = c
+        _write_atomic(out / "training.json", json.dumps(counts, indent=2))
+        save_adapter(result.adapter, final)  # last: its presence marks the role as finished
+        adapters[role] = result.adapter
     return adapters
+
+
+def load_adapters(run_dir: Path) -> tuple[dict[str, Params] | None, dict[str, Params] | None]:
+    """The roles' adapters after DPO and after SFT only (``None`` where a role's file is missing)."""
+    d = run_dir / "adapters"
+
+    def load(suffix: str) -> dict[str, Params] | None:
+        paths = {r: d / f"{r}{suffix}.safetensors" for r in ROLES}
+        if not all(p.exists() for p in paths.values()):
+            return None
+        return {r: load_adapter(p) for r, p in paths.items()}
+
+    return load(""), load("_sft")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,19 +637,32 @@ def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: 
 @dataclasses.dataclass(frozen=True)
 class System:
     """An inference run: depth 1 (single model) or 3 (G->V->R chain), ``votes`` parallel passes,
-    greedy or sampled, base or MALT adapters. A run with ``votes > 1`` reports two systems:
-    ``name`` (its first pass alone: one sampled chain, no vote) and ``name+MV@k``."""
+    greedy or sampled, base or trained adapters (``stage`` "final": after SFT and DPO, "sft":
+    after SFT only). A run with ``votes > 1`` reports two systems: ``name`` (its first pass
+    alone: one sampled chain, no vote) and ``name+MV@k``."""
 
     name: str
     depth: int
     votes: int
     greedy: bool
     trained: bool
+    stage: str = "final"
 
 
-def default_systems(votes: int = 3) -> list[System]:
-    return [System("single-greedy", 1, 1, True, False), System("single", 1, votes, False, False),
-            System("chain", 3, votes, False, False), System("malt", 3, votes, False, True)]
+def default_systems(votes: int = 3, sft_chain: bool = False) -> list[System]:
+    """single-greedy, single (+MV), the untrained chain (+MV), MALT (+MV) and, with ``sft_chain``,
+    the SFT-only trained chain (the paper's STaR-style ablation)."""
+    systems = [System("single-greedy", 1, 1, True, False), System("single", 1, votes, False, False),
+               System("chain", 3, votes, False, False)]
+    if sft_chain:
+        systems.append(System("sft-chain", 3, votes, False, True, stage="sft"))
+    return systems + [System("malt", 3, votes, False, True)]
+
+
+def primary_names(votes: int) -> tuple[str, str]:
+    """The pre-declared primary comparison: MALT+MV@k vs single+MV@k (MALT vs single at one vote)."""
+    suffix = f"+MV@{votes}" if votes > 1 else ""
+    return f"malt{suffix}", f"single{suffix}"
 
 
 def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]]) -> dict:
@@ -415,7 +670,7 @@ def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]])
     from malt_jax.evaluate import majority_vote
 
     finals = texts[ROLES[system.depth - 1]]
-    answers = [task.extract(t) for t in finals]
+    answers = [task.answer_key(t, ex) for t in finals]
     correct = [bool(task.grade_example(t, ex)) for t in finals]
     voted = majority_vote(answers)
     return {"id": ex.id, "gold": ex.answer, "pass_answers": answers, "pass_correct": correct,
@@ -444,18 +699,17 @@ def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, ex
     rows = _read_rows(out_path, len(examples))
     if rows is not None:
         return rows
-    codec = PromptCodec(model.tokenizer, task)
+    codec = PromptCodec(model.tokenizer, task, cfg.task.framing)
     e = cfg.eval
     sampling = dataclasses.replace(cfg.sampling, greedy=system.greedy, temperature=e.temperature)
     trained = system.trained and adapters is not None
-    spec = ExpansionSpec(n=system.votes, m=1, l=1, depth=system.depth, max_new=(e.max_new_tokens,) * 3,
+    spec = ExpansionSpec(n=system.votes, m=1, l=1, depth=system.depth, max_new=cfg.sampling.budgets(e.max_new_tokens),
                          sampling=sampling, stop=codec.stop, mode="fork" if trained else "extend")
     ads = tuple(adapters[r] for r in ROLES) if trained else (None, None, None)
     rows = []
 
     def on_batch(b: int, arrays: dict) -> None:
-        texts = {r: decode_level(model.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"])
-                 for r in ROLES[: system.depth]}
+        texts = decode_tree(codec, arrays, ROLES[: system.depth])
         for q, i in enumerate(arrays["index"]):
             rows.append(_score(system, task, examples[i], {r: texts[r][q].reshape(-1).tolist() for r in texts}))
 
@@ -495,30 +749,55 @@ def system_results(system: System, rows: list[dict]) -> dict:
     return out
 
 
+def verifier_stats(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
+    """Confusion matrix of a chain's verifier verdicts against its generator answers' real
+    correctness, over every pass of every question (see ``evaluate.verifier_confusion``)."""
+    from malt_jax.evaluate import parse_verdict, verifier_confusion
+
+    right, said = [], []
+    for ex, r in zip(examples, rows, strict=True):
+        for g, v in zip(r["texts"]["G"], r["texts"]["V"], strict=True):
+            right.append(bool(task.grade_example(g, ex)))
+            said.append(parse_verdict(v))
+    return verifier_confusion(right, said)
+
+
 def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example], run_dir: Path,
              adapters: dict[str, Params] | None, systems: Sequence[System] | None = None,
-             progress: bool = True, mesh=None) -> dict:
-    """Stage 4: every system on the held-out questions, paired statistics, report."""
-    from malt_jax.evaluate import compare
+             progress: bool = True, mesh=None, sft_adapters: dict[str, Params] | None = None,
+             out: Path | None = None) -> dict:
+    """Stage 4: every system on the held-out questions, paired statistics, verifier verdicts.
 
-    out = run_dir / "eval"
+    ``adapters`` / ``sft_adapters``: the roles' adapters after DPO / after SFT only (systems
+    that need missing adapters are skipped). Returns ``results`` (name -> SystemResult),
+    ``comparisons`` (every trained system vs every baseline, and MALT vs the SFT-only chain; the
+    pre-declared primary comparison, :func:`primary_names`, is marked ``primary`` and the others
+    carry Holm-adjusted p-values ``p_holm``) and ``verifier`` (chain name -> verdict confusion).
+    """
+    from malt_jax.evaluate import compare, holm
+
+    out = out or run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    systems = list(systems or default_systems(cfg.eval.votes))
+    systems = list(systems or default_systems(cfg.eval.votes, cfg.eval.sft_chain))
+    by_stage = {"final": adapters, "sft": sft_adapters}
     # A single-model system whose samples are an untrained chain's generator level is scored
     # from that chain's texts: the chain runs first and the single model is not sampled again.
     source = {s.name: next((c for c in systems if _shares_generator(s, c)), None) for s in systems}
     order = sorted(systems, key=lambda s: source[s.name] is not None)
-    results, trained_names, all_rows = {}, [], {}
+    results, trained_names, all_rows, verifier = {}, [], {}, {}
     for sys_ in order:
-        if sys_.trained and adapters is None:
+        ads = by_stage.get(sys_.stage) if sys_.trained else None
+        if sys_.trained and ads is None:
             continue
         path = out / f"{sys_.name}.jsonl"
         chain = source[sys_.name]
         if chain is not None and _read_rows(path, len(examples)) is None:
             rows = derive_single(sys_, all_rows[chain.name], task, examples, path)
         else:
-            rows = evaluate_system(sys_, cfg, model, task, examples, adapters, path, progress, mesh=mesh)
+            rows = evaluate_system(sys_, cfg, model, task, examples, ads, path, progress, mesh=mesh)
         all_rows[sys_.name] = rows
+        if sys_.depth == 3:
+            verifier[sys_.name] = verifier_stats(task, examples, rows)
     for sys_ in systems:  # the report lists systems in the given order
         if sys_.name in all_rows:
             res = system_results(sys_, all_rows[sys_.name])
@@ -528,8 +807,19 @@ def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Exampl
     baselines = [n for n in results if n not in trained_names]
     comparisons = []
     for target in trained_names:
-        comparisons += compare(results, target, baselines, cfg.eval.bootstrap_samples, cfg.eval.seed)
-    return {"results": results, "comparisons": comparisons}
+        others = baselines + [n for n in trained_names if target.startswith("malt") and n.startswith("sft-chain")
+                              and n.endswith(target[len("malt"):]) and ("+MV" in n) == ("+MV" in target)]
+        comparisons += compare(results, target, others, cfg.eval.bootstrap_samples, cfg.eval.seed)
+    primary = primary_names(cfg.eval.votes)
+    for c in comparisons:
+        c["primary"] = (c["target"], c["baseline"]) == primary
+    rest = [c for c in comparisons if not c["primary"]]
+    for c, p in zip(rest, holm([c["mcnemar_p"] for c in rest])):
+        c["p_holm"] = p
+    for c in comparisons:
+        if c["primary"]:
+            c["p_holm"] = c["mcnemar_p"]
+    return {"results": results, "comparisons": comparisons, "verifier": verifier}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,21 +932,27 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
     if "credit" in stages:
         credit_summary = timed("credit", lambda: run_credit(cfg, model, task, run_dir))
         summary["credit"] = credit_summary
-    adapters = None
     if "train" in stages:
-        adapters = timed("train", lambda: run_train(cfg, model, run_dir, mesh=mesh, progress=progress))
-    elif (run_dir / "adapters").exists() and all((run_dir / "adapters" / f"{r}.safetensors").exists() for r in ROLES):
-        adapters = {r: load_adapter(run_dir / "adapters" / f"{r}.safetensors") for r in ROLES}
+        timed("train", lambda: run_train(cfg, model, run_dir, mesh=mesh, progress=progress))
+    adapters, sft_adapters = load_adapters(run_dir)
     if "eval" in stages:
         ev = timed("eval", lambda: run_eval(cfg, model, task, evals, run_dir, adapters, progress=progress,
-                                            mesh=mesh))
+                                            mesh=mesh, sft_adapters=sft_adapters))
         if credit_summary is None and (run_dir / "credit" / "summary.json").exists():
             credit_summary = json.loads((run_dir / "credit" / "summary.json").read_text())
-        meta = {"model": cfg.weights, "task": cfg.task.name, "questions": len(evals),
-                "train questions": len(train), "tree": f"{cfg.tree.n}x{cfg.tree.m}x{cfg.tree.l}",
+        meta = {"model": cfg.weights, "task": cfg.task.name, "n_questions": len(evals),
+                "train questions": len(train), "framing": cfg.task.framing,
+                "tree": f"{cfg.tree.n}x{cfg.tree.m}x{cfg.tree.l}",
                 "seeds": f"split {cfg.task.seed}, train {cfg.train.seed}, eval {cfg.eval.seed}",
-                "config hash": cfg.hash(), "wall_times": dict(timings)}
-        report = write_report(run_dir, ev["results"], ev["comparisons"], credit_summary, meta)
-        summary.update(table=format_table(ev["results"]), report=str(report), comparisons=ev["comparisons"])
+                "config_hash": cfg.hash(), "wall_times": dict(timings)}
+        epochs = {}
+        for r in ROLES:
+            p = run_dir / "adapters" / f"{r}_epochs.jsonl"
+            if p.exists():
+                epochs[r] = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        report = write_report(run_dir, ev["results"], ev["comparisons"], credit_summary, meta,
+                              verifier=ev["verifier"], epochs_by_role=epochs, training_counts=training_counts(run_dir))
+        summary.update(table=format_table(ev["results"]), report=str(report), comparisons=ev["comparisons"],
+                       verifier=ev["verifier"])
     summary["timings"] = timings
     return summary

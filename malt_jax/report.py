@@ -27,7 +27,8 @@ from typing import Any
 
 from malt_jax.evaluate import SystemResult
 
-__all__ = ["write_report", "format_table"]
+__all__ = ["write_report", "format_table", "plot_training_curves", "training_section", "verifier_section",
+           "data_section"]
 
 ROLES = ("generator", "verifier", "refiner")
 _ROLE_ALIASES = {"generator": "generator", "g": "generator", "verifier": "verifier", "v": "verifier",
@@ -41,6 +42,7 @@ _META_ROWS = (("model", "Model"), ("task", "Task"), ("n_questions", "Questions")
 
 ACCURACY_PNG = "accuracy.png"
 POSITIVE_RATE_PNG = "positive_rate.png"
+TRAINING_PNG = "training.png"
 
 
 # --------------------------------------------------------------------------- formatting
@@ -253,6 +255,131 @@ def _plot_positive_rate(by_role: Mapping[str, Mapping[str, Any]], path: Path) ->
     _save_rate_plot(fig, ax, "positive rate", "Positive rate per role (expansion tree)", path)
 
 
+def _stage_records(records: Sequence[Mapping[str, Any]], stage: str) -> list[Mapping[str, Any]]:
+    return sorted((r for r in records if r.get("stage") == stage), key=lambda r: int(r.get("epoch", 0)))
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if v is not None and not _is_nan(v):
+            xs.append(int(r["epoch"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _selected(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((r for r in records if r.get("best")), None)
+
+
+def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
+    """PNG of the per-epoch training records (``train_role(...).epochs``) of every role.
+
+    One column per role; top row SFT train loss and held-out loss, bottom row DPO held-out loss
+    with held-out ``rewards/accuracies`` on a second [0, 1] axis; x = epoch (0 = before training);
+    the selected epoch (``best``) is marked with a dashed vertical line and a ring.
+    """
+    roles = list(epochs_by_role)
+    fig = _new_figure(max(4.0, 4.0 * len(roles)), 6.5)
+    for col, role in enumerate(roles):
+        records = list(epochs_by_role[role])
+        for row, stage in enumerate(("sft", "dpo")):
+            ax = fig.add_subplot(2, max(len(roles), 1), row * max(len(roles), 1) + col + 1)
+            recs = _stage_records(records, stage)
+            ax.set_title(f"{role}: {stage.upper()}", fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if not recs:
+                ax.text(0.5, 0.5, "not trained:\nkeeps the base model" if not records else f"no {stage.upper()} stage",
+                        ha="center", va="center", transform=ax.transAxes, fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            best = _selected(recs)
+            handles = []
+            if stage == "sft":
+                for key, label, style in (("train/loss", "train loss", "o-"), ("heldout/loss", "held-out loss", "s-")):
+                    xs, ys = _series(recs, key)
+                    if xs:
+                        handles += ax.plot(xs, ys, style, label=label, markersize=4)
+                ax.set_ylabel("cross-entropy")
+            else:
+                xs, ys = _series(recs, "heldout/loss")
+                if xs:
+                    handles += ax.plot(xs, ys, "s-", color="tab:red", label="held-out DPO loss", markersize=4)
+                ax.set_ylabel("DPO loss")
+                xs, ys = _series(recs, "heldout/rewards/accuracies")
+                if xs:
+                    ax2 = ax.twinx()
+                    handles += ax2.plot(xs, ys, "^--", color="tab:green", label="held-out reward acc.",
+                                        markersize=4)
+                    ax2.set_ylim(0.0, 1.05)
+                    ax2.set_ylabel("reward accuracy")
+            if best is not None:
+                e = int(best["epoch"])
+                ax.axvline(e, color="gray", linestyle="--", linewidth=1)
+                y = best.get("heldout/loss")
+                if y is not None and not _is_nan(y):
+                    ax.plot([e], [float(y)], "o", markersize=10, markerfacecolor="none", color="black")
+                handles.append(ax.plot([], [], "--", color="gray", label=f"selected: epoch {e}")[0])
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            if handles:
+                ax.legend(handles=handles, fontsize=7, loc="best")
+    fig.suptitle("Training curves per role (x: epoch; 0 = before training)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def training_section(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]],
+                     counts_by_role: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: per role and stage the training / held-out counts, epochs run, the selected
+    epoch, held-out loss at epoch 0 and at the selected epoch, and (DPO) held-out
+    ``rewards/accuracies`` and ``rewards/margins`` at the selected epoch. ``epochs_by_role`` holds
+    ``train_role(...).epochs``, ``counts_by_role`` its ``counts`` (optionally with ``trained``);
+    a role that was not trained (``trained`` False, or no records and no data) reads "no positive
+    examples: keeps the base model"."""
+    lines = ["## Training (epoch selection on held-out data)", ""]
+    roles = list(dict.fromkeys([*epochs_by_role, *counts_by_role]))
+    if not roles:
+        return lines + ["No roles were trained.", ""]
+    header = ["role", "stage", "examples (train / held-out)", "epochs run", "selected epoch",
+              "held-out loss @0", "held-out loss @selected", "held-out reward acc. @selected",
+              "held-out reward margin @selected"]
+    rows = []
+    for role in roles:
+        records = list(epochs_by_role.get(role, []))
+        counts = dict(counts_by_role.get(role, {}))
+        trained = counts.get("trained")
+        if trained is None:
+            trained = bool(records) or bool(counts.get("sft") or counts.get("dpo"))
+        if not trained:
+            rows.append([role, "-", f"SFT {_fmt_int(counts.get('sft', 0))}, DPO {_fmt_int(counts.get('dpo', 0))}",
+                         "0", "-", "no positive examples: keeps the base model", "", "", ""])
+            continue
+        for stage in ("sft", "dpo"):
+            recs = _stage_records(records, stage)
+            n = f"{_fmt_int(counts.get(stage, 0))} / {_fmt_int(counts.get(stage + '_heldout', 0))}"
+            if not recs:
+                rows.append([role, stage.upper(), n, "0", "-", "not run", "", "", ""])
+                continue
+            best = _selected(recs) or recs[-1]
+            first = recs[0] if int(recs[0].get("epoch", 0)) == 0 else None
+            dpo = stage == "dpo"
+            rows.append([
+                role, stage.upper(), n, str(max(int(r["epoch"]) for r in recs)), str(int(best["epoch"])),
+                _fmt_float(None if first is None else first.get("heldout/loss")),
+                _fmt_float(best.get("heldout/loss")),
+                _fmt_float(best.get("heldout/rewards/accuracies")) if dpo else "-",
+                _fmt_float(best.get("heldout/rewards/margins"), sign=True) if dpo else "-",
+            ])
+    lines += _md_table(header, rows) + [""]
+    lines += ["Epoch 0 = before the first update. The selected epoch has the lowest held-out loss (SFT: "
+              "cross-entropy, DPO: DPO loss); without a held-out set the last epoch is kept and held-out "
+              "values read n/a.", ""]
+    return lines
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -278,19 +405,75 @@ def _comparison_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = ["## Paired comparisons", ""]
     if not comparisons:
         return lines + ["No paired comparisons.", ""]
+    holm = any("p_holm" in c for c in comparisons)
     rows = []
     for c in comparisons:
-        rows.append([
-            f"{c['target']} vs {c['baseline']}",
-            _fmt_float(c.get("diff"), sign=True),
-            _fmt_p(c.get("mcnemar_p")),
-            _fmt_ci(c.get("bootstrap_lo"), c.get("bootstrap_hi")),
-            _fmt_p(c.get("bootstrap_p")),
-        ])
-    lines += _md_table(["target vs baseline", "diff", "McNemar p", "bootstrap 95% CI", "bootstrap p"], rows)
+        name = f"{c['target']} vs {c['baseline']}" + (" (primary)" if c.get("primary") else "")
+        row = [name, _fmt_float(c.get("diff"), sign=True), _fmt_p(c.get("mcnemar_p"))]
+        if holm:
+            row.append("-" if c.get("primary") else _fmt_p(c.get("p_holm")))
+        rows.append(row + [_fmt_ci(c.get("bootstrap_lo"), c.get("bootstrap_hi")), _fmt_p(c.get("bootstrap_p"))])
+    header = ["target vs baseline", "diff", "McNemar p"] + (["Holm p"] if holm else [])
+    lines += _md_table(header + ["bootstrap 95% CI", "bootstrap p"], rows)
     lines += ["", "diff = target accuracy - baseline accuracy; McNemar: exact two-sided test on "
-              "discordant questions; bootstrap: paired resampling of questions (percentile CI).", ""]
+              "discordant questions; bootstrap: paired resampling of questions (percentile CI)."
+              + (" The primary comparison was declared before the run; the others' McNemar p-values are "
+                 "Holm-adjusted over the family (Holm p)." if holm else ""), ""]
     return lines
+
+
+def verifier_section(verifier: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: each chain's verifier verdicts against its generator answers' correctness."""
+    lines = ["## Verifier verdicts vs generator correctness", ""]
+    if not verifier:
+        return lines + ["No chain was evaluated.", ""]
+    header = ["chain", "answers right / wrong", "right: says correct / incorrect / none",
+              "wrong: says correct / incorrect / none", "TPR", "TNR", "balanced accuracy"]
+    rows = []
+    for name, c in verifier.items():
+        n_right = sum(int(c[f"right_{v}"]) for v in ("says_correct", "says_incorrect", "no_verdict"))
+        rows.append([name, f"{n_right} / {int(c['n']) - n_right}",
+                     " / ".join(str(int(c[f"right_{v}"])) for v in ("says_correct", "says_incorrect", "no_verdict")),
+                     " / ".join(str(int(c[f"wrong_{v}"])) for v in ("says_correct", "says_incorrect", "no_verdict")),
+                     _fmt_float(c.get("tpr"), 3), _fmt_float(c.get("tnr"), 3), _fmt_float(c.get("balanced_accuracy"), 3)])
+    lines += _md_table(header, rows)
+    lines += ["", "Every pass of every held-out question: the verifier's verdict (its reply's \"correct\" / "
+              "\"incorrect\") against whether the generator answer it checked was right. TPR = says correct | "
+              "right, TNR = says incorrect | wrong (no verdict counts as a miss); balanced accuracy = (TPR + TNR) / 2, "
+              "0.5 = no discrimination.", ""]
+    return lines
+
+
+def data_section(counts: Mapping[str, Mapping[str, Any]], credit_summary: Mapping[str, Any] | None) -> list[str]:
+    """Markdown lines: per role the examples the tree gave, held out, trained on (before and after
+    the configured caps), identical DPO pairs dropped, and how often the lenient grade would have
+    rewarded a leaf the strict rule did not."""
+    lines = ["## Training data", ""]
+    roles = {"G": "generator", "V": "verifier", "R": "refiner"}
+    rows = []
+    for role, c in counts.items():
+        name = roles.get(role, role)
+        ident = (credit_summary or {}).get(f"{name}/dpo_identical")
+        s, d = c.get("sft", {}), c.get("dpo", {})
+        rows.append([role, _fmt_int(s.get("examples")), _fmt_int(s.get("heldout")), _fmt_int(s.get("train")),
+                     _fmt_int(s.get("train_after_cap")), _fmt_int(d.get("pairs")), _fmt_int(d.get("heldout")),
+                     _fmt_int(d.get("train")), _fmt_int(d.get("train_after_cap")),
+                     "n/a" if ident is None else str(ident),
+                     "keeps the base model (no positive example)" if c.get("trained") is False else ""])
+    if rows:
+        lines += _md_table(["role", "SFT examples", "held out", "train", "train after cap", "DPO pairs", "held out",
+                            "train", "train after cap", "identical pairs dropped", "note"], rows) + [""]
+    cs = credit_summary or {}
+    for key, label in (("verifier/sft_under_right_answers", "verifier SFT examples under right / wrong answers"),
+                       ("verifier/dpo_under_right_answers", "verifier DPO pairs under right / wrong answers")):
+        if key in cs:
+            lines.append(f"- {label}: {cs[key]} / {cs[key.replace('right', 'wrong')]}")
+    fb = cs.get("reward_fallback")
+    if fb:
+        lines.append(f"- leaf rewards: {fb.get('rewarded')} of {fb.get('leaves')} leaves rewarded; the lenient grader "
+                     f"alone would have rewarded {fb.get('rewarded_lenient')} (no explicit final answer: "
+                     f"{fb.get('no_explicit_answer', 'n/a')}, cut off by the token limit: {fb.get('cut_off', 'n/a')})")
+    return lines + [""]
 
 
 def write_report(
@@ -299,6 +482,10 @@ def write_report(
     comparisons: Sequence[Mapping[str, Any]],
     credit_summary: Mapping[str, Any] | None,
     meta: Mapping[str, Any],
+    *,
+    verifier: Mapping[str, Mapping[str, Any]] | None = None,
+    epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    training_counts: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``report.md`` (+ ``accuracy.png`` / ``positive_rate.png``) into ``run_dir``.
 
@@ -309,6 +496,9 @@ def write_report(
     hold ``title``, ``model``, ``task``, ``n_questions`` (derived from ``results`` if absent),
     ``seeds``, ``config_hash``, ``wall_times`` (seconds, or a ``{stage: seconds}`` mapping) and
     any other fields. Returns the path of ``report.md``. ``run_dir`` is created if needed.
+    Optional sections: ``verifier`` (chain -> verdict confusion, :func:`verifier_section`),
+    ``training_counts`` (``adapters/training.json``, :func:`data_section`) and ``epochs_by_role``
+    (per-epoch training records, :func:`training_section` + ``training.png``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -338,6 +528,24 @@ def write_report(
             wrote_rates = True
     if not wrote_rates:
         rate_png.unlink(missing_ok=True)
+
+    if verifier is not None:
+        lines += verifier_section(verifier)
+    if training_counts:
+        lines += data_section(training_counts, credit_summary)
+    train_png = run_dir / TRAINING_PNG
+    if epochs_by_role:
+        counts = {r: {"sft": c.get("sft", {}).get("train_after_cap", 0), "sft_heldout": c.get("sft", {}).get("heldout", 0),
+                      "dpo": c.get("dpo", {}).get("train_after_cap", 0), "dpo_heldout": c.get("dpo", {}).get("heldout", 0),
+                      "trained": c.get("trained")} for r, c in (training_counts or {}).items()}
+        lines += training_section(epochs_by_role, counts)
+        if any(epochs_by_role.values()):
+            plot_training_curves(epochs_by_role, train_png)
+            lines += [f"![training curves per role]({TRAINING_PNG})", ""]
+        else:
+            train_png.unlink(missing_ok=True)
+    else:
+        train_png.unlink(missing_ok=True)
 
     path = run_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")

@@ -25,8 +25,14 @@ Design
   base params by ``sharding.param_shardings`` (fsdp over embed, tensor over heads/ffn), adapter
   and its optimizer moments by the LoRA shardings, scalars replicated, batches split over
   ``data`` x ``fsdp``.
+* Epoch selection: ``sft_epochs`` / ``dpo_epochs`` are maxima. Given held-out examples,
+  :func:`heldout_metrics` scores them without gradients before the first update and after every
+  epoch; each stage keeps its best adapter by held-out loss and stops early after
+  ``early_stop_patience`` epochs without improvement. The warmup is ``warmup_ratio`` of the
+  stage's (maximum) number of updates.
 * :func:`train_role` is the host driver: stages, progress bar, checkpoints every
-  ``checkpoint_every`` steps and at stage ends, exact resume from the latest checkpoint.
+  ``checkpoint_every`` steps and at stage ends, exact resume from the latest checkpoint; it
+  returns a :class:`RoleTraining` (adapters, per-step history, per-epoch records).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ __all__ = [
     "NonFiniteError",
     "make_optimizer",
     "warmup_cosine",
+    "warmup_steps",
     "ScheduleState",
     "sft_step",
     "dpo_step",
@@ -70,6 +77,8 @@ __all__ = [
     "state_shardings",
     "Stepper",
     "train_role",
+    "RoleTraining",
+    "heldout_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,18 +167,27 @@ def _jitted_init(grad_clip: float, weight_decay: float) -> Any:
     return jax.jit(_base_optimizer(grad_clip, weight_decay).init)
 
 
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """Warmup length of a stage of ``total_steps`` updates: ``ceil(warmup_ratio * total_steps)``,
+    at least 1 when the ratio is > 0, and at most ``total_steps - 1`` so the cosine decay runs."""
+    if warmup_ratio <= 0 or total_steps <= 1:
+        return 0
+    w = math.ceil(warmup_ratio * total_steps - 1e-9)  # 0.1 * 30 is 3.0000000000000004
+    return int(min(max(w, 1), total_steps - 1))
+
+
 def make_optimizer(train_cfg: TrainConfig, total_steps: int,
                    learning_rate: float | None = None) -> optax.GradientTransformation:
     """Global-norm clipping (``grad_clip``) + AdamW (``weight_decay``) with linear warmup
-    (``warmup_steps``) and cosine decay over ``total_steps`` updates, peak ``learning_rate``
-    (default ``train_cfg.learning_rate``).
+    (:func:`warmup_steps` of ``warmup_ratio`` and ``total_steps``) and cosine decay over
+    ``total_steps`` updates, peak ``learning_rate`` (default ``train_cfg.learning_rate``).
 
     Gradient accumulation is done inside the step (``grad_accum`` microbatches per update), not
     by the optimizer. The schedule values are written into the state by ``init``; ``update`` is
     shared by all optimizers with the same ``grad_clip``/``weight_decay`` (no recompiles).
     """
     lr = train_cfg.learning_rate if learning_rate is None else learning_rate
-    warmup = min(train_cfg.warmup_steps, max(total_steps - 1, 0))
+    warmup = warmup_steps(float(train_cfg.warmup_ratio), int(total_steps))
     base = _base_optimizer(float(train_cfg.grad_clip), float(train_cfg.weight_decay))
     base_init = _jitted_init(float(train_cfg.grad_clip), float(train_cfg.weight_decay))
 
@@ -368,6 +386,69 @@ def reference_logps(base: Params, adapter: Params | None, examples: Sequence[DPO
 
 
 # ----------------------------------------------------------------------------------------------
+# held-out evaluation (no gradients)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scale"))
+def _batch_sft_sums(base: Params, adapter: Params | None, tokens: jax.Array, targets: jax.Array,
+                    loss_mask: jax.Array, *, cfg: ModelConfig, scale: float) -> jax.Array:
+    """[summed weighted NLL, summed weighted correct tokens, token weight] of one SFT batch."""
+    B, T = tokens.shape
+    logits, _ = forward(base, tokens, causal_positions(B, T), cfg, lora=adapter, lora_scale=scale)
+    loss, m = sft_loss(logits, targets, loss_mask)
+    n = m["n_tokens"]
+    return jnp.stack([loss * n, m["accuracy"] * n, n])
+
+
+def _sft_heldout(base: Params, adapter: Params | None, examples: Sequence[SFTExample], cfg: ModelConfig,
+                 train_cfg: TrainConfig, scale: float, mesh: Mesh | None, pad_id: int) -> dict[str, float]:
+    rows = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
+    sums = np.zeros(3, np.float64)
+    for start in range(0, len(examples), rows):
+        chunk = list(examples[start:start + rows])
+        batch = data_lib.pack_sft(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
+        arrays = [batch["tokens"], batch["targets"], batch["loss_mask"]]
+        if mesh is not None:
+            arrays = [jax.device_put(a, batch_sharding(mesh, a.ndim, a.shape)) for a in arrays]
+        sums += np.asarray(_batch_sft_sums(base, adapter, *arrays, cfg=cfg, scale=scale), np.float64)
+    n = max(sums[2], 1e-8)
+    return {"loss": float(sums[0] / n), "accuracy": float(sums[1] / n), "n_tokens": float(sums[2])}
+
+
+@functools.partial(jax.jit, static_argnames=("sc",))
+def _dpo_metrics(policy: jax.Array, ref: jax.Array, weights: jax.Array, *, sc: _StepCfg) -> Metrics:
+    _, m = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=sc.dpo_beta, loss_type=sc.dpo_loss,
+                    label_smoothing=sc.label_smoothing, weights=weights)
+    return m
+
+
+def heldout_metrics(kind: str, base: Params, adapter: Params | None, examples: Sequence[Any],
+                    cfg: ModelConfig, train_cfg: TrainConfig, scale: float, mesh: Mesh | None = None,
+                    pad_id: int = 0, ref_logps: np.ndarray | None = None) -> dict[str, float]:
+    """Metrics of ``adapter`` on a held-out set, without gradients (jitted, in batches of
+    ``batch_size // grad_accum`` like :func:`reference_logps`).
+
+    ``kind="sft"``: ``loss`` (token-weighted mean cross-entropy over completion tokens, example
+    weights included, as the SFT step normalises it) and token ``accuracy``. ``kind="dpo"``:
+    the pair-weighted mean DPO ``loss`` and the TRL metrics ``rewards/accuracies``,
+    ``rewards/margins``, ``rewards/chosen``, ``rewards/rejected``, ``logps/chosen``,
+    ``logps/rejected``; ``ref_logps`` [N, 2] are the pairs' reference log-probs
+    (:func:`reference_logps` of the training reference).
+    """
+    if kind == "sft":
+        return _sft_heldout(base, adapter, examples, cfg, train_cfg, scale, mesh, pad_id)
+    if kind != "dpo":
+        raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+    if ref_logps is None:
+        raise ValueError("held-out DPO metrics need the reference log-probs (ref_logps)")
+    policy = reference_logps(base, adapter, examples, cfg, train_cfg, scale, mesh, pad_id)
+    weights = np.asarray([float(ex.weight) for ex in examples], np.float32)
+    m = _dpo_metrics(jnp.asarray(policy), jnp.asarray(ref_logps, jnp.float32), jnp.asarray(weights),
+                     sc=_StepCfg.of(train_cfg))
+    return {k: float(v) for k, v in jax.device_get(m).items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # sharding + host-side runner
 
 
@@ -506,7 +587,8 @@ def _n_tokens(examples: Sequence[Any], max_len: int) -> int:
 class _Stage:
     name: str
     examples: list
-    epochs: int
+    heldout: list
+    epochs: int  # the maximum
     learning_rate: float
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -514,6 +596,48 @@ class _Stage:
 
     def total(self, batch_size: int) -> int:
         return self.epochs * self.steps_per_epoch(batch_size) if self.examples else 0
+
+
+@dataclasses.dataclass
+class RoleTraining:
+    """What :func:`train_role` returns.
+
+    Attributes:
+      adapter: the final adapter (the selected DPO adapter, or the selected SFT adapter when no
+        DPO stage ran; the fresh adapter, equal to the base model, when nothing was trained).
+      sft_adapter: the selected SFT adapter (the initial adapter if no SFT stage ran).
+      history: one dict of float metrics per optimizer step (plus ``stage``, ``step`` = the
+        stage's update count, ``epoch`` = 0-based epoch of the step, ``tokens_per_s``).
+      epochs: one dict per (stage, epoch) in run order, epoch 0 = before the first update:
+        ``stage``, ``epoch`` (epochs completed), ``step``, ``learning_rate`` (of the epoch's last
+        update), ``train/loss`` (mean over the epoch's steps), held-out ``heldout/loss`` and
+        ``heldout/accuracy`` (SFT) or ``heldout/rewards/{accuracies,margins,chosen,rejected}``
+        (DPO), for DPO also ``train/rewards/{accuracies,margins}``; ``None`` where not measured
+        (epoch 0's train values, held-out values without a held-out set); ``best`` marks the
+        epoch whose adapter the stage returned.
+      trained: False when no stage ran (no data): the adapter then equals the base model.
+      counts: ``{"sft", "sft_heldout", "dpo", "dpo_heldout"}`` example / pair counts.
+    """
+
+    adapter: Params
+    sft_adapter: Params
+    history: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    trained: bool
+    counts: dict[str, int]
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _better(loss: float | None, best: float | None) -> bool:
+    """Strictly better held-out loss (ties keep the earlier epoch; NaN never wins over a number)."""
+    if best is None:
+        return True
+    if loss is None or not math.isfinite(loss):
+        return False
+    return not math.isfinite(best) or loss < best
 
 
 def train_role(
@@ -530,58 +654,93 @@ def train_role(
     *,
     pad_id: int = 0,
     stop_after_steps: int | None = None,
-) -> tuple[Params, list[dict[str, Any]]]:
-    """Trains one role's adapter: ``sft_epochs`` of SFT, then ``dpo_epochs`` of DPO.
+    sft_heldout: Sequence[SFTExample] | None = None,
+    dpo_heldout: Sequence[DPOExample] | None = None,
+) -> RoleTraining:
+    """Trains one role's adapter: up to ``sft_epochs`` of SFT, then up to ``dpo_epochs`` of DPO.
 
-    A stage without data is skipped with a log message. Checkpoints (``ckpt_dir``) are written
-    every ``checkpoint_every`` steps and at the end of each stage; if ``ckpt_dir`` already holds
-    a checkpoint of this role, training resumes from it exactly (stage, step, data position,
-    optimizer state, DPO reference log-probs). ``stop_after_steps`` stops after that many
-    updates in this call without saving (simulates a preemption; for tests).
+    Epoch selection: with a held-out set for a stage (``sft_heldout`` / ``dpo_heldout``; split by
+    question by the caller, so no prompt is shared with the training examples), the held-out
+    set is evaluated without gradients before the first update (epoch 0) and after every epoch
+    (:func:`heldout_metrics`); the stage returns the adapter of its best epoch by held-out loss
+    (SFT cross-entropy / DPO loss; ties -> the earlier epoch; epoch 0 -> the adapter the stage
+    started from) and stops after ``early_stop_patience`` epochs without improvement (0 = run
+    every epoch). DPO starts from the selected SFT adapter, and its held-out reference log-probs
+    come from the same reference as training. Without a held-out set every epoch runs and the
+    last adapter is kept. The learning-rate schedule always spans the maximum epochs.
+
+    A stage without data is skipped with a log message; a role with neither SFT examples nor
+    DPO pairs is not trained at all: a WARNING says it keeps the base model and the fresh
+    adapter (LoRA ``b = 0``, i.e. exactly the base model) is returned with ``trained=False``.
+
+    Checkpoints (``ckpt_dir``) are written every ``checkpoint_every`` steps and at the end of
+    each stage; they hold the training state, the stage's best adapter so far, the epoch records
+    and the patience counter (and for DPO the selected SFT adapter and the reference log-probs),
+    so that a rerun on a directory holding a checkpoint of this role resumes exactly.
+    ``stop_after_steps`` stops after that many updates in this call without saving (simulates a
+    preemption; for tests).
 
     Returns:
-      (the trained adapter, history: one dict of float metrics per step, incl. ``stage``,
-      ``step``, ``tokens_per_s``).
+      :class:`RoleTraining`.
     Raises:
-      ValueError if there are neither SFT examples nor DPO pairs; NonFiniteError on NaN/Inf.
+      NonFiniteError on NaN/Inf; ValueError for a checkpoint that cannot be resumed exactly.
     """
     from tqdm.auto import tqdm
 
     sft, dpo = list(sft_examples or []), list(dpo_examples or [])
+    sft_ho, dpo_ho = list(sft_heldout or []), list(dpo_heldout or [])
+    counts = {"sft": len(sft), "sft_heldout": len(sft_ho), "dpo": len(dpo), "dpo_heldout": len(dpo_ho)}
+    key = jax.random.fold_in(jax.random.key(train_cfg.seed), zlib.crc32(role.encode()) & 0x7FFFFFFF)
+    adapter = init_lora(cfg, lora_cfg, key)  # b = 0: equals the base model
     if not sft and not dpo:
-        raise ValueError(
-            f"role {role!r}: no positive trajectories (0 SFT examples) and no DPO pairs, so there is "
-            "nothing to train on. Make the task easier, use more training questions, or draw more "
-            "samples per question (larger tree n/m/l or a higher temperature).")
+        log.warning(
+            "role %r: no positive trajectories (0 SFT examples) and no DPO pairs, so there is nothing to "
+            "train on: it keeps the base model (untrained adapter). To train it, make the task easier, use "
+            "more training questions, or draw more samples per question (larger tree n/m/l or a higher "
+            "temperature).", role)
+        return RoleTraining(adapter=adapter, sft_adapter=adapter, history=[], epochs=[], trained=False,
+                            counts=counts)
     B = train_cfg.batch_size
     scale = lora_scale(lora_cfg)
-    stages = [_Stage("sft", sft, train_cfg.sft_epochs, train_cfg.learning_rate),
-              _Stage("dpo", dpo, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate)]
+    patience = int(train_cfg.early_stop_patience)
+    stages = [_Stage("sft", sft, sft_ho, train_cfg.sft_epochs, train_cfg.learning_rate),
+              _Stage("dpo", dpo, dpo_ho, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate)]
+    trained = any(st.total(B) > 0 for st in stages)
     base = jax.device_put(base, param_shardings(base, mesh) if mesh is not None else jax.devices()[0])
-    key = jax.random.fold_in(jax.random.key(train_cfg.seed), zlib.crc32(role.encode()) & 0x7FFFFFFF)
-    adapter = init_lora(cfg, lora_cfg, key)
+    sft_adapter = adapter
     common_meta = {"role": role, "model_hash": _hash(cfg), "lora": to_dict(lora_cfg),
                    "train_hash": _hash(train_cfg)}
 
     ckpt = Checkpointer(ckpt_dir)
     history: list[dict[str, Any]] = []
+    epochs_log: list[dict[str, Any]] = []
     global_step, resume_stage, resume_step = 0, 0, 0
     meta: dict | None = None
     if ckpt.latest_step() is not None:
         meta = ckpt.metadata()
         if meta.get("role") != role:
             raise ValueError(f"{ckpt_dir}: checkpoint belongs to role {meta.get('role')!r}, not {role!r}")
+        if "epochs" not in meta:
+            raise ValueError(f"{ckpt_dir}: checkpoint was written by an older malt-jax (no epoch records); "
+                             "it cannot be resumed. Use a fresh checkpoint directory.")
         resume_stage = [s.name for s in stages].index(meta["stage"])
         resume_step = int(meta["stage_step"])
         global_step = int(meta["global_step"])
         history = list(meta.get("history", []))
+        epochs_log = [dict(r) for r in meta["epochs"]]
         st = stages[resume_stage]
-        if meta["n_examples"] != len(st.examples) or meta["stage_total"] != st.total(B):
+        if (meta["n_examples"] != len(st.examples) or meta["stage_total"] != st.total(B)
+                or meta.get("n_heldout", 0) != len(st.heldout)):
             raise ValueError(
                 f"{ckpt_dir}: the checkpoint's {st.name} stage had {meta['n_examples']} examples / "
-                f"{meta['stage_total']} steps, now {len(st.examples)} / {st.total(B)}; it cannot be resumed "
-                "exactly. Use a fresh checkpoint directory.")
+                f"{meta.get('n_heldout', 0)} held-out / {meta['stage_total']} steps, now {len(st.examples)} / "
+                f"{len(st.heldout)} / {st.total(B)}; it cannot be resumed exactly. Use a fresh checkpoint "
+                "directory.")
         log.info("%s: resuming %s at step %d/%d from %s", role, st.name, resume_step, st.total(B), ckpt_dir)
+
+    def interrupted() -> RoleTraining:
+        return RoleTraining(adapter=state.adapter, sft_adapter=sft_adapter, history=history,
+                            epochs=epochs_log, trained=trained, counts=counts)
 
     steps_this_call = 0
     try:
@@ -596,37 +755,89 @@ def train_role(
             optimizer = make_optimizer(train_cfg, total, st.learning_rate)
             stepper = Stepper(st.name, cfg, lora_cfg, train_cfg, optimizer, mesh=mesh, role=role, donate=False)
             _, state = stepper.place({}, TrainState.create(adapter, optimizer))
-            ref = None
+            ref = ho_ref = None
+            best, best_epoch, best_loss, bad, done = state.adapter, 0, None, 0, False
             start = 0
             if meta is not None and si == resume_stage:
-                target: dict[str, Any] = {"state": state}
+                target: dict[str, Any] = {"state": state, "best_adapter": state.adapter}
                 if st.name == "dpo":
+                    target["sft_adapter"] = state.adapter
                     target["ref_logps"] = np.zeros((len(st.examples), 2), np.float32)
-                sh = {"state": state_shardings(state, mesh)} if mesh is not None else None
-                if sh is not None and st.name == "dpo":
-                    sh["ref_logps"] = NamedSharding(mesh, P())
+                    if st.heldout:
+                        target["heldout_ref_logps"] = np.zeros((len(st.heldout), 2), np.float32)
+                sh = None
+                if mesh is not None:
+                    st_sh = state_shardings(state, mesh)
+                    sh = {"state": st_sh, "best_adapter": st_sh.adapter}
+                    if st.name == "dpo":
+                        sh["sft_adapter"] = st_sh.adapter
+                        sh["ref_logps"] = NamedSharding(mesh, P())
+                        if st.heldout:
+                            sh["heldout_ref_logps"] = NamedSharding(mesh, P())
                 restored, _ = ckpt.restore(target, step=global_step, shardings=sh)  # checks shapes
                 if meta.get("model_hash", common_meta["model_hash"]) != common_meta["model_hash"]:
                     raise ValueError(f"{ckpt_dir}: checkpoint was trained on another model config (hash "
                                      f"{meta.get('model_hash')}, this model is {common_meta['model_hash']}); "
                                      "use a fresh checkpoint directory")
-                state, ref = restored["state"], restored.get("ref_logps")
-                ref = None if ref is None else np.asarray(ref)
+                state, best = restored["state"], restored["best_adapter"]
+                if st.name == "dpo":
+                    sft_adapter = restored["sft_adapter"]
+                    ref = np.asarray(restored["ref_logps"])
+                    if st.heldout:
+                        ho_ref = np.asarray(restored["heldout_ref_logps"])
                 start = resume_step
+                best_epoch, best_loss = int(meta["best_epoch"]), meta["best_loss"]
+                bad, done = int(meta["bad_epochs"]), bool(meta["stage_done"])
             if st.name == "dpo" and ref is None:
                 ref_adapter = None if train_cfg.dpo_reference == "base" else state.adapter
                 ref = reference_logps(base, ref_adapter, st.examples, cfg, train_cfg, scale, mesh, pad_id)
+                if st.heldout:
+                    ho_ref = reference_logps(base, ref_adapter, st.heldout, cfg, train_cfg, scale, mesh, pad_id)
+
+            def end_of_epoch(e: int, k: int) -> None:
+                """Epoch record (held-out metrics of the current adapter), best adapter, patience."""
+                nonlocal best, best_epoch, best_loss, bad, done
+                steps = [h for h in history if h["stage"] == st.name and h["epoch"] == e - 1] if e else []
+                rec: dict[str, Any] = {"stage": st.name, "epoch": e, "step": k,
+                                       "learning_rate": steps[-1]["learning_rate"] if steps else None,
+                                       "train/loss": _mean([h["loss"] for h in steps])}
+                names = (("loss", "accuracy") if st.name == "sft" else
+                         ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"))
+                if st.name == "dpo":
+                    for n in ("rewards/accuracies", "rewards/margins"):
+                        rec[f"train/{n}"] = _mean([h[n] for h in steps])
+                hm = (heldout_metrics(st.name, base, state.adapter, st.heldout, cfg, train_cfg, scale, mesh,
+                                      pad_id, ref_logps=ho_ref) if st.heldout else {})
+                for n in names:
+                    rec[f"heldout/{n}"] = hm.get(n)
+                if not st.heldout:
+                    best, best_epoch = state.adapter, e  # all epochs run, the last one is kept
+                elif _better(rec["heldout/loss"], best_loss):
+                    best, best_epoch, best_loss, bad = state.adapter, e, rec["heldout/loss"], 0
+                else:
+                    bad += 1
+                    done = patience > 0 and bad >= patience
+                epochs_log.append(rec)
+                for r in epochs_log:
+                    if r["stage"] == st.name:
+                        r["best"] = r["epoch"] == best_epoch
+                log.info("%s/%s epoch %d: train loss %s, held-out loss %s%s", role, st.name, e,
+                         "n/a" if rec["train/loss"] is None else f"{rec['train/loss']:.4f}",
+                         "n/a" if rec["heldout/loss"] is None else f"{rec['heldout/loss']:.4f}",
+                         f" (no improvement for {bad} epoch(s), stopping)" if done else "")
 
             spe = st.steps_per_epoch(B)
             k = start
+            if k == 0:
+                end_of_epoch(0, 0)
             bar = tqdm(total=total, initial=k, desc=f"{role}/{st.name}", disable=not progress)
             try:
-                while k < total:
+                while k < total and not done:
                     epoch, b0 = divmod(k, spe)
                     for _, idx, batch in data_lib.batches(st.examples, B, train_cfg.max_seq_len, train_cfg.seed,
                                                           epoch, start=b0, pad_id=pad_id):
                         if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                            return state.adapter, history
+                            return interrupted()
                         t0 = time.perf_counter()
                         if st.name == "dpo":
                             # reference log-probs of this batch's pairs, interleaved like its rows
@@ -644,18 +855,33 @@ def train_role(
                         history.append(m)
                         bar.update(1)
                         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                        if k % max(train_cfg.checkpoint_every, 1) == 0 or k == total:
+                        if k % spe == 0:
+                            end_of_epoch(k // spe, k)
+                        if k % max(train_cfg.checkpoint_every, 1) == 0 or k == total or done:
                             e2, b2 = divmod(k, spe)
-                            tree: dict[str, Any] = {"state": state}
+                            tree: dict[str, Any] = {"state": state, "best_adapter": best}
                             if st.name == "dpo":
+                                tree["sft_adapter"] = sft_adapter
                                 tree["ref_logps"] = ref
+                                if st.heldout:
+                                    tree["heldout_ref_logps"] = ho_ref
                             ckpt.save(global_step, tree, {
                                 **common_meta, "stage": st.name, "stage_step": k, "stage_total": total,
                                 "epoch": e2, "batch_in_epoch": b2, "global_step": global_step,
-                                "n_examples": len(st.examples), "history": history})
+                                "n_examples": len(st.examples), "n_heldout": len(st.heldout),
+                                "history": history, "epochs": epochs_log, "best_epoch": best_epoch,
+                                "best_loss": best_loss, "bad_epochs": bad, "stage_done": done or k == total})
+                        if done:
+                            break
             finally:
                 bar.close()
-            adapter = state.adapter
+            if st.heldout:
+                log.info("%s/%s: selected epoch %d of %d run (held-out loss %.4f)", role, st.name, best_epoch,
+                         k // spe, best_loss)
+            adapter = best
+            if st.name == "sft":
+                sft_adapter = adapter
     finally:
         ckpt.close()
-    return adapter, history
+    return RoleTraining(adapter=adapter, sft_adapter=sft_adapter, history=history, epochs=epochs_log,
+                        trained=trained, counts=counts)

@@ -36,7 +36,7 @@ def _setup():
 
     cfg = ModelConfig.tiny(n_layers=1)
     lora = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))
-    train = TrainConfig(learning_rate=1e-2, warmup_steps=1, batch_size=8, max_seq_len=32, grad_clip=1.0)
+    train = TrainConfig(learning_rate=1e-2, warmup_ratio=0.1, batch_size=8, max_seq_len=32, grad_clip=1.0)
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     base = jax.tree.map(lambda s: (rng.normal(0, 0.3, s.shape) if len(s.shape) > 1 else np.ones(s.shape))

@@ -17,7 +17,7 @@ from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings,
 
 CFG = ModelConfig.tiny(n_layers=1)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))  # few leaves: faster compiles
-TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_steps=2, batch_size=8, grad_accum=1,
+TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_ratio=0.5, batch_size=8, grad_accum=1,
                     max_seq_len=32, sft_epochs=2, dpo_epochs=3, checkpoint_every=2)
 
 
@@ -71,25 +71,75 @@ def test_step_level_resume_is_exact_with_sharded_restore(base, tmp_path):
     _equal(straight, st)
 
 
+def _same_result(a, b):
+    _equal(a.adapter, b.adapter)
+    _equal(a.sft_adapter, b.sft_adapter)
+    assert a.epochs == b.epochs and a.counts == b.counts and a.trained == b.trained
+    assert [(h["stage"], h["step"], h["loss"]) for h in a.history] == [(h["stage"], h["step"], h["loss"])
+                                                                       for h in b.history]
+
+
 def test_train_role_resume_is_exact(base, tmp_path):
     """Preempted runs (mid-SFT; mid-DPO with stored reference log-probs) resume bit-exactly."""
     sft, dpo = _examples()
-    full, hist = train_role(base, CFG, LORA, TRAIN, sft, dpo, "verifier", tmp_path / "straight", progress=False)
-    assert [h["stage"] for h in hist] == ["sft"] * 4 + ["dpo"] * 3
+    full = train_role(base, CFG, LORA, TRAIN, sft, dpo, "verifier", tmp_path / "straight", progress=False)
+    assert [h["stage"] for h in full.history] == ["sft"] * 4 + ["dpo"] * 3
     for stop in (3, 7):  # last checkpoints: SFT step 2 (global 2) and DPO step 2 (global 6)
         d = tmp_path / f"stop{stop}"
-        _, h1 = train_role(base, CFG, LORA, TRAIN, sft, dpo, "verifier", d, progress=False, stop_after_steps=stop)
-        assert len(h1) == stop
-        resumed, h2 = train_role(base, CFG, LORA, TRAIN, sft, dpo, "verifier", d, progress=False)
-        _equal(full, resumed)
-        assert [h["loss"] for h in h2] == [h["loss"] for h in hist]
+        part = train_role(base, CFG, LORA, TRAIN, sft, dpo, "verifier", d, progress=False, stop_after_steps=stop)
+        assert len(part.history) == stop
+        resumed = train_role(base, CFG, LORA, TRAIN, sft, dpo, "verifier", d, progress=False)
+        _same_result(full, resumed)
     with Checkpointer(tmp_path / "straight") as ck:
         assert len(ck.all_steps()) == 2  # max_to_keep
         meta = ck.metadata()
     assert meta["stage"] == "dpo" and meta["stage_step"] == meta["stage_total"] == 3
     assert meta["role"] == "verifier" and meta["epoch"] == 3 and meta["batch_in_epoch"] == 0
+    assert meta["epochs"] == full.epochs and meta["stage_done"]
     with pytest.raises(ValueError, match="belongs to role 'verifier'"):
         train_role(base, CFG, LORA, TRAIN, sft, dpo, "refiner", tmp_path / "straight", progress=False)
+
+
+def _heldout_examples():
+    """SFT whose held-out loss improves for 3 epochs, then worsens (completions '7 x' / '7 y'), and
+    learnable DPO pairs ('9 9 9' over '11 11 11'); 2 steps per epoch at batch size 4."""
+    rng = np.random.default_rng(0)
+    tok = lambda lo, hi: list(rng.integers(20, 256, rng.integers(lo, hi)))  # noqa: E731
+    sft = [D.SFTExample(tok(2, 6), [7] + tok(3, 4)) for _ in range(8)]
+    sft_ho = [D.SFTExample(tok(2, 6), [7] + tok(3, 4)) for _ in range(6)]
+    pair = lambda: D.DPOExample(tok(2, 6), [9, 9, 9], [11, 11, 11])  # noqa: E731
+    return sft, sft_ho, [pair() for _ in range(6)], [pair() for _ in range(5)]
+
+
+HELD = dataclasses.replace(TRAIN, learning_rate=3e-2, dpo_learning_rate=3e-2, warmup_ratio=0.1, batch_size=4,
+                           sft_epochs=6, dpo_epochs=2, early_stop_patience=2)
+
+
+def test_train_role_resume_with_heldout_is_exact(base, tmp_path):
+    """With held-out sets (best-epoch selection, early stopping, held-out DPO reference log-probs),
+    runs preempted anywhere resume to the same adapters and epoch records."""
+    sft, sft_ho, dpo, dpo_ho = _heldout_examples()
+    run = lambda d, **kw: train_role(base, CFG, LORA, HELD, sft, dpo, "generator", d, progress=False,  # noqa: E731
+                                     sft_heldout=sft_ho, dpo_heldout=dpo_ho, **kw)
+    full = run(tmp_path / "straight")
+    sft_ep = [e for e in full.epochs if e["stage"] == "sft"]
+    best = [e["epoch"] for e in sft_ep if e["best"]]
+    assert best == [3] and len(sft_ep) == 6  # epochs 0..5: stopped 2 epochs after the best
+    assert [h["stage"] for h in full.history] == ["sft"] * 10 + ["dpo"] * 4
+    assert [e["epoch"] for e in full.epochs if e["stage"] == "dpo"] == [0, 1, 2]
+    # stops: mid-epoch, right after the best epoch, after the early stop (before DPO's first
+    # step), mid-DPO; the last checkpoints are at even global steps
+    for stop in (3, 7, 10, 13):
+        d = tmp_path / f"stop{stop}"
+        part = run(d, stop_after_steps=stop)
+        assert len(part.history) == stop
+        _same_result(full, run(d))
+    with Checkpointer(tmp_path / "straight") as ck:
+        meta = ck.metadata()
+    assert meta["stage"] == "dpo" and meta["n_heldout"] == 5 and meta["epochs"] == full.epochs
+    with pytest.raises(ValueError, match="cannot be resumed exactly"):
+        train_role(base, CFG, LORA, HELD, sft, dpo, "generator", tmp_path / "stop13", progress=False,
+                   sft_heldout=sft_ho, dpo_heldout=dpo_ho[:3])
 
 
 def test_shape_mismatch_names_tensor(tmp_path):

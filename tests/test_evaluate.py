@@ -3,6 +3,8 @@ an optional extra cross-check)."""
 
 from __future__ import annotations
 
+import malt_jax.evaluate as ev
+
 import math
 from fractions import Fraction
 
@@ -266,3 +268,58 @@ def test_compare_unknown_system():
     results = {"MALT": SystemResult("MALT", np.ones(3, bool))}
     with pytest.raises(ValueError, match="nope"):
         compare(results, "MALT", ["nope"])
+
+
+# --------------------------------------------------------------------------- Holm, verdicts
+
+
+def test_holm_against_hand_computed_values():
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, max(., 2*0.03), max(., 1*0.04)
+    assert ev.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert ev.holm([0.2, 0.5]) == pytest.approx([0.4, 0.5])
+    assert ev.holm([0.9, 0.8, 0.7]) == pytest.approx([1.0, 1.0, 1.0])  # capped at 1, order kept
+    assert ev.holm([]) == []
+    with pytest.raises(ValueError):
+        ev.holm([1.5])
+
+
+def test_holm_controls_family_wise_error_like_a_step_down_bonferroni():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = rng.uniform(0, 0.2, size=rng.integers(1, 8))
+        adj = ev.holm(p)
+        order = np.argsort(p)
+        assert all(a >= b - 1e-12 for a, b in zip(np.asarray(adj)[order][1:], np.asarray(adj)[order][:-1]))
+        assert all(a >= q - 1e-12 for a, q in zip(adj, p))  # never below the raw value
+        assert min(adj) == pytest.approx(min(1.0, len(p) * min(p)))  # smallest = Bonferroni
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("Verdict: correct. 28 + 9 = 37.", True),
+    (" incorrect. The answer is 28.", False),
+    ("The proposed answer is not correct; 8 x 7 = 56.", False),
+    ("Verdict: wrong", False),
+    ("It is right.", True),
+    ("The solution says correct but Verdict: incorrect", False),  # the last Verdict: line counts
+    ("28 + 9 = 37", None),
+    ("incorrectly formatted", None),  # no verdict word on its own
+    (None, None),
+])
+def test_parse_verdict(text, verdict):
+    assert ev.parse_verdict(text) is verdict
+
+
+def test_verifier_confusion_counts_and_balanced_accuracy():
+    right = [True, True, True, False, False, False, False]
+    said = [True, True, False, False, True, None, False]
+    c = ev.verifier_confusion(right, said)
+    assert (c["right_says_correct"], c["right_says_incorrect"], c["right_no_verdict"]) == (2, 1, 0)
+    assert (c["wrong_says_correct"], c["wrong_says_incorrect"], c["wrong_no_verdict"]) == (1, 2, 1)
+    assert c["tpr"] == pytest.approx(2 / 3) and c["tnr"] == pytest.approx(2 / 4)
+    assert c["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 4) / 2)
+    assert c["says_correct_rate"] == pytest.approx(3 / 7) and c["n"] == 7
+    # a verifier that always agrees is at chance whatever the base rate
+    assert ev.verifier_confusion([True] * 9 + [False], [True] * 10)["balanced_accuracy"] == 0.5
+    assert np.isnan(ev.verifier_confusion([True, True], [True, False])["balanced_accuracy"])
+    with pytest.raises(ValueError):
+        ev.verifier_confusion([True], [])

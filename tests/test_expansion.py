@@ -100,3 +100,76 @@ def test_generator_only_depth(setup):
     t = _run(setup, "extend", depth=1, n=3)
     assert len(t.tokens) == 1
     chex.assert_shape(t.tokens[0], (2, 3, 6))
+
+
+# ----------------------------------------------------------------------------------------------
+# separate framing: every role has its own prompt that quotes the earlier outputs
+
+
+def _contexts(seed=3):
+    rng = np.random.default_rng(seed)
+    pv = [rng.integers(3, 256, k).tolist() for k in (7, 4)]  # V prefixes (hold the question)
+    pr = [rng.integers(3, 256, k).tolist() for k in (3, 10)]  # R prefixes
+    (xv, lv), (xr, lr) = sampling.pad_batch(pv, bucket=8), sampling.pad_batch(pr, bucket=8)
+    seps = ((jnp.asarray([1, 21, 22]),), (jnp.asarray([1, 23]), jnp.asarray([1, 24, 25, 26])))
+    ctx = expansion.Contexts(prefixes=(jnp.asarray(xv), jnp.asarray(xr)), prefix_lens=(jnp.asarray(lv), jnp.asarray(lr)),
+                             seps=seps)
+    return ctx, pv, pr, seps
+
+
+def _run_sep(setup, mode, adapters=(None, None, None), **kw):
+    params, x, lens, _ = setup
+    return expansion.expand(params, adapters, x, lens, None, sampling.row_keys(11, 2), cfg=CFG,
+                            spec=_spec(mode, **kw), contexts=_contexts()[0])
+
+
+def test_separate_framing_sharing_equals_naive(setup):
+    a, c = _run_sep(setup, "extend"), _run_sep(setup, "naive")
+    for level in range(3):
+        np.testing.assert_array_equal(np.asarray(a.tokens[level]), np.asarray(c.tokens[level]))
+        np.testing.assert_array_equal(np.asarray(a.lengths[level]), np.asarray(c.lengths[level]))
+        np.testing.assert_allclose(np.asarray(a.logps[level]), np.asarray(c.logps[level]), atol=2e-4)
+    # the generator level sees the same prompt in both framings
+    chat = _run(setup, "extend")
+    np.testing.assert_array_equal(np.asarray(a.tokens[0]), np.asarray(chat.tokens[0]))
+    assert not np.array_equal(np.asarray(a.tokens[2]), np.asarray(chat.tokens[2]))
+
+
+def test_separate_framing_leaf_equals_generate_on_its_own_context(setup):
+    """A refiner leaf equals generate() on prefix_R + g + sep + v + sep, the verifier node on
+    prefix_V + g + sep: each role sees its own prompt, not the generator's chat."""
+    params, x, lens, _ = setup
+    spec = _spec("extend")
+    ctx, pv, pr, seps = _contexts()
+    t = expansion.expand(params, (None,) * 3, x, lens, None, sampling.row_keys(11, 2), cfg=CFG, spec=spec,
+                         contexts=ctx)
+    q, i, j, k = 1, 0, 1, 2
+    g = np.asarray(t.tokens[0][q, i])[: int(t.lengths[0][q, i])].tolist()
+    v = np.asarray(t.tokens[1][q, i, j])[: int(t.lengths[1][q, i, j])].tolist()
+    key = sampling.row_keys(11, 2)[q]
+    keys = []
+    for fan, idx in zip((2, 2, 3), (i, j, k)):
+        key = expansion._child_keys(key[None], fan)[idx]
+        keys.append(jax.random.fold_in(key, 0xA11CE))
+    cases = [(pv[q] + g + seps[0][0].tolist(), keys[1], 5, t.tokens[1][q, i, j], t.lengths[1][q, i, j]),
+             (pr[q] + g + seps[1][0].tolist() + v + seps[1][1].tolist(), keys[2], 4, t.tokens[2][q, i, j, k],
+              t.lengths[2][q, i, j, k])]
+    for full, key, n, want, want_len in cases:
+        xs, ls = sampling.pad_batch([full], bucket=8)
+        out = sampling.generate(params, jnp.asarray(xs), jnp.asarray(ls), key[None], cfg=CFG, sampling=spec.sampling,
+                                stop=spec.stop, max_new_tokens=n)
+        assert sampling.trim(out)[0] == np.asarray(want)[: int(want_len)].tolist()
+
+
+def test_separate_framing_per_role_adapters_equal_naive(setup):
+    from malt_jax.config import LoraConfig
+    from malt_jax.model import lora
+
+    adapters = tuple(jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape),
+                                  lora.init_lora(CFG, LoraConfig(rank=2, top_layers=1), jax.random.key(r)))
+                     for r in range(3))
+    f, n = _run_sep(setup, "fork", adapters), _run_sep(setup, "naive", adapters)
+    base = _run_sep(setup, "naive")
+    for level in range(3):
+        np.testing.assert_array_equal(np.asarray(f.tokens[level]), np.asarray(n.tokens[level]))
+    assert not np.array_equal(np.asarray(f.tokens[2]), np.asarray(base.tokens[2]))

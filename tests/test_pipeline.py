@@ -133,3 +133,42 @@ def test_write_atomic_text_and_binary_leave_no_temporaries(tmp_path):
         pipeline._write_atomic(target, lambda f: 1 / 0)
     assert json.loads(target.read_text()) == {"x": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]
+
+
+def _hand_trees(rewards, g_correct):
+    """Trees of 1-token outputs: G i -> token 10+i, V (i,j) -> 20+j, R (i,j,k) -> 30+k (so the
+    R siblings 0 and 1 under V (0,0) get the SAME tokens when ``same`` is set below)."""
+    Q, n, m, l = rewards.shape
+    tok = lambda base, shape: (base + np.indices(shape)[-1])[..., None]  # noqa: E731
+    return {"q_tokens": np.full((Q, 4), 5), "q_lens": np.full((Q,), 4), "rewards": rewards,
+            "G_tokens": tok(10, (Q, n)), "G_lengths": np.ones((Q, n), int), "G_stopped": np.ones((Q, n), bool),
+            "V_tokens": tok(20, (Q, n, m)), "V_lengths": np.ones((Q, n, m), int), "V_stopped": np.ones((Q, n, m), bool),
+            "R_tokens": tok(30, (Q, n, m, l)), "R_lengths": np.ones((Q, n, m, l), int),
+            "R_stopped": np.ones((Q, n, m, l), bool), "G_correct": g_correct}
+
+
+def test_build_datasets_drops_identical_pairs_and_balances_the_verifier():
+    rewards = np.zeros((1, 2, 2, 2), np.float32)
+    rewards[0, 0, 0] = [1, 0]  # V (0,0,0): value 0.5 -> negative; R pair 30 vs 31
+    rewards[0, 0, 1] = [1, 1]  # V (0,0,1) positive (under a right G answer)
+    rewards[0, 1, 0] = [1, 1]  # V (0,1,0) positive (under a wrong G answer)
+    rewards[0, 1, 1] = [1, 1]  # V (0,1,1) positive (under a wrong G answer)
+    trees = _hand_trees(rewards, np.array([[True, False]]))
+    seps = (([1],), ([1], [2]))
+    data, summary = pipeline.build_datasets(trees, seps, 99, 0.5, None, 0, verifier_balance=True)
+    assert summary["refiner/dpo_identical"] == 0 and len(data["R"]["dpo"]) == 1
+    v = data["V"]["sft"]
+    assert [r["coord"] for r in v] == [[0, 0, 1], [0, 1, 0], [0, 1, 1]]
+    # 1 example under the right answer, 2 under the wrong one: equal total weight, mean 1
+    assert [r["weight"] for r in v] == pytest.approx([1.5, 0.75, 0.75])
+    assert summary["verifier/sft_under_right_answers"] == 1 and summary["verifier/sft_under_wrong_answers"] == 2
+    unbalanced, _ = pipeline.build_datasets(trees, seps, 99, 0.5, None, 0, verifier_balance=False)
+    assert all("weight" not in r for r in unbalanced["V"]["sft"])
+    # the same R tokens for chosen and rejected: the pair is dropped and counted
+    trees["R_tokens"][0, 0, 0, 1] = trees["R_tokens"][0, 0, 0, 0]
+    same, summary = pipeline.build_datasets(trees, seps, 99, 0.5, None, 0)
+    assert same["R"]["dpo"] == [] and summary["refiner/dpo_identical"] == 1 and summary["refiner/dpo_pairs"] == 0
+    # examples are weighted in training through data.pack_sft's loss mask
+    from malt_jax import data as D
+    batch = D.pack_sft([D.SFTExample(r["prompt"], r["completion"], r["weight"]) for r in v], 32)
+    assert batch["loss_mask"].sum(1).tolist() == pytest.approx([1.5 * 2, 0.75 * 2, 0.75 * 2])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from malt_jax.evaluate import SystemResult, compare
-from malt_jax.report import format_table, write_report
+from malt_jax.report import format_table, plot_training_curves, training_section, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -144,3 +144,47 @@ def test_format_table_alignment(results):
     ends = {line.index("0.") for line in lines[2:]}
     assert len(ends) == 1
     assert len({len(line) for line in lines}) == 1
+
+
+def _epoch(stage, epoch, heldout, train=None, best=False, acc=None, margin=None):
+    rec = {"stage": stage, "epoch": epoch, "step": 2 * epoch, "learning_rate": None if epoch == 0 else 1e-3,
+           "train/loss": train, "heldout/loss": heldout, "best": best}
+    if stage == "sft":
+        rec["heldout/accuracy"] = 0.5
+    else:
+        rec.update({"train/rewards/accuracies": None if epoch == 0 else 0.75, "train/rewards/margins": None,
+                    "heldout/rewards/accuracies": acc, "heldout/rewards/margins": margin,
+                    "heldout/rewards/chosen": 0.0, "heldout/rewards/rejected": 0.0})
+    return rec
+
+
+EPOCHS = {
+    "generator": [_epoch("sft", 0, 2.5), _epoch("sft", 1, 1.75, 2.0), _epoch("sft", 2, 1.5, 1.2, best=True),
+                  _epoch("sft", 3, 1.625, 0.8)],
+    "verifier": [_epoch("sft", 0, 3.0), _epoch("sft", 1, 2.25, 2.5, best=True), _epoch("sft", 2, 2.5, 1.0),
+                 _epoch("dpo", 0, 0.6931, acc=0.0, margin=0.0), _epoch("dpo", 1, 0.5, 0.6, True, 0.8, 0.375)],
+    "refiner": [],
+}
+COUNTS = {"generator": {"sft": 12, "sft_heldout": 4, "dpo": 0, "dpo_heldout": 0},
+          "verifier": {"sft": 20, "sft_heldout": 5, "dpo": 9, "dpo_heldout": 3},
+          "refiner": {"sft": 0, "sft_heldout": 0, "dpo": 0, "dpo_heldout": 0, "trained": False}}
+
+
+def test_plot_training_curves_writes_png(tmp_path):
+    plot_training_curves(EPOCHS, tmp_path / "training.png")
+    w, h = _png_size(tmp_path / "training.png")
+    assert w == 1200 and h == 650  # one 4-inch column per role, two rows, dpi 100
+
+
+def test_training_section_numbers():
+    lines = training_section(EPOCHS, COUNTS)
+    assert lines[0] == "## Training (epoch selection on held-out data)"
+    assert "| generator | SFT | 12 / 4 | 3 | 2 | 2.5000 | 1.5000 | - | - |" in lines
+    assert "| generator | DPO | 0 / 0 | 0 | - | not run |  |  |  |" in lines
+    assert "| verifier | SFT | 20 / 5 | 2 | 1 | 3.0000 | 2.2500 | - | - |" in lines
+    assert "| verifier | DPO | 9 / 3 | 1 | 1 | 0.6931 | 0.5000 | 0.8000 | +0.3750 |" in lines
+    assert any(line.startswith("| refiner |") and "no positive examples: keeps the base model" in line
+               for line in lines)
+    # without a "trained" flag, a role with no records and no data is recognised as untrained
+    lines = training_section({"R": []}, {"R": {"sft": 0, "dpo": 0}})
+    assert any("keeps the base model" in line for line in lines)

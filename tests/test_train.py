@@ -10,16 +10,18 @@ import pytest
 from tests.fixtures import numpy_random_params
 
 from malt_jax import data as D
-from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
+from malt_jax.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
+from malt_jax.losses import sequence_logps, sft_loss
+from malt_jax.model.llama import causal_positions, forward
 from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.sharding import make_mesh
 from jax.sharding import PartitionSpec as P
-from malt_jax.train import (NonFiniteError, Stepper, TrainState, make_optimizer, reference_logps,
-                            train_role)
+from malt_jax.train import (NonFiniteError, RoleTraining, ScheduleState, Stepper, TrainState, heldout_metrics,
+                            make_optimizer, reference_logps, train_role, warmup_steps)
 
 CFG = ModelConfig.tiny(n_layers=1)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))  # few leaves: faster compiles
-TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_steps=2, batch_size=8, grad_accum=1,
+TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_ratio=0.1, batch_size=8, grad_accum=1,
                     max_seq_len=32, grad_clip=1.0, sft_epochs=1, dpo_epochs=1, checkpoint_every=2)
 
 
@@ -188,25 +190,176 @@ def test_non_finite_raises_without_update(base):
 # driver
 
 
-def test_train_role_requires_data(tmp_path):
-    with pytest.raises(ValueError, match="no positive trajectories.*easier.*more training questions.*samples"):
-        train_role({}, CFG, LORA, TRAIN, [], [], "verifier", tmp_path / "ck", progress=False)
+def test_role_without_data_keeps_base_model(base, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        res = train_role(base, CFG, LORA, TRAIN, [], [], "verifier", tmp_path / "ck", progress=False)
+    assert isinstance(res, RoleTraining) and not res.trained
+    assert "role 'verifier'" in caplog.text and "keeps the base model" in caplog.text
+    assert "easier" in caplog.text and "more training questions" in caplog.text
+    assert res.epochs == [] and res.history == [] and not (tmp_path / "ck").exists()
+    assert res.counts == {"sft": 0, "sft_heldout": 0, "dpo": 0, "dpo_heldout": 0}
+    assert all(not np.asarray(ab["b"]).any() for ab in res.adapter["layers"].values())  # LoRA b = 0
+    _close(res.sft_adapter, res.adapter, rtol=0, atol=0)
+    batch = D.pack_sft(_sft_examples(4), TRAIN.max_seq_len)
+    pos = causal_positions(*batch["tokens"].shape)
+    plain, _ = forward(base, batch["tokens"], pos, CFG)
+    adapted, _ = forward(base, batch["tokens"], pos, CFG, lora=res.adapter, lora_scale=lora_scale(LORA))
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(adapted))
 
 
 def test_train_role_sft_then_dpo(base, tmp_path, caplog):
     cfg = dataclasses.replace(TRAIN, dpo_reference="base")
-    adapter, hist = train_role(base, CFG, LORA, cfg, _sft_examples(12), _dpo_examples(5), "refiner",
-                               tmp_path / "ck", progress=False)
+    res = train_role(base, CFG, LORA, cfg, _sft_examples(12), _dpo_examples(5), "refiner",
+                     tmp_path / "ck", progress=False)
+    hist = res.history
     stages = [h["stage"] for h in hist]
     assert stages == ["sft"] * 2 + ["dpo"]  # ceil(12/8) SFT steps, ceil(5/8) DPO step
     assert all(h["tokens_per_s"] > 0 for h in hist)
     assert abs(hist[2]["rewards/margins"]) > 0  # reference = base, policy = SFT adapter
+    assert res.trained and res.counts == {"sft": 12, "sft_heldout": 0, "dpo": 5, "dpo_heldout": 0}
+    # no held-out sets: every epoch runs, the last is kept; records exist without held-out values
+    assert [(e["stage"], e["epoch"], e["best"]) for e in res.epochs] == [
+        ("sft", 0, False), ("sft", 1, True), ("dpo", 0, False), ("dpo", 1, True)]
+    assert res.epochs[1]["heldout/loss"] is None
+    assert res.epochs[1]["train/loss"] == np.mean([h["loss"] for h in hist[:2]])
+    assert res.epochs[3]["train/rewards/margins"] == hist[2]["rewards/margins"]
     # re-running on a finished directory resumes at the end: no more steps
-    again, hist2 = train_role(base, CFG, LORA, cfg, _sft_examples(12), _dpo_examples(5), "refiner",
-                              tmp_path / "ck", progress=False)
-    assert len(hist2) == 3
-    _close(adapter, again, rtol=0, atol=0)
+    again = train_role(base, CFG, LORA, cfg, _sft_examples(12), _dpo_examples(5), "refiner",
+                       tmp_path / "ck", progress=False)
+    assert len(again.history) == 3 and again.epochs == res.epochs
+    _close(res.adapter, again.adapter, rtol=0, atol=0)
+    _close(res.sft_adapter, again.sft_adapter, rtol=0, atol=0)
     with caplog.at_level("WARNING"):
-        _, h3 = train_role(base, CFG, LORA, cfg, _sft_examples(3), None, "generator", tmp_path / "ck2",
-                           progress=False)
-    assert [h["stage"] for h in h3] == ["sft"] and "skipping dpo stage" in caplog.text
+        h3 = train_role(base, CFG, LORA, cfg, _sft_examples(3), None, "generator", tmp_path / "ck2",
+                        progress=False)
+    assert [h["stage"] for h in h3.history] == ["sft"] and "skipping dpo stage" in caplog.text
+    _close(h3.adapter, h3.sft_adapter, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule and epoch selection
+
+
+def test_warmup_ratio_sizes_warmup_below_total_and_schedule_peaks_then_decays():
+    assert warmup_steps(0.1, 30) == 3 and warmup_steps(0.1, 31) == 4 and warmup_steps(0.01, 10) == 1
+    assert warmup_steps(0.9, 5) == 4 and warmup_steps(0.5, 2) == 1  # < total: the decay always runs
+    assert warmup_steps(0.0, 10) == 0 and warmup_steps(0.3, 1) == 0
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="train.warmup_ratio"):
+            TrainConfig(warmup_ratio=bad)
+    with pytest.raises(ConfigError, match="train.early_stop_patience"):
+        TrainConfig(early_stop_patience=-1)
+    cfg = dataclasses.replace(TRAIN, warmup_ratio=0.25, grad_clip=0.0)
+    opt = make_optimizer(cfg, 8, learning_rate=1.0)
+    params = {"w": np.ones(3, np.float32)}
+    st = opt.init(params)
+    lrs = []
+    for _ in range(8):
+        _, st = opt.update({"w": np.ones(3, np.float32)}, st, params)
+        lrs.append(float(st[-1].learning_rate))
+    assert isinstance(st[-1], ScheduleState) and float(st[-1].warmup) == 2
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * i / 6)) for i in range(6)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    assert max(lrs) == 1.0 and all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0
+
+
+def _contradicting(seed=0):
+    """SFT training completions '7 x' and held-out completions '7 y' (x, y random): the held-out loss
+    first improves (the 7) and then gets worse as the random x are memorised (lr 3e-2, 6 epochs:
+    held-out loss 6.72 6.63 6.33 6.16 6.17 6.20 6.21, best epoch 3)."""
+    rng = np.random.default_rng(seed)
+    tok = lambda lo, hi: list(rng.integers(20, 256, rng.integers(lo, hi)))  # noqa: E731
+    train = [D.SFTExample(tok(2, 6), [7] + tok(3, 4)) for _ in range(8)]
+    held = [D.SFTExample(tok(2, 6), [7] + tok(3, 4)) for _ in range(6)]
+    return train, held
+
+
+def _preference(n, seed):
+    """DPO pairs with a learnable preference: chosen '9 9 9', rejected '11 11 11', random prompts."""
+    rng = np.random.default_rng(seed)
+    return [D.DPOExample(list(rng.integers(20, 256, rng.integers(2, 6))), [9, 9, 9], [11, 11, 11])
+            for _ in range(n)]
+
+
+SEL = dataclasses.replace(TRAIN, learning_rate=3e-2, dpo_learning_rate=3e-2, batch_size=4, sft_epochs=6,
+                          dpo_epochs=2, checkpoint_every=100, early_stop_patience=0)
+BEST = 3  # the best SFT epoch of _contradicting under SEL (2 steps per epoch)
+
+
+@pytest.fixture(scope="module")
+def sft_after_best(base, tmp_path_factory):
+    """The adapter of an independent run (no held-out set, same schedule) after exactly BEST epochs."""
+    train, _ = _contradicting()
+    res = train_role(base, CFG, LORA, SEL, train, None, "generator", tmp_path_factory.mktemp("ind"),
+                     progress=False, stop_after_steps=2 * BEST)
+    assert len(res.history) == 2 * BEST
+    return res.adapter
+
+
+@pytest.mark.parametrize("patience,last_epoch", [(0, 6), (1, BEST + 1), (2, BEST + 2)])
+def test_heldout_selects_best_epoch_and_stops_early(base, tmp_path, sft_after_best, patience, last_epoch):
+    train, held = _contradicting()
+    cfg = dataclasses.replace(SEL, early_stop_patience=patience)
+    res = train_role(base, CFG, LORA, cfg, train, None, "generator", tmp_path / "ck", progress=False,
+                     sft_heldout=held)
+    ep = res.epochs
+    assert [e["epoch"] for e in ep] == list(range(last_epoch + 1)) and {e["stage"] for e in ep} == {"sft"}
+    assert len(res.history) == 2 * last_epoch  # stopped after `patience` epochs without improvement
+    assert [e["best"] for e in ep] == [e["epoch"] == BEST for e in ep]
+    losses = [e["heldout/loss"] for e in ep]
+    assert losses[BEST] == min(losses) and losses[1] < losses[0] and all(x > losses[BEST] for x in losses[BEST + 1:])
+    assert ep[0]["train/loss"] is None and ep[0]["learning_rate"] is None and ep[0]["step"] == 0
+    for e in ep[1:]:
+        steps = [h for h in res.history if h["epoch"] == e["epoch"] - 1]
+        assert e["step"] == 2 * e["epoch"] and e["train/loss"] == pytest.approx(np.mean([h["loss"] for h in steps]))
+        assert e["learning_rate"] == steps[-1]["learning_rate"] and 0 <= e["heldout/accuracy"] <= 1
+    # epoch 0 = the untrained adapter (= the base model), scored independently
+    batch = D.pack_sft(held, cfg.max_seq_len)
+    logits, _ = forward(base, batch["tokens"], causal_positions(*batch["tokens"].shape), CFG)
+    loss0, m0 = sft_loss(logits, batch["targets"], batch["loss_mask"])
+    assert ep[0]["heldout/loss"] == pytest.approx(float(loss0), rel=1e-5)
+    assert ep[0]["heldout/accuracy"] == pytest.approx(float(m0["accuracy"]), abs=1e-6)
+    # the returned adapter is the one of the selected epoch
+    _close(res.adapter, sft_after_best, rtol=0, atol=0)
+    _close(res.sft_adapter, sft_after_best, rtol=0, atol=0)
+
+
+def test_dpo_starts_from_best_sft_and_heldout_rewards_match_logps(base, tmp_path, sft_after_best):
+    train, held = _contradicting()
+    dpo, dpo_held = _preference(6, seed=1), _preference(5, seed=2)
+    res = train_role(base, CFG, LORA, SEL, train, dpo, "generator", tmp_path / "ck", progress=False,
+                     sft_heldout=held, dpo_heldout=dpo_held)
+    assert res.counts == {"sft": 8, "sft_heldout": 6, "dpo": 6, "dpo_heldout": 5}
+    sft_ep = [e for e in res.epochs if e["stage"] == "sft"]
+    assert [e["epoch"] for e in sft_ep if e["best"]] == [BEST] and len(sft_ep) == 7
+    _close(res.sft_adapter, sft_after_best, rtol=0, atol=0)
+    dp = [e for e in res.epochs if e["stage"] == "dpo"]
+    assert [e["epoch"] for e in dp] == [0, 1, 2] and sum(e["best"] for e in dp) == 1
+    # epoch 0: policy == reference == the selected SFT adapter
+    assert dp[0]["heldout/loss"] == pytest.approx(math.log(2), rel=1e-5)
+    assert dp[0]["heldout/rewards/margins"] == pytest.approx(0, abs=1e-5) and dp[0]["train/loss"] is None
+    assert dp[-1]["heldout/loss"] < dp[0]["heldout/loss"] and dp[-1]["heldout/rewards/accuracies"] == 1.0
+    sft_metrics = heldout_metrics("sft", base, res.sft_adapter, held, CFG, SEL, lora_scale(LORA))
+    assert sft_metrics["loss"] == pytest.approx(sft_ep[BEST]["heldout/loss"], rel=1e-6)
+
+    # the selected DPO epoch's held-out rewards, from sequence log-probs computed here
+    best = next(e for e in dp if e["best"])
+    b = D.pack_dpo(dpo_held, SEL.max_seq_len)
+    pos = causal_positions(*b["tokens"].shape)
+
+    def logps(adapter):
+        logits, _ = forward(base, b["tokens"], pos, CFG, lora=adapter, lora_scale=lora_scale(LORA))
+        return np.asarray(sequence_logps(logits, b["targets"], b["loss_mask"])).reshape(-1, 2)
+
+    pol, ref = logps(res.adapter), logps(res.sft_adapter)
+    chosen, rejected = SEL.dpo_beta * (pol[:, 0] - ref[:, 0]), SEL.dpo_beta * (pol[:, 1] - ref[:, 1])
+    assert best["heldout/rewards/accuracies"] == pytest.approx(np.mean(chosen > rejected), abs=1e-6)
+    assert best["heldout/rewards/margins"] == pytest.approx(np.mean(chosen - rejected), rel=1e-4, abs=1e-4)
+    assert best["heldout/rewards/chosen"] == pytest.approx(np.mean(chosen), rel=1e-4, abs=1e-4)
+    assert best["heldout/rewards/rejected"] == pytest.approx(np.mean(rejected), rel=1e-4, abs=1e-4)
+    expected_loss = np.mean(np.logaddexp(0.0, -(chosen - rejected)))  # -logsigmoid(beta * logits)
+    assert best["heldout/loss"] == pytest.approx(expected_loss, rel=1e-4, abs=1e-5)
+    for e in dp[1:]:
+        steps = [h for h in res.history if h["stage"] == "dpo" and h["epoch"] == e["epoch"] - 1]
+        assert e["train/rewards/accuracies"] == pytest.approx(np.mean([h["rewards/accuracies"] for h in steps]))
+        assert e["train/rewards/margins"] == pytest.approx(np.mean([h["rewards/margins"] for h in steps]))

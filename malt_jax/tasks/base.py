@@ -80,6 +80,10 @@ class Task(abc.ABC):
 
     name: ClassVar[str] = ""
     prompts: RolePrompts
+    #: Whether training rewards (``pipeline.grade_leaves``) also need an explicit final answer
+    #: in a completion that stopped by itself; False only for tasks whose answer is not
+    #: written in the text (e.g. the test suite's parity task).
+    strict_rewards: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.skipped: dict[str, int] = {}
@@ -112,6 +116,35 @@ class Task(abc.ABC):
     def grade_example(self, text: str, example: Example) -> int:
         """Grade against an ``Example``; tasks may use ``example.meta`` (CSQA choice texts)."""
         return self.grade(text, example.answer)
+
+    def answer_key(self, text: str, example: Example) -> str | None:
+        """Canonical key of the final answer in ``text`` (None when there is none).
+
+        Texts whose answers the grader considers equal get the same key, so majority votes
+        count them together. Default: ``extract``; tasks whose grader is looser override it.
+        """
+        return self.extract(text)
+
+    def has_explicit_answer(self, text: str, example: Example | None = None) -> bool:
+        """True iff ``text`` states its answer explicitly: a ``Final Answer:`` line whose segment
+        holds an extractable answer, or a ``\\boxed{}`` holding one (a "last number in the
+        text" fallback is not explicit). ``example`` lets tasks check it against the example
+        (CSQA: the line must name one of the example's choices, by letter or by text).
+        """
+        from malt_jax.tasks.grading import cap_text, final_answer_segment
+        from malt_jax.tasks.latex import last_boxed
+
+        text = cap_text(text)
+        seg = final_answer_segment(text)
+        if seg and self._segment_answer(seg, example) is not None:
+            return True
+        boxed = last_boxed(text)
+        return bool(boxed and boxed.strip()) and self._segment_answer(boxed.strip(), example) is not None
+
+    def _segment_answer(self, segment: str, example: Example | None) -> str | None:
+        """The answer held by one answer segment, read as a lone ``Final Answer:`` line."""
+        line = f"Final Answer: {segment}"
+        return self.extract(line) if example is None else self.answer_key(line, example)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -20,7 +20,13 @@ from typing import Any
 
 from malt_jax.tasks.base import Example, LoadResult, Task, check_on_error
 from malt_jax.tasks.dataio import RowError, read_jsonl, require, resolve_split_file
-from malt_jax.tasks.grading import extract_choice, grade_choice
+from malt_jax.tasks.grading import (
+    _choice_by_text,
+    cap_text,
+    extract_choice,
+    final_answer_segment,
+    grade_choice,
+)
 from malt_jax.tasks.prompts import resolve_prompts
 
 LETTERS = "ABCDE"
@@ -101,3 +107,19 @@ class CSQA(Task):
         choices = example.meta.get("choices") or None
         letters = "".join(choices) if choices else self.letters
         return grade_choice(text, example.answer, letters, choices)
+
+    def answer_key(self, text: str, example: Example) -> str | None:
+        """The chosen letter, named by letter or by the exact text of one of the example's
+        choices ("Final Answer: bank" -> "B" when choice B is "bank"), as ``grade_example``."""
+        choices = example.meta.get("choices") or None
+        letters = "".join(choices) if choices else self.letters
+        found = extract_choice(text, letters)
+        if found is None and choices:
+            found = _choice_by_text(text, choices)
+        return found
+
+    def has_explicit_answer(self, text: str, example: Example | None = None) -> bool:
+        """A ``Final Answer:`` line naming a valid choice (by letter, or by the text of one of
+        ``example``'s choices); ``\\boxed{}`` does not count (the CSQA grader never reads it)."""
+        seg = final_answer_segment(cap_text(text))
+        return bool(seg) and self._segment_answer(seg, example) is not None

@@ -69,6 +69,11 @@ class GSM8K(Task):
     def extract(self, text: str) -> str | None:
         return extract_number(text)
 
+    def answer_key(self, text: str, example: Example) -> str | None:
+        """The extracted number in canonical decimal form ("0.50", ".5" -> "0.5")."""
+        value = extract_number(text)
+        return normalize_number(value) if value is not None else None
+
     def grade(self, text: str, gold: str) -> int:
         return grade_number(text, gold)
 

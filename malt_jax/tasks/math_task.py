@@ -13,10 +13,12 @@ Two layouts are read:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from malt_jax.tasks import exprparse
 from malt_jax.tasks.base import Example, LoadResult, Task, check_on_error
 from malt_jax.tasks.dataio import (
     SPLIT_ALIASES,
@@ -26,10 +28,12 @@ from malt_jax.tasks.dataio import (
     require,
     resolve_split_file,
 )
-from malt_jax.tasks.grading import extract_math, grade_math
-from malt_jax.tasks.latex import last_boxed
+from malt_jax.tasks.grading import MAX_ITEMS, _structure, extract_math, grade_math
+from malt_jax.tasks.latex import MAX_ANSWER_CHARS, last_boxed, latex_to_infix, normalize_math
 from malt_jax.tasks.prompts import resolve_prompts
 from malt_jax.tasks.symbolic import DEFAULT_TIMEOUT_S
+
+log = logging.getLogger(__name__)
 
 _META_KEYS = ("level", "type", "subject", "unique_id")
 _ALL_SPLIT_NAMES = {alias for aliases in SPLIT_ALIASES.values() for alias in aliases}
@@ -88,4 +92,54 @@ class MATH(Task):
 
     def grade(self, text: str, gold: str) -> int:
         return grade_math(text, gold, self.symbolic, self.symbolic_timeout)
+
+    def answer_key(self, text: str, example: Example) -> str | None:
+        """``math_answer_key`` of the extracted answer (``\\frac12``, ``1/2``, ``0.5`` -> ``"1/2"``)."""
+        answer = extract_math(text)
+        return math_answer_key(answer) if answer is not None else None
+
+
+def math_answer_key(answer: str) -> str | None:
+    """Canonical vote key of a LaTeX answer, bounded and eval-free (no sympy).
+
+    Numeric scalars become their exact rational value (``"1/2"``, ``"3"``; ``"0.33"`` and
+    ``"\\frac13"`` stay apart, as in ``math_equal``); anything else is its ``normalize_math``
+    string. Bare lists and ``\\{..\\}`` sets (unordered in the grader) get their item keys
+    sorted; tuples and intervals keep their brackets and order. Symbolic equivalents the grader
+    proves with sympy ("2\\sqrt{2}" = "\\sqrt{8}") may get different keys.
+    """
+    try:
+        norm = normalize_math(answer)
+        if not norm:
+            return None
+        if len(norm) > MAX_ANSWER_CHARS:
+            return norm
+        kind, items = _structure(norm)
+        if len(items) > MAX_ITEMS:
+            return norm
+        keys = [_scalar_key(x) for x in items]
+    except Exception:  # noqa: BLE001 - a key never takes the pipeline down
+        log.exception("math_answer_key failed; using the raw answer")
+        return answer.strip() or None
+    if kind == "scalar":
+        return keys[0]
+    if kind in ("set", "list"):
+        return ",".join(sorted(keys))
+    return kind[0] + ",".join(keys) + kind[1]
+
+
+def _scalar_key(item: str) -> str:
+    """Exact rational value of a numeric scalar as ``str(Fraction)``, else its normalised form."""
+    norm = normalize_math(item)
+    infix = latex_to_infix(norm)
+    if infix is None:
+        return norm
+    try:
+        node = exprparse.parse(infix)
+        if not exprparse.is_numeric(node):
+            return norm
+        return str(exprparse.evaluate_exact(node))
+    except (exprparse.ParseError, exprparse.TooBig, exprparse.Unsupported, ZeroDivisionError,
+            ValueError):
+        return norm
 

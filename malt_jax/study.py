@@ -1,0 +1,191 @@
+"""A learning-curve study: MALT on nested training sets, every system on one held-out set.
+
+    malt-jax study experiments/study_synthetic.yaml        # resumable; make study
+
+One run directory holds the whole study::
+
+    <run>/expansion/           trees of all task.num_train training questions (expanded once)
+    <run>/eval/                the baselines (single-greedy, single, single+MV, chain, chain+MV)
+    <run>/n0040/credit|adapters|eval   per training-set size k: credit on the first k trees,
+                               SFT (+DPO) adapters, the SFT-only chain and MALT evaluated
+    <results>/<name>_n0040.json  one summary per size; <name>.json the curve; <name>.png the plot
+
+Sizes are nested (the first k questions of one seeded training list), so the curve measures
+more data, not other data. Every size is compared with the same baseline rows; the primary
+comparison is declared before the run (``pipeline.primary_names``: MALT+MV@k vs single+MV@k)
+and the other comparisons of a size carry Holm-adjusted p-values. Each stage skips finished
+work, so rerunning the command resumes the study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from malt_jax import pipeline
+from malt_jax.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_study", "size_dir"]
+
+
+def size_dir(run_dir: Path, k: int) -> Path:
+    return run_dir / f"n{k:04d}"
+
+
+def _link_rows(src: Path, dst: Path) -> None:
+    """Makes the baseline rows visible in a size's eval dir (so they are not sampled again)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.glob("*.jsonl"):
+        target = dst / f.name
+        if not target.exists():
+            shutil.copyfile(f, target)
+
+
+def _system_table(results: dict) -> dict[str, dict[str, Any]]:
+    return {n: {"accuracy": r.accuracy, "ci95": [round(x, 4) for x in r.ci], "correct": r.successes, "n": r.n}
+            for n, r in results.items()}
+
+
+def _comparisons(rows: list[dict]) -> list[dict[str, Any]]:
+    return [{"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"], "p_holm": c["p_holm"],
+             "primary": c["primary"], "bootstrap_ci95": [c["bootstrap_lo"], c["bootstrap_hi"]]} for c in rows]
+
+
+def _training(sub: Path) -> dict[str, dict[str, Any]]:
+    """Per role: held-out DPO rewards/accuracies and SFT loss at the start and the selected epoch."""
+    out: dict[str, dict[str, Any]] = {}
+    for role in pipeline.ROLES:
+        path = sub / "adapters" / f"{role}_epochs.jsonl"
+        epochs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        sft = [e for e in epochs if e["stage"] == "sft"]
+        dpo = [e for e in epochs if e["stage"] == "dpo"]
+        best = lambda es: next((e for e in es if e.get("best")), es[-1] if es else None)  # noqa: E731
+        b_sft, b_dpo = best(sft), best(dpo)
+        out[role] = {
+            "trained": bool(epochs),
+            "heldout_sft_loss_start": sft[0].get("heldout/loss") if sft else None,
+            "heldout_sft_loss_end": b_sft.get("heldout/loss") if b_sft else None,
+            "sft_epochs": b_sft["epoch"] if b_sft else 0,
+            "heldout_dpo_accuracy": b_dpo.get("heldout/rewards/accuracies") if b_dpo else None,
+            "heldout_dpo_margin": b_dpo.get("heldout/rewards/margins") if b_dpo else None,
+            "heldout_dpo_loss_start": dpo[0].get("heldout/loss") if dpo else None,
+            "heldout_dpo_loss_end": b_dpo.get("heldout/loss") if b_dpo else None,
+            "dpo_epochs": b_dpo["epoch"] if b_dpo else 0,
+        }
+    return out
+
+
+def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
+    """Accuracy vs training questions (95% Wilson intervals), baselines as bands."""
+    from malt_jax.report import _new_figure
+
+    fig = _new_figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [c["n_train"] for c in curve]
+    mv = f"+MV@{votes}" if votes > 1 else ""
+    for name, color in ((f"malt{mv}", "C3"), ("malt", "C1"), (f"sft-chain{mv}", "C2")):
+        pts = [(c["n_train"], c["systems"][name]) for c in curve if name in c["systems"]]
+        if not pts:
+            continue
+        acc = [p["accuracy"] for _, p in pts]
+        err = [[a - p["ci95"][0] for a, (_, p) in zip(acc, pts)], [p["ci95"][1] - a for a, (_, p) in zip(acc, pts)]]
+        ax.errorbar([x for x, _ in pts], acc, yerr=err, marker="o", capsize=3, color=color, label=name)
+    for name, color in ((f"single{mv}", "C0"), (f"chain{mv}", "C7"), ("single-greedy", "C4")):
+        if name in baselines:
+            b = baselines[name]
+            ax.axhline(b["accuracy"], color=color, linestyle="--", linewidth=1, label=f"{name} (untrained)")
+            ax.axhspan(b["ci95"][0], b["ci95"][1], color=color, alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel("training questions (log scale)")
+    ax.set_ylabel("accuracy on held-out questions")
+    ax.set_title(f"MALT learning curve (n_eval = {curve[0]['n_eval'] if curve else 0}, 95% Wilson intervals)")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+
+
+def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: pipeline.Model | None = None,
+              task: pipeline.Task | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the study of ``cfg.study``; returns the curve summary (also written)."""
+    sizes = sorted(cfg.study.train_sizes)
+    if not sizes:
+        raise ConfigError("study.train_sizes: empty; a study needs at least one training-set size")
+    t_start = time.perf_counter()
+    run_dir = pipeline.prepare_run_dir(cfg)
+    task = task or pipeline.make_task(cfg)
+    train, evals = pipeline.load_splits(cfg, task, run_dir)
+    overlap = {e.question for e in train} & {e.question for e in evals}
+    if overlap:
+        raise ConfigError(f"task.options.eval_split: {len(overlap)} evaluation question(s) are also training "
+                          f"questions (e.g. {sorted(overlap)[0]!r}); a study needs disjoint sets")
+    results_dir = Path(cfg.study.results or run_dir / "results")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    timings_path = run_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def timed(name: str, fn):
+        t = time.perf_counter()
+        out = fn()
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
+        pipeline._write_atomic(timings_path, json.dumps(timings, indent=2))
+        return out
+
+    model = model or timed("load", lambda: pipeline.load_model(cfg.weights, cfg.model))
+    mesh = pipeline.make_run_mesh(cfg)
+    if mesh is not None:
+        from malt_jax.sharding import shard_params
+
+        model = dataclasses.replace(model, params=shard_params(model.params, mesh))
+    timed("expand", lambda: pipeline.run_expand(cfg, model, task, train, run_dir, progress, mesh=mesh))
+    votes = cfg.eval.votes
+    all_systems = pipeline.default_systems(votes, sft_chain=True)
+    base_systems = [s for s in all_systems if not s.trained]
+    base = timed("eval/baselines", lambda: pipeline.run_eval(cfg, model, task, evals, run_dir, None, base_systems,
+                                                             progress, mesh=mesh, out=run_dir / "eval"))
+    baselines = _system_table(base["results"])
+    curve = []
+    for k in sizes:
+        sub = size_dir(run_dir, k)
+        sub.mkdir(exist_ok=True)
+        credit = timed(f"n{k}/credit", lambda: pipeline.run_credit(cfg, model, task, run_dir, out=sub / "credit",
+                                                                  n_questions=k))
+        timed(f"n{k}/train", lambda: pipeline.run_train(cfg, model, sub, mesh=mesh, progress=progress))
+        adapters, sft_adapters = pipeline.load_adapters(sub)
+        _link_rows(run_dir / "eval", sub / "eval")
+        ev = timed(f"n{k}/eval", lambda: pipeline.run_eval(cfg, model, task, evals, sub, adapters, all_systems,
+                                                           progress, mesh=mesh, sft_adapters=sft_adapters))
+        summary = {
+            "experiment": f"{cfg.name}_n{k}", "command": command, "config_hash": cfg.hash(),
+            "n_train": k, "n_eval": len(evals), "votes": votes,
+            "primary": "{} vs {}".format(*pipeline.primary_names(votes)),
+            "systems": _system_table(ev["results"]), "comparisons": _comparisons(ev["comparisons"]),
+            "verifier": ev["verifier"], "training": _training(sub),
+            "training_data": pipeline.training_counts(sub), "credit": credit,
+            "wall_time_s": round(sum(v for n, v in timings.items() if n.startswith(f"n{k}/")), 1),
+        }
+        pipeline._write_atomic(results_dir / f"{cfg.name}_n{k:04d}.json", json.dumps(summary, indent=2) + "\n")
+        curve.append(summary)
+        log.info("study: size %d done", k)
+    out = {
+        "experiment": cfg.name, "command": command, "config_hash": cfg.hash(), "train_sizes": sizes,
+        "n_eval": len(evals), "votes": votes, "primary": "{} vs {}".format(*pipeline.primary_names(votes)),
+        "baselines": baselines,
+        "curve": [{"n_train": c["n_train"], "systems": {n: v for n, v in c["systems"].items() if n not in baselines},
+                   "primary": next((x for x in c["comparisons"] if x["primary"]), None),
+                   "verifier": c["verifier"], "training": c["training"]} for c in curve],
+        "timings_s": timings,
+        "wall_time_s": round(sum(timings.values()), 1),
+        "this_call_s": round(time.perf_counter() - t_start, 1),
+    }
+    pipeline._write_atomic(results_dir / f"{cfg.name}.json", json.dumps(out, indent=2) + "\n")
+    _plot([{**c, "n_eval": len(evals)} for c in curve], baselines, votes, results_dir / f"{cfg.name}.png")
+    return out
