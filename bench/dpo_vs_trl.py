@@ -210,11 +210,11 @@ def main() -> None:
     log(f"TRL best with {best} torch thread(s); vs {threads[0]} threads: "
         f"{common.median(tt[threads[0]]) / mj:.2f}x")
     # breakdown: the forward pass alone (the same no-grad pass as the reference log-probs) vs the step
-    from malt_jax.train import _batch_logps
+    from malt_jax.train import _batch_logps, _rows
 
-    b0 = batches[0][0]
-    fwd = lambda: jax.block_until_ready(_batch_logps(base, state.adapter, b0["tokens"], b0["targets"],  # noqa: E731
-                                                     b0["loss_mask"], cfg=cfg, scale=lora_scale(lora_cfg)))
+    rows0 = _rows(batches[0][0], None)
+    fwd = lambda: jax.block_until_ready(_batch_logps(base, state.adapter, rows0, cfg=cfg,  # noqa: E731
+                                                     scale=lora_scale(lora_cfg)))
     fwd()
     tf = common.median([common.timed(fwd) for _ in range(3)])
     fwd_fl = sum(2.0 * (flops.matmul_params(cfg) + flops.lora_params_per_token(cfg, 8, TARGETS_OURS)) * t

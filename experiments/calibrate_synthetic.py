@@ -1,9 +1,15 @@
-"""Measures SmolLM2-135M-Instruct's single-model greedy accuracy on synthetic-task settings.
+"""Sampling temperature and per-role token budgets of the embedded task, measured on validation.
 
-    python experiments/calibrate_synthetic.py --questions 60 --max-new 96
+    python experiments/calibrate_synthetic.py experiments/smollm2_synthetic.yaml --questions 200 \
+        --temperatures 0,0.3,0.7 --out results/calibration_synthetic.json
 
-Prints one line per setting; used to pick the default difficulty of the embedded task
-(target: 25-50% single-model greedy accuracy, so MALT sees positive and negative trajectories).
+For each temperature, the untrained G -> V -> R chain (the config's framing and prompts, 3
+passes) runs on the first ``--questions`` questions of the *validation* split with generous
+budgets (``--budget`` new tokens for every role), and the script reports the generator's
+accuracy (one sample and the vote), the share of answers stating an explicit final answer, the
+refiner's accuracy, and the token lengths of every role (mean, p90, p99, share cut off at the
+budget). The config's temperature and ``sampling.role_max_new_tokens`` are chosen from these
+numbers (budgets at about the p99 of the lengths).
 """
 
 from __future__ import annotations
@@ -12,47 +18,60 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
 from malt_jax import pipeline
-from malt_jax.config import SamplingConfig
-from malt_jax.expansion import ExpansionSpec
-from malt_jax.tasks import get_task
-
-SETTINGS = [
-    dict(max_value=9, steps=1, ops="+"),
-    dict(max_value=9, steps=1, ops="+-"),
-    dict(max_value=9, steps=(1, 2), ops="+-"),
-    dict(max_value=20, steps=1, ops="+-"),
-    dict(max_value=9, steps=2, ops="+-"),
-]
+from malt_jax.config import load_run_config
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--questions", type=int, default=60)
-    ap.add_argument("--max-new", type=int, default=96)
-    ap.add_argument("--settings", type=str, default="", help="JSON list of option dicts")
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--questions", type=int, default=200)
+    ap.add_argument("--temperatures", default="0.3,0.7")
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--run-dir", default="runs/calibration")
+    ap.add_argument("--out", default="results/calibration_synthetic.json")
     args = ap.parse_args()
-    settings = json.loads(args.settings) if args.settings else SETTINGS
-    model = pipeline.load_model("smollm2")
-    for opts in settings:
-        task = get_task("synthetic", **opts)
-        exs = task.load("test")[: args.questions]
-        codec = pipeline.PromptCodec(model.tokenizer, task)
-        spec = ExpansionSpec(n=1, depth=1, max_new=(args.max_new,) * 3, sampling=SamplingConfig(greedy=True),
-                             stop=codec.stop)
-        got: dict = {}
-        t0 = time.time()
-        pipeline.sample_trees(model, codec, exs, spec, seed=0, batch_size=len(exs), progress=False,
-                              on_batch=lambda b, a: got.update(a))
-        texts = pipeline.decode_level(model.tokenizer, got["G_tokens"], got["G_lengths"])
-        acc = np.mean([task.grade_example(texts[i, 0], e) for i, e in enumerate(exs)])
-        print(json.dumps({"options": opts, "greedy_accuracy": round(float(acc), 3), "n": len(exs),
-                          "mean_tokens": float(got["G_lengths"].mean()),
-                          "stopped": float(got["G_stopped"].mean()), "seconds": round(time.time() - t0, 1)}),
-              flush=True)
+    t0 = time.time()
+    base = load_run_config(args.config, args.overrides)
+    task = pipeline.make_task(base)
+    examples = task.load("validation")[: args.questions]
+    model = pipeline.load_model(base.weights, base.model)
+    tok = model.tokenizer
+    out = {"experiment": "calibration", "command": "python experiments/calibrate_synthetic.py " + " ".join(
+        [args.config, *args.overrides, f"--questions {args.questions}", f"--temperatures {args.temperatures}",
+         f"--budget {args.budget}", f"--out {args.out}"]), "split": "validation", "n": len(examples),
+        "framing": base.task.framing, "budget": args.budget, "temperatures": {}}
+    for temp in [float(t) for t in args.temperatures.split(",")]:
+        sampling = dataclasses.replace(base.sampling, role_max_new_tokens=(args.budget,) * 3)
+        cfg = dataclasses.replace(base, sampling=sampling, eval=dataclasses.replace(
+            base.eval, temperature=temp, max_new_tokens=args.budget))
+        system = pipeline.System("chain", 3, base.eval.votes, temp == 0, False)
+        run_dir = Path(args.run_dir) / f"{cfg.hash()}"
+        rows = pipeline.evaluate_system(system, cfg, model, task, examples, None, run_dir / "chain.jsonl")
+        res = {}
+        for role in ("G", "V", "R"):
+            texts = [t for r in rows for t in r["texts"][role]]
+            prefix = task.prompts.prefix(role)
+            lens = np.array([len(tok.encode(t[len(prefix):], add_special_tokens=False)) for t in texts])
+            res[role] = {"tokens_mean": round(float(lens.mean()), 1), "tokens_p90": float(np.percentile(lens, 90)),
+                         "tokens_p99": float(np.percentile(lens, 99)),
+                         "at_budget": round(float((lens >= args.budget).mean()), 3)}
+        g_ok = [bool(task.grade_example(t, ex)) for r, ex in zip(rows, examples) for t in r["texts"]["G"]]
+        g_explicit = [task.has_explicit_answer(t, ex) for r, ex in zip(rows, examples) for t in r["texts"]["G"]]
+        res["G"].update(accuracy=round(float(np.mean(g_ok)), 3), explicit_answer=round(float(np.mean(g_explicit)), 3))
+        res["R"].update(accuracy=round(float(np.mean([c for r in rows for c in r["pass_correct"]])), 3),
+                        vote_accuracy=round(float(np.mean([r["vote_correct"] for r in rows])), 3),
+                        distinct_answers_per_question=round(float(np.mean([len(set(r["pass_answers"])) for r in rows])), 2))
+        out["temperatures"][str(temp)] = res
+        print(temp, json.dumps(res), flush=True)
+    out["wall_time_s"] = round(time.time() - t0, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

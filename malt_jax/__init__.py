@@ -12,8 +12,10 @@ Public API (a small set of names; everything else is importable from its module)
     task = malt_jax.get_task("synthetic", max_value=9, steps=1)
     tree = malt_jax.expand(params, adapters, q_tokens, q_lens, turns, keys, cfg=..., spec=...)
     values = malt_jax.assign_credit(rewards)                 # [Q, n, m, l] -> node values + labels
-    adapter, history = malt_jax.train_role(params, cfg, lora_cfg, train_cfg, sft, dpo, "verifier", ckpt_dir)
+    result = malt_jax.train_role(params, cfg, lora_cfg, train_cfg, sft, dpo, "verifier", ckpt_dir,
+                                 sft_heldout=..., dpo_heldout=...)   # RoleTraining: adapter, epochs, ...
     summary = malt_jax.run(malt_jax.load_run_config("experiments/smollm2_synthetic.yaml"))
+    curve = malt_jax.run_study(malt_jax.load_run_config("experiments/study_synthetic.yaml"))
 """
 
 from malt_jax.config import (
@@ -29,17 +31,18 @@ from malt_jax.config import (
 )
 from malt_jax.credit import dpo_pairs, sft_indices
 from malt_jax.credit import node_values as assign_credit
-from malt_jax.expansion import ExpansionSpec, expand
+from malt_jax.expansion import Contexts, ExpansionSpec, expand
 from malt_jax.pipeline import Model, PromptCodec, build_datasets, load_model, run, run_eval, sample_trees
 from malt_jax.sampling import StopCriteria, generate
 from malt_jax.tasks import Example, Task, get_task
-from malt_jax.train import train_role
+from malt_jax.study import run_study
+from malt_jax.train import RoleTraining, train_role
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EvalConfig", "ExpansionSpec", "Example", "LoraConfig", "Model", "ModelConfig", "PromptCodec",
+    "Contexts", "EvalConfig", "ExpansionSpec", "RoleTraining", "Example", "LoraConfig", "Model", "ModelConfig", "PromptCodec",
     "RunConfig", "SamplingConfig", "StopCriteria", "Task", "TaskConfig", "TrainConfig", "TreeConfig",
     "assign_credit", "build_datasets", "dpo_pairs", "expand", "generate", "get_task", "load_model",
-    "load_run_config", "run", "run_eval", "sample_trees", "sft_indices", "train_role",
+    "load_run_config", "run", "run_eval", "run_study", "sample_trees", "sft_indices", "train_role",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "pack_sft",
     "pack_dpo",
     "pack",
+    "completion_index",
     "num_batches",
     "epoch_order",
     "epoch_batches",
@@ -175,6 +176,25 @@ def pack(examples: Sequence[SFTExample | DPOExample | None], max_len: int, pad_i
     kind = next((type(e) for e in examples if e is not None), SFTExample)
     fn = pack_dpo if kind is DPOExample else pack_sft
     return fn(examples, max_len, pad_id, length)
+
+
+def completion_index(loss_mask: np.ndarray, min_width: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The scored (``loss_mask > 0``) positions of each row: ``index`` int32[B, C] (padded with
+    0) and ``valid`` float32[B, C], ``C`` = the most scored positions of a row rounded up to a
+    power of two (>= ``min_width``, <= T), so a run compiles few shapes. Scoring only these
+    positions gives the same losses as scoring every position (the others have mask 0) at a
+    fraction of the LM-head cost."""
+    m = np.asarray(loss_mask) > 0
+    B, T = m.shape
+    n = int(m.sum(axis=1).max(initial=0))
+    C = min(T, max(min_width, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+    index = np.zeros((B, C), np.int32)
+    valid = np.zeros((B, C), np.float32)
+    for b in range(B):
+        pos = np.flatnonzero(m[b])
+        index[b, : len(pos)] = pos
+        valid[b, : len(pos)] = 1.0
+    return index, valid
 
 
 def num_batches(n_examples: int, batch_size: int) -> int:

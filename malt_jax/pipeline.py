@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -749,16 +750,50 @@ def system_results(system: System, rows: list[dict]) -> dict:
     return out
 
 
+_VERDICT_LINE = re.compile(r"verdict\s*[:：]", re.IGNORECASE)
+_ANSWER_PHRASE = re.compile(r"(?:the\s+)?correct\s+answer\s+is|final\s+answer", re.IGNORECASE)
+_STATED = re.compile(r"correct\s+answer\s+is\s*:?", re.IGNORECASE)
+
+
+def _stated_answer(task: Task, critique: str, example: Example) -> str | None:
+    """The answer a critique states: the first sentence after "the correct answer is" (else
+    its final answer, e.g. a ``Final Answer:`` line), as ``task.answer_key``."""
+    m = _STATED.search(critique)
+    if m:
+        sentence = re.split(r"\n|\.\s|,\s", critique[m.end():].strip(), maxsplit=1)[0]
+        return task.answer_key("Final Answer: " + sentence, example)
+    return task.answer_key(critique, example)
+
+
+def critique_verdict(task: Task, critique: str, answer: str, example: Example) -> bool | None:
+    """What a critique says of the answer it checked: True (correct), False (incorrect), None.
+
+    An explicit ``Verdict:`` line decides; else a critique that states an answer of its own
+    ("The correct answer is 12." -- the first sentence after that phrase) agrees iff that answer
+    has the checked answer's key (``task.answer_key``); else the first verdict word ("correct",
+    "incorrect", "wrong"), with answer-announcing phrases such as "the correct answer is" ignored.
+    """
+    from malt_jax.evaluate import parse_verdict
+
+    if _VERDICT_LINE.search(critique):
+        return parse_verdict(critique)
+    stated = _stated_answer(task, critique, example)
+    if stated is not None:
+        return stated == task.answer_key(answer, example)
+    return parse_verdict(_ANSWER_PHRASE.sub(" ", critique))
+
+
 def verifier_stats(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
-    """Confusion matrix of a chain's verifier verdicts against its generator answers' real
-    correctness, over every pass of every question (see ``evaluate.verifier_confusion``)."""
-    from malt_jax.evaluate import parse_verdict, verifier_confusion
+    """Confusion matrix of a chain's verifier verdicts (:func:`critique_verdict`) against its
+    generator answers' real correctness, over every pass of every question
+    (``evaluate.verifier_confusion``)."""
+    from malt_jax.evaluate import verifier_confusion
 
     right, said = [], []
     for ex, r in zip(examples, rows, strict=True):
         for g, v in zip(r["texts"]["G"], r["texts"]["V"], strict=True):
             right.append(bool(task.grade_example(g, ex)))
-            said.append(parse_verdict(v))
+            said.append(critique_verdict(task, v, g, ex))
     return verifier_confusion(right, said)
 
 

@@ -60,7 +60,8 @@ from malt_jax.checkpoint import Checkpointer, flatten_named
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig, to_dict
 from malt_jax.data import DPOExample, SFTExample
 from malt_jax.losses import dpo_loss, sequence_logps, sft_loss
-from malt_jax.model.llama import Params, causal_positions, forward, init_params
+from malt_jax.model.llama import (Params, causal_positions, forward, forward_from, hidden_at, init_params, lm_head,
+                                  lora_first_layer)
 from malt_jax.model.lora import adapter_shapes, init_lora, lora_scale
 from malt_jax.sharding import batch_sharding, param_shardings
 
@@ -269,11 +270,37 @@ def _apply(state: TrainState, loss: jax.Array, metrics: Metrics, grads: Params,
     return new, metrics
 
 
+# Arrays of a batch with one entry per row: tokens / targets / loss_mask [R, T] (data.pack_*),
+# optionally comp_index / comp_valid [R, C] (data.completion_index: only these positions are
+# scored, so the LM head runs on the completion tokens alone) and hidden [R, T, dim] (the hidden
+# states entering the adapter's first layer, precomputed once: the frozen layers below do not
+# run at every step).
+ROW_KEYS = ("tokens", "targets", "loss_mask", "comp_index", "comp_valid", "hidden")
+
+
+def _scored_logits(base: Params, adapter: Params | None, rows: dict, cfg: ModelConfig,
+                   scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logits, targets, mask) at the scored positions of ``rows`` (see ``ROW_KEYS``): every
+    position, or the completion positions ``comp_index`` (same losses: the others have mask 0)."""
+    B, T = rows["tokens"].shape
+    if "hidden" in rows:
+        x = forward_from(base, rows["hidden"], cfg, lora_first_layer(cfg, adapter), lora=adapter, lora_scale=scale)
+    else:
+        x, _ = forward(base, rows["tokens"], causal_positions(B, T), cfg, lora=adapter, lora_scale=scale,
+                       return_hidden=True)
+    targets, mask = rows["targets"], rows["loss_mask"]
+    if "comp_index" in rows:
+        idx = rows["comp_index"]
+        x = jnp.take_along_axis(x, idx[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, idx, axis=1)
+        mask = jnp.take_along_axis(mask, idx, axis=1) * rows["comp_valid"]
+    return lm_head(base, x, cfg), targets, mask
+
+
 def _sft_micro(adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig,
                scale: float) -> tuple[jax.Array, Metrics]:
-    B, T = mb["tokens"].shape
-    logits, _ = forward(base, mb["tokens"], causal_positions(B, T), cfg, lora=adapter, lora_scale=scale)
-    loss, m = sft_loss(logits, mb["targets"], mb["loss_mask"])
+    logits, targets, mask = _scored_logits(base, adapter, mb, cfg, scale)
+    loss, m = sft_loss(logits, targets, mask)
     frac = m["n_tokens"] / total  # re-weights the microbatch mean into the whole-batch mean
     return loss * frac, {"accuracy": m["accuracy"] * frac, "n_tokens": m["n_tokens"]}
 
@@ -299,7 +326,7 @@ def sft_step(base: Params, state: TrainState, batch: dict, *, cfg: ModelConfig, 
 def _sft_step(base: Params, state: TrainState, batch: dict, *, cfg: ModelConfig, sc: _StepCfg,
               update: optax.TransformUpdateFn, scale: float) -> tuple[TrainState, Metrics]:
     total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1e-8)
-    mb = {k: batch[k] for k in ("tokens", "targets", "loss_mask")}
+    mb = {k: batch[k] for k in ROW_KEYS if k in batch}
     loss_fn = functools.partial(_sft_micro, base=base, total=total, cfg=cfg, scale=scale)
     loss, metrics, grads = _accumulate(loss_fn, state.adapter, mb, sc.grad_accum)
     return _apply(state, loss, metrics, grads, update)
@@ -308,7 +335,7 @@ def _sft_step(base: Params, state: TrainState, batch: dict, *, cfg: ModelConfig,
 def _pairs(batch: dict, ref_logps: jax.Array) -> dict:
     """Interleaved [2B, ...] rows -> [B, 2, ...] pairs (so microbatching keeps pairs whole)."""
     B = batch["weights"].shape[0]
-    out = {k: batch[k].reshape(B, 2, *batch[k].shape[1:]) for k in ("tokens", "targets", "loss_mask")}
+    out = {k: batch[k].reshape(B, 2, *batch[k].shape[1:]) for k in ROW_KEYS if k in batch}
     out["weights"] = batch["weights"]
     out["ref"] = ref_logps.reshape(B, 2)
     return out
@@ -316,11 +343,9 @@ def _pairs(batch: dict, ref_logps: jax.Array) -> dict:
 
 def _dpo_micro(adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig,
                scale: float, sc: _StepCfg) -> tuple[jax.Array, Metrics]:
-    b, _, T = mb["tokens"].shape
-    flat = lambda x: x.reshape(2 * b, T)  # noqa: E731
-    logits, _ = forward(base, flat(mb["tokens"]), causal_positions(2 * b, T), cfg, lora=adapter,
-                        lora_scale=scale)
-    lp = sequence_logps(logits, flat(mb["targets"]), flat(mb["loss_mask"])).reshape(b, 2)
+    b = mb["tokens"].shape[0]
+    rows = {k: mb[k].reshape(2 * b, *mb[k].shape[2:]) for k in ROW_KEYS if k in mb}
+    lp = sequence_logps(*_scored_logits(base, adapter, rows, cfg, scale)).reshape(b, 2)
     w = mb["weights"].astype(jnp.float32)
     loss, m = dpo_loss(lp[:, 0], lp[:, 1], mb["ref"][:, 0], mb["ref"][:, 1], beta=sc.dpo_beta,
                        loss_type=sc.dpo_loss, label_smoothing=sc.label_smoothing, weights=w)
@@ -359,11 +384,64 @@ def _dpo_step(base: Params, state: TrainState, batch: dict, ref_logps: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scale"))
-def _batch_logps(base: Params, adapter: Params | None, tokens: jax.Array, targets: jax.Array,
-                 loss_mask: jax.Array, *, cfg: ModelConfig, scale: float) -> jax.Array:
-    B, T = tokens.shape
-    logits, _ = forward(base, tokens, causal_positions(B, T), cfg, lora=adapter, lora_scale=scale)
-    return sequence_logps(logits, targets, loss_mask)
+def _batch_logps(base: Params, adapter: Params | None, rows: dict, *, cfg: ModelConfig, scale: float) -> jax.Array:
+    """Summed completion log-probs [R] of ``rows`` (see ``ROW_KEYS``)."""
+    return sequence_logps(*_scored_logits(base, adapter, rows, cfg, scale))
+
+
+def _rows(batch: dict, mesh: Mesh | None, hidden: "HiddenCache | None" = None,
+          idx: np.ndarray | None = None) -> dict:
+    """A packed batch's per-row arrays with the completion index (and the cached hidden states
+    of examples ``idx``), placed on the mesh."""
+    rows = {k: batch[k] for k in ("tokens", "targets", "loss_mask")}
+    rows["comp_index"], rows["comp_valid"] = data_lib.completion_index(batch["loss_mask"])
+    if hidden is not None:
+        rows["hidden"] = hidden.rows(idx, batch["tokens"].shape[1])
+    if mesh is not None:
+        rows = {k: jax.device_put(a, batch_sharding(mesh, a.ndim, a.shape)) for k, a in rows.items()}
+    return rows
+
+
+class HiddenCache:
+    """Per-example hidden states entering layer ``layer`` (the adapter's first), computed once
+    per training stage: the frozen layers below never depend on the adapter.
+
+    ``rows(idx, T)`` assembles a batch's ``hidden`` [R, T, dim] for example indices ``idx``
+    (``-1`` = padding row; DPO: rows 2i / 2i+1 = pair i's chosen / rejected), row by row equal to
+    running those layers on the packed batch (causal rows, right padding).
+    """
+
+    def __init__(self, base: Params, examples: Sequence[Any], cfg: ModelConfig, train_cfg: TrainConfig, layer: int,
+                 pad_id: int = 0):
+        self.layer, self.dim, self.dtype = layer, cfg.dim, np.dtype(cfg.dtype)
+        self.per_row = 2 if any(isinstance(e, DPOExample) for e in examples) else 1
+        chunk = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
+        self.rows_of: list[np.ndarray] = []
+        fn = jax.jit(hidden_at, static_argnames=("cfg", "layer"))
+        for start in range(0, len(examples), chunk):
+            part = list(examples[start:start + chunk])
+            batch = data_lib.pack(part + [None] * (chunk - len(part)), train_cfg.max_seq_len, pad_id)
+            h = np.asarray(fn(base, batch["tokens"], cfg=cfg, layer=layer))
+            lengths = _scored_length(batch["loss_mask"])
+            for r in range(len(part) * self.per_row):
+                self.rows_of.append(h[r, : lengths[r]])
+
+    def rows(self, idx: np.ndarray, T: int) -> np.ndarray:
+        out = np.zeros((len(idx) * self.per_row, T, self.dim), self.dtype)
+        for i, e in enumerate(idx):
+            if e < 0:
+                continue
+            for j in range(self.per_row):
+                h = self.rows_of[e * self.per_row + j]
+                out[i * self.per_row + j, : len(h)] = h[:T]
+        return out
+
+
+def _scored_length(loss_mask: np.ndarray) -> np.ndarray:
+    """Per row, one past its last scored position (0 for a row without any)."""
+    m = np.asarray(loss_mask) > 0
+    last = m.shape[1] - np.argmax(m[:, ::-1], axis=1)
+    return np.where(m.any(axis=1), last, 0)
 
 
 def reference_logps(base: Params, adapter: Params | None, examples: Sequence[DPOExample], cfg: ModelConfig,
@@ -377,10 +455,7 @@ def reference_logps(base: Params, adapter: Params | None, examples: Sequence[DPO
     for start in range(0, len(examples), rows):
         chunk = list(examples[start:start + rows])
         batch = data_lib.pack_dpo(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
-        arrays = [batch["tokens"], batch["targets"], batch["loss_mask"]]
-        if mesh is not None:
-            arrays = [jax.device_put(a, batch_sharding(mesh, a.ndim, a.shape)) for a in arrays]
-        lp = np.asarray(_batch_logps(base, adapter, *arrays, cfg=cfg, scale=scale)).reshape(rows, 2)
+        lp = np.asarray(_batch_logps(base, adapter, _rows(batch, mesh), cfg=cfg, scale=scale)).reshape(rows, 2)
         out[start:start + len(chunk)] = lp[:len(chunk)]
     return out
 
@@ -390,12 +465,9 @@ def reference_logps(base: Params, adapter: Params | None, examples: Sequence[DPO
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scale"))
-def _batch_sft_sums(base: Params, adapter: Params | None, tokens: jax.Array, targets: jax.Array,
-                    loss_mask: jax.Array, *, cfg: ModelConfig, scale: float) -> jax.Array:
+def _batch_sft_sums(base: Params, adapter: Params | None, rows: dict, *, cfg: ModelConfig, scale: float) -> jax.Array:
     """[summed weighted NLL, summed weighted correct tokens, token weight] of one SFT batch."""
-    B, T = tokens.shape
-    logits, _ = forward(base, tokens, causal_positions(B, T), cfg, lora=adapter, lora_scale=scale)
-    loss, m = sft_loss(logits, targets, loss_mask)
+    loss, m = sft_loss(*_scored_logits(base, adapter, rows, cfg, scale))
     n = m["n_tokens"]
     return jnp.stack([loss * n, m["accuracy"] * n, n])
 
@@ -407,10 +479,7 @@ def _sft_heldout(base: Params, adapter: Params | None, examples: Sequence[SFTExa
     for start in range(0, len(examples), rows):
         chunk = list(examples[start:start + rows])
         batch = data_lib.pack_sft(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
-        arrays = [batch["tokens"], batch["targets"], batch["loss_mask"]]
-        if mesh is not None:
-            arrays = [jax.device_put(a, batch_sharding(mesh, a.ndim, a.shape)) for a in arrays]
-        sums += np.asarray(_batch_sft_sums(base, adapter, *arrays, cfg=cfg, scale=scale), np.float64)
+        sums += np.asarray(_batch_sft_sums(base, adapter, _rows(batch, mesh), cfg=cfg, scale=scale), np.float64)
     n = max(sums[2], 1e-8)
     return {"loss": float(sums[0] / n), "accuracy": float(sums[1] / n), "n_tokens": float(sums[2])}
 
@@ -471,10 +540,11 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     return TrainState(step=rep, adapter=ad_sh, opt_state=opt_sh)
 
 
-def _batch_shardings(kind: str, rows: int, mesh: Mesh) -> tuple:
+def _batch_shardings(kind: str, rows: int, mesh: Mesh, keys: Sequence[str] = ("tokens", "targets", "loss_mask")) -> tuple:
     rows2 = 2 * rows if kind == "dpo" else rows
-    b = {"tokens": batch_sharding(mesh, 2, (rows2, 1)), "targets": batch_sharding(mesh, 2, (rows2, 1)),
-         "loss_mask": batch_sharding(mesh, 2, (rows2, 1)), "weights": batch_sharding(mesh, 1, (rows,))}
+    b = {k: batch_sharding(mesh, 3 if k == "hidden" else 2, (rows2, 1, 1)[: 3 if k == "hidden" else 2])
+         for k in ROW_KEYS if k in keys}
+    b["weights"] = batch_sharding(mesh, 1, (rows,))
     if kind == "dpo":
         return b, batch_sharding(mesh, 1, (rows2,))
     return (b,)
@@ -482,7 +552,8 @@ def _batch_shardings(kind: str, rows: int, mesh: Mesh) -> tuple:
 
 @functools.lru_cache(maxsize=32)
 def _compiled(kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, sc: _StepCfg, batch_size: int,
-              update: optax.TransformUpdateFn, abstract_state: Any, mesh: Mesh | None, donate: bool) -> Any:
+              update: optax.TransformUpdateFn, abstract_state: Any, mesh: Mesh | None, donate: bool,
+              keys: tuple[str, ...] = ("tokens", "targets", "loss_mask")) -> Any:
     """The jitted (and, with a mesh, sharded) step; cached so stages/roles share compilations."""
     fn = _sft_step if kind == "sft" else _dpo_step
     part = functools.partial(fn, cfg=cfg, sc=sc, update=update, scale=lora_scale(lora_cfg))
@@ -491,7 +562,7 @@ def _compiled(kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, sc: _StepCfg, b
         return jax.jit(part, donate_argnums=donate_argnums)
     base_abs = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     st_sh = state_shardings(abstract_state.tree, mesh)
-    in_sh = (param_shardings(base_abs, mesh), st_sh, *_batch_shardings(kind, batch_size, mesh))
+    in_sh = (param_shardings(base_abs, mesh), st_sh, *_batch_shardings(kind, batch_size, mesh, keys))
     return jax.jit(part, in_shardings=in_sh, out_shardings=(st_sh, NamedSharding(mesh, P())),
                    donate_argnums=donate_argnums)
 
@@ -532,10 +603,8 @@ class Stepper:
         self.cfg, self.lora_cfg, self.train_cfg = cfg, lora_cfg, train_cfg
         ad_abs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(cfg, lora_cfg),
                               is_leaf=lambda t: isinstance(t, tuple))
-        state_abs = _Hashable(jax.eval_shape(lambda a: TrainState.create(a, optimizer), ad_abs))
-        self._fn = _compiled(kind, cfg, lora_cfg, _StepCfg.of(train_cfg), train_cfg.batch_size,
-                             optimizer.update, state_abs, mesh, donate)
-        self._batch_sh = _batch_shardings(kind, train_cfg.batch_size, mesh) if mesh is not None else None
+        self._state_abs = _Hashable(jax.eval_shape(lambda a: TrainState.create(a, optimizer), ad_abs))
+        self._donate = donate
 
     def place(self, base: Params, state: TrainState) -> tuple[Params, TrainState]:
         """Puts base params and state on the mesh with the step's shardings (without a mesh: on
@@ -548,11 +617,20 @@ class Stepper:
 
     def __call__(self, base: Params, state: TrainState, batch: dict,
                  ref_logps: Any = None) -> tuple[TrainState, dict[str, float]]:
+        """One update. ``batch``: ``data.pack_*`` output, optionally with the ``ROW_KEYS`` extras
+        (``comp_index``/``comp_valid`` are added here when missing)."""
+        if "comp_index" not in batch:
+            batch = dict(batch)
+            batch["comp_index"], batch["comp_valid"] = data_lib.completion_index(batch["loss_mask"])
+        keys = tuple(k for k in ROW_KEYS if k in batch)
+        fn = _compiled(self.kind, self.cfg, self.lora_cfg, _StepCfg.of(self.train_cfg), self.train_cfg.batch_size,
+                       self.optimizer.update, self._state_abs, self.mesh, self._donate, keys)
         args: list[Any] = [batch] if self.kind == "sft" else [batch, ref_logps]
-        if self._batch_sh is not None:
-            args = [jax.device_put(a, s) for a, s in zip(args, self._batch_sh)]
+        if self.mesh is not None:
+            args = [jax.device_put(a, s) for a, s in zip(args, _batch_shardings(
+                self.kind, self.train_cfg.batch_size, self.mesh, keys))]
         step = int(jax.device_get(state.step))
-        new_state, metrics = self._fn(base, state, *args)
+        new_state, metrics = fn(base, state, *args)
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not host.pop("finite"):
             raise NonFiniteError(
@@ -830,6 +908,11 @@ def train_role(
             k = start
             if k == 0:
                 end_of_epoch(0, 0)
+            # The layers below the adapter are frozen and do not depend on it: their output for
+            # every training example is computed once per stage instead of at every step.
+            first = cfg.n_layers - lora_cfg.top_layers if 0 < lora_cfg.top_layers < cfg.n_layers else 0
+            frozen = HiddenCache(base, st.examples, cfg, train_cfg, first, pad_id) if first and k < total and not done \
+                else None
             bar = tqdm(total=total, initial=k, desc=f"{role}/{st.name}", disable=not progress)
             try:
                 while k < total and not done:
@@ -839,6 +922,8 @@ def train_role(
                         if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                             return interrupted()
                         t0 = time.perf_counter()
+                        if frozen is not None:
+                            batch = {**batch, "hidden": frozen.rows(idx, batch["tokens"].shape[1])}
                         if st.name == "dpo":
                             # reference log-probs of this batch's pairs, interleaved like its rows
                             r = np.where((idx >= 0)[:, None], ref[np.maximum(idx, 0)], 0.0).astype(np.float32)

@@ -172,3 +172,18 @@ def test_build_datasets_drops_identical_pairs_and_balances_the_verifier():
     from malt_jax import data as D
     batch = D.pack_sft([D.SFTExample(r["prompt"], r["completion"], r["weight"]) for r in v], 32)
     assert batch["loss_mask"].sum(1).tolist() == pytest.approx([1.5 * 2, 0.75 * 2, 0.75 * 2])
+
+
+def test_critique_verdict_reads_labels_and_restated_answers():
+    from malt_jax.tasks import get_task
+
+    task = get_task("synthetic", style="inverse")
+    ex = pipeline.Example(id="q", question="What is 21 ÷ 7?", answer="3")
+    g = "21 ÷ 7 = 3\nFinal Answer: 3"
+    assert pipeline.critique_verdict(task, "The correct answer is 3.", g, ex) is True
+    assert pipeline.critique_verdict(task, "The correct answer is 3.0", g, ex) is True  # same canonical key
+    assert pipeline.critique_verdict(task, "The correct answer is 4. 4 x 7 = 28", "21 ÷ 7 = 4", ex) is True
+    assert pipeline.critique_verdict(task, "The correct answer is 7.", g, ex) is False
+    assert pipeline.critique_verdict(task, "Verdict: incorrect. The correct answer is 3.", g, ex) is False
+    assert pipeline.critique_verdict(task, "The correct answer is not given; it is wrong", g, ex) is False
+    assert pipeline.critique_verdict(task, "The correct answer is unclear.", g, ex) is None

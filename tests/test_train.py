@@ -363,3 +363,71 @@ def test_dpo_starts_from_best_sft_and_heldout_rewards_match_logps(base, tmp_path
         steps = [h for h in res.history if h["stage"] == "dpo" and h["epoch"] == e["epoch"] - 1]
         assert e["train/rewards/accuracies"] == pytest.approx(np.mean([h["rewards/accuracies"] for h in steps]))
         assert e["train/rewards/margins"] == pytest.approx(np.mean([h["rewards/margins"] for h in steps]))
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring only the completion positions, and the frozen layers computed once
+
+
+def test_completion_index_lists_scored_positions():
+    mask = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], np.float32)
+    idx, valid = D.completion_index(mask, min_width=2)
+    assert idx.shape == (3, 4) and valid.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    assert idx[0, :2].tolist() == [2, 3] and idx[1].tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_completion_scoring_and_frozen_hidden_equal_the_full_step(base, kind):
+    """A step that scores only the completion positions, and one whose frozen lower layer comes
+    from the HiddenCache, give the same loss, metrics and update as the full forward."""
+    from malt_jax.train import HiddenCache
+
+    cfg = ModelConfig.tiny(n_layers=2)
+    params = numpy_random_params(cfg)
+    lcfg = dataclasses.replace(LORA, top_layers=1)
+    exs = _sft_examples(8, seed=5) if kind == "sft" else _dpo_examples(8, seed=5)
+    batch = D.pack(exs, TRAIN.max_seq_len)
+    opt = make_optimizer(TRAIN, 10, 1e-2)
+    adapter = jax.tree.map(lambda w: w + 0.05, init_lora(cfg, lcfg, jax.random.key(3)))
+    state = TrainState.create(adapter, opt)
+    stepper = Stepper(kind, cfg, lcfg, TRAIN, opt)
+    ref = np.random.default_rng(0).normal(-20, 2, 16).astype(np.float32) if kind == "dpo" else None
+    args = (ref,) if kind == "dpo" else ()
+    idx = np.arange(8)
+    hid = HiddenCache(params, exs, cfg, TRAIN, layer=1)
+    from malt_jax.model import llama
+
+    lengths = [len(e.prompt) + len(e.completion) - 1 for e in exs] if kind == "sft" else None
+    want = np.asarray(llama.hidden_at(params, jax.numpy.asarray(batch["tokens"]), cfg, 1))
+    got = hid.rows(idx, batch["tokens"].shape[1])
+    for r in range(got.shape[0]):  # equal on each row's real positions (zeros after them)
+        n = lengths[r] if lengths else int(D.completion_index(batch["loss_mask"])[0][r].max()) + 1
+        np.testing.assert_allclose(got[r, :n], want[r, :n], rtol=1e-5, atol=1e-6)
+    full = {**batch, "comp_index": np.tile(np.arange(batch["tokens"].shape[1], dtype=np.int32),
+                                           (batch["tokens"].shape[0], 1)),
+            "comp_valid": np.ones(batch["tokens"].shape, np.float32)}  # every position: the old path
+    variants = [full, batch, {**batch, "hidden": hid.rows(idx, batch["tokens"].shape[1])}]
+    outs = [stepper(params, state, v, *args) for v in variants]
+    for new, m in outs[1:]:
+        for key in ("loss", "grad_norm") + (("rewards/accuracies", "rewards/margins") if kind == "dpo" else ()):
+            assert m[key] == pytest.approx(outs[0][1][key], rel=1e-4, abs=1e-6)
+        _close(new.adapter, outs[0][0].adapter, rtol=1e-4, atol=1e-6)
+    assert D.completion_index(batch["loss_mask"])[0].shape[1] < batch["tokens"].shape[1]  # fewer positions scored
+
+
+def test_train_role_with_top_layer_adapter_uses_the_frozen_cache(tmp_path, monkeypatch):
+    """train_role with adapters on the top layer only equals the same run without the cache."""
+    import malt_jax.train as T
+
+    cfg = ModelConfig.tiny(n_layers=2)
+    params = numpy_random_params(cfg)
+    lcfg = dataclasses.replace(LORA, top_layers=1)
+    sft, dpo = _sft_examples(12, seed=7), _dpo_examples(6, seed=7)
+    a = T.train_role(params, cfg, lcfg, TRAIN, sft, dpo, "refiner", tmp_path / "a", progress=False)
+    calls = []
+    real = T.HiddenCache
+    monkeypatch.setattr(T, "HiddenCache", lambda *a_, **k: calls.append(1) or None)
+    b = T.train_role(params, cfg, lcfg, TRAIN, sft, dpo, "refiner", tmp_path / "b", progress=False)
+    assert calls and real is not None
+    _close(a.adapter, b.adapter, rtol=1e-4, atol=1e-6)
+    assert [e["heldout/loss"] for e in a.epochs] == [e["heldout/loss"] for e in b.epochs]

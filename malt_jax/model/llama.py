@@ -296,6 +296,27 @@ def forward(
     return lm_head(params, x, cfg), new_cache
 
 
+def hidden_at(params: Params, tokens: jax.Array, cfg: ModelConfig, layer: int) -> jax.Array:
+    """The hidden states [B, T, dim] entering layer ``layer`` of causal rows ``tokens`` [B, T]
+    (no adapter: for an adapter on the layers from ``layer`` up, they are the same whatever the
+    adapter, so training can compute them once; see :func:`forward_from`)."""
+    B, T = tokens.shape
+    x = params["embed"].astype(jnp.dtype(cfg.dtype))[tokens]
+    x, _ = _decoder(params, x, causal_positions(B, T), cfg, None, None, 1.0, None, first_layer=0, stop_layer=layer)
+    return x
+
+
+def forward_from(params: Params, hidden: jax.Array, cfg: ModelConfig, layer: int, *, lora: Params | None = None,
+                 lora_scale: float = 1.0) -> jax.Array:
+    """Final (normed) hidden states of causal rows from the hidden states ``hidden`` [B, T, dim]
+    entering layer ``layer`` (:func:`hidden_at`): ``forward(..., return_hidden=True)`` without
+    re-running the layers below ``layer``."""
+    B, T = hidden.shape[:2]
+    x, _ = _decoder(params, hidden.astype(jnp.dtype(cfg.dtype)), causal_positions(B, T), cfg, None, lora,
+                    lora_scale, None, first_layer=layer)
+    return rms_norm(x, params["final_norm"], cfg.norm_eps)
+
+
 def refresh_top(params: Params, cfg: ModelConfig, cache: KVCache, lengths: jax.Array,
                 lora: Params | None = None, lora_scale: float = 1.0) -> KVCache:
     """Recomputes the keys/values of layers ``cache.hidden_at ..`` for slots ``< lengths`` [B]
@@ -332,8 +353,10 @@ def _decoder(
     lora_scale: float,
     token_valid: jax.Array | None,
     first_layer: int,
+    stop_layer: int | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Layers ``first_layer ..`` on hidden states x [B, T, dim]; see :func:`forward`."""
+    """Layers ``first_layer .. stop_layer - 1`` (default: to the top) on hidden states x
+    [B, T, dim]; see :func:`forward`."""
     dt = jnp.dtype(cfg.dtype)
     B, T = x.shape[:2]
     if token_valid is None:
@@ -365,7 +388,11 @@ def _decoder(
     cuts = {first_layer, L, lora_from}
     if cache is not None and cache.h is not None:
         cuts.add(cache.hidden_at)
-    cuts = sorted(c for c in cuts if first_layer <= c <= L)
+    stop = L if stop_layer is None else stop_layer
+    if stop < L and cache is not None:
+        raise ValueError("_decoder: stop_layer needs cache=None")
+    cuts = sorted({min(c, stop) for c in cuts} | {stop})
+    cuts = [c for c in cuts if first_layer <= c <= stop]
     segments = list(zip(cuts[:-1], cuts[1:]))
 
     def seg(lo, hi):
