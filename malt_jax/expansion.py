@@ -158,6 +158,15 @@ def _separate_level(params: Params, cfg: ModelConfig, contexts: Contexts, level:
     return _fork(logits, fan), cache.repeat(fan), _fork(pos, fan)
 
 
+def _tree(levels: list, Q: int, spec: ExpansionSpec) -> Tree:
+    """The levels' generations (flat rows) shaped [Q, n, (m, (l,))] (+ [max_new] for tokens)."""
+    lead = [(Q,) + spec.fanouts[: i + 1] for i in range(len(levels))]
+    return Tree(tokens=tuple(g.tokens.reshape(s + (-1,)) for g, s in zip(levels, lead)),
+                lengths=tuple(g.lengths.reshape(s) for g, s in zip(levels, lead)),
+                logps=tuple(g.logps.reshape(s + (-1,)) for g, s in zip(levels, lead)),
+                stopped=tuple(g.stopped.reshape(s) for g, s in zip(levels, lead)))
+
+
 def _child_keys(keys: jax.Array, fanout: int) -> jax.Array:
     """Keys for the ``fanout`` children of every row (row-major, like ``_fork``)."""
     branch = jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(keys)
@@ -218,7 +227,7 @@ def expand(
         cache = KVCache.zeros(cfg, Q, sizes[0])
         logits, cache = prefill(params, cfg, cache, q_tokens, ctx_len, jnp.zeros((Q,), jnp.int32))
 
-    out_tokens, out_lens, out_logps, out_stopped = [], [], [], []
+    levels = []
     for level in range(spec.depth):
         fan = spec.fanouts[level]
         lora = adapters[level]
@@ -250,13 +259,8 @@ def expand(
                             spec.max_new[level], lora, lora_scale)
         ctx = _append(ctx, ctx_len, gen.tokens)
         ctx_len = ctx_len + gen.lengths
-        lead = (Q,) + spec.fanouts[: level + 1]
-        out_tokens.append(gen.tokens.reshape(lead + (-1,)))
-        out_lens.append(gen.lengths.reshape(lead))
-        out_logps.append(gen.logps.reshape(lead + (-1,)))
-        out_stopped.append(gen.stopped.reshape(lead))
-    return Tree(tokens=tuple(out_tokens), lengths=tuple(out_lens), logps=tuple(out_logps),
-                stopped=tuple(out_stopped))
+        levels.append(gen)
+    return _tree(levels, Q, spec)
 
 
 def _expand_separate(params: Params, adapters: tuple[Params | None, ...], q_tokens: jax.Array, q_lens: jax.Array,
@@ -266,7 +270,7 @@ def _expand_separate(params: Params, adapters: tuple[Params | None, ...], q_toke
     Q, Tq = q_tokens.shape
     row_keys = keys
     outs: list[tuple[jax.Array, jax.Array]] = []
-    out_tokens, out_lens, out_logps, out_stopped = [], [], [], []
+    levels = []
     for level in range(spec.depth):
         fan, lora = spec.fanouts[level], adapters[level]
         if level == 0:
@@ -293,10 +297,5 @@ def _expand_separate(params: Params, adapters: tuple[Params | None, ...], q_toke
         gen, _ = decode(params, cfg, cache, logits, ctx_len, sample_keys, spec.sampling, spec.stop,
                         spec.max_new[level], lora, lora_scale)
         outs.append((gen.tokens, gen.lengths))
-        lead = (Q,) + spec.fanouts[: level + 1]
-        out_tokens.append(gen.tokens.reshape(lead + (-1,)))
-        out_lens.append(gen.lengths.reshape(lead))
-        out_logps.append(gen.logps.reshape(lead + (-1,)))
-        out_stopped.append(gen.stopped.reshape(lead))
-    return Tree(tokens=tuple(out_tokens), lengths=tuple(out_lens), logps=tuple(out_logps),
-                stopped=tuple(out_stopped))
+        levels.append(gen)
+    return _tree(levels, Q, spec)

@@ -714,7 +714,9 @@ def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, ex
         for q, i in enumerate(arrays["index"]):
             rows.append(_score(system, task, examples[i], {r: texts[r][q].reshape(-1).tolist() for r in texts}))
 
-    batch = max(1, min(len(examples), e.batch_questions or len(examples)))
+    # as many batches as batch_questions asks for, of equal size (no batch mostly padding)
+    most = max(1, min(len(examples), e.batch_questions or len(examples)))
+    batch = -(-len(examples) // -(-len(examples) // most))
     sample_trees(model, codec, examples, spec, seed=e.seed, batch_size=batch, adapters=ads,
                  lora_scale=lora_scale(cfg.lora), on_batch=on_batch, desc=f"eval {system.name}", progress=progress,
                  mesh=mesh)

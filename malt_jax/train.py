@@ -618,8 +618,10 @@ class Stepper:
     def __call__(self, base: Params, state: TrainState, batch: dict,
                  ref_logps: Any = None) -> tuple[TrainState, dict[str, float]]:
         """One update. ``batch``: ``data.pack_*`` output, optionally with the ``ROW_KEYS`` extras
-        (``comp_index``/``comp_valid`` are added here when missing)."""
-        if "comp_index" not in batch:
+        (``comp_index``/``comp_valid`` are added here to a host batch that lacks them)."""
+        if "comp_index" not in batch and isinstance(batch["loss_mask"], np.ndarray):
+            # host batches only: a batch already placed as a global array (multi-host) may not be
+            # fetchable here, and is scored at every position (the same losses)
             batch = dict(batch)
             batch["comp_index"], batch["comp_valid"] = data_lib.completion_index(batch["loss_mask"])
         keys = tuple(k for k in ROW_KEYS if k in batch)

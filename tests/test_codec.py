@@ -18,7 +18,7 @@ def tok():
 
 Q = "What is 56 ÷ 7?"
 G_TEXT = "56 ÷ 7 = 8\nFinal Answer: 8"
-V_TEXT = " correct. 8 × 7 = 56."
+V_TEXT = " 8. 8 × 7 = 56."
 
 
 @pytest.mark.parametrize("framing", ["chat", "separate"])
@@ -37,7 +37,7 @@ def test_contexts_equal_the_rendered_role_prompts(tok, framing):
     assert tok.decode(pr + g + sr1 + v + sr2) == want_r
     if framing == "separate":  # each role its own system prompt, the question quoted in its turn
         assert p.verifier_system in want_v and p.system not in want_v and Q in want_v
-        assert want_r.count(Q) == 1 and "Feedback:\nVerdict: correct" in want_r
+        assert want_r.count(Q) == 1 and f"Feedback:\n{p.verifier_prefix}{V_TEXT}" in want_r
     else:
         assert tok.decode(pv) == tok.decode(codec.question(Q)) and pr == pv
     assert codec.end_of_turn == tok.token_to_id("<|im_end|>")
