@@ -24,7 +24,8 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
     stages = STAGES if args.command == "run" else (args.command,)
     t0 = time.perf_counter()
-    summary = run(cfg, stages=stages, progress=not args.no_progress)
+    command = " ".join(["malt-jax", args.command, args.config, *args.overrides])
+    summary = run(cfg, stages=stages, progress=not args.no_progress, command=command)
     if "credit" in summary:
         c = summary["credit"]
         print("credit:", json.dumps({k: v for k, v in c.items() if k.endswith(("positive_rate", "/sft", "dpo_pairs"))}))

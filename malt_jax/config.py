@@ -288,6 +288,8 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     study: StudyConfig = StudyConfig()
+    # also write the run's JSON summary to <results>/<name>.json ("" = only <run_dir>/summary.json)
+    results: str = dataclasses.field(default="", metadata={"identity": False})
 
     def __post_init__(self) -> None:
         if self.study.train_sizes and max(self.study.train_sizes) > self.task.num_train:

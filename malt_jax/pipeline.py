@@ -937,8 +937,9 @@ def make_task(cfg: RunConfig) -> Task:
 
 
 def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "eval"), progress: bool = True,
-        model: Model | None = None, task: Task | None = None) -> dict:
-    """Runs the MALT pipeline (each stage resumable) and writes the report; returns a summary."""
+        model: Model | None = None, task: Task | None = None, command: str = "") -> dict:
+    """Runs the MALT pipeline (each stage resumable) and writes the report and ``summary.json``
+    (also to ``<cfg.results>/<name>.json`` when ``results`` is set); returns a summary."""
     from malt_jax.report import format_table, write_report
 
     run_dir = prepare_run_dir(cfg)
@@ -991,5 +992,14 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
                               verifier=ev["verifier"], epochs_by_role=epochs, training_counts=training_counts(run_dir))
         summary.update(table=format_table(ev["results"]), report=str(report), comparisons=ev["comparisons"],
                        verifier=ev["verifier"])
+        from malt_jax.summary import experiment_summary
+
+        record = experiment_summary(cfg.name, command, cfg.hash(), ev, run_dir, len(train), len(evals), cfg.eval.votes,
+                                    primary_names(cfg.eval.votes), sum(timings.values()), credit=credit_summary,
+                                    timings_s=dict(timings))
+        _write_atomic(run_dir / "summary.json", json.dumps(record, indent=2) + "\n")
+        if cfg.results:
+            Path(cfg.results).mkdir(parents=True, exist_ok=True)
+            _write_atomic(Path(cfg.results) / f"{cfg.name}.json", json.dumps(record, indent=2) + "\n")
     summary["timings"] = timings
     return summary

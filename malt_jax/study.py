@@ -29,6 +29,7 @@ from typing import Any
 
 from malt_jax import pipeline
 from malt_jax.config import ConfigError, RunConfig
+from malt_jax.summary import experiment_summary, system_table
 
 log = logging.getLogger(__name__)
 
@@ -46,40 +47,6 @@ def _link_rows(src: Path, dst: Path) -> None:
         target = dst / f.name
         if not target.exists():
             shutil.copyfile(f, target)
-
-
-def _system_table(results: dict) -> dict[str, dict[str, Any]]:
-    return {n: {"accuracy": r.accuracy, "ci95": [round(x, 4) for x in r.ci], "correct": r.successes, "n": r.n}
-            for n, r in results.items()}
-
-
-def _comparisons(rows: list[dict]) -> list[dict[str, Any]]:
-    return [{"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"], "p_holm": c["p_holm"],
-             "primary": c["primary"], "bootstrap_ci95": [c["bootstrap_lo"], c["bootstrap_hi"]]} for c in rows]
-
-
-def _training(sub: Path) -> dict[str, dict[str, Any]]:
-    """Per role: held-out DPO rewards/accuracies and SFT loss at the start and the selected epoch."""
-    out: dict[str, dict[str, Any]] = {}
-    for role in pipeline.ROLES:
-        path = sub / "adapters" / f"{role}_epochs.jsonl"
-        epochs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-        sft = [e for e in epochs if e["stage"] == "sft"]
-        dpo = [e for e in epochs if e["stage"] == "dpo"]
-        best = lambda es: next((e for e in es if e.get("best")), es[-1] if es else None)  # noqa: E731
-        b_sft, b_dpo = best(sft), best(dpo)
-        out[role] = {
-            "trained": bool(epochs),
-            "heldout_sft_loss_start": sft[0].get("heldout/loss") if sft else None,
-            "heldout_sft_loss_end": b_sft.get("heldout/loss") if b_sft else None,
-            "sft_epochs": b_sft["epoch"] if b_sft else 0,
-            "heldout_dpo_accuracy": b_dpo.get("heldout/rewards/accuracies") if b_dpo else None,
-            "heldout_dpo_margin": b_dpo.get("heldout/rewards/margins") if b_dpo else None,
-            "heldout_dpo_loss_start": dpo[0].get("heldout/loss") if dpo else None,
-            "heldout_dpo_loss_end": b_dpo.get("heldout/loss") if b_dpo else None,
-            "dpo_epochs": b_dpo["epoch"] if b_dpo else 0,
-        }
-    return out
 
 
 def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
@@ -151,7 +118,7 @@ def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: p
     base_systems = [s for s in all_systems if not s.trained]
     base = timed("eval/baselines", lambda: pipeline.run_eval(cfg, model, task, evals, run_dir, None, base_systems,
                                                              progress, mesh=mesh, out=run_dir / "eval"))
-    baselines = _system_table(base["results"])
+    baselines = system_table(base["results"])
     curve = []
     for k in sizes:
         sub = size_dir(run_dir, k)
@@ -163,15 +130,9 @@ def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: p
         _link_rows(run_dir / "eval", sub / "eval")
         ev = timed(f"n{k}/eval", lambda: pipeline.run_eval(cfg, model, task, evals, sub, adapters, all_systems,
                                                            progress, mesh=mesh, sft_adapters=sft_adapters))
-        summary = {
-            "experiment": f"{cfg.name}_n{k}", "command": command, "config_hash": cfg.hash(),
-            "n_train": k, "n_eval": len(evals), "votes": votes,
-            "primary": "{} vs {}".format(*pipeline.primary_names(votes)),
-            "systems": _system_table(ev["results"]), "comparisons": _comparisons(ev["comparisons"]),
-            "verifier": ev["verifier"], "training": _training(sub),
-            "training_data": pipeline.training_counts(sub), "credit": credit,
-            "wall_time_s": round(sum(v for n, v in timings.items() if n.startswith(f"n{k}/")), 1),
-        }
+        summary = experiment_summary(
+            f"{cfg.name}_n{k}", command, cfg.hash(), ev, sub, k, len(evals), votes, pipeline.primary_names(votes),
+            sum(v for n, v in timings.items() if n.startswith(f"n{k}/")), credit=credit)
         pipeline._write_atomic(results_dir / f"{cfg.name}_n{k:04d}.json", json.dumps(summary, indent=2) + "\n")
         curve.append(summary)
         log.info("study: size %d done", k)

@@ -187,3 +187,17 @@ def test_critique_verdict_reads_labels_and_restated_answers():
     assert pipeline.critique_verdict(task, "Verdict: incorrect. The correct answer is 3.", g, ex) is False
     assert pipeline.critique_verdict(task, "The correct answer is not given; it is wrong", g, ex) is False
     assert pipeline.critique_verdict(task, "The correct answer is unclear.", g, ex) is None
+
+
+def test_run_writes_its_json_summary(tiny_run):
+    cfg, _, summary = tiny_run
+    out = pipeline.Path(cfg.run_dir)
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("experiment", "command", "n_train", "n_eval", "systems", "comparisons", "training", "wall_time_s"):
+        assert key in s
+    assert s["n_train"] == 4 and s["n_eval"] == 6
+    rows = [json.loads(x) for x in (out / "eval" / "malt.jsonl").read_text().splitlines()]
+    assert s["systems"]["malt"]["correct"] == sum(r["pass_correct"][0] for r in rows)
+    assert s["systems"]["malt+MV@3"]["correct"] == sum(r["vote_correct"] for r in rows)
+    assert [c for c in s["comparisons"] if c["primary"]][0]["b"] == "single+MV@3"
+    assert set(s["training"]) == {"G", "V", "R"} and set(s["verifier"]) == {"chain", "malt"}

@@ -1,0 +1,61 @@
+"""The small JSON summary of an experiment (a run or one size of a study), as committed under
+``results/``: accuracies with Wilson intervals, paired comparisons with Holm-adjusted p-values,
+the held-out training targets per role, the verifier's verdict confusion, wall time, command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROLES = ("G", "V", "R")
+
+
+def system_table(results: dict) -> dict[str, dict[str, Any]]:
+    """``{name: {accuracy, ci95, correct, n}}`` of ``SystemResult``s."""
+    return {n: {"accuracy": r.accuracy, "ci95": [round(x, 4) for x in r.ci], "correct": r.successes, "n": r.n}
+            for n, r in results.items()}
+
+
+def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
+    """``run_eval`` comparison rows as ``{a, b, diff, p, p_holm, primary, bootstrap_ci95}``."""
+    return [{"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"], "p_holm": c["p_holm"],
+             "primary": c["primary"], "bootstrap_ci95": [c["bootstrap_lo"], c["bootstrap_hi"]]} for c in rows]
+
+
+def training(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per role: held-out SFT loss at epoch 0 and at the selected epoch, held-out DPO
+    ``rewards/accuracies`` / margins / loss at the selected epoch (``adapters/<role>_epochs.jsonl``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for role in ROLES:
+        path = run_dir / "adapters" / f"{role}_epochs.jsonl"
+        epochs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        sft = [e for e in epochs if e["stage"] == "sft"]
+        dpo = [e for e in epochs if e["stage"] == "dpo"]
+        best = lambda es: next((e for e in es if e.get("best")), es[-1] if es else None)  # noqa: E731
+        b_sft, b_dpo = best(sft), best(dpo)
+        out[role] = {
+            "trained": bool(epochs),
+            "heldout_sft_loss_start": sft[0].get("heldout/loss") if sft else None,
+            "heldout_sft_loss_end": b_sft.get("heldout/loss") if b_sft else None,
+            "sft_epochs": b_sft["epoch"] if b_sft else 0,
+            "heldout_dpo_accuracy": b_dpo.get("heldout/rewards/accuracies") if b_dpo else None,
+            "heldout_dpo_margin": b_dpo.get("heldout/rewards/margins") if b_dpo else None,
+            "heldout_dpo_loss_start": dpo[0].get("heldout/loss") if dpo else None,
+            "heldout_dpo_loss_end": b_dpo.get("heldout/loss") if b_dpo else None,
+            "dpo_epochs": b_dpo["epoch"] if b_dpo else 0,
+        }
+    return out
+
+
+def experiment_summary(name: str, command: str, config_hash: str, ev: dict, run_dir: Path, n_train: int,
+                       n_eval: int, votes: int, primary: tuple[str, str], wall_time_s: float,
+                       **extra: Any) -> dict[str, Any]:
+    """The summary of one evaluated experiment (``ev`` = ``pipeline.run_eval`` output)."""
+    from malt_jax.pipeline import training_counts
+
+    return {"experiment": name, "command": command, "config_hash": config_hash, "n_train": n_train,
+            "n_eval": n_eval, "votes": votes, "primary": "{} vs {}".format(*primary),
+            "systems": system_table(ev["results"]), "comparisons": comparisons(ev["comparisons"]),
+            "verifier": ev["verifier"], "training": training(run_dir), "training_data": training_counts(run_dir),
+            **extra, "wall_time_s": round(wall_time_s, 1)}
