@@ -265,8 +265,13 @@ class StudyConfig:
 
     train_sizes: tuple[int, ...] = ()
     results: str = ""  # JSON summaries + plot go to <results>/<name>*.json|png ("" = <run_dir>/results)
+    # at which sizes the SFT-only chain (STaR-style ablation) is evaluated: "all" or "largest"
+    # (it only selects evaluations, so it is not part of the run's identity)
+    sft_chain: str = dataclasses.field(default="largest", metadata={"identity": False})
 
     def __post_init__(self) -> None:
+        if self.sft_chain not in ("all", "largest"):
+            raise ConfigError(f"study.sft_chain must be 'all' or 'largest', got {self.sft_chain!r}")
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.train_sizes):
             raise ConfigError(f"study.train_sizes must be ints >= 1, got {list(self.train_sizes)}")
         if len(set(self.train_sizes)) != len(self.train_sizes):

@@ -128,7 +128,9 @@ def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: p
         timed(f"n{k}/train", lambda: pipeline.run_train(cfg, model, sub, mesh=mesh, progress=progress))
         adapters, sft_adapters = pipeline.load_adapters(sub)
         _link_rows(run_dir / "eval", sub / "eval")
-        ev = timed(f"n{k}/eval", lambda: pipeline.run_eval(cfg, model, task, evals, sub, adapters, all_systems,
+        systems = all_systems if (k == sizes[-1] or cfg.study.sft_chain == "all") else \
+            [s for s in all_systems if s.stage != "sft"]
+        ev = timed(f"n{k}/eval", lambda: pipeline.run_eval(cfg, model, task, evals, sub, adapters, systems,
                                                            progress, mesh=mesh, sft_adapters=sft_adapters))
         summary = experiment_summary(
             f"{cfg.name}_n{k}", command, cfg.hash(), ev, sub, k, len(evals), votes, pipeline.primary_names(votes),

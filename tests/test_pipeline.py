@@ -201,3 +201,37 @@ def test_run_writes_its_json_summary(tiny_run):
     assert s["systems"]["malt+MV@3"]["correct"] == sum(r["vote_correct"] for r in rows)
     assert [c for c in s["comparisons"] if c["primary"]][0]["b"] == "single+MV@3"
     assert set(s["training"]) == {"G", "V", "R"} and set(s["verifier"]) == {"chain", "malt"}
+
+
+def test_heldout_questions_and_training_counts(tiny_run):
+    held = pipeline.heldout_questions(100, 0.1, seed=0)
+    assert len(held) == 10 and held == pipeline.heldout_questions(100, 0.1, seed=0)
+    assert held != pipeline.heldout_questions(100, 0.1, seed=1) and held <= set(range(100))
+    assert pipeline.heldout_questions(1, 0.5, 0) == set() and pipeline.heldout_questions(5, 0.0, 0) == set()
+    assert len(pipeline.heldout_questions(4, 0.1, 0)) == 1  # at least one question when the fraction is > 0
+    cfg, _, _ = tiny_run
+    out = pipeline.Path(cfg.run_dir)
+    counts = pipeline.training_counts(out)
+    for role in pipeline.ROLES:
+        c = counts[role]
+        n_sft = len((out / "credit" / f"{role}_sft.jsonl").read_text().splitlines())
+        assert c["heldout_questions"] == 1 and c["sft"]["examples"] == n_sft
+        assert c["sft"]["heldout"] + c["sft"]["train"] == n_sft and c["sft"]["train_after_cap"] == c["sft"]["train"]
+        held_q = {json.loads(x)["coord"][0] for x in (out / "credit" / f"{role}_sft.jsonl").read_text().splitlines()}
+        assert c["sft"]["heldout"] == 0 or len(held_q) > 1  # held out by question, never all of them
+
+
+def test_caps_are_applied_after_the_split_and_reported(tiny_run, tmp_path):
+    import shutil
+
+    cfg, model, _ = tiny_run
+    src = pipeline.Path(cfg.run_dir)
+    run_dir = tmp_path / "capped"
+    run_dir.mkdir()
+    shutil.copytree(src / "credit", run_dir / "credit")
+    capped = pipeline.dataclasses.replace(cfg, train=pipeline.dataclasses.replace(
+        cfg.train, max_sft_examples=2, max_dpo_pairs=1, sft_epochs=1, dpo_epochs=1))
+    pipeline.run_train(capped, model, run_dir, progress=False, roles=("R",))
+    c = pipeline.training_counts(run_dir)["R"]
+    assert c["sft"]["train"] > 2 and c["sft"]["train_after_cap"] == 2
+    assert c["dpo"]["train_after_cap"] == min(1, c["dpo"]["train"])

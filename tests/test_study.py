@@ -47,8 +47,10 @@ def test_summaries_follow_the_schema(study):
         for key in ("experiment", "command", "n_train", "n_eval", "systems", "comparisons", "training", "wall_time_s"):
             assert key in s
         assert s["n_train"] == k and s["command"] == "malt-jax study cfg.yaml"
-        assert set(s["systems"]) >= {"single", "single+MV@3", "chain", "chain+MV@3", "sft-chain", "sft-chain+MV@3",
-                                     "malt", "malt+MV@3", "single-greedy"}
+        assert set(s["systems"]) >= {"single", "single+MV@3", "chain", "chain+MV@3", "malt", "malt+MV@3",
+                                     "single-greedy"}
+        # the SFT-only chain is evaluated at the largest size only (study.sft_chain: largest)
+        assert ("sft-chain+MV@3" in s["systems"]) == (k == 4)
         for v in s["systems"].values():
             assert set(v) >= {"accuracy", "ci95", "correct"} and v["correct"] == round(v["accuracy"] * 6)
         primary = [c for c in s["comparisons"] if c["primary"]]
@@ -57,7 +59,7 @@ def test_summaries_follow_the_schema(study):
         assert all(c["p_holm"] >= c["p"] for c in s["comparisons"] if not c["primary"])
         for role in ("G", "V", "R"):
             assert {"heldout_dpo_accuracy", "heldout_sft_loss_start", "heldout_sft_loss_end"} <= set(s["training"][role])
-        assert set(s["verifier"]) == {"chain", "sft-chain", "malt"}
+        assert set(s["verifier"]) == ({"chain", "sft-chain", "malt"} if k == 4 else {"chain", "malt"})
     assert (tmp / "results" / "tiny-study.png").stat().st_size > 1000
 
 
@@ -91,3 +93,5 @@ def test_sizes_that_do_not_fit_are_refused(tmp_path):
         load_run_config(_cfg(tmp_path), ["study.train_sizes=[2, 8]"])
     with pytest.raises(ConfigError, match="study.train_sizes"):
         load_run_config(_cfg(tmp_path), ["study.train_sizes=[0]"])
+    with pytest.raises(ConfigError, match="study.sft_chain"):
+        load_run_config(_cfg(tmp_path), ["study.sft_chain=some"])
