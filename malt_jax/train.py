@@ -126,6 +126,19 @@ def warmup_cosine(count: jax.Array, peak: jax.Array, warmup: jax.Array, total: j
     return jnp.where(t < warmup, warm, peak * 0.5 * (1.0 + jnp.cos(math.pi * progress)))
 
 
+def optax_schedule(peak: float, warmup: int, total: int) -> optax.Schedule:
+    """:func:`warmup_cosine` written with optax's own schedules (linear warmup from ``peak /
+    warmup`` joined to ``optax.cosine_decay_schedule``); tests check that ``make_optimizer``
+    equals ``optax.chain(optax.clip_by_global_norm(c), optax.adamw(optax_schedule(...)))``. The
+    project keeps the schedule's numbers in the optimizer state instead of this closure so that
+    one compiled step serves every stage and role."""
+    cosine = optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=0.0)
+    if warmup <= 0:
+        return cosine
+    warm = optax.linear_schedule(peak / warmup, peak, max(warmup - 1, 1))
+    return optax.join_schedules([warm, cosine], [warmup])
+
+
 class ScheduleState(NamedTuple):
     """Schedule parameters live in the optimizer *state* (not in closures), so one compiled
     step serves every stage and role whatever their learning rate and length."""

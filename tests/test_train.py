@@ -17,7 +17,7 @@ from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.sharding import make_mesh
 from jax.sharding import PartitionSpec as P
 from malt_jax.train import (NonFiniteError, RoleTraining, ScheduleState, Stepper, TrainState, heldout_metrics,
-                            make_optimizer, reference_logps, train_role, warmup_steps)
+                            make_optimizer, optax_schedule, reference_logps, train_role, warmup_steps)
 
 CFG = ModelConfig.tiny(n_layers=1)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))  # few leaves: faster compiles
@@ -431,3 +431,40 @@ def test_train_role_with_top_layer_adapter_uses_the_frozen_cache(tmp_path, monke
     assert calls and real is not None
     _close(a.adapter, b.adapter, rtol=1e-4, atol=1e-6)
     assert [e["heldout/loss"] for e in a.epochs] == [e["heldout/loss"] for e in b.epochs]
+
+
+@pytest.mark.parametrize("total,ratio,wd", [(50, 0.1, 0.01), (50, 0.0, 0.0), (7, 0.3, 0.1), (50, 0.02, 0.0)])
+def test_optimizer_equals_optax_adamw_with_warmup_cosine(total, ratio, wd):
+    import optax
+
+    train_cfg = dataclasses.replace(TRAIN, warmup_ratio=ratio, weight_decay=wd, grad_clip=0.5)
+    peak = 3e-3
+    ours = make_optimizer(train_cfg, total, peak)
+    warmup = warmup_steps(ratio, total)
+    sched = optax_schedule(peak, warmup, total)
+    ref = optax.chain(optax.clip_by_global_norm(0.5),
+                      optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd))
+    # the schedule itself: warmup starts at peak / warmup, reaches peak, cosine decays to ~0
+    lrs = np.array([float(sched(t)) for t in range(total)])
+    if warmup:
+        np.testing.assert_allclose(lrs[:warmup], peak * np.arange(1, warmup + 1) / warmup, rtol=1e-6)
+    assert lrs.max() == pytest.approx(peak) and np.all(np.diff(lrs[warmup:]) < 0) and lrs[-1] < 0.2 * peak
+    params = {"a": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float32)}
+    p_ours, p_ref = jax.tree.map(np.array, params), jax.tree.map(np.array, params)
+    s_ours, s_ref = ours.init(p_ours), ref.init(p_ref)
+    rng = np.random.default_rng(0)
+    for t in range(total):
+        g = jax.tree.map(lambda x: (rng.normal(size=x.shape) * (3.0 if t % 5 == 0 else 0.1)).astype(np.float32),
+                         params)  # some steps clipped, some not
+        u_ours, s_ours = ours.update(g, s_ours, p_ours)
+        u_ref, s_ref = ref.update(g, s_ref, p_ref)
+        _close(u_ours, u_ref, rtol=1e-5, atol=1e-6)
+        p_ours, p_ref = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_ref, u_ref)
+        assert float(_current_lr_of(s_ours)) == pytest.approx(lrs[t], rel=1e-5, abs=1e-6 * peak)
+    _close(p_ours, p_ref, rtol=1e-6, atol=1e-6)
+
+
+def _current_lr_of(state):
+    from malt_jax.train import _current_lr
+
+    return _current_lr(state)
