@@ -159,7 +159,10 @@ class PromptCodec:
 
     @property
     def stop(self) -> StopCriteria:
-        return StopCriteria(stop_ids=tuple(self.tokenizer.stop_ids))
+        """The tokenizer's stop ids plus the template's end-of-turn token (so a trained role, whose
+        SFT completions end with it, stops there whatever the tokenizer calls it)."""
+        ids = tuple(self.tokenizer.stop_ids)
+        return StopCriteria(stop_ids=ids if self.end_of_turn in ids else ids + (self.end_of_turn,))
 
     @functools.cached_property
     def end_of_turn(self) -> int:

@@ -31,7 +31,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # Tokens that end an assistant turn (or a document) in the common chat formats.
-STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>")
+STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "<end_of_turn>")
 
 # GGUF ``tokenizer.ggml.pre`` -> split regex applied before the byte-level mapping, as in
 # llama.cpp (llama-vocab.cpp). None means the GPT-2 regex of the ByteLevel pre-tokenizer.
@@ -288,9 +288,26 @@ class Tokenizer:
         """Render ``messages`` (``{"role", "content"}`` dicts) with the model's chat template
         (ChatML if it has none). Extra keyword arguments are passed to the template."""
         special = {k: v for k, v in self._special.items() if v is not None}
+        if messages and messages[0].get("role") == "system" and not self.supports_system_role:
+            messages = _merge_system(messages)
         return self._compiled_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
         )
+
+    @cached_property
+    def supports_system_role(self) -> bool:
+        """False when the chat template refuses a system message (Gemma); the system prompt is then
+        written at the start of the first user turn, as such models are prompted."""
+        from jinja2.exceptions import TemplateError
+
+        special = {k: v for k, v in self._special.items() if v is not None}
+        try:
+            self._compiled_template.render(messages=[{"role": "system", "content": "s"},
+                                                     {"role": "user", "content": "u"}],
+                                           add_generation_prompt=True, **special)
+        except TemplateError:
+            return False
+        return True
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Token ids of the rendered chat. The template writes any BOS itself, so none is added."""
@@ -298,6 +315,16 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
+
+
+def _merge_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[system, user, ...]`` -> ``[user(system + "\\n\\n" + user), ...]`` for templates without a system role."""
+    system, rest = messages[0], list(messages[1:])
+    if rest and rest[0].get("role") == "user":
+        rest[0] = {**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}
+    else:
+        rest.insert(0, {"role": "user", "content": system["content"]})
+    return rest
 
 
 def _gguf_pre_tokenizer(pre: str, source: str) -> pre_tokenizers.PreTokenizer:
