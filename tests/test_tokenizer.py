@@ -209,8 +209,11 @@ def test_tiny_tokenizer_json(tmp_path: Path) -> None:
     msgs = [{"role": "user", "content": "hello world!"}]
     assert tok.apply_chat_template(msgs) == "<s>hello world!</s>"
     assert tok.encode_chat(msgs) == [1, hello, world, bang, 2]  # no second BOS from the post-processor
-    with pytest.raises(Exception, match="only user turns, got system"):
-        tok.apply_chat_template([{"role": "system", "content": "x"}])
+    with pytest.raises(Exception, match="only user turns, got assistant"):
+        tok.apply_chat_template([{"role": "assistant", "content": "x"}])
+    # a template that refuses the system role gets the system prompt at the start of the user turn
+    assert not tok.supports_system_role
+    assert tok.apply_chat_template([{"role": "system", "content": "x"}, msgs[0]]) == "<s>x\n\nhello world!</s>"
     # Without a config: no chat template -> ChatML fallback; no bos; eos guessed from the vocab ('</s>').
     bare = Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json", tokenizer_config={})
     assert bare.apply_chat_template(msgs) == "<|im_start|>user\nhello world!<|im_end|>\n<|im_start|>assistant\n"
