@@ -4,6 +4,8 @@
     malt-jax expand|credit|train|eval CONFIG [overrides]       # one stage
     malt-jax study experiments/study_synthetic.yaml           # learning curve over training-set sizes
     malt-jax chat "What is the capital of France?"              # greedy answer of the base model
+    malt-jax ask RUN_DIR "What is 42 - 17?" --votes 3          # the trained team: 3 G->V->R chains + vote
+    malt-jax export RUN_DIR OUT --format peft|merged|both      # role adapters for PEFT / transformers
     malt-jax plan CONFIG --mesh data=1,fsdp=8,tensor=1 --device v5p   # per-device memory/FLOPs, no hardware
 """
 
@@ -76,6 +78,31 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from malt_jax.ask import ask_run, format_turns
+
+    def show(role: str, texts: list[str]) -> None:
+        print(format_turns(role, texts), flush=True)
+
+    out = ask_run(args.run_dir, args.question, votes=args.votes, temperature=args.temperature, base=args.base,
+                  seed=args.seed, on_turn=None if args.json else show)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"answer: {out['answer']} ({out['votes_for']}/{out['votes']} votes"
+              f"{', untrained chain' if args.base else ''})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from malt_jax.export import export_run
+
+    written = export_run(args.run_dir, args.out, args.format, stage=args.stage)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import math
     import os
@@ -128,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_cmd_chat)
+    a = sub.add_parser("ask", help="ask a run's trained G->V->R team one question (majority vote of N chains)")
+    a.add_argument("run_dir", help="a run directory with trained adapters (runs/<name>)")
+    a.add_argument("question")
+    a.add_argument("--votes", type=int, default=3, help="number of G->V->R chains (default 3)")
+    a.add_argument("--temperature", type=float, default=None, help="default: the run's evaluation temperature")
+    a.add_argument("--base", action="store_true", help="the untrained chain (no adapters)")
+    a.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the turns")
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=_cmd_ask)
+    e = sub.add_parser("export", help="a run's role adapters as PEFT LoRA folders and/or merged HF checkpoints")
+    e.add_argument("run_dir")
+    e.add_argument("out", help="output folder (base/, G/, V/, R/ and/or G-merged/ ...)")
+    e.add_argument("--format", default="peft", choices=["peft", "merged", "both"])
+    e.add_argument("--stage", default="final", choices=["final", "sft"], help="adapters after DPO (final) or SFT")
+    e.set_defaults(func=_cmd_export)
     pl = sub.add_parser("plan", help="per-device memory / FLOPs of a config on a mesh (abstract shapes, no hardware)")
     pl.add_argument("config", help="YAML experiment config (experiments/*.yaml)")
     pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16")

@@ -465,3 +465,20 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     base_model = MODEL_PRESETS[preset]()
     model = from_dict(ModelConfig, {**to_dict(base_model), **model_over}, prefix="model.")
     return dataclasses.replace(cfg, model=model)
+
+
+def run_config_of(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run directory was made with (its ``config.yaml``)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; {run_dir} is not a malt-jax run directory")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.pop("config_hash", None)
+    model = data.pop("model", {}) or {}
+    try:
+        cfg = from_dict(RunConfig, data)
+        return dataclasses.replace(cfg, model=from_dict(ModelConfig, model, prefix="model."))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental import io_callback
 
 from malt_jax.config import ModelConfig, SamplingConfig
 from malt_jax.model.llama import KVCache, Params, lora_first_layer, refresh_top
@@ -174,7 +175,15 @@ def _child_keys(keys: jax.Array, fanout: int) -> jax.Array:
     return kids.reshape((-1,) + kids.shape[2:])
 
 
-@partial(jax.jit, static_argnames=("cfg", "spec", "lora_scale"))
+def _emit(emit: Any, level: int, gen: Any) -> None:
+    """Hands a finished level's tokens [rows, max_new] and lengths [rows] to the host callback
+    ``emit(level, tokens, lengths)`` (in order), so callers can show each role's turn as soon as
+    it is sampled; the samples do not change."""
+    if emit is not None:
+        io_callback(partial(emit, level), None, gen.tokens, gen.lengths, ordered=True)
+
+
+@partial(jax.jit, static_argnames=("cfg", "spec", "lora_scale", "emit"))
 def expand(
     params: Params,
     adapters: tuple[Params | None, Params | None, Params | None],
@@ -187,6 +196,7 @@ def expand(
     spec: ExpansionSpec,
     lora_scale: float = 1.0,
     contexts: Contexts | None = None,
+    emit: Any = None,
 ) -> Tree:
     """Samples a G -> V -> R tree for Q questions.
 
@@ -200,11 +210,12 @@ def expand(
       keys: [Q] per-question PRNG keys.
       contexts: the separate framing's V and R contexts (then ``turns`` is not used); ``None``
         = the chat framing.
+      emit: optional host callback ``emit(level, tokens, lengths)`` called as each level ends.
     """
     Q, Tq = q_tokens.shape
     if contexts is not None:
         return _expand_separate(params, adapters, q_tokens, q_lens, keys, contexts, cfg=cfg, spec=spec,
-                                lora_scale=lora_scale)
+                                lora_scale=lora_scale, emit=emit)
     if spec.mode == "extend" and any(a is not None for a in adapters):
         raise ValueError("expand: mode='extend' shares KV caches across roles, so it needs one set of "
                          "weights for all roles; use mode='fork' with per-role adapters")
@@ -260,12 +271,13 @@ def expand(
         ctx = _append(ctx, ctx_len, gen.tokens)
         ctx_len = ctx_len + gen.lengths
         levels.append(gen)
+        _emit(emit, level, gen)
     return _tree(levels, Q, spec)
 
 
 def _expand_separate(params: Params, adapters: tuple[Params | None, ...], q_tokens: jax.Array, q_lens: jax.Array,
                      keys: jax.Array, contexts: Contexts, *, cfg: ModelConfig, spec: ExpansionSpec,
-                     lora_scale: float) -> Tree:
+                     lora_scale: float, emit: Any = None) -> Tree:
     """:func:`expand` in the separate framing: every level builds its own cache (see module doc)."""
     Q, Tq = q_tokens.shape
     row_keys = keys
@@ -298,4 +310,5 @@ def _expand_separate(params: Params, adapters: tuple[Params | None, ...], q_toke
                         spec.max_new[level], lora, lora_scale)
         outs.append((gen.tokens, gen.lengths))
         levels.append(gen)
+        _emit(emit, level, gen)
     return _tree(levels, Q, spec)

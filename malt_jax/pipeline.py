@@ -202,11 +202,14 @@ def sample_trees(
     desc: str = "expand",
     progress: bool = True,
     mesh=None,
+    on_level: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> None:
     """Samples trees for ``examples`` in batches of ``batch_size`` questions.
 
     Every batch is padded to ``batch_size`` questions and one prompt width, so the whole
-    stage compiles once. ``on_batch(index, arrays)`` receives host arrays per batch. With a
+    stage compiles once. ``on_batch(index, arrays)`` receives host arrays per batch;
+    ``on_level(level, tokens, lengths)`` (optional, one device) the rows of each level of the
+    current batch as soon as that level is sampled (flat rows, padding questions included). With a
     ``mesh``, the question batch (rounded up to a multiple of the data-parallel size) is split
     over the ``data``/``fsdp`` axes and every tree row is sampled on its question's device.
     """
@@ -253,7 +256,7 @@ def sample_trees(
             (pv, lv_), (pr, lr) = inputs[3], inputs[4]
             contexts = Contexts(prefixes=(pv, pr), prefix_lens=(lv_, lr), seps=seps)
         tree = expand(model.params, tuple(adapters), inputs[0], inputs[1], turns, inputs[2],
-                      cfg=model.cfg, spec=spec, lora_scale=lora_scale, contexts=contexts)
+                      cfg=model.cfg, spec=spec, lora_scale=lora_scale, contexts=contexts, emit=on_level)
         tree = jax.device_get(tree)
         dt = time.perf_counter() - t0
         for level, role in enumerate(ROLES[: spec.depth]):
