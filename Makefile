@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: csqa install test test-slow test-all malt study bench peers chat clean
+.PHONY: csqa install test test-slow test-all test-peers malt study bench peers chat clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # The test command (README and .ci/run call exactly this).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not peers" tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow" tests
@@ -60,6 +60,10 @@ $(PEERS_STAMP): pyproject.toml
 	touch $(PEERS_STAMP)
 
 peers: $(PEERS_STAMP)
+
+# Parity tests against the peers (transformers + peft logits of exported adapters); not run by CI
+test-peers: $(PEERS_STAMP)
+	$(PEERS)/bin/python -m pytest -q -m peers tests
 
 # Greedy answer of SmolLM2-135M-Instruct to a question: make chat Q="What is the capital of France?"
 chat: $(STAMP)

@@ -37,6 +37,8 @@ def _cmd_stage(args: argparse.Namespace) -> int:
             print(f"{row['target']} vs {row['baseline']}: diff {row['diff']:+.3f}, McNemar p={row['mcnemar_p']:.3g}, "
                   f"bootstrap 95% CI [{row['bootstrap_lo']:+.3f}, {row['bootstrap_hi']:+.3f}]")
         print(f"report: {summary['report']}")
+        if "tensorboard" in summary:
+            print(f"metrics in TensorBoard: {summary['tensorboard']}")
     print(f"done in {time.perf_counter() - t0:.0f} s; run dir {summary['run_dir']}")
     return 0
 

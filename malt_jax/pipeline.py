@@ -616,6 +616,9 @@ def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: 
         c["trained"] = result.trained
         _write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
         _write_atomic(out / f"{role}_epochs.jsonl", "".join(json.dumps(e) + "\n" for e in result.epochs))
+        from malt_jax import tblog
+
+        tblog.write_training(run_dir, role, result.history, result.epochs)
         save_adapter(result.sft_adapter, out / f"{role}_sft.safetensors")
         counts[role] = c
         _write_atomic(out / "training.json", json.dumps(counts, indent=2))
@@ -1004,6 +1007,10 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
                                     primary_names(cfg.eval.votes), sum(timings.values()), credit=credit_summary,
                                     timings_s=dict(timings))
         _write_atomic(run_dir / "summary.json", json.dumps(record, indent=2) + "\n")
+        from malt_jax import tblog
+
+        if tblog.write_eval(run_dir, record["systems"], record["verifier"]):
+            summary["tensorboard"] = tblog.command(run_dir)
         if cfg.results:
             Path(cfg.results).mkdir(parents=True, exist_ok=True)
             _write_atomic(Path(cfg.results) / f"{cfg.name}.json", json.dumps(record, indent=2) + "\n")

@@ -235,3 +235,49 @@ def test_caps_are_applied_after_the_split_and_reported(tiny_run, tmp_path):
     c = pipeline.training_counts(run_dir)["R"]
     assert c["sft"]["train"] > 2 and c["sft"]["train_after_cap"] == 2
     assert c["dpo"]["train_after_cap"] == min(1, c["dpo"]["train"])
+
+
+def _tb_scalars(logdir):
+    """{tag: [(step, value)]} of the TensorBoard event files in ``logdir`` (TFRecord framing read
+    here, events decoded with the protobuf definitions TensorBoard uses)."""
+    import struct
+
+    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+    out = {}
+    for f in sorted(pipeline.Path(logdir).glob("events.out.tfevents.*")):
+        data = f.read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_mirrors_the_jsonl_under_trl_names(tiny_run):
+    pytest.importorskip("tensorboardX")
+    cfg, _, summary = tiny_run
+    out = pipeline.Path(cfg.run_dir)
+    assert summary["tensorboard"] == f"tensorboard --logdir {out / 'tensorboard'}"
+    history = [json.loads(x) for x in (out / "adapters" / "R_history.jsonl").read_text().splitlines()]
+    epochs = [json.loads(x) for x in (out / "adapters" / "R_epochs.jsonl").read_text().splitlines()]
+    for stage in ("sft", "dpo"):
+        tb = _tb_scalars(out / "tensorboard" / "R" / stage)
+        rows = [h for h in history if h["stage"] == stage]
+        assert [s for s, _ in tb["train/loss"]] == [h["step"] for h in rows]
+        assert [v for _, v in tb["train/loss"]] == pytest.approx([h["loss"] for h in rows], rel=1e-6)
+        assert "train/learning_rate" in tb and "train/grad_norm" in tb
+        held = [e for e in epochs if e["stage"] == stage and e.get("heldout/loss") is not None]
+        assert [v for _, v in tb.get("eval/loss", [])] == pytest.approx([e["heldout/loss"] for e in held], rel=1e-6)
+        if stage == "dpo":
+            assert [v for _, v in tb["train/rewards/accuracies"]] == pytest.approx(
+                [h["rewards/accuracies"] for h in rows], rel=1e-6)
+            assert "train/rewards/margins" in tb and "train/logps/chosen" in tb
+        else:
+            assert "train/mean_token_accuracy" in tb
+    ev = _tb_scalars(out / "tensorboard" / "eval")
+    record = json.loads((out / "summary.json").read_text())
+    assert ev["eval/accuracy/malt_MV_3"][-1][1] == pytest.approx(record["systems"]["malt+MV@3"]["accuracy"])
+    assert "eval/verifier/malt/balanced_accuracy" in ev
