@@ -16,6 +16,8 @@ Public API (a small set of names; everything else is importable from its module)
                                  sft_heldout=..., dpo_heldout=...)   # RoleTraining: adapter, epochs, ...
     summary = malt_jax.run(malt_jax.load_run_config("experiments/smollm2_synthetic.yaml"))
     curve = malt_jax.run_study(malt_jax.load_run_config("experiments/study_synthetic.yaml"))
+    answer = malt_jax.ask_run("runs/smollm2_synthetic", "What is 42 - 17?", votes=3)   # the trained team
+    malt_jax.export_run("runs/smollm2_synthetic", "exported", "both")   # PEFT folders + merged checkpoints
 """
 
 from malt_jax.config import (
@@ -29,9 +31,11 @@ from malt_jax.config import (
     TreeConfig,
     load_run_config,
 )
+from malt_jax.ask import ask, ask_run
 from malt_jax.credit import dpo_pairs, sft_indices
 from malt_jax.credit import node_values as assign_credit
 from malt_jax.expansion import Contexts, ExpansionSpec, expand
+from malt_jax.export import export_run, load_peft, save_peft
 from malt_jax.pipeline import Model, PromptCodec, build_datasets, load_model, run, run_eval, sample_trees
 from malt_jax.sampling import StopCriteria, generate
 from malt_jax.tasks import Example, Task, get_task
@@ -43,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Contexts", "EvalConfig", "ExpansionSpec", "RoleTraining", "Example", "LoraConfig", "Model", "ModelConfig", "PromptCodec",
     "RunConfig", "SamplingConfig", "StopCriteria", "Task", "TaskConfig", "TrainConfig", "TreeConfig",
+    "ask", "ask_run", "export_run", "load_peft", "save_peft",
     "assign_credit", "build_datasets", "dpo_pairs", "expand", "generate", "get_task", "load_model",
     "load_run_config", "run", "run_eval", "run_study", "sample_trees", "sft_indices", "train_role",
 ]
