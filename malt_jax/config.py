@@ -48,6 +48,17 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations / compute dtype
     remat: bool = False  # recompute each layer's activations in the backward pass (big models)
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # architecture options of the same decoder (one code path): "llama" (SmolLM2, Llama 3),
+    # "qwen2" (q/k/v projection biases) and "qwen3" (RMSNorm of every q and k head before rope)
+    arch: Literal["llama", "qwen2", "qwen3"] = dataclasses.field(default="llama", metadata={"identity": "non-default"})
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.arch == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.arch == "qwen3"
 
     def __post_init__(self) -> None:
         # shapes may come from a weight file's metadata (config.json, GGUF): check them here
@@ -60,6 +71,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"model.{name}: expected a number, got {value!r}")
+        if self.arch not in ("llama", "qwen2", "qwen3"):
+            raise ConfigError(f"model.arch: expected one of llama, qwen2, qwen3, got {self.arch!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
@@ -68,6 +81,10 @@ class ModelConfig:
     @property
     def n_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        if self.qkv_bias:
+            attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         mlp = 3 * self.dim * self.hidden_dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * (attn + mlp + 2 * self.dim) + emb + self.dim
@@ -98,6 +115,48 @@ class ModelConfig:
         base.update(kw)
         return cls(**base)
 
+    # Qwen presets (shapes from the models' config.json). Qwen2.5 ties embeddings up to 3B and
+    # rope theta 1e6; Qwen3 uses head_dim 128 whatever dim / n_heads.
+    @classmethod
+    def qwen25_0p5b(cls, **kw: Any) -> "ModelConfig":
+        return cls._qwen(dict(arch="qwen2", vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                              head_dim=64, hidden_dim=4864, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
+                              max_seq_len=32768), kw)
+
+    @classmethod
+    def qwen25_1p5b(cls, **kw: Any) -> "ModelConfig":
+        return cls._qwen(dict(arch="qwen2", vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                              head_dim=128, hidden_dim=8960, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
+                              max_seq_len=131072), kw)
+
+    @classmethod
+    def qwen25_7b(cls, **kw: Any) -> "ModelConfig":
+        return cls._qwen(dict(arch="qwen2", vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                              head_dim=128, hidden_dim=18944, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=False,
+                              max_seq_len=131072), kw)
+
+    @classmethod
+    def qwen3_0p6b(cls, **kw: Any) -> "ModelConfig":
+        return cls._qwen(dict(arch="qwen3", vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                              head_dim=128, hidden_dim=3072, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
+                              max_seq_len=40960), kw)
+
+    @classmethod
+    def qwen3_1p7b(cls, **kw: Any) -> "ModelConfig":
+        return cls._qwen(dict(arch="qwen3", vocab_size=151936, dim=2048, n_layers=28, n_heads=16, n_kv_heads=8,
+                              head_dim=128, hidden_dim=6144, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
+                              max_seq_len=40960), kw)
+
+    @classmethod
+    def qwen3_8b(cls, **kw: Any) -> "ModelConfig":
+        return cls._qwen(dict(arch="qwen3", vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8,
+                              head_dim=128, hidden_dim=12288, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=False,
+                              max_seq_len=40960), kw)
+
+    @classmethod
+    def _qwen(cls, base: dict, kw: dict) -> "ModelConfig":
+        return cls(**{**base, "dtype": "bfloat16", "param_dtype": "bfloat16", **kw})
+
     @classmethod
     def tiny(cls, **kw: Any) -> "ModelConfig":
         """A random-weight toy model for tests."""
@@ -116,6 +175,12 @@ MODEL_PRESETS = {
     "smollm2-135m": ModelConfig.smollm2_135m,
     "llama-3.2-1b": ModelConfig.llama32_1b,
     "llama-3.1-8b": ModelConfig.llama31_8b,
+    "qwen2.5-0.5b": ModelConfig.qwen25_0p5b,
+    "qwen2.5-1.5b": ModelConfig.qwen25_1p5b,
+    "qwen2.5-7b": ModelConfig.qwen25_7b,
+    "qwen3-0.6b": ModelConfig.qwen3_0p6b,
+    "qwen3-1.7b": ModelConfig.qwen3_1p7b,
+    "qwen3-8b": ModelConfig.qwen3_8b,
     "tiny": ModelConfig.tiny,
 }
 
@@ -311,10 +376,17 @@ class RunConfig:
 
 def to_dict(cfg: Any, identity_only: bool = False) -> Any:
     """Plain dict/list form of a config; ``identity_only`` leaves out speed-only fields (those
-    with ``metadata={"identity": False}``), which do not change a run's results."""
+    with ``metadata={"identity": False}``), which do not change a run's results, and fields
+    added later at their default (``metadata={"identity": "non-default"}``), so the hashes of
+    earlier runs stay valid."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name), identity_only) for f in dataclasses.fields(cfg)
-                if not (identity_only and f.metadata.get("identity", True) is False)}
+        def keep(f: dataclasses.Field) -> bool:
+            if not identity_only:
+                return True
+            ident = f.metadata.get("identity", True)
+            return ident is True or (ident == "non-default" and getattr(cfg, f.name) != f.default)
+
+        return {f.name: to_dict(getattr(cfg, f.name), identity_only) for f in dataclasses.fields(cfg) if keep(f)}
     if isinstance(cfg, tuple):
         if cfg and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in cfg):
             return {k: to_dict(v, identity_only) for k, v in cfg}

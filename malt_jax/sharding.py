@@ -48,6 +48,11 @@ PARAM_AXES: dict[str, Any] = {
         "w_gate": ("layers", "embed", "ffn"),
         "w_up": ("layers", "embed", "ffn"),
         "w_down": ("layers", "ffn", "embed"),
+        "bq": ("layers", "heads"),  # Qwen2
+        "bk": ("layers", "kv_heads"),
+        "bv": ("layers", "kv_heads"),
+        "q_norm": ("layers", None),  # Qwen3
+        "k_norm": ("layers", None),
     },
 }
 
@@ -107,7 +112,8 @@ def param_shardings(params: Any, mesh: Mesh, lora: bool = False) -> Any:
     if lora:
         axes = {"layers": {k: lora_axes(k) for k in params.get("layers", {})}}
     else:
-        axes = {k: v for k, v in PARAM_AXES.items() if k in params}
+        axes = {k: ({n: a for n, a in v.items() if n in params[k]} if isinstance(v, dict) else v)
+                for k, v in PARAM_AXES.items() if k in params}
     return jax.tree.map(lambda ax, x: sharding_for(ax, x.shape, mesh), axes, params,
                         is_leaf=lambda t: isinstance(t, tuple))
 

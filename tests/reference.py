@@ -1,5 +1,6 @@
 """An independent, straightforward NumPy Llama forward pass (HF layout, one token at a time
-semantics via a full causal mask) used as the numerical reference in tests."""
+semantics via a full causal mask) used as the numerical reference in tests. Qwen2's q/k/v
+biases and Qwen3's q/k head norms are applied when their tensors are present."""
 
 import numpy as np
 
@@ -27,9 +28,13 @@ def reference_logits(hf: dict, cfg, tokens: np.ndarray) -> np.ndarray:
     for i in range(cfg.n_layers):
         p = lambda n: hf[f"model.layers.{i}.{n}"]
         h = _rms(x, p("input_layernorm.weight"), cfg.norm_eps)
-        q = (h @ p("self_attn.q_proj.weight").T).reshape(T, H, hd)
-        k = (h @ p("self_attn.k_proj.weight").T).reshape(T, K, hd)
-        v = (h @ p("self_attn.v_proj.weight").T).reshape(T, K, hd)
+        bias = lambda n: hf.get(f"model.layers.{i}.self_attn.{n}_proj.bias", 0.0)  # noqa: E731 (Qwen2)
+        q = (h @ p("self_attn.q_proj.weight").T + bias("q")).reshape(T, H, hd)
+        k = (h @ p("self_attn.k_proj.weight").T + bias("k")).reshape(T, K, hd)
+        v = (h @ p("self_attn.v_proj.weight").T + bias("v")).reshape(T, K, hd)
+        if f"model.layers.{i}.self_attn.q_norm.weight" in hf:  # Qwen3: RMSNorm of every q / k head
+            q = _rms(q, p("self_attn.q_norm.weight"), cfg.norm_eps)
+            k = _rms(k, p("self_attn.k_norm.weight"), cfg.norm_eps)
         q, k = _rope(q, pos, cfg.rope_theta), _rope(k, pos, cfg.rope_theta)
         out = np.zeros((T, H, hd))
         for head in range(H):

@@ -11,6 +11,8 @@ the decoder runs them with ``jax.lax.scan`` (one compiled layer body, fast compi
         "wq": [L, dim, H*hd],        "wk": [L, dim, K*hd],   "wv": [L, dim, K*hd],
         "wo": [L, H*hd, dim],
         "w_gate": [L, dim, ffn],     "w_up": [L, dim, ffn],  "w_down": [L, ffn, dim],
+        "bq": [L, H*hd], "bk": [L, K*hd], "bv": [L, K*hd],   # cfg.arch == "qwen2" only
+        "q_norm": [L, hd], "k_norm": [L, hd],                # cfg.arch == "qwen3" only
       },
       "final_norm": [dim],
       "lm_head":    [dim, vocab],    # only when embeddings are untied
@@ -22,7 +24,7 @@ llama.cpp's interleaved rope; ``weights.py`` un-permutes them on import.
 LoRA adapters (``lora.py``) are a separate pytree ``{"layers": {name: {"a": [L,in,r], "b": [L,r,out]}}}``
 and are applied on the fly: ``x @ w + scale * (x @ a) @ b``, so one frozen base serves every role.
 
-The KV cache is a static-shape ``[L, B, S, K, hd]`` buffer. Every token carries its own
+The KV cache is a static-shape ``[L, B, K, S, hd]`` buffer. Every token carries its own
 position; a token at position ``p`` is written to cache slot ``p`` of its row and attends to
 slots ``<= p``. Rows therefore advance independently (ragged prompts, forked tree rows).
 """
@@ -114,6 +116,13 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     layers = {name: (std * jax.random.normal(k, s)).astype(dt) for (name, s), k in zip(shapes.items(), keys)}
     layers["attn_norm"] = jnp.ones((L, D), dt)
     layers["mlp_norm"] = jnp.ones((L, D), dt)
+    if cfg.qkv_bias:  # Qwen2
+        layers["bq"] = jnp.zeros((L, H * hd), dt)
+        layers["bk"] = jnp.zeros((L, K * hd), dt)
+        layers["bv"] = jnp.zeros((L, K * hd), dt)
+    if cfg.qk_norm:  # Qwen3
+        layers["q_norm"] = jnp.ones((L, hd), dt)
+        layers["k_norm"] = jnp.ones((L, hd), dt)
     params: Params = {
         "embed": (std * jax.random.normal(keys[-2], (cfg.vocab_size, D))).astype(dt),
         "layers": layers,
@@ -368,9 +377,14 @@ def _decoder(
 
     def block(h, lp, ll, attend):
         a_in = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
-        q = _linear(a_in, lp["wq"], ll.get("wq"), lora_scale).reshape(B, T, H, hd)
-        k = _linear(a_in, lp["wk"], ll.get("wk"), lora_scale).reshape(B, T, K, hd)
-        v = _linear(a_in, lp["wv"], ll.get("wv"), lora_scale).reshape(B, T, K, hd)
+        q = _linear(a_in, lp["wq"], ll.get("wq"), lora_scale)
+        k = _linear(a_in, lp["wk"], ll.get("wk"), lora_scale)
+        v = _linear(a_in, lp["wv"], ll.get("wv"), lora_scale)
+        if cfg.qkv_bias:
+            q, k, v = q + lp["bq"].astype(q.dtype), k + lp["bk"].astype(k.dtype), v + lp["bv"].astype(v.dtype)
+        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         attn, kv_state = attend(q, k, v)

@@ -33,7 +33,16 @@ _LAYER_NAMES = {
     "w_gate": ("mlp.gate_proj.weight", "ffn_gate.weight"),
     "w_up": ("mlp.up_proj.weight", "ffn_up.weight"),
     "w_down": ("mlp.down_proj.weight", "ffn_down.weight"),
+    # Qwen2: q/k/v projection biases; Qwen3: per-head RMSNorm of q and k
+    "bq": ("self_attn.q_proj.bias", "attn_q.bias"),
+    "bk": ("self_attn.k_proj.bias", "attn_k.bias"),
+    "bv": ("self_attn.v_proj.bias", "attn_v.bias"),
+    "q_norm": ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    "k_norm": ("self_attn.k_norm.weight", "attn_k_norm.weight"),
 }
+
+ARCHS = ("llama", "qwen2", "qwen3")
+_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def gguf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -109,26 +118,32 @@ def gguf_config(path: str | Path, **overrides: Any) -> ModelConfig:
     path = Path(path)
     r = _open_gguf(path)
     arch = _field(r, "general.architecture", path)
-    if arch != "llama":
-        raise WeightError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    if arch not in ARCHS:
+        raise WeightError(f"{path}: general.architecture = {arch!r} is not supported (supported: {', '.join(ARCHS)})")
     names = {t.name for t in r.tensors}
-    dim = int(_field(r, "llama.embedding_length", path))
-    heads = int(_field(r, "llama.attention.head_count", path))
+    a = arch
+    dim = int(_field(r, f"{a}.embedding_length", path))
+    heads = int(_field(r, f"{a}.attention.head_count", path))
     tokens = r.fields.get("tokenizer.ggml.tokens")
-    vocab = int(_field(r, "llama.vocab_size", path, default=len(tokens.data) if tokens else None))
+    vocab = int(_field(r, f"{a}.vocab_size", path, default=len(tokens.data) if tokens else None))
     kw = dict(
+        arch=arch,
         vocab_size=vocab,
         dim=dim,
-        n_layers=int(_field(r, "llama.block_count", path)),
+        n_layers=int(_field(r, f"{a}.block_count", path)),
         n_heads=heads,
-        n_kv_heads=int(_field(r, "llama.attention.head_count_kv", path, default=heads)),
-        head_dim=int(_field(r, "llama.rope.dimension_count", path, default=dim // heads)),
-        hidden_dim=int(_field(r, "llama.feed_forward_length", path)),
-        norm_eps=float(_field(r, "llama.attention.layer_norm_rms_epsilon", path)),
-        rope_theta=float(_field(r, "llama.rope.freq_base", path, default=10000.0)),
+        n_kv_heads=int(_field(r, f"{a}.attention.head_count_kv", path, default=heads)),
+        head_dim=int(_field(r, f"{a}.attention.key_length", path,
+                            default=_field(r, f"{a}.rope.dimension_count", path, default=dim // heads))),
+        hidden_dim=int(_field(r, f"{a}.feed_forward_length", path)),
+        norm_eps=float(_field(r, f"{a}.attention.layer_norm_rms_epsilon", path)),
+        rope_theta=float(_field(r, f"{a}.rope.freq_base", path, default=10000.0)),
         tie_embeddings="output.weight" not in names,
-        max_seq_len=int(_field(r, "llama.context_length", path, default=2048)),
+        max_seq_len=int(_field(r, f"{a}.context_length", path, default=2048)),
     )
+    if r.fields.get(f"{a}.rope.scaling.type") is not None and _field(r, f"{a}.rope.scaling.type", path) != "none":
+        raise WeightError(f"{path}: {a}.rope.scaling.type = {_field(r, f'{a}.rope.scaling.type', path)!r} is not "
+                          "supported (only unscaled rope in GGUF files)")
     kw.update(overrides)
     return ModelConfig(**kw)
 
@@ -157,10 +172,11 @@ def load_gguf(path: str | Path, cfg: ModelConfig | None = None) -> tuple[Params,
             return raw({"embed": "token_embd.weight", "final_norm": "output_norm.weight",
                         "lm_head": "output.weight"}[ours])
         a = raw(f"blk.{layer}.{_LAYER_NAMES[ours][1]}")
-        if ours == "wq":
-            a = gguf_unpermute(a, cfg.n_heads)
-        elif ours == "wk":
-            a = gguf_unpermute(a, cfg.n_kv_heads)
+        if cfg.arch == "llama":  # llama.cpp permutes Q/K rows for its interleaved rope (Qwen: not)
+            if ours == "wq":
+                a = gguf_unpermute(a, cfg.n_heads)
+            elif ours == "wk":
+                a = gguf_unpermute(a, cfg.n_kv_heads)
         return a
 
     return _assemble(cfg, get, str(path)), cfg
@@ -179,6 +195,22 @@ def hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
         c = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise WeightError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    model_type = c.get("model_type", "llama")
+    if model_type not in ARCHS:
+        raise WeightError(f"{path}: model_type = {model_type!r} is not supported (supported: {', '.join(ARCHS)}); "
+                          "loading it as Llama would compute wrong logits")
+
+    def refuse(field: str, why: str) -> WeightError:
+        return WeightError(f"{path}: {field} = {c.get(field)!r}: {why}")
+
+    if c.get("hidden_act", "silu") != "silu":
+        raise refuse("hidden_act", "only silu MLPs are supported")
+    if c.get("mlp_bias"):
+        raise refuse("mlp_bias", "MLP biases are not supported")
+    if c.get("attention_bias") and model_type != "qwen2":
+        raise refuse("attention_bias", f"attention biases are not supported for {model_type}")
+    if c.get("use_sliding_window"):
+        raise refuse("use_sliding_window", "sliding-window attention is not supported (full attention only)")
     try:
         heads = c["num_attention_heads"]
         rs = c.get("rope_scaling")
@@ -186,7 +218,10 @@ def hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
         if rs and rs.get("rope_type", rs.get("type")) == "llama3":
             scaling = tuple((k, float(rs[k])) for k in
                             ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            raise refuse("rope_scaling", "only Llama-3 rope scaling (or none) is supported")
         kw = dict(
+            arch=model_type,
             vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
             n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads),
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
@@ -202,7 +237,9 @@ def hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
 
 
 def load_hf(model_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[Params, ModelConfig]:
-    """Loads a Hugging Face Llama checkpoint directory (config.json + *.safetensors)."""
+    """Loads a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory (config.json + *.safetensors,
+    sharded or not: every ``*.safetensors`` file is read; an index file, when present, must
+    name only files that exist)."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
@@ -210,6 +247,15 @@ def load_hf(model_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[Para
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise WeightError(f"{model_dir}: no *.safetensors files found")
+    index_file = model_dir / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            shards = set(json.loads(index_file.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise WeightError(f"{index_file}: not a safetensors index (needs a weight_map): {e}") from None
+        missing = sorted(sh for sh in shards if not (model_dir / sh).is_file())
+        if missing:
+            raise WeightError(f"{index_file}: shard {missing[0]} named in weight_map is missing")
     index: dict[str, Any] = {}
     for f in files:
         try:
@@ -235,7 +281,7 @@ def load_hf(model_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[Para
 
 
 def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Writes params as a Hugging Face Llama checkpoint (config.json + model.safetensors)."""
+    """Writes params as a Hugging Face checkpoint of ``cfg.arch`` (config.json + model.safetensors)."""
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
@@ -250,13 +296,15 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str = 
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"], np_dt).T)
     for ours, (hf, _) in _LAYER_NAMES.items():
+        if ours not in params["layers"]:
+            continue
         stacked = np.asarray(params["layers"][ours], np_dt)
         for i in range(cfg.n_layers):
             a = stacked[i]
             tensors[f"model.layers.{i}.{hf}"] = np.ascontiguousarray(a.T if a.ndim == 2 else a)
     save_file(tensors, str(out / "model.safetensors"))
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [_HF_ARCH[cfg.arch]], "model_type": cfg.arch,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
@@ -265,6 +313,10 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str = 
     }
     if cfg.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
+    if cfg.arch == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    if cfg.arch == "qwen3":
+        config.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
