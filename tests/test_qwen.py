@@ -108,7 +108,9 @@ def test_unsupported_checkpoints_name_the_field_and_file(tmp_path):
             ({"use_sliding_window": True}, "use_sliding_window = True: sliding-window attention"),
             ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling = .*yarn"),
             ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
-            ({"model_type": "qwen3", "attention_bias": True}, "attention_bias = True"))):
+            ({"model_type": "qwen3", "attention_bias": True}, "attention_bias = True"),
+            ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_parameters = .*yarn"),
+            ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types = .*sliding"))):
         d = _write(tmp_path / str(i), cfg, hf, **extra)
         with pytest.raises(weights.WeightError, match=match) as e:
             weights.load_hf(d)
@@ -248,3 +250,15 @@ def test_tree_expansion_fork_equals_naive(arch):
             np.testing.assert_array_equal(np.asarray(f.tokens[level]), np.asarray(n.tokens[level]))
     e = run("extend")
     np.testing.assert_array_equal(np.asarray(e.tokens[2]), np.asarray(run("naive").tokens[2]))
+
+
+def test_transformers_5_rope_parameters(tmp_path):
+    """transformers >= 5 writes rope_theta inside rope_parameters (a top-level default would
+    silently give other logits)."""
+    cfg = _cfg("qwen3")
+    d = _write(tmp_path, cfg, _random_qwen_hf(cfg), rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+               layer_types=["full_attention"] * cfg.n_layers)
+    conf = json.loads((d / "config.json").read_text())
+    del conf["rope_theta"]
+    (d / "config.json").write_text(json.dumps(conf))
+    assert weights.hf_config(d).rope_theta == 1e6

@@ -213,20 +213,27 @@ def hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
         raise refuse("use_sliding_window", "sliding-window attention is not supported (full attention only)")
     try:
         heads = c["num_attention_heads"]
-        rs = c.get("rope_scaling")
+        # transformers >= 5 writes rope_parameters {rope_theta, rope_type, ...}; older files
+        # rope_theta and rope_scaling at the top level
+        rp = c.get("rope_parameters") or {}
+        field = "rope_parameters" if rp else "rope_scaling"
+        rs = rp or c.get("rope_scaling")
+        theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
         scaling = None
         if rs and rs.get("rope_type", rs.get("type")) == "llama3":
             scaling = tuple((k, float(rs[k])) for k in
                             ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
         elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            raise refuse("rope_scaling", "only Llama-3 rope scaling (or none) is supported")
+            raise refuse(field, "only Llama-3 rope scaling (or none) is supported")
+        if any(t != "full_attention" for t in c.get("layer_types") or []):
+            raise refuse("layer_types", "only full attention layers are supported (no sliding-window layers)")
         kw = dict(
             arch=model_type,
             vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
             n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads),
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
-            rope_theta=c.get("rope_theta", 10000.0), rope_scaling=scaling,
+            rope_theta=float(theta), rope_scaling=scaling,
             tie_embeddings=c.get("tie_word_embeddings", False),
             max_seq_len=c.get("max_position_embeddings", 2048),
         )
