@@ -60,6 +60,16 @@ def test_paper_setting_configs():
     assert one.model_preset == "llama-3.2-1b" and np.prod([v for _, v in one.mesh]) == 1
 
 
+def test_qwen_paper_config():
+    cfg = load_run_config(ROOT / "experiments" / "qwen25_1p5b_gsm8k.yaml")
+    assert cfg.model == ModelConfig.qwen25_1p5b(remat=True) and cfg.model.arch == "qwen2"
+    assert cfg.task.name == "gsm8k" and (cfg.tree.n, cfg.tree.m, cfg.tree.l) == (3, 3, 3)
+    assert cfg.train.dpo_beta == 0.2 and cfg.train.generator_dpo and cfg.train.batch_size == 8
+    assert cfg.eval.votes == 3 and cfg.train.max_seq_len >= 256 + 3 * cfg.sampling.max_new_tokens + 64
+    plan = make_plan(cfg, device="h100")
+    assert plan.devices == 1 and plan.fits, plan.refusal()
+
+
 def test_overlay_overrides_flatten():
     ov = overlay_overrides(ROOT / "tpu_configs" / "v5p-64.yaml")
     assert 'mesh={"data":2,"fsdp":8,"tensor":2}' in ov  # one atomic value: replaces the whole mesh
@@ -69,11 +79,12 @@ def test_overlay_overrides_flatten():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
-def test_tpu_overlays_fit_every_8b_experiment(overlay):
+def test_tpu_overlays_fit_their_experiments(overlay):
+    """Each overlay fits the experiments it names (``plan.experiments``; default the 8B configs)."""
     import yaml
 
     meta = yaml.safe_load(overlay.read_text())["plan"]
-    for path in PAPER_8B:
+    for path in [ROOT / p for p in meta.get("experiments", [])] or PAPER_8B:
         cfg = load_run_config(path, overlay_overrides(overlay))
         plan = make_plan(cfg, devices=meta["devices"], device=meta["device"], prompt_tokens=_prompt_tokens(path))
         assert plan.devices == meta["devices"]
