@@ -268,3 +268,14 @@ def test_field_value_fallback_from_raw_parts() -> None:
     scalar = SimpleNamespace(types=[gguf.GGUFValueType.UINT32], data=[0], parts=[np.array([7], np.uint32)])
     assert _field_value(strings) == ["Hi", "é"]
     assert _field_value(scalar) == 7
+
+
+def test_qwen2_pre_tokenizer_splits_single_digits() -> None:
+    """GGUF ``tokenizer.ggml.pre = qwen2``: Qwen's split regex (digits one by one, unlike Llama 3's
+    groups of up to three), then the byte-level mapping."""
+    from malt_jax.model.tokenizer import _gguf_pre_tokenizer
+
+    qwen = [p for p, _ in _gguf_pre_tokenizer("qwen2", "x.gguf").pre_tokenize_str("Pay 12345 now's")]
+    llama3 = [p for p, _ in _gguf_pre_tokenizer("llama-bpe", "x.gguf").pre_tokenize_str("Pay 12345 now's")]
+    assert qwen == ["Pay", "Ġ", "1", "2", "3", "4", "5", "Ġnow", "'s"]
+    assert llama3 == ["Pay", "Ġ", "123", "45", "Ġnow", "'s"]
