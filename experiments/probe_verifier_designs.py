@@ -62,6 +62,7 @@ def main() -> None:
     examples = task.load("validation")[: args.questions]
     model = pipeline.load_model(base.weights, base.model)
     default = task.prompts
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     out = {"experiment": "verifier_designs", "command": "python experiments/probe_verifier_designs.py " + " ".join(
         [args.config, *args.overrides, f"--questions {args.questions}", f"--temperatures {args.temperatures}",
          f"--out {args.out}"]), "split": "validation", "n": len(examples), "framing": base.task.framing, "runs": {}}
