@@ -115,48 +115,6 @@ class ModelConfig:
         base.update(kw)
         return cls(**base)
 
-    # Qwen presets (shapes from the models' config.json). Qwen2.5 ties embeddings up to 3B and
-    # rope theta 1e6; Qwen3 uses head_dim 128 whatever dim / n_heads.
-    @classmethod
-    def qwen25_0p5b(cls, **kw: Any) -> "ModelConfig":
-        return cls._qwen(dict(arch="qwen2", vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
-                              head_dim=64, hidden_dim=4864, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
-                              max_seq_len=32768), kw)
-
-    @classmethod
-    def qwen25_1p5b(cls, **kw: Any) -> "ModelConfig":
-        return cls._qwen(dict(arch="qwen2", vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
-                              head_dim=128, hidden_dim=8960, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
-                              max_seq_len=131072), kw)
-
-    @classmethod
-    def qwen25_7b(cls, **kw: Any) -> "ModelConfig":
-        return cls._qwen(dict(arch="qwen2", vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
-                              head_dim=128, hidden_dim=18944, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=False,
-                              max_seq_len=131072), kw)
-
-    @classmethod
-    def qwen3_0p6b(cls, **kw: Any) -> "ModelConfig":
-        return cls._qwen(dict(arch="qwen3", vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8,
-                              head_dim=128, hidden_dim=3072, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
-                              max_seq_len=40960), kw)
-
-    @classmethod
-    def qwen3_1p7b(cls, **kw: Any) -> "ModelConfig":
-        return cls._qwen(dict(arch="qwen3", vocab_size=151936, dim=2048, n_layers=28, n_heads=16, n_kv_heads=8,
-                              head_dim=128, hidden_dim=6144, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
-                              max_seq_len=40960), kw)
-
-    @classmethod
-    def qwen3_8b(cls, **kw: Any) -> "ModelConfig":
-        return cls._qwen(dict(arch="qwen3", vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8,
-                              head_dim=128, hidden_dim=12288, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=False,
-                              max_seq_len=40960), kw)
-
-    @classmethod
-    def _qwen(cls, base: dict, kw: dict) -> "ModelConfig":
-        return cls(**{**base, "dtype": "bfloat16", "param_dtype": "bfloat16", **kw})
-
     @classmethod
     def tiny(cls, **kw: Any) -> "ModelConfig":
         """A random-weight toy model for tests."""
@@ -171,16 +129,35 @@ LLAMA3_ROPE_SCALING_8 = (("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_
 LLAMA3_ROPE_SCALING_32 = (("factor", 32.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
                           ("original_max_position_embeddings", 8192.0))
 
+# Qwen shapes (from the released models' config.json): (arch, vocab, dim, layers, heads, kv heads,
+# head_dim, ffn, tied embeddings, context). Norm eps 1e-6, rope theta 1e6, bfloat16.
+QWEN_SHAPES = {
+    "qwen2.5-0.5b": ("qwen2", 151936, 896, 24, 14, 2, 64, 4864, True, 32768),
+    "qwen2.5-1.5b": ("qwen2", 151936, 1536, 28, 12, 2, 128, 8960, True, 131072),
+    "qwen2.5-7b": ("qwen2", 152064, 3584, 28, 28, 4, 128, 18944, False, 131072),
+    "qwen3-0.6b": ("qwen3", 151936, 1024, 28, 16, 8, 128, 3072, True, 40960),
+    "qwen3-1.7b": ("qwen3", 151936, 2048, 28, 16, 8, 128, 6144, True, 40960),
+    "qwen3-8b": ("qwen3", 151936, 4096, 36, 32, 8, 128, 12288, False, 40960),
+}
+
+
+def _qwen_preset(name: str) -> Any:
+    arch, vocab, dim, layers, heads, kv, hd, ffn, tied, ctx = QWEN_SHAPES[name]
+
+    def make(**kw: Any) -> ModelConfig:
+        return ModelConfig(**{**dict(arch=arch, vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads,
+                                     n_kv_heads=kv, head_dim=hd, hidden_dim=ffn, norm_eps=1e-6, rope_theta=1e6,
+                                     tie_embeddings=tied, max_seq_len=ctx, dtype="bfloat16",
+                                     param_dtype="bfloat16"), **kw})
+
+    return make
+
+
 MODEL_PRESETS = {
     "smollm2-135m": ModelConfig.smollm2_135m,
     "llama-3.2-1b": ModelConfig.llama32_1b,
     "llama-3.1-8b": ModelConfig.llama31_8b,
-    "qwen2.5-0.5b": ModelConfig.qwen25_0p5b,
-    "qwen2.5-1.5b": ModelConfig.qwen25_1p5b,
-    "qwen2.5-7b": ModelConfig.qwen25_7b,
-    "qwen3-0.6b": ModelConfig.qwen3_0p6b,
-    "qwen3-1.7b": ModelConfig.qwen3_1p7b,
-    "qwen3-8b": ModelConfig.qwen3_8b,
+    **{name: _qwen_preset(name) for name in QWEN_SHAPES},
     "tiny": ModelConfig.tiny,
 }
 

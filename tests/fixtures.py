@@ -14,3 +14,56 @@ def numpy_random_params(cfg, std: float = 0.3, seed: int = 0):
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, std, s.shape) if len(s.shape) > 1 else np.ones(s.shape),
                                               jnp.float32), shapes)
+
+
+_GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+               "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+               "mlp.down_proj.weight": "ffn_down.weight", "self_attn.o_proj.weight": "attn_output.weight",
+               **{f"self_attn.{n}_proj.{kind}": f"attn_{n}.{kind}" for n in "qkv" for kind in ("weight", "bias")},
+               **{f"self_attn.{n}_norm.weight": f"attn_{n}_norm.weight" for n in "qk"}}
+
+
+def write_gguf(path, cfg, hf: dict, quantize: bool = False):
+    """Writes Hugging Face tensors ``hf`` as a GGUF file of ``cfg.arch`` the way llama.cpp's
+    converter does: Q/K rows permuted for llama (interleaved rope; qwen2/qwen3 use rotate-half),
+    2-D tensors optionally Q8_0-quantized."""
+    import gguf
+    from gguf import quants
+
+    from malt_jax.model import weights
+
+    w = gguf.GGUFWriter(str(path), cfg.arch)
+    w.add_block_count(cfg.n_layers)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_vocab_size(cfg.vocab_size)
+    for name, arr in hf.items():
+        arr = np.asarray(arr, np.float32)
+        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            g = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}[name]
+        else:
+            i, rest = name.split(".")[2], ".".join(name.split(".")[3:])
+            g = f"blk.{i}.{_GGUF_NAMES[rest]}"
+            if cfg.arch == "llama" and rest == "self_attn.q_proj.weight":
+                arr = weights.gguf_permute(arr, cfg.n_heads)
+            if cfg.arch == "llama" and rest == "self_attn.k_proj.weight":
+                arr = weights.gguf_permute(arr, cfg.n_kv_heads)
+        if quantize and arr.ndim == 2:
+            q = quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(g, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

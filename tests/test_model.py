@@ -143,52 +143,11 @@ def test_hf_roundtrip(tmp_path):
 
 def test_gguf_roundtrip_unpermutes_qk(tmp_path):
     """A GGUF written the llama.cpp way (Q/K rows permuted, Q8_0 matrices) loads to the same model."""
-    import gguf
-    from gguf import quants
+    from tests.fixtures import write_gguf
 
     cfg = ModelConfig.tiny(vocab_size=256, dim=64, hidden_dim=128)
     hf = _random_hf(cfg, seed=5)
-    path = tmp_path / "tiny.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.n_layers)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.hidden_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_vocab_size(cfg.vocab_size)
-    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-             "mlp.down_proj.weight": "ffn_down.weight"}
-    expect = {}
-    for name, arr in hf.items():
-        arr = arr.astype(np.float32)
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        else:
-            i, rest = name.split(".")[2], ".".join(name.split(".")[3:])
-            gname = f"blk.{i}.{names[rest]}"
-            if rest == "self_attn.q_proj.weight":
-                arr = weights.gguf_permute(arr, cfg.n_heads)
-            if rest == "self_attn.k_proj.weight":
-                arr = weights.gguf_permute(arr, cfg.n_kv_heads)
-        if arr.ndim == 2:
-            q = quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            expect[name] = None
-        else:
-            w.add_tensor(gname, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf(tmp_path / "tiny.gguf", cfg, hf, quantize=True)
     params, cfg2 = weights.load_gguf(path)
     assert cfg2.n_heads == cfg.n_heads and cfg2.tie_embeddings
     tokens = np.arange(0, 40, 3)

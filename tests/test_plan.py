@@ -62,7 +62,9 @@ def test_paper_setting_configs():
 
 def test_qwen_paper_config():
     cfg = load_run_config(ROOT / "experiments" / "qwen25_1p5b_gsm8k.yaml")
-    assert cfg.model == ModelConfig.qwen25_1p5b(remat=True) and cfg.model.arch == "qwen2"
+    from malt_jax.config import MODEL_PRESETS
+
+    assert cfg.model == MODEL_PRESETS["qwen2.5-1.5b"](remat=True) and cfg.model.arch == "qwen2"
     assert cfg.task.name == "gsm8k" and (cfg.tree.n, cfg.tree.m, cfg.tree.l) == (3, 3, 3)
     assert cfg.train.dpo_beta == 0.2 and cfg.train.generator_dpo and cfg.train.batch_size == 8
     assert cfg.eval.votes == 3 and cfg.train.max_seq_len >= 256 + 3 * cfg.sampling.max_new_tokens + 64

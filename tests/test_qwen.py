@@ -11,6 +11,7 @@ import pytest
 from malt_jax import expansion, sampling
 from malt_jax.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig, TrainConfig
 from malt_jax.model import llama, lora, weights
+from tests.fixtures import write_gguf
 from tests.reference import reference_logits
 from tests.test_model import _random_hf
 
@@ -123,49 +124,11 @@ def test_unsupported_checkpoints_name_the_field_and_file(tmp_path):
         ModelConfig.tiny(arch="gemma")
 
 
-def _gguf(path, cfg, hf):
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), cfg.arch)
-    w.add_block_count(cfg.n_layers)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.hidden_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_vocab_size(cfg.vocab_size)
-    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-             "mlp.down_proj.weight": "ffn_down.weight", "self_attn.o_proj.weight": "attn_output.weight",
-             **{f"self_attn.{n}_proj.{kind}": f"attn_{n}.{kind}" for n in "qkv" for kind in ("weight", "bias")},
-             **{f"self_attn.{n}_norm.weight": f"attn_{n}_norm.weight" for n in "qk"}}
-    for name, arr in hf.items():
-        if name == "model.embed_tokens.weight":
-            g = "token_embd.weight"
-        elif name == "model.norm.weight":
-            g = "output_norm.weight"
-        elif name == "lm_head.weight":
-            g = "output.weight"
-        else:  # no Q/K permutation: llama.cpp's qwen2/qwen3 use NEOX (rotate-half) rope
-            i, rest = name.split(".")[2], ".".join(name.split(".")[3:])
-            g = f"blk.{i}.{names[rest]}"
-        w.add_tensor(g, arr.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gguf_import(tmp_path, arch):
     cfg = _cfg(arch, tie_embeddings=False)
     hf = _random_qwen_hf(cfg, seed=7)
-    params, cfg2 = weights.load_gguf(_gguf(tmp_path / "m.gguf", cfg, hf))
+    params, cfg2 = weights.load_gguf(write_gguf(tmp_path / "m.gguf", cfg, hf))
     assert cfg2.arch == arch and cfg2.head_dim == cfg.head_dim and not cfg2.tie_embeddings
     tokens = np.arange(1, 40, 3)
     ref = reference_logits(hf, cfg, tokens)
@@ -188,14 +151,17 @@ def test_gguf_unknown_architecture(tmp_path):
 
 
 PRESET_PARAMS = {  # total parameter counts of the released checkpoints
-    "qwen25_0p5b": 494_032_768, "qwen25_1p5b": 1_543_714_304, "qwen25_7b": 7_615_616_512,
-    "qwen3_0p6b": 596_049_920, "qwen3_1p7b": 1_720_574_976, "qwen3_8b": 8_190_735_360,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+    "qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976, "qwen3-8b": 8_190_735_360,
 }
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_PARAMS))
 def test_presets_parameter_counts(name):
-    cfg = getattr(ModelConfig, name)()
+    from malt_jax.config import MODEL_PRESETS
+
+    cfg = MODEL_PRESETS[name]()
+    assert cfg.arch == name.split("-")[0].replace("2.5", "2") and cfg.dtype == "bfloat16"
     shapes = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
     counted = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert counted == cfg.n_params == PRESET_PARAMS[name]
