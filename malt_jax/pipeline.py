@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from malt_jax import credit as credit_lib
+from malt_jax import tblog
 from malt_jax.config import ModelConfig, RunConfig, to_dict
 from malt_jax.expansion import Contexts, ExpansionSpec, expand
 from malt_jax.model.llama import Params, init_params
@@ -616,8 +617,6 @@ def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: 
         c["trained"] = result.trained
         _write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
         _write_atomic(out / f"{role}_epochs.jsonl", "".join(json.dumps(e) + "\n" for e in result.epochs))
-        from malt_jax import tblog
-
         tblog.write_training(run_dir, role, result.history, result.epochs)
         save_adapter(result.sft_adapter, out / f"{role}_sft.safetensors")
         counts[role] = c
@@ -1007,8 +1006,6 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
                                     primary_names(cfg.eval.votes), sum(timings.values()), credit=credit_summary,
                                     timings_s=dict(timings))
         _write_atomic(run_dir / "summary.json", json.dumps(record, indent=2) + "\n")
-        from malt_jax import tblog
-
         if tblog.write_eval(run_dir, record["systems"], record["verifier"]):
             summary["tensorboard"] = tblog.command(run_dir)
         if cfg.results:

@@ -49,6 +49,8 @@ def _writer(logdir: Path) -> Any:
         return None
     from tensorboardX import SummaryWriter
 
+    for old in Path(logdir).glob("events.out.tfevents.*"):  # a mirror: rewritten, never appended twice
+        old.unlink()
     return SummaryWriter(str(logdir), flush_secs=1)
 
 
