@@ -31,7 +31,7 @@ def ask(model: Any, task: Any, question: str, adapters: dict[str, Params] | None
     None for the untrained chain) and majority-votes the refiners' answers by the task's answer
     key. Returns ``{"question", "chains": [{"G", "V", "R"}], "answers", "answer", "votes_for"}``."""
     from malt_jax.config import SamplingConfig
-    from malt_jax.pipeline import Example, PromptCodec, sample_trees
+    from malt_jax.pipeline import Example, PromptCodec, decode_level, sample_trees
 
     if votes < 1:
         raise ValueError(f"--votes must be >= 1, got {votes}")
@@ -52,8 +52,8 @@ def ask(model: Any, task: Any, question: str, adapters: dict[str, Params] | None
 
     def on_level(level: int, tokens: np.ndarray, lengths: np.ndarray) -> None:
         role = ROLES[level]
-        texts = [codec.text(role, model.tokenizer.decode(np.asarray(tokens[i, : int(lengths[i])]),
-                                                         skip_special_tokens=True)) for i in range(votes)]
+        texts = decode_level(model.tokenizer, np.asarray(tokens)[:votes], np.asarray(lengths)[:votes],
+                             task.prompts.prefix(role)).tolist()
         for c, t in zip(chains, texts):
             c[role] = t
         if on_turn is not None:

@@ -26,7 +26,7 @@ from malt_jax.config import LoraConfig, ModelConfig, run_config_of
 from malt_jax.model.llama import Params
 from malt_jax.model.weights import _LAYER_NAMES, WeightError
 
-__all__ = ["HF_MODULES", "peft_config", "peft_tensors", "save_peft", "load_peft", "save_tokenizer",
+__all__ = ["HF_MODULES", "peft_config", "peft_tensors", "save_peft", "load_peft",
            "export_run"]
 
 #: our weight name -> Hugging Face module path inside a decoder layer
@@ -158,16 +158,6 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
     return {"layers": adapter}, lora_cfg
 
 
-def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> None:
-    """``tokenizer.json`` + ``tokenizer_config.json`` (chat template, special tokens) for transformers."""
-    out = Path(out_dir)
-    tokenizer._tok.save(str(out / "tokenizer.json"))
-    special = {k: v for k, v in tokenizer._special.items() if v is not None}
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tokenizer.chat_template,
-         "add_bos_token": False, "clean_up_tokenization_spaces": False, **special}, indent=2))
-
-
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "peft", stage: str = "final") -> dict[str, Path]:
     """Exports a run's role adapters (``stage`` "final" or "sft"); returns name -> folder."""
     from malt_jax import pipeline
@@ -186,13 +176,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "peft", stag
     model = pipeline.load_model(cfg.weights, cfg.model)
     written: dict[str, Path] = {}
     base_dir = save_hf(model.params, model.cfg, out / "base")
-    save_tokenizer(model.tokenizer, base_dir)
+    model.tokenizer.save(base_dir)
     written["base"] = base_dir
     for role, adapter in adapters.items():
         if fmt in ("peft", "both"):
             written[role] = save_peft(adapter, model.cfg, cfg.lora, out / role, str(base_dir.resolve()))
         if fmt in ("merged", "both"):
             d = save_hf(merge(model.params, adapter, lora_scale(cfg.lora)), model.cfg, out / f"{role}-merged")
-            save_tokenizer(model.tokenizer, d)
+            model.tokenizer.save(d)
             written[f"{role}-merged"] = d
     return written

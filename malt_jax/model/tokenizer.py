@@ -313,6 +313,16 @@ class Tokenizer:
         """Token ids of the rendered chat. The template writes any BOS itself, so none is added."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
 
+    def save(self, out_dir: str | Path) -> None:
+        """Writes ``tokenizer.json`` + ``tokenizer_config.json`` (chat template, special tokens),
+        as Hugging Face ``transformers`` and :meth:`from_tokenizer_json` read them."""
+        out = Path(out_dir)
+        self._tok.save(str(out / "tokenizer.json"))
+        special = {k: v for k, v in self._special.items() if v is not None}
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
+             "add_bos_token": False, "clean_up_tokenization_spaces": False, **special}, indent=2))
+
     def __repr__(self) -> str:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
 
