@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from malt_jax.distributed import fetch
+
 __all__ = [
     "CreditValues",
     "node_values",
@@ -171,8 +173,8 @@ def node_values(
 
 
 def _host(values: CreditValues, role: str) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(jax.device_get(values.labels(role))).astype(bool)
-    valid = np.asarray(jax.device_get(values.mask(role))).astype(bool)
+    labels = fetch(values.labels(role)).astype(bool)
+    valid = fetch(values.mask(role)).astype(bool)
     return labels, valid
 
 
@@ -249,7 +251,7 @@ def summary(values: CreditValues, max_pairs_per_parent: int | None = None) -> di
     out: dict[str, Any] = {"threshold": float(values.threshold), "questions": int(values.generator.shape[0])}
     for role in ROLES:
         labels, valid = _host(values, role)
-        vals = np.asarray(jax.device_get(values.values(role)), dtype=np.float64)
+        vals = fetch(values.values(role)).astype(np.float64)
         pos = labels & valid
         neg = ~labels & valid
         n_valid = int(valid.sum())

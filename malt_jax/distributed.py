@@ -15,7 +15,11 @@ process's shards to a shared directory.
   rows) into one global ``jax.Array`` split over the mesh's batch axes (``data`` x ``fsdp``),
   via ``jax.make_array_from_process_local_data``. Process ``p`` holds global rows
   ``[p * b, (p + 1) * b)`` when the mesh is built from ``jax.devices()`` (process-major order).
-* :func:`process_allgather` brings a (possibly non-addressable) global array back to every host.
+* :func:`put` / :func:`fetch` are the one path every stage moves data through between host and
+  devices: ``put`` places a host value (the same on every process) with a sharding, also one
+  that spans other processes' devices (where ``jax.device_put`` refuses); ``fetch`` brings
+  (possibly non-addressable) arrays back to NumPy on every process (``process_allgather`` is
+  its old name).
 
 On CPU (tests, debugging) cross-process collectives use Gloo
 (``jax_cpu_collectives_implementation="gloo"``, the default of jax 0.10 which we set
@@ -39,7 +43,10 @@ __all__ = [
     "maybe_initialize_from_env",
     "host_local_to_global",
     "process_allgather",
+    "put",
+    "fetch",
     "process_index",
+    "is_lead",
     "process_count",
 ]
 
@@ -132,6 +139,12 @@ def process_index() -> int:
     return jax.process_index()
 
 
+def is_lead() -> bool:
+    """True on the process that writes shared files which cannot be written atomically (plots,
+    the report, TensorBoard events): process 0."""
+    return jax.process_index() == 0
+
+
 def process_count() -> int:
     return jax.process_count()
 
@@ -189,13 +202,50 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, batch)
 
 
-def process_allgather(tree: Any) -> Any:
-    """NumPy copies of (possibly non-fully-addressable) global arrays, on every process."""
+def fetch(tree: Any) -> Any:
+    """NumPy copies of (possibly non-fully-addressable) global arrays, on every process.
+
+    Arrays that span several processes are gathered with a collective, so every process must
+    call this on the same arrays in the same order (as for any jitted step)."""
     from jax.experimental import multihost_utils
 
     def one(x: Any) -> np.ndarray:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_shards[0].data)
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(one, tree)
+
+
+process_allgather = fetch
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Places every leaf of ``tree`` with its sharding (one ``Sharding`` or ``Device`` for all, or a
+    matching pytree of them), on one process or many.
+
+    Host values (NumPy, Python scalars, arrays on a local device) must be the same on every
+    process: each process fills its own devices' shards from its copy. Global arrays already on
+    the mesh are resharded. Typed PRNG key arrays are supported; a ``jax.ShapeDtypeStruct``
+    gets the sharding (for ahead-of-time lowering)."""
+    from jax.sharding import Sharding
+
+    def one(x: Any, s: Any) -> jax.Array:
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract (AOT lowering): the sharding only
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        if isinstance(s, jax.Device) or s.is_fully_addressable:
+            return jax.device_put(x, s)
+        if isinstance(x, jax.Array):
+            if x.dtype != object and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                impl = jax.random.key_impl(x)
+                return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=impl)
+            if not x.is_fully_addressable:
+                return x if x.sharding == s else jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    if isinstance(shardings, (Sharding, jax.Device)):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)

@@ -29,6 +29,7 @@ import numpy as np
 from malt_jax import credit as credit_lib
 from malt_jax import tblog
 from malt_jax.config import ModelConfig, RunConfig, to_dict
+from malt_jax.distributed import fetch, is_lead
 from malt_jax.expansion import Contexts, ExpansionSpec, expand
 from malt_jax.model.llama import Params, init_params
 from malt_jax.model.tokenizer import Tokenizer
@@ -258,7 +259,7 @@ def sample_trees(
             contexts = Contexts(prefixes=(pv, pr), prefix_lens=(lv_, lr), seps=seps)
         tree = expand(model.params, tuple(adapters), inputs[0], inputs[1], turns, inputs[2],
                       cfg=model.cfg, spec=spec, lora_scale=lora_scale, contexts=contexts, emit=on_level)
-        tree = jax.device_get(tree)
+        tree = fetch(tree)
         dt = time.perf_counter() - t0
         for level, role in enumerate(ROLES[: spec.depth]):
             arrays[f"{role}_tokens"] = np.asarray(tree.tokens[level])[:k]
@@ -533,7 +534,8 @@ def save_adapter(adapter: Params, path: Path) -> None:
     """Writes an adapter as safetensors (flat ``layers.<name>.<a|b>`` keys); atomic."""
     from safetensors.numpy import save
 
-    flat = {f"layers.{n}.{f}": np.asarray(adapter["layers"][n][f]) for n in adapter["layers"] for f in ("a", "b")}
+    host = fetch(adapter["layers"])
+    flat = {f"layers.{n}.{f}": host[n][f] for n in host for f in ("a", "b")}
     _write_atomic(path, lambda f: f.write(save(flat)))
 
 
@@ -617,7 +619,8 @@ def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: 
         c["trained"] = result.trained
         _write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
         _write_atomic(out / f"{role}_epochs.jsonl", "".join(json.dumps(e) + "\n" for e in result.epochs))
-        tblog.write_training(run_dir, role, result.history, result.epochs)
+        if is_lead():  # event files and plots are not atomic: one writer
+            tblog.write_training(run_dir, role, result.history, result.epochs)
         save_adapter(result.sft_adapter, out / f"{role}_sft.safetensors")
         counts[role] = c
         _write_atomic(out / "training.json", json.dumps(counts, indent=2))
@@ -966,8 +969,11 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
     def timed(name, fn):
+        from malt_jax.sharding import mesh_context
+
         t = time.perf_counter()
-        out = fn()
+        with mesh_context(mesh):  # every stage's jitted calls see the mesh (activation constraints)
+            out = fn()
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
         _write_atomic(timings_path, json.dumps(timings, indent=2))
         return out
@@ -996,8 +1002,10 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
             p = run_dir / "adapters" / f"{r}_epochs.jsonl"
             if p.exists():
                 epochs[r] = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-        report = write_report(run_dir, ev["results"], ev["comparisons"], credit_summary, meta,
-                              verifier=ev["verifier"], epochs_by_role=epochs, training_counts=training_counts(run_dir))
+        report = run_dir / "report.md"
+        if is_lead():
+            write_report(run_dir, ev["results"], ev["comparisons"], credit_summary, meta, verifier=ev["verifier"],
+                         epochs_by_role=epochs, training_counts=training_counts(run_dir))
         summary.update(table=format_table(ev["results"]), report=str(report), comparisons=ev["comparisons"],
                        verifier=ev["verifier"])
         from malt_jax.summary import experiment_summary
@@ -1006,7 +1014,7 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
                                     primary_names(cfg.eval.votes), sum(timings.values()), credit=credit_summary,
                                     timings_s=dict(timings))
         _write_atomic(run_dir / "summary.json", json.dumps(record, indent=2) + "\n")
-        if tblog.write_eval(run_dir, record["systems"], record["verifier"]):
+        if is_lead() and tblog.write_eval(run_dir, record["systems"], record["verifier"]):
             summary["tensorboard"] = tblog.command(run_dir)
         if cfg.results:
             Path(cfg.results).mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ per pair)
   ``adapter``, ``gradients`` (x2 with ``grad_accum > 1``: accumulator), ``optimizer`` (Adam
   ``mu``, ``nu``: exact from ``eval_shape(make_optimizer(...).init)``, same shardings as the
   adapter).
-  ``activations``    saved for the backward pass (the model does not rematerialise):
+  ``activations``    saved for the backward pass. Without ``model.remat``:
                      ``rows * T * L * [bytes * (4D + 3*H*hd + 3*K*hd + 3*F) + H * T * (4 + bytes)]``
                      -- the residual stream, both norms' outputs, q/k/v before and after RoPE,
                      attention output, gate/up/act of the MLP, plus the float32 attention scores
@@ -32,6 +32,11 @@ per pair)
                      terms are divided by ``tensor`` when it splits them. In units of
                      ``D * bytes`` this is the "activation factor" printed with the plan
                      (Llama-3.1-8B, bfloat16: ``18.25 + 3 * 32 * T / 4096``, i.e. 42 at T = 1024).
+                     With ``model.remat`` each layer keeps only its input (``rows * T * L * D *
+                     bytes``) and one layer is recomputed at a time, after the logits' backward
+                     has freed them: ``+ max(0, one layer's activations - logits)``.
+                     Checked against XLA's ``memory_analysis`` (``compile_step``): see
+                     tpu_configs/README.md.
   ``logits``         ``rows * T * vocab * 4 B * 3`` (float32 logits, log-softmax, their gradient).
   ``fsdp_gather``    with ``fsdp > 1``: one layer plus the LM head gathered in full (transient).
 
@@ -70,7 +75,7 @@ import numpy as np
 from malt_jax.config import RunConfig, to_dict
 
 __all__ = ["DEVICE_HBM", "PlanError", "Plan", "make_plan", "parse_bytes", "parse_mesh", "fmt_bytes",
-           "overlay_overrides", "load_overlay"]
+           "overlay_overrides", "load_overlay", "compile_step", "compiled_bytes"]
 
 GiB = 1024 ** 3
 
@@ -469,15 +474,27 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     sft_dev, dpo_dev = _split(micro, amesh), _split(2 * micro, amesh)
     L_bwd = lo.top_layers or L  # frozen lower layers (lora.top_layers) get no backward pass
     saved_layers = L_bwd + (1 if L_bwd < L else 0)  # + one transient frozen layer
-    per_row_layers = T * saved_layers * (b * lin + Hd * T * (4 + b))
+    layer_acts = T * (b * lin + Hd * T * (4 + b))  # one row's activations of one layer
+    if m.remat:
+        # a rematerialised layer keeps only its input for the backward pass; the layer being
+        # recomputed is alive alone, after the logits' backward has freed them, so the peak is
+        # the larger of the two (checked against XLA's memory_analysis, tpu_configs/README.md)
+        per_row_layers = saved_layers * T * D * b
+    else:
+        per_row_layers = saved_layers * layer_acts
     per_row_logits = T * Vd * 4 * 3
     c["adapter"] = adapter_dev
     c["gradients"] = adapter_dev * (2 if accum > 1 else 1)
     c["optimizer"] = opt_dev
     # SFT and DPO share component names; the DPO numbers (2 rows per pair) go in *_dpo.
-    c["activations"] = sft_dev * per_row_layers
+    def saved(rows_dev: int) -> int:
+        if not m.remat:
+            return rows_dev * per_row_layers
+        return rows_dev * (per_row_layers + max(0, layer_acts - per_row_logits))
+
+    c["activations"] = saved(sft_dev)
     c["logits"] = sft_dev * per_row_logits
-    c["activations_dpo"] = dpo_dev * per_row_layers
+    c["activations_dpo"] = saved(dpo_dev)
     c["logits_dpo"] = dpo_dev * per_row_logits
     layer_params = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params["layers"]))
     head_params = V * D
@@ -556,52 +573,79 @@ def analytic_step_flops(cfg: RunConfig, rows: int) -> float:
     return tokens * (fwd + bwd + 6 * n_lora)
 
 
+def _abstract(tree: Any, shardings: Any) -> Any:
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def compile_step(cfg: RunConfig, kind: str, mesh: Any) -> Any:
+    """AOT-compiles the sharded SFT or DPO step of one microbatch (``batch_size / grad_accum``
+    examples; DPO: pairs) of ``cfg`` on ``mesh`` from abstract shapes (nothing is allocated):
+    the executable ``Stepper`` runs, for ``memory_analysis()`` / ``cost_analysis()``."""
+    import jax
+    import jax.numpy as jnp
+
+    from malt_jax.model.llama import init_params
+    from malt_jax.model.lora import adapter_shapes
+    from malt_jax.sharding import param_shardings
+    from malt_jax.train import ROW_KEYS, Stepper, TrainState, make_optimizer, state_shardings
+
+    t = cfg.train
+    micro = max(t.batch_size // max(t.grad_accum, 1), 1)
+    t = dataclasses.replace(t, grad_accum=1, batch_size=micro)
+    opt = make_optimizer(t, 100)
+    params = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+    ad = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(cfg.model, cfg.lora),
+                      is_leaf=lambda x: isinstance(x, tuple))
+    state = jax.eval_shape(lambda a: TrainState.create(a, opt), ad)
+    rows, T = micro * (2 if kind == "dpo" else 1), t.max_seq_len
+    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "comp_index": jnp.int32,
+              "comp_valid": jnp.bool_}
+    batch = {k: jax.ShapeDtypeStruct((rows, T), dtypes[k]) for k in ROW_KEYS if k in dtypes}
+    batch["weights"] = jax.ShapeDtypeStruct((micro,), jnp.float32)
+    stepper = Stepper(kind, cfg.model, cfg.lora, t, opt, mesh=mesh)
+    ref = jax.ShapeDtypeStruct((rows,), jnp.float32) if kind == "dpo" else None
+    lowered = stepper.lower(_abstract(params, param_shardings(params, mesh)),
+                            _abstract(state, state_shardings(state, mesh)), batch, ref)
+    return lowered.compile()
+
+
+def compiled_bytes(compiled: Any) -> int:
+    """Per-device peak of an executable by XLA's ``memory_analysis``: arguments + outputs +
+    temporaries - what outputs alias from arguments."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
 def _aot_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[str, Any]:
     """AOT-compiles a 1-layer version of the sharded SFT step (one microbatch) from abstract
     shapes on the first ``n_dev`` local devices; returns cost/memory analysis."""
     import time
 
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from malt_jax.model.llama import init_params
-    from malt_jax.model.lora import adapter_shapes, lora_scale
-    from malt_jax.sharding import make_mesh, param_shardings
-    from malt_jax.train import TrainState, _batch_shardings, _sft_step, _StepCfg, make_optimizer, state_shardings
+    from malt_jax.sharding import make_mesh
 
     have = jax.device_count()
     if have < n_dev:
         return {"error": f"the mesh needs {n_dev} devices but only {have} are visible (run with "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} JAX_PLATFORMS=cpu)"}
-    m = dataclasses.replace(cfg.model, n_layers=1)
-    lora_cfg = dataclasses.replace(cfg.lora, top_layers=0)
-    t = dataclasses.replace(cfg.train, grad_accum=1, batch_size=max(cfg.train.batch_size // max(cfg.train.grad_accum, 1), 1))
-    mesh = make_mesh(sizes, jax.devices()[:n_dev])
-    opt = make_optimizer(t, 100)
-    params = jax.eval_shape(lambda: init_params(m, jax.random.key(0)))
-    ad = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(m, lora_cfg),
-                      is_leaf=lambda x: isinstance(x, tuple))
-    state = jax.eval_shape(lambda a: TrainState.create(a, opt), ad)
-    B, T = t.batch_size, t.max_seq_len
-    batch = {"tokens": jax.ShapeDtypeStruct((B, T), jnp.int32), "targets": jax.ShapeDtypeStruct((B, T), jnp.int32),
-             "loss_mask": jax.ShapeDtypeStruct((B, T), jnp.float32), "weights": jax.ShapeDtypeStruct((B,), jnp.float32)}
-    st_sh = state_shardings(state, mesh)
-    (b_sh,) = _batch_shardings("sft", B, mesh)
-    fn = functools.partial(_sft_step, cfg=m, sc=_StepCfg.of(t), update=opt.update, scale=lora_scale(lora_cfg))
-    jitted = jax.jit(fn, in_shardings=(param_shardings(params, mesh), st_sh, b_sh),
-                     out_shardings=(st_sh, NamedSharding(mesh, P())))
+    t = cfg.train
+    micro = max(t.batch_size // max(t.grad_accum, 1), 1)
+    one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=1),
+                              lora=dataclasses.replace(cfg.lora, top_layers=0),
+                              train=dataclasses.replace(t, grad_accum=1, batch_size=micro))
     t0 = time.perf_counter()
-    compiled = jitted.lower(params, state, batch).compile()
+    compiled = compile_step(one, "sft", make_mesh(sizes, jax.devices()[:n_dev]))
     dt = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
-    one = dataclasses.replace(cfg, model=m, train=t, lora=lora_cfg)
     return {
         "devices": n_dev, "platform": jax.devices()[0].platform, "compile_s": dt,
         "flops": float((cost or {}).get("flops", 0.0)),
-        "analytic_flops": analytic_step_flops(one, B) / n_dev,
+        "analytic_flops": analytic_step_flops(one, micro) / n_dev,
         "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0) or 0),
         "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0),
         "output_bytes": int(getattr(mem, "output_size_in_bytes", 0) or 0),

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from malt_jax.config import ModelConfig, SamplingConfig
+from malt_jax.distributed import fetch
 from malt_jax.model.llama import KVCache, Params, forward, lm_head
 
 PAD_ID = 0
@@ -250,7 +251,7 @@ def pad_batch(seqs: list[list[int]], bucket: int = 16, pad_id: int = PAD_ID) -> 
 
 def trim(gen: Generation) -> list[list[int]]:
     """Host-side: output token lists without padding."""
-    toks, lens = np.asarray(gen.tokens), np.asarray(gen.lengths)
+    toks, lens = fetch((gen.tokens, gen.lengths))
     return [toks[i, : lens[i]].tolist() for i in range(toks.shape[0])]
 
 

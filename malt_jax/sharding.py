@@ -64,6 +64,41 @@ def lora_axes(name: str) -> dict[str, tuple]:
 
 KV_CACHE_AXES = ("layers", "batch", "kv_heads", "seq", None)
 
+# logical axes of the activations the model constrains (``constrain``): the residual stream at
+# every layer boundary is split over the batch only (replicated over ``tensor``, as in Megatron
+# tensor parallelism); attention heads, MLP hidden units and logits are split over ``tensor``.
+ACTIVATION_AXES: dict[str, tuple[str | None, ...]] = {
+    "residual": ("batch", "seq", None),        # [B, T, dim]
+    "q": ("batch", "seq", "heads", None),      # [B, T, H, hd]
+    "kv": ("batch", "seq", "kv_heads", None),  # [B, T, K, hd]
+    "ffn": ("batch", "seq", "ffn"),            # [B, T, ffn]
+    "logits": ("batch", "seq", "vocab"),       # [B, T, vocab]
+    "kv_cache": KV_CACHE_AXES,                 # [L, B, K, S, hd]
+    # the embedding table as the token lookup reads it: gathered over ``fsdp`` (as FSDP gathers
+    # every weight it uses), still split over ``tensor`` along the vocabulary
+    "embed_lookup": ("vocab", None),           # [vocab, dim]
+}
+
+
+def constrain(x: jax.Array, kind: str) -> jax.Array:
+    """``x`` with the sharding ``ACTIVATION_AXES[kind]`` asks for on the current mesh (set by
+    :func:`mesh_context` / ``jax.set_mesh`` around the traced call); unchanged without a mesh.
+    A dimension that does not split evenly stays replicated, as for parameters."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    axes = ACTIVATION_AXES[kind]
+    if len(axes) != x.ndim:
+        raise ValueError(f"constrain({kind!r}): {len(axes)} logical axes for an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))
+
+
+def mesh_context(mesh: Mesh | None):
+    """``jax.set_mesh(mesh)`` (the model's activation constraints follow it), or a no-op."""
+    import contextlib
+
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
 
 def make_mesh(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -119,7 +154,9 @@ def param_shardings(params: Any, mesh: Mesh, lora: bool = False) -> Any:
 
 
 def shard_params(params: Any, mesh: Mesh, lora: bool = False) -> Any:
-    return jax.device_put(params, param_shardings(params, mesh, lora=lora))
+    from malt_jax.distributed import put
+
+    return put(params, param_shardings(params, mesh, lora=lora))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) -> NamedSharding:
@@ -131,4 +168,6 @@ def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) ->
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
     """Puts every array of ``tree`` on the mesh with its leading axis split over data+fsdp."""
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), np.shape(x))), tree)
+    from malt_jax.distributed import put
+
+    return jax.tree.map(lambda x: put(x, batch_sharding(mesh, np.ndim(x), np.shape(x))), tree)

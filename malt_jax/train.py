@@ -59,11 +59,12 @@ from malt_jax import data as data_lib
 from malt_jax.checkpoint import Checkpointer, flatten_named
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig, to_dict
 from malt_jax.data import DPOExample, SFTExample
+from malt_jax.distributed import fetch, put
 from malt_jax.losses import dpo_loss, sequence_logps, sft_loss
 from malt_jax.model.llama import (Params, causal_positions, forward, forward_from, hidden_at, init_params, lm_head,
                                   lora_first_layer)
 from malt_jax.model.lora import adapter_shapes, init_lora, lora_scale
-from malt_jax.sharding import batch_sharding, param_shardings
+from malt_jax.sharding import batch_sharding, mesh_context, param_shardings
 
 __all__ = [
     "TrainState",
@@ -411,7 +412,7 @@ def _rows(batch: dict, mesh: Mesh | None, hidden: "HiddenCache | None" = None,
     if hidden is not None:
         rows["hidden"] = hidden.rows(idx, batch["tokens"].shape[1])
     if mesh is not None:
-        rows = {k: jax.device_put(a, batch_sharding(mesh, a.ndim, a.shape)) for k, a in rows.items()}
+        rows = {k: put(a, batch_sharding(mesh, a.ndim, a.shape)) for k, a in rows.items()}
     return rows
 
 
@@ -434,7 +435,7 @@ class HiddenCache:
         for start in range(0, len(examples), chunk):
             part = list(examples[start:start + chunk])
             batch = data_lib.pack(part + [None] * (chunk - len(part)), train_cfg.max_seq_len, pad_id)
-            h = np.asarray(fn(base, batch["tokens"], cfg=cfg, layer=layer))
+            h = fetch(fn(base, batch["tokens"], cfg=cfg, layer=layer))
             lengths = _scored_length(batch["loss_mask"])
             for r in range(len(part) * self.per_row):
                 self.rows_of.append(h[r, : lengths[r]])
@@ -468,7 +469,7 @@ def reference_logps(base: Params, adapter: Params | None, examples: Sequence[DPO
     for start in range(0, len(examples), rows):
         chunk = list(examples[start:start + rows])
         batch = data_lib.pack_dpo(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
-        lp = np.asarray(_batch_logps(base, adapter, _rows(batch, mesh), cfg=cfg, scale=scale)).reshape(rows, 2)
+        lp = fetch(_batch_logps(base, adapter, _rows(batch, mesh), cfg=cfg, scale=scale)).reshape(rows, 2)
         out[start:start + len(chunk)] = lp[:len(chunk)]
     return out
 
@@ -492,7 +493,7 @@ def _sft_heldout(base: Params, adapter: Params | None, examples: Sequence[SFTExa
     for start in range(0, len(examples), rows):
         chunk = list(examples[start:start + rows])
         batch = data_lib.pack_sft(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
-        sums += np.asarray(_batch_sft_sums(base, adapter, _rows(batch, mesh), cfg=cfg, scale=scale), np.float64)
+        sums += fetch(_batch_sft_sums(base, adapter, _rows(batch, mesh), cfg=cfg, scale=scale)).astype(np.float64)
     n = max(sums[2], 1e-8)
     return {"loss": float(sums[0] / n), "accuracy": float(sums[1] / n), "n_tokens": float(sums[2])}
 
@@ -527,7 +528,7 @@ def heldout_metrics(kind: str, base: Params, adapter: Params | None, examples: S
     weights = np.asarray([float(ex.weight) for ex in examples], np.float32)
     m = _dpo_metrics(jnp.asarray(policy), jnp.asarray(ref_logps, jnp.float32), jnp.asarray(weights),
                      sc=_StepCfg.of(train_cfg))
-    return {k: float(v) for k, v in jax.device_get(m).items()}
+    return {k: float(v) for k, v in fetch(m).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,13 +626,9 @@ class Stepper:
         if self.mesh is None:
             dev = jax.devices()[0]
             return jax.device_put(base, dev), jax.device_put(state, dev)
-        return (jax.device_put(base, param_shardings(base, self.mesh)),
-                jax.device_put(state, state_shardings(state, self.mesh)))
+        return put(base, param_shardings(base, self.mesh)), put(state, state_shardings(state, self.mesh))
 
-    def __call__(self, base: Params, state: TrainState, batch: dict,
-                 ref_logps: Any = None) -> tuple[TrainState, dict[str, float]]:
-        """One update. ``batch``: ``data.pack_*`` output, optionally with the ``ROW_KEYS`` extras
-        (``comp_index``/``comp_valid`` are added here to a host batch that lacks them)."""
+    def _step_and_args(self, batch: dict, ref_logps: Any) -> tuple[Any, list[Any]]:
         if "comp_index" not in batch and isinstance(batch["loss_mask"], np.ndarray):
             # host batches only: a batch already placed as a global array (multi-host) may not be
             # fetchable here, and is scored at every position (the same losses)
@@ -642,11 +639,26 @@ class Stepper:
                        self.optimizer.update, self._state_abs, self.mesh, self._donate, keys)
         args: list[Any] = [batch] if self.kind == "sft" else [batch, ref_logps]
         if self.mesh is not None:
-            args = [jax.device_put(a, s) for a, s in zip(args, _batch_shardings(
+            args = [put(a, s) for a, s in zip(args, _batch_shardings(
                 self.kind, self.train_cfg.batch_size, self.mesh, keys))]
-        step = int(jax.device_get(state.step))
-        new_state, metrics = fn(base, state, *args)
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        return fn, args
+
+    def lower(self, base: Params, state: TrainState, batch: dict, ref_logps: Any = None) -> Any:
+        """The step lowered for these inputs (``jax.stages.Lowered``: ``.compile()``,
+        ``.as_text()``, shardings, memory analysis), exactly as :meth:`__call__` runs it."""
+        fn, args = self._step_and_args(batch, ref_logps)
+        with mesh_context(self.mesh):
+            return fn.lower(base, state, *args)
+
+    def __call__(self, base: Params, state: TrainState, batch: dict,
+                 ref_logps: Any = None) -> tuple[TrainState, dict[str, float]]:
+        """One update. ``batch``: ``data.pack_*`` output, optionally with the ``ROW_KEYS`` extras
+        (``comp_index``/``comp_valid`` are added here to a host batch that lacks them)."""
+        fn, args = self._step_and_args(batch, ref_logps)
+        step = int(fetch(state.step))
+        with mesh_context(self.mesh):  # the model's activation constraints follow the mesh
+            new_state, metrics = fn(base, state, *args)
+        host = {k: float(v) for k, v in fetch(metrics).items()}
         if not host.pop("finite"):
             raise NonFiniteError(
                 f"role {self.role!r}: non-finite {self.kind.upper()} loss at step {step} "
@@ -799,7 +811,7 @@ def train_role(
     stages = [_Stage("sft", sft, sft_ho, train_cfg.sft_epochs, train_cfg.learning_rate),
               _Stage("dpo", dpo, dpo_ho, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate)]
     trained = any(st.total(B) > 0 for st in stages)
-    base = jax.device_put(base, param_shardings(base, mesh) if mesh is not None else jax.devices()[0])
+    base = put(base, param_shardings(base, mesh) if mesh is not None else jax.devices()[0])
     sft_adapter = adapter
     common_meta = {"role": role, "model_hash": _hash(cfg), "lora": to_dict(lora_cfg),
                    "train_hash": _hash(train_cfg)}
@@ -875,9 +887,9 @@ def train_role(
                 state, best = restored["state"], restored["best_adapter"]
                 if st.name == "dpo":
                     sft_adapter = restored["sft_adapter"]
-                    ref = np.asarray(restored["ref_logps"])
+                    ref = fetch(restored["ref_logps"])
                     if st.heldout:
-                        ho_ref = np.asarray(restored["heldout_ref_logps"])
+                        ho_ref = fetch(restored["heldout_ref_logps"])
                 start = resume_step
                 best_epoch, best_loss = int(meta["best_epoch"]), meta["best_loss"]
                 bad, done = int(meta["bad_epochs"]), bool(meta["stage_done"])

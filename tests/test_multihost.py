@@ -74,10 +74,10 @@ def reference():
     return compute(None)
 
 
-def _assert_same(ref: dict, got: dict, what: str) -> None:
+def _assert_same(ref: dict, got: dict, what: str, atol: float = 1e-6) -> None:
     for k in [k for k in ref if k.startswith(what)]:
         if ref[k].dtype.kind == "f":
-            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=atol, err_msg=k)
         else:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
@@ -97,7 +97,9 @@ def test_two_processes_form_one_slice(two_process_run):
 def test_sharded_sft_steps_match_single_process(two_process_run, reference):
     results, _ = two_process_run
     for r in results:
-        _assert_same(reference, r, "adapter/")
+        # Gloo's cross-process all-reduce sums in another order than one process does; two Adam
+        # steps at lr 1e-2 turn that into ~3e-6 on a weight near a zero gradient (weights ~1e-1)
+        _assert_same(reference, r, "adapter/", atol=1e-5)
         _assert_same(reference, r, "loss_")
         _assert_same(reference, r, "grad_norm_")
 
@@ -114,7 +116,7 @@ def test_sharded_sampling_matches_single_process(two_process_run, reference):
 @pytest.mark.multihost
 def test_checkpoint_spread_over_processes(two_process_run, reference):
     """Both processes restored their shards exactly; the directory they wrote together also
-    restores in a single process (8 devices) to the reference state."""
+    restores in a single process (8 devices) to the state they saved."""
     results, ckpt = two_process_run
     for r in results:
         assert bool(r["restore_exact"]) and int(r["restored_processes"]) == 2
@@ -135,7 +137,9 @@ def test_checkpoint_spread_over_processes(two_process_run, reference):
     assert meta["processes"] == 2
     for name, ab in restored["state"].adapter["layers"].items():
         for k, v in ab.items():
-            np.testing.assert_array_equal(np.asarray(v), reference[f"adapter/{name}/{k}"], err_msg=f"{name}/{k}")
+            # exactly the state the two processes saved (which equals the single-process
+            # reference to float tolerance, test_sharded_sft_steps_match_single_process)
+            np.testing.assert_array_equal(np.asarray(v), results[0][f"adapter/{name}/{k}"], err_msg=f"{name}/{k}")
     assert int(restored["state"].step) == 2
 
 

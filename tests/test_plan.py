@@ -126,10 +126,17 @@ def test_8b_on_v5p_fsdp8_fits_and_matches_hand_computed_bytes():
     per_layer = r * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)
     assert plan.n_lora == m.n_layers * per_layer
     assert 0 < plan.components["optimizer"] - 2 * plan.components["adapter"] < 64  # + replicated scalars
-    # activations: 1 SFT row per device x T x L x (bytes * lin + H * T * (4 + bytes))
+    # activations with remat (the 8B config sets it): 1 SFT row per device keeps every layer's
+    # input (T x L x D x bytes); the layer recomputed in the backward (T x (bytes * lin + H * T *
+    # (4 + bytes))) is smaller than the logits (T x vocab x 4 B x 3), which are freed before it
+    assert m.remat
     T, lin = cfg.train.max_seq_len, 4 * 4096 + 3 * 4096 + 3 * 1024 + 3 * 14336
-    assert plan.components["activations"] == T * m.n_layers * (2 * lin + 32 * T * 6)
+    assert T * (2 * lin + 32 * T * 6) < T * 128256 * 12
+    assert plan.components["activations"] == T * m.n_layers * 4096 * 2
     assert plan.components["activations_dpo"] == 2 * plan.components["activations"]
+    no_remat = make_plan(dataclasses.replace(cfg, model=dataclasses.replace(m, remat=False)),
+                         mesh="data=1,fsdp=8,tensor=1", device="v5p")
+    assert no_remat.components["activations"] == T * m.n_layers * (2 * lin + 32 * T * 6)
     # FLOPs: 4 N tok + 6 N_lora tok + 12 L H hd T tok (all layers adapted)
     tok = cfg.train.batch_size * T
     n_mm = m.n_layers * (4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336) + 128256 * 4096
@@ -160,7 +167,7 @@ def test_refusal_names_kv_cache_when_the_tree_is_too_big():
 
 
 def test_top_layers_cut_activations_and_backward_flops():
-    cfg = load_run_config(GSM8K_8B)
+    cfg = load_run_config(GSM8K_8B, ["model.remat=false"])
     full = make_plan(cfg, device="v5p")
     top = make_plan(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, top_layers=8)), device="v5p")
     assert top.components["activations"] == full.components["activations"] * 9 // 32  # 8 adapted + 1 transient
@@ -179,6 +186,27 @@ def test_aot_one_layer_compile_agrees_with_analytic_flops():
     assert 0.9 < k["flops"] / k["analytic_flops"] < 1.3, k
     assert analytic_step_flops(cfg, 8) == plan.flops["sft"]
     assert "AOT check" in plan.table()
+
+
+@pytest.mark.parametrize("shape", ["llama32_1b_gsm8k", "llama31_8b_gsm8k"])
+@pytest.mark.parametrize("remat", [True, False])
+def test_planned_train_step_memory_is_within_25_percent_of_the_compiler(shape, remat):
+    """The plan of the SFT and DPO steps against XLA's memory_analysis of the same sharded step
+    (abstract shapes, 8 fake devices, the config's fsdp=8 mesh, its microbatch and sequence
+    length), for the 1B and 8B shapes cut to 2 layers, with and without remat. float32: XLA:CPU
+    runs bfloat16 dots in float32 and keeps float32 copies, which TPUs and GPUs do not."""
+    assert jax.device_count() >= 8
+    from malt_jax.plan import compile_step, compiled_bytes
+    from malt_jax.sharding import make_mesh
+
+    cfg = load_run_config(ROOT / "experiments" / f"{shape}.yaml", [
+        "model.n_layers=2", "model.dtype=float32", "model.param_dtype=float32", f"model.remat={str(remat).lower()}",
+        "mesh={data: 1, fsdp: 8, tensor: 1}"])
+    plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200")
+    mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
+    for kind in ("sft", "dpo"):
+        got = compiled_bytes(compile_step(cfg, kind, mesh))
+        assert 0.75 < plan.phase_total(kind) / got < 1.25, (kind, plan.phase_total(kind) / GiB, got / GiB)
 
 
 def test_aot_check_reports_missing_devices():

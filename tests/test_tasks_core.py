@@ -40,6 +40,19 @@ def test_registry_names_and_errors() -> None:
     assert "steps" in task_options("synthetic") and "path" not in task_options("math")
 
 
+def test_custom_task_by_import_path() -> None:
+    task = get_task("tests.parity_task:ParityTask")
+    assert type(task).__name__ == "ParityTask" and task.grade("ab", "even") == 1
+    with pytest.raises(ValueError, match=r"cannot import 'Nope' from 'tests.parity_task'"):
+        get_task("tests.parity_task:Nope")
+    with pytest.raises(ValueError, match=r"cannot import 'X' from 'no_such_module_xyz'"):
+        get_task("no_such_module_xyz:X")
+    with pytest.raises(ValueError, match="is not a malt_jax.tasks.Task subclass"):
+        get_task("tests.parity_task:default_prompts")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['x'\]"):
+        get_task("tests.parity_task:ParityTask", x=1)
+
+
 def test_options_from_a_flat_mapping() -> None:
     options = dict((("max_value", 20), ("steps", [2, 3]), ("ops", "+-*"), ("distractors", 1)))
     task = get_task("synthetic", **options)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from malt_jax.config import ModelConfig
+from malt_jax.sharding import constrain
 
 Params = dict[str, Any]
 
@@ -73,8 +74,9 @@ class KVCache:
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
         if not 0 <= hidden_at < cfg.n_layers:
             raise ValueError(f"KVCache.zeros: hidden_at={hidden_at} not in [0, {cfg.n_layers})")
-        h = jnp.zeros((batch, size, cfg.dim), dtype) if hidden_at else None
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), h=h, hidden_at=hidden_at)
+        h = constrain(jnp.zeros((batch, size, cfg.dim), dtype), "residual") if hidden_at else None
+        zeros = lambda: constrain(jnp.zeros(shape, dtype), "kv_cache")  # noqa: E731
+        return cls(k=zeros(), v=zeros(), h=h, hidden_at=hidden_at)
 
     def _map(self, kv_fn, h_fn) -> "KVCache":
         return self.replace(k=kv_fn(self.k), v=kv_fn(self.v), h=None if self.h is None else h_fn(self.h))
@@ -297,7 +299,7 @@ def forward(
       logits [B, T, vocab] in float32 (or the final hidden states if ``return_hidden``), and
       the updated cache (None without one).
     """
-    x = params["embed"].astype(jnp.dtype(cfg.dtype))[tokens]
+    x = embed_tokens(params, tokens, cfg)
     x, new_cache = _decoder(params, x, positions, cfg, cache, lora, lora_scale, token_valid, first_layer=0)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if return_hidden:
@@ -305,12 +307,18 @@ def forward(
     return lm_head(params, x, cfg), new_cache
 
 
+def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Token embeddings [B, T, dim] (the residual stream's start)."""
+    table = constrain(params["embed"], "embed_lookup").astype(jnp.dtype(cfg.dtype))
+    return constrain(table[tokens], "residual")
+
+
 def hidden_at(params: Params, tokens: jax.Array, cfg: ModelConfig, layer: int) -> jax.Array:
     """The hidden states [B, T, dim] entering layer ``layer`` of causal rows ``tokens`` [B, T]
     (no adapter: for an adapter on the layers from ``layer`` up, they are the same whatever the
     adapter, so training can compute them once; see :func:`forward_from`)."""
     B, T = tokens.shape
-    x = params["embed"].astype(jnp.dtype(cfg.dtype))[tokens]
+    x = embed_tokens(params, tokens, cfg)
     x, _ = _decoder(params, x, causal_positions(B, T), cfg, None, None, 1.0, None, first_layer=0, stop_layer=layer)
     return x
 
@@ -376,13 +384,15 @@ def _decoder(
     rows = jnp.arange(B)[:, None]
 
     def block(h, lp, ll, attend):
+        h = constrain(h, "residual")  # every layer boundary
         a_in = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
         q = _linear(a_in, lp["wq"], ll.get("wq"), lora_scale)
         k = _linear(a_in, lp["wk"], ll.get("wk"), lora_scale)
         v = _linear(a_in, lp["wv"], ll.get("wv"), lora_scale)
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"].astype(q.dtype), k + lp["bk"].astype(k.dtype), v + lp["bv"].astype(v.dtype)
-        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
+        q = constrain(q.reshape(B, T, H, hd), "q")
+        k, v = constrain(k.reshape(B, T, K, hd), "kv"), constrain(v.reshape(B, T, K, hd), "kv")
         if cfg.qk_norm:
             q, k = rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps)
         q = apply_rope(q, positions, inv_freq)
@@ -390,10 +400,10 @@ def _decoder(
         attn, kv_state = attend(q, k, v)
         h = h + _linear(attn, lp["wo"], ll.get("wo"), lora_scale)
         m_in = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
-        gate = _linear(m_in, lp["w_gate"], ll.get("w_gate"), lora_scale)
-        up = _linear(m_in, lp["w_up"], ll.get("w_up"), lora_scale)
+        gate = constrain(_linear(m_in, lp["w_gate"], ll.get("w_gate"), lora_scale), "ffn")
+        up = constrain(_linear(m_in, lp["w_up"], ll.get("w_up"), lora_scale), "ffn")
         h = h + _linear(jax.nn.silu(gate) * up, lp["w_down"], ll.get("w_down"), lora_scale)
-        return h, kv_state
+        return constrain(h, "residual"), kv_state
 
     # Layers run in scanned segments: an adapter may cover only the top layers (the layers below
     # run without it and, not depending on it, get no backward pass when training it), and a
@@ -458,13 +468,15 @@ def _decoder(
     new_v = jnp.concatenate(new_v, axis=0) if len(new_v) > 1 else new_v[0]
     k_all = cache.k.at[first_layer:, r, heads, w].set(new_k.astype(cache.k.dtype), mode="drop")
     v_all = cache.v.at[first_layer:, r, heads, w].set(new_v.astype(cache.v.dtype), mode="drop")
+    k_all, v_all = constrain(k_all, "kv_cache"), constrain(v_all, "kv_cache")
     return x, cache.replace(k=k_all, v=v_all, h=h_store)
 
 
 def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Projects final hidden states [..., dim] to float32 logits [..., vocab]."""
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, "logits") if logits.ndim == 3 else logits
 
 
 def causal_positions(batch: int, length: int) -> jax.Array:

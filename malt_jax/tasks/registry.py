@@ -2,11 +2,13 @@
 
 Options are the keyword arguments of each task class (e.g. ``on_error``, ``prompts``,
 ``symbolic_timeout``, or the synthetic difficulty knobs); unknown names and unknown options
-are errors that list the valid choices.
+are errors that list the valid choices. A name of the form ``package.module:Class`` imports a
+user's own :class:`Task` subclass, so ``malt-jax run`` works on tasks defined outside malt-jax.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,24 @@ def task_options(name: str) -> list[str]:
 
 
 def _task_class(name: str) -> type[Task]:
+    if ":" in name:
+        return _import_task(name)
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {sorted(TASKS)}")
     return TASKS[name]
+
+
+def _import_task(name: str) -> type[Task]:
+    """``package.module:Class`` -> that class (a :class:`Task` subclass)."""
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"task {name!r}: cannot import {attr!r} from {module!r} ({e}); a custom task is "
+                         f"given as 'package.module:Class' on the Python path") from None
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ValueError(f"task {name!r}: {attr} is not a malt_jax.tasks.Task subclass")
+    return cls
 
 
 def get_task(name: str, path: str | Path | None = None, **options: Any) -> Task:
