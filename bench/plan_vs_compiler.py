@@ -1,5 +1,6 @@
-"""Planned per-device memory of the SFT / DPO steps vs XLA's memory_analysis of the same sharded
-step (``malt_jax.plan.compile_step``), for the 1B and 8B shapes cut to a few layers, on 8 fake
+"""Planned per-device memory of the SFT / DPO steps and of sampling (one expansion batch) vs XLA's
+memory_analysis of the same sharded step (``malt_jax.plan.compile_step``) or expansion
+(``compile_expansion``), for the 1B and 8B shapes cut to a few layers, on 8 fake
 CPU devices with the configs' fsdp=8 mesh, in float32 (XLA:CPU computes bfloat16 dots in
 float32). Prints a markdown table; nothing is allocated (abstract shapes).
 
@@ -27,7 +28,7 @@ def main() -> None:
     import jax
 
     from malt_jax.config import load_run_config
-    from malt_jax.plan import compile_step, compiled_bytes, make_plan
+    from malt_jax.plan import compile_expansion, compile_step, compiled_bytes, make_plan
     from malt_jax.sharding import make_mesh
 
     mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
@@ -39,9 +40,10 @@ def main() -> None:
                 cfg = load_run_config(ROOT / "experiments" / f"{shape}.yaml", [
                     f"model.n_layers={layers}", "model.dtype=float32", "model.param_dtype=float32",
                     f"model.remat={str(remat).lower()}", "mesh={data: 1, fsdp: 8, tensor: 1}"])
-                plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200")
-                for kind in ("sft", "dpo"):
-                    got = compiled_bytes(compile_step(cfg, kind, mesh))
+                plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200", prompt_tokens=256, turn_tokens=32)
+                for kind in ("sft", "dpo") + (("sample",) if remat else ()):  # sampling has no backward
+                    got = compiled_bytes(compile_step(cfg, kind, mesh) if kind != "sample" else
+                                         compile_expansion(cfg, mesh, prompt_tokens=256, turn_tokens=32))
                     want = plan.phase_total(kind)
                     print(f"| {shape} | {layers} | {remat} | {kind} | {want / GiB:.2f} | {got / GiB:.2f} | "
                           f"{want / got:.2f} |", flush=True)

@@ -16,8 +16,14 @@ Sampling (trajectory expansion ``G -> V -> R``, the biggest inference batch)
                      ``data x fsdp`` and KV heads over ``tensor`` (``KV_CACHE_AXES``).
   ``kv_fork_parent`` the verifier-level cache (``rows / l``) alive while it is forked.
   ``prefill``        one layer's activations while the questions are prefilled
-                     (``Q * prompt * (bytes * (4D + 3Hhd + 3Khd + 3F) + H * S * (4 + bytes))``).
-  ``decode_logits``  ``rows * vocab * 4 B * 3`` (float32 logits, log-softmax, sampling temp).
+                     (``Q * prompt * (bytes * (4D + 3Hhd + 3Khd + 3F) + H * S * (4 + bytes))``),
+                     less the decoding transients below (never alive at the same time).
+  ``decode_logits``  ``rows/device * vocab * 4 B * 2`` (float32 logits, log-softmax), plus with
+                     fsdp the partial logits of all ``rows`` (the LM head is not gathered in
+                     decoding: the rows are, ``sharding.gather_rows_for_head``).
+  ``kv_compacted``   the copies compaction decodes the live rows in (``sampling.compact_levels``:
+                     half of each device's cache, then a quarter...).
+  ``fsdp_gather_layer`` with ``fsdp > 1``: one layer's weights gathered while it runs.
 
 SFT / DPO train step (one microbatch of ``batch_size / grad_accum`` examples; DPO has 2 rows
 per pair)
@@ -75,7 +81,7 @@ import numpy as np
 from malt_jax.config import RunConfig, to_dict
 
 __all__ = ["DEVICE_HBM", "PlanError", "Plan", "make_plan", "parse_bytes", "parse_mesh", "fmt_bytes",
-           "overlay_overrides", "load_overlay", "compile_step", "compiled_bytes"]
+           "overlay_overrides", "load_overlay", "compile_step", "compile_expansion", "compiled_bytes"]
 
 GiB = 1024 ** 3
 
@@ -111,6 +117,8 @@ _ADVICE = {
     "logits": "lower train.batch_size or raise train.grad_accum, shorten train.max_seq_len, add data/fsdp "
               "devices or raise tensor (splits the vocab)",
     "fsdp_gather": "raise mesh tensor (splits each gathered layer)",
+    "fsdp_gather_layer": "raise mesh tensor (splits each gathered layer)",
+    "kv_compacted": "set sampling.compact_levels lower (0: no compaction copies), or see kv_cache",
 }
 _ADVICE["activations_dpo"] = _ADVICE["activations"] + " (a DPO microbatch holds 2 rows per pair)"
 _ADVICE["logits_dpo"] = _ADVICE["logits"] + " (a DPO microbatch holds 2 rows per pair)"
@@ -465,7 +473,16 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     c["kv_cache"] = rows_dev * kv_row
     c["kv_fork_parent"] = parent_dev * kv_row if tr.l > 1 else 0
     c["prefill"] = q_dev * prompt_tokens * (b * lin + Hd * S * (4 + b))
-    c["decode_logits"] = rows_dev * Vd * 4 * 3
+    # with fsdp a decoding step multiplies all rows by the head's local weight shard and
+    # reduce-scatters the partial logits (sharding.gather_rows_for_head), so every device holds
+    # the whole level's rows of float32 logits once
+    c["decode_logits"] = (rows if sizes["fsdp"] > 1 else 0) * Vd * 4 + rows_dev * Vd * 4 * 2
+    # compaction (sampling.compact_levels) decodes the live half of each device's rows in a copy,
+    # then a quarter...: 1/2 + 1/4 + ... of the cache more
+    levels, half = 0, rows_dev // 2
+    while levels < cfg.sampling.compact_levels and half >= 4:  # sampling._MIN_COMPACT_ROWS
+        levels, half = levels + 1, half // 2
+    c["kv_compacted"] = int(c["kv_cache"] * (1 - 0.5 ** levels))
 
     # -- training: one microbatch ----------------------------------------------------------
     accum = max(int(t.grad_accum), 1)
@@ -500,10 +517,16 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     head_params = V * D
     c["fsdp_gather"] = ((layer_params + head_params) * jnp.dtype(m.param_dtype).itemsize // max(tp, 1)
                         if sizes["fsdp"] > 1 else 0)
+    # decoding gathers one layer at a time, never the LM head (its rows are gathered instead)
+    c["fsdp_gather_layer"] = (layer_params * jnp.dtype(m.param_dtype).itemsize // max(tp, 1)
+                              if sizes["fsdp"] > 1 else 0)
+    # the prompt's prefill and a decoding step are not alive together: count the prefill's excess
+    c["prefill"] = max(0, c["prefill"] - c["decode_logits"] - c["fsdp_gather_layer"])
 
     train_common = ("adapter", "gradients", "optimizer", "fsdp_gather")
     phases = {
-        "sample": ("adapters", "kv_cache", "kv_fork_parent", "prefill", "decode_logits"),
+        "sample": ("adapters", "kv_cache", "kv_fork_parent", "kv_compacted", "prefill", "decode_logits",
+                   "fsdp_gather_layer"),
         "sft": train_common + ("activations", "logits"),
         "dpo": train_common + ("activations_dpo", "logits_dpo"),
     }
@@ -608,6 +631,35 @@ def compile_step(cfg: RunConfig, kind: str, mesh: Any) -> Any:
     ref = jax.ShapeDtypeStruct((rows,), jnp.float32) if kind == "dpo" else None
     lowered = stepper.lower(_abstract(params, param_shardings(params, mesh)),
                             _abstract(state, state_shardings(state, mesh)), batch, ref)
+    return lowered.compile()
+
+
+def compile_expansion(cfg: RunConfig, mesh: Any, prompt_tokens: int = 256, turn_tokens: int = 32) -> Any:
+    """AOT-compiles the trajectory expansion the plan's ``sample`` phase describes: one batch of
+    ``tree.questions_per_batch`` questions of ``prompt_tokens``, expanded ``n x m x l`` in the
+    chat framing (one growing cache, forked per level) with ``turn_tokens`` per role turn and
+    ``sampling.max_new_tokens`` per role, sharded on ``mesh``; abstract shapes only."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from malt_jax.expansion import ExpansionSpec, expand
+    from malt_jax.model.llama import init_params
+    from malt_jax.sharding import batch_sharding, mesh_context, param_shardings
+
+    params = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+    Q, tr, mx = cfg.tree.questions_per_batch, cfg.tree, cfg.sampling.max_new_tokens
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), Q))
+    rep = NamedSharding(mesh, P())
+    spec = ExpansionSpec(n=tr.n, m=tr.m, l=tr.l, max_new=(mx, mx, mx), sampling=cfg.sampling, mode="extend")
+    with mesh_context(mesh):
+        lowered = expand.lower(
+            _abstract(params, param_shardings(params, mesh)), (None, None, None),
+            jax.ShapeDtypeStruct((Q, prompt_tokens), jnp.int32, sharding=batch_sharding(mesh, 2, (Q, prompt_tokens))),
+            jax.ShapeDtypeStruct((Q,), jnp.int32, sharding=batch_sharding(mesh, 1, (Q,))),
+            tuple(jax.ShapeDtypeStruct((turn_tokens,), jnp.int32, sharding=rep) for _ in range(2)),
+            jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=batch_sharding(mesh, 1, (Q,))),
+            cfg=cfg.model, spec=spec)
     return lowered.compile()
 
 

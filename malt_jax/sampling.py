@@ -28,6 +28,7 @@ import numpy as np
 from malt_jax.config import ModelConfig, SamplingConfig
 from malt_jax.distributed import fetch
 from malt_jax.model.llama import KVCache, Params, forward, lm_head
+from malt_jax.sharding import AXIS_RULES
 
 PAD_ID = 0
 
@@ -114,32 +115,80 @@ class _DecodeState:
     keys: jax.Array  # [B] per-row PRNG keys
 
 
-_MIN_COMPACT_ROWS = 4  # a compacted batch has at least this many rows
+_MIN_COMPACT_ROWS = 4  # a compacted batch has at least this many rows (per device group)
+
+
+def _batch_groups(B: int) -> int:
+    """How many device groups the rows are split over (the current mesh's batch shards; 1
+    without a mesh). Compaction moves rows only inside a group, so it never moves a cache row
+    to another device (a global gather would materialise the whole batch's cache on each)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    g = int(np.prod([mesh.shape.get(a, 1) for a in AXIS_RULES["batch"]]))
+    return g if g > 1 and B % g == 0 else 1
+
+
+def _grouped(x: jax.Array, g: int, axis: int) -> jax.Array:
+    """[..., B, ...] -> [g, ..., B / g, ...] (rows of group i first)."""
+    shp = x.shape
+    return jnp.moveaxis(x.reshape(shp[:axis] + (g, shp[axis] // g) + shp[axis + 1:]), axis, 0)
+
+
+def _ungrouped(x: jax.Array, axis: int) -> jax.Array:
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _take(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+    """Rows ``idx`` [g, h] (indices inside each of g groups) of x along ``axis`` -> g * h rows."""
+    return _ungrouped(jax.vmap(lambda xs, i: jnp.take(xs, i, axis=axis))(_grouped(x, idx.shape[0], axis), idx), axis)
+
+
+def _put(x: jax.Array, idx: jax.Array, sub: jax.Array, axis: int) -> jax.Array:
+    """x with the rows ``idx`` [g, h] replaced by ``sub``'s (the inverse of :func:`_take`)."""
+    g = idx.shape[0]
+    put = jax.vmap(lambda xs, i, ys: xs.at[(slice(None),) * axis + (i,)].set(ys))
+    return _ungrouped(put(_grouped(x, g, axis), idx, _grouped(sub, g, axis)), axis)
 
 
 def _take_rows(s: _DecodeState, idx: jax.Array) -> _DecodeState:
-    rows = jax.tree.map(lambda x: x[idx], s.replace(cache=None, step=None))
-    return rows.replace(step=s.step, cache=s.cache.take_rows(idx))
+    rows = jax.tree.map(lambda x: _take(x, idx, 0), s.replace(cache=None, step=None))
+    c = s.cache
+    cache = c.replace(k=_take(c.k, idx, 1), v=_take(c.v, idx, 1), h=None if c.h is None else _take(c.h, idx, 0))
+    return rows.replace(step=s.step, cache=cache)
 
 
 def _put_rows(s: _DecodeState, idx: jax.Array, sub: _DecodeState) -> _DecodeState:
-    rows = jax.tree.map(lambda x, y: x.at[idx].set(y), s.replace(cache=None, step=None),
+    rows = jax.tree.map(lambda x, y: _put(x, idx, y, 0), s.replace(cache=None, step=None),
                         sub.replace(cache=None, step=None))
-    return rows.replace(step=sub.step, cache=s.cache.put_rows(idx, sub.cache))
+    c, sc = s.cache, sub.cache
+    cache = c.replace(k=_put(c.k, idx, sc.k, 1), v=_put(c.v, idx, sc.v, 1),
+                      h=None if c.h is None else _put(c.h, idx, sc.h, 0))
+    return rows.replace(step=sub.step, cache=cache)
 
 
 def _run_compacting(cond, body, s: _DecodeState, levels: int) -> _DecodeState:
     """``while_loop(cond, body, s)``, except that once half of the rows are done the live rows
     are gathered into a half-size batch that continues alone (recursively, ``levels`` times) and
     is scattered back at the end. Rows are independent (per-row keys, positions and cache), so
-    the result is the same as decoding the full batch; only the work on ended rows is saved."""
-    half = s.done.shape[0] // 2
+    the result is the same as decoding the full batch; only the work on ended rows is saved.
+    On a mesh the halving happens inside each device's rows (:func:`_batch_groups`): it starts
+    once every device has at most half of its rows live."""
+    B = s.done.shape[0]
+    g = _batch_groups(B)
+    half = B // g // 2
     if levels == 0 or half < _MIN_COMPACT_ROWS:
         return jax.lax.while_loop(cond, body, s)
-    s = jax.lax.while_loop(lambda s: cond(s) & (jnp.sum(~s.done) > half), body, s)
+
+    def live_max(s: _DecodeState) -> jax.Array:  # the most live rows in any group
+        return jnp.max(jnp.sum(~s.done.reshape(g, B // g), axis=1))
+
+    s = jax.lax.while_loop(lambda s: cond(s) & (live_max(s) > half), body, s)
 
     def compact(s: _DecodeState) -> _DecodeState:
-        idx = jnp.argsort(s.done, stable=True)[:half]  # every live row, then ended ones
+        # per group: every live row, then ended ones
+        idx = jnp.argsort(s.done.reshape(g, B // g), axis=1, stable=True)[:, :half]
         return _put_rows(s, idx, _run_compacting(cond, body, _take_rows(s, idx), levels - 1))
 
     return jax.lax.cond(cond(s), compact, lambda s: s, s)

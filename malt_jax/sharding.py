@@ -74,9 +74,9 @@ ACTIVATION_AXES: dict[str, tuple[str | None, ...]] = {
     "ffn": ("batch", "seq", "ffn"),            # [B, T, ffn]
     "logits": ("batch", "seq", "vocab"),       # [B, T, vocab]
     "kv_cache": KV_CACHE_AXES,                 # [L, B, K, S, hd]
-    # the embedding table as the token lookup reads it: gathered over ``fsdp`` (as FSDP gathers
-    # every weight it uses), still split over ``tensor`` along the vocabulary
-    "embed_lookup": ("vocab", None),           # [vocab, dim]
+    # looked-up embedding rows as the table stores them (width over ``fsdp``): the table is not
+    # gathered for a lookup; the rows are then resharded to the residual stream's layout
+    "embed_rows": (None, None, "embed"),       # [B, T, dim]
 }
 
 
@@ -91,6 +91,23 @@ def constrain(x: jax.Array, kind: str) -> jax.Array:
     if len(axes) != x.ndim:
         raise ValueError(f"constrain({kind!r}): {len(axes)} logical axes for an array of shape {x.shape}")
     return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))
+
+
+def gather_rows_for_head(x: jax.Array, dim: int) -> jax.Array:
+    """Hidden states [B, T, dim] about to meet the LM head, for a few tokens (decoding).
+
+    With FSDP the head's weight is split along ``dim``; multiplying batch-split rows would
+    gather the whole weight on every device (a vocab x dim copy, hoisted out of each decoding
+    loop). When the step has fewer tokens than the model is wide, it is cheaper to gather the
+    rows instead, split them along ``dim`` like the weight, and let each device produce partial
+    logits that are reduce-scattered. Unchanged without an ``fsdp`` axis or for long inputs."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("fsdp", 1) == 1 or x.ndim != 3 or x.shape[0] * x.shape[1] >= dim:
+        return x
+    if dim % mesh.shape["fsdp"]:
+        return x
+    data = "data" if mesh.shape.get("data", 1) > 1 and x.shape[0] % mesh.shape["data"] == 0 else None
+    return jax.lax.with_sharding_constraint(x, P(data, None, "fsdp"))
 
 
 def mesh_context(mesh: Mesh | None):

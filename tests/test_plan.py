@@ -209,6 +209,22 @@ def test_planned_train_step_memory_is_within_25_percent_of_the_compiler(shape, r
         assert 0.75 < plan.phase_total(kind) / got < 1.25, (kind, plan.phase_total(kind) / GiB, got / GiB)
 
 
+@pytest.mark.parametrize("shape", ["llama32_1b_gsm8k", "llama31_8b_gsm8k"])
+def test_planned_sampling_memory_is_within_25_percent_of_the_compiler(shape):
+    """The plan's sampling phase against XLA's memory_analysis of the expansion it describes
+    (one batch of questions expanded 3x3x3 with compaction, fsdp=8, float32, 2 layers)."""
+    assert jax.device_count() >= 8
+    from malt_jax.plan import compile_expansion, compiled_bytes
+    from malt_jax.sharding import make_mesh
+
+    cfg = load_run_config(ROOT / "experiments" / f"{shape}.yaml", [
+        "model.n_layers=2", "model.dtype=float32", "model.param_dtype=float32", "mesh={data: 1, fsdp: 8, tensor: 1}"])
+    plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200", prompt_tokens=256, turn_tokens=32)
+    got = compiled_bytes(compile_expansion(cfg, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8]),
+                                           prompt_tokens=256, turn_tokens=32))
+    assert 0.75 < plan.phase_total("sample") / got < 1.25, (plan.phase_total("sample") / GiB, got / GiB)
+
+
 def test_aot_check_reports_missing_devices():
     cfg = load_run_config(ROOT / "experiments" / "llama32_1b_gsm8k.yaml")
     plan = make_plan(cfg, mesh="data=1,fsdp=64,tensor=1", device="v5p", compile=True)

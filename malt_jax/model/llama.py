@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from malt_jax.config import ModelConfig
-from malt_jax.sharding import constrain
+from malt_jax.sharding import constrain, gather_rows_for_head
 
 Params = dict[str, Any]
 
@@ -92,14 +92,6 @@ class KVCache:
     def repeat(self, times: int) -> "KVCache":
         """Forks every row ``times`` times (row b -> rows b*times .. b*times+times-1)."""
         return self._map(lambda x: jnp.repeat(x, times, axis=1), lambda h: jnp.repeat(h, times, axis=0))
-
-    def take_rows(self, idx: jax.Array) -> "KVCache":
-        return self._map(lambda x: x[:, idx], lambda h: h[idx])
-
-    def put_rows(self, idx: jax.Array, sub: "KVCache") -> "KVCache":
-        """This cache with rows ``idx`` replaced by ``sub``'s rows (inverse of ``take_rows``)."""
-        return self.replace(k=self.k.at[:, idx].set(sub.k), v=self.v.at[:, idx].set(sub.v),
-                            h=None if self.h is None else self.h.at[idx].set(sub.h))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,8 +301,8 @@ def forward(
 
 def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Token embeddings [B, T, dim] (the residual stream's start)."""
-    table = constrain(params["embed"], "embed_lookup").astype(jnp.dtype(cfg.dtype))
-    return constrain(table[tokens], "residual")
+    x = params["embed"].astype(jnp.dtype(cfg.dtype))[tokens]
+    return constrain(constrain(x, "embed_rows"), "residual")
 
 
 def hidden_at(params: Params, tokens: jax.Array, cfg: ModelConfig, layer: int) -> jax.Array:
@@ -475,6 +467,7 @@ def _decoder(
 def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Projects final hidden states [..., dim] to float32 logits [..., vocab]."""
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    hidden = gather_rows_for_head(hidden[:, None] if hidden.ndim == 2 else hidden, cfg.dim).reshape(hidden.shape)
     logits = jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, "logits") if logits.ndim == 3 else logits
 
