@@ -147,8 +147,9 @@ def _separate_level(params: Params, cfg: ModelConfig, contexts: Contexts, level:
         cache = KVCache.zeros(cfg, ctx.shape[0], size)
         logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
         return logits, cache, ctx_len
-    # prefix sharing: the question prefix once per question, each earlier output once per node
-    cache = KVCache.zeros(cfg, pre.shape[0], size)
+    # prefix sharing: the question prefix once per question, each earlier output once per node;
+    # the cache is made once the previous level is sampled (not alive beside that level's cache)
+    cache = KVCache.zeros(cfg, pre.shape[0], size, after=outs[-1])
     logits, cache = prefill(params, cfg, cache, pre, pre_len, jnp.zeros_like(pre_len), lora, lora_scale)
     pos = pre_len
     for a in range(level):

@@ -173,3 +173,27 @@ def test_separate_framing_per_role_adapters_equal_naive(setup):
     for level in range(3):
         np.testing.assert_array_equal(np.asarray(f.tokens[level]), np.asarray(n.tokens[level]))
     assert not np.array_equal(np.asarray(f.tokens[2]), np.asarray(base.tokens[2]))
+
+
+def test_separate_framing_holds_one_level_of_cache_at_a_time():
+    """Each level's cache is created only after the previous level is sampled: XLA's peak for a
+    3-level separate-framing expansion stays below the three levels' caches together (it used
+    to hold all of them from the start: the forked prefix caches depend on no earlier level)."""
+    # many layers and wide heads: the caches, not activations, are what the expansion holds
+    cfg = ModelConfig.tiny(n_layers=8, n_heads=2, n_kv_heads=2, head_dim=64, dim=128)
+    Q, votes, Tq, P1, P2, new = 64, 3, 32, 48, 64, (32, 32, 16)
+    S = jax.ShapeDtypeStruct
+    params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), Q))
+    sep = S((4,), jnp.int32)
+    ctx = expansion.Contexts(prefixes=(S((Q, P1), jnp.int32), S((Q, P2), jnp.int32)),
+                             prefix_lens=(S((Q,), jnp.int32), S((Q,), jnp.int32)), seps=((sep,), (sep, sep)))
+    spec = expansion.ExpansionSpec(n=votes, m=1, l=1, max_new=new, depth=3,
+                                   sampling=SamplingConfig(temperature=0.7, compact_levels=0))
+    compiled = expansion.expand.lower(params, (None, None, None), S((Q, Tq), jnp.int32), S((Q,), jnp.int32),
+                                      (sep, sep), keys, cfg=cfg, spec=spec, contexts=ctx).compile()
+    slots = [Tq + new[0], P1 + new[0] + 4 + new[1], P2 + new[0] + new[1] + 8 + new[2]]  # per level
+    per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4  # k and v, float32
+    caches = [Q * votes * s * per_slot for s in slots]
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert max(caches) < temp < sum(caches), (temp, caches)

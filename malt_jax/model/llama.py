@@ -69,13 +69,21 @@ class KVCache:
         return self.k.shape[1]
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None, hidden_at: int = 0) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None, hidden_at: int = 0,
+              after: Any = None) -> "KVCache":
+        """An empty cache. ``after`` (any arrays): allocate it only once they are computed. A
+        zero buffer depends on nothing, so XLA may create it at the start of the program and keep
+        it alive through everything before its first use (e.g. every level of a tree at once)."""
         dtype = dtype or jnp.dtype(cfg.dtype)
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
         if not 0 <= hidden_at < cfg.n_layers:
             raise ValueError(f"KVCache.zeros: hidden_at={hidden_at} not in [0, {cfg.n_layers})")
-        h = constrain(jnp.zeros((batch, size, cfg.dim), dtype), "residual") if hidden_at else None
-        zeros = lambda: constrain(jnp.zeros(shape, dtype), "kv_cache")  # noqa: E731
+        zero = jnp.zeros((), dtype)
+        if after is not None:  # 0.0 * a value of `after`: XLA does not fold a float multiply by 0
+            # (NaN rules), while it drops optimization barriers before scheduling on CPU
+            zero = zero * jax.tree.leaves(after)[0].ravel()[0].astype(dtype)
+        h = constrain(jnp.broadcast_to(zero, (batch, size, cfg.dim)), "residual") if hidden_at else None
+        zeros = lambda: constrain(jnp.broadcast_to(zero, shape), "kv_cache")  # noqa: E731
         return cls(k=zeros(), v=zeros(), h=h, hidden_at=hidden_at)
 
     def _map(self, kv_fn, h_fn) -> "KVCache":
