@@ -18,8 +18,7 @@ process's shards to a shared directory.
 * :func:`put` / :func:`fetch` are the one path every stage moves data through between host and
   devices: ``put`` places a host value (the same on every process) with a sharding, also one
   that spans other processes' devices (where ``jax.device_put`` refuses); ``fetch`` brings
-  (possibly non-addressable) arrays back to NumPy on every process (``process_allgather`` is
-  its old name).
+  (possibly non-addressable) arrays back to NumPy on every process.
 
 On CPU (tests, debugging) cross-process collectives use Gloo
 (``jax_cpu_collectives_implementation="gloo"``, the default of jax 0.10 which we set
@@ -42,7 +41,6 @@ __all__ = [
     "wants_distributed",
     "maybe_initialize_from_env",
     "host_local_to_global",
-    "process_allgather",
     "put",
     "fetch",
     "process_index",
@@ -217,9 +215,6 @@ def fetch(tree: Any) -> Any:
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(one, tree)
-
-
-process_allgather = fetch
 
 
 def put(tree: Any, shardings: Any) -> Any:

@@ -59,7 +59,7 @@ def compute(ckpt_dir: str | None = None) -> dict[str, np.ndarray]:
 
     from malt_jax import sampling
     from malt_jax.checkpoint import Checkpointer
-    from malt_jax.distributed import host_local_to_global, process_allgather
+    from malt_jax.distributed import fetch, host_local_to_global
     from malt_jax.model.lora import init_lora
     from malt_jax.sharding import make_mesh
     from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings
@@ -86,7 +86,7 @@ def compute(ckpt_dir: str | None = None) -> dict[str, np.ndarray]:
     out["wq_a_spec"] = np.asarray(str(wq_a.sharding.spec))
     out["wq_a_local_shards"] = np.asarray(len(wq_a.addressable_shards))
     for name, ab in state.adapter["layers"].items():
-        for k, v in process_allgather(ab).items():
+        for k, v in fetch(ab).items():
             out[f"adapter/{name}/{k}"] = v
 
     # -- sharded sampling -------------------------------------------------------------------
@@ -96,7 +96,7 @@ def compute(ckpt_dir: str | None = None) -> dict[str, np.ndarray]:
     x, n, k = host_local_to_global((mine(prompts), mine(lens), mine(keys)), smesh)
     gen = sampling.generate(params, x, n, k, cfg=cfg, sampling=sc, max_new_tokens=10)
     out["gen_devices"] = np.asarray(len(gen.tokens.sharding.device_set))
-    g = process_allgather({"tokens": gen.tokens, "lengths": gen.lengths, "logps": gen.logps})
+    g = fetch({"tokens": gen.tokens, "lengths": gen.lengths, "logps": gen.logps})
     out.update({f"gen_{k}": v for k, v in g.items()})
 
     # -- checkpoint save + sharded restore (arrays spread over the processes) -----------------
@@ -110,8 +110,8 @@ def compute(ckpt_dir: str | None = None) -> dict[str, np.ndarray]:
         r = restored["state"]
         out["restored_processes"] = np.asarray(meta["processes"])
         out["restored_spec"] = np.asarray(str(r.adapter["layers"]["wq"]["a"].sharding.spec))
-        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(process_allgather(r)),
-                                                         jax.tree.leaves(process_allgather(state))))
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fetch(r)),
+                                                         jax.tree.leaves(fetch(state))))
         out["restore_exact"] = np.asarray(same)
     return out
 

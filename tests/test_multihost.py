@@ -10,10 +10,7 @@ workload run here, in the single pytest process with 8 fake devices.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,16 +18,11 @@ import numpy as np
 import pytest
 
 from malt_jax import distributed
+from tests.processes import free_port, run_together
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
 TIMEOUT_S = 240  # hard cap per worker: the test can never hang CI
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,28 +32,10 @@ def two_process_run(tmp_path_factory):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("MALT_DISTRIBUTED", None)
-    port = _free_port()
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen(
-        [sys.executable, str(WORKER), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-         "--process-id", str(i), "--out", str(out), "--ckpt", str(ckpt)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            remaining = max(TIMEOUT_S - (time.perf_counter() - t0), 1)
-            logs.append(p.communicate(timeout=remaining)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"multi-host workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        tail = "\n".join(line for line in log.splitlines() if not line.startswith("[Gloo]"))[-3000:]
-        assert p.returncode == 0, f"worker {i} failed (rc={p.returncode}):\n{tail}"
+    port = free_port()
+    run_together([[sys.executable, str(WORKER), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                   "--process-id", str(i), "--out", str(out), "--ckpt", str(ckpt)] for i in range(2)],
+                 [env, env], ROOT, TIMEOUT_S)
     results = [dict(np.load(out / f"process_{i}.npz")) for i in range(2)]
     return results, ckpt
 
@@ -156,7 +130,7 @@ def test_host_local_to_global_single_process():
     assert float(s) == 2.0
     with pytest.raises(ValueError, match="do not split"):
         distributed.host_local_to_global(np.zeros((6, 2)), mesh)
-    np.testing.assert_array_equal(distributed.process_allgather(g), x)
+    np.testing.assert_array_equal(distributed.fetch(g), x)
 
 
 def test_initialize_is_a_noop_for_one_process(monkeypatch):

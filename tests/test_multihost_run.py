@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -22,6 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from malt_jax import cli
+from tests.processes import free_port, run_together
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 420  # hard cap: the test can never hang CI
@@ -41,12 +39,6 @@ eval: {{votes: 3, max_new_tokens: 6, bootstrap_samples: 200}}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(tmp: Path, name: str) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(CONFIG.format(run_dir=tmp / name))
@@ -57,30 +49,17 @@ def _config(tmp: Path, name: str) -> Path:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mh_run")
     two_cfg, one_cfg = _config(tmp, "two"), _config(tmp, "one")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "MALT_DISTRIBUTED": "1", "MALT_COORDINATOR": f"127.0.0.1:{port}", "MALT_NUM_PROCESSES": "2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "malt_jax", "run", str(two_cfg), "--no-progress"],
-                              cwd=ROOT, env={**env, "MALT_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    t0 = time.perf_counter()
-    try:
-        # the single-process reference runs here (8 fake devices) while the workers run
+
+    def reference() -> None:  # the single-process run, here (8 fake devices), while they run
         assert jax.device_count() == 8 and jax.process_count() == 1
         assert cli.main(["run", str(one_cfg), "--no-progress"]) == 0
-        logs = []
-        for p in procs:
-            logs.append(p.communicate(timeout=max(TIMEOUT_S - (time.perf_counter() - t0), 1))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"multi-host `malt-jax run` did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        tail = "\n".join(line for line in log.splitlines() if not line.startswith("[Gloo]"))[-3000:]
-        assert p.returncode == 0, f"process {i} failed (rc={p.returncode}):\n{tail}"
+
+    logs = run_together([[sys.executable, "-m", "malt_jax", "run", str(two_cfg), "--no-progress"]] * 2,
+                        [{**env, "MALT_PROCESS_ID": str(i)} for i in range(2)], ROOT, TIMEOUT_S, meanwhile=reference)
     return tmp / "one", tmp / "two", logs
 
 
