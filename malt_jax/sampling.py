@@ -28,7 +28,7 @@ import numpy as np
 from malt_jax.config import ModelConfig, SamplingConfig
 from malt_jax.distributed import fetch
 from malt_jax.model.llama import KVCache, Params, forward, lm_head
-from malt_jax.sharding import AXIS_RULES
+from malt_jax.sharding import batch_shards
 
 PAD_ID = 0
 
@@ -125,7 +125,7 @@ def _batch_groups(B: int) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    g = int(np.prod([mesh.shape.get(a, 1) for a in AXIS_RULES["batch"]]))
+    g = batch_shards(mesh)
     return g if g > 1 and B % g == 0 else 1
 
 

@@ -176,10 +176,15 @@ def shard_params(params: Any, mesh: Mesh, lora: bool = False) -> Any:
     return put(params, param_shardings(params, mesh, lora=lora))
 
 
+def batch_shards(mesh: Any) -> int:
+    """How many ways a mesh (concrete or abstract) splits the batch: the product of its batch axes."""
+    return int(np.prod([mesh.shape.get(a, 1) for a in AXIS_RULES["batch"]]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) -> NamedSharding:
     """Shards the leading (batch) axis over data+fsdp; other axes replicated."""
     axes = ("batch",) + (None,) * (ndim - 1)
-    shape = shape or (int(np.prod([mesh.shape[a] for a in AXIS_RULES["batch"]])),) + (1,) * (ndim - 1)
+    shape = shape or (batch_shards(mesh),) + (1,) * (ndim - 1)
     return sharding_for(axes, shape, mesh)
 
 
