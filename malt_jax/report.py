@@ -3,10 +3,11 @@
 :func:`write_report` writes into ``run_dir``:
 
 * ``report.md`` -- title, the "Run" table of a :class:`RunRecord` (model, task, questions, seeds,
-  config hash, wall times, training questions, framing, tree, then any ``extra`` rows), the accuracy table (system | accuracy | 95% Wilson CI | n),
-  the paired comparison table (target vs baseline | diff | McNemar p | bootstrap 95% CI |
-  bootstrap p) and, when a credit summary is given, a per-role table (positive rate, SFT
-  examples, DPO pairs; plus valid nodes / mean value when present);
+  config hash, wall times, training questions, framing, tree, then any ``extra`` rows), the
+  accuracy table (system | accuracy | 95% Wilson CI | n), the paired comparison table (target
+  vs baseline | diff | McNemar p | bootstrap 95% CI | bootstrap p) and, when a credit summary
+  is given, a per-role table (positive rate, SFT examples, DPO pairs; plus valid nodes / mean
+  value when present);
 * ``accuracy.png`` -- one bar per system with asymmetric Wilson 95% error bars (only when there
   is at least one system);
 * ``positive_rate.png`` -- positive rate per role of the expansion tree (only when the credit

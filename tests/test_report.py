@@ -107,8 +107,8 @@ def test_report_run_table_from_the_pipelines_record(tmp_path, results):
     record = run_record(cfg, n_train=128, n_eval=10, timings={"load": 1.0, "eval": 2.5})
     lines = write_report(tmp_path, results, [], None, record).read_text().splitlines()
     rows = lines[lines.index("## Run") + 4:lines.index("## Accuracy") - 1]
-    assert rows == ["| Model | smollm2 |", "| Task | synthetic |", "| Questions | 10 |", "| Seeds | split 0, train 0, eval 1 |",
-                    f"| Config hash | {cfg.hash()} |", "| Wall time | load: 1.0 s, eval: 2.5 s |",
+    assert rows == ["| Model | smollm2 |", "| Task | synthetic |", "| Questions | 10 |",
+                    "| Seeds | split 0, train 0, eval 1 |", f"| Config hash | {cfg.hash()} |", "| Wall time | load: 1.0 s, eval: 2.5 s |",
                     "| Training questions | 128 |", "| Framing | separate |", "| Tree (n x m x l) | 3x3x3 |"]
 
 
