@@ -4,20 +4,25 @@ The pipeline, one module per stage::
 
     tasks/ (data, prompts, grading) -> model/ (Llama, weights, tokenizer, LoRA)
       -> sampling.py -> expansion.py (G -> V -> R trees) -> credit.py (value iteration, labels)
-      -> losses.py + train.py (SFT, DPO) -> evaluate.py + report.py;  pipeline.py runs them all.
+      -> losses.py + train.py (SFT, DPO) -> evaluate.py + report.py
+    stages/{expand,credit,train,eval}.py run each step over a run directory (rundir.py);
+    pipeline.run runs them all.
 
 Public API (a small set of names; everything else is importable from its module)::
 
     model = malt_jax.load_model("smollm2")                 # base model + tokenizer
     task = malt_jax.get_task("synthetic", max_value=9, steps=1)
-    tree = malt_jax.expand(params, adapters, q_tokens, q_lens, turns, keys, cfg=..., spec=...)
+    malt_jax.sample_trees(model, codec, questions, spec, seed=0, batch_size=4, on_batch=...)  # G -> V -> R trees
     values = malt_jax.assign_credit(rewards)                 # [Q, n, m, l] -> node values + labels
     result = malt_jax.train_role(params, cfg, lora_cfg, train_cfg, sft, dpo, "verifier", ckpt_dir,
                                  sft_heldout=..., dpo_heldout=...)   # RoleTraining: adapter, epochs, ...
+    ev = malt_jax.run_eval(cfg, model, task, questions, run_dir, adapters, [malt_jax.System(...)])
     summary = malt_jax.run(malt_jax.load_run_config("experiments/smollm2_synthetic.yaml"))
     curve = malt_jax.run_study(malt_jax.load_run_config("experiments/study_synthetic.yaml"))
     answer = malt_jax.ask_run("runs/smollm2_synthetic", "What is 42 - 17?", votes=3)   # the trained team
     malt_jax.export_run("runs/smollm2_synthetic", "exported", "both")   # PEFT folders + merged checkpoints
+
+The README's "Library use" example goes through every stage with these names.
 """
 
 from malt_jax.config import (
@@ -32,12 +37,18 @@ from malt_jax.config import (
     load_run_config,
 )
 from malt_jax.ask import ask, ask_run
-from malt_jax.credit import dpo_pairs, sft_indices
-from malt_jax.credit import node_values as assign_credit
+from malt_jax.base_model import Model, load_model
+from malt_jax.codec import PromptCodec
+from malt_jax.credit import assign_credit, dpo_pairs, sft_indices
+from malt_jax.data import DPOExample, SFTExample
 from malt_jax.expansion import Contexts, ExpansionSpec, expand
 from malt_jax.export import export_run, load_peft, save_peft
-from malt_jax.pipeline import Model, PromptCodec, build_datasets, load_model, run, run_eval, sample_trees
+from malt_jax.pipeline import run
+from malt_jax.roles import ROLE_NAMES, ROLES
 from malt_jax.sampling import StopCriteria, generate
+from malt_jax.stages.credit import build_datasets
+from malt_jax.stages.eval import System, run_eval
+from malt_jax.stages.expand import decode_tree, grade_leaves, sample_trees
 from malt_jax.tasks import Example, Task, get_task
 from malt_jax.study import run_study
 from malt_jax.train import RoleTraining, train_role
@@ -45,9 +56,10 @@ from malt_jax.train import RoleTraining, train_role
 __version__ = "0.1.0"
 
 __all__ = [
-    "Contexts", "EvalConfig", "ExpansionSpec", "RoleTraining", "Example", "LoraConfig", "Model", "ModelConfig", "PromptCodec",
-    "RunConfig", "SamplingConfig", "StopCriteria", "Task", "TaskConfig", "TrainConfig", "TreeConfig",
+    "Contexts", "DPOExample", "EvalConfig", "ExpansionSpec", "Example", "LoraConfig", "Model", "ModelConfig",
+    "PromptCodec", "ROLES", "ROLE_NAMES", "RoleTraining", "RunConfig", "SFTExample", "SamplingConfig",
+    "StopCriteria", "System", "Task", "TaskConfig", "TrainConfig", "TreeConfig",
     "ask", "ask_run", "export_run", "load_peft", "save_peft",
-    "assign_credit", "build_datasets", "dpo_pairs", "expand", "generate", "get_task", "load_model",
-    "load_run_config", "run", "run_eval", "run_study", "sample_trees", "sft_indices", "train_role",
+    "assign_credit", "build_datasets", "decode_tree", "dpo_pairs", "expand", "generate", "get_task", "grade_leaves",
+    "load_model", "load_run_config", "run", "run_eval", "run_study", "sample_trees", "sft_indices", "train_role",
 ]

@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from malt_jax.evaluate import majority_vote
-from malt_jax.expansion import ROLES, ExpansionSpec
+from malt_jax.expansion import ExpansionSpec
 from malt_jax.model.llama import Params
+from malt_jax.roles import ROLE_NAMES, ROLES
 
 __all__ = ["ask", "ask_run", "format_turns"]
 
@@ -31,7 +32,9 @@ def ask(model: Any, task: Any, question: str, adapters: dict[str, Params] | None
     None for the untrained chain) and majority-votes the refiners' answers by the task's answer
     key. Returns ``{"question", "chains": [{"G", "V", "R"}], "answers", "answer", "votes_for"}``."""
     from malt_jax.config import SamplingConfig
-    from malt_jax.pipeline import Example, PromptCodec, decode_level, sample_trees
+    from malt_jax.codec import PromptCodec
+    from malt_jax.stages.expand import decode_level, sample_trees
+    from malt_jax.tasks import Example
 
     if votes < 1:
         raise ValueError(f"--votes must be >= 1, got {votes}")
@@ -73,20 +76,22 @@ def ask_run(run_dir: str | Path, question: str, *, votes: int = 3, temperature: 
     """:func:`ask` with the base model, task, prompts, token budgets and role adapters of a run
     directory (``base=True``: the untrained chain). ``temperature`` defaults to the run's
     evaluation temperature."""
-    from malt_jax import pipeline
+    from malt_jax.base_model import load_model
     from malt_jax.config import run_config_of
     from malt_jax.model.lora import lora_scale
+    from malt_jax.pipeline import make_task
+    from malt_jax.rundir import load_adapters
 
     run_dir = Path(run_dir)
     cfg = run_config_of(run_dir)
     adapters = None
     if not base:
-        adapters, _ = pipeline.load_adapters(run_dir)
+        adapters, _ = load_adapters(run_dir)
         if adapters is None:
             raise FileNotFoundError(f"{run_dir / 'adapters'}: no trained role adapters (G/V/R.safetensors); "
                                     "run the train stage first, or ask the untrained chain with --base")
-    model = pipeline.load_model(cfg.weights, cfg.model)
-    task = pipeline.make_task(cfg)
+    model = load_model(cfg.weights, cfg.model)
+    task = make_task(cfg)
     out = ask(model, task, question, adapters, votes=votes,
               temperature=cfg.eval.temperature if temperature is None else temperature,
               max_new_tokens=cfg.sampling.budgets(cfg.eval.max_new_tokens), framing=cfg.task.framing,
@@ -96,5 +101,5 @@ def ask_run(run_dir: str | Path, question: str, *, votes: int = 3, temperature: 
 
 def format_turns(role: str, texts: list[str]) -> str:
     """One role's turns of every chain, for the terminal."""
-    name = {"G": "generator", "V": "verifier", "R": "refiner"}[role]
+    name = ROLE_NAMES[role]
     return "\n".join(f"[chain {i + 1}] {name}: {t.strip()}" for i, t in enumerate(texts))

@@ -65,7 +65,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     from malt_jax import sampling
     from malt_jax.config import SamplingConfig
-    from malt_jax.pipeline import load_model
+    from malt_jax.base_model import load_model
 
     model = load_model(args.weights)
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [

@@ -14,7 +14,7 @@ A node is labelled positive iff ``value > threshold`` (strict; default 0.5). Lea
 generator with no valid verifier, is itself invalid (``*_mask`` false, label false) and never
 appears in SFT sets or DPO pairs.
 
-Array code (:func:`node_values`) is pure JAX, ``jit``-able and ``vmap``-ed over questions. The
+Array code (:func:`assign_credit`) is pure JAX, ``jit``-able and ``vmap``-ed over questions. The
 dataset builders (:func:`sft_indices`, :func:`dpo_pairs`, :func:`summary`) run on host with
 NumPy because their outputs have data-dependent lengths.
 
@@ -33,28 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from malt_jax.distributed import fetch
+from malt_jax.roles import NAMES, role_name
 
 __all__ = [
     "CreditValues",
-    "node_values",
-    "normalize_role",
+    "assign_credit",
     "role_depth",
     "sft_indices",
     "dpo_pairs",
     "summary",
-    "ROLES",
 ]
 
-ROLES = ("generator", "verifier", "refiner")
-_ROLE_ALIASES = {
-    "generator": "generator",
-    "g": "generator",
-    "verifier": "verifier",
-    "v": "verifier",
-    "refiner": "refiner",
-    "r": "refiner",
-}
-_DEPTH = {"generator": 2, "verifier": 3, "refiner": 4}
+_DEPTH = {name: level + 2 for level, name in enumerate(NAMES)}  # coordinates of a node: (q, i[, j[, k]])
 
 
 @flax.struct.dataclass
@@ -83,29 +73,21 @@ class CreditValues:
     threshold: float = flax.struct.field(pytree_node=False, default=0.5)
 
     def values(self, role: str) -> jax.Array:
-        return getattr(self, _FIELD[normalize_role(role)])
+        return getattr(self, _FIELD[role_name(role)])
 
     def labels(self, role: str) -> jax.Array:
-        return getattr(self, _FIELD[normalize_role(role)] + "_label")
+        return getattr(self, _FIELD[role_name(role)] + "_label")
 
     def mask(self, role: str) -> jax.Array:
-        return getattr(self, _FIELD[normalize_role(role)] + "_mask")
+        return getattr(self, _FIELD[role_name(role)] + "_mask")
 
 
 _FIELD = {"generator": "generator", "verifier": "verifier", "refiner": "leaf"}
 
 
-def normalize_role(role: str) -> str:
-    """``"G"/"V"/"R"`` (any case) or the full name -> ``"generator"|"verifier"|"refiner"``."""
-    try:
-        return _ROLE_ALIASES[str(role).strip().lower()]
-    except KeyError:
-        raise ValueError(f"unknown role {role!r}; expected one of {ROLES} or G/V/R") from None
-
-
 def role_depth(role: str) -> int:
     """Number of tree coordinates of a node of ``role`` (G: 2, V: 3, R: 4)."""
-    return _DEPTH[normalize_role(role)]
+    return _DEPTH[role_name(role)]
 
 
 def _tree_values(rewards: jax.Array, mask: jax.Array, threshold: float) -> tuple[jax.Array, ...]:
@@ -128,7 +110,7 @@ def _tree_values(rewards: jax.Array, mask: jax.Array, threshold: float) -> tuple
 
 
 @functools.partial(jax.jit, static_argnames=("threshold",))
-def node_values(
+def assign_credit(
     rewards: jax.Array, mask: jax.Array | None = None, threshold: float = 0.5
 ) -> CreditValues:
     """Propagate leaf rewards up the tree (MALT global pooling) and label nodes.
@@ -249,7 +231,7 @@ def summary(values: CreditValues, max_pairs_per_parent: int | None = None) -> di
     """
     _check_cap(max_pairs_per_parent)
     out: dict[str, Any] = {"threshold": float(values.threshold), "questions": int(values.generator.shape[0])}
-    for role in ROLES:
+    for role in NAMES:
         labels, valid = _host(values, role)
         vals = fetch(values.values(role)).astype(np.float64)
         pos = labels & valid

@@ -48,18 +48,22 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import io_callback
 
-from malt_jax.config import ModelConfig, SamplingConfig
+from malt_jax.config import ModelConfig, SamplingConfig, TreeConfig
 from malt_jax.model.llama import KVCache, Params, lora_first_layer, refresh_top
 from malt_jax.sampling import StopCriteria, decode, prefill
-
-ROLES = ("G", "V", "R")
 
 Mode = Literal["extend", "fork", "naive"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpansionSpec:
-    """Static shape of an expansion: branching, token budgets, sampling rules."""
+    """The static shape of one compiled :func:`expand` call: fan-out per level, depth, token
+    budgets, sampling and stop rules, cache mode (a jit static argument).
+
+    A run's training trees take theirs from the config (:meth:`from_tree`: ``TreeConfig``'s
+    branching, ``SamplingConfig``'s rules and budgets); evaluation chains are ``n = votes``,
+    ``m = l = 1``, ``depth`` 1 or 3.
+    """
 
     n: int = 3
     m: int = 3
@@ -73,6 +77,13 @@ class ExpansionSpec:
     @property
     def fanouts(self) -> tuple[int, int, int]:
         return (self.n, self.m, self.l)
+
+    @classmethod
+    def from_tree(cls, tree: TreeConfig, sampling: SamplingConfig, **fields: Any) -> ExpansionSpec:
+        """The spec of a training-tree expansion: ``tree.n``/``m``/``l``, ``sampling`` with its per-role
+        budgets, mode ``"extend"`` (``"naive"`` without ``tree.share_prefix``); ``fields`` override."""
+        return cls(**{"n": tree.n, "m": tree.m, "l": tree.l, "max_new": sampling.budgets(), "sampling": sampling,
+                      "mode": "extend" if tree.share_prefix else "naive", **fields})
 
 
 @flax.struct.dataclass

@@ -2,11 +2,12 @@
 
 :func:`write_report` writes into ``run_dir``:
 
-* ``report.md`` -- title, a meta table (model, task, questions, seeds, config hash, wall times,
-  then any other ``meta`` entries), the accuracy table (system | accuracy | 95% Wilson CI | n),
-  the paired comparison table (target vs baseline | diff | McNemar p | bootstrap 95% CI |
-  bootstrap p) and, when a credit summary is given, a per-role table (positive rate, SFT
-  examples, DPO pairs; plus valid nodes / mean value when present);
+* ``report.md`` -- title, the "Run" table of a :class:`RunRecord` (model, task, questions, seeds,
+  config hash, wall times, training questions, framing, tree, then any ``extra`` rows), the
+  accuracy table (system | accuracy | 95% Wilson CI | n), the paired comparison table (target
+  vs baseline | diff | McNemar p | bootstrap 95% CI | bootstrap p) and, when a credit summary
+  is given, a per-role table (positive rate, SFT examples, DPO pairs; plus valid nodes / mean
+  value when present);
 * ``accuracy.png`` -- one bar per system with asymmetric Wilson 95% error bars (only when there
   is at least one system);
 * ``positive_rate.png`` -- positive rate per role of the expansion tree (only when the credit
@@ -20,25 +21,21 @@ directory never shows a stale figure next to a fresh report.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from malt_jax.evaluate import SystemResult
+from malt_jax.roles import NAMES, ROLE_NAMES, as_role_name
 
-__all__ = ["write_report", "format_table", "plot_training_curves", "training_section", "verifier_section",
-           "data_section"]
+__all__ = ["RunRecord", "write_report", "format_table", "plot_training_curves", "training_section",
+           "verifier_section", "data_section"]
 
-ROLES = ("generator", "verifier", "refiner")
-_ROLE_ALIASES = {"generator": "generator", "g": "generator", "verifier": "verifier", "v": "verifier",
-                 "refiner": "refiner", "r": "refiner"}
 _STAT_ALIASES = {"positive_rate": "positive_rate", "sft": "sft", "sft_examples": "sft",
                  "dpo_pairs": "dpo_pairs", "dpo": "dpo_pairs", "nodes": "nodes",
                  "mean_value": "mean_value"}
-# (meta key, label); other meta keys follow in insertion order under their own names.
-_META_ROWS = (("model", "Model"), ("task", "Task"), ("n_questions", "Questions"),
-              ("seeds", "Seeds"), ("config_hash", "Config hash"), ("wall_times", "Wall time"))
 
 ACCURACY_PNG = "accuracy.png"
 POSITIVE_RATE_PNG = "positive_rate.png"
@@ -146,7 +143,7 @@ def _credit_by_role(summary: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any
     other: dict[str, Any] = {}
     for key, value in summary.items():
         role_part, slash, stat_part = str(key).partition("/")
-        role = _ROLE_ALIASES.get(role_part.strip().lower()) if slash else None
+        role = as_role_name(role_part) if slash else None
         if role is None:
             other[str(key)] = value
             continue
@@ -157,7 +154,7 @@ def _credit_by_role(summary: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any
         if is_full:
             explicit.add((role, stat))
         by_role.setdefault(role, {})[stat] = value
-    ordered = {r: by_role[r] for r in ROLES if r in by_role}
+    ordered = {r: by_role[r] for r in NAMES if r in by_role}
     return ordered, other
 
 
@@ -232,7 +229,7 @@ def _plot_accuracy(results: Mapping[str, SystemResult], path: Path) -> None:
 
 
 def _plot_positive_rate(by_role: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    roles = [r for r in ROLES if r in by_role]
+    roles = [r for r in NAMES if r in by_role]
     rates = [by_role[r].get("positive_rate") for r in roles]
     heights = [0.0 if v is None or _is_nan(v) else float(v) for v in rates]
     fig = _new_figure(5.0, 4.0)
@@ -383,19 +380,40 @@ def training_section(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]],
 # --------------------------------------------------------------------------- report
 
 
-def _meta_section(meta: Mapping[str, Any], results: Mapping[str, SystemResult]) -> list[str]:
-    meta = dict(meta)
-    if "n_questions" not in meta and results:
+def _row(label: str) -> Any:
+    return dataclasses.field(default=None, metadata={"label": label})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What the report says about a run: its "Run" table, one labelled row per field that is set
+    (in this order), then the ``extra`` rows under their own names. ``pipeline.run_record`` builds
+    it from a run's config; ``n_questions`` (evaluation questions) defaults to the results' n."""
+
+    title: str = "MALT evaluation report"
+    model: str | None = _row("Model")
+    task: str | None = _row("Task")
+    n_questions: int | str | None = _row("Questions")
+    seeds: str | Sequence[Any] | None = _row("Seeds")
+    config_hash: str | None = _row("Config hash")
+    wall_times: Mapping[str, float] | float | None = _row("Wall time")  # seconds, or per stage
+    n_train: int | None = _row("Training questions")
+    framing: str | None = _row("Framing")
+    tree: str | None = _row("Tree (n x m x l)")
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _meta_section(record: RunRecord, results: Mapping[str, SystemResult]) -> list[str]:
+    n_questions = record.n_questions
+    if n_questions is None and results:
         ns = sorted({r.n for r in results.values()})
-        meta["n_questions"] = ns[0] if len(ns) == 1 else ", ".join(map(str, ns))
+        n_questions = ns[0] if len(ns) == 1 else ", ".join(map(str, ns))
     rows = []
-    known = {k for k, _ in _META_ROWS} | {"title"}
-    for key, label in _META_ROWS:
-        if key in meta:
-            rows.append([label, _fmt_meta(key, meta[key])])
-    for key, value in meta.items():
-        if key not in known:
-            rows.append([str(key), _fmt_meta(str(key), value)])
+    for f in dataclasses.fields(record):
+        value = n_questions if f.name == "n_questions" else getattr(record, f.name)
+        if "label" in f.metadata and value is not None:
+            rows.append([f.metadata["label"], _fmt_meta(f.name, value)])
+    rows += [[str(key), _fmt_meta(str(key), value)] for key, value in record.extra.items()]
     if not rows:
         return []
     return ["## Run", ""] + _md_table(["field", "value"], rows) + [""]
@@ -449,10 +467,9 @@ def data_section(counts: Mapping[str, Mapping[str, Any]], credit_summary: Mappin
     the configured caps), identical DPO pairs dropped, and how often the lenient grade would have
     rewarded a leaf the strict rule did not."""
     lines = ["## Training data", ""]
-    roles = {"G": "generator", "V": "verifier", "R": "refiner"}
     rows = []
     for role, c in counts.items():
-        name = roles.get(role, role)
+        name = ROLE_NAMES.get(role, role)
         ident = (credit_summary or {}).get(f"{name}/dpo_identical")
         s, d = c.get("sft", {}), c.get("dpo", {})
         rows.append([role, _fmt_int(s.get("examples")), _fmt_int(s.get("heldout")), _fmt_int(s.get("train")),
@@ -481,7 +498,7 @@ def write_report(
     results: Mapping[str, SystemResult],
     comparisons: Sequence[Mapping[str, Any]],
     credit_summary: Mapping[str, Any] | None,
-    meta: Mapping[str, Any],
+    record: RunRecord,
     *,
     verifier: Mapping[str, Mapping[str, Any]] | None = None,
     epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
@@ -492,19 +509,17 @@ def write_report(
     ``results`` maps a system name to its :class:`~malt_jax.evaluate.SystemResult` (table order
     = mapping order); ``comparisons`` are the rows of :func:`malt_jax.evaluate.compare`;
     ``credit_summary`` is :func:`malt_jax.credit.summary` output (keys ``"<role>/<stat>"`` with
-    role ``generator|verifier|refiner`` or ``G|V|R``; ``None`` omits the section); ``meta`` may
-    hold ``title``, ``model``, ``task``, ``n_questions`` (derived from ``results`` if absent),
-    ``seeds``, ``config_hash``, ``wall_times`` (seconds, or a ``{stage: seconds}`` mapping) and
-    any other fields. Returns the path of ``report.md``. ``run_dir`` is created if needed.
+    role ``generator|verifier|refiner`` or ``G|V|R``; ``None`` omits the section); ``record``
+    gives the title and the "Run" table (:class:`RunRecord`). Returns the path of ``report.md``.
+    ``run_dir`` is created if needed.
     Optional sections: ``verifier`` (chain -> verdict confusion, :func:`verifier_section`),
     ``training_counts`` (``adapters/training.json``, :func:`data_section`) and ``epochs_by_role``
     (per-epoch training records, :func:`training_section` + ``training.png``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    title = str(meta.get("title", "MALT evaluation report"))
-    lines = [f"# {title}", ""]
-    lines += _meta_section(meta, results)
+    lines = [f"# {record.title}", ""]
+    lines += _meta_section(record, results)
 
     lines += ["## Accuracy", ""]
     acc_png = run_dir / ACCURACY_PNG

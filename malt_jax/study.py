@@ -12,7 +12,7 @@ One run directory holds the whole study::
 
 Sizes are nested (the first k questions of one seeded training list), so the curve measures
 more data, not other data. Every size is compared with the same baseline rows; the primary
-comparison is declared before the run (``pipeline.primary_names``: MALT+MV@k vs single+MV@k)
+comparison is declared before the run (``stages.eval.primary_names``: MALT+MV@k vs single+MV@k)
 and the other comparisons of a size carry Holm-adjusted p-values. Each stage skips finished
 work, so rerunning the command resumes the study.
 """
@@ -27,9 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from malt_jax import pipeline
+from malt_jax.base_model import Model, load_model
 from malt_jax.config import ConfigError, RunConfig
+from malt_jax.pipeline import make_run_mesh, make_task
+from malt_jax.rundir import load_adapters, load_splits, prepare_run_dir, write_atomic
+from malt_jax.stages import run_credit, run_eval, run_expand, run_train
+from malt_jax.stages.eval import default_systems, primary_names
 from malt_jax.summary import experiment_summary, system_table
+from malt_jax.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +85,16 @@ def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
-def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: pipeline.Model | None = None,
-              task: pipeline.Task | None = None) -> dict[str, Any]:
+def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: Model | None = None,
+              task: Task | None = None) -> dict[str, Any]:
     """Runs (or resumes) the study of ``cfg.study``; returns the curve summary (also written)."""
     sizes = sorted(cfg.study.train_sizes)
     if not sizes:
         raise ConfigError("study.train_sizes: empty; a study needs at least one training-set size")
     t_start = time.perf_counter()
-    run_dir = pipeline.prepare_run_dir(cfg)
-    task = task or pipeline.make_task(cfg)
-    train, evals = pipeline.load_splits(cfg, task, run_dir)
+    run_dir = prepare_run_dir(cfg)
+    task = task or make_task(cfg)
+    train, evals = load_splits(cfg, task, run_dir)
     overlap = {e.question for e in train} & {e.question for e in evals}
     if overlap:
         raise ConfigError(f"task.options.eval_split: {len(overlap)} evaluation question(s) are also training "
@@ -103,44 +108,44 @@ def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: p
         t = time.perf_counter()
         out = fn()
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
-        pipeline._write_atomic(timings_path, json.dumps(timings, indent=2))
+        write_atomic(timings_path, json.dumps(timings, indent=2))
         return out
 
-    model = model or timed("load", lambda: pipeline.load_model(cfg.weights, cfg.model))
-    mesh = pipeline.make_run_mesh(cfg)
+    model = model or timed("load", lambda: load_model(cfg.weights, cfg.model))
+    mesh = make_run_mesh(cfg)
     if mesh is not None:
         from malt_jax.sharding import shard_params
 
         model = dataclasses.replace(model, params=shard_params(model.params, mesh))
-    timed("expand", lambda: pipeline.run_expand(cfg, model, task, train, run_dir, progress, mesh=mesh))
+    timed("expand", lambda: run_expand(cfg, model, task, train, run_dir, progress, mesh=mesh))
     votes = cfg.eval.votes
-    all_systems = pipeline.default_systems(votes, sft_chain=True)
+    all_systems = default_systems(votes, sft_chain=True)
     base_systems = [s for s in all_systems if not s.trained]
-    base = timed("eval/baselines", lambda: pipeline.run_eval(cfg, model, task, evals, run_dir, None, base_systems,
-                                                             progress, mesh=mesh, out=run_dir / "eval"))
+    base = timed("eval/baselines", lambda: run_eval(cfg, model, task, evals, run_dir, None, base_systems,
+                                                    progress, mesh=mesh, out=run_dir / "eval"))
     baselines = system_table(base["results"])
     curve = []
     for k in sizes:
         sub = size_dir(run_dir, k)
         sub.mkdir(exist_ok=True)
-        credit = timed(f"n{k}/credit", lambda: pipeline.run_credit(cfg, model, task, run_dir, out=sub / "credit",
-                                                                  n_questions=k))
-        timed(f"n{k}/train", lambda: pipeline.run_train(cfg, model, sub, mesh=mesh, progress=progress))
-        adapters, sft_adapters = pipeline.load_adapters(sub)
+        credit = timed(f"n{k}/credit", lambda: run_credit(cfg, model, task, run_dir, out=sub / "credit",
+                                                          n_questions=k))
+        timed(f"n{k}/train", lambda: run_train(cfg, model, sub, mesh=mesh, progress=progress))
+        adapters, sft_adapters = load_adapters(sub)
         _link_rows(run_dir / "eval", sub / "eval")
         systems = all_systems if (k == sizes[-1] or cfg.study.sft_chain == "all") else \
             [s for s in all_systems if s.stage != "sft"]
-        ev = timed(f"n{k}/eval", lambda: pipeline.run_eval(cfg, model, task, evals, sub, adapters, systems,
-                                                           progress, mesh=mesh, sft_adapters=sft_adapters))
+        ev = timed(f"n{k}/eval", lambda: run_eval(cfg, model, task, evals, sub, adapters, systems,
+                                                  progress, mesh=mesh, sft_adapters=sft_adapters))
         summary = experiment_summary(
-            f"{cfg.name}_n{k}", command, cfg.hash(), ev, sub, k, len(evals), votes, pipeline.primary_names(votes),
+            f"{cfg.name}_n{k}", command, cfg.hash(), ev, sub, k, len(evals), votes, primary_names(votes),
             sum(v for n, v in timings.items() if n.startswith(f"n{k}/")), credit=credit)
-        pipeline._write_atomic(results_dir / f"{cfg.name}_n{k:04d}.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(results_dir / f"{cfg.name}_n{k:04d}.json", json.dumps(summary, indent=2) + "\n")
         curve.append(summary)
         log.info("study: size %d done", k)
     out = {
         "experiment": cfg.name, "command": command, "config_hash": cfg.hash(), "train_sizes": sizes,
-        "n_eval": len(evals), "votes": votes, "primary": "{} vs {}".format(*pipeline.primary_names(votes)),
+        "n_eval": len(evals), "votes": votes, "primary": "{} vs {}".format(*primary_names(votes)),
         "baselines": baselines,
         "curve": [{"n_train": c["n_train"], "systems": {n: v for n, v in c["systems"].items() if n not in baselines},
                    "primary": next((x for x in c["comparisons"] if x["primary"]), None),
@@ -149,6 +154,6 @@ def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: p
         "wall_time_s": round(sum(timings.values()), 1),
         "this_call_s": round(time.perf_counter() - t_start, 1),
     }
-    pipeline._write_atomic(results_dir / f"{cfg.name}.json", json.dumps(out, indent=2) + "\n")
+    write_atomic(results_dir / f"{cfg.name}.json", json.dumps(out, indent=2) + "\n")
     _plot([{**c, "n_eval": len(evals)} for c in curve], baselines, votes, results_dir / f"{cfg.name}.png")
     return out

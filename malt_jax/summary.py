@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-ROLES = ("G", "V", "R")
+from malt_jax.roles import ROLES
+from malt_jax.rundir import training_counts
 
 
 def system_table(results: dict) -> dict[str, dict[str, Any]]:
@@ -51,9 +52,7 @@ def training(run_dir: Path) -> dict[str, dict[str, Any]]:
 def experiment_summary(name: str, command: str, config_hash: str, ev: dict, run_dir: Path, n_train: int,
                        n_eval: int, votes: int, primary: tuple[str, str], wall_time_s: float,
                        **extra: Any) -> dict[str, Any]:
-    """The summary of one evaluated experiment (``ev`` = ``pipeline.run_eval`` output)."""
-    from malt_jax.pipeline import training_counts
-
+    """The summary of one evaluated experiment (``ev`` = ``stages.eval.run_eval`` output)."""
     return {"experiment": name, "command": command, "config_hash": config_hash, "n_train": n_train,
             "n_eval": n_eval, "votes": votes, "primary": "{} vs {}".format(*primary),
             "systems": system_table(ev["results"]), "comparisons": comparisons(ev["comparisons"]),

@@ -6,8 +6,10 @@ import types
 import numpy as np
 import pytest
 
-from malt_jax import pipeline
 from malt_jax.evaluate import majority_vote
+from malt_jax.stages.credit import run_credit
+from malt_jax.stages.eval import System, _score
+from malt_jax.stages.expand import grade_leaves
 from malt_jax.tasks import Example, get_task
 from malt_jax.tasks.math_task import math_answer_key
 from tests.parity_task import ParityTask
@@ -101,14 +103,14 @@ def test_default_key_is_extract():
 
 
 def test_score_votes_on_keys(tasks):
-    system = pipeline.System("single", 1, 3, False, False)
+    system = System("single", 1, 3, False, False)
     texts = {"G": ["Final Answer: 3", "Final Answer: \\frac12", "Final Answer: 0.5"]}
-    row = pipeline._score(system, tasks["math"], MATH_EX, texts)
+    row = _score(system, tasks["math"], MATH_EX, texts)
     assert set(row) == {"id", "gold", "pass_answers", "pass_correct", "vote_answer", "vote_correct", "texts"}
     assert row["pass_answers"] == ["3", "1/2", "1/2"]
     assert row["pass_correct"] == [False, True, True]
     assert row["vote_answer"] == "1/2" and row["vote_correct"] is True
-    row = pipeline._score(system, tasks["csqa"], CSQA_EX,
+    row = _score(system, tasks["csqa"], CSQA_EX,
                           {"G": ["Final Answer: A", "Final Answer: bank", "Final Answer: B"]})
     assert row["pass_answers"] == ["A", "B", "B"] and row["vote_answer"] == "B" and row["vote_correct"]
 
@@ -157,11 +159,11 @@ def test_grade_leaves_strict_and_lenient(tasks):
                        "the answer is 4",                  # stopped, no Final Answer line
                        "Final Answer: 5"]], object)        # wrong
     stopped = np.array([[False, True, False, True, True]])
-    rewards, lenient = pipeline.grade_leaves(t, [NUM_EX], texts, stopped)
+    rewards, lenient = grade_leaves(t, [NUM_EX], texts, stopped)
     assert rewards.dtype == lenient.dtype == np.float32 and rewards.shape == texts.shape
     np.testing.assert_array_equal(lenient, [[1, 1, 1, 1, 0]])
     np.testing.assert_array_equal(rewards, [[0, 1, 0, 0, 0]])
-    rewards, lenient = pipeline.grade_leaves(t, [NUM_EX], texts)  # stopped=None: all stopped
+    rewards, lenient = grade_leaves(t, [NUM_EX], texts)  # stopped=None: all stopped
     np.testing.assert_array_equal(rewards, [[0, 1, 1, 0, 0]])
     np.testing.assert_array_equal(lenient, [[1, 1, 1, 1, 0]])
 
@@ -172,7 +174,7 @@ def test_grade_leaves_multi_dim_and_csqa_text(tasks):
     stopped = np.ones(texts.shape, bool)
     stopped[1, 1, 1] = False
     other = Example("c2", "q", "A", meta=CSQA_EX.meta)
-    rewards, lenient = pipeline.grade_leaves(c, [CSQA_EX, other], texts, stopped)
+    rewards, lenient = grade_leaves(c, [CSQA_EX, other], texts, stopped)
     np.testing.assert_array_equal(lenient, [[[1, 1], [0, 1]], [[0, 0], [1, 0]]])
     np.testing.assert_array_equal(rewards, [[[1, 0], [0, 1]], [[0, 0], [1, 0]]])
 
@@ -180,7 +182,7 @@ def test_grade_leaves_multi_dim_and_csqa_text(tasks):
 def test_grade_leaves_non_strict_task_rewards_the_grade():
     task = ParityTask()
     texts = np.array([["ab", "abc", "abcd"]], object)
-    rewards, lenient = pipeline.grade_leaves(task, [Example("p", "q", "even")], texts,
+    rewards, lenient = grade_leaves(task, [Example("p", "q", "even")], texts,
                                              np.zeros(texts.shape, bool))
     np.testing.assert_array_equal(rewards, [[1, 0, 1]])
     np.testing.assert_array_equal(lenient, rewards)
@@ -216,7 +218,7 @@ def test_run_credit_counts_reward_fallbacks(tmp_path, with_lenient):
     cfg = load_run_config(None, [f"run_dir={tmp_path / 'run'}"])
     _fake_expansion(tmp_path / "run", with_lenient)
     model = types.SimpleNamespace(tokenizer=load_tokenizer(smollm2_gguf_path()))
-    summary = pipeline.run_credit(cfg, model, get_task("synthetic"), tmp_path / "run")
+    summary = run_credit(cfg, model, get_task("synthetic"), tmp_path / "run")
     assert summary["leaf_accuracy"] == 0.25
     if with_lenient:
         assert summary["reward_fallback"] == {"leaves": 4, "rewarded": 1, "rewarded_lenient": 3,

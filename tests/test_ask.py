@@ -1,16 +1,24 @@
 """malt-jax ask: N G -> V -> R chains of a run's team on one question, streamed per role, voted."""
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from malt_jax import pipeline
 from malt_jax.ask import ask, ask_run
+from malt_jax.base_model import load_model
 from malt_jax.cli import main
+from malt_jax.codec import PromptCodec
 from malt_jax.config import load_run_config, run_config_of
+from malt_jax.expansion import ExpansionSpec
 from malt_jax.model.lora import init_lora, lora_scale
+from malt_jax.pipeline import make_task
+from malt_jax.roles import ROLES
+from malt_jax.rundir import load_adapters, prepare_run_dir, save_adapter
+from malt_jax.stages.expand import decode_tree, sample_trees
+from malt_jax.tasks import Example
 
 CONFIG = """
 name: ask
@@ -28,13 +36,13 @@ def _run(tmp_path, framing="separate", trained=True):
     path = tmp_path / f"{framing}.yaml"
     path.write_text(CONFIG.format(run_dir=tmp_path / f"run-{framing}", framing=framing))
     cfg = load_run_config(path)
-    run_dir = pipeline.prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg)
     if trained:
-        model = pipeline.load_model(cfg.weights, cfg.model)
+        model = load_model(cfg.weights, cfg.model)
         (run_dir / "adapters").mkdir()
-        for i, role in enumerate(pipeline.ROLES):
+        for i, role in enumerate(ROLES):
             ad = jax.tree.map(lambda x, i=i: x + 0.05 * (i + 1), init_lora(model.cfg, cfg.lora, jax.random.key(i)))
-            pipeline.save_adapter(ad, run_dir / "adapters" / f"{role}.safetensors")
+            save_adapter(ad, run_dir / "adapters" / f"{role}.safetensors")
     return run_dir
 
 
@@ -49,17 +57,17 @@ def test_ask_streams_each_role_and_equals_the_sampler(tmp_path, framing):
     assert out["votes_for"] == (out["answers"].count(out["answer"]) if out["answer"] is not None else 0)
     # the same samples as the sampler without the per-level callback (streaming changes nothing)
     cfg = run_config_of(run_dir)
-    model, task = pipeline.load_model(cfg.weights, cfg.model), pipeline.make_task(cfg)
-    adapters, _ = pipeline.load_adapters(run_dir)
-    codec = pipeline.PromptCodec(model.tokenizer, task, framing)
-    spec = pipeline.ExpansionSpec(n=3, m=1, l=1, depth=3, max_new=(8, 6, 4), stop=codec.stop, mode="fork",
-                                  sampling=pipeline.dataclasses.replace(cfg.sampling, temperature=1.0))
+    model, task = load_model(cfg.weights, cfg.model), make_task(cfg)
+    adapters, _ = load_adapters(run_dir)
+    codec = PromptCodec(model.tokenizer, task, framing)
+    spec = ExpansionSpec(n=3, m=1, l=1, depth=3, max_new=(8, 6, 4), stop=codec.stop, mode="fork",
+                         sampling=dataclasses.replace(cfg.sampling, temperature=1.0))
     got = {}
-    pipeline.sample_trees(model, codec, [pipeline.Example(id="ask", question="What is 42 - 17?", answer="")], spec,
-                          seed=0, batch_size=1, adapters=tuple(adapters[r] for r in pipeline.ROLES),
-                          lora_scale=lora_scale(cfg.lora), progress=False,
-                          on_batch=lambda b, arrays: got.update(pipeline.decode_tree(codec, arrays, pipeline.ROLES)))
-    for role in pipeline.ROLES:
+    sample_trees(model, codec, [Example(id="ask", question="What is 42 - 17?", answer="")], spec,
+                 seed=0, batch_size=1, adapters=tuple(adapters[r] for r in ROLES),
+                 lora_scale=lora_scale(cfg.lora), progress=False,
+                 on_batch=lambda b, arrays: got.update(decode_tree(codec, arrays, ROLES)))
+    for role in ROLES:
         assert [c[role] for c in out["chains"]] == np.asarray(got[role]).reshape(-1).tolist()
     base = ask(model, task, "What is 42 - 17?", None, votes=2, temperature=0.0, max_new_tokens=(4, 4, 4),
                framing=framing)

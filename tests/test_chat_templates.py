@@ -13,8 +13,9 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from malt_jax import pipeline
+from malt_jax.codec import PromptCodec
 from malt_jax.model.tokenizer import Tokenizer
+from malt_jax.stages.credit import node_output
 from malt_jax.tasks import get_task
 from malt_jax.tasks.prompts import role_messages, separate_messages
 
@@ -94,7 +95,7 @@ def test_role_contexts_with_hf_chat_templates(tmp_path, style, framing):
         assert tok.encode("x")[0] == tok.token_to_id(bos)
     bos_id = tok.bos_id
     task = get_task("synthetic", style="inverse")
-    codec = pipeline.PromptCodec(tok, task, framing)
+    codec = PromptCodec(tok, task, framing)
     p = task.prompts
     count = lambda ids: 0 if bos_id is None else list(ids).count(bos_id)  # noqa: E731
 
@@ -111,10 +112,10 @@ def test_role_contexts_with_hf_chat_templates(tmp_path, style, framing):
     g = tok.encode(G_TEXT, add_special_tokens=False)
     v = tok.encode(V_TEXT, add_special_tokens=False)
     trees = {"G_tokens": np.asarray([[g]]), "G_lengths": np.asarray([[len(g)]]), "G_stopped": np.asarray([[True]])}
-    done = pipeline.node_output(trees, (0, 0), codec.end_of_turn)
+    done = node_output(trees, (0, 0), codec.end_of_turn)
     assert done[-1] == eot_id and done[:-1] == g
     trees["G_stopped"][:] = False
-    assert pipeline.node_output(trees, (0, 0), codec.end_of_turn) == g  # cut off: no end-of-turn
+    assert node_output(trees, (0, 0), codec.end_of_turn) == g  # cut off: no end-of-turn
 
     # the token-level contexts are the rendered chats
     msgs = role_messages if framing == "chat" else separate_messages

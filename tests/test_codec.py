@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 
-from malt_jax import pipeline
+from malt_jax.codec import PromptCodec
 from malt_jax.model.files import smollm2_gguf_path
 from malt_jax.model.tokenizer import load_tokenizer
+from malt_jax.stages.credit import node_context
 from malt_jax.tasks import get_task
 from malt_jax.tasks.prompts import RolePrompts, role_messages, separate_messages
 
@@ -24,7 +25,7 @@ V_TEXT = " 8. 8 × 7 = 56."
 @pytest.mark.parametrize("framing", ["chat", "separate"])
 def test_contexts_equal_the_rendered_role_prompts(tok, framing):
     task = get_task("synthetic", style="inverse")
-    codec = pipeline.PromptCodec(tok, task, framing)
+    codec = PromptCodec(tok, task, framing)
     p = task.prompts
     g, v = tok.encode(G_TEXT, add_special_tokens=False), tok.encode(V_TEXT, add_special_tokens=False)
     pv, pr = codec.prefixes(Q)
@@ -49,7 +50,7 @@ def test_node_context_rebuilds_the_sampled_contexts(tok):
     import numpy as np
 
     task = get_task("synthetic", style="inverse")
-    codec = pipeline.PromptCodec(tok, task, "separate")
+    codec = PromptCodec(tok, task, "separate")
     g, v = tok.encode(G_TEXT, add_special_tokens=False), tok.encode(V_TEXT, add_special_tokens=False)
     pv, pr = codec.prefixes(Q)
     pad = lambda x, n: np.asarray([x + [0] * (n - len(x))])  # noqa: E731
@@ -59,9 +60,9 @@ def test_node_context_rebuilds_the_sampled_contexts(tok):
              "R_prefix": pad(pr, 200), "R_prefix_lens": np.asarray([len(pr)]),
              "G_tokens": pad(g, 40)[:, None], "G_lengths": np.asarray([[len(g)]]),
              "V_tokens": pad(v, 40)[:, None, None], "V_lengths": np.asarray([[[len(v)]]])}
-    assert pipeline.node_context(trees, codec.seps, (0, 0)) == q
-    assert pipeline.node_context(trees, codec.seps, (0, 0, 0)) == pv + g + codec.seps[0][0]
-    assert pipeline.node_context(trees, codec.seps, (0, 0, 0, 0)) == pr + g + codec.seps[1][0] + v + codec.seps[1][1]
+    assert node_context(trees, codec.seps, (0, 0)) == q
+    assert node_context(trees, codec.seps, (0, 0, 0)) == pv + g + codec.seps[0][0]
+    assert node_context(trees, codec.seps, (0, 0, 0, 0)) == pr + g + codec.seps[1][0] + v + codec.seps[1][1]
 
 
 def test_separate_framing_needs_its_templates(tok):
@@ -69,9 +70,9 @@ def test_separate_framing_needs_its_templates(tok):
     plain = dataclasses.replace(task.prompts, verifier_separate="", refiner_separate="")
     task.prompts = plain
     with pytest.raises(ValueError, match="verifier_separate"):
-        pipeline.PromptCodec(tok, task, "separate")
+        PromptCodec(tok, task, "separate")
     with pytest.raises(ValueError, match="framing"):
-        pipeline.PromptCodec(tok, task, "sideways")
+        PromptCodec(tok, task, "sideways")
 
 
 @pytest.mark.parametrize("bad,match", [

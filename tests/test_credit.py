@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from malt_jax import credit
-from malt_jax.credit import dpo_pairs, node_values, sft_indices, summary
+from malt_jax.credit import assign_credit, dpo_pairs, sft_indices, summary
+from malt_jax.roles import NAMES
 
 
 def _worked_example() -> np.ndarray:
@@ -22,7 +23,7 @@ def _as_set(a: np.ndarray) -> set:
 
 
 def test_worked_example_values_and_labels():
-    cv = node_values(_worked_example())
+    cv = assign_credit(_worked_example())
     chex.assert_shape(cv.leaf, (1, 1, 3, 3))
     chex.assert_shape(cv.verifier, (1, 1, 3))
     chex.assert_shape(cv.generator, (1, 1))
@@ -35,7 +36,7 @@ def test_worked_example_values_and_labels():
 
 
 def test_worked_example_datasets():
-    cv = node_values(_worked_example())
+    cv = assign_credit(_worked_example())
     # Verifier pairs: (v1, v2), (v1, v3).
     vp = dpo_pairs(cv, "V")
     chex.assert_shape(vp, (2, 2, 3))
@@ -68,22 +69,22 @@ def test_worked_example_datasets():
 
 @pytest.mark.parametrize("fill", [0.0, 1.0])
 def test_uniform_trees_have_no_pairs(fill):
-    cv = node_values(np.full((2, 3, 2, 2), fill, np.float32))
-    for role in credit.ROLES:
+    cv = assign_credit(np.full((2, 3, 2, 2), fill, np.float32))
+    for role in NAMES:
         d = credit.role_depth(role)
         assert dpo_pairs(cv, role).shape == (0, 2, d)
         k = sft_indices(cv, role).shape[0]
         total = int(np.prod(cv.mask(role).shape))
         assert k == (total if fill == 1.0 else 0)
     s = summary(cv)
-    assert all(s[f"{r}/dpo_pairs"] == 0 for r in credit.ROLES)
+    assert all(s[f"{r}/dpo_pairs"] == 0 for r in NAMES)
     assert s["generator/positive_rate"] == fill
 
 
 def test_exact_half_is_negative_strict_threshold():
     # n=2, m=2, l=2; v values 0.5 and 1.0 / 0.5 and 0.5; g values 0.75 / 0.5.
     r = np.array([[[[1, 0], [1, 1]], [[0, 1], [1, 0]]]], np.float32)
-    cv = node_values(r)
+    cv = assign_credit(r)
     np.testing.assert_array_equal(cv.verifier[0], [[0.5, 1.0], [0.5, 0.5]])
     np.testing.assert_array_equal(cv.generator[0], [0.75, 0.5])
     np.testing.assert_array_equal(cv.verifier_label[0], [[False, True], [False, False]])
@@ -91,7 +92,7 @@ def test_exact_half_is_negative_strict_threshold():
     np.testing.assert_array_equal(dpo_pairs(cv, "V"), [[[0, 0, 1], [0, 0, 0]]])
     np.testing.assert_array_equal(dpo_pairs(cv, "G"), [[[0, 0], [0, 1]]])
     # Configurable threshold: with 0.4 every 0.5 becomes positive.
-    cv4 = node_values(r, threshold=0.4)
+    cv4 = assign_credit(r, threshold=0.4)
     assert bool(cv4.verifier_label.all()) and bool(cv4.generator_label.all())
     assert cv4.threshold == 0.4
 
@@ -100,7 +101,7 @@ def test_mask_handling():
     r = np.array([[[[1, 0, 0], [0, 0, 0], [1, 1, 1]]]], np.float32)  # [1,1,3,3]
     m = np.array([[[[1, 0, 0], [0, 0, 0], [1, 1, 1]]]], bool)
     # v1: only leaf 0 valid (reward 1) -> 1.0; v2 fully masked -> invalid; v3 -> 1.0
-    cv = node_values(r, m)
+    cv = assign_credit(r, m)
     np.testing.assert_array_equal(cv.verifier_mask[0, 0], [True, False, True])
     np.testing.assert_allclose(cv.verifier[0, 0, [0, 2]], [1.0, 1.0])
     np.testing.assert_allclose(cv.generator[0, 0], 1.0)  # mean over valid verifiers only
@@ -112,13 +113,13 @@ def test_mask_handling():
     # A masked leaf with reward 1 is not counted.
     m2 = np.ones_like(m)
     m2[0, 0, 0, 0] = False
-    cv2 = node_values(r, m2)
+    cv2 = assign_credit(r, m2)
     np.testing.assert_allclose(cv2.verifier[0, 0, 0], 0.0)
     assert not bool(cv2.leaf_label[0, 0, 0, 0])
     s = summary(cv2)
     assert s["refiner/nodes"] == 8 and s["refiner/sft"] == 3
     # Fully masked question: all nodes invalid.
-    cv3 = node_values(r, np.zeros_like(m))
+    cv3 = assign_credit(r, np.zeros_like(m))
     assert not bool(cv3.generator_mask.any())
     assert np.isnan(summary(cv3)["generator/positive_rate"])
 
@@ -126,7 +127,7 @@ def test_mask_handling():
 def test_pair_cap_and_seed_determinism():
     rng = np.random.default_rng(0)
     r = (rng.random((4, 3, 4, 6)) < 0.5).astype(np.float32)
-    cv = node_values(r)
+    cv = assign_credit(r)
     full = dpo_pairs(cv, "R")
     full_set = _as_set(full)
     for cap in (0, 1, 2, 3):
@@ -154,7 +155,7 @@ def test_pair_cap_and_seed_determinism():
     # The choice for a parent does not depend on the other questions in the batch
     # (all-zero trees in q0, q1 produce no pairs; q2 keeps its coordinates).
     other = np.concatenate([np.zeros_like(r[:2]), r[2:3]])
-    a_q2 = dpo_pairs(node_values(other), "R", max_pairs_per_parent=2, seed=7)
+    a_q2 = dpo_pairs(assign_credit(other), "R", max_pairs_per_parent=2, seed=7)
     assert len(a_q2) > 0
     np.testing.assert_array_equal(a_q2, a7[a7[:, 0, 0] == 2])
     with pytest.raises(ValueError):
@@ -187,7 +188,7 @@ def test_vmap_matches_python_loop_reference():
     r = (rng.random((5, 3, 3, 4)) < 0.6).astype(np.float32)
     m = rng.random(r.shape) < 0.8
     thr = 0.5
-    cv = node_values(r, m, threshold=thr)
+    cv = assign_credit(r, m, threshold=thr)
     V, Vm, G, Gm = _reference(r, m, thr)
     np.testing.assert_allclose(cv.verifier, V, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(cv.generator, G, rtol=1e-6, atol=1e-7)
@@ -205,30 +206,31 @@ def test_vmap_matches_python_loop_reference():
     assert _as_set(dpo_pairs(cv, "V")) == ref_pairs
     # Per-question calls agree with the batched call.
     for q in range(5):
-        cq = node_values(r[q : q + 1], m[q : q + 1], threshold=thr)
+        cq = assign_credit(r[q : q + 1], m[q : q + 1], threshold=thr)
         np.testing.assert_allclose(cq.generator[0], cv.generator[q], rtol=1e-6)
 
 
 def test_jit_and_dtypes():
     r = jnp.array(_worked_example()).astype(jnp.int32)  # int rewards accepted
-    f = jax.jit(lambda x: node_values(x, threshold=0.5))
+    f = jax.jit(lambda x: assign_credit(x, threshold=0.5))
     cv = f(r)
     chex.assert_type(cv.verifier, jnp.float32)
     chex.assert_tree_all_finite((cv.leaf, cv.verifier, cv.generator))
     np.testing.assert_allclose(cv.verifier[0, 0], [2 / 3, 1 / 3, 0.0], rtol=1e-6)
     # Bool rewards, explicit mask, inside jit, pytree round-trip through jax.tree.map.
-    cv_b = jax.jit(node_values)(jnp.asarray(_worked_example() > 0), jnp.ones((1, 1, 3, 3), bool))
+    cv_b = jax.jit(assign_credit)(jnp.asarray(_worked_example() > 0), jnp.ones((1, 1, 3, 3), bool))
     chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32), cv_b),
                                 jax.tree.map(lambda x: x.astype(jnp.float32), cv))
     with pytest.raises(ValueError):
-        node_values(jnp.zeros((3, 3, 3)))
+        assign_credit(jnp.zeros((3, 3, 3)))
     with pytest.raises(ValueError):
-        node_values(jnp.zeros((1, 1, 3, 3)), jnp.ones((1, 1, 3, 2), bool))
+        assign_credit(jnp.zeros((1, 1, 3, 3)), jnp.ones((1, 1, 3, 2), bool))
 
 
-def test_role_aliases():
-    assert credit.normalize_role("g") == "generator"
-    assert credit.normalize_role("V") == "verifier"
-    assert credit.normalize_role("Refiner") == "refiner"
-    with pytest.raises(ValueError):
-        credit.normalize_role("critic")
+def test_roles_by_letter_or_name():
+    cv = assign_credit(_worked_example())
+    for letter, name in zip("GVR", NAMES):
+        assert credit.role_depth(letter.lower()) == credit.role_depth(name)
+        np.testing.assert_array_equal(cv.labels(letter), cv.labels(name.capitalize()))
+    with pytest.raises(ValueError, match="unknown role"):
+        credit.role_depth("critic")

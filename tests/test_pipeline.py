@@ -1,12 +1,20 @@
 """End to end: every stage on a tiny random model, artifacts checked for consistency, resume."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from malt_jax import pipeline
+from malt_jax import pipeline, rundir
+from malt_jax.base_model import load_model
 from malt_jax.config import load_run_config
+from malt_jax.roles import ROLE_NAMES, ROLES
+from malt_jax.stages.credit import build_datasets
+from malt_jax.stages.eval import critique_verdict, default_systems, evaluate_system
+from malt_jax.stages.train import heldout_questions, run_train
+from malt_jax.tasks import Example
 from tests.parity_task import ParityTask
 
 
@@ -30,19 +38,19 @@ def tiny_run(tmp_path_factory):
     path = run_dir / "cfg.yaml"
     path.write_text(CONFIG.format(run_dir=run_dir / "out"))
     cfg = load_run_config(path)
-    model = pipeline.load_model("random", cfg.model)
+    model = load_model("random", cfg.model)
     summary = pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
     return cfg, model, summary
 
 
 def test_artifacts_and_consistency(tiny_run):
     cfg, model, summary = tiny_run
-    out = pipeline.Path(cfg.run_dir)
-    trees = pipeline.load_expansion(out)
+    out = Path(cfg.run_dir)
+    trees = rundir.load_expansion(out)
     assert trees["rewards"].shape == (4, 2, 2, 2)
     assert 0 < trees["rewards"].mean() < 1
     credit = json.loads((out / "credit" / "summary.json").read_text())
-    for role, name in pipeline.ROLE_NAMES.items():
+    for role, name in ROLE_NAMES.items():
         n_sft = len((out / "credit" / f"{role}_sft.jsonl").read_text().splitlines())
         n_dpo = len((out / "credit" / f"{role}_dpo.jsonl").read_text().splitlines())
         assert credit[f"{name}/sft"] == n_sft
@@ -71,9 +79,24 @@ def test_artifacts_and_consistency(tiny_run):
     assert len(splits["train"]) == 4 and len(splits["eval"]) == 6
 
 
+def test_report_run_table_is_the_run_record(tiny_run):
+    """report.md's "Run" table: one labelled row per RunRecord field the pipeline sets, none twice."""
+    from malt_jax.report import RunRecord
+
+    cfg, _, _ = tiny_run
+    lines = (Path(cfg.run_dir) / "report.md").read_text().split("## Run\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[3:] if line.startswith("|")]
+    labels = [r[0] for r in rows]
+    assert labels == [f.metadata["label"] for f in dataclasses.fields(RunRecord) if "label" in f.metadata]
+    table = dict(rows)
+    assert table["Questions"] == "6" and table["Training questions"] == "4" and table["Tree (n x m x l)"] == "2x2x2"
+    assert table["Config hash"] == cfg.hash() and table["Framing"] == cfg.task.framing
+    assert all(f"{stage}: " in table["Wall time"] for stage in ("load", "expand", "credit", "train", "eval"))
+
+
 def test_rerun_resumes_without_recomputing(tiny_run):
     cfg, model, summary = tiny_run
-    out = pipeline.Path(cfg.run_dir)
+    out = Path(cfg.run_dir)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in (".npz", ".safetensors")}
     again = pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
     assert again["table"] == summary["table"]
@@ -81,25 +104,22 @@ def test_rerun_resumes_without_recomputing(tiny_run):
 
 
 def test_other_config_in_same_run_dir_is_refused(tiny_run):
-    import dataclasses
-
     cfg, model, _ = tiny_run
     other = dataclasses.replace(cfg, name="changed")
     with pytest.raises(ValueError, match="another config"):
-        pipeline.prepare_run_dir(other)
+        rundir.prepare_run_dir(other)
 
 
 def test_single_scored_from_chain_equals_sampling_it(tiny_run, tmp_path):
     """The sampled single-model system is scored from the untrained chain's generator level;
     sampling it on its own gives the same texts, answers and votes."""
     cfg, model, _ = tiny_run
-    out = pipeline.Path(cfg.run_dir)
+    out = Path(cfg.run_dir)
     derived = [json.loads(x) for x in (out / "eval" / "single.jsonl").read_text().splitlines()]
     task = ParityTask()
-    _, evals = pipeline.load_splits(cfg, task, out)
-    single = next(s for s in pipeline.default_systems(3) if s.name == "single")
-    sampled = pipeline.evaluate_system(single, cfg, model, task, evals, None, tmp_path / "single.jsonl",
-                                       progress=False)
+    _, evals = rundir.load_splits(cfg, task, out)
+    single = next(s for s in default_systems(3) if s.name == "single")
+    sampled = evaluate_system(single, cfg, model, task, evals, None, tmp_path / "single.jsonl", progress=False)
     assert [r["texts"]["G"] for r in sampled] == [r["texts"]["G"] for r in derived]
     assert sampled == derived
     chain = [json.loads(x) for x in (out / "eval" / "chain.jsonl").read_text().splitlines()]
@@ -109,28 +129,26 @@ def test_single_scored_from_chain_equals_sampling_it(tiny_run, tmp_path):
 def test_speed_only_fields_do_not_change_run_identity(tiny_run):
     """A run dir accepts the same config with another decode compaction setting (same samples),
     and refuses one whose sampling changes."""
-    import dataclasses
-
     cfg, _, _ = tiny_run
     faster = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, compact_levels=0))
     assert faster.hash() == cfg.hash()
-    assert pipeline.prepare_run_dir(faster) == pipeline.Path(cfg.run_dir)
+    assert rundir.prepare_run_dir(faster) == Path(cfg.run_dir)
     hotter = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, temperature=0.5))
     with pytest.raises(ValueError, match="another config"):
-        pipeline.prepare_run_dir(hotter)
+        rundir.prepare_run_dir(hotter)
 
 
 def test_write_atomic_text_and_binary_leave_no_temporaries(tmp_path):
     target = tmp_path / "a.json"
     target.write_text("old")
-    pipeline._write_atomic(target, '{"x": 1}')
+    rundir.write_atomic(target, '{"x": 1}')
     assert json.loads(target.read_text()) == {"x": 1}
     arrays = {"t": np.arange(6).reshape(2, 3)}
-    pipeline._write_atomic(tmp_path / "b.npz", lambda f: np.savez(f, **arrays))
+    rundir.write_atomic(tmp_path / "b.npz", lambda f: np.savez(f, **arrays))
     np.testing.assert_array_equal(np.load(tmp_path / "b.npz")["t"], arrays["t"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]
     with pytest.raises(ZeroDivisionError):  # a failed write keeps the old file, and no temporary
-        pipeline._write_atomic(target, lambda f: 1 / 0)
+        rundir.write_atomic(target, lambda f: 1 / 0)
     assert json.loads(target.read_text()) == {"x": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]
 
@@ -155,18 +173,18 @@ def test_build_datasets_drops_identical_pairs_and_balances_the_verifier():
     rewards[0, 1, 1] = [1, 1]  # V (0,1,1) positive (under a wrong G answer)
     trees = _hand_trees(rewards, np.array([[True, False]]))
     seps = (([1],), ([1], [2]))
-    data, summary = pipeline.build_datasets(trees, seps, 99, 0.5, None, 0, verifier_balance=True)
+    data, summary = build_datasets(trees, seps, 99, 0.5, None, 0, verifier_balance=True)
     assert summary["refiner/dpo_identical"] == 0 and len(data["R"]["dpo"]) == 1
     v = data["V"]["sft"]
     assert [r["coord"] for r in v] == [[0, 0, 1], [0, 1, 0], [0, 1, 1]]
     # 1 example under the right answer, 2 under the wrong one: equal total weight, mean 1
     assert [r["weight"] for r in v] == pytest.approx([1.5, 0.75, 0.75])
     assert summary["verifier/sft_under_right_answers"] == 1 and summary["verifier/sft_under_wrong_answers"] == 2
-    unbalanced, _ = pipeline.build_datasets(trees, seps, 99, 0.5, None, 0, verifier_balance=False)
+    unbalanced, _ = build_datasets(trees, seps, 99, 0.5, None, 0, verifier_balance=False)
     assert all("weight" not in r for r in unbalanced["V"]["sft"])
     # the same R tokens for chosen and rejected: the pair is dropped and counted
     trees["R_tokens"][0, 0, 0, 1] = trees["R_tokens"][0, 0, 0, 0]
-    same, summary = pipeline.build_datasets(trees, seps, 99, 0.5, None, 0)
+    same, summary = build_datasets(trees, seps, 99, 0.5, None, 0)
     assert same["R"]["dpo"] == [] and summary["refiner/dpo_identical"] == 1 and summary["refiner/dpo_pairs"] == 0
     # examples are weighted in training through data.pack_sft's loss mask
     from malt_jax import data as D
@@ -178,20 +196,20 @@ def test_critique_verdict_reads_labels_and_restated_answers():
     from malt_jax.tasks import get_task
 
     task = get_task("synthetic", style="inverse")
-    ex = pipeline.Example(id="q", question="What is 21 ÷ 7?", answer="3")
+    ex = Example(id="q", question="What is 21 ÷ 7?", answer="3")
     g = "21 ÷ 7 = 3\nFinal Answer: 3"
-    assert pipeline.critique_verdict(task, "The correct answer is 3.", g, ex) is True
-    assert pipeline.critique_verdict(task, "The correct answer is 3.0", g, ex) is True  # same canonical key
-    assert pipeline.critique_verdict(task, "The correct answer is 4. 4 x 7 = 28", "21 ÷ 7 = 4", ex) is True
-    assert pipeline.critique_verdict(task, "The correct answer is 7.", g, ex) is False
-    assert pipeline.critique_verdict(task, "Verdict: incorrect. The correct answer is 3.", g, ex) is False
-    assert pipeline.critique_verdict(task, "The correct answer is not given; it is wrong", g, ex) is False
-    assert pipeline.critique_verdict(task, "The correct answer is unclear.", g, ex) is None
+    assert critique_verdict(task, "The correct answer is 3.", g, ex) is True
+    assert critique_verdict(task, "The correct answer is 3.0", g, ex) is True  # same canonical key
+    assert critique_verdict(task, "The correct answer is 4. 4 x 7 = 28", "21 ÷ 7 = 4", ex) is True
+    assert critique_verdict(task, "The correct answer is 7.", g, ex) is False
+    assert critique_verdict(task, "Verdict: incorrect. The correct answer is 3.", g, ex) is False
+    assert critique_verdict(task, "The correct answer is not given; it is wrong", g, ex) is False
+    assert critique_verdict(task, "The correct answer is unclear.", g, ex) is None
 
 
 def test_run_writes_its_json_summary(tiny_run):
     cfg, _, summary = tiny_run
-    out = pipeline.Path(cfg.run_dir)
+    out = Path(cfg.run_dir)
     s = json.loads((out / "summary.json").read_text())
     for key in ("experiment", "command", "n_train", "n_eval", "systems", "comparisons", "training", "wall_time_s"):
         assert key in s
@@ -204,15 +222,15 @@ def test_run_writes_its_json_summary(tiny_run):
 
 
 def test_heldout_questions_and_training_counts(tiny_run):
-    held = pipeline.heldout_questions(100, 0.1, seed=0)
-    assert len(held) == 10 and held == pipeline.heldout_questions(100, 0.1, seed=0)
-    assert held != pipeline.heldout_questions(100, 0.1, seed=1) and held <= set(range(100))
-    assert pipeline.heldout_questions(1, 0.5, 0) == set() and pipeline.heldout_questions(5, 0.0, 0) == set()
-    assert len(pipeline.heldout_questions(4, 0.1, 0)) == 1  # at least one question when the fraction is > 0
+    held = heldout_questions(100, 0.1, seed=0)
+    assert len(held) == 10 and held == heldout_questions(100, 0.1, seed=0)
+    assert held != heldout_questions(100, 0.1, seed=1) and held <= set(range(100))
+    assert heldout_questions(1, 0.5, 0) == set() and heldout_questions(5, 0.0, 0) == set()
+    assert len(heldout_questions(4, 0.1, 0)) == 1  # at least one question when the fraction is > 0
     cfg, _, _ = tiny_run
-    out = pipeline.Path(cfg.run_dir)
-    counts = pipeline.training_counts(out)
-    for role in pipeline.ROLES:
+    out = Path(cfg.run_dir)
+    counts = rundir.training_counts(out)
+    for role in ROLES:
         c = counts[role]
         n_sft = len((out / "credit" / f"{role}_sft.jsonl").read_text().splitlines())
         assert c["heldout_questions"] == 1 and c["sft"]["examples"] == n_sft
@@ -225,14 +243,14 @@ def test_caps_are_applied_after_the_split_and_reported(tiny_run, tmp_path):
     import shutil
 
     cfg, model, _ = tiny_run
-    src = pipeline.Path(cfg.run_dir)
+    src = Path(cfg.run_dir)
     run_dir = tmp_path / "capped"
     run_dir.mkdir()
     shutil.copytree(src / "credit", run_dir / "credit")
-    capped = pipeline.dataclasses.replace(cfg, train=pipeline.dataclasses.replace(
+    capped = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, max_sft_examples=2, max_dpo_pairs=1, sft_epochs=1, dpo_epochs=1))
-    pipeline.run_train(capped, model, run_dir, progress=False, roles=("R",))
-    c = pipeline.training_counts(run_dir)["R"]
+    run_train(capped, model, run_dir, progress=False, roles=("R",))
+    c = rundir.training_counts(run_dir)["R"]
     assert c["sft"]["train"] > 2 and c["sft"]["train_after_cap"] == 2
     assert c["dpo"]["train_after_cap"] == min(1, c["dpo"]["train"])
 
@@ -244,7 +262,7 @@ def _tb_scalars(logdir):
 
     event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
     out = {}
-    for f in sorted(pipeline.Path(logdir).glob("events.out.tfevents.*")):
+    for f in sorted(Path(logdir).glob("events.out.tfevents.*")):
         data = f.read_bytes()
         i = 0
         while i < len(data):
@@ -259,7 +277,7 @@ def _tb_scalars(logdir):
 def test_tensorboard_mirrors_the_jsonl_under_trl_names(tiny_run):
     pytest.importorskip("tensorboardX")
     cfg, _, summary = tiny_run
-    out = pipeline.Path(cfg.run_dir)
+    out = Path(cfg.run_dir)
     assert summary["tensorboard"] == f"tensorboard --logdir {out / 'tensorboard'}"
     history = [json.loads(x) for x in (out / "adapters" / "R_history.jsonl").read_text().splitlines()]
     epochs = [json.loads(x) for x in (out / "adapters" / "R_epochs.jsonl").read_text().splitlines()]

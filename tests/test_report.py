@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from malt_jax.evaluate import SystemResult, compare
-from malt_jax.report import format_table, plot_training_curves, training_section, write_report
+from malt_jax.report import RunRecord, format_table, plot_training_curves, training_section, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,14 +49,8 @@ CREDIT = {
     "R/dpo_pairs": 40,
 }
 
-META = {
-    "model": "SmolLM2-135M-Instruct",
-    "task": "synthetic",
-    "seeds": [0, 1, 2],
-    "config_hash": "abc123",
-    "wall_times": {"expansion": 12.34, "train": 5.0},
-    "device": "cpu",
-}
+META = RunRecord(model="SmolLM2-135M-Instruct", task="synthetic", seeds=[0, 1, 2], config_hash="abc123",
+                 wall_times={"expansion": 12.34, "train": 5.0}, extra={"device": "cpu"})
 
 
 def test_report_tables_and_plots(tmp_path, results):
@@ -103,17 +98,31 @@ def test_report_tables_and_plots(tmp_path, results):
         assert f"]({name})" in text
 
 
+def test_report_run_table_from_the_pipelines_record(tmp_path, results):
+    """The record the pipeline writes (``pipeline.run_record``): every field a labelled row, once."""
+    from malt_jax.config import load_run_config
+    from malt_jax.pipeline import run_record
+
+    cfg = load_run_config(Path(__file__).parents[1] / "experiments" / "smollm2_synthetic.yaml")
+    record = run_record(cfg, n_train=128, n_eval=10, timings={"load": 1.0, "eval": 2.5})
+    lines = write_report(tmp_path, results, [], None, record).read_text().splitlines()
+    rows = lines[lines.index("## Run") + 4:lines.index("## Accuracy") - 1]
+    assert rows == ["| Model | smollm2 |", "| Task | synthetic |", "| Questions | 10 |",
+                    "| Seeds | split 0, train 0, eval 1 |", f"| Config hash | {cfg.hash()} |", "| Wall time | load: 1.0 s, eval: 2.5 s |",
+                    "| Training questions | 128 |", "| Framing | separate |", "| Tree (n x m x l) | 3x3x3 |"]
+
+
 def test_report_without_credit_summary(tmp_path, results):
     # stale plot from an earlier run must not survive next to the new report
     (tmp_path / "positive_rate.png").write_bytes(b"stale")
     comps = compare(results, "MALT G->V->R", ["baseline G"], bootstrap_samples=50)
-    path = write_report(tmp_path, results, comps, None, {"model": "m"})
+    path = write_report(tmp_path, results, comps, None, RunRecord(model="m"))
     text = path.read_text()
     assert "Credit assignment" not in text
     assert not (tmp_path / "positive_rate.png").exists()
     _png_size(tmp_path / "accuracy.png")
 
-    path = write_report(tmp_path, results, comps, {}, {})
+    path = write_report(tmp_path, results, comps, {}, RunRecord())
     text = path.read_text()
     assert "## Credit assignment" in text and "No per-role credit statistics" in text
     assert "positive_rate.png" not in text
@@ -124,7 +133,7 @@ def test_report_without_credit_summary(tmp_path, results):
 def test_report_nan_rates_and_empty_inputs(tmp_path):
     # "generator/sft" comes first, so a last-write-wins merge of the "G/" alias would show 0
     credit = {"generator/sft": 2, "G/positive_rate": float("nan"), "G/sft": 0, "G/dpo_pairs": 0}
-    path = write_report(tmp_path, {}, [], credit, {"title": "Empty run"})
+    path = write_report(tmp_path, {}, [], credit, RunRecord(title="Empty run"))
     text = path.read_text()
     assert text.startswith("# Empty run\n")
     assert "No systems were evaluated." in text and "No paired comparisons." in text

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from malt_jax import pipeline
+from malt_jax.base_model import load_model
 from malt_jax.config import ConfigError, load_run_config
 from malt_jax.study import run_study, size_dir
 from tests.parity_task import ParityTask
@@ -34,7 +34,7 @@ def _cfg(tmp_path, **fmt):
 def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     cfg = load_run_config(_cfg(tmp))
-    model = pipeline.load_model("random", cfg.model)
+    model = load_model("random", cfg.model)
     out = run_study(cfg, progress=False, command="malt-jax study cfg.yaml", model=model, task=ParityTask())
     return tmp, cfg, model, out
 

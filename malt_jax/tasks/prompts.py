@@ -32,12 +32,12 @@ from typing import Any
 
 import yaml
 
+from malt_jax.roles import role_name
+
 PLACEHOLDER = "{question}"
 ANSWER = "{answer}"
 CRITIQUE = "{critique}"
 FRAMINGS = ("chat", "separate")
-ROLES = ("generator", "verifier", "refiner")
-_ROLE_ALIASES = {"g": "generator", "v": "verifier", "r": "refiner"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ class RolePrompts:
 
     def prefix(self, role: str) -> str:
         """The text that starts ``role``'s reply ('' for the generator)."""
-        role = canonical_role(role)
+        role = role_name(role)
         return {"generator": "", "verifier": self.verifier_prefix, "refiner": self.refiner_prefix}[role]
 
     @classmethod
@@ -127,18 +127,10 @@ class RolePrompts:
 
     def user_turn(self, role: str, question: str) -> str:
         """The user message that opens ``role``'s turn."""
-        role = canonical_role(role)
+        role = role_name(role)
         if role == "generator":
             return self.generator.replace(PLACEHOLDER, question)
         return getattr(self, role)
-
-
-def canonical_role(role: str) -> str:
-    """``"generator"``/``"verifier"``/``"refiner"`` (also accepts ``G``/``V``/``R``)."""
-    name = _ROLE_ALIASES.get(role.lower(), role.lower())
-    if name not in ROLES:
-        raise ValueError(f"unknown role {role!r}; valid roles: {list(ROLES)}")
-    return name
 
 
 def role_messages(
@@ -149,7 +141,7 @@ def role_messages(
     verifier_out: str | None = None,
 ) -> list[dict[str, str]]:
     """Chat messages that prompt ``role``; each role's list extends the previous role's."""
-    role = canonical_role(role)
+    role = role_name(role)
     msgs = [
         {"role": "system", "content": prompts.system},
         {"role": "user", "content": prompts.user_turn("generator", question)},
@@ -182,7 +174,7 @@ def separate_messages(
 ) -> list[dict[str, str]]:
     """Chat messages that prompt ``role`` in the separate framing (its own system prompt and one
     user turn quoting the question and the earlier outputs, which should include their prefixes)."""
-    role = canonical_role(role)
+    role = role_name(role)
     if role == "generator":
         return role_messages(prompts, role, question)
     if not prompts.has_separate:

@@ -1,0 +1,243 @@
+"""Stage 4, evaluation: every system on the held-out questions, paired statistics, verifier verdicts.
+
+    <run>/eval/<system>.jsonl   per question: each pass's answer and correctness, the vote, the texts
+
+A :class:`System` is one inference setup (single model or G -> V -> R chain, votes, greedy or
+sampled, base or trained adapters); :func:`run_eval` evaluates a list of them (resumable per
+system) and compares every trained system with every baseline (exact McNemar, paired bootstrap,
+Holm over all but the pre-declared primary comparison, :func:`primary_names`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from malt_jax.base_model import Model
+from malt_jax.codec import PromptCodec
+from malt_jax.config import RunConfig
+from malt_jax.expansion import ExpansionSpec
+from malt_jax.model.llama import Params
+from malt_jax.roles import ROLES
+from malt_jax.rundir import read_rows, write_rows
+from malt_jax.stages.expand import decode_tree, sample_trees
+from malt_jax.tasks import Example, Task
+
+__all__ = ["System", "default_systems", "primary_names", "evaluate_system", "derive_single", "system_results",
+           "critique_verdict", "verifier_stats", "run_eval"]
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """An inference run: depth 1 (single model) or 3 (G->V->R chain), ``votes`` parallel passes,
+    greedy or sampled, base or trained adapters (``stage`` "final": after SFT and DPO, "sft":
+    after SFT only). A run with ``votes > 1`` reports two systems: ``name`` (its first pass
+    alone: one sampled chain, no vote) and ``name+MV@k``."""
+
+    name: str
+    depth: int
+    votes: int
+    greedy: bool
+    trained: bool
+    stage: str = "final"
+
+
+def default_systems(votes: int = 3, sft_chain: bool = False) -> list[System]:
+    """single-greedy, single (+MV), the untrained chain (+MV), MALT (+MV) and, with ``sft_chain``,
+    the SFT-only trained chain (the paper's STaR-style ablation)."""
+    systems = [System("single-greedy", 1, 1, True, False), System("single", 1, votes, False, False),
+               System("chain", 3, votes, False, False)]
+    if sft_chain:
+        systems.append(System("sft-chain", 3, votes, False, True, stage="sft"))
+    return systems + [System("malt", 3, votes, False, True)]
+
+
+def primary_names(votes: int) -> tuple[str, str]:
+    """The pre-declared primary comparison: MALT+MV@k vs single+MV@k (MALT vs single at one vote)."""
+    suffix = f"+MV@{votes}" if votes > 1 else ""
+    return f"malt{suffix}", f"single{suffix}"
+
+
+def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]]) -> dict:
+    """One question's row: the final role's ``system.votes`` texts graded, and their vote."""
+    from malt_jax.evaluate import majority_vote
+
+    finals = texts[ROLES[system.depth - 1]]
+    answers = [task.answer_key(t, ex) for t in finals]
+    correct = [bool(task.grade_example(t, ex)) for t in finals]
+    voted = majority_vote(answers)
+    return {"id": ex.id, "gold": ex.answer, "pass_answers": answers, "pass_correct": correct,
+            "vote_answer": voted, "vote_correct": bool(voted is not None and correct[answers.index(voted)]),
+            "texts": texts}
+
+
+def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example],
+                    adapters: dict[str, Params] | None, out_path: Path, progress: bool = True,
+                    mesh=None) -> list[dict]:
+    """Runs one system on ``examples``; per-question rows, also written as jsonl."""
+    from malt_jax.model.lora import lora_scale
+
+    rows = read_rows(out_path, len(examples))
+    if rows is not None:
+        return rows
+    codec = PromptCodec(model.tokenizer, task, cfg.task.framing)
+    e = cfg.eval
+    sampling = dataclasses.replace(cfg.sampling, greedy=system.greedy, temperature=e.temperature)
+    trained = system.trained and adapters is not None
+    spec = ExpansionSpec(n=system.votes, m=1, l=1, depth=system.depth, max_new=cfg.sampling.budgets(e.max_new_tokens),
+                         sampling=sampling, stop=codec.stop, mode="fork" if trained else "extend")
+    ads = tuple(adapters[r] for r in ROLES) if trained else (None, None, None)
+    rows = []
+
+    def on_batch(b: int, arrays: dict) -> None:
+        texts = decode_tree(codec, arrays, ROLES[: system.depth])
+        for q, i in enumerate(arrays["index"]):
+            rows.append(_score(system, task, examples[i], {r: texts[r][q].reshape(-1).tolist() for r in texts}))
+
+    # as many batches as batch_questions asks for, of equal size (no batch mostly padding)
+    most = max(1, min(len(examples), e.batch_questions or len(examples)))
+    batch = -(-len(examples) // -(-len(examples) // most))
+    sample_trees(model, codec, examples, spec, seed=e.seed, batch_size=batch, adapters=ads,
+                 lora_scale=lora_scale(cfg.lora), on_batch=on_batch, desc=f"eval {system.name}", progress=progress,
+                 mesh=mesh)
+    write_rows(out_path, rows)
+    return rows
+
+
+def _shares_generator(single: System, chain: System) -> bool:
+    """Whether ``single``'s samples are exactly ``chain``'s generator level: the untrained chain's
+    first role is the single model, sampled with the same keys (see ``question_keys``)."""
+    return (single.depth == 1 and chain.depth > 1 and not single.trained and not chain.trained
+            and single.votes == chain.votes and single.greedy == chain.greedy)
+
+
+def derive_single(single: System, chain_rows: list[dict], task: Task, examples: Sequence[Example],
+                  out_path: Path) -> list[dict]:
+    """``single``'s rows scored from the untrained chain's generator texts (no new sampling)."""
+    rows = [_score(single, task, ex, {"G": r["texts"]["G"]}) for ex, r in zip(examples, chain_rows, strict=True)]
+    write_rows(out_path, rows)
+    return rows
+
+
+def system_results(system: System, rows: list[dict]) -> dict:
+    """``SystemResult``s of a run: its first pass, and its majority vote when it has several."""
+    from malt_jax.evaluate import SystemResult
+
+    out = {system.name: SystemResult(system.name, np.asarray([r["pass_correct"][0] for r in rows], bool),
+                                      [r["pass_answers"][0] for r in rows])}
+    if system.votes > 1:
+        name = f"{system.name}+MV@{system.votes}"
+        out[name] = SystemResult(name, np.asarray([r["vote_correct"] for r in rows], bool),
+                                 [r["vote_answer"] for r in rows])
+    return out
+
+
+_VERDICT_LINE = re.compile(r"verdict\s*[:：]", re.IGNORECASE)
+_ANSWER_PHRASE = re.compile(r"(?:the\s+)?correct\s+answer\s+is|final\s+answer", re.IGNORECASE)
+_STATED = re.compile(r"correct\s+answer\s+is\s*:?", re.IGNORECASE)
+
+
+def _stated_answer(task: Task, critique: str, example: Example) -> str | None:
+    """The answer a critique states: the first sentence after "the correct answer is" (else
+    its final answer, e.g. a ``Final Answer:`` line), as ``task.answer_key``."""
+    m = _STATED.search(critique)
+    if m:
+        sentence = re.split(r"\n|\.\s|,\s", critique[m.end():].strip(), maxsplit=1)[0]
+        return task.answer_key("Final Answer: " + sentence, example)
+    return task.answer_key(critique, example)
+
+
+def critique_verdict(task: Task, critique: str, answer: str, example: Example) -> bool | None:
+    """What a critique says of the answer it checked: True (correct), False (incorrect), None.
+
+    An explicit ``Verdict:`` line decides; else a critique that states an answer of its own
+    ("The correct answer is 12." -- the first sentence after that phrase) agrees iff that answer
+    has the checked answer's key (``task.answer_key``); else the first verdict word ("correct",
+    "incorrect", "wrong"), with answer-announcing phrases such as "the correct answer is" ignored.
+    """
+    from malt_jax.evaluate import parse_verdict
+
+    if _VERDICT_LINE.search(critique):
+        return parse_verdict(critique)
+    stated = _stated_answer(task, critique, example)
+    if stated is not None:
+        return stated == task.answer_key(answer, example)
+    return parse_verdict(_ANSWER_PHRASE.sub(" ", critique))
+
+
+def verifier_stats(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
+    """Confusion matrix of a chain's verifier verdicts (:func:`critique_verdict`) against its
+    generator answers' real correctness, over every pass of every question
+    (``evaluate.verifier_confusion``)."""
+    from malt_jax.evaluate import verifier_confusion
+
+    right, said = [], []
+    for ex, r in zip(examples, rows, strict=True):
+        for g, v in zip(r["texts"]["G"], r["texts"]["V"], strict=True):
+            right.append(bool(task.grade_example(g, ex)))
+            said.append(critique_verdict(task, v, g, ex))
+    return verifier_confusion(right, said)
+
+
+def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example], run_dir: str | Path,
+             adapters: dict[str, Params] | None, systems: Sequence[System] | None = None,
+             progress: bool = True, mesh=None, sft_adapters: dict[str, Params] | None = None,
+             out: Path | None = None) -> dict:
+    """Stage 4: every system on the held-out questions, paired statistics, verifier verdicts.
+
+    ``adapters`` / ``sft_adapters``: the roles' adapters after DPO / after SFT only (systems
+    that need missing adapters are skipped). Returns ``results`` (name -> SystemResult),
+    ``comparisons`` (every trained system vs every baseline, and MALT vs the SFT-only chain; the
+    pre-declared primary comparison, :func:`primary_names`, is marked ``primary`` and the others
+    carry Holm-adjusted p-values ``p_holm``) and ``verifier`` (chain name -> verdict confusion).
+    """
+    from malt_jax.evaluate import compare, holm
+
+    out = out or Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    systems = list(systems or default_systems(cfg.eval.votes, cfg.eval.sft_chain))
+    by_stage = {"final": adapters, "sft": sft_adapters}
+    # A single-model system whose samples are an untrained chain's generator level is scored
+    # from that chain's texts: the chain runs first and the single model is not sampled again.
+    source = {s.name: next((c for c in systems if _shares_generator(s, c)), None) for s in systems}
+    order = sorted(systems, key=lambda s: source[s.name] is not None)
+    results, trained_names, all_rows, verifier = {}, [], {}, {}
+    for sys_ in order:
+        ads = by_stage.get(sys_.stage) if sys_.trained else None
+        if sys_.trained and ads is None:
+            continue
+        path = out / f"{sys_.name}.jsonl"
+        chain = source[sys_.name]
+        if chain is not None and read_rows(path, len(examples)) is None:
+            rows = derive_single(sys_, all_rows[chain.name], task, examples, path)
+        else:
+            rows = evaluate_system(sys_, cfg, model, task, examples, ads, path, progress, mesh=mesh)
+        all_rows[sys_.name] = rows
+        if sys_.depth == 3:
+            verifier[sys_.name] = verifier_stats(task, examples, rows)
+    for sys_ in systems:  # the report lists systems in the given order
+        if sys_.name in all_rows:
+            res = system_results(sys_, all_rows[sys_.name])
+            results.update(res)
+            if sys_.trained:
+                trained_names += list(res)
+    baselines = [n for n in results if n not in trained_names]
+    comparisons = []
+    for target in trained_names:
+        others = baselines + [n for n in trained_names if target.startswith("malt") and n.startswith("sft-chain")
+                              and n.endswith(target[len("malt"):]) and ("+MV" in n) == ("+MV" in target)]
+        comparisons += compare(results, target, others, cfg.eval.bootstrap_samples, cfg.eval.seed)
+    primary = primary_names(cfg.eval.votes)
+    for c in comparisons:
+        c["primary"] = (c["target"], c["baseline"]) == primary
+    rest = [c for c in comparisons if not c["primary"]]
+    for c, p in zip(rest, holm([c["mcnemar_p"] for c in rest])):
+        c["p_holm"] = p
+    for c in comparisons:
+        if c["primary"]:
+            c["p_holm"] = c["mcnemar_p"]
+    return {"results": results, "comparisons": comparisons, "verifier": verifier}

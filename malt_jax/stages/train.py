@@ -1,0 +1,104 @@
+"""Stage 3, training: one LoRA adapter per role on the frozen base (SFT, then DPO).
+
+    <run>/adapters/{G,V,R}.safetensors        adapter after DPO (written last: marks the role done)
+    <run>/adapters/{G,V,R}_sft.safetensors    adapter after SFT only
+    <run>/adapters/training.json, {G,V,R}_{history,epochs}.jsonl, {G,V,R}_ckpt/ (orbax checkpoints)
+
+The training loop itself is :func:`malt_jax.train.train_role`; this stage holds out questions to
+choose epochs on, applies the configured caps and writes the role's files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from malt_jax import tblog
+from malt_jax.base_model import Model
+from malt_jax.config import RunConfig
+from malt_jax.distributed import is_lead
+from malt_jax.model.llama import Params
+from malt_jax.roles import ROLE_NAMES, ROLES
+from malt_jax.rundir import load_adapter, load_datasets, save_adapter, training_counts, write_atomic
+
+log = logging.getLogger(__name__)
+
+__all__ = ["heldout_questions", "run_train"]
+
+
+def _subsample(rows: list, cap: int, seed: int) -> list:
+    """A seeded random subset of at most ``cap`` rows (in their original order); cap 0 = all."""
+    if not cap or len(rows) <= cap:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), cap, replace=False))
+    return [rows[i] for i in keep]
+
+
+def heldout_questions(n_questions: int, fraction: float, seed: int) -> set[int]:
+    """The training questions whose examples are held out to choose epochs (about ``fraction``
+    of them, at least one when ``fraction > 0``; seeded, the same for every role)."""
+    if fraction <= 0 or n_questions < 2:
+        return set()
+    k = min(n_questions - 1, max(1, round(fraction * n_questions)))
+    return set(np.random.default_rng([seed, 0x4E1D]).choice(n_questions, k, replace=False).tolist())
+
+
+def _split(examples: list, questions: list[int], held: set[int]) -> tuple[list, list]:
+    return ([e for e, q in zip(examples, questions) if q not in held],
+            [e for e, q in zip(examples, questions) if q in held])
+
+
+def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: bool = True,
+              roles: Sequence[str] = ROLES) -> dict[str, Params]:
+    """Stage 3: SFT for every role, then DPO for V and R (and G if ``train.generator_dpo``).
+
+    The examples of a seeded ``train.heldout_fraction`` of the training questions are held out
+    (by question, so no prompt is shared) to choose each stage's epochs; ``train.max_sft_examples``
+    / ``max_dpo_pairs`` then cap the training part. The counts before and after are written to
+    ``adapters/training.json`` (and the report). A role without any example keeps the base model.
+    """
+    from malt_jax.train import train_role
+
+    out = run_dir / "adapters"
+    out.mkdir(parents=True, exist_ok=True)
+    n_questions = int(json.loads((run_dir / "credit" / "summary.json").read_text())["questions"])
+    held = heldout_questions(n_questions, cfg.train.heldout_fraction, cfg.train.seed)
+    counts = training_counts(run_dir)
+    adapters = {}
+    for role in roles:
+        final = out / f"{role}.safetensors"
+        if final.exists():
+            adapters[role] = load_adapter(final)
+            continue
+        sft, dpo, sft_q, dpo_q = load_datasets(run_dir, role, with_questions=True)
+        if role == "G" and not cfg.train.generator_dpo:
+            dpo, dpo_q = [], []
+        (sft_train, sft_held), (dpo_train, dpo_held) = _split(sft, sft_q, held), _split(dpo, dpo_q, held)
+        c = {"heldout_questions": len(held),
+             "sft": {"examples": len(sft), "heldout": len(sft_held), "train": len(sft_train)},
+             "dpo": {"pairs": len(dpo), "heldout": len(dpo_held), "train": len(dpo_train)}}
+        sft_train = _subsample(sft_train, cfg.train.max_sft_examples, cfg.train.seed)
+        dpo_train = _subsample(dpo_train, cfg.train.max_dpo_pairs, cfg.train.seed)
+        c["sft"]["train_after_cap"], c["dpo"]["train_after_cap"] = len(sft_train), len(dpo_train)
+        for kind, cap in (("sft", cfg.train.max_sft_examples), ("dpo", cfg.train.max_dpo_pairs)):
+            if c[kind]["train_after_cap"] < c[kind]["train"]:
+                log.warning("%s: train.max_%s caps %d %s training examples to %d", role,
+                            "sft_examples" if kind == "sft" else "dpo_pairs", c[kind]["train"], kind, cap)
+        result = train_role(model.params, model.cfg, cfg.lora, cfg.train, sft_train, dpo_train,
+                            ROLE_NAMES[role], out / f"{role}_ckpt", mesh=mesh, progress=progress,
+                            pad_id=model.tokenizer.pad_id, sft_heldout=sft_held, dpo_heldout=dpo_held)
+        c["trained"] = result.trained
+        write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
+        write_atomic(out / f"{role}_epochs.jsonl", "".join(json.dumps(e) + "\n" for e in result.epochs))
+        if is_lead():  # event files and plots are not atomic: one writer
+            tblog.write_training(run_dir, role, result.history, result.epochs)
+        save_adapter(result.sft_adapter, out / f"{role}_sft.safetensors")
+        counts[role] = c
+        write_atomic(out / "training.json", json.dumps(counts, indent=2))
+        save_adapter(result.adapter, final)  # last: its presence marks the role as finished
+        adapters[role] = result.adapter
+    return adapters
