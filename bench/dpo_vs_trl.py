@@ -217,8 +217,7 @@ def main() -> None:
                                                      scale=lora_scale(lora_cfg)))
     fwd()
     tf = common.median([common.timed(fwd) for _ in range(3)])
-    fwd_fl = sum(2.0 * (flops.matmul_params(cfg) + flops.lora_params_per_token(cfg, 8, TARGETS_OURS)) * t
-                 + flops.attn_flops(cfg, 1.0) * t * (t + 1) / 2 for t in rows_lens)
+    fwd_fl = flops.lora_forward_flops(cfg, rows_lens, 8, TARGETS_OURS)
     log(f"malt-jax breakdown: forward alone {tf:.2f}s = {100 * tf / mj:.0f}% of the step time "
         f"(forward = {100 * fwd_fl / fl:.0f}% of the step's model FLOPs; forward at "
         f"{100 * fwd_fl / tf / peak:.0f}% of peak)")
