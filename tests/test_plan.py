@@ -196,7 +196,7 @@ def test_planned_train_step_memory_is_within_25_percent_of_the_compiler(shape, r
     length), for the 1B and 8B shapes cut to 2 layers, with and without remat. float32: XLA:CPU
     runs bfloat16 dots in float32 and keeps float32 copies, which TPUs and GPUs do not."""
     assert jax.device_count() >= 8
-    from malt_jax.plan import compile_step, compiled_bytes
+    from malt_jax.aot import compile_step, compiled_bytes
     from malt_jax.sharding import make_mesh
 
     cfg = load_run_config(ROOT / "experiments" / f"{shape}.yaml", [
@@ -214,7 +214,7 @@ def test_planned_sampling_memory_is_within_25_percent_of_the_compiler(shape):
     """The plan's sampling phase against XLA's memory_analysis of the expansion it describes
     (one batch of questions expanded 3x3x3 with compaction, fsdp=8, float32, 2 layers)."""
     assert jax.device_count() >= 8
-    from malt_jax.plan import compile_expansion, compiled_bytes
+    from malt_jax.aot import compile_expansion, compiled_bytes
     from malt_jax.sharding import make_mesh
 
     cfg = load_run_config(ROOT / "experiments" / f"{shape}.yaml", [
@@ -279,10 +279,10 @@ def test_launch_sh_runs_the_same_command_on_every_worker():
 
 
 def test_refusal_names_dpo_activations_and_every_component_has_advice():
-    from malt_jax.plan import _ADVICE
+    from malt_jax.plan_text import ADVICE
 
     cfg = load_run_config(ROOT / "experiments" / "llama32_1b_gsm8k.yaml")
     plan = make_plan(cfg, device="v5e")  # 16 GiB: the 1B weights fit, a 1280-token DPO microbatch does not
-    assert set(plan.components) <= set(_ADVICE)
+    assert set(plan.components) <= set(ADVICE)
     assert ("dpo", "activations_dpo") in plan.overflows()
     assert "overflowing component: activations_dpo" in plan.refusal() and "train.grad_accum" in plan.refusal()
