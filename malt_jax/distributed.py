@@ -163,7 +163,7 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
     Every leaf of ``batch`` is this process's NumPy slice (leading axis = rows; all processes
     give the same shape). The result is a pytree of global ``jax.Array`` of
     ``rows * (blocks / local blocks)`` rows, sharded like ``sharding.batch_sharding`` (so it
-    can be passed straight to a :class:`malt_jax.train.Stepper` or a jitted sampler). Typed
+    can be passed straight to a :class:`malt_jax.stepper.Stepper` or a jitted sampler). Typed
     PRNG key arrays are supported. With a single process this is a plain sharded
     ``device_put``. Scalars are replicated (every process must pass the same value).
 
