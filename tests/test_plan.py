@@ -72,6 +72,22 @@ def test_qwen_paper_config():
     assert plan.devices == 1 and plan.fits, plan.refusal()
 
 
+def test_config_hashes_of_the_experiments_stay_the_same():
+    """A run's identity must not change under refactors: run directories are matched by it. The
+    retired ``sampling.stop_strings`` (never applied) stays in the identity at its only value, and
+    a config naming it at that value still loads."""
+    from malt_jax.config import ConfigError, RunConfig, to_dict
+
+    assert RunConfig().hash() == "b1ba8bea3dda"
+    assert load_run_config(GSM8K_8B).hash() == "25a5a1c2a66c"
+    assert load_run_config(ROOT / "experiments" / "smollm2_synthetic.yaml").hash() == "50fb14493088"
+    assert to_dict(RunConfig().sampling, identity_only=True)["stop_strings"] == []
+    assert "stop_strings" not in to_dict(RunConfig().sampling)
+    assert load_run_config(GSM8K_8B, ["sampling.stop_strings=[]"]).hash() == "25a5a1c2a66c"
+    with pytest.raises(ConfigError, match="stop_strings has been removed"):
+        load_run_config(GSM8K_8B, ["sampling.stop_strings=[Question:]"])
+
+
 def test_overlay_overrides_flatten():
     ov = overlay_overrides(ROOT / "tpu_configs" / "v5p-64.yaml")
     assert 'mesh={"data":2,"fsdp":8,"tensor":2}' in ov  # one atomic value: replaces the whole mesh
@@ -146,6 +162,22 @@ def test_8b_on_v5p_fsdp8_fits_and_matches_hand_computed_bytes():
     table = plan.table()
     for word in ("parameters", "kv_cache", "activations", "optimizer", "FLOPs", "verdict: fits"):
         assert word in table
+
+
+@pytest.mark.parametrize("preset", ["smollm2-135m", "llama-3.1-8b", "qwen2.5-1.5b", "qwen3-0.6b"])
+def test_parameter_formulas_match_the_abstract_trees(preset):
+    """flops.param_count / lora_params (what the plan reports) count exactly the leaves the model
+    and the adapter allocate."""
+    from malt_jax.config import MODEL_PRESETS, LoraConfig
+    from malt_jax.flops import lora_params, param_count
+    from malt_jax.model.llama import abstract_params
+    from malt_jax.model.lora import abstract_adapter
+
+    m = MODEL_PRESETS[preset]()
+    assert param_count(m) == sum(x.size for x in jax.tree.leaves(abstract_params(m)))
+    for lo in (LoraConfig(), LoraConfig(rank=4, targets=("wq", "w_down"), top_layers=2)):
+        n = sum(x.size for x in jax.tree.leaves(abstract_adapter(m, lo)))
+        assert lora_params(m, lo.rank, lo.targets, lo.top_layers or m.n_layers) == n
 
 
 def test_8b_on_one_16gib_device_is_refused_naming_parameters():
