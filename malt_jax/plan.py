@@ -148,6 +148,48 @@ def _div(n: int, tp: int) -> int:
     return n // tp if tp > 1 and n % tp == 0 else n
 
 
+def _mesh_sizes(cfg: RunConfig, mesh: Mapping[str, int] | str | None,
+                devices: int | None) -> tuple[dict[str, int], int]:
+    """(axis sizes, device count) of ``mesh`` (default ``cfg.mesh``), checked against ``devices``."""
+    from malt_jax.sharding import mesh_sizes
+
+    sizes = mesh_sizes(parse_mesh(mesh) if mesh is not None else dict(cfg.mesh), devices)
+    n_dev = int(np.prod(list(sizes.values())))
+    if devices is not None and n_dev != devices:
+        raise ValueError(f"mesh {mesh_str(sizes)} has {n_dev} devices but --devices is {devices}")
+    if any(s < 1 for s in sizes.values()):
+        raise ValueError(f"mesh {mesh_str(sizes)}: sizes must be >= 1")
+    return sizes, n_dev
+
+
+def _device_memory(device: str | None, device_memory: int | str | None) -> tuple[str, int]:
+    """(device name, bytes per device): ``device_memory`` if given, else the device's HBM."""
+    if device_memory is not None:
+        return device or "custom", parse_bytes(device_memory)
+    device = device or DEFAULT_DEVICE
+    if device not in DEVICE_HBM:
+        raise ValueError(f"--device: unknown device {device!r}; choose from {sorted(DEVICE_HBM)} "
+                         "or give --device-memory")
+    return device, DEVICE_HBM[device]
+
+
+def _notes(cfg: RunConfig, rows: int, micro: int, shards: int, S: int) -> list[str]:
+    """Warnings about the config that do not make it refused."""
+    t = cfg.train
+    T, accum = t.max_seq_len, max(int(t.grad_accum), 1)
+    notes = []
+    if S > T:
+        notes.append(f"KV cache length {S} > train.max_seq_len {T}: refiner SFT/DPO examples (prompt + G + V + R) "
+                     "will be truncated; raise train.max_seq_len")
+    for name, r in (("sampling rows", rows), ("SFT microbatch", micro), ("DPO microbatch rows", 2 * micro)):
+        if shards > 1 and r % shards:
+            notes.append(f"{name} ({r}) not divisible by data*fsdp = {shards}: that batch is replicated, not split")
+    if t.batch_size % accum:
+        notes.append(f"train.batch_size {t.batch_size} is not a multiple of train.grad_accum {accum} (the trainer "
+                     "will refuse it)")
+    return notes
+
+
 def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devices: int | None = None,
               device: str | None = None, device_memory: int | str | None = None, usable: float = USABLE_FRACTION,
               prompt_tokens: int = 256, turn_tokens: int = 32, compile: bool = False) -> Plan:
@@ -159,28 +201,13 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
 
     from malt_jax.model.llama import abstract_params
     from malt_jax.optim import make_optimizer
-    from malt_jax.sharding import batch_shards, mesh_sizes, param_shardings
+    from malt_jax.sharding import batch_shards, param_shardings
     from malt_jax.stepper import state_shardings
     from malt_jax.steps import abstract_state
 
-    # -- mesh ------------------------------------------------------------------------------
-    sizes = mesh_sizes(parse_mesh(mesh) if mesh is not None else dict(cfg.mesh), devices)
-    n_dev = int(np.prod(list(sizes.values())))
-    if devices is not None and n_dev != devices:
-        raise ValueError(f"mesh {mesh_str(sizes)} has {n_dev} devices but --devices is {devices}")
-    if any(s < 1 for s in sizes.values()):
-        raise ValueError(f"mesh {mesh_str(sizes)}: sizes must be >= 1")
+    sizes, n_dev = _mesh_sizes(cfg, mesh, devices)
     amesh = _abstract_mesh(sizes)
-
-    if device_memory is None:
-        device = device or DEFAULT_DEVICE
-        if device not in DEVICE_HBM:
-            raise ValueError(f"--device: unknown device {device!r}; choose from {sorted(DEVICE_HBM)} "
-                             "or give --device-memory")
-        mem = DEVICE_HBM[device]
-    else:
-        mem = parse_bytes(device_memory)
-        device = device or "custom"
+    device, mem = _device_memory(device, device_memory)
     if not 0 < usable <= 1:
         raise ValueError(f"usable fraction must be in (0, 1], got {usable}")
 
@@ -286,17 +313,7 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
         "sft_rows_per_device": sft_dev, "dpo_rows_per_device": dpo_dev,
         "activation_factor": (b * lin + Hd * T * (4 + b)) / (D * b),
     }
-    notes = []
-    if S > T:
-        notes.append(f"KV cache length {S} > train.max_seq_len {T}: refiner SFT/DPO examples (prompt + G + V + R) "
-                     "will be truncated; raise train.max_seq_len")
-    for name, r in (("sampling rows", rows), ("SFT microbatch", micro), ("DPO microbatch rows", 2 * micro)):
-        shards = batch_shards(amesh)
-        if shards > 1 and r % shards:
-            notes.append(f"{name} ({r}) not divisible by data*fsdp = {shards}: that batch is replicated, not split")
-    if t.batch_size % accum:
-        notes.append(f"train.batch_size {t.batch_size} is not a multiple of train.grad_accum {accum} (the trainer "
-                     "will refuse it)")
+    notes = _notes(cfg, rows, micro, batch_shards(amesh), S)
 
     plan = Plan(name=cfg.name, mesh=sizes, devices=n_dev, device=device, device_memory=mem, usable=usable,
                 n_params=m.n_params, n_lora=n_lora, components=c, phases=phases, details=details, flops=flops,
