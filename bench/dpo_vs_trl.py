@@ -110,7 +110,7 @@ def main() -> None:
     peak = flops.measure_peak_jax(1024 if args.quick else 2048)
     log(f"measured f32 matmul peak (jax): {peak / 1e9:.1f} GFLOP/s")
 
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok._tok, eos_token=tok.decode([tok.eos_id]),
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=tok.decode([tok.eos_id]),
                                      pad_token=tok.decode([tok.pad_id]))
     tmp = tempfile.TemporaryDirectory()
     save_hf(params, cfg, os.path.join(tmp.name, "model"))
@@ -210,15 +210,14 @@ def main() -> None:
     log(f"TRL best with {best} torch thread(s); vs {threads[0]} threads: "
         f"{common.median(tt[threads[0]]) / mj:.2f}x")
     # breakdown: the forward pass alone (the same no-grad pass as the reference log-probs) vs the step
-    from malt_jax.train import _batch_logps, _rows
+    from malt_jax.scoring import batch_logps, batch_rows
 
-    rows0 = _rows(batches[0][0], None)
-    fwd = lambda: jax.block_until_ready(_batch_logps(base, state.adapter, rows0, cfg=cfg,  # noqa: E731
-                                                     scale=lora_scale(lora_cfg)))
+    rows0 = batch_rows(batches[0][0], None)
+    fwd = lambda: jax.block_until_ready(batch_logps(base, state.adapter, rows0, cfg=cfg,  # noqa: E731
+                                                    scale=lora_scale(lora_cfg)))
     fwd()
     tf = common.median([common.timed(fwd) for _ in range(3)])
-    fwd_fl = sum(2.0 * (flops.matmul_params(cfg) + flops.lora_params_per_token(cfg, 8, TARGETS_OURS)) * t
-                 + flops.attn_flops(cfg, 1.0) * t * (t + 1) / 2 for t in rows_lens)
+    fwd_fl = flops.lora_forward_flops(cfg, rows_lens, 8, TARGETS_OURS)
     log(f"malt-jax breakdown: forward alone {tf:.2f}s = {100 * tf / mj:.0f}% of the step time "
         f"(forward = {100 * fwd_fl / fl:.0f}% of the step's model FLOPs; forward at "
         f"{100 * fwd_fl / tf / peak:.0f}% of peak)")

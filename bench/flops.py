@@ -6,12 +6,9 @@
 * :func:`measure_bandwidth_jax` — bytes/s of a jitted reduction over a large array (the
   practical memory-read bandwidth). Small-batch decoding reads every weight once per step and
   does ~2 FLOPs per weight and row, so it is bandwidth-bound long before it is FLOP-bound.
-* Model FLOPs (the usual "MFU" convention: useful matmul work, causal attention counted over
-  the real context only, padding excluded):
-    forward per token   = 2·N_matmul + 4·L·H·hd·ctx       (N_matmul includes the LM head)
-    LoRA training token = forward + backward, where the frozen base needs activation
-                          gradients only: 2·N_matmul + 2·attention (no weight gradients)
-                          + the tiny LoRA matmuls (fwd + 2x bwd).
+* Model FLOPs come from ``malt_jax.flops`` (the one set of formulas, conventions stated there),
+  in the usual "MFU" convention: useful matmul work, each token attending its real causal
+  context, padding excluded.
 
     python bench/flops.py            # prints the measured peak and bandwidth (and torch's)
 """
@@ -23,50 +20,40 @@ import time
 
 import common  # noqa: F401  (puts the project root on sys.path)
 
+from malt_jax import flops as model_flops
+
 
 def matmul_params(cfg) -> int:
     """Weights used in matmuls per token: all projections of every layer + the LM head."""
-    L, D, H, K, hd, F = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
-    per_layer = D * H * hd + 2 * D * K * hd + H * hd * D + 3 * D * F
-    return L * per_layer + D * cfg.vocab_size
+    return model_flops.matmul_params(cfg)
 
 
-def attn_flops(cfg, ctx: float) -> float:
-    """Attention FLOPs (QK^T and PV) of one query token attending to ``ctx`` keys, all layers."""
-    return 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * ctx
+def causal_pairs(t: float) -> float:
+    """(query, key) pairs of a causal row of ``t`` real tokens: token i attends i keys."""
+    return t * (t + 1) / 2
 
 
 def decode_flops(cfg, batch: int, prompt_lens, new_tokens: int) -> float:
     """Model FLOPs of prefill + ``new_tokens`` decode steps for ``batch`` rows (``prompt_lens``:
     per-row prompt lengths). Each token attends to its real context."""
-    n = matmul_params(cfg)
-    total = 0.0
-    for p in prompt_lens[:batch]:
-        seq = p + new_tokens
-        # tokens 1..seq each attend to (their index) keys: sum = seq (seq + 1) / 2
-        total += 2.0 * n * seq + attn_flops(cfg, 1.0) * seq * (seq + 1) / 2
-    return total
+    return sum(model_flops.forward_flops(cfg, p + new_tokens, causal_pairs(p + new_tokens))
+               for p in prompt_lens[:batch])
 
 
 def lora_params_per_token(cfg, rank: int, targets) -> int:
-    L, D, H, K, hd, F = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
-    dims = {"wq": (D, H * hd), "wk": (D, K * hd), "wv": (D, K * hd), "wo": (H * hd, D),
-            "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
-    return L * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+    return model_flops.lora_params(cfg, rank, targets)
+
+
+def lora_forward_flops(cfg, seq_lens, rank: int, targets) -> float:
+    """Model FLOPs of a forward pass with a LoRA adapter on every layer over rows of the given real lengths."""
+    lp = lora_params_per_token(cfg, rank, targets)
+    return sum(model_flops.forward_flops(cfg, t, causal_pairs(t), lp) for t in seq_lens)
 
 
 def lora_train_flops(cfg, seq_lens, rank: int, targets) -> float:
-    """Model FLOPs of one LoRA training step (forward + backward, frozen base) over rows of the
-    given real lengths. The reference pass is NOT included (both sides precompute it)."""
-    n = matmul_params(cfg)
-    lp = lora_params_per_token(cfg, rank, targets)
-    total = 0.0
-    for t in seq_lens:
-        attn = attn_flops(cfg, 1.0) * t * (t + 1) / 2
-        fwd = 2.0 * (n + lp) * t + attn
-        bwd = 2.0 * n * t + 2.0 * attn + 4.0 * lp * t
-        total += fwd + bwd
-    return total
+    """Model FLOPs of one LoRA training step (forward + backward, frozen base, every layer adapted)
+    over rows of the given real lengths. The reference pass is NOT included (both sides precompute it)."""
+    return sum(model_flops.lora_train_flops(cfg, rank, targets, 0, t, causal_pairs(t)) for t in seq_lens)
 
 
 def measure_peak_jax(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:

@@ -7,7 +7,7 @@ run, its percentages mean nothing). One process, compile excluded, medians of ti
 * **peak**: the device's dense bf16 matmul peak from its spec sheet (``--peak-tflops``; known
   for H100/H200 SXM) **and** the FLOP/s of a large jitted bf16 matmul measured in this run;
   memory: the spec HBM bandwidth (``--hbm-tbs``) and a measured read of a large array.
-* **SFT / DPO**: ``train.Stepper`` as the MALT recipe runs it (LoRA on all 7 projections,
+* **SFT / DPO**: ``stepper.Stepper`` as the MALT recipe runs it (LoRA on all 7 projections,
   AdamW, clipping), ``--rows`` rows of ``--seq`` tokens (DPO: rows/2 pairs); model FLOPs per
   step from ``flops.lora_train_flops`` (forward ``2N`` + activation gradients ``2N`` per token
   + attention; the frozen base gets no weight gradients), MFU = FLOPs / time / peak.

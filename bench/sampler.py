@@ -12,7 +12,7 @@
    interleaved, same keys; the two must sample identical tokens (checked). Also printed: the
    prompt tokens each mode encodes and the measured time of naive's re-prefills alone.
 
-    python bench/sampler.py            # default sizes (~5 min on 2 quiet cores, first run compiles)
+    python bench/sampler.py            # default sizes (wall times: bench/README.md)
     python bench/sampler.py --quick    # smoke run
 """
 

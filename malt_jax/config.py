@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from malt_jax.flops import param_count
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, missing or has the wrong type."""
@@ -80,14 +82,8 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        if self.qkv_bias:
-            attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
-        if self.qk_norm:
-            attn += 2 * self.head_dim
-        mlp = 3 * self.dim * self.hidden_dim
-        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        return self.n_layers * (attn + mlp + 2 * self.dim) + emb + self.dim
+        """Every stored parameter (``flops.param_count``)."""
+        return param_count(self)
 
     @classmethod
     def smollm2_135m(cls, **kw: Any) -> "ModelConfig":
@@ -172,7 +168,6 @@ class SamplingConfig:
     # eval.max_new_tokens for evaluation
     role_max_new_tokens: tuple[int, ...] = ()
     greedy: bool = False
-    stop_strings: tuple[str, ...] = ()
     # Decoding runs until a batch's longest row ends. When half of the rows have ended, the live
     # rows continue alone in a half-size batch (up to this many halvings; 0 = never). Speed only:
     # the samples are the same, so it is not part of a run's identity (config hash).
@@ -344,7 +339,15 @@ class RunConfig:
                               f"task.num_train={self.task.num_train} (the questions expanded for the study)")
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(to_dict(self, identity_only=True), sort_keys=True).encode()).hexdigest()[:12]
+        """The run's identity: :func:`config_hash` of the fields that define its results."""
+        return config_hash(self)
+
+
+# Fields removed from a config section, with the one value every config had for them: a config's
+# identity still lists them (so the hashes of earlier runs stay valid), and a config file naming
+# one at that value (an earlier run directory's config.yaml) still loads. ``stop_strings`` was
+# part of the hash but never applied.
+RETIRED_FIELDS: dict[type, dict[str, Any]] = {SamplingConfig: {"stop_strings": ()}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,8 +357,8 @@ class RunConfig:
 def to_dict(cfg: Any, identity_only: bool = False) -> Any:
     """Plain dict/list form of a config; ``identity_only`` leaves out speed-only fields (those
     with ``metadata={"identity": False}``), which do not change a run's results, and fields
-    added later at their default (``metadata={"identity": "non-default"}``), so the hashes of
-    earlier runs stay valid."""
+    added later at their default (``metadata={"identity": "non-default"}``), and lists the
+    ``RETIRED_FIELDS``, so the hashes of earlier runs stay valid."""
     if dataclasses.is_dataclass(cfg):
         def keep(f: dataclasses.Field) -> bool:
             if not identity_only:
@@ -363,12 +366,21 @@ def to_dict(cfg: Any, identity_only: bool = False) -> Any:
             ident = f.metadata.get("identity", True)
             return ident is True or (ident == "non-default" and getattr(cfg, f.name) != f.default)
 
-        return {f.name: to_dict(getattr(cfg, f.name), identity_only) for f in dataclasses.fields(cfg) if keep(f)}
+        out = {f.name: to_dict(getattr(cfg, f.name), identity_only) for f in dataclasses.fields(cfg) if keep(f)}
+        if identity_only:
+            out.update({k: to_dict(v) for k, v in RETIRED_FIELDS.get(type(cfg), {}).items()})
+        return out
     if isinstance(cfg, tuple):
         if cfg and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in cfg):
             return {k: to_dict(v, identity_only) for k, v in cfg}
         return [to_dict(x, identity_only) for x in cfg]
     return cfg
+
+
+def config_hash(cfg: Any, identity_only: bool = True) -> str:
+    """12 hex digits of the SHA-256 of a config's :func:`to_dict` (``identity_only``: the run's
+    identity, see there; ``False``: every field)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg, identity_only), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -379,14 +391,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} does not match {tp}")
     if origin is Literal:
         if value not in args:
@@ -449,6 +460,13 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Builds dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = dict(data)
+    for k, value in RETIRED_FIELDS.get(cls, {}).items():
+        if k in data:
+            if to_dict(data[k]) != to_dict(value):
+                raise ConfigError(f"{prefix}{k} has been removed; delete it from the config (only its old default "
+                                  f"{to_dict(value)!r} is still accepted)")
+            del data[k]
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(

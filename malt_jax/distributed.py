@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 __all__ = [
     "initialize",
@@ -147,15 +147,6 @@ def process_count() -> int:
     return jax.process_count()
 
 
-def _batch_spec(mesh: Mesh, ndim: int) -> P:
-    from malt_jax.sharding import AXIS_RULES
-
-    axes = tuple(a for a in AXIS_RULES["batch"] if mesh.shape.get(a, 1) > 1)
-    if ndim == 0 or not axes:
-        return P()
-    return P(axes[0] if len(axes) == 1 else axes, *([None] * (ndim - 1)))
-
-
 def _batch_blocks(sharding: NamedSharding, ndim: int) -> tuple[int, int]:
     """(distinct row blocks held by this process, row blocks in total) of a batch sharding."""
     entry = sharding.spec[0]
@@ -172,12 +163,13 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
     Every leaf of ``batch`` is this process's NumPy slice (leading axis = rows; all processes
     give the same shape). The result is a pytree of global ``jax.Array`` of
     ``rows * (blocks / local blocks)`` rows, sharded like ``sharding.batch_sharding`` (so it
-    can be passed straight to a :class:`malt_jax.train.Stepper` or a jitted sampler). Typed
+    can be passed straight to a :class:`malt_jax.stepper.Stepper` or a jitted sampler). Typed
     PRNG key arrays are supported. With a single process this is a plain sharded
     ``device_put``. Scalars are replicated (every process must pass the same value).
 
     Raises ValueError if the local row count does not split evenly over the local devices.
     """
+    from malt_jax.sharding import batch_sharding
 
     def one(x: Any) -> jax.Array:
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -185,9 +177,8 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
             data = one(np.asarray(jax.random.key_data(x)))
             return jax.random.wrap_key_data(data, impl=impl)
         x = np.asarray(x)
-        spec = _batch_spec(mesh, x.ndim)
-        sharding = NamedSharding(mesh, spec)
-        if x.ndim == 0 or spec == P():
+        sharding = batch_sharding(mesh, x.ndim)
+        if x.ndim == 0 or sharding.spec[0] is None:  # no batch axis splits it: replicated
             return jax.make_array_from_process_local_data(sharding, x, x.shape)
         local_blocks, blocks = _batch_blocks(sharding, x.ndim)
         if x.shape[0] % local_blocks:

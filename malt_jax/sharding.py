@@ -117,23 +117,33 @@ def mesh_context(mesh: Mesh | None):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a mesh with axes (data, fsdp, tensor). Missing axes get size 1; with no shape,
-    every device goes on ``data``. A size of -1 takes the remaining devices."""
-    devices = list(devices if devices is not None else jax.devices())
+def mesh_sizes(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None, n_devices: int | None) -> dict[str, int]:
+    """Axis sizes ``{data, fsdp, tensor}`` of a mesh shape over ``n_devices``: missing axes get
+    size 1; no shape puts every device (``n_devices``, else 1) on ``data``; one axis of -1 takes
+    the devices the others leave (it needs ``n_devices``). Does not check the product."""
     shape = dict(shape or {})
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh: unknown axis {sorted(unknown)[0]!r}; axes are {MESH_AXES}")
     if not shape:
-        shape = {"data": len(devices)}
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-    if sizes.count(-1) > 1:
+        shape = {"data": n_devices or 1}
+    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    if list(sizes.values()).count(-1) > 1:
         raise ValueError("mesh: at most one axis may be -1")
-    if -1 in sizes:
-        rest = int(np.prod([s for s in sizes if s != -1]))
-        sizes[sizes.index(-1)] = len(devices) // rest
+    if -1 in sizes.values():
+        if n_devices is None:
+            raise ValueError("mesh: an axis of -1 needs --devices")
+        rest = int(np.prod([s for s in sizes.values() if s != -1]))
+        sizes = {a: (n_devices // rest if s == -1 else s) for a, s in sizes.items()}
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh with axes (data, fsdp, tensor) from :func:`mesh_sizes` of ``shape`` over
+    ``devices`` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = list(mesh_sizes(shape, len(devices)).values())
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                          f"but {len(devices)} are available")
@@ -182,7 +192,10 @@ def batch_shards(mesh: Any) -> int:
 
 
 def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) -> NamedSharding:
-    """Shards the leading (batch) axis over data+fsdp; other axes replicated."""
+    """Shards the leading (batch) axis of an ``ndim``-dimensional array over data+fsdp (replicated
+    when ``shape[0]`` does not split evenly); other axes, and scalars, replicated."""
+    if ndim == 0:
+        return NamedSharding(mesh, P())
     axes = ("batch",) + (None,) * (ndim - 1)
     shape = shape or (batch_shards(mesh),) + (1,) * (ndim - 1)
     return sharding_for(axes, shape, mesh)

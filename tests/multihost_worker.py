@@ -5,7 +5,7 @@ Run as ``python tests/multihost_worker.py --coordinator 127.0.0.1:PORT --num-pro
 and ``JAX_PLATFORMS=cpu``: the processes join one 8-device CPU "slice" with
 ``malt_jax.distributed.initialize``, then :func:`compute` runs
 
-* two sharded SFT steps (``malt_jax.train.Stepper`` on a {data: 2, fsdp: 2, tensor: 2} mesh),
+* two sharded SFT steps (``malt_jax.stepper.Stepper`` on a {data: 2, fsdp: 2, tensor: 2} mesh),
   each process feeding only its half of every batch (``host_local_to_global``);
 * a sharded sampling call (``malt_jax.sampling.generate``, batch split over ``data: 8``);
 * an Orbax checkpoint save + sharded restore of the train state into a shared directory.
@@ -26,7 +26,7 @@ import numpy as np
 CKPT_STEP = 2
 
 
-def _setup():
+def worker_setup():
     import jax
     import jax.numpy as jnp
 
@@ -64,7 +64,7 @@ def compute(ckpt_dir: str | None = None) -> dict[str, np.ndarray]:
     from malt_jax.sharding import make_mesh
     from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings
 
-    cfg, lora, train, base, batches, (prompts, lens), sc, jnp = _setup()
+    cfg, lora, train, base, batches, (prompts, lens), sc, jnp = worker_setup()
     p, n_proc = jax.process_index(), jax.process_count()
 
     def mine(x):  # this process's slice of the global rows

@@ -13,7 +13,7 @@ from malt_jax.model import llama, weights
 from tests.reference import reference_logits
 
 
-def _random_hf(cfg: ModelConfig, seed: int = 0) -> dict:
+def random_hf(cfg: ModelConfig, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     H, K, hd, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.hidden_dim
     t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (cfg.vocab_size, D)),
@@ -51,7 +51,7 @@ def _write_hf(tmp_path, cfg, hf):
 @pytest.mark.parametrize("tied", [True, False])
 def test_forward_matches_numpy_reference(tmp_path, tied):
     cfg = ModelConfig.tiny(tie_embeddings=tied)
-    hf = _random_hf(cfg)
+    hf = random_hf(cfg)
     params, loaded_cfg = weights.load_hf(_write_hf(tmp_path, cfg, hf))
     assert loaded_cfg == cfg
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 23)
@@ -146,7 +146,7 @@ def test_gguf_roundtrip_unpermutes_qk(tmp_path):
     from tests.fixtures import write_gguf
 
     cfg = ModelConfig.tiny(vocab_size=256, dim=64, hidden_dim=128)
-    hf = _random_hf(cfg, seed=5)
+    hf = random_hf(cfg, seed=5)
     path = write_gguf(tmp_path / "tiny.gguf", cfg, hf, quantize=True)
     params, cfg2 = weights.load_gguf(path)
     assert cfg2.n_heads == cfg.n_heads and cfg2.tie_embeddings
@@ -159,7 +159,7 @@ def test_gguf_roundtrip_unpermutes_qk(tmp_path):
 
 def test_shape_mismatch_names_tensor(tmp_path):
     cfg = ModelConfig.tiny()
-    _write_hf(tmp_path, cfg, _random_hf(cfg))
+    _write_hf(tmp_path, cfg, random_hf(cfg))
     with pytest.raises(weights.WeightError, match=r"tensor layer 0 wo has shape \(64, 64\), expected \(128, 64\)"):
         weights.load_hf(tmp_path, ModelConfig.tiny(n_heads=8, n_kv_heads=2))
 
@@ -172,7 +172,7 @@ def test_missing_and_truncated_files(tmp_path):
     with pytest.raises(weights.WeightError, match="trunc.gguf"):
         weights.load_gguf(bad)
     cfg = ModelConfig.tiny()
-    d = _write_hf(tmp_path / "hf", cfg, _random_hf(cfg)) if (tmp_path / "hf").mkdir() is None else None
+    d = _write_hf(tmp_path / "hf", cfg, random_hf(cfg)) if (tmp_path / "hf").mkdir() is None else None
     st = d / "model.safetensors"
     st.write_bytes(st.read_bytes()[:1000])
     with pytest.raises(weights.WeightError, match="truncated"):

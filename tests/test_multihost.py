@@ -100,9 +100,9 @@ def test_checkpoint_spread_over_processes(two_process_run, reference):
     from malt_jax.model.lora import init_lora
     from malt_jax.sharding import make_mesh
     from malt_jax.train import TrainState, make_optimizer, state_shardings
-    from tests.multihost_worker import CKPT_STEP, _setup
+    from tests.multihost_worker import CKPT_STEP, worker_setup
 
-    cfg, lora, train, *_ = _setup()
+    cfg, lora, train, *_ = worker_setup()
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     fresh = TrainState.create(init_lora(cfg, lora, jax.random.key(5)), make_optimizer(train, 10))
     with Checkpointer(ckpt) as ck:

@@ -13,7 +13,7 @@ from malt_jax.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig
 from malt_jax.model import llama, lora, weights
 from tests.fixtures import write_gguf
 from tests.reference import reference_logits
-from tests.test_model import _random_hf
+from tests.test_model import random_hf
 
 ARCHS = ("qwen2", "qwen3")
 
@@ -23,7 +23,7 @@ def _cfg(arch, **kw):
 
 
 def _random_qwen_hf(cfg, seed=0):
-    hf = _random_hf(cfg, seed)
+    hf = random_hf(cfg, seed)
     rng = np.random.default_rng(seed + 100)
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     for i in range(cfg.n_layers):

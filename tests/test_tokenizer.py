@@ -222,7 +222,7 @@ def test_tiny_tokenizer_json(tmp_path: Path) -> None:
 
 def test_gguf_tokenizer_serialized_to_json(tok: Tokenizer, tmp_path: Path) -> None:
     path = tmp_path / "tokenizer.json"
-    path.write_text(tok._tok.to_str())
+    path.write_text(tok.backend.to_str())
     cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": tok.chat_template}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     again = load_tokenizer(path)

@@ -465,6 +465,6 @@ def test_optimizer_equals_optax_adamw_with_warmup_cosine(total, ratio, wd):
 
 
 def _current_lr_of(state):
-    from malt_jax.train import _current_lr
+    from malt_jax.optim import current_lr
 
-    return _current_lr(state)
+    return current_lr(state)

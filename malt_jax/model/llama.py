@@ -135,9 +135,14 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     return params
 
 
+def abstract_params(cfg: ModelConfig) -> Params:
+    """The parameters as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
 def param_shapes(cfg: ModelConfig) -> dict:
     """Expected shapes of every parameter (used to check imported checkpoints)."""
-    return jax.tree.map(lambda x: tuple(x.shape), jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+    return jax.tree.map(lambda x: tuple(x.shape), abstract_params(cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,10 +197,9 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     Same forward as the plain expression; the backward is written by hand with the token axes
     flattened: ``db = (x a)ᵀ g``, ``da = xᵀ (g bᵀ)``, ``dx = (g bᵀ) aᵀ``. Autodiff of the plain
     expression contracts the [B, T, out] cotangent over (B, T) for ``db``, and XLA:CPU then
-    materialises that cotangent transposed (a strided loop fusion that took 40 % of a LoRA
-    DPO step on SmolLM2-135M); this form keeps every operand in its natural layout (the step's
-    value_and_grad went from 3.46 to 2.30 s, see bench/README.md). Gradients equal autodiff's
-    to float rounding (tests/test_lora.py).
+    materialises that cotangent transposed (a strided loop fusion that dominated a LoRA DPO
+    step's profile); this form keeps every operand in its natural layout (measurements in
+    bench/README.md). Gradients equal autodiff's to float rounding (tests/test_lora.py).
     """
     return (x @ a) @ b
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from malt_jax.config import LoraConfig, ModelConfig
 from malt_jax.model.llama import LAYER_WEIGHTS, Params, param_shapes
 
-__all__ = ["init_lora", "lora_scale", "merge", "count_params", "adapter_shapes"]
+__all__ = ["init_lora", "lora_scale", "merge", "count_params", "adapter_shapes", "abstract_adapter"]
 
 
 def _check_targets(lora_cfg: LoraConfig) -> None:
@@ -44,6 +44,12 @@ def adapter_shapes(cfg: ModelConfig, lora_cfg: LoraConfig) -> dict:
     r = lora_cfg.rank
     k = lora_cfg.top_layers or cfg.n_layers
     return {"layers": {n: {"a": (k, base[n][1], r), "b": (k, r, base[n][2])} for n in lora_cfg.targets}}
+
+
+def abstract_adapter(cfg: ModelConfig, lora_cfg: LoraConfig) -> Params:
+    """A fresh (float32) adapter as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(cfg, lora_cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def init_lora(cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:

@@ -212,6 +212,11 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- vocabulary
     @property
+    def backend(self) -> HFTokenizer:
+        """The wrapped ``tokenizers.Tokenizer`` (e.g. for ``transformers.PreTrainedTokenizerFast``)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -1,0 +1,128 @@
+"""Ahead-of-time compilation of what the plan models, from abstract shapes (nothing allocated):
+the sharded SFT/DPO step (:func:`compile_step`) and one expansion batch (:func:`compile_expansion`),
+for XLA's ``memory_analysis`` / ``cost_analysis`` next to the plan (tests/test_plan.py,
+bench/plan_vs_compiler.py, tpu_configs/README.md).
+
+XLA's ``cost_analysis`` counts a ``scan`` body once, so the full model's FLOPs cannot be measured
+by compiling it; :func:`one_layer_check` (``malt-jax plan --compile``) compiles a 1-layer version of
+the step instead and reports its FLOPs next to the analytic 1-layer number. XLA:CPU upcasts
+bfloat16 matmuls, so its memory numbers are an upper bound for TPU/GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from malt_jax.config import RunConfig
+from malt_jax.flops import analytic_step_flops
+
+__all__ = ["abstract", "compile_step", "compile_expansion", "compiled_bytes", "one_layer_check"]
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves of ``tree``'s shapes and dtypes carrying ``shardings``."""
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def compile_step(cfg: RunConfig, kind: str, mesh: Any) -> Any:
+    """AOT-compiles the sharded SFT or DPO step of one microbatch (``batch_size / grad_accum``
+    examples; DPO: pairs) of ``cfg`` on ``mesh`` from abstract shapes (nothing is allocated):
+    the executable ``Stepper`` runs, for ``memory_analysis()`` / ``cost_analysis()``."""
+    import jax
+    import jax.numpy as jnp
+
+    from malt_jax.model.llama import abstract_params
+    from malt_jax.optim import make_optimizer
+    from malt_jax.sharding import param_shardings
+    from malt_jax.stepper import Stepper, state_shardings
+    from malt_jax.steps import ROW_KEYS, abstract_state
+
+    t = cfg.train
+    micro = max(t.batch_size // max(t.grad_accum, 1), 1)
+    t = dataclasses.replace(t, grad_accum=1, batch_size=micro)
+    opt = make_optimizer(t, 100)
+    params = abstract_params(cfg.model)
+    state = abstract_state(cfg.model, cfg.lora, opt)
+    rows, T = micro * (2 if kind == "dpo" else 1), t.max_seq_len
+    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "comp_index": jnp.int32,
+              "comp_valid": jnp.bool_}
+    batch = {k: jax.ShapeDtypeStruct((rows, T), dtypes[k]) for k in ROW_KEYS if k in dtypes}
+    batch["weights"] = jax.ShapeDtypeStruct((micro,), jnp.float32)
+    stepper = Stepper(kind, cfg.model, cfg.lora, t, opt, mesh=mesh)
+    ref = jax.ShapeDtypeStruct((rows,), jnp.float32) if kind == "dpo" else None
+    lowered = stepper.lower(abstract(params, param_shardings(params, mesh)),
+                            abstract(state, state_shardings(state, mesh)), batch, ref)
+    return lowered.compile()
+
+
+def compile_expansion(cfg: RunConfig, mesh: Any, prompt_tokens: int = 256, turn_tokens: int = 32) -> Any:
+    """AOT-compiles the trajectory expansion the plan's ``sample`` phase describes: one batch of
+    ``tree.questions_per_batch`` questions of ``prompt_tokens``, expanded ``n x m x l`` in the
+    chat framing (one growing cache, forked per level) with ``turn_tokens`` per role turn and
+    ``sampling.max_new_tokens`` per role, sharded on ``mesh``; abstract shapes only."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from malt_jax.expansion import ExpansionSpec, expand
+    from malt_jax.model.llama import abstract_params
+    from malt_jax.sharding import batch_sharding, mesh_context, param_shardings
+
+    params = abstract_params(cfg.model)
+    Q, tr, mx = cfg.tree.questions_per_batch, cfg.tree, cfg.sampling.max_new_tokens
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), Q))
+    rep = NamedSharding(mesh, P())
+    spec = ExpansionSpec(n=tr.n, m=tr.m, l=tr.l, max_new=(mx, mx, mx), sampling=cfg.sampling, mode="extend")
+    with mesh_context(mesh):
+        lowered = expand.lower(
+            abstract(params, param_shardings(params, mesh)), (None, None, None),
+            jax.ShapeDtypeStruct((Q, prompt_tokens), jnp.int32, sharding=batch_sharding(mesh, 2, (Q, prompt_tokens))),
+            jax.ShapeDtypeStruct((Q,), jnp.int32, sharding=batch_sharding(mesh, 1, (Q,))),
+            tuple(jax.ShapeDtypeStruct((turn_tokens,), jnp.int32, sharding=rep) for _ in range(2)),
+            jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=batch_sharding(mesh, 1, (Q,))),
+            cfg=cfg.model, spec=spec)
+    return lowered.compile()
+
+
+def compiled_bytes(compiled: Any) -> int:
+    """Per-device peak of an executable by XLA's ``memory_analysis``: arguments + outputs +
+    temporaries - what outputs alias from arguments."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def one_layer_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[str, Any]:
+    """AOT-compiles a 1-layer version of the sharded SFT step (one microbatch) from abstract
+    shapes on the first ``n_dev`` local devices; returns cost/memory analysis."""
+    import time
+
+    import jax
+
+    from malt_jax.sharding import make_mesh
+
+    have = jax.device_count()
+    if have < n_dev:
+        return {"error": f"the mesh needs {n_dev} devices but only {have} are visible (run with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} JAX_PLATFORMS=cpu)"}
+    t = cfg.train
+    micro = max(t.batch_size // max(t.grad_accum, 1), 1)
+    one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=1),
+                              lora=dataclasses.replace(cfg.lora, top_layers=0),
+                              train=dataclasses.replace(t, grad_accum=1, batch_size=micro))
+    t0 = time.perf_counter()
+    compiled = compile_step(one, "sft", make_mesh(sizes, jax.devices()[:n_dev]))
+    dt = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    return {
+        "devices": n_dev, "platform": jax.devices()[0].platform, "compile_s": dt,
+        "flops": float((cost or {}).get("flops", 0.0)),
+        "analytic_flops": analytic_step_flops(one, micro) / n_dev,
+        "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0) or 0),
+        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0) or 0),
+        "output_bytes": int(getattr(mem, "output_size_in_bytes", 0) or 0),
+    }
