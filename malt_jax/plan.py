@@ -201,6 +201,7 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
 
     from malt_jax.model.llama import abstract_params
     from malt_jax.optim import make_optimizer
+    from malt_jax.sampling import MIN_COMPACT_ROWS
     from malt_jax.sharding import batch_shards, param_shardings
     from malt_jax.stepper import state_shardings
     from malt_jax.steps import abstract_state
@@ -247,7 +248,7 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     # compaction (sampling.compact_levels) decodes the live half of each device's rows in a copy,
     # then a quarter...: 1/2 + 1/4 + ... of the cache more
     levels, half = 0, rows_dev // 2
-    while levels < cfg.sampling.compact_levels and half >= 4:  # sampling._MIN_COMPACT_ROWS
+    while levels < cfg.sampling.compact_levels and half >= MIN_COMPACT_ROWS:
         levels, half = levels + 1, half // 2
     c["kv_compacted"] = int(c["kv_cache"] * (1 - 0.5 ** levels))
 

@@ -25,13 +25,16 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from malt_jax.evaluate import SystemResult
 from malt_jax.roles import NAMES, ROLE_NAMES, as_role_name
 
-__all__ = ["RunRecord", "write_report", "format_table", "plot_training_curves", "training_section",
-           "verifier_section", "data_section"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["RunRecord", "write_report", "format_table", "new_figure", "plot_training_curves",
+           "training_section", "verifier_section", "data_section"]
 
 _STAT_ALIASES = {"positive_rate": "positive_rate", "sft": "sft", "sft_examples": "sft",
                  "dpo_pairs": "dpo_pairs", "dpo": "dpo_pairs", "nodes": "nodes",
@@ -187,7 +190,8 @@ def _credit_section(summary: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- plots
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure of width x height inches at 100 dpi on the Agg canvas (no pyplot, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -215,7 +219,7 @@ def _plot_accuracy(results: Mapping[str, SystemResult], path: Path) -> None:
         accs.append(acc)
         err_lo.append(max(0.0, acc - lo))
         err_hi.append(max(0.0, hi - acc))
-    fig = _new_figure(max(4.0, 1.2 * len(names) + 2.0), 4.0)
+    fig = new_figure(max(4.0, 1.2 * len(names) + 2.0), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(names)))
     ax.bar(x, accs, yerr=[err_lo, err_hi], capsize=5, color="tab:blue", alpha=0.8,
@@ -232,7 +236,7 @@ def _plot_positive_rate(by_role: Mapping[str, Mapping[str, Any]], path: Path) ->
     roles = [r for r in NAMES if r in by_role]
     rates = [by_role[r].get("positive_rate") for r in roles]
     heights = [0.0 if v is None or _is_nan(v) else float(v) for v in rates]
-    fig = _new_figure(5.0, 4.0)
+    fig = new_figure(5.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(roles)))
     ax.bar(x, heights, color=["tab:green", "tab:orange", "tab:purple"][: len(roles)], alpha=0.85)
@@ -278,7 +282,7 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
     the selected epoch (``best``) is marked with a dashed vertical line and a ring.
     """
     roles = list(epochs_by_role)
-    fig = _new_figure(max(4.0, 4.0 * len(roles)), 6.5)
+    fig = new_figure(max(4.0, 4.0 * len(roles)), 6.5)
     for col, role in enumerate(roles):
         records = list(epochs_by_role[role])
         for row, stage in enumerate(("sft", "dpo")):

@@ -115,7 +115,7 @@ class _DecodeState:
     keys: jax.Array  # [B] per-row PRNG keys
 
 
-_MIN_COMPACT_ROWS = 4  # a compacted batch has at least this many rows (per device group)
+MIN_COMPACT_ROWS = 4  # a compacted batch has at least this many rows (per device group)
 
 
 def _batch_groups(B: int) -> int:
@@ -178,7 +178,7 @@ def _run_compacting(cond, body, s: _DecodeState, levels: int) -> _DecodeState:
     B = s.done.shape[0]
     g = _batch_groups(B)
     half = B // g // 2
-    if levels == 0 or half < _MIN_COMPACT_ROWS:
+    if levels == 0 or half < MIN_COMPACT_ROWS:
         return jax.lax.while_loop(cond, body, s)
 
     def live_max(s: _DecodeState) -> jax.Array:  # the most live rows in any group
@@ -302,14 +302,3 @@ def trim(gen: Generation) -> list[list[int]]:
     """Host-side: output token lists without padding."""
     toks, lens = fetch((gen.tokens, gen.lengths))
     return [toks[i, : lens[i]].tolist() for i in range(toks.shape[0])]
-
-
-def cut_at_stop_strings(text: str, stop_strings: tuple[str, ...] | list[str]) -> str:
-    """Host-side: truncates text at the first occurrence of any stop string (kept out)."""
-    cut = len(text)
-    for s in stop_strings:
-        i = text.find(s)
-        if i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
-

@@ -56,9 +56,9 @@ def _link_rows(src: Path, dst: Path) -> None:
 
 def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
     """Accuracy vs training questions (95% Wilson intervals), baselines as bands."""
-    from malt_jax.report import _new_figure
+    from malt_jax.report import new_figure
 
-    fig = _new_figure(7.0, 4.2)
+    fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     xs = [c["n_train"] for c in curve]
     mv = f"+MV@{votes}" if votes > 1 else ""
