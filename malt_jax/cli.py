@@ -120,8 +120,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         devices = devices or extra.get("devices")
         overrides = plan_lib.overlay_overrides(args.overlay) + overrides
     cfg = load_run_config(args.config, overrides)
-    if args.compile and "jax" not in sys.modules:
-        # fake enough CPU devices for the AOT check (only possible before jax starts a backend)
+    if args.compile and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # fake enough CPU devices for the AOT check. Importing malt_jax has imported jax already, but
+        # XLA reads XLA_FLAGS when jax starts its first backend, which the plan command has not done
+        # yet (a device count already in XLA_FLAGS is kept)
         sizes = [v for v in plan_lib.parse_mesh(args.mesh or dict(cfg.mesh)).values() if v > 0]
         n = devices or max(1, math.prod(sizes))
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -292,6 +293,19 @@ def test_cli_plan_overlay_and_bad_mesh(capsys):
     rc = cli.main(["plan", GSM8K_8B, "--mesh", "data=3,fsdp=8", "--devices", "8"])
     assert rc == 2 and "24 devices" in capsys.readouterr().err
 
+
+
+def test_cli_plan_compile_fakes_the_mesh_devices():
+    """``malt-jax plan --compile`` in a fresh process without a device count in XLA_FLAGS: the
+    command sets one before jax starts its backend, so the AOT check sees the mesh's 2 devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "malt_jax", "plan", "experiments/smollm2_synthetic.yaml",
+                          "train.max_seq_len=128", "--mesh", "data=1,fsdp=2,tensor=1", "--compile", "--json"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode in (0, 3), out.stderr
+    compiled = json.loads(out.stdout)["compiled"]
+    assert "error" not in compiled, compiled
+    assert compiled["devices"] == 2 and compiled["platform"] == "cpu"
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_launch_sh_runs_the_same_command_on_every_worker():
