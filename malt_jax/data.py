@@ -88,9 +88,9 @@ def truncate(prompt: Sequence[int], completion: Sequence[int], max_len: int) -> 
         return prompt, completion
     keep_prompt = max_len - len(completion)
     if keep_prompt >= min(1, len(prompt)):
-        return prompt[len(prompt) - keep_prompt:] if keep_prompt else [], completion
+        return prompt[len(prompt) - keep_prompt :] if keep_prompt else [], completion
     keep_prompt = min(1, len(prompt))
-    return prompt[len(prompt) - keep_prompt:], completion[: max_len - keep_prompt]
+    return prompt[len(prompt) - keep_prompt :], completion[: max_len - keep_prompt]
 
 
 def bucket_length(n: int, max_len: int, min_bucket: int = MIN_BUCKET) -> int:
@@ -121,8 +121,7 @@ def _rows(seqs: list[tuple[list[int], list[int]]], T: int, pad_id: int) -> tuple
     return tokens, targets, mask
 
 
-def pack_sft(examples: Sequence[SFTExample | None], max_len: int, pad_id: int = 0,
-             length: int | None = None) -> Batch:
+def pack_sft(examples: Sequence[SFTExample | None], max_len: int, pad_id: int = 0, length: int | None = None) -> Batch:
     """Packs SFT examples (``None`` = a padding row) into a batch.
 
     Returns ``{"tokens", "targets": int32[B, T], "loss_mask": float32[B, T] (already multiplied
@@ -144,8 +143,7 @@ def pack_sft(examples: Sequence[SFTExample | None], max_len: int, pad_id: int = 
     return {"tokens": tokens, "targets": targets, "loss_mask": mask * w[:, None], "weights": w}
 
 
-def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 0,
-             length: int | None = None) -> Batch:
+def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 0, length: int | None = None) -> Batch:
     """Packs preference pairs (``None`` = padding pair) into an interleaved batch.
 
     Returns ``{"tokens", "targets": int32[2B, T], "loss_mask": float32[2B, T] (0/1),
@@ -166,12 +164,12 @@ def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 
     longest = max((len(p) + len(c) - 1 for p, c in seqs), default=1)
     T = length or bucket_length(longest, max_len)
     tokens, targets, mask = _rows(seqs, T, pad_id)
-    return {"tokens": tokens, "targets": targets, "loss_mask": mask,
-            "weights": np.asarray(weights, np.float32)}
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask, "weights": np.asarray(weights, np.float32)}
 
 
-def pack(examples: Sequence[SFTExample | DPOExample | None], max_len: int, pad_id: int = 0,
-         length: int | None = None) -> Batch:
+def pack(
+    examples: Sequence[SFTExample | DPOExample | None], max_len: int, pad_id: int = 0, length: int | None = None
+) -> Batch:
     """``pack_sft`` or ``pack_dpo`` depending on the example type."""
     kind = next((type(e) for e in examples if e is not None), SFTExample)
     fn = pack_dpo if kind is DPOExample else pack_sft
@@ -209,8 +207,9 @@ def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool = True) ->
     return np.random.default_rng([seed, epoch]).permutation(n_examples)
 
 
-def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                  shuffle: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+def epoch_batches(
+    n_examples: int, batch_size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yields ``(batch_index, example_indices[batch_size])`` from batch ``start`` on.
 
     Indices of ``-1`` mark padding slots of the last partial batch.
@@ -220,7 +219,7 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, start
     padded = np.full(nb * batch_size, -1, np.int64)
     padded[:n_examples] = order
     for b in range(start, nb):
-        yield b, padded[b * batch_size:(b + 1) * batch_size]
+        yield b, padded[b * batch_size : (b + 1) * batch_size]
 
 
 def gather(examples: Sequence, idx: np.ndarray) -> list:
@@ -228,8 +227,16 @@ def gather(examples: Sequence, idx: np.ndarray) -> list:
     return [examples[i] if i >= 0 else None for i in idx]
 
 
-def batches(examples: Sequence[SFTExample | DPOExample], batch_size: int, max_len: int, seed: int, epoch: int,
-            start: int = 0, pad_id: int = 0, shuffle: bool = True) -> Iterator[tuple[int, np.ndarray, Batch]]:
+def batches(
+    examples: Sequence[SFTExample | DPOExample],
+    batch_size: int,
+    max_len: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    pad_id: int = 0,
+    shuffle: bool = True,
+) -> Iterator[tuple[int, np.ndarray, Batch]]:
     """Packed batches of one epoch from batch ``start`` on: ``(batch_index, example_indices, batch)``.
 
     Every batch has ``batch_size`` rows (pairs for DPO); the last one is padded with weight-0 rows.

@@ -81,9 +81,14 @@ def wants_distributed(env: dict[str, str] | None = None) -> bool:
     return len(hosts) > 1
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, local_device_ids: Any = None,
-               initialization_timeout: int = 300) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Any = None,
+    initialization_timeout: int = 300,
+) -> bool:
     """Connects this process to the others (wraps ``jax.distributed.initialize``).
 
     Args:
@@ -116,13 +121,22 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):  # pragma: no cover - option absent in this jax
         pass
-    kwargs: dict[str, Any] = {"coordinator_address": coordinator, "num_processes": num_processes,
-                              "process_id": process_id, "initialization_timeout": initialization_timeout}
+    kwargs: dict[str, Any] = {
+        "coordinator_address": coordinator,
+        "num_processes": num_processes,
+        "process_id": process_id,
+        "initialization_timeout": initialization_timeout,
+    }
     if local_device_ids is not None:
         kwargs["local_device_ids"] = local_device_ids
     jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d/%d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed: process %d/%d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -182,9 +196,11 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
             return jax.make_array_from_process_local_data(sharding, x, x.shape)
         local_blocks, blocks = _batch_blocks(sharding, x.ndim)
         if x.shape[0] % local_blocks:
-            raise ValueError(f"host_local_to_global: {x.shape[0]} local rows do not split over this process's "
-                             f"{local_blocks} batch shards; use a per-process batch that is a multiple of "
-                             f"{local_blocks}")
+            raise ValueError(
+                f"host_local_to_global: {x.shape[0]} local rows do not split over this process's "
+                f"{local_blocks} batch shards; use a per-process batch that is a multiple of "
+                f"{local_blocks}"
+            )
         global_shape = (x.shape[0] * blocks // local_blocks,) + x.shape[1:]
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 

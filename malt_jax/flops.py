@@ -27,8 +27,16 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     from malt_jax.config import ModelConfig, RunConfig
 
-__all__ = ["param_count", "layer_matmul_params", "matmul_params", "lora_params", "attention_flops",
-           "forward_flops", "lora_train_flops", "analytic_step_flops"]
+__all__ = [
+    "param_count",
+    "layer_matmul_params",
+    "matmul_params",
+    "lora_params",
+    "attention_flops",
+    "forward_flops",
+    "lora_train_flops",
+    "analytic_step_flops",
+]
 
 
 def param_count(m: "ModelConfig") -> int:
@@ -55,8 +63,15 @@ def matmul_params(m: "ModelConfig") -> int:
 
 def _target_dims(m: "ModelConfig") -> dict[str, tuple[int, int]]:
     D, H, K, hd, F = m.dim, m.n_heads, m.n_kv_heads, m.head_dim, m.hidden_dim
-    return {"wq": (D, H * hd), "wk": (D, K * hd), "wv": (D, K * hd), "wo": (H * hd, D),
-            "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+    return {
+        "wq": (D, H * hd),
+        "wk": (D, K * hd),
+        "wv": (D, K * hd),
+        "wo": (H * hd, D),
+        "w_gate": (D, F),
+        "w_up": (D, F),
+        "w_down": (F, D),
+    }
 
 
 def lora_params(m: "ModelConfig", rank: int, targets: Sequence[str], layers: int | None = None) -> int:
@@ -80,8 +95,9 @@ def forward_flops(m: "ModelConfig", tokens: float, pairs: float, lora: int = 0) 
     return 2 * (matmul_params(m) + lora) * tokens + attention_flops(m, pairs)
 
 
-def lora_train_flops(m: "ModelConfig", rank: int, targets: Sequence[str], top_layers: int, tokens: float,
-                     pairs: float) -> float:
+def lora_train_flops(
+    m: "ModelConfig", rank: int, targets: Sequence[str], top_layers: int, tokens: float, pairs: float
+) -> float:
     """One LoRA train step over ``tokens`` tokens attending ``pairs`` (query, key) pairs per layer
     (see the module docstring); ``top_layers`` adapted layers (0 = all)."""
     L = m.n_layers

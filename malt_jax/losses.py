@@ -44,9 +44,7 @@ def sequence_logps(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) 
     return jnp.sum(jnp.where(loss_mask > 0, lp, 0.0) * loss_mask.astype(jnp.float32), axis=-1)
 
 
-def sft_loss(
-    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked next-token cross-entropy, mean over counted (completion) tokens.
 
     Args:

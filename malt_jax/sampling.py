@@ -53,7 +53,7 @@ class StopCriteria:
         width = max((len(s) for s in self.stop_seqs), default=1)
         arr = np.full((max(len(self.stop_seqs), 1), width), -1, np.int32)
         for i, s in enumerate(self.stop_seqs):
-            arr[i, width - len(s):] = s
+            arr[i, width - len(s) :] = s
         return arr
 
 
@@ -94,8 +94,17 @@ def prefill(
     t = jnp.arange(T)[None, :]
     positions = start[:, None] + t
     valid = t < lengths[:, None]
-    hidden, cache = forward(params, tokens, positions, cfg, cache=cache, lora=lora,
-                            lora_scale=lora_scale, token_valid=valid, return_hidden=True)
+    hidden, cache = forward(
+        params,
+        tokens,
+        positions,
+        cfg,
+        cache=cache,
+        lora=lora,
+        lora_scale=lora_scale,
+        token_valid=valid,
+        return_hidden=True,
+    )
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return lm_head(params, last, cfg), cache
 
@@ -132,12 +141,12 @@ def _batch_groups(B: int) -> int:
 def _grouped(x: jax.Array, g: int, axis: int) -> jax.Array:
     """[..., B, ...] -> [g, ..., B / g, ...] (rows of group i first)."""
     shp = x.shape
-    return jnp.moveaxis(x.reshape(shp[:axis] + (g, shp[axis] // g) + shp[axis + 1:]), axis, 0)
+    return jnp.moveaxis(x.reshape(shp[:axis] + (g, shp[axis] // g) + shp[axis + 1 :]), axis, 0)
 
 
 def _ungrouped(x: jax.Array, axis: int) -> jax.Array:
     x = jnp.moveaxis(x, 0, axis)
-    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
 
 
 def _take(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
@@ -160,11 +169,13 @@ def _take_rows(s: _DecodeState, idx: jax.Array) -> _DecodeState:
 
 
 def _put_rows(s: _DecodeState, idx: jax.Array, sub: _DecodeState) -> _DecodeState:
-    rows = jax.tree.map(lambda x, y: _put(x, idx, y, 0), s.replace(cache=None, step=None),
-                        sub.replace(cache=None, step=None))
+    rows = jax.tree.map(
+        lambda x, y: _put(x, idx, y, 0), s.replace(cache=None, step=None), sub.replace(cache=None, step=None)
+    )
     c, sc = s.cache, sub.cache
-    cache = c.replace(k=_put(c.k, idx, sc.k, 1), v=_put(c.v, idx, sc.v, 1),
-                      h=None if c.h is None else _put(c.h, idx, sc.h, 0))
+    cache = c.replace(
+        k=_put(c.k, idx, sc.k, 1), v=_put(c.v, idx, sc.v, 1), h=None if c.h is None else _put(c.h, idx, sc.h, 0)
+    )
     return rows.replace(step=sub.step, cache=cache)
 
 
@@ -237,19 +248,44 @@ def decode(
         logps = s.logps.at[:, s.step].set(jnp.where(emit, logp, 0.0))
         stopped = s.stopped | (live & (hit_id | hit_seq))
         done = s.done | hit_id | hit_seq | (s.step + 1 >= N)
-        new_logits, cache = forward(params, tok[:, None], s.pos[:, None], cfg, cache=s.cache, lora=lora,
-                                    lora_scale=lora_scale, token_valid=emit[:, None], return_hidden=True)
+        new_logits, cache = forward(
+            params,
+            tok[:, None],
+            s.pos[:, None],
+            cfg,
+            cache=s.cache,
+            lora=lora,
+            lora_scale=lora_scale,
+            token_valid=emit[:, None],
+            return_hidden=True,
+        )
         new_logits = lm_head(params, new_logits[:, 0], cfg)
         return _DecodeState(
-            step=s.step + 1, cache=cache, logits=new_logits, pos=s.pos + emit, done=done, stopped=stopped,
-            lengths=s.lengths + emit, tokens=tokens, logps=logps, recent=recent, keys=s.keys,
+            step=s.step + 1,
+            cache=cache,
+            logits=new_logits,
+            pos=s.pos + emit,
+            done=done,
+            stopped=stopped,
+            lengths=s.lengths + emit,
+            tokens=tokens,
+            logps=logps,
+            recent=recent,
+            keys=s.keys,
         )
 
     init = _DecodeState(
-        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits.astype(jnp.float32), pos=pos.astype(jnp.int32),
-        done=done0, stopped=jnp.zeros((B,), bool), lengths=jnp.zeros((B,), jnp.int32),
-        tokens=jnp.full((B, N), PAD_ID, jnp.int32), logps=jnp.zeros((B, N), jnp.float32),
-        recent=jnp.full((B, W), -2, jnp.int32), keys=keys,
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=logits.astype(jnp.float32),
+        pos=pos.astype(jnp.int32),
+        done=done0,
+        stopped=jnp.zeros((B,), bool),
+        lengths=jnp.zeros((B,), jnp.int32),
+        tokens=jnp.full((B, N), PAD_ID, jnp.int32),
+        logps=jnp.zeros((B, N), jnp.float32),
+        recent=jnp.full((B, W), -2, jnp.int32),
+        keys=keys,
     )
     s = _run_compacting(cond, body, init, sampling.compact_levels)
     gen = Generation(tokens=s.tokens, lengths=s.lengths, logps=s.logps, stopped=s.stopped, end_pos=s.pos)
@@ -277,8 +313,19 @@ def generate(
     cache = KVCache.zeros(cfg, B, size)
     start = jnp.zeros((B,), jnp.int32)
     logits, cache = prefill(params, cfg, cache, prompt_tokens, prompt_lengths, start, lora, lora_scale)
-    gen, _ = decode(params, cfg, cache, logits, prompt_lengths.astype(jnp.int32), keys, sampling, stop,
-                    max_new_tokens, lora, lora_scale)
+    gen, _ = decode(
+        params,
+        cfg,
+        cache,
+        logits,
+        prompt_lengths.astype(jnp.int32),
+        keys,
+        sampling,
+        stop,
+        max_new_tokens,
+        lora,
+        lora_scale,
+    )
     return gen
 
 

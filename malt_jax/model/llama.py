@@ -69,8 +69,9 @@ class KVCache:
         return self.k.shape[1]
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None, hidden_at: int = 0,
-              after: Any = None) -> "KVCache":
+    def zeros(
+        cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None, hidden_at: int = 0, after: Any = None
+    ) -> "KVCache":
         """An empty cache. ``after`` (any arrays): allocate it only once they are computed. A
         zero buffer depends on nothing, so XLA may create it at the start of the program and keep
         it alive through everything before its first use (e.g. every level of a tree at once)."""
@@ -94,8 +95,10 @@ class KVCache:
         if size < self.size:
             raise ValueError(f"KVCache.grow: {size} slots < current {self.size}")
         extra = size - self.size
-        return self._map(lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, extra), (0, 0)]),
-                         lambda h: jnp.pad(h, [(0, 0), (0, extra), (0, 0)]))
+        return self._map(
+            lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, extra), (0, 0)]),
+            lambda h: jnp.pad(h, [(0, 0), (0, extra), (0, 0)]),
+        )
 
     def repeat(self, times: int) -> "KVCache":
         """Forks every row ``times`` times (row b -> rows b*times .. b*times+times-1)."""
@@ -111,8 +114,13 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     dt = jnp.dtype(cfg.param_dtype)
     L, D, H, K, hd, F = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
     shapes = {
-        "wq": (L, D, H * hd), "wk": (L, D, K * hd), "wv": (L, D, K * hd), "wo": (L, H * hd, D),
-        "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+        "wq": (L, D, H * hd),
+        "wk": (L, D, K * hd),
+        "wv": (L, D, K * hd),
+        "wo": (L, H * hd, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
     }
     keys = jax.random.split(key, len(shapes) + 2)
     layers = {name: (std * jax.random.normal(k, s)).astype(dt) for (name, s), k in zip(shapes.items(), keys)}
@@ -244,8 +252,14 @@ def attention(
 
 
 def cached_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-    q_pos: jax.Array, old_len: jax.Array, valid: jax.Array,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    q_pos: jax.Array,
+    old_len: jax.Array,
+    valid: jax.Array,
 ) -> jax.Array:
     """Grouped-query attention of new tokens over a KV cache and over themselves.
 
@@ -266,8 +280,7 @@ def cached_attention(
     s_old = jnp.where(m_old[:, None, None, None, :], s_old, neg)
     s_new = jnp.where(m_new[:, None, None, :, :], s_new, neg)
     probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cache_v)
-           + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v))
+    out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cache_v) + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v)
     return out.reshape(B, T, H * hd)
 
 
@@ -327,19 +340,41 @@ def hidden_at(params: Params, tokens: jax.Array, cfg: ModelConfig, layer: int) -
     return x
 
 
-def forward_from(params: Params, hidden: jax.Array, cfg: ModelConfig, layer: int, *, lora: Params | None = None,
-                 lora_scale: float = 1.0) -> jax.Array:
+def forward_from(
+    params: Params,
+    hidden: jax.Array,
+    cfg: ModelConfig,
+    layer: int,
+    *,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+) -> jax.Array:
     """Final (normed) hidden states of causal rows from the hidden states ``hidden`` [B, T, dim]
     entering layer ``layer`` (:func:`hidden_at`): ``forward(..., return_hidden=True)`` without
     re-running the layers below ``layer``."""
     B, T = hidden.shape[:2]
-    x, _ = _decoder(params, hidden.astype(jnp.dtype(cfg.dtype)), causal_positions(B, T), cfg, None, lora,
-                    lora_scale, None, first_layer=layer)
+    x, _ = _decoder(
+        params,
+        hidden.astype(jnp.dtype(cfg.dtype)),
+        causal_positions(B, T),
+        cfg,
+        None,
+        lora,
+        lora_scale,
+        None,
+        first_layer=layer,
+    )
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 
-def refresh_top(params: Params, cfg: ModelConfig, cache: KVCache, lengths: jax.Array,
-                lora: Params | None = None, lora_scale: float = 1.0) -> KVCache:
+def refresh_top(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    lengths: jax.Array,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+) -> KVCache:
     """Recomputes the keys/values of layers ``cache.hidden_at ..`` for slots ``< lengths`` [B]
     from the stored hidden states, with ``lora`` (which must not adapt the layers below).
 
@@ -349,12 +384,23 @@ def refresh_top(params: Params, cfg: ModelConfig, cache: KVCache, lengths: jax.A
     if cache.h is None:
         raise ValueError("refresh_top needs a cache created with hidden_at > 0")
     if lora_first_layer(cfg, lora) < cache.hidden_at:
-        raise ValueError(f"refresh_top: the adapter starts at layer {lora_first_layer(cfg, lora)}, below the "
-                         f"cache's stored hidden state (layer {cache.hidden_at})")
+        raise ValueError(
+            f"refresh_top: the adapter starts at layer {lora_first_layer(cfg, lora)}, below the "
+            f"cache's stored hidden state (layer {cache.hidden_at})"
+        )
     B, S = cache.h.shape[:2]
     positions = causal_positions(B, S)
-    _, new = _decoder(params, cache.h, positions, cfg, cache, lora, lora_scale,
-                      positions < lengths[:, None], first_layer=cache.hidden_at)
+    _, new = _decoder(
+        params,
+        cache.h,
+        positions,
+        cfg,
+        cache,
+        lora,
+        lora_scale,
+        positions < lengths[:, None],
+        first_layer=cache.hidden_at,
+    )
     return new
 
 
@@ -432,10 +478,18 @@ def _decoder(
         return lp, ll
 
     if cache is None:
+
         def layer(h, xs):
             lp, ll = xs
-            h, _ = block(h, lp, ll, lambda q, k, v: (
-                attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid), None))
+            h, _ = block(
+                h,
+                lp,
+                ll,
+                lambda q, k, v: (
+                    attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid),
+                    None,
+                ),
+            )
             return h, None
 
         body = jax.checkpoint(layer) if cfg.remat else layer

@@ -97,7 +97,10 @@ class Task(abc.ABC):
         if result.skipped:
             log.warning(
                 "%s/%s: skipped %d malformed rows (first: %s)",
-                self.name, split, result.skipped, result.errors[0] if result.errors else "?",
+                self.name,
+                split,
+                result.skipped,
+                result.errors[0] if result.errors else "?",
             )
         return result.examples
 
@@ -171,9 +174,7 @@ def split_examples(
     if num_eval is None:
         return train, rest
     if num_eval > len(rest):
-        raise ValueError(
-            f"num_train={num_train} + num_eval={num_eval} > {len(examples)} available examples"
-        )
+        raise ValueError(f"num_train={num_train} + num_eval={num_eval} > {len(examples)} available examples")
     return train, rest[:num_eval]
 
 

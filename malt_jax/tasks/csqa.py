@@ -82,8 +82,9 @@ class CSQA(Task):
 
     name = "csqa"
 
-    def __init__(self, path: str | Path | None = None, on_error: str = "raise",
-                 prompts: Any = None, letters: str = LETTERS) -> None:
+    def __init__(
+        self, path: str | Path | None = None, on_error: str = "raise", prompts: Any = None, letters: str = LETTERS
+    ) -> None:
         super().__init__()
         self.path = Path(path) if path else None
         self.on_error = check_on_error(on_error)

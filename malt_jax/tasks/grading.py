@@ -132,9 +132,7 @@ def never_raises(fn: Callable[..., int]) -> Callable[..., int]:
 
 # ----------------------------------------------------------------------------- numbers
 
-_NUMBER_RE = re.compile(
-    r"(?P<sign>[-−+]?)\s?\$?\s?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-)
+_NUMBER_RE = re.compile(r"(?P<sign>[-−+]?)\s?\$?\s?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
 
 
 def _numbers(text: str) -> list[str]:
@@ -228,9 +226,7 @@ def extract_math(text: str) -> str | None:
     return _strip_math_delims(seg) if seg else None
 
 
-def math_equal(
-    pred: str | None, gold: str, symbolic: bool = True, timeout: float = DEFAULT_TIMEOUT_S
-) -> bool:
+def math_equal(pred: str | None, gold: str, symbolic: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether two LaTeX answers are equivalent under the module policy."""
     if pred is None:
         return False
@@ -280,9 +276,7 @@ def _outer_brackets_match(s: str) -> bool:
     return False
 
 
-def _structures_equal(
-    a: tuple[str, list[str]], b: tuple[str, list[str]], deadline: float | None
-) -> bool:
+def _structures_equal(a: tuple[str, list[str]], b: tuple[str, list[str]], deadline: float | None) -> bool:
     (ka, ia), (kb, ib) = a, b
     if len(ia) != len(ib) or len(ia) > MAX_ITEMS:
         return False
@@ -341,9 +335,7 @@ def _exact_equal(a: exprparse.Node, b: exprparse.Node) -> bool:
 
 
 @never_raises
-def grade_math(
-    text: str, gold: str, symbolic: bool = True, timeout: float = DEFAULT_TIMEOUT_S
-) -> int:
+def grade_math(text: str, gold: str, symbolic: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> int:
     """1 if the final LaTeX answer in ``text`` is equivalent to ``gold`` (MATH)."""
     return int(math_equal(extract_math(text), gold, symbolic, timeout))
 
@@ -398,9 +390,7 @@ def _choice_by_text(text: str, choices: Mapping[str, str]) -> str | None:
 
 
 @never_raises
-def grade_choice(
-    text: str, gold: str, letters: str = "ABCDE", choices: Mapping[str, str] | None = None
-) -> int:
+def grade_choice(text: str, gold: str, letters: str = "ABCDE", choices: Mapping[str, str] | None = None) -> int:
     """1 if the chosen letter equals ``gold`` (CSQA); ``choices`` maps letters to texts."""
     found = extract_choice(text, letters)
     if found is None and choices:

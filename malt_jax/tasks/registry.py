@@ -46,8 +46,10 @@ def _import_task(name: str) -> type[Task]:
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"task {name!r}: cannot import {attr!r} from {module!r} ({e}); a custom task is "
-                         f"given as 'package.module:Class' on the Python path") from None
+        raise ValueError(
+            f"task {name!r}: cannot import {attr!r} from {module!r} ({e}); a custom task is "
+            f"given as 'package.module:Class' on the Python path"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ValueError(f"task {name!r}: {attr} is not a malt_jax.tasks.Task subclass")
     return cls
