@@ -52,7 +52,7 @@ def make_pairs(tok, n: int, seq: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     one = [w for w in WORDS if len(tok.encode(" " + w, add_special_tokens=False)) == 1]
     out = []
-    for i in range(n):
+    for _ in range(n):
         q = f"What is {rng.integers(1, 50)} plus {rng.integers(1, 50)}? Then list some words."
         prompt = tok.apply_chat_template([{"role": "user", "content": q}])
         p_len = len(tok.encode(prompt, add_special_tokens=False))
@@ -96,15 +96,14 @@ def main() -> None:
     warmup = len(threads)  # the first step of each thread count (and malt-jax's compile) is dropped
     total_steps = warmup + steps * len(threads)
 
+    import jax
+    import peft
     import torch
     import transformers
     import trl
-    import peft
     from datasets import Dataset
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    import jax
 
     from malt_jax.config import LoraConfig, TrainConfig
     from malt_jax.data import DPOExample, pack_dpo
@@ -278,15 +277,10 @@ def main() -> None:
     from malt_jax.scoring import batch_logps, batch_rows
 
     rows0 = batch_rows(batches[0][0], None)
-    fwd = lambda: jax.block_until_ready(
-        batch_logps(
-            base,
-            state.adapter,
-            rows0,
-            cfg=cfg,  # noqa: E731
-            scale=lora_scale(lora_cfg),
-        )
-    )
+
+    def fwd():
+        return jax.block_until_ready(batch_logps(base, state.adapter, rows0, cfg=cfg, scale=lora_scale(lora_cfg)))
+
     fwd()
     tf = common.median([common.timed(fwd) for _ in range(3)])
     fwd_fl = flops.lora_forward_flops(cfg, rows_lens, 8, TARGETS_OURS)
@@ -300,7 +294,8 @@ def main() -> None:
         f"TRL logs its mean train_loss above)"
     )
     log(
-        f"RATIO LoRA DPO step: malt-jax {ratio:.2f}x TRL (best thread count) (target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})"
+        f"RATIO LoRA DPO step: malt-jax {ratio:.2f}x TRL (best thread count) "
+        f"(target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})"
     )
     log(f"load average at end: {os.getloadavg()}")
     common.save_json(

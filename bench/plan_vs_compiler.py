@@ -27,8 +27,8 @@ def main() -> None:
     a = ap.parse_args()
     import jax
 
-    from malt_jax.config import load_run_config
     from malt_jax.aot import compile_expansion, compile_step, compiled_bytes
+    from malt_jax.config import load_run_config
     from malt_jax.plan import make_plan
     from malt_jax.sharding import make_mesh
 

@@ -88,9 +88,9 @@ def bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log, pe
 def bench_expansion(model, n_questions, max_new, reps, log):
     from malt_jax.config import SamplingConfig
     from malt_jax.expansion import ExpansionSpec, expand
+    from malt_jax.model.llama import KVCache
     from malt_jax.pipeline import PromptCodec, question_keys
     from malt_jax.sampling import StopCriteria, pad_batch, prefill
-    from malt_jax.model.llama import KVCache
     from malt_jax.tasks import get_task
 
     cfg, params = model.cfg, model.params

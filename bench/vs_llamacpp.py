@@ -42,8 +42,7 @@ def write_gguf(src: Path, dst: Path, qtype: str) -> Path:
     or "Q8_0"), dequantized from ``src`` (so F32 holds exactly the weights malt-jax loads);
     1-D tensors (norms) stay F32. Metadata (shape, tokenizer, chat template) is copied."""
     import gguf
-    from gguf import GGMLQuantizationType as Q
-    from gguf import quants
+    from gguf import GGMLQuantizationType as Q, quants
 
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()

@@ -49,12 +49,11 @@ def main() -> None:
     N = args.new_tokens or (16 if args.quick else 32)
     reps = args.reps or 2
 
+    import jax
+    import jax.numpy as jnp
     import torch
     import transformers
     from transformers import LlamaForCausalLM
-
-    import jax
-    import jax.numpy as jnp
 
     from malt_jax.config import SamplingConfig
     from malt_jax.model.weights import save_hf

@@ -82,7 +82,8 @@ def single(d: dict) -> None:
 
 def main() -> None:
     for path in sys.argv[1:]:
-        d = json.loads(open(path).read())
+        with open(path) as f:
+            d = json.load(f)
         print(f"<!-- {path} -->")
         (curve if "curve" in d else single)(d)
         print()

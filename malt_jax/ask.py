@@ -11,8 +11,9 @@ the command line prints G's answers before V has started.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +42,8 @@ def ask(
     """Runs ``votes`` G -> V -> R chains on ``question`` (``adapters`` = the roles' adapters, or
     None for the untrained chain) and majority-votes the refiners' answers by the task's answer
     key. Returns ``{"question", "chains": [{"G", "V", "R"}], "answers", "answer", "votes_for"}``."""
-    from malt_jax.config import SamplingConfig
     from malt_jax.codec import PromptCodec
+    from malt_jax.config import SamplingConfig
     from malt_jax.stages.expand import decode_level, sample_trees
     from malt_jax.tasks import Example
 

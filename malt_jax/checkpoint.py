@@ -189,7 +189,7 @@ class Checkpointer:
     def close(self) -> None:
         self._mgr.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -69,8 +69,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from malt_jax import sampling
-    from malt_jax.config import SamplingConfig
     from malt_jax.base_model import load_model
+    from malt_jax.config import SamplingConfig
 
     model = load_model(args.weights)
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [

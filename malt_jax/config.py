@@ -83,11 +83,11 @@ class ModelConfig:
         return param_count(self)
 
     @classmethod
-    def smollm2_135m(cls, **kw: Any) -> "ModelConfig":
+    def smollm2_135m(cls, **kw: Any) -> ModelConfig:
         return cls(**kw)
 
     @classmethod
-    def llama32_1b(cls, **kw: Any) -> "ModelConfig":
+    def llama32_1b(cls, **kw: Any) -> ModelConfig:
         base = dict(
             vocab_size=128256,
             dim=2048,
@@ -108,7 +108,7 @@ class ModelConfig:
         return cls(**base)
 
     @classmethod
-    def llama31_8b(cls, **kw: Any) -> "ModelConfig":
+    def llama31_8b(cls, **kw: Any) -> ModelConfig:
         base = dict(
             vocab_size=128256,
             dim=4096,
@@ -129,7 +129,7 @@ class ModelConfig:
         return cls(**base)
 
     @classmethod
-    def tiny(cls, **kw: Any) -> "ModelConfig":
+    def tiny(cls, **kw: Any) -> ModelConfig:
         """A random-weight toy model for tests."""
         base = dict(
             vocab_size=256,

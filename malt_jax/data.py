@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -97,10 +97,7 @@ def bucket_length(n: int, max_len: int, min_bucket: int = MIN_BUCKET) -> int:
     """Padded row length for ``n`` tokens, <= max_len: the next power of two >= max(n, min_bucket)
     up to 128, then the next multiple of 64 (at most 64 padding tokens on long rows; a handful
     of shapes per run)."""
-    if n <= 128:
-        b = max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-    else:
-        b = -(-n // 64) * 64
+    b = max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1))))) if n <= 128 else -(-n // 64) * 64
     return int(min(b, max_len))
 
 

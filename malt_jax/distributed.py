@@ -27,6 +27,7 @@ explicitly so older defaults do not silently fall back to no collectives).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -117,10 +118,8 @@ def initialize(
     if not explicit and not wants_distributed():
         return False
     # Cross-process collectives on CPU need an implementation (Gloo ships with jaxlib).
-    try:
+    with contextlib.suppress(AttributeError, KeyError, ValueError):  # pragma: no cover - option absent in this jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except (AttributeError, KeyError, ValueError):  # pragma: no cover - option absent in this jax
-        pass
     kwargs: dict[str, Any] = {
         "coordinator_address": coordinator,
         "num_processes": num_processes,

@@ -17,6 +17,7 @@ order (paired design): element ``i`` of every correctness vector refers to quest
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -345,10 +346,8 @@ def parse_verdict(text: str) -> bool | None:
     """
     if not isinstance(text, str):
         return None
-    last = None
-    for last in _VERDICT_LINE_RE.finditer(text):
-        pass
-    segment = text[last.end() :] if last else text
+    last = collections.deque(_VERDICT_LINE_RE.finditer(text), maxlen=1)
+    segment = text[last[0].end() :] if last else text
     m = _VERDICT_RE.search(segment[:2000])
     if m is None:
         return None

@@ -108,10 +108,7 @@ def dpo_loss(
     chosen_rewards = jax.lax.stop_gradient(beta * (pc - rc))
     rejected_rewards = jax.lax.stop_gradient(beta * (pr - rr))
 
-    if weights is None:
-        w = jnp.ones_like(losses)
-    else:
-        w = weights.astype(f32)
+    w = jnp.ones_like(losses) if weights is None else weights.astype(f32)
     denom = jnp.maximum(w.sum(), 1e-8)
 
     def wmean(x: jax.Array) -> jax.Array:

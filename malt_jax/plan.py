@@ -16,7 +16,8 @@ tpu_configs/README.md; the text in and out (``--mesh``, overlays, the table) is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,7 @@ class Plan:
         """The refusal message ('' if the plan fits; ``plan_text.refusal``)."""
         return plan_text.refusal(self)
 
-    def check(self) -> "Plan":
+    def check(self) -> Plan:
         """Raises :class:`PlanError` (with :meth:`refusal`) if the plan does not fit."""
         if not self.fits:
             raise PlanError(self.refusal())
@@ -300,13 +301,10 @@ def make_plan(
     L_bwd = lo.top_layers or L  # frozen lower layers (lora.top_layers) get no backward pass
     saved_layers = L_bwd + (1 if L_bwd < L else 0)  # + one transient frozen layer
     layer_acts = T * (b * lin + Hd * T * (4 + b))  # one row's activations of one layer
-    if m.remat:
-        # a rematerialised layer keeps only its input for the backward pass; the layer being
-        # recomputed is alive alone, after the logits' backward has freed them, so the peak is
-        # the larger of the two (checked against XLA's memory_analysis, tpu_configs/README.md)
-        per_row_layers = saved_layers * T * D * b
-    else:
-        per_row_layers = saved_layers * layer_acts
+    # a rematerialised layer keeps only its input for the backward pass; the layer being
+    # recomputed is alive alone, after the logits' backward has freed them, so the peak is
+    # the larger of the two (checked against XLA's memory_analysis, tpu_configs/README.md)
+    per_row_layers = saved_layers * T * D * b if m.remat else saved_layers * layer_acts
     per_row_logits = T * Vd * 4 * 3
     c["adapter"] = adapter_dev
     c["gradients"] = adapter_dev * (2 if accum > 1 else 1)

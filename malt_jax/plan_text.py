@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from malt_jax.config import to_dict
 
@@ -168,7 +169,7 @@ ADVICE["activations_dpo"] = ADVICE["activations"] + " (a DPO microbatch holds 2 
 ADVICE["logits_dpo"] = ADVICE["logits"] + " (a DPO microbatch holds 2 rows per pair)"
 
 
-def refusal(plan: "Plan") -> str:
+def refusal(plan: Plan) -> str:
     """The refusal message of a plan ('' if it fits): each overflowing phase, its largest component
     and what to change."""
     over = plan.overflows()
@@ -194,7 +195,7 @@ def refusal(plan: "Plan") -> str:
     return "\n".join(lines)
 
 
-def _fsdp_hint(plan: "Plan") -> int:
+def _fsdp_hint(plan: Plan) -> int:
     """A power-of-two fsdp size that would bring the weights under half the budget."""
     shardable = plan.details["param_bytes_total"]
     k = 1
@@ -203,7 +204,7 @@ def _fsdp_hint(plan: "Plan") -> int:
     return max(k, 2)
 
 
-def table(plan: "Plan") -> str:
+def table(plan: Plan) -> str:
     """The plan as the text table ``malt-jax plan`` prints."""
     c, d = plan.components, plan.details
     lines = [
@@ -223,7 +224,7 @@ def table(plan: "Plan") -> str:
     order = ["parameters"] + [k for k in c if k != "parameters"]
     for comp in order:
         cells = []
-        for p, comps in plan.phases.items():
+        for comps in plan.phases.values():
             cells.append(fmt_bytes(c[comp]) if comp == "parameters" or comp in comps else "-")
         lines.append(f"{comp:<16}" + "".join(f"{x:>13}" for x in cells))
     lines.append(f"{'total':<16}" + "".join(f"{fmt_bytes(plan.phase_total(p)):>13}" for p in plan.phases))
@@ -257,7 +258,7 @@ def table(plan: "Plan") -> str:
     return "\n".join(lines)
 
 
-def plan_dict(plan: "Plan") -> dict:
+def plan_dict(plan: Plan) -> dict:
     """JSON-friendly view (for ``malt-jax plan --json``)."""
     return {
         "name": plan.name,

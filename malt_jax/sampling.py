@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+
 import flax.struct
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,8 @@ heads on a 4-way tensor axis), so any model runs on any mesh.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -40,7 +40,7 @@ class TrainState:
     opt_state: optax.OptState
 
     @classmethod
-    def create(cls, adapter: Params, optimizer: optax.GradientTransformation) -> "TrainState":
+    def create(cls, adapter: Params, optimizer: optax.GradientTransformation) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), adapter=adapter, opt_state=optimizer.init(adapter))
 
 
@@ -90,7 +90,7 @@ class StepConfig(NamedTuple):
     label_smoothing: float
 
     @classmethod
-    def of(cls, t: TrainConfig) -> "StepConfig":
+    def of(cls, t: TrainConfig) -> StepConfig:
         return cls(max(int(t.grad_accum), 1), float(t.dpo_beta), t.dpo_loss, float(t.label_smoothing))
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,9 @@ def run_study(
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
-    def timed(name: str, fn):
+    def timed(name: str, fn: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
         t = time.perf_counter()
-        out = fn()
+        out = fn(*args, **kw)
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
         write_atomic(timings_path, json.dumps(timings, indent=2))
         return out
@@ -135,8 +136,8 @@ def run_study(
     for k in sizes:
         sub = size_dir(run_dir, k)
         sub.mkdir(exist_ok=True)
-        credit = timed(f"n{k}/credit", lambda: run_credit(cfg, model, task, run_dir, out=sub / "credit", n_questions=k))
-        timed(f"n{k}/train", lambda: run_train(cfg, model, sub, mesh=mesh, progress=progress))
+        credit = timed(f"n{k}/credit", run_credit, cfg, model, task, run_dir, out=sub / "credit", n_questions=k)
+        timed(f"n{k}/train", run_train, cfg, model, sub, mesh=mesh, progress=progress)
         adapters, sft_adapters = load_adapters(sub)
         _link_rows(run_dir / "eval", sub / "eval")
         systems = (
@@ -146,9 +147,17 @@ def run_study(
         )
         ev = timed(
             f"n{k}/eval",
-            lambda: run_eval(
-                cfg, model, task, evals, sub, adapters, systems, progress, mesh=mesh, sft_adapters=sft_adapters
-            ),
+            run_eval,
+            cfg,
+            model,
+            task,
+            evals,
+            sub,
+            adapters,
+            systems,
+            progress,
+            mesh=mesh,
+            sft_adapters=sft_adapters,
         )
         summary = experiment_summary(
             f"{cfg.name}_n{k}",

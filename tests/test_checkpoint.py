@@ -6,14 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from tests.fixtures import numpy_random_params
-
 from malt_jax import data as D
 from malt_jax.checkpoint import Checkpointer, CheckpointError
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
 from malt_jax.model.lora import init_lora
 from malt_jax.sharding import make_mesh
 from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings, train_role
+from tests.fixtures import numpy_random_params
 
 CFG = ModelConfig.tiny(n_layers=1)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))  # few leaves: faster compiles
@@ -141,20 +140,23 @@ def test_train_role_resume_with_heldout_is_exact(base, tmp_path):
     """With held-out sets (best-epoch selection, early stopping, held-out DPO reference log-probs),
     runs preempted anywhere resume to the same adapters and epoch records."""
     sft, sft_ho, dpo, dpo_ho = _heldout_examples()
-    run = lambda d, **kw: train_role(
-        base,
-        CFG,
-        LORA,
-        HELD,
-        sft,
-        dpo,
-        "generator",
-        d,
-        progress=False,  # noqa: E731
-        sft_heldout=sft_ho,
-        dpo_heldout=dpo_ho,
-        **kw,
-    )
+
+    def run(d, **kw):
+        return train_role(
+            base,
+            CFG,
+            LORA,
+            HELD,
+            sft,
+            dpo,
+            "generator",
+            d,
+            progress=False,
+            sft_heldout=sft_ho,
+            dpo_heldout=dpo_ho,
+            **kw,
+        )
+
     full = run(tmp_path / "straight")
     sft_ep = [e for e in full.epochs if e["stage"] == "sft"]
     best = [e["epoch"] for e in sft_ep if e["best"]]

@@ -3,14 +3,13 @@ an optional extra cross-check)."""
 
 from __future__ import annotations
 
-import malt_jax.evaluate as ev
-
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
+import malt_jax.evaluate as ev
 from malt_jax.evaluate import (
     SystemResult,
     _binom_half_cdf,

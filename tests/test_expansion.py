@@ -99,7 +99,7 @@ def test_per_role_adapters_fork_equals_naive(setup, top_layers):
     adapters = []
     for r in range(3):
         a = lora.init_lora(CFG, LoraConfig(rank=2, top_layers=top_layers), jax.random.key(r))
-        a = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape), a)
+        a = jax.tree.map(lambda w, r=r: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape), a)
         adapters.append(a)
     f = _run(setup, "fork", tuple(adapters))
     n = _run(setup, "naive", tuple(adapters))
@@ -206,7 +206,7 @@ def test_separate_framing_per_role_adapters_equal_naive(setup):
 
     adapters = tuple(
         jax.tree.map(
-            lambda w: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape),
+            lambda w, r=r: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape),
             lora.init_lora(CFG, LoraConfig(rank=2, top_layers=1), jax.random.key(r)),
         )
         for r in range(3)

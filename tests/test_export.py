@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from malt_jax import pipeline
 from malt_jax.config import LoraConfig, ModelConfig, load_run_config
-from malt_jax.export import export_run, load_peft, peft_config, save_peft
+from malt_jax.export import export_run, load_peft, save_peft
 from malt_jax.model.llama import causal_positions, forward
 from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.model.weights import WeightError, load_hf, save_hf

@@ -22,8 +22,11 @@ def random_hf(cfg: ModelConfig, seed: int = 0) -> dict:
     }
     if not cfg.tie_embeddings:
         t["lm_head.weight"] = rng.normal(0, 0.1, (cfg.vocab_size, D))
+
+    def s(*shape: int) -> np.ndarray:
+        return rng.normal(0, 0.15, shape)
+
     for i in range(cfg.n_layers):
-        s = lambda *shape: rng.normal(0, 0.15, shape)
         t.update(
             {
                 f"model.layers.{i}.input_layernorm.weight": 1 + rng.normal(0, 0.1, D),

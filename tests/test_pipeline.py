@@ -17,7 +17,6 @@ from malt_jax.stages.train import heldout_questions, run_train
 from malt_jax.tasks import Example
 from tests.parity_task import ParityTask
 
-
 CONFIG = """
 name: tiny
 model_preset: tiny

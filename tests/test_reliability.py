@@ -38,9 +38,8 @@ import numpy as np
 import pytest
 import yaml
 
-from malt_jax import cli, pipeline
-from malt_jax import data as D
-from malt_jax.checkpoint import CheckpointError, Checkpointer
+from malt_jax import cli, data as D, pipeline
+from malt_jax.checkpoint import Checkpointer, CheckpointError
 from malt_jax.config import ConfigError, LoraConfig, ModelConfig, TrainConfig, load_run_config
 from malt_jax.model.llama import init_params
 from malt_jax.model.weights import WeightError
@@ -989,7 +988,8 @@ def test_case_counts(capsys):
             ", ".join(f"{k}: {v}" for k, v in CASES.items()),
             f"(bad input = {len(CONFIG_CASES)} config + {len(TASK_CASES)} task + 1 CLI subprocess + "
             f"{len(ROW_CASES) + 2} data + {len(WEIGHT_CASES)} weights + {len(CKPT_CASES)} checkpoint + "
-            "1 empty training set + 1 mismatched expansion batches; grading: each string x 4 tasks' graders and extractors)",
+            "1 empty training set + 1 mismatched expansion batches; "
+            "grading: each string x 4 tasks' graders and extractors)",
         )
 
 

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from malt_jax import data as D
-from malt_jax import sampling
+from malt_jax import data as D, sampling
 from malt_jax.config import LoraConfig, ModelConfig, SamplingConfig, TrainConfig
 from malt_jax.distributed import put
 from malt_jax.model.llama import init_params
@@ -146,6 +145,8 @@ def test_decode_keeps_the_cache_and_activations_sharded(mesh):
 def test_constrain_is_a_no_op_without_a_mesh_and_checks_rank(mesh):
     x = np.ones((4, 3, 64), np.float32)
     assert constrain(x, "residual") is x
-    with mesh_context(mesh):
-        with pytest.raises(ValueError, match=r"constrain\('q'\): 4 logical axes for an array of shape \(4, 3, 64\)"):
-            jax.jit(lambda a: constrain(a, "q"))(x)
+    with (
+        mesh_context(mesh),
+        pytest.raises(ValueError, match=r"constrain\('q'\): 4 logical axes for an array of shape \(4, 3, 64\)"),
+    ):
+        jax.jit(lambda a: constrain(a, "q"))(x)

@@ -12,13 +12,13 @@ from malt_jax.tasks import (
     Example,
     RolePrompts,
     default_prompts,
+    exprparse,
     get_task,
     role_messages,
     split_examples,
     task_options,
     train_eval_sets,
 )
-from malt_jax.tasks import exprparse
 from malt_jax.tasks.synthetic import SyntheticArithmetic
 
 # ----------------------------------------------------------------------------- registry

@@ -6,8 +6,7 @@ import math
 import jax
 import numpy as np
 import pytest
-
-from tests.fixtures import numpy_random_params
+from jax.sharding import PartitionSpec as P
 
 from malt_jax import data as D
 from malt_jax.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
@@ -15,7 +14,6 @@ from malt_jax.losses import sequence_logps, sft_loss
 from malt_jax.model.llama import causal_positions, forward
 from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.sharding import make_mesh
-from jax.sharding import PartitionSpec as P
 from malt_jax.train import (
     NonFiniteError,
     RoleTraining,
@@ -29,6 +27,7 @@ from malt_jax.train import (
     train_role,
     warmup_steps,
 )
+from tests.fixtures import numpy_random_params
 
 CFG = ModelConfig.tiny(n_layers=1)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))  # few leaves: faster compiles
@@ -517,7 +516,7 @@ def test_optimizer_equals_optax_adamw_with_warmup_cosine(total, ratio, wd):
     rng = np.random.default_rng(0)
     for t in range(total):
         g = jax.tree.map(
-            lambda x: (rng.normal(size=x.shape) * (3.0 if t % 5 == 0 else 0.1)).astype(np.float32), params
+            lambda x, t=t: (rng.normal(size=x.shape) * (3.0 if t % 5 == 0 else 0.1)).astype(np.float32), params
         )  # some steps clipped, some not
         u_ours, s_ours = ours.update(g, s_ours, p_ours)
         u_ref, s_ref = ref.update(g, s_ref, p_ref)

@@ -71,7 +71,7 @@ class KVCache:
     @classmethod
     def zeros(
         cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None, hidden_at: int = 0, after: Any = None
-    ) -> "KVCache":
+    ) -> KVCache:
         """An empty cache. ``after`` (any arrays): allocate it only once they are computed. A
         zero buffer depends on nothing, so XLA may create it at the start of the program and keep
         it alive through everything before its first use (e.g. every level of a tree at once)."""
@@ -87,10 +87,10 @@ class KVCache:
         zeros = lambda: constrain(jnp.broadcast_to(zero, shape), "kv_cache")  # noqa: E731
         return cls(k=zeros(), v=zeros(), h=h, hidden_at=hidden_at)
 
-    def _map(self, kv_fn, h_fn) -> "KVCache":
+    def _map(self, kv_fn, h_fn) -> KVCache:
         return self.replace(k=kv_fn(self.k), v=kv_fn(self.v), h=None if self.h is None else h_fn(self.h))
 
-    def grow(self, size: int) -> "KVCache":
+    def grow(self, size: int) -> KVCache:
         """The same cache with ``size`` slots (new slots zero); ``size`` must not shrink it."""
         if size < self.size:
             raise ValueError(f"KVCache.grow: {size} slots < current {self.size}")
@@ -100,7 +100,7 @@ class KVCache:
             lambda h: jnp.pad(h, [(0, 0), (0, extra), (0, 0)]),
         )
 
-    def repeat(self, times: int) -> "KVCache":
+    def repeat(self, times: int) -> KVCache:
         """Forks every row ``times`` times (row b -> rows b*times .. b*times+times-1)."""
         return self._map(lambda x: jnp.repeat(x, times, axis=1), lambda h: jnp.repeat(h, times, axis=0))
 

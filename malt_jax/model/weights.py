@@ -8,8 +8,9 @@ file on mismatch.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -287,7 +288,7 @@ def load_hf(model_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[Para
             h = safe_open(str(f), framework="numpy")
         except Exception as e:
             raise WeightError(f"{f}: cannot read safetensors file ({e}); is it truncated?") from None
-        for k in h.keys():
+        for k in h.keys():  # noqa: SIM118 - a safetensors handle, not a dict: it has keys() but no __iter__
             index[k] = h
 
     def tensor(name: str) -> np.ndarray:

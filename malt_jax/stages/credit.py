@@ -11,8 +11,8 @@ prompts and completions with the tokens the sampler produced (:func:`node_contex
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np

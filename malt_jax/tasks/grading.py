@@ -55,11 +55,12 @@ CSQA (letters)
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
@@ -91,11 +92,15 @@ _FINAL_RE = re.compile(r"final\s*answer\s*(?:is)?\s*\**\s*[:：]?", re.IGNORECAS
 _ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?", re.IGNORECASE)
 
 
+def _last_match(matches: Iterator[re.Match[str]]) -> re.Match[str] | None:
+    """The last of ``matches`` (None when there are none)."""
+    last = collections.deque(matches, maxlen=1)
+    return last[0] if last else None
+
+
 def final_answer_segment(text: str) -> str | None:
     """Text after the last ``Final Answer:`` (rest of line, else the next non-empty line)."""
-    last = None
-    for last in _FINAL_RE.finditer(text):
-        pass
+    last = _last_match(_FINAL_RE.finditer(text))
     return _segment_after(text, last.end()) if last else None
 
 
@@ -110,9 +115,7 @@ def _segment_after(text: str, pos: int) -> str:
 
 
 def _answer_is_segment(text: str) -> str | None:
-    last = None
-    for last in _ANSWER_IS_RE.finditer(text):
-        pass
+    last = _last_match(_ANSWER_IS_RE.finditer(text))
     return _segment_after(text, last.end()) if last else None
 
 
@@ -355,9 +358,7 @@ def _answer_phrase_letter(s: str, letters: str) -> str | None:
         rf"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?[:\s]*(?:(?i:option|choice)\s*)?"
         rf"\(?([{letters}])(?![A-Za-z])"
     )
-    last = None
-    for last in re.finditer(pattern, s):
-        pass
+    last = _last_match(re.finditer(pattern, s))
     return last.group(1) if last else None
 
 
