@@ -52,6 +52,8 @@ def ask(
     codec = PromptCodec(model.tokenizer, task, framing)
     prompt = codec.question(question)
     budgets = tuple(int(b) for b in max_new_tokens)
+    if len(budgets) != 3:
+        raise ValueError(f"max_new_tokens: one budget per role (G, V, R), got {list(budgets)}")
     longest = max(len(p) for p in codec.prefixes(question)) if framing == "separate" else len(prompt)
     need = longest + sum(budgets) + sum(len(t) for level in codec.seps for t in level)
     if need > model.cfg.max_seq_len:

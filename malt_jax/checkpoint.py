@@ -173,7 +173,7 @@ class Checkpointer:
             )
 
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = []
+        abstract: list[tuple[str, np.ndarray | jax.ShapeDtypeStruct]] = []
         for (name, leaf), shard in zip(named, sh):
             if isinstance(leaf, np.ndarray) and shard is None:
                 abstract.append((name, leaf))

@@ -63,9 +63,10 @@ class PromptCodec:
         if self.framing == "chat":
             g = self.question(q)
             return g, g
-        return tuple(
-            self.tokenizer.encode(self._render(r, q).split(_G)[0], add_special_tokens=False) for r in ("V", "R")
+        v, r = (
+            self.tokenizer.encode(self._render(role, q).split(_G)[0], add_special_tokens=False) for role in ("V", "R")
         )
+        return v, r
 
     @functools.cached_property
     def seps(self) -> tuple[tuple[list[int]], tuple[list[int], list[int]]]:

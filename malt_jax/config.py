@@ -88,7 +88,7 @@ class ModelConfig:
 
     @classmethod
     def llama32_1b(cls, **kw: Any) -> ModelConfig:
-        base = dict(
+        base: dict[str, Any] = dict(
             vocab_size=128256,
             dim=2048,
             n_layers=16,
@@ -109,7 +109,7 @@ class ModelConfig:
 
     @classmethod
     def llama31_8b(cls, **kw: Any) -> ModelConfig:
-        base = dict(
+        base: dict[str, Any] = dict(
             vocab_size=128256,
             dim=4096,
             n_layers=32,
@@ -131,7 +131,7 @@ class ModelConfig:
     @classmethod
     def tiny(cls, **kw: Any) -> ModelConfig:
         """A random-weight toy model for tests."""
-        base = dict(
+        base: dict[str, Any] = dict(
             vocab_size=256,
             dim=64,
             n_layers=2,
@@ -473,7 +473,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -125,7 +126,8 @@ def pack_sft(examples: Sequence[SFTExample | None], max_len: int, pad_id: int = 
     by the example weight; 0 on prompt and padding), "weights": float32[B]}``. ``T`` is the
     bucket of the longest row unless ``length`` is given.
     """
-    seqs, weights = [], []
+    seqs: list[tuple[list[int], list[int]]] = []
+    weights: list[float] = []
     for ex in examples:
         if ex is None:
             seqs.append(([], []))
@@ -147,7 +149,8 @@ def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 
     "weights": float32[B]}``; rows ``2i`` / ``2i + 1`` are pair ``i``'s chosen / rejected. The
     prompt is truncated once so that the longer of the two completions fits.
     """
-    seqs, weights = [], []
+    seqs: list[tuple[list[int], list[int]]] = []
+    weights: list[float] = []
     for ex in examples:
         if ex is None:
             seqs += [([], []), ([], [])]
@@ -169,8 +172,9 @@ def pack(
 ) -> Batch:
     """``pack_sft`` or ``pack_dpo`` depending on the example type."""
     kind = next((type(e) for e in examples if e is not None), SFTExample)
-    fn = pack_dpo if kind is DPOExample else pack_sft
-    return fn(examples, max_len, pad_id, length)
+    if kind is DPOExample:  # a batch holds one kind of example
+        return pack_dpo(cast(Sequence[DPOExample | None], examples), max_len, pad_id, length)
+    return pack_sft(cast(Sequence[SFTExample | None], examples), max_len, pad_id, length)
 
 
 def completion_index(loss_mask: np.ndarray, min_width: int = 8) -> tuple[np.ndarray, np.ndarray]:

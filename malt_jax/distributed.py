@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -64,7 +65,7 @@ def is_initialized() -> bool:
         return False
 
 
-def wants_distributed(env: dict[str, str] | None = None) -> bool:
+def wants_distributed(env: Mapping[str, str] | None = None) -> bool:
     """Whether the environment asks for a multi-process run.
 
     True for ``MALT_DISTRIBUTED=1`` (what ``tpu_configs/launch.sh`` sets), for an explicit JAX
@@ -166,7 +167,7 @@ def _batch_blocks(sharding: NamedSharding, ndim: int) -> tuple[int, int]:
     axes = entry if isinstance(entry, tuple) else (entry,)
     n = int(np.prod([sharding.mesh.shape[a] for a in axes]))
     probe = (n,) + (1,) * (ndim - 1)
-    local = {idx[0].start for idx in sharding.addressable_devices_indices_map(probe).values()}
+    local = {idx[0].start for idx in sharding.addressable_devices_indices_map(probe).values() if idx is not None}
     return len(local), n
 
 
@@ -233,15 +234,18 @@ def put(tree: Any, shardings: Any) -> Any:
     gets the sharding (for ahead-of-time lowering)."""
     from jax.sharding import Sharding
 
-    def one(x: Any, s: Any) -> jax.Array:
+    def one(x: Any, s: Any) -> jax.Array | jax.ShapeDtypeStruct:
         if isinstance(x, jax.ShapeDtypeStruct):  # abstract (AOT lowering): the sharding only
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return place(x, s)
+
+    def place(x: Any, s: Any) -> jax.Array:
         if isinstance(s, jax.Device) or s.is_fully_addressable:
             return jax.device_put(x, s)
         if isinstance(x, jax.Array):
             if x.dtype != object and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
                 impl = jax.random.key_impl(x)
-                return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=impl)
+                return jax.random.wrap_key_data(place(jax.random.key_data(x), s), impl=impl)
             if not x.is_fully_addressable:
                 return x if x.sharding == s else jax.device_put(x, s)
         host = np.asarray(x)

@@ -263,8 +263,8 @@ def expand(
     ctx = jnp.zeros((Q, size), jnp.int32).at[:, :Tq].set(q_tokens)
     ctx_len = q_lens.astype(jnp.int32)
     row_keys = keys
-    cache = None
-    logits = None
+    cache: KVCache | None = None  # set by the first level's prefill (at the top for "extend")
+    logits: jax.Array | None = None
     # "fork" with adapters on the top layers only: the layers below give the same keys/values
     # for every role, so a level keeps its parent's cache and recomputes only the top layers of
     # the context with its adapter (from the hidden states the cache stores at that layer).
@@ -279,6 +279,7 @@ def expand(
         fan = spec.fanouts[level]
         lora = adapters[level]
         if level > 0:  # append this role's turn tokens
+            assert cache is not None and logits is not None  # the level above has decoded
             turn = turns[level - 1]
             B = ctx.shape[0]
             t = jnp.broadcast_to(turn[None, :], (B, turn.shape[0])).astype(jnp.int32)
@@ -290,6 +291,7 @@ def expand(
             ctx = _append(ctx, ctx_len, t)
             ctx_len = ctx_len + turn.shape[0]
         if spec.mode == "extend" or (refresh and level > 0):
+            assert cache is not None and logits is not None  # prefilled above or by the level above
             cache, logits = cache.repeat(fan), _fork(logits, fan)
         elif spec.mode == "fork":
             cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level], hidden_at=hidden_at if refresh else 0)
@@ -300,6 +302,7 @@ def expand(
         if spec.mode == "naive":
             cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level])
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
+        assert cache is not None and logits is not None  # every mode has prefilled by now
         sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
         gen, cache = decode(
             params,

@@ -56,7 +56,9 @@ class ScheduleState(NamedTuple):
     """Schedule parameters live in the optimizer *state* (not in closures), so one compiled
     step serves every stage and role whatever their learning rate and length."""
 
-    count: jax.Array  # int32, updates applied
+    # int32, updates applied. The field shadows tuple.count, which mypy rejects; the name is the
+    # optimizer state's key in checkpoints (as in optax's own states), so it stays.
+    count: jax.Array  # type: ignore[assignment]
     peak: jax.Array  # f32
     warmup: jax.Array  # f32
     total: jax.Array  # f32

@@ -71,6 +71,7 @@ def parse_mesh(text: str | Mapping[str, int] | None) -> dict[str, int]:
 
     if text is None:
         return {}
+    items: dict[str, Any]
     if isinstance(text, Mapping):
         items = dict(text)
     else:
@@ -80,7 +81,7 @@ def parse_mesh(text: str | Mapping[str, int] | None) -> dict[str, int]:
                 raise ValueError(f"--mesh: {part!r} is not axis=size (e.g. data=1,fsdp=8,tensor=1)")
             k, v = part.split("=", 1)
             items[k.strip()] = v.strip()
-    out = {}
+    out: dict[str, int] = {}
     for k, v in items.items():
         if k not in MESH_AXES:
             raise ValueError(f"mesh: unknown axis {k!r}; axes are {MESH_AXES}")

@@ -299,6 +299,8 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
     with held-out ``rewards/accuracies`` on a second [0, 1] axis; x = epoch (0 = before training);
     the selected epoch (``best``) is marked with a dashed vertical line and a ring.
     """
+    from matplotlib.ticker import MaxNLocator
+
     roles = list(epochs_by_role)
     fig = new_figure(max(4.0, 4.0 * len(roles)), 6.5)
     for col, role in enumerate(roles):
@@ -348,7 +350,9 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
                 if y is not None and not _is_nan(y):
                     ax.plot([e], [float(y)], "o", markersize=10, markerfacecolor="none", color="black")
                 handles.append(ax.plot([], [], "--", color="gray", label=f"selected: epoch {e}")[0])
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            locator = ax.xaxis.get_major_locator()
+            if isinstance(locator, MaxNLocator):  # the default AutoLocator
+                locator.set_params(integer=True)
             if handles:
                 ax.legend(handles=handles, fontsize=7, loc="best")
     fig.suptitle("Training curves per role (x: epoch; 0 = before training)", fontsize=11)

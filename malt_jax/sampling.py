@@ -110,8 +110,7 @@ def prefill(
     return lm_head(params, last, cfg), cache
 
 
-@flax.struct.dataclass
-class _DecodeState:
+class _DecodeState(flax.struct.PyTreeNode):
     step: jax.Array
     cache: KVCache
     logits: jax.Array  # [B, V] logits of the next token
@@ -174,9 +173,11 @@ def _put_rows(s: _DecodeState, idx: jax.Array, sub: _DecodeState) -> _DecodeStat
         lambda x, y: _put(x, idx, y, 0), s.replace(cache=None, step=None), sub.replace(cache=None, step=None)
     )
     c, sc = s.cache, sub.cache
-    cache = c.replace(
-        k=_put(c.k, idx, sc.k, 1), v=_put(c.v, idx, sc.v, 1), h=None if c.h is None else _put(c.h, idx, sc.h, 0)
-    )
+    h = None
+    if c.h is not None:
+        assert sc.h is not None  # the sub-batch's cache has the same layout
+        h = _put(c.h, idx, sc.h, 0)
+    cache = c.replace(k=_put(c.k, idx, sc.k, 1), v=_put(c.v, idx, sc.v, 1), h=h)
     return rows.replace(step=sub.step, cache=cache)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -154,12 +154,13 @@ def make_mesh(
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh) -> P:
     """PartitionSpec for an array of ``shape`` with logical ``axes`` (non-divisible -> replicated)."""
-    out = []
+    out: list[str | tuple[str, ...] | None] = []
     used: set[str] = set()
     for name, dim in zip(axes, shape):
-        mesh_axes = tuple(a for a in AXIS_RULES.get(name, ()) if name and mesh.shape.get(a, 1) > 1 and a not in used)
+        rules = AXIS_RULES.get(name, ()) if name else ()
+        mesh_axes = tuple(a for a in rules if mesh.shape.get(a, 1) > 1 and a not in used)
         size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
         if not mesh_axes or dim % size:
             out.append(None)

@@ -35,7 +35,7 @@ Metrics = dict[str, jax.Array]
 class TrainState:
     """Trainable state of one role: update counter, LoRA adapter, optimizer state."""
 
-    step: jax.Array
+    step: Any  # int32 [] (a ShapeDtypeStruct in abstract_state, a Sharding in stepper.state_shardings)
     adapter: Params
     opt_state: optax.OptState
 

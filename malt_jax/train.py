@@ -204,7 +204,7 @@ class _RoleRun:
         self.history: list[dict[str, Any]] = []
         self.epochs: list[dict[str, Any]] = []
         self.global_step = self.steps_this_call = 0
-        self.sft_adapter: Params = None
+        self.sft_adapter: Params  # the selected SFT adapter, set by train()
 
     def train(self, stages: list[_Stage], adapter: Params, trained: bool, counts: dict[str, int]) -> RoleTraining:
         """Runs the stages from the latest checkpoint (or from ``adapter``)."""
@@ -395,6 +395,7 @@ class _RoleRun:
         if frozen is not None:
             batch = {**batch, "hidden": frozen.rows(idx, batch["tokens"].shape[1])}
         if run.is_dpo:
+            assert run.ref is not None  # computed (or restored) before the stage's first step
             # reference log-probs of this batch's pairs, interleaved like its rows
             r = np.where((idx >= 0)[:, None], run.ref[np.maximum(idx, 0)], 0.0).astype(np.float32)
             run.state, m = run.stepper(self.base, run.state, batch, r.reshape(-1))
@@ -405,11 +406,15 @@ class _RoleRun:
         run.step += 1
         self.global_step += 1
         self.steps_this_call += 1
-        m.update(
-            stage=st.name, step=run.step, epoch=epoch, tokens_per_s=_n_tokens(exs, self.train_cfg.max_seq_len) / dt
-        )
-        self.history.append(m)
-        return m
+        record: dict[str, Any] = {
+            **m,
+            "stage": st.name,
+            "step": run.step,
+            "epoch": epoch,
+            "tokens_per_s": _n_tokens(exs, self.train_cfg.max_seq_len) / dt,
+        }
+        self.history.append(record)
+        return record
 
     def end_of_epoch(self, run: _StageRun, e: int) -> None:
         """Epoch ``e``'s record (held-out metrics of the current adapter), best adapter, patience."""

@@ -32,7 +32,7 @@ slots ``<= p``. Rows therefore advance independently (ragged prompts, forked tre
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, overload
 
 import flax.struct
 import jax
@@ -46,8 +46,7 @@ Params = dict[str, Any]
 LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
-@flax.struct.dataclass
-class KVCache:
+class KVCache(flax.struct.PyTreeNode):
     """Keys/values of every layer, plus (optionally) the hidden state entering layer ``hidden_at``.
 
     ``h`` lets a role with an adapter on the top layers only re-use another role's cache: the
@@ -288,6 +287,36 @@ def cached_attention(
 # forward
 
 
+@overload
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    *,
+    cache: KVCache,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    token_valid: jax.Array | None = None,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, KVCache]: ...
+
+
+@overload
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    *,
+    cache: None = None,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    token_valid: jax.Array | None = None,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, None]: ...
+
+
 def forward(
     params: Params,
     tokens: jax.Array,
@@ -410,6 +439,36 @@ def lora_first_layer(cfg: ModelConfig, lora: Params | None) -> int:
     return cfg.n_layers - next((ab["a"].shape[0] for ab in layers.values()), 0)
 
 
+@overload
+def _decoder(
+    params: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    cache: KVCache,
+    lora: Params | None,
+    lora_scale: float,
+    token_valid: jax.Array | None,
+    first_layer: int,
+    stop_layer: int | None = None,
+) -> tuple[jax.Array, KVCache]: ...
+
+
+@overload
+def _decoder(
+    params: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    cache: None,
+    lora: Params | None,
+    lora_scale: float,
+    token_valid: jax.Array | None,
+    first_layer: int,
+    stop_layer: int | None = None,
+) -> tuple[jax.Array, None]: ...
+
+
 def _decoder(
     params: Params,
     x: jax.Array,
@@ -459,13 +518,13 @@ def _decoder(
     # run without it and, not depending on it, get no backward pass when training it), and a
     # cache may store the hidden state entering layer `hidden_at`.
     lora_from = lora_first_layer(cfg, lora) if lora_layers else L
-    cuts = {first_layer, L, lora_from}
+    cut_at = {first_layer, L, lora_from}
     if cache is not None and cache.h is not None:
-        cuts.add(cache.hidden_at)
+        cut_at.add(cache.hidden_at)
     stop = L if stop_layer is None else stop_layer
     if stop < L and cache is not None:
         raise ValueError("_decoder: stop_layer needs cache=None")
-    cuts = sorted({min(c, stop) for c in cuts} | {stop})
+    cuts = sorted({min(c, stop) for c in cut_at} | {stop})
     cuts = [c for c in cuts if first_layer <= c <= stop]
     segments = list(zip(cuts[:-1], cuts[1:]))
 
@@ -479,7 +538,7 @@ def _decoder(
 
     if cache is None:
 
-        def layer(h, xs):
+        def plain_layer(h, xs):
             lp, ll = xs
             h, _ = block(
                 h,
@@ -492,7 +551,7 @@ def _decoder(
             )
             return h, None
 
-        body = jax.checkpoint(layer) if cfg.remat else layer
+        body = jax.checkpoint(plain_layer) if cfg.remat else plain_layer
         for lo, hi in segments:
             x, _ = jax.lax.scan(body, x, seg(lo, hi))
         return x, None
@@ -513,17 +572,17 @@ def _decoder(
 
         return block(h, lp, ll, attend)
 
-    new_k, new_v, h_store = [], [], cache.h
+    k_segs, v_segs, h_store = [], [], cache.h
     for lo, hi in segments:
         if h_store is not None and lo == cache.hidden_at and first_layer < lo:
             h_store = h_store.at[rows, write_pos].set(x.astype(h_store.dtype), mode="drop")
         x, (k_seg, v_seg) = jax.lax.scan(layer, x, (*seg(lo, hi), jnp.arange(lo, hi)))
-        new_k.append(k_seg)
-        new_v.append(v_seg)
+        k_segs.append(k_seg)
+        v_segs.append(v_seg)
     heads = jnp.arange(K)[None, None, :]
     r, w = rows[:, :, None], write_pos[:, :, None]
-    new_k = jnp.concatenate(new_k, axis=0) if len(new_k) > 1 else new_k[0]
-    new_v = jnp.concatenate(new_v, axis=0) if len(new_v) > 1 else new_v[0]
+    new_k = jnp.concatenate(k_segs, axis=0) if len(k_segs) > 1 else k_segs[0]
+    new_v = jnp.concatenate(v_segs, axis=0) if len(v_segs) > 1 else v_segs[0]
     k_all = cache.k.at[first_layer:, r, heads, w].set(new_k.astype(cache.k.dtype), mode="drop")
     v_all = cache.v.at[first_layer:, r, heads, w].set(new_v.astype(cache.v.dtype), mode="drop")
     k_all, v_all = constrain(k_all, "kv_cache"), constrain(v_all, "kv_cache")

@@ -332,7 +332,7 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str = 
             a = stacked[i]
             tensors[f"model.layers.{i}.{hf}"] = np.ascontiguousarray(a.T if a.ndim == 2 else a)
     save_file(tensors, str(out / "model.safetensors"))
-    config = {
+    config: dict[str, Any] = {
         "architectures": [_HF_ARCH[cfg.arch]],
         "model_type": cfg.arch,
         "vocab_size": cfg.vocab_size,

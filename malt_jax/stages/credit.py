@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +92,7 @@ def build_datasets(
     summary = credit_lib.summary(values, max_pairs_per_parent)
     datasets: dict[str, dict[str, list]] = {}
     for role in ROLES:
-        sft = [
+        sft: list[dict[str, Any]] = [
             {
                 "prompt": node_context(trees, seps, c),
                 "completion": node_output(trees, c, end_token),
@@ -101,7 +102,7 @@ def build_datasets(
         ]
         dpo, identical = [], 0
         for chosen, rejected in credit_lib.dpo_pairs(values, role, max_pairs_per_parent, seed):
-            row = {
+            row: dict[str, Any] = {
                 "prompt": node_context(trees, seps, chosen),
                 "chosen": node_output(trees, chosen, end_token),
                 "rejected": node_output(trees, rejected, end_token),

@@ -124,7 +124,7 @@ def evaluate_system(
         stop=codec.stop,
         mode="fork" if trained else "extend",
     )
-    ads = tuple(adapters[r] for r in ROLES) if trained else (None, None, None)
+    ads = tuple(adapters[r] for r in ROLES) if trained and adapters is not None else (None, None, None)
     rows = []
 
     def on_batch(b: int, arrays: dict) -> None:
@@ -270,7 +270,8 @@ def run_eval(
     # from that chain's texts: the chain runs first and the single model is not sampled again.
     source = {s.name: next((c for c in systems if _shares_generator(s, c)), None) for s in systems}
     order = sorted(systems, key=lambda s: source[s.name] is not None)
-    results, trained_names, all_rows, verifier = {}, [], {}, {}
+    results, trained_names, verifier = {}, [], {}
+    all_rows: dict[str, list[dict]] = {}
     for sys_ in order:
         ads = by_stage.get(sys_.stage) if sys_.trained else None
         if sys_.trained and ads is None:

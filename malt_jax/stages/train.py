@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def run_train(
         if role == "G" and not cfg.train.generator_dpo:
             dpo, dpo_q = [], []
         (sft_train, sft_held), (dpo_train, dpo_held) = _split(sft, sft_q, held), _split(dpo, dpo_q, held)
-        c = {
+        c: dict[str, Any] = {
             "heldout_questions": len(held),
             "sft": {"examples": len(sft), "heldout": len(sft_held), "train": len(sft_train)},
             "dpo": {"pairs": len(dpo), "heldout": len(dpo_held), "train": len(dpo_train)},
@@ -99,6 +100,9 @@ def run_train(
                     kind,
                     cap,
                 )
+        pad_id = model.tokenizer.pad_id
+        if pad_id is None:
+            raise ValueError("the tokenizer has no pad (or eos) token to pad training rows with")
         result = train_role(
             model.params,
             model.cfg,
@@ -110,7 +114,7 @@ def run_train(
             out / f"{role}_ckpt",
             mesh=mesh,
             progress=progress,
-            pad_id=model.tokenizer.pad_id,
+            pad_id=pad_id,
             sft_heldout=sft_held,
             dpo_heldout=dpo_held,
         )

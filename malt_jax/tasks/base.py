@@ -142,7 +142,9 @@ class Task(abc.ABC):
         if seg and self._segment_answer(seg, example) is not None:
             return True
         boxed = last_boxed(text)
-        return bool(boxed and boxed.strip()) and self._segment_answer(boxed.strip(), example) is not None
+        if not boxed or not boxed.strip():
+            return False
+        return self._segment_answer(boxed.strip(), example) is not None
 
     def _segment_answer(self, segment: str, example: Example | None) -> str | None:
         """The answer held by one answer segment, read as a lone ``Final Answer:`` line."""

@@ -123,4 +123,6 @@ class CSQA(Task):
         """A ``Final Answer:`` line naming a valid choice (by letter, or by the text of one of
         ``example``'s choices); ``\\boxed{}`` does not count (the CSQA grader never reads it)."""
         seg = final_answer_segment(cap_text(text))
-        return bool(seg) and self._segment_answer(seg, example) is not None
+        if not seg:
+            return False
+        return self._segment_answer(seg, example) is not None

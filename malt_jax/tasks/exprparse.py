@@ -251,7 +251,8 @@ def to_sympy(node: Node, sympy: Any) -> Any:
     if kind == "const":
         return sympy.pi
     if kind == "func":
-        fn = {"ln": "log"}.get(node[1], node[1])
+        name: str = node[1]
+        fn = {"ln": "log"}.get(name, name)
         return getattr(sympy, fn)(to_sympy(node[2], sympy))
     if kind == "neg":
         return -to_sympy(node[1], sympy)

@@ -190,8 +190,9 @@ class _Converter:
             raise _Unsupported("unknown command")
         self.i = m.end()
         name = m.group(1) or m.group(2)
-        if _COMMANDS[name] is not None:
-            return _COMMANDS[name]
+        replacement = _COMMANDS[name]
+        if replacement is not None:
+            return replacement
         if name == "frac":
             return f"({self.arg()}/{self.arg()})"
         if name == "sqrt" and self.s.startswith("[", self.i):

@@ -62,9 +62,8 @@ def get_task(name: str, path: str | Path | None = None, **options: Any) -> Task:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for task {name!r}; valid options: {valid}")
-    takes_path = "path" in inspect.signature(cls).parameters
-    if takes_path:
-        return cls(path=path or None, **options)
-    if path:
+    if "path" in inspect.signature(cls).parameters:
+        options = {"path": path or None, **options}
+    elif path:
         raise ValueError(f"task {name!r} is generated and takes no path (got {str(path)!r})")
     return cls(**options)

@@ -33,7 +33,8 @@ def _builder_class(name: str) -> type:
     """A TFDS builder class named ``name`` over rows given at construction (not registered)."""
     import tensorflow_datasets as tfds
 
-    class _LocalRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    # mypy checks class keywords against object.__init_subclass__ when the base is untyped (Any)
+    class _LocalRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
         VERSION = tfds.core.Version(BUILDER_VERSION)
         code_path = None  # see module docstring (importlib_resources bug)
 
