@@ -14,7 +14,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def interleaved(
-    variants: dict[str, Callable[[], Any]],
+    variants: Mapping[str, Callable[[], Any]],
     reps: int,
     warmup: int | dict[str, int] = 1,
     log: Callable[[str], None] | None = None,

@@ -19,6 +19,9 @@ new keys/values). Run: ``python bench/decode_breakdown.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import common
 import flops
@@ -81,7 +84,7 @@ def main() -> None:
         acc, _ = jax.lax.scan(layer, jnp.zeros((B, H), jnp.float32), jnp.arange(L))
         return acc
 
-    variants = {}
+    variants: dict[str, Callable[[], Any]] = {}
     caches = {}
     for B in batches:
         pos = jnp.full((B, 1), S // 2, jnp.int32)
@@ -94,11 +97,15 @@ def main() -> None:
             jax.block_until_ready(out)
 
         cache = KVCache.zeros(cfg, B, S)
+
+        def attention(x=q, c=cache, ps=pos):
+            return jax.block_until_ready(attn(x, c, ps))
+
         variants.update(
             {
-                f"step B={B}": lambda B=B: loop_call("step", B),
-                f"no_cache B={B}": lambda B=B: loop_call("no_cache", B),
-                f"attention B={B}": lambda x=q, c=cache, ps=pos: jax.block_until_ready(attn(x, c, ps)),
+                f"step B={B}": functools.partial(loop_call, "step", B),
+                f"no_cache B={B}": functools.partial(loop_call, "no_cache", B),
+                f"attention B={B}": attention,
             }
         )
     times = common.interleaved(variants, reps, warmup=1)

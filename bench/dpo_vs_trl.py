@@ -32,6 +32,7 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Any
 
 import common
 import flops
@@ -197,8 +198,8 @@ def main() -> None:
         batches.append((pack_dpo(chunk, train_cfg.max_seq_len), ref[s * B : (s + 1) * B].reshape(-1)))
     log(f"malt-jax batch shape: {batches[0][0]['tokens'].shape} (TRL pads each batch to its longest row)")
 
-    times = {"trl": [], "jax": [], "trl_threads": []}
-    ours = {"state": state, "k": 0, "loss": []}
+    times: dict[str, list[float]] = {"trl": [], "jax": [], "trl_threads": []}
+    ours: dict[str, Any] = {"state": state, "k": 0, "loss": []}
     hf_shapes = []
 
     def our_step():

@@ -106,7 +106,10 @@ def main() -> None:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     log(f"model: {n_params / 1e9:.3f} B parameters, {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}")
     rng = np.random.default_rng(0)
-    tok = lambda n: rng.integers(3, cfg.vocab_size, n).tolist()  # noqa: E731
+
+    def tok(n: int) -> list[int]:
+        return rng.integers(3, cfg.vocab_size, n).tolist()
+
     lora_cfg = LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
     targets = lora_cfg.targets
     results: dict = {"device": dev.device_kind, "dtype": dtype, "peaks": peaks, "read_bw": bw, "rows": []}

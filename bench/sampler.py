@@ -40,8 +40,8 @@ def bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log, pe
     variants, meta = {}, {}
     for B in batches:
         ids = chat_ids(model.tokenizer, common.prompts(B))
-        x, lens = pad_batch(ids, bucket=16)
-        x, lens_j, keys = jnp.asarray(x), jnp.asarray(lens), row_keys(0, B)
+        x_host, lens = pad_batch(ids, bucket=16)
+        x, lens_j, keys = jnp.asarray(x_host), jnp.asarray(lens), row_keys(0, B)
 
         # compiled ahead of time (no untimed first run: on 2 cores a warm-up run of the big
         # shapes costs as much as a timed one; the median of the reps absorbs a cold first rep)

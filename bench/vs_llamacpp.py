@@ -250,7 +250,7 @@ def main() -> None:
         row = {"batch": B, "new tokens": N, "malt-jax tok/s": B * N / tj, "malt-jax % peak": 100 * fl / tj / peak}
         for fmt in formats:
             tc = {n: common.median(times[f"{fmt} {n}t B={B}"]) for n in threads}
-            best = min(tc, key=tc.get)
+            best = min(tc, key=tc.__getitem__)
             row[f"llama.cpp {fmt} tok/s (best: {best}t)"] = B * N / tc[best]
             row[f"malt-jax / llama.cpp {fmt}"] = tc[best] / tj
         rows.append(row)

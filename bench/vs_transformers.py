@@ -146,7 +146,7 @@ def main() -> None:
     for B in batches:
         tj = common.median(times[f"jax B={B}"])
         th = {n: common.median(times[f"hf{n}t B={B}"]) for n in threads}
-        best = min(th, key=th.get)
+        best = min(th, key=th.__getitem__)
         fl = flops.decode_flops(cfg, B, lens_of[B].tolist(), N)
         row = {"batch": B, "new tokens": N, "malt-jax s": tj, "malt-jax tok/s": B * N / tj}
         for n in threads:

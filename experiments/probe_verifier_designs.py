@@ -24,6 +24,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def main() -> None:
     model = pipeline.load_model(base.weights, base.model)
     default = task.prompts
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    out = {
+    out: dict[str, Any] = {
         "experiment": "verifier_designs",
         "command": "python experiments/probe_verifier_designs.py "
         + " ".join(
@@ -97,7 +98,9 @@ def main() -> None:
                 path,
                 progress=False,
             )
-            right, said, react = [], [], collections.Counter()
+            right: list[bool] = []
+            said: list[bool | None] = []
+            react: collections.Counter[str] = collections.Counter()
             for r, ex in zip(rows, examples):
                 for g, v, fin in zip(r["texts"]["G"], r["texts"]["V"], r["texts"]["R"]):
                     right.append(bool(task.grade_example(g, ex)))
