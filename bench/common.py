@@ -14,8 +14,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/x.py`
@@ -51,8 +52,12 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int | dict[str, int] = 1,
-                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    variants: Mapping[str, Callable[[], Any]],
+    reps: int,
+    warmup: int | dict[str, int] = 1,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
     """Times every variant ``reps`` times, round-robin, after ``warmup`` untimed calls each
     (an int, or ``{name: count}`` with 0 for names left out).
 
@@ -90,11 +95,14 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}, python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}, python {platform.python_version()}"
+    )
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
     """A small markdown table."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
@@ -128,7 +136,9 @@ def peer_start(title: str, threads: list[int], versions: dict[str, str]) -> Any:
 
     torch.set_num_threads(threads[0])
     peers = ", ".join(f"{k} {v}" for k, v in versions.items())
-    log(f"# {title}\nmachine: {machine()}\njax {jax.__version__} (backend {jax.default_backend()}), "
+    log(
+        f"# {title}\nmachine: {machine()}\njax {jax.__version__} (backend {jax.default_backend()}), "
         f"torch {torch.__version__} (threads {threads}, OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {peers}\nload average at start: {os.getloadavg()}")
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {peers}\nload average at start: {os.getloadavg()}"
+    )
     return load_model("smollm2")

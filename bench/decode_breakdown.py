@@ -19,6 +19,9 @@ new keys/values). Run: ``python bench/decode_breakdown.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import common
 import flops
@@ -73,14 +76,15 @@ def main() -> None:
         old = pos[:, 0]
 
         def layer(acc, i):
-            out = cached_attention(q + acc[:, None, :, None] * 0, kv, kv, cache.k[i], cache.v[i], pos, old,
-                                   jnp.ones((B, 1), bool))
+            out = cached_attention(
+                q + acc[:, None, :, None] * 0, kv, kv, cache.k[i], cache.v[i], pos, old, jnp.ones((B, 1), bool)
+            )
             return acc + out[:, 0, :H], None
 
         acc, _ = jax.lax.scan(layer, jnp.zeros((B, H), jnp.float32), jnp.arange(L))
         return acc
 
-    variants = {}
+    variants: dict[str, Callable[[], Any]] = {}
     caches = {}
     for B in batches:
         pos = jnp.full((B, 1), S // 2, jnp.int32)
@@ -93,11 +97,17 @@ def main() -> None:
             jax.block_until_ready(out)
 
         cache = KVCache.zeros(cfg, B, S)
-        variants.update({
-            f"step B={B}": lambda B=B: loop_call("step", B),
-            f"no_cache B={B}": lambda B=B: loop_call("no_cache", B),
-            f"attention B={B}": lambda x=q, c=cache, ps=pos: jax.block_until_ready(attn(x, c, ps)),
-        })
+
+        def attention(x=q, c=cache, ps=pos):
+            return jax.block_until_ready(attn(x, c, ps))
+
+        variants.update(
+            {
+                f"step B={B}": functools.partial(loop_call, "step", B),
+                f"no_cache B={B}": functools.partial(loop_call, "no_cache", B),
+                f"attention B={B}": attention,
+            }
+        )
     times = common.interleaved(variants, reps, warmup=1)
     rows = []
     wbytes = flops.matmul_params(cfg) * 4
@@ -105,9 +115,17 @@ def main() -> None:
         m = {k.split()[0]: 1e3 * common.median(v) for k, v in times.items() if k.endswith(f"B={B}")}
         m["step"], m["no_cache"] = m["step"] / n_loop, m["no_cache"] / n_loop
         cache_mb = 2 * L * B * K * S * hd * 4 / 1e6
-        rows.append({"batch": B, "step ms": m["step"], "no_cache ms": m["no_cache"], "attention ms": m["attention"],
-                     "cache share of step": f"{100 * (m['step'] - m['no_cache']) / m['step']:.0f}%",
-                     "KV cache MB": round(cache_mb, 1), "weights MB": round(wbytes / 1e6)})
+        rows.append(
+            {
+                "batch": B,
+                "step ms": m["step"],
+                "no_cache ms": m["no_cache"],
+                "attention ms": m["attention"],
+                "cache share of step": f"{100 * (m['step'] - m['no_cache']) / m['step']:.0f}%",
+                "KV cache MB": round(cache_mb, 1),
+                "weights MB": round(wbytes / 1e6),
+            }
+        )
     print(common.table(rows, list(rows[0].keys())), flush=True)
     common.save_json(args.json, {"machine": common.machine(), "rows": rows})
 

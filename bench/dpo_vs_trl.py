@@ -32,15 +32,18 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Any
 
 import common
 import flops
 
 import numpy as np
 
-WORDS = ("apple river stone cloud green music paper light table water garden window silver "
-         "market winter forest summer orange bridge castle doctor engine family friend island "
-         "letter monkey number pocket rabbit school sister spring ticket valley yellow animal").split()
+WORDS = (
+    "apple river stone cloud green music paper light table water garden window silver "
+    "market winter forest summer orange bridge castle doctor engine family friend island "
+    "letter monkey number pocket rabbit school sister spring ticket valley yellow animal"
+).split()
 TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS_OURS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -50,7 +53,7 @@ def make_pairs(tok, n: int, seq: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     one = [w for w in WORDS if len(tok.encode(" " + w, add_special_tokens=False)) == 1]
     out = []
-    for i in range(n):
+    for _ in range(n):
         q = f"What is {rng.integers(1, 50)} plus {rng.integers(1, 50)}? Then list some words."
         prompt = tok.apply_chat_template([{"role": "user", "content": q}])
         p_len = len(tok.encode(prompt, add_special_tokens=False))
@@ -72,11 +75,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--batch", type=int, default=None, help="pairs per step (default 2)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 128)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="timed TRL steps per torch thread count (default 4; malt-jax runs one step per TRL step)")
-    ap.add_argument("--threads", type=str, default="2,1",
-                    help="torch thread counts; TRL steps cycle through them (default 2,1: on a loaded 2-core VM "
-                         "2 OpenMP threads can be slower than 1, so the ratio uses the faster)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed TRL steps per torch thread count (default 4; malt-jax runs one step per TRL step)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=str,
+        default="2,1",
+        help="torch thread counts; TRL steps cycle through them (default 2,1: on a loaded 2-core VM "
+        "2 OpenMP threads can be slower than 1, so the ratio uses the faster)",
+    )
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     B = args.batch or 2
@@ -86,15 +97,14 @@ def main() -> None:
     warmup = len(threads)  # the first step of each thread count (and malt-jax's compile) is dropped
     total_steps = warmup + steps * len(threads)
 
+    import jax
+    import peft
     import torch
     import transformers
     import trl
-    import peft
     from datasets import Dataset
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    import jax
 
     from malt_jax.config import LoraConfig, TrainConfig
     from malt_jax.data import DPOExample, pack_dpo
@@ -103,44 +113,80 @@ def main() -> None:
     from malt_jax.train import Stepper, TrainState, make_optimizer, reference_logps
 
     log = common.log
-    model = common.peer_start("LoRA DPO step: malt-jax vs TRL DPOTrainer + peft", threads,
-                              {"transformers": transformers.__version__, "trl": trl.__version__,
-                               "peft": peft.__version__})
+    model = common.peer_start(
+        "LoRA DPO step: malt-jax vs TRL DPOTrainer + peft",
+        threads,
+        {"transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__},
+    )
     cfg, params, tok = model.cfg, model.params, model.tokenizer
     peak = flops.measure_peak_jax(1024 if args.quick else 2048)
     log(f"measured f32 matmul peak (jax): {peak / 1e9:.1f} GFLOP/s")
 
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=tok.decode([tok.eos_id]),
-                                     pad_token=tok.decode([tok.pad_id]))
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend, eos_token=tok.decode([tok.eos_id]), pad_token=tok.decode([tok.pad_id])
+    )
     tmp = tempfile.TemporaryDirectory()
     save_hf(params, cfg, os.path.join(tmp.name, "model"))
     hf = LlamaForCausalLM.from_pretrained(os.path.join(tmp.name, "model"), dtype=torch.float32)
     pairs = make_pairs(tok, B * total_steps, seq)
     lr, beta = 5e-5, 0.2
     dcfg = DPOConfig(
-        output_dir=os.path.join(tmp.name, "out"), use_cpu=True, per_device_train_batch_size=B,
-        gradient_accumulation_steps=1, max_steps=total_steps, learning_rate=lr, beta=beta, loss_type=["sigmoid"],
-        max_grad_norm=1.0, weight_decay=0.0, warmup_steps=0, lr_scheduler_type="constant", optim="adamw_torch",
-        gradient_checkpointing=False, bf16=False, fp16=False, max_length=None, precompute_ref_log_probs=True,
-        precompute_ref_batch_size=B, logging_steps=10 ** 6, save_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_pin_memory=False, seed=0,
+        output_dir=os.path.join(tmp.name, "out"),
+        use_cpu=True,
+        per_device_train_batch_size=B,
+        gradient_accumulation_steps=1,
+        max_steps=total_steps,
+        learning_rate=lr,
+        beta=beta,
+        loss_type=["sigmoid"],
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        max_length=None,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=B,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        seed=0,
     )
     lcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS_HF, task_type="CAUSAL_LM")
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=hf, args=dcfg, train_dataset=Dataset.from_list(pairs), processing_class=hf_tok,
-                         peft_config=lcfg)
-    log(f"TRL trainer built (tokenization) in {time.perf_counter() - t0:.1f}s; trainable params: "
-        f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}")
+    trainer = DPOTrainer(
+        model=hf, args=dcfg, train_dataset=Dataset.from_list(pairs), processing_class=hf_tok, peft_config=lcfg
+    )
+    log(
+        f"TRL trainer built (tokenization) in {time.perf_counter() - t0:.1f}s; trainable params: "
+        f"{sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}"
+    )
 
     # malt-jax on exactly TRL's token ids
     ds = trainer.train_dataset
-    examples = [DPOExample(prompt=list(r["prompt_ids"]), chosen=list(r["chosen_ids"]), rejected=list(r["rejected_ids"]))
-                for r in ds]
+    examples = [
+        DPOExample(prompt=list(r["prompt_ids"]), chosen=list(r["chosen_ids"]), rejected=list(r["rejected_ids"]))
+        for r in ds
+    ]
     lens = [len(e.prompt) + len(c) for e in examples for c in (e.chosen, e.rejected)]
     log(f"pairs: {len(examples)}, row lengths (prompt + completion): min {min(lens)} max {max(lens)}")
     lora_cfg = LoraConfig(rank=8, alpha=16.0, targets=TARGETS_OURS)
-    train_cfg = TrainConfig(batch_size=B, grad_accum=1, dpo_beta=beta, dpo_loss="sigmoid", grad_clip=1.0,
-                            weight_decay=0.0, warmup_ratio=0.0, max_seq_len=max(seq, 16), dpo_learning_rate=lr)
+    train_cfg = TrainConfig(
+        batch_size=B,
+        grad_accum=1,
+        dpo_beta=beta,
+        dpo_loss="sigmoid",
+        grad_clip=1.0,
+        weight_decay=0.0,
+        warmup_ratio=0.0,
+        max_seq_len=max(seq, 16),
+        dpo_learning_rate=lr,
+    )
     opt = make_optimizer(train_cfg, total_steps, lr)
     stepper = Stepper("dpo", cfg, lora_cfg, train_cfg, opt)
     adapter = init_lora(cfg, lora_cfg, jax.random.key(0))
@@ -148,12 +194,12 @@ def main() -> None:
     ref = reference_logps(base, None, examples, cfg, train_cfg, lora_scale(lora_cfg))
     batches = []
     for s in range(total_steps):
-        chunk = examples[s * B:(s + 1) * B]
-        batches.append((pack_dpo(chunk, train_cfg.max_seq_len), ref[s * B:(s + 1) * B].reshape(-1)))
+        chunk = examples[s * B : (s + 1) * B]
+        batches.append((pack_dpo(chunk, train_cfg.max_seq_len), ref[s * B : (s + 1) * B].reshape(-1)))
     log(f"malt-jax batch shape: {batches[0][0]['tokens'].shape} (TRL pads each batch to its longest row)")
 
-    times = {"trl": [], "jax": [], "trl_threads": []}
-    ours = {"state": state, "k": 0, "loss": []}
+    times: dict[str, list[float]] = {"trl": [], "jax": [], "trl_threads": []}
+    ours: dict[str, Any] = {"state": state, "k": 0, "loss": []}
     hf_shapes = []
 
     def our_step():
@@ -173,8 +219,10 @@ def main() -> None:
             times["trl"].append(time.perf_counter() - self.t)
             times["trl_threads"].append(torch.get_num_threads())
             our_step()
-            log(f"  step {len(times['trl'])}/{total_steps}: TRL ({torch.get_num_threads()} threads) "
-                f"{times['trl'][-1]:.2f}s, malt-jax {times['jax'][-1]:.2f}s")
+            log(
+                f"  step {len(times['trl'])}/{total_steps}: TRL ({torch.get_num_threads()} threads) "
+                f"{times['trl'][-1]:.2f}s, malt-jax {times['jax'][-1]:.2f}s"
+            )
 
     orig = trainer.compute_loss
 
@@ -186,8 +234,10 @@ def main() -> None:
     trainer.add_callback(Timer())
     t0 = time.perf_counter()
     trainer.train()
-    log(f"TRL train() incl. reference precompute: {time.perf_counter() - t0:.1f}s; TRL batch shapes: "
-        f"{sorted(set(hf_shapes))}")
+    log(
+        f"TRL train() incl. reference precompute: {time.perf_counter() - t0:.1f}s; TRL batch shapes: "
+        f"{sorted(set(hf_shapes))}"
+    )
 
     peak = max(peak, flops.measure_peak_jax(1024 if args.quick else 2048))  # best of before/after
     log(f"f32 matmul peak (jax), best of before/after: {peak / 1e9:.1f} GFLOP/s")
@@ -197,36 +247,69 @@ def main() -> None:
     rows_lens = lens[: 2 * B]
     fl = flops.lora_train_flops(cfg, rows_lens, 8, TARGETS_OURS)
     mj = common.median(tj)
-    rows = [{"framework": "malt-jax", "median step s": mj, "steps timed": len(tj), "tokens/s": tokens / mj,
-             "GFLOP/s": fl / mj / 1e9, "% peak FLOP/s": 100 * fl / mj / peak}]
+    rows = [
+        {
+            "framework": "malt-jax",
+            "median step s": mj,
+            "steps timed": len(tj),
+            "tokens/s": tokens / mj,
+            "GFLOP/s": fl / mj / 1e9,
+            "% peak FLOP/s": 100 * fl / mj / peak,
+        }
+    ]
     for n in threads:
         mt = common.median(tt[n])
-        rows.append({"framework": f"TRL + peft, torch {n} thread(s)", "median step s": mt, "steps timed": len(tt[n]),
-                     "tokens/s": tokens / mt, "GFLOP/s": fl / mt / 1e9, "% peak FLOP/s": 100 * fl / mt / peak})
+        rows.append(
+            {
+                "framework": f"TRL + peft, torch {n} thread(s)",
+                "median step s": mt,
+                "steps timed": len(tt[n]),
+                "tokens/s": tokens / mt,
+                "GFLOP/s": fl / mt / 1e9,
+                "% peak FLOP/s": 100 * fl / mt / peak,
+            }
+        )
     log(f"\n## LoRA DPO step, {B} pairs x {seq} tokens ({2 * B} rows), f32, median of the timed steps")
     log(common.table(rows, list(rows[0].keys())))
     best = min(threads, key=lambda n: common.median(tt[n]))
     ratio = common.median(tt[best]) / mj
-    log(f"TRL best with {best} torch thread(s); vs {threads[0]} threads: "
-        f"{common.median(tt[threads[0]]) / mj:.2f}x")
+    log(f"TRL best with {best} torch thread(s); vs {threads[0]} threads: {common.median(tt[threads[0]]) / mj:.2f}x")
     # breakdown: the forward pass alone (the same no-grad pass as the reference log-probs) vs the step
     from malt_jax.scoring import batch_logps, batch_rows
 
     rows0 = batch_rows(batches[0][0], None)
-    fwd = lambda: jax.block_until_ready(batch_logps(base, state.adapter, rows0, cfg=cfg,  # noqa: E731
-                                                    scale=lora_scale(lora_cfg)))
+
+    def fwd():
+        return jax.block_until_ready(batch_logps(base, state.adapter, rows0, cfg=cfg, scale=lora_scale(lora_cfg)))
+
     fwd()
     tf = common.median([common.timed(fwd) for _ in range(3)])
     fwd_fl = flops.lora_forward_flops(cfg, rows_lens, 8, TARGETS_OURS)
-    log(f"malt-jax breakdown: forward alone {tf:.2f}s = {100 * tf / mj:.0f}% of the step time "
+    log(
+        f"malt-jax breakdown: forward alone {tf:.2f}s = {100 * tf / mj:.0f}% of the step time "
         f"(forward = {100 * fwd_fl / fl:.0f}% of the step's model FLOPs; forward at "
-        f"{100 * fwd_fl / tf / peak:.0f}% of peak)")
-    log(f"malt-jax losses: {[round(x, 4) for x in ours['loss']]} (mean {np.mean(ours['loss']):.4f}; "
-        f"TRL logs its mean train_loss above)")
-    log(f"RATIO LoRA DPO step: malt-jax {ratio:.2f}x TRL (best thread count) (target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})")
+        f"{100 * fwd_fl / tf / peak:.0f}% of peak)"
+    )
+    log(
+        f"malt-jax losses: {[round(x, 4) for x in ours['loss']]} (mean {np.mean(ours['loss']):.4f}; "
+        f"TRL logs its mean train_loss above)"
+    )
+    log(
+        f"RATIO LoRA DPO step: malt-jax {ratio:.2f}x TRL (best thread count) "
+        f"(target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})"
+    )
     log(f"load average at end: {os.getloadavg()}")
-    common.save_json(args.json, {"machine": common.machine(), "peak": peak, "rows": rows, "ratio": ratio,
-                                 "times": times, "hf_shapes": hf_shapes})
+    common.save_json(
+        args.json,
+        {
+            "machine": common.machine(),
+            "peak": peak,
+            "rows": rows,
+            "ratio": ratio,
+            "times": times,
+            "hf_shapes": hf_shapes,
+        },
+    )
     tmp.cleanup()
 
 

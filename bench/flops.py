@@ -36,8 +36,9 @@ def causal_pairs(t: float) -> float:
 def decode_flops(cfg, batch: int, prompt_lens, new_tokens: int) -> float:
     """Model FLOPs of prefill + ``new_tokens`` decode steps for ``batch`` rows (``prompt_lens``:
     per-row prompt lengths). Each token attends to its real context."""
-    return sum(model_flops.forward_flops(cfg, p + new_tokens, causal_pairs(p + new_tokens))
-               for p in prompt_lens[:batch])
+    return sum(
+        model_flops.forward_flops(cfg, p + new_tokens, causal_pairs(p + new_tokens)) for p in prompt_lens[:batch]
+    )
 
 
 def lora_params_per_token(cfg, rank: int, targets) -> int:
@@ -69,7 +70,7 @@ def measure_peak_jax(n: int = 2048, reps: int = 5, dtype: str = "float32") -> fl
         t0 = time.perf_counter()
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 def measure_bandwidth_jax(mbytes: int = 512, reps: int = 5) -> float:
@@ -77,7 +78,7 @@ def measure_bandwidth_jax(mbytes: int = 512, reps: int = 5) -> float:
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((mbytes * 2 ** 20 // 4,), jnp.float32)
+    x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
     best = float("inf")
@@ -100,7 +101,7 @@ def measure_peak_torch(n: int = 2048, reps: int = 5) -> float:
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 def main() -> None:
@@ -124,10 +125,14 @@ def main() -> None:
     except ImportError:
         pass
     nm = matmul_params(cfg)
-    print(f"SmolLM2-135M: {nm / 1e6:.1f}M matmul weights/token -> {2 * nm / 1e6:.0f} MFLOP per token forward; "
-          f"f32 weights = {nm * 4 / 1e6:.0f} MB read per decode step")
-    print(f"decode roofline at batch B: ~min(peak, B x 2 FLOP/weight x bandwidth / 4 B) = "
-          f"B x {2 * bw / 4 / 1e9:.1f} GFLOP/s until {peak / 1e9:.0f} GFLOP/s")
+    print(
+        f"SmolLM2-135M: {nm / 1e6:.1f}M matmul weights/token -> {2 * nm / 1e6:.0f} MFLOP per token forward; "
+        f"f32 weights = {nm * 4 / 1e6:.0f} MB read per decode step"
+    )
+    print(
+        f"decode roofline at batch B: ~min(peak, B x 2 FLOP/weight x bandwidth / 4 B) = "
+        f"B x {2 * bw / 4 / 1e9:.1f} GFLOP/s until {peak / 1e9:.0f} GFLOP/s"
+    )
 
 
 if __name__ == "__main__":

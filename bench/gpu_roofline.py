@@ -83,15 +83,20 @@ def main() -> None:
     prompt, new = args.prompt or (32 if q else 512), args.new_tokens or (16 if q else 128)
     reps = args.reps or (2 if q else 5)
     dtype = "float32" if q else "bfloat16"
-    cfg = ModelConfig.tiny(dtype=dtype, param_dtype=dtype) if q else MODEL_PRESETS[args.preset](
-        dtype=dtype, param_dtype=dtype)
+    cfg = (
+        ModelConfig.tiny(dtype=dtype, param_dtype=dtype)
+        if q
+        else MODEL_PRESETS[args.preset](dtype=dtype, param_dtype=dtype)
+    )
     dev = jax.devices()[0]
     spec_tf, spec_bw = spec_for(dev.device_kind)
     spec_tf, spec_bw = args.peak_tflops or spec_tf, args.hbm_tbs or spec_bw
     log = common.log
-    log(f"# accelerator roofline: {args.preset if not q else 'tiny (smoke run)'}, {dtype}\n"
+    log(
+        f"# accelerator roofline: {args.preset if not q else 'tiny (smoke run)'}, {dtype}\n"
         f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}; spec peak "
-        f"{spec_tf or '?'} TFLOP/s, {spec_bw or '?'} TB/s")
+        f"{spec_tf or '?'} TFLOP/s, {spec_bw or '?'} TB/s"
+    )
     peak = flops.measure_peak_jax(1024 if q else 8192, dtype=dtype)
     bw = flops.measure_bandwidth_jax(64 if q else 4096)
     log(f"measured: {dtype} matmul {peak / 1e12:.2f} TFLOP/s (best of 5); memory read {bw / 1e12:.3f} TB/s")
@@ -101,7 +106,10 @@ def main() -> None:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     log(f"model: {n_params / 1e9:.3f} B parameters, {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}")
     rng = np.random.default_rng(0)
-    tok = lambda n: rng.integers(3, cfg.vocab_size, n).tolist()  # noqa: E731
+
+    def tok(n: int) -> list[int]:
+        return rng.integers(3, cfg.vocab_size, n).tolist()
+
     lora_cfg = LoraConfig(rank=args.rank, alpha=2.0 * args.rank)
     targets = lora_cfg.targets
     results: dict = {"device": dev.device_kind, "dtype": dtype, "peaks": peaks, "read_bw": bw, "rows": []}
@@ -122,13 +130,18 @@ def main() -> None:
         box = {"state": state}
 
         def step():
-            box["state"], _ = stepper(base, box["state"], batch, *extra)
+            box["state"], _ = stepper(base, box["state"], batch, *extra)  # noqa: B023 - step runs in this iteration
 
         t = median_time(step, reps)
         fl = flops.lora_train_flops(cfg, [seq] * rows, args.rank, targets)
-        row = {"what": f"LoRA {kind.upper()} step", "shape": f"{rows} x {seq} tokens", "median s": t,
-               "tokens/s": rows * seq / t, "TFLOP/s": fl / t / 1e12,
-               **{f"MFU vs {k} peak %": 100 * fl / t / v for k, v in peaks.items()}}
+        row = {
+            "what": f"LoRA {kind.upper()} step",
+            "shape": f"{rows} x {seq} tokens",
+            "median s": t,
+            "tokens/s": rows * seq / t,
+            "TFLOP/s": fl / t / 1e12,
+            **{f"MFU vs {k} peak %": 100 * fl / t / v for k, v in peaks.items()},
+        }
         results["rows"].append(row)
         log(common.table([row], list(row)))
 
@@ -137,20 +150,42 @@ def main() -> None:
     x = jnp.asarray([tok(prompt)], jnp.int32)
     lens = jnp.asarray([prompt], jnp.int32)
     pf = jax.jit(prefill, static_argnames=("cfg",))
-    gen = lambda: jax.block_until_ready(generate(params, x, lens, row_keys(0, 1), cfg=cfg, sampling=greedy,  # noqa: E731
-                                                 stop=StopCriteria(), max_new_tokens=new))
-    pre = lambda: jax.block_until_ready(pf(params, cfg, KVCache.zeros(cfg, 1, prompt + new), x, lens,  # noqa: E731
-                                           jnp.zeros((1,), jnp.int32)))
+
+    def gen():
+        return jax.block_until_ready(
+            generate(
+                params,
+                x,
+                lens,
+                row_keys(0, 1),
+                cfg=cfg,
+                sampling=greedy,
+                stop=StopCriteria(),
+                max_new_tokens=new,
+            )
+        )
+
+    def pre():
+        return jax.block_until_ready(
+            pf(params, cfg, KVCache.zeros(cfg, 1, prompt + new), x, lens, jnp.zeros((1,), jnp.int32))
+        )
+
     tg, tp = median_time(gen, reps), median_time(pre, reps)
     step_s = (tg - tp) / new
     itemsize = jnp.dtype(dtype).itemsize
     w_bytes = flops.matmul_params(cfg) * itemsize
     kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * (prompt + new / 2)  # mean context
     achieved = (w_bytes + kv_bytes) / step_s
-    row = {"what": "decode step, batch 1", "shape": f"prompt {prompt}, {new} new", "median s": step_s,
-           "tokens/s": 1 / step_s, "GB read per step": (w_bytes + kv_bytes) / 1e9, "achieved TB/s": achieved / 1e12,
-           "% of measured read BW": 100 * achieved / bw,
-           **({"% of spec HBM": 100 * achieved / (spec_bw * 1e12)} if spec_bw else {})}
+    row = {
+        "what": "decode step, batch 1",
+        "shape": f"prompt {prompt}, {new} new",
+        "median s": step_s,
+        "tokens/s": 1 / step_s,
+        "GB read per step": (w_bytes + kv_bytes) / 1e9,
+        "achieved TB/s": achieved / 1e12,
+        "% of measured read BW": 100 * achieved / bw,
+        **({"% of spec HBM": 100 * achieved / (spec_bw * 1e12)} if spec_bw else {}),
+    }
     results["rows"].append(row)
     log(common.table([row], list(row)))
     log(f"(generate {tg:.3f} s, prefill alone {tp:.3f} s)")

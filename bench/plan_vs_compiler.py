@@ -18,7 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def main() -> None:
@@ -27,8 +27,8 @@ def main() -> None:
     a = ap.parse_args()
     import jax
 
-    from malt_jax.config import load_run_config
     from malt_jax.aot import compile_expansion, compile_step, compiled_bytes
+    from malt_jax.config import load_run_config
     from malt_jax.plan import make_plan
     from malt_jax.sharding import make_mesh
 
@@ -38,16 +38,29 @@ def main() -> None:
     for shape in ("llama32_1b_gsm8k", "llama31_8b_gsm8k"):
         for layers in (int(x) for x in a.layers.split(",")):
             for remat in (True, False):
-                cfg = load_run_config(ROOT / "experiments" / f"{shape}.yaml", [
-                    f"model.n_layers={layers}", "model.dtype=float32", "model.param_dtype=float32",
-                    f"model.remat={str(remat).lower()}", "mesh={data: 1, fsdp: 8, tensor: 1}"])
+                cfg = load_run_config(
+                    ROOT / "experiments" / f"{shape}.yaml",
+                    [
+                        f"model.n_layers={layers}",
+                        "model.dtype=float32",
+                        "model.param_dtype=float32",
+                        f"model.remat={str(remat).lower()}",
+                        "mesh={data: 1, fsdp: 8, tensor: 1}",
+                    ],
+                )
                 plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200", prompt_tokens=256, turn_tokens=32)
                 for kind in ("sft", "dpo") + (("sample",) if remat else ()):  # sampling has no backward
-                    got = compiled_bytes(compile_step(cfg, kind, mesh) if kind != "sample" else
-                                         compile_expansion(cfg, mesh, prompt_tokens=256, turn_tokens=32))
+                    got = compiled_bytes(
+                        compile_step(cfg, kind, mesh)
+                        if kind != "sample"
+                        else compile_expansion(cfg, mesh, prompt_tokens=256, turn_tokens=32)
+                    )
                     want = plan.phase_total(kind)
-                    print(f"| {shape} | {layers} | {remat} | {kind} | {want / GiB:.2f} | {got / GiB:.2f} | "
-                          f"{want / got:.2f} |", flush=True)
+                    print(
+                        f"| {shape} | {layers} | {remat} | {kind} | {want / GiB:.2f} | {got / GiB:.2f} | "
+                        f"{want / got:.2f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

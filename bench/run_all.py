@@ -62,8 +62,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes for every benchmark")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="JSON results folder")
-    ap.add_argument("--only", default="", help="comma-separated subset: flops,sampler,decode_breakdown,vs_transformers,"
-                                               "dpo_vs_trl,vs_llamacpp")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subset: flops,sampler,decode_breakdown,vs_transformers,dpo_vs_trl,vs_llamacpp",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,10 +85,13 @@ def main() -> None:
     if peer_scripts:
         py, why = peers_python()
         if py is None:
-            print(f"\n[skipped] {', '.join(peer_scripts)}: {why}.\n"
-                  "  These compare against PyTorch transformers / TRL, which live in a separate optional env.\n"
-                  "  Install it with:  make peers   (creates .venv-peers: torch==2.13.0 CPU, transformers, trl, "
-                  "peft, malt-jax)\n  then re-run:  make bench", flush=True)
+            print(
+                f"\n[skipped] {', '.join(peer_scripts)}: {why}.\n"
+                "  These compare against PyTorch transformers / TRL, which live in a separate optional env.\n"
+                "  Install it with:  make peers   (creates .venv-peers: torch==2.13.0 CPU, transformers, trl, "
+                "peft, malt-jax)\n  then re-run:  make bench",
+                flush=True,
+            )
         else:
             for s in peer_scripts:
                 results[s] = run(py, f"{s}.py", extra, out)
@@ -93,8 +99,10 @@ def main() -> None:
         results["vs_llamacpp"] = run(PEERS_PY, "vs_llamacpp.py", extra, out)
     elif want("vs_llamacpp"):
         print("\n[skipped] vs_llamacpp: .venv-peers does not import llama_cpp (make peers builds it).", flush=True)
-    print("\nsummary: " + ", ".join(f"{k}: {'ok' if rc == 0 else f'FAILED ({rc})'} ({dt:.0f}s)"
-                                     for k, (rc, dt) in results.items()))
+    print(
+        "\nsummary: "
+        + ", ".join(f"{k}: {'ok' if rc == 0 else f'FAILED ({rc})'} ({dt:.0f}s)" for k, (rc, dt) in results.items())
+    )
     print(f"JSON results in {out}")
     sys.exit(1 if any(rc for rc, _ in results.values()) else 0)
 

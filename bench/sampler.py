@@ -40,14 +40,15 @@ def bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log, pe
     variants, meta = {}, {}
     for B in batches:
         ids = chat_ids(model.tokenizer, common.prompts(B))
-        x, lens = pad_batch(ids, bucket=16)
-        x, lens_j, keys = jnp.asarray(x), jnp.asarray(lens), row_keys(0, B)
+        x_host, lens = pad_batch(ids, bucket=16)
+        x, lens_j, keys = jnp.asarray(x_host), jnp.asarray(lens), row_keys(0, B)
 
         # compiled ahead of time (no untimed first run: on 2 cores a warm-up run of the big
         # shapes costs as much as a timed one; the median of the reps absorbs a cold first rep)
         t0 = time.perf_counter()
-        fn = generate.lower(params, x, lens_j, keys, cfg=cfg, sampling=sampling, stop=StopCriteria(),
-                            max_new_tokens=new_tokens).compile()
+        fn = generate.lower(
+            params, x, lens_j, keys, cfg=cfg, sampling=sampling, stop=StopCriteria(), max_new_tokens=new_tokens
+        ).compile()
         log(f"  compile B={B}: {time.perf_counter() - t0:.1f}s")
 
         def run(fn=fn, x=x, lens_j=lens_j, keys=keys):
@@ -68,21 +69,28 @@ def bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log, pe
         B, lens, width = meta[name]
         t = common.median(ts)
         fl = flops.decode_flops(cfg, B, lens, new_tokens)
-        rows.append({
-            "batch": B, "prompt width": width, "new tokens": new_tokens, "median s": t,
-            "tokens/s": B * new_tokens / t, "ms/step": 1e3 * t / new_tokens,
-            "GFLOP/s": fl / t / 1e9, "% peak FLOP/s": 100 * fl / t / peak,
-            "% mem BW (weights/step)": 100 * wbytes * new_tokens / t / bw,
-        })
+        rows.append(
+            {
+                "batch": B,
+                "prompt width": width,
+                "new tokens": new_tokens,
+                "median s": t,
+                "tokens/s": B * new_tokens / t,
+                "ms/step": 1e3 * t / new_tokens,
+                "GFLOP/s": fl / t / 1e9,
+                "% peak FLOP/s": 100 * fl / t / peak,
+                "% mem BW (weights/step)": 100 * wbytes * new_tokens / t / bw,
+            }
+        )
     return rows, times
 
 
 def bench_expansion(model, n_questions, max_new, reps, log):
     from malt_jax.config import SamplingConfig
     from malt_jax.expansion import ExpansionSpec, expand
+    from malt_jax.model.llama import KVCache
     from malt_jax.pipeline import PromptCodec, question_keys
     from malt_jax.sampling import StopCriteria, pad_batch, prefill
-    from malt_jax.model.llama import KVCache
     from malt_jax.tasks import get_task
 
     cfg, params = model.cfg, model.params
@@ -95,8 +103,10 @@ def bench_expansion(model, n_questions, max_new, reps, log):
     turns = tuple(jnp.asarray(t, jnp.int32) for t in codec.turns)
     keys = question_keys(0, list(range(n_questions)))
     sampling = SamplingConfig(temperature=0.7)
-    specs = {m: ExpansionSpec(n=3, m=3, l=3, max_new=(max_new,) * 3, sampling=sampling, stop=StopCriteria(),
-                              depth=3, mode=m) for m in ("extend", "naive")}
+    specs = {
+        m: ExpansionSpec(n=3, m=3, l=3, max_new=(max_new,) * 3, sampling=sampling, stop=StopCriteria(), depth=3, mode=m)
+        for m in ("extend", "naive")
+    }
 
     args = (params, (None, None, None), jnp.asarray(x), jnp.asarray(lens), turns, keys)
     trees = {}
@@ -106,14 +116,16 @@ def bench_expansion(model, n_questions, max_new, reps, log):
 
         def run():
             trees[mode] = jax.block_until_ready(fn(*args))
+
         return run
 
     t0 = time.perf_counter()
     variants = {m: runner(m, s) for m, s in specs.items()}
     log(f"  compile: {time.perf_counter() - t0:.1f}s")
     times = common.interleaved(variants, reps, warmup=0, log=log)
-    same = all(np.array_equal(np.asarray(trees["extend"].tokens[i]), np.asarray(trees["naive"].tokens[i]))
-               for i in range(3))
+    same = all(
+        np.array_equal(np.asarray(trees["extend"].tokens[i]), np.asarray(trees["naive"].tokens[i])) for i in range(3)
+    )
 
     # Breakdown: the prompt tokens each mode encodes, and naive's re-prefills timed alone.
     Q, Tq = x.shape
@@ -126,8 +138,13 @@ def bench_expansion(model, n_questions, max_new, reps, log):
     pre = jax.jit(prefill, static_argnames=("cfg",))
     calls = []
     for r in rows_per_level:  # compile each level's shape without running it
-        a = (params, KVCache.zeros(cfg, r, size), jnp.ones((r, size), jnp.int32),
-             jnp.full((r,), size // 2, jnp.int32), jnp.zeros((r,), jnp.int32))  # the mask, not the length, sets the work
+        a = (
+            params,
+            KVCache.zeros(cfg, r, size),
+            jnp.ones((r, size), jnp.int32),
+            jnp.full((r,), size // 2, jnp.int32),
+            jnp.zeros((r,), jnp.int32),
+        )  # the mask, not the length, sets the work
         f = pre.lower(a[0], cfg, *a[1:]).compile()
         calls.append(lambda f=f, a=a: f(a[0], *a[1:]))
 
@@ -138,11 +155,19 @@ def bench_expansion(model, n_questions, max_new, reps, log):
     gen_tokens = Q * (3 + 9 + 27) * max_new
     te, tn = common.median(times["extend"]), common.median(times["naive"])
     return {
-        "questions": Q, "max_new per role": max_new, "rows (G,V,R)": rows_per_level, "context width": size,
-        "identical samples": same, "generated tokens": gen_tokens,
-        "extend s": te, "naive s": tn, "extend tok/s": gen_tokens / te, "naive tok/s": gen_tokens / tn,
+        "questions": Q,
+        "max_new per role": max_new,
+        "rows (G,V,R)": rows_per_level,
+        "context width": size,
+        "identical samples": same,
+        "generated tokens": gen_tokens,
+        "extend s": te,
+        "naive s": tn,
+        "extend tok/s": gen_tokens / te,
+        "naive tok/s": gen_tokens / tn,
         "speedup (naive/extend)": tn / te,
-        "prompt tokens encoded: extend": extend_tokens, "prompt tokens encoded: naive (padded)": naive_padded,
+        "prompt tokens encoded: extend": extend_tokens,
+        "prompt tokens encoded: naive (padded)": naive_padded,
         "naive re-prefills alone s": pre_t,
     }, times
 
@@ -169,8 +194,10 @@ def main() -> None:
     from malt_jax.pipeline import load_model
 
     log = lambda s: print(s, flush=True)  # noqa: E731
-    log(f"# malt-jax sampler benchmark\nmachine: {common.machine()}\njax {jax.__version__}, "
-        f"backend {jax.default_backend()}, devices {len(jax.devices())}")
+    log(
+        f"# malt-jax sampler benchmark\nmachine: {common.machine()}\njax {jax.__version__}, "
+        f"backend {jax.default_backend()}, devices {len(jax.devices())}"
+    )
     model = load_model("smollm2")
     peak = flops.measure_peak_jax(1024 if args.quick else 2048)
     bw = flops.measure_bandwidth_jax(128 if args.quick else 512)
@@ -179,12 +206,29 @@ def main() -> None:
 
     if not args.skip_generate:
         sampling = SamplingConfig(temperature=0.7) if args.sample else SamplingConfig(greedy=True)
-        log(f"\n## generate: batches {batches}, {new_tokens} new tokens, "
-            f"{'temperature 0.7' if args.sample else 'greedy'}, no stop ids, {reps} reps")
-        rows, times = bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log,
-                                     peak_n=1024 if args.quick else 2048)
-        log(common.table(rows, ["batch", "prompt width", "new tokens", "median s", "tokens/s", "ms/step",
-                                "GFLOP/s", "% peak FLOP/s", "% mem BW (weights/step)"]))
+        log(
+            f"\n## generate: batches {batches}, {new_tokens} new tokens, "
+            f"{'temperature 0.7' if args.sample else 'greedy'}, no stop ids, {reps} reps"
+        )
+        rows, times = bench_generate(
+            model, batches, new_tokens, reps, sampling, peak, bw, log, peak_n=1024 if args.quick else 2048
+        )
+        log(
+            common.table(
+                rows,
+                [
+                    "batch",
+                    "prompt width",
+                    "new tokens",
+                    "median s",
+                    "tokens/s",
+                    "ms/step",
+                    "GFLOP/s",
+                    "% peak FLOP/s",
+                    "% mem BW (weights/step)",
+                ],
+            )
+        )
         result["generate"] = rows
 
     if not args.skip_expansion:
@@ -195,8 +239,10 @@ def main() -> None:
         res, times = bench_expansion(model, q, mx, ereps, log)
         for k, v in res.items():
             log(f"  {k}: {v:.3g}" if isinstance(v, float) else f"  {k}: {v}")
-        log(f"RATIO prefix sharing (extend) vs naive re-prefill: {res['speedup (naive/extend)']:.2f}x "
-            f"(target >= 1.5x: {'met' if res['speedup (naive/extend)'] >= 1.5 else 'MISSED'})")
+        log(
+            f"RATIO prefix sharing (extend) vs naive re-prefill: {res['speedup (naive/extend)']:.2f}x "
+            f"(target >= 1.5x: {'met' if res['speedup (naive/extend)'] >= 1.5 else 'MISSED'})"
+        )
         result["expansion"] = res
     common.save_json(args.json, result)
 

@@ -42,8 +42,7 @@ def write_gguf(src: Path, dst: Path, qtype: str) -> Path:
     or "Q8_0"), dequantized from ``src`` (so F32 holds exactly the weights malt-jax loads);
     1-D tensors (norms) stay F32. Metadata (shape, tokenizer, chat template) is copied."""
     import gguf
-    from gguf import GGMLQuantizationType as Q
-    from gguf import quants
+    from gguf import GGMLQuantizationType as Q, quants
 
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
@@ -96,8 +95,9 @@ class LlamaCppBatch:
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context")
         vocab = lc.llama_model_get_vocab(self.model) if hasattr(lc, "llama_model_get_vocab") else self.model
-        self.n_vocab = (lc.llama_vocab_n_tokens(vocab) if hasattr(lc, "llama_vocab_n_tokens")
-                        else lc.llama_n_vocab(self.model))
+        self.n_vocab = (
+            lc.llama_vocab_n_tokens(vocab) if hasattr(lc, "llama_vocab_n_tokens") else lc.llama_n_vocab(self.model)
+        )
         self.batch = lc.llama_batch_init(cp.n_batch, 0, max_rows)
         self.threads = threads
 
@@ -177,9 +177,11 @@ def main() -> None:
     from malt_jax.pipeline import load_model
     from malt_jax.sampling import StopCriteria, generate, pad_batch, row_keys
 
-    log(f"# malt-jax vs llama.cpp (llama-cpp-python {llama_cpp.__version__})\nmachine: {common.machine()}\n"
+    log(
+        f"# malt-jax vs llama.cpp (llama-cpp-python {llama_cpp.__version__})\nmachine: {common.machine()}\n"
         f"jax {jax.__version__} (backend {jax.default_backend()}), llama.cpp threads {threads}, formats {formats}\n"
-        f"load average at start: {os.getloadavg()}")
+        f"load average at start: {os.getloadavg()}"
+    )
     model = load_model("smollm2")
     cfg, params, tok = model.cfg, model.params, model.tokenizer
     greedy = SamplingConfig(greedy=True)
@@ -230,8 +232,10 @@ def main() -> None:
             while k < stop and a[i, k] == b[i, k]:
                 k += 1
             agree.append(f"{k}/{stop}")
-        log(f"greedy sanity check (B={Bc}) vs llama.cpp {fmt}: leading tokens agreeing (of tokens before "
-            f"malt-jax's first EOS): {', '.join(agree)}")
+        log(
+            f"greedy sanity check (B={Bc}) vs llama.cpp {fmt}: leading tokens agreeing (of tokens before "
+            f"malt-jax's first EOS): {', '.join(agree)}"
+        )
         log(f"  row 0 llama.cpp {fmt}: {tok.decode(b[0][:N].tolist())!r}")
     log(f"  row 0 malt-jax      : {tok.decode(a[0][:N].tolist())!r}")
 
@@ -246,20 +250,30 @@ def main() -> None:
         row = {"batch": B, "new tokens": N, "malt-jax tok/s": B * N / tj, "malt-jax % peak": 100 * fl / tj / peak}
         for fmt in formats:
             tc = {n: common.median(times[f"{fmt} {n}t B={B}"]) for n in threads}
-            best = min(tc, key=tc.get)
+            best = min(tc, key=tc.__getitem__)
             row[f"llama.cpp {fmt} tok/s (best: {best}t)"] = B * N / tc[best]
             row[f"malt-jax / llama.cpp {fmt}"] = tc[best] / tj
         rows.append(row)
     log(f"\n## generate throughput, greedy, {N} new tokens per row, {reps} interleaved reps (median)")
     log(common.table(rows, list(rows[0].keys())))
     for r in rows:
-        log("RATIO batch {}: ".format(r["batch"]) + ", ".join(
-            f"malt-jax {r[f'malt-jax / llama.cpp {fmt}']:.2f}x llama.cpp {fmt}" for fmt in formats))
+        log(
+            "RATIO batch {}: ".format(r["batch"])
+            + ", ".join(f"malt-jax {r[f'malt-jax / llama.cpp {fmt}']:.2f}x llama.cpp {fmt}" for fmt in formats)
+        )
     log(f"load average at end: {os.getloadavg()}")
     for e in engines.values():
         e.close()
-    common.save_json(args.json, {"machine": common.machine(), "peak_jax": peak, "rows": rows,
-                                 "times": times, "llama_cpp_python": llama_cpp.__version__})
+    common.save_json(
+        args.json,
+        {
+            "machine": common.machine(),
+            "peak_jax": peak,
+            "rows": rows,
+            "times": times,
+            "llama_cpp_python": llama_cpp.__version__,
+        },
+    )
 
 
 if __name__ == "__main__":

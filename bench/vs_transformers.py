@@ -36,21 +36,24 @@ def main() -> None:
     ap.add_argument("--batches", type=str, default=None, help="comma-separated batch sizes (default 1,8,27)")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 32)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default 2)")
-    ap.add_argument("--threads", type=str, default="2,1",
-                    help="torch intra-op thread counts to time HF with (default 2,1; the ratio uses the "
-                         "fastest: on a loaded 2-core VM, 2 OpenMP threads can be slower than 1)")
+    ap.add_argument(
+        "--threads",
+        type=str,
+        default="2,1",
+        help="torch intra-op thread counts to time HF with (default 2,1; the ratio uses the "
+        "fastest: on a loaded 2-core VM, 2 OpenMP threads can be slower than 1)",
+    )
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,27")).split(",")]
     N = args.new_tokens or (16 if args.quick else 32)
     reps = args.reps or 2
 
+    import jax
+    import jax.numpy as jnp
     import torch
     import transformers
     from transformers import LlamaForCausalLM
-
-    import jax
-    import jax.numpy as jnp
 
     from malt_jax.config import SamplingConfig
     from malt_jax.model.weights import save_hf
@@ -58,8 +61,9 @@ def main() -> None:
 
     threads = [int(t) for t in args.threads.split(",")]
     log = common.log
-    model = common.peer_start("malt-jax vs transformers generate()", threads,
-                              {"transformers": transformers.__version__})
+    model = common.peer_start(
+        "malt-jax vs transformers generate()", threads, {"transformers": transformers.__version__}
+    )
     cfg, params, tok = model.cfg, model.params, model.tokenizer
     with tempfile.TemporaryDirectory() as d:
         save_hf(params, cfg, d)
@@ -79,8 +83,8 @@ def main() -> None:
         left = np.zeros((B, width), np.int64)
         mask = np.zeros((B, width), np.int64)
         for i, s in enumerate(ids):
-            left[i, width - len(s):] = s
-            mask[i, width - len(s):] = 1
+            left[i, width - len(s) :] = s
+            mask[i, width - len(s) :] = 1
         xt, mt = torch.from_numpy(left), torch.from_numpy(mask)
 
         def run_jax():
@@ -90,8 +94,15 @@ def main() -> None:
         def run_hf(n_threads=threads[0]):
             torch.set_num_threads(n_threads)
             with torch.inference_mode():
-                out = hf.generate(input_ids=xt, attention_mask=mt, max_new_tokens=N, min_new_tokens=N,
-                                  do_sample=False, pad_token_id=0, eos_token_id=eos)
+                out = hf.generate(
+                    input_ids=xt,
+                    attention_mask=mt,
+                    max_new_tokens=N,
+                    min_new_tokens=N,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=eos,
+                )
             return out[:, width:].numpy()
 
         return run_jax, run_hf, lens
@@ -117,10 +128,12 @@ def main() -> None:
             k += 1
         agree.append((k, stop))
     first = sum(int(a[i, 0] == b[i, 0]) for i in range(Bc))
-    log(f"greedy sanity check (B={Bc}): first token agrees on {first}/{Bc} rows; leading tokens agreeing "
-        f"(of tokens before malt-jax's first EOS): " + ", ".join(f"{k}/{s}" for k, s in agree))
-    log(f"  row 0 malt-jax: {tok.decode(a[0][:agree[0][1]].tolist())!r}")
-    log(f"  row 0 HF      : {tok.decode(b[0][:agree[0][1]].tolist())!r}")
+    log(
+        f"greedy sanity check (B={Bc}): first token agrees on {first}/{Bc} rows; leading tokens agreeing "
+        f"(of tokens before malt-jax's first EOS): " + ", ".join(f"{k}/{s}" for k, s in agree)
+    )
+    log(f"  row 0 malt-jax: {tok.decode(a[0][: agree[0][1]].tolist())!r}")
+    log(f"  row 0 HF      : {tok.decode(b[0][: agree[0][1]].tolist())!r}")
 
     # warm-up: every jax shape (its compile); torch needs none beyond the sanity-check run above,
     # except a first call per thread count
@@ -133,26 +146,43 @@ def main() -> None:
     for B in batches:
         tj = common.median(times[f"jax B={B}"])
         th = {n: common.median(times[f"hf{n}t B={B}"]) for n in threads}
-        best = min(th, key=th.get)
+        best = min(th, key=th.__getitem__)
         fl = flops.decode_flops(cfg, B, lens_of[B].tolist(), N)
         row = {"batch": B, "new tokens": N, "malt-jax s": tj, "malt-jax tok/s": B * N / tj}
         for n in threads:
             row[f"HF {n}t s"] = th[n]
-        row.update({"best HF tok/s": B * N / th[best], "speedup vs best HF": th[best] / tj,
-                    f"speedup vs HF {threads[0]}t": th[threads[0]] / tj,
-                    "malt-jax % peak": 100 * fl / tj / peak, "best HF % peak": 100 * fl / th[best] / peak})
+        row.update(
+            {
+                "best HF tok/s": B * N / th[best],
+                "speedup vs best HF": th[best] / tj,
+                f"speedup vs HF {threads[0]}t": th[threads[0]] / tj,
+                "malt-jax % peak": 100 * fl / tj / peak,
+                "best HF % peak": 100 * fl / th[best] / peak,
+            }
+        )
         rows.append(row)
     log(f"\n## generate throughput, greedy, {N} new tokens per row, {reps} interleaved reps (median)")
     log(common.table(rows, list(rows[0].keys())))
     for r in rows:
         if r["batch"] >= 8:
             ok = r["speedup vs best HF"] >= 2.0
-            log(f"RATIO batch {r['batch']}: malt-jax {r['speedup vs best HF']:.2f}x transformers (best of "
+            log(
+                f"RATIO batch {r['batch']}: malt-jax {r['speedup vs best HF']:.2f}x transformers (best of "
                 f"{threads} torch threads; {r[f'speedup vs HF {threads[0]}t']:.2f}x vs {threads[0]} threads) "
-                f"(target >= 2x at batch >= 8: {'met' if ok else 'MISSED'})")
+                f"(target >= 2x at batch >= 8: {'met' if ok else 'MISSED'})"
+            )
     log(f"load average at end: {os.getloadavg()}")
-    common.save_json(args.json, {"machine": common.machine(), "peak_jax": peak, "peak_torch": peak_t,
-                                 "rows": rows, "agree": agree, "times": times})
+    common.save_json(
+        args.json,
+        {
+            "machine": common.machine(),
+            "peak_jax": peak,
+            "peak_torch": peak_t,
+            "rows": rows,
+            "agree": agree,
+            "times": times,
+        },
+    )
 
 
 if __name__ == "__main__":

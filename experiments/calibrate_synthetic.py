@@ -42,14 +42,30 @@ def main() -> None:
     examples = task.load("validation")[: args.questions]
     model = pipeline.load_model(base.weights, base.model)
     tok = model.tokenizer
-    out = {"experiment": "calibration", "command": "python experiments/calibrate_synthetic.py " + " ".join(
-        [args.config, *args.overrides, f"--questions {args.questions}", f"--temperatures {args.temperatures}",
-         f"--budget {args.budget}", f"--out {args.out}"]), "split": "validation", "n": len(examples),
-        "framing": base.task.framing, "budget": args.budget, "temperatures": {}}
+    out = {
+        "experiment": "calibration",
+        "command": "python experiments/calibrate_synthetic.py "
+        + " ".join(
+            [
+                args.config,
+                *args.overrides,
+                f"--questions {args.questions}",
+                f"--temperatures {args.temperatures}",
+                f"--budget {args.budget}",
+                f"--out {args.out}",
+            ]
+        ),
+        "split": "validation",
+        "n": len(examples),
+        "framing": base.task.framing,
+        "budget": args.budget,
+        "temperatures": {},
+    }
     for temp in [float(t) for t in args.temperatures.split(",")]:
         sampling = dataclasses.replace(base.sampling, role_max_new_tokens=(args.budget,) * 3)
-        cfg = dataclasses.replace(base, sampling=sampling, eval=dataclasses.replace(
-            base.eval, temperature=temp, max_new_tokens=args.budget))
+        cfg = dataclasses.replace(
+            base, sampling=sampling, eval=dataclasses.replace(base.eval, temperature=temp, max_new_tokens=args.budget)
+        )
         system = pipeline.System("chain", 3, base.eval.votes, temp == 0, False)
         run_dir = Path(args.run_dir) / f"{cfg.hash()}"
         rows = pipeline.evaluate_system(system, cfg, model, task, examples, None, run_dir / "chain.jsonl")
@@ -57,16 +73,21 @@ def main() -> None:
         for role in ("G", "V", "R"):
             texts = [t for r in rows for t in r["texts"][role]]
             prefix = task.prompts.prefix(role)
-            lens = np.array([len(tok.encode(t[len(prefix):], add_special_tokens=False)) for t in texts])
-            res[role] = {"tokens_mean": round(float(lens.mean()), 1), "tokens_p90": float(np.percentile(lens, 90)),
-                         "tokens_p99": float(np.percentile(lens, 99)),
-                         "at_budget": round(float((lens >= args.budget).mean()), 3)}
+            lens = np.array([len(tok.encode(t[len(prefix) :], add_special_tokens=False)) for t in texts])
+            res[role] = {
+                "tokens_mean": round(float(lens.mean()), 1),
+                "tokens_p90": float(np.percentile(lens, 90)),
+                "tokens_p99": float(np.percentile(lens, 99)),
+                "at_budget": round(float((lens >= args.budget).mean()), 3),
+            }
         g_ok = [bool(task.grade_example(t, ex)) for r, ex in zip(rows, examples) for t in r["texts"]["G"]]
         g_explicit = [task.has_explicit_answer(t, ex) for r, ex in zip(rows, examples) for t in r["texts"]["G"]]
         res["G"].update(accuracy=round(float(np.mean(g_ok)), 3), explicit_answer=round(float(np.mean(g_explicit)), 3))
-        res["R"].update(accuracy=round(float(np.mean([c for r in rows for c in r["pass_correct"]])), 3),
-                        vote_accuracy=round(float(np.mean([r["vote_correct"] for r in rows])), 3),
-                        distinct_answers_per_question=round(float(np.mean([len(set(r["pass_answers"])) for r in rows])), 2))
+        res["R"].update(
+            accuracy=round(float(np.mean([c for r in rows for c in r["pass_correct"]])), 3),
+            vote_accuracy=round(float(np.mean([r["vote_correct"] for r in rows])), 3),
+            distinct_answers_per_question=round(float(np.mean([len(set(r["pass_answers"])) for r in rows])), 2),
+        )
         out["temperatures"][str(temp)] = res
         print(temp, json.dumps(res), flush=True)
     out["wall_time_s"] = round(time.time() - t0, 1)

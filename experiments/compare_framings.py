@@ -39,11 +39,18 @@ def main() -> None:
     if len(examples) < args.questions:
         raise SystemExit(f"--questions {args.questions}: the {args.split} split has only {len(examples)}")
     model = pipeline.load_model(base.weights, base.model)
-    systems = [pipeline.System("single", 1, base.eval.votes, False, False),
-               pipeline.System("chain", 3, base.eval.votes, False, False)]
-    summary: dict = {"experiment": "framing", "command": "python experiments/compare_framings.py "
-                     + " ".join([args.config, *args.overrides, f"--questions {args.questions}", f"--out {args.out}"]),
-                     "split": args.split, "n_eval": len(examples), "framings": {}}
+    systems = [
+        pipeline.System("single", 1, base.eval.votes, False, False),
+        pipeline.System("chain", 3, base.eval.votes, False, False),
+    ]
+    summary: dict = {
+        "experiment": "framing",
+        "command": "python experiments/compare_framings.py "
+        + " ".join([args.config, *args.overrides, f"--questions {args.questions}", f"--out {args.out}"]),
+        "split": args.split,
+        "n_eval": len(examples),
+        "framings": {},
+    }
     chains = {}
     for framing in ("chat", "separate"):
         cfg = dataclasses.replace(base, task=dataclasses.replace(base.task, framing=framing))
@@ -51,11 +58,16 @@ def main() -> None:
         ev = pipeline.run_eval(cfg, model, task, examples, out, None, systems, out=out)
         res = ev["results"]
         chains[framing] = res
-        tests = compare(res, "chain", ["single"]) + compare(res, f"chain+MV@{base.eval.votes}",
-                                                            [f"single+MV@{base.eval.votes}"])
+        tests = compare(res, "chain", ["single"]) + compare(
+            res, f"chain+MV@{base.eval.votes}", [f"single+MV@{base.eval.votes}"]
+        )
         summary["framings"][framing] = {
-            "systems": {n: {"accuracy": r.accuracy, "ci95": list(r.ci), "correct": r.successes} for n, r in res.items()},
-            "comparisons": [{"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"]} for c in tests],
+            "systems": {
+                n: {"accuracy": r.accuracy, "ci95": list(r.ci), "correct": r.successes} for n, r in res.items()
+            },
+            "comparisons": [
+                {"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"]} for c in tests
+            ],
             "verifier": ev["verifier"].get("chain"),
         }
         print(framing, {n: round(r.accuracy, 3) for n, r in res.items()}, flush=True)
@@ -64,7 +76,8 @@ def main() -> None:
     both.update({f"{f}:chain": chains[f]["chain"] for f in chains})
     summary["separate_vs_chat"] = [
         {"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"]}
-        for c in compare(both, f"separate:{mv}", [f"chat:{mv}"]) + compare(both, "separate:chain", ["chat:chain"])]
+        for c in compare(both, f"separate:{mv}", [f"chat:{mv}"]) + compare(both, "separate:chain", ["chat:chain"])
+    ]
     summary["wall_time_s"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")

@@ -79,26 +79,43 @@ def main() -> None:
     yes = [tok.encode(s, add_special_tokens=False)[0] for s in (" correct", " Correct")]
     no = [tok.encode(s, add_special_tokens=False)[0] for s in (" incorrect", " Incorrect")]
     rng = random.Random(args.seed)
-    out = {"experiment": "probe_verification", "command": "python experiments/probe_verification.py "
-           f"--items {args.items} --seed {args.seed} --out {args.out}", "items": args.items, "families": {}}
+    out = {
+        "experiment": "probe_verification",
+        "command": f"python experiments/probe_verification.py --items {args.items} --seed {args.seed} --out {args.out}",
+        "items": args.items,
+        "families": {},
+    }
     for name, fam in families(rng).items():
         items = [fam() for _ in range(args.items)]
         ids = [tok.encode_chat(role_messages(p, "G", q)) for q, _ in items]
         x, n = pad_batch(ids, bucket=32)
-        gen = generate(model.params, jnp.asarray(x), jnp.asarray(n), jax.random.split(jax.random.key(0), len(ids)),
-                       cfg=model.cfg, sampling=SamplingConfig(greedy=True), stop=stop, max_new_tokens=48)
+        gen = generate(
+            model.params,
+            jnp.asarray(x),
+            jnp.asarray(n),
+            jax.random.split(jax.random.key(0), len(ids)),
+            cfg=model.cfg,
+            sampling=SamplingConfig(greedy=True),
+            stop=stop,
+            max_new_tokens=48,
+        )
         texts = [tok.decode(t, skip_special_tokens=True) for t in trim(gen)]
         solved = np.mean([task.grade(t, str(a)) for t, (_, a) in zip(texts, items)])
         right = np.arange(len(items)) % 2 == 0
         shown = [a if r else a + rng.choice([-2, -1, 1, 2]) for (_, a), r in zip(items, right)]
-        v_ids = [tok.encode_chat(separate_messages(p, "V", q, generator_out=f"Final Answer: {s}"))
-                 + tok.encode(p.verifier_prefix, add_special_tokens=False) for (q, _), s in zip(items, shown)]
+        v_ids = [
+            tok.encode_chat(separate_messages(p, "V", q, generator_out=f"Final Answer: {s}"))
+            + tok.encode(p.verifier_prefix, add_special_tokens=False)
+            for (q, _), s in zip(items, shown)
+        ]
         vx, vn = pad_batch(v_ids, bucket=32)
         logits = np.asarray(fwd(model.params, jnp.asarray(vx)))[np.arange(len(v_ids)), vn - 1]
         score = np.logaddexp(*logits[:, yes].T) - np.logaddexp(*logits[:, no].T)
-        out["families"][name] = {"solve_accuracy": round(float(solved), 3),
-                                 "verify_auc": round(auc(score[right], score[~right]), 3),
-                                 "says_correct": round(float((score > 0).mean()), 3)}
+        out["families"][name] = {
+            "solve_accuracy": round(float(solved), 3),
+            "verify_auc": round(auc(score[right], score[~right]), 3),
+            "says_correct": round(float((score > 0).mean()), 3),
+        }
         print(name, out["families"][name], flush=True)
     out["wall_time_s"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

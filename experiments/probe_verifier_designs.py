@@ -24,6 +24,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,14 +35,16 @@ from malt_jax.evaluate import verifier_confusion
 DESIGNS = {
     "verdict": dict(
         verifier_separate="Check the proposed solution with the inverse operation. Is its final answer correct? "
-                          "Start with \"Verdict: correct\" or \"Verdict: incorrect\", then give the correct number."
-                          "\n\nProblem: {question}\n\nProposed solution:\n{answer}",
-        verifier_prefix="Verdict:"),
+        'Start with "Verdict: correct" or "Verdict: incorrect", then give the correct number.'
+        "\n\nProblem: {question}\n\nProposed solution:\n{answer}",
+        verifier_prefix="Verdict:",
+    ),
     "inverse-check": dict(
         verifier_separate="Check the proposed solution with the inverse operation: for a subtraction add the answer "
-                          "back, for a division multiply the answer back. Then say whether the proposed final answer "
-                          "is correct.\n\nProblem: {question}\n\nProposed solution:\n{answer}",
-        verifier_prefix="Check:"),
+        "back, for a division multiply the answer back. Then say whether the proposed final answer "
+        "is correct.\n\nProblem: {question}\n\nProposed solution:\n{answer}",
+        verifier_prefix="Check:",
+    ),
     "re-solve": dict(),  # the task's default prompts
 }
 
@@ -63,17 +66,41 @@ def main() -> None:
     model = pipeline.load_model(base.weights, base.model)
     default = task.prompts
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    out = {"experiment": "verifier_designs", "command": "python experiments/probe_verifier_designs.py " + " ".join(
-        [args.config, *args.overrides, f"--questions {args.questions}", f"--temperatures {args.temperatures}",
-         f"--out {args.out}"]), "split": "validation", "n": len(examples), "framing": base.task.framing, "runs": {}}
+    out: dict[str, Any] = {
+        "experiment": "verifier_designs",
+        "command": "python experiments/probe_verifier_designs.py "
+        + " ".join(
+            [
+                args.config,
+                *args.overrides,
+                f"--questions {args.questions}",
+                f"--temperatures {args.temperatures}",
+                f"--out {args.out}",
+            ]
+        ),
+        "split": "validation",
+        "n": len(examples),
+        "framing": base.task.framing,
+        "runs": {},
+    }
     for temp in [float(t) for t in args.temperatures.split(",")]:
         for name in args.designs.split(","):
             task.prompts = dataclasses.replace(default, **DESIGNS[name])
             cfg = dataclasses.replace(base, eval=dataclasses.replace(base.eval, temperature=temp))
             path = Path(args.run_dir) / f"{name}-{temp}-{cfg.hash()}.jsonl"
-            rows = pipeline.evaluate_system(pipeline.System("chain", 3, base.eval.votes, False, False), cfg, model,
-                                            task, examples, None, path, progress=False)
-            right, said, react = [], [], collections.Counter()
+            rows = pipeline.evaluate_system(
+                pipeline.System("chain", 3, base.eval.votes, False, False),
+                cfg,
+                model,
+                task,
+                examples,
+                None,
+                path,
+                progress=False,
+            )
+            right: list[bool] = []
+            said: list[bool | None] = []
+            react: collections.Counter[str] = collections.Counter()
             for r, ex in zip(rows, examples):
                 for g, v, fin in zip(r["texts"]["G"], r["texts"]["V"], r["texts"]["R"]):
                     right.append(bool(task.grade_example(g, ex)))
@@ -84,9 +111,14 @@ def main() -> None:
             out["runs"][f"{name}@{temp}"] = {
                 "G_accuracy": round(float(np.mean(right)), 3),
                 "R_accuracy": round(float(np.mean([c for r in rows for c in r["pass_correct"]])), 3),
-                "verdicts": cm, "refiner_reaction": dict(sorted(react.items()))}
-            print(f"{name} T={temp}: G {np.mean(right):.3f}, BA {cm['balanced_accuracy']:.3f}, "
-                  f"says correct {cm['says_correct_rate']:.2f}", flush=True)
+                "verdicts": cm,
+                "refiner_reaction": dict(sorted(react.items())),
+            }
+            print(
+                f"{name} T={temp}: G {np.mean(right):.3f}, BA {cm['balanced_accuracy']:.3f}, "
+                f"says correct {cm['says_correct_rate']:.2f}",
+                flush=True,
+            )
     out["wall_time_s"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -25,6 +25,9 @@ Public API (a small set of names; everything else is importable from its module)
 The README's "Library use" example goes through every stage with these names.
 """
 
+from malt_jax.ask import ask, ask_run
+from malt_jax.base_model import Model, load_model
+from malt_jax.codec import PromptCodec
 from malt_jax.config import (
     EvalConfig,
     LoraConfig,
@@ -36,9 +39,6 @@ from malt_jax.config import (
     TreeConfig,
     load_run_config,
 )
-from malt_jax.ask import ask, ask_run
-from malt_jax.base_model import Model, load_model
-from malt_jax.codec import PromptCodec
 from malt_jax.credit import assign_credit, dpo_pairs, sft_indices
 from malt_jax.data import DPOExample, SFTExample
 from malt_jax.expansion import Contexts, ExpansionSpec, expand
@@ -49,17 +49,53 @@ from malt_jax.sampling import StopCriteria, generate
 from malt_jax.stages.credit import build_datasets
 from malt_jax.stages.eval import System, run_eval
 from malt_jax.stages.expand import decode_tree, grade_leaves, sample_trees
-from malt_jax.tasks import Example, Task, get_task
 from malt_jax.study import run_study
+from malt_jax.tasks import Example, Task, get_task
 from malt_jax.train import RoleTraining, train_role
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Contexts", "DPOExample", "EvalConfig", "ExpansionSpec", "Example", "LoraConfig", "Model", "ModelConfig",
-    "PromptCodec", "ROLES", "ROLE_NAMES", "RoleTraining", "RunConfig", "SFTExample", "SamplingConfig",
-    "StopCriteria", "System", "Task", "TaskConfig", "TrainConfig", "TreeConfig",
-    "ask", "ask_run", "export_run", "load_peft", "save_peft",
-    "assign_credit", "build_datasets", "decode_tree", "dpo_pairs", "expand", "generate", "get_task", "grade_leaves",
-    "load_model", "load_run_config", "run", "run_eval", "run_study", "sample_trees", "sft_indices", "train_role",
+    "Contexts",
+    "DPOExample",
+    "EvalConfig",
+    "ExpansionSpec",
+    "Example",
+    "LoraConfig",
+    "Model",
+    "ModelConfig",
+    "PromptCodec",
+    "ROLES",
+    "ROLE_NAMES",
+    "RoleTraining",
+    "RunConfig",
+    "SFTExample",
+    "SamplingConfig",
+    "StopCriteria",
+    "System",
+    "Task",
+    "TaskConfig",
+    "TrainConfig",
+    "TreeConfig",
+    "ask",
+    "ask_run",
+    "export_run",
+    "load_peft",
+    "save_peft",
+    "assign_credit",
+    "build_datasets",
+    "decode_tree",
+    "dpo_pairs",
+    "expand",
+    "generate",
+    "get_task",
+    "grade_leaves",
+    "load_model",
+    "load_run_config",
+    "run",
+    "run_eval",
+    "run_study",
+    "sample_trees",
+    "sft_indices",
+    "train_role",
 ]

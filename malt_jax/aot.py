@@ -47,14 +47,20 @@ def compile_step(cfg: RunConfig, kind: str, mesh: Any) -> Any:
     params = abstract_params(cfg.model)
     state = abstract_state(cfg.model, cfg.lora, opt)
     rows, T = micro * (2 if kind == "dpo" else 1), t.max_seq_len
-    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "comp_index": jnp.int32,
-              "comp_valid": jnp.bool_}
+    dtypes = {
+        "tokens": jnp.int32,
+        "targets": jnp.int32,
+        "loss_mask": jnp.float32,
+        "comp_index": jnp.int32,
+        "comp_valid": jnp.bool_,
+    }
     batch = {k: jax.ShapeDtypeStruct((rows, T), dtypes[k]) for k in ROW_KEYS if k in dtypes}
     batch["weights"] = jax.ShapeDtypeStruct((micro,), jnp.float32)
     stepper = Stepper(kind, cfg.model, cfg.lora, t, opt, mesh=mesh)
     ref = jax.ShapeDtypeStruct((rows,), jnp.float32) if kind == "dpo" else None
-    lowered = stepper.lower(abstract(params, param_shardings(params, mesh)),
-                            abstract(state, state_shardings(state, mesh)), batch, ref)
+    lowered = stepper.lower(
+        abstract(params, param_shardings(params, mesh)), abstract(state, state_shardings(state, mesh)), batch, ref
+    )
     return lowered.compile()
 
 
@@ -78,12 +84,15 @@ def compile_expansion(cfg: RunConfig, mesh: Any, prompt_tokens: int = 256, turn_
     spec = ExpansionSpec(n=tr.n, m=tr.m, l=tr.l, max_new=(mx, mx, mx), sampling=cfg.sampling, mode="extend")
     with mesh_context(mesh):
         lowered = expand.lower(
-            abstract(params, param_shardings(params, mesh)), (None, None, None),
+            abstract(params, param_shardings(params, mesh)),
+            (None, None, None),
             jax.ShapeDtypeStruct((Q, prompt_tokens), jnp.int32, sharding=batch_sharding(mesh, 2, (Q, prompt_tokens))),
             jax.ShapeDtypeStruct((Q,), jnp.int32, sharding=batch_sharding(mesh, 1, (Q,))),
             tuple(jax.ShapeDtypeStruct((turn_tokens,), jnp.int32, sharding=rep) for _ in range(2)),
             jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=batch_sharding(mesh, 1, (Q,))),
-            cfg=cfg.model, spec=spec)
+            cfg=cfg.model,
+            spec=spec,
+        )
     return lowered.compile()
 
 
@@ -105,13 +114,18 @@ def one_layer_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[s
 
     have = jax.device_count()
     if have < n_dev:
-        return {"error": f"the mesh needs {n_dev} devices but only {have} are visible (run with "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} JAX_PLATFORMS=cpu)"}
+        return {
+            "error": f"the mesh needs {n_dev} devices but only {have} are visible (run with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} JAX_PLATFORMS=cpu)"
+        }
     t = cfg.train
     micro = max(t.batch_size // max(t.grad_accum, 1), 1)
-    one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=1),
-                              lora=dataclasses.replace(cfg.lora, top_layers=0),
-                              train=dataclasses.replace(t, grad_accum=1, batch_size=micro))
+    one = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, n_layers=1),
+        lora=dataclasses.replace(cfg.lora, top_layers=0),
+        train=dataclasses.replace(t, grad_accum=1, batch_size=micro),
+    )
     t0 = time.perf_counter()
     compiled = compile_step(one, "sft", make_mesh(sizes, jax.devices()[:n_dev]))
     dt = time.perf_counter() - t0
@@ -119,7 +133,9 @@ def one_layer_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[s
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
     return {
-        "devices": n_dev, "platform": jax.devices()[0].platform, "compile_s": dt,
+        "devices": n_dev,
+        "platform": jax.devices()[0].platform,
+        "compile_s": dt,
         "flops": float((cost or {}).get("flops", 0.0)),
         "analytic_flops": analytic_step_flops(one, micro) / n_dev,
         "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0) or 0),

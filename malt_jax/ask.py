@@ -11,8 +11,9 @@ the command line prints G's answers before V has started.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,15 +25,25 @@ from malt_jax.roles import ROLE_NAMES, ROLES
 __all__ = ["ask", "ask_run", "format_turns"]
 
 
-def ask(model: Any, task: Any, question: str, adapters: dict[str, Params] | None = None, *, votes: int = 3,
-        temperature: float = 0.3, max_new_tokens: Sequence[int] = (64, 64, 64), framing: str = "separate",
-        lora_scale: float = 1.0, seed: int = 0, on_turn: Callable[[str, list[str]], None] | None = None
-        ) -> dict[str, Any]:
+def ask(
+    model: Any,
+    task: Any,
+    question: str,
+    adapters: dict[str, Params] | None = None,
+    *,
+    votes: int = 3,
+    temperature: float = 0.3,
+    max_new_tokens: Sequence[int] = (64, 64, 64),
+    framing: str = "separate",
+    lora_scale: float = 1.0,
+    seed: int = 0,
+    on_turn: Callable[[str, list[str]], None] | None = None,
+) -> dict[str, Any]:
     """Runs ``votes`` G -> V -> R chains on ``question`` (``adapters`` = the roles' adapters, or
     None for the untrained chain) and majority-votes the refiners' answers by the task's answer
     key. Returns ``{"question", "chains": [{"G", "V", "R"}], "answers", "answer", "votes_for"}``."""
-    from malt_jax.config import SamplingConfig
     from malt_jax.codec import PromptCodec
+    from malt_jax.config import SamplingConfig
     from malt_jax.stages.expand import decode_level, sample_trees
     from malt_jax.tasks import Example
 
@@ -41,38 +52,74 @@ def ask(model: Any, task: Any, question: str, adapters: dict[str, Params] | None
     codec = PromptCodec(model.tokenizer, task, framing)
     prompt = codec.question(question)
     budgets = tuple(int(b) for b in max_new_tokens)
+    if len(budgets) != 3:
+        raise ValueError(f"max_new_tokens: one budget per role (G, V, R), got {list(budgets)}")
     longest = max(len(p) for p in codec.prefixes(question)) if framing == "separate" else len(prompt)
     need = longest + sum(budgets) + sum(len(t) for level in codec.seps for t in level)
     if need > model.cfg.max_seq_len:
-        raise ValueError(f"the question is {len(prompt)} tokens; with the role budgets {list(budgets)} its chain "
-                         f"needs {need} > the model's context of {model.cfg.max_seq_len} tokens")
+        raise ValueError(
+            f"the question is {len(prompt)} tokens; with the role budgets {list(budgets)} its chain "
+            f"needs {need} > the model's context of {model.cfg.max_seq_len} tokens"
+        )
     sampling = SamplingConfig(greedy=temperature <= 0, temperature=max(float(temperature), 1e-6))
-    spec = ExpansionSpec(n=votes, m=1, l=1, depth=3, max_new=budgets, sampling=sampling, stop=codec.stop,
-                         mode="fork" if adapters else "extend")
+    spec = ExpansionSpec(
+        n=votes,
+        m=1,
+        l=1,
+        depth=3,
+        max_new=budgets,
+        sampling=sampling,
+        stop=codec.stop,
+        mode="fork" if adapters else "extend",
+    )
     ads = tuple(adapters[r] for r in ROLES) if adapters else (None, None, None)
     ex = Example(id="ask", question=question, answer="")
     chains: list[dict[str, str]] = [{} for _ in range(votes)]
 
     def on_level(level: int, tokens: np.ndarray, lengths: np.ndarray) -> None:
         role = ROLES[level]
-        texts = decode_level(model.tokenizer, np.asarray(tokens)[:votes], np.asarray(lengths)[:votes],
-                             task.prompts.prefix(role)).tolist()
+        texts = decode_level(
+            model.tokenizer, np.asarray(tokens)[:votes], np.asarray(lengths)[:votes], task.prompts.prefix(role)
+        ).tolist()
         for c, t in zip(chains, texts):
             c[role] = t
         if on_turn is not None:
             on_turn(role, texts)
 
-    sample_trees(model, codec, [ex], spec, seed=seed, batch_size=1, adapters=ads, lora_scale=lora_scale,
-                 progress=False, on_level=on_level)
+    sample_trees(
+        model,
+        codec,
+        [ex],
+        spec,
+        seed=seed,
+        batch_size=1,
+        adapters=ads,
+        lora_scale=lora_scale,
+        progress=False,
+        on_level=on_level,
+    )
     answers = [task.answer_key(c["R"], ex) for c in chains]
     voted = majority_vote(answers)
-    return {"question": question, "chains": chains, "answers": answers, "answer": voted,
-            "votes_for": Counter(answers)[voted] if voted is not None else 0, "votes": votes}
+    return {
+        "question": question,
+        "chains": chains,
+        "answers": answers,
+        "answer": voted,
+        "votes_for": Counter(answers)[voted] if voted is not None else 0,
+        "votes": votes,
+    }
 
 
-def ask_run(run_dir: str | Path, question: str, *, votes: int = 3, temperature: float | None = None,
-            base: bool = False, seed: int = 0, on_turn: Callable[[str, list[str]], None] | None = None
-            ) -> dict[str, Any]:
+def ask_run(
+    run_dir: str | Path,
+    question: str,
+    *,
+    votes: int = 3,
+    temperature: float | None = None,
+    base: bool = False,
+    seed: int = 0,
+    on_turn: Callable[[str, list[str]], None] | None = None,
+) -> dict[str, Any]:
     """:func:`ask` with the base model, task, prompts, token budgets and role adapters of a run
     directory (``base=True``: the untrained chain). ``temperature`` defaults to the run's
     evaluation temperature."""
@@ -88,14 +135,25 @@ def ask_run(run_dir: str | Path, question: str, *, votes: int = 3, temperature: 
     if not base:
         adapters, _ = load_adapters(run_dir)
         if adapters is None:
-            raise FileNotFoundError(f"{run_dir / 'adapters'}: no trained role adapters (G/V/R.safetensors); "
-                                    "run the train stage first, or ask the untrained chain with --base")
+            raise FileNotFoundError(
+                f"{run_dir / 'adapters'}: no trained role adapters (G/V/R.safetensors); "
+                "run the train stage first, or ask the untrained chain with --base"
+            )
     model = load_model(cfg.weights, cfg.model)
     task = make_task(cfg)
-    out = ask(model, task, question, adapters, votes=votes,
-              temperature=cfg.eval.temperature if temperature is None else temperature,
-              max_new_tokens=cfg.sampling.budgets(cfg.eval.max_new_tokens), framing=cfg.task.framing,
-              lora_scale=lora_scale(cfg.lora), seed=seed, on_turn=on_turn)
+    out = ask(
+        model,
+        task,
+        question,
+        adapters,
+        votes=votes,
+        temperature=cfg.eval.temperature if temperature is None else temperature,
+        max_new_tokens=cfg.sampling.budgets(cfg.eval.max_new_tokens),
+        framing=cfg.task.framing,
+        lora_scale=lora_scale(cfg.lora),
+        seed=seed,
+        on_turn=on_turn,
+    )
     return {**out, "run_dir": str(run_dir), "trained": not base}
 
 

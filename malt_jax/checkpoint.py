@@ -81,12 +81,16 @@ class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+            max_to_keep=max_to_keep,
+            create=True,
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=False,
         )
         self._mgr = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        )
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -124,8 +128,9 @@ class Checkpointer:
         """Saves ``tree`` (any pytree of arrays) and JSON ``metadata`` as checkpoint ``step``."""
         named, _ = flatten_named(tree)
         meta = {"format": FORMAT, **metadata}
-        self._mgr.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_nest(named)), meta=ocp.args.JsonSave(meta)))
+        self._mgr.save(
+            int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(_nest(named)), meta=ocp.args.JsonSave(meta))
+        )
         self._mgr.wait_until_finished()
 
     def restore(self, target: Any, step: int | None = None, shardings: Any = None) -> tuple[Any, dict]:
@@ -152,35 +157,39 @@ class Checkpointer:
             if name not in stored:
                 raise CheckpointError(
                     f"{self.directory} step {s}: checkpoint has no tensor {name!r} (expected shape {want}); "
-                    "it was written for a different LoRA / optimizer configuration")
+                    "it was written for a different LoRA / optimizer configuration"
+                )
             if stored[name] != want:
                 raise CheckpointError(
                     f"{self.directory} step {s}: tensor {name!r} has shape {stored[name]} in the checkpoint "
                     f"but {want} is expected; the checkpoint comes from a different model shape or LoRA "
-                    "rank (use a fresh checkpoint directory)")
+                    "rank (use a fresh checkpoint directory)"
+                )
         extra = sorted(set(stored) - {n for n, _ in named})
         if extra:
             raise CheckpointError(
                 f"{self.directory} step {s}: checkpoint tensor {extra[0]!r} is not part of the expected "
-                "state; it was written for a different LoRA / optimizer configuration")
+                "state; it was written for a different LoRA / optimizer configuration"
+            )
 
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = []
+        abstract: list[tuple[str, np.ndarray | jax.ShapeDtypeStruct]] = []
         for (name, leaf), shard in zip(named, sh):
             if isinstance(leaf, np.ndarray) and shard is None:
                 abstract.append((name, leaf))
                 continue
             shard = shard or getattr(leaf, "sharding", None) or default
             abstract.append((name, jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=shard)))
-        out = self._mgr.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_nest(abstract)), meta=ocp.args.JsonRestore()))
+        out = self._mgr.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(abstract)), meta=ocp.args.JsonRestore())
+        )
         leaves = [_get(out["state"], name) for name, _ in named]
         return jax.tree_util.tree_unflatten(treedef, leaves), dict(out["meta"])
 
     def close(self) -> None:
         self._mgr.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

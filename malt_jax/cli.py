@@ -1,12 +1,12 @@
 """Command line: ``malt-jax <stage> CONFIG [key=value ...]`` and ``malt-jax chat "question"``.
 
-    malt-jax run experiments/smollm2_synthetic.yaml            # every stage, resumable
-    malt-jax expand|credit|train|eval CONFIG [overrides]       # one stage
-    malt-jax study experiments/study_synthetic.yaml           # learning curve over training-set sizes
-    malt-jax chat "What is the capital of France?"              # greedy answer of the base model
-    malt-jax ask RUN_DIR "What is 42 - 17?" --votes 3          # the trained team: 3 G->V->R chains + vote
-    malt-jax export RUN_DIR OUT --format peft|merged|both      # role adapters for PEFT / transformers
-    malt-jax plan CONFIG --mesh data=1,fsdp=8,tensor=1 --device v5p   # per-device memory/FLOPs, no hardware
+malt-jax run experiments/smollm2_synthetic.yaml            # every stage, resumable
+malt-jax expand|credit|train|eval CONFIG [overrides]       # one stage
+malt-jax study experiments/study_synthetic.yaml           # learning curve over training-set sizes
+malt-jax chat "What is the capital of France?"              # greedy answer of the base model
+malt-jax ask RUN_DIR "What is 42 - 17?" --votes 3          # the trained team: 3 G->V->R chains + vote
+malt-jax export RUN_DIR OUT --format peft|merged|both      # role adapters for PEFT / transformers
+malt-jax plan CONFIG --mesh data=1,fsdp=8,tensor=1 --device v5p   # per-device memory/FLOPs, no hardware
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     if "table" in summary:
         print(summary["table"])
         for row in summary["comparisons"]:
-            print(f"{row['target']} vs {row['baseline']}: diff {row['diff']:+.3f}, McNemar p={row['mcnemar_p']:.3g}, "
-                  f"bootstrap 95% CI [{row['bootstrap_lo']:+.3f}, {row['bootstrap_hi']:+.3f}]")
+            print(
+                f"{row['target']} vs {row['baseline']}: diff {row['diff']:+.3f}, McNemar p={row['mcnemar_p']:.3g}, "
+                f"bootstrap 95% CI [{row['bootstrap_lo']:+.3f}, {row['bootstrap_hi']:+.3f}]"
+            )
         print(f"report: {summary['report']}")
         if "tensorboard" in summary:
             print(f"metrics in TensorBoard: {summary['tensorboard']}")
@@ -53,8 +55,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
     for point in out["curve"]:
         s = point["systems"]
         p = point["primary"] or {}
-        print(f"n_train={point['n_train']}: " + ", ".join(f"{n} {v['accuracy']:.3f}" for n, v in s.items())
-              + (f" | primary {p['a']} vs {p['b']}: diff {p['diff']:+.3f}, p={p['p']:.3g}" if p else ""))
+        print(
+            f"n_train={point['n_train']}: "
+            + ", ".join(f"{n} {v['accuracy']:.3f}" for n, v in s.items())
+            + (f" | primary {p['a']} vs {p['b']}: diff {p['diff']:+.3f}, p={p['p']:.3g}" if p else "")
+        )
     print("baselines: " + ", ".join(f"{n} {v['accuracy']:.3f}" for n, v in out["baselines"].items()))
     print(f"wall time {out['wall_time_s']:.0f} s (this call {out['this_call_s']:.0f} s)")
     return 0
@@ -64,18 +69,26 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from malt_jax import sampling
-    from malt_jax.config import SamplingConfig
     from malt_jax.base_model import load_model
+    from malt_jax.config import SamplingConfig
 
     model = load_model(args.weights)
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.question}]
+        {"role": "user", "content": args.question}
+    ]
     ids = model.tokenizer.encode_chat(msgs)
     x, n = sampling.pad_batch([ids])
     sc = SamplingConfig(greedy=args.temperature <= 0, temperature=max(args.temperature, 1e-6))
-    g = sampling.generate(model.params, jnp.asarray(x), jnp.asarray(n), sampling.row_keys(args.seed, 1),
-                          cfg=model.cfg, sampling=sc, stop=sampling.StopCriteria(tuple(model.tokenizer.stop_ids)),
-                          max_new_tokens=args.max_new_tokens)
+    g = sampling.generate(
+        model.params,
+        jnp.asarray(x),
+        jnp.asarray(n),
+        sampling.row_keys(args.seed, 1),
+        cfg=model.cfg,
+        sampling=sc,
+        stop=sampling.StopCriteria(tuple(model.tokenizer.stop_ids)),
+        max_new_tokens=args.max_new_tokens,
+    )
     print(model.tokenizer.decode(sampling.trim(g)[0], skip_special_tokens=True))
     return 0
 
@@ -86,13 +99,22 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     def show(role: str, texts: list[str]) -> None:
         print(format_turns(role, texts), flush=True)
 
-    out = ask_run(args.run_dir, args.question, votes=args.votes, temperature=args.temperature, base=args.base,
-                  seed=args.seed, on_turn=None if args.json else show)
+    out = ask_run(
+        args.run_dir,
+        args.question,
+        votes=args.votes,
+        temperature=args.temperature,
+        base=args.base,
+        seed=args.seed,
+        on_turn=None if args.json else show,
+    )
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"answer: {out['answer']} ({out['votes_for']}/{out['votes']} votes"
-              f"{', untrained chain' if args.base else ''})")
+        print(
+            f"answer: {out['answer']} ({out['votes_for']}/{out['votes']} votes"
+            f"{', untrained chain' if args.base else ''})"
+        )
     return 0
 
 
@@ -120,14 +142,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         devices = devices or extra.get("devices")
         overrides = plan_lib.overlay_overrides(args.overlay) + overrides
     cfg = load_run_config(args.config, overrides)
-    if args.compile and "jax" not in sys.modules:
-        # fake enough CPU devices for the AOT check (only possible before jax starts a backend)
+    if args.compile and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # fake enough CPU devices for the AOT check. Importing malt_jax has imported jax already, but
+        # XLA reads XLA_FLAGS when jax starts its first backend, which the plan command has not done
+        # yet (a device count already in XLA_FLAGS is kept)
         sizes = [v for v in plan_lib.parse_mesh(args.mesh or dict(cfg.mesh)).values() if v > 0]
         n = devices or max(1, math.prod(sizes))
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
-    plan = plan_lib.make_plan(cfg, mesh=args.mesh, devices=devices, device=device, device_memory=args.device_memory,
-                              usable=args.usable, prompt_tokens=args.prompt_tokens, turn_tokens=args.turn_tokens,
-                              compile=args.compile)
+        os.environ["XLA_FLAGS"] = (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+        )
+    plan = plan_lib.make_plan(
+        cfg,
+        mesh=args.mesh,
+        devices=devices,
+        device=device,
+        device_memory=args.device_memory,
+        usable=args.usable,
+        prompt_tokens=args.prompt_tokens,
+        turn_tokens=args.turn_tokens,
+        compile=args.compile,
+    )
     print(json.dumps(plan_lib.plan_dict(plan), indent=2, default=str) if args.json else plan.table())
     if not plan.fits:
         print(f"malt-jax: {plan.refusal()}", file=sys.stderr)
@@ -177,15 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=16")
     pl.add_argument("--mesh", default=None, help="data=1,fsdp=8,tensor=1 (default: the config's mesh)")
     pl.add_argument("--devices", type=int, default=None, help="number of devices (default: the mesh's size)")
-    pl.add_argument("--device", default=None, help="device kind for the HBM size: v4, v5e, v5p, v6e, a100, h100, h200 "
-                                                   "(default v5e, 16 GiB)")
+    pl.add_argument(
+        "--device",
+        default=None,
+        help="device kind for the HBM size: v4, v5e, v5p, v6e, a100, h100, h200 (default v5e, 16 GiB)",
+    )
     pl.add_argument("--device-memory", default=None, help="per-device memory, e.g. 16GiB (overrides --device)")
     pl.add_argument("--usable", type=float, default=0.9, help="usable fraction of device memory (default 0.9)")
     pl.add_argument("--overlay", default=None, help="a tpu_configs/*.yaml overlay (mesh, batch sizes, device)")
     pl.add_argument("--prompt-tokens", type=int, default=256, help="question prompt budget for the KV cache")
     pl.add_argument("--turn-tokens", type=int, default=32, help="tokens of each verifier/refiner turn header")
-    pl.add_argument("--compile", action="store_true", help="also AOT-compile a 1-layer sharded SFT step on fake "
-                                                           "CPU devices and report XLA cost/memory analysis")
+    pl.add_argument(
+        "--compile",
+        action="store_true",
+        help="also AOT-compile a 1-layer sharded SFT step on fake CPU devices and report XLA cost/memory analysis",
+    )
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
     return p

@@ -41,8 +41,10 @@ class PromptCodec:
         if self.framing not in FRAMINGS:
             raise ValueError(f"framing must be one of {FRAMINGS}, got {self.framing!r}")
         if self.framing == "separate" and not self.task.prompts.has_separate:
-            raise ValueError(f"task {self.task.name!r}: the separate framing needs the role prompts "
-                             "verifier_separate and refiner_separate")
+            raise ValueError(
+                f"task {self.task.name!r}: the separate framing needs the role prompts "
+                "verifier_separate and refiner_separate"
+            )
 
     def question(self, q: str) -> list[int]:
         return self.tokenizer.encode_chat(role_messages(self.task.prompts, "G", q))
@@ -52,16 +54,19 @@ class PromptCodec:
 
         p = self.task.prompts
         msgs = role_messages if self.framing == "chat" else separate_messages
-        return self.tokenizer.apply_chat_template(msgs(p, role, q, generator_out=_G,
-                                                       verifier_out=p.verifier_prefix + _V))
+        return self.tokenizer.apply_chat_template(
+            msgs(p, role, q, generator_out=_G, verifier_out=p.verifier_prefix + _V)
+        )
 
     def prefixes(self, q: str) -> tuple[list[int], list[int]]:
         """Per-question prefixes of the V and R contexts (before the generator's answer)."""
         if self.framing == "chat":
             g = self.question(q)
             return g, g
-        return tuple(self.tokenizer.encode(self._render(r, q).split(_G)[0], add_special_tokens=False)
-                     for r in ("V", "R"))
+        v, r = (
+            self.tokenizer.encode(self._render(role, q).split(_G)[0], add_special_tokens=False) for role in ("V", "R")
+        )
+        return v, r
 
     @functools.cached_property
     def seps(self) -> tuple[tuple[list[int]], tuple[list[int], list[int]]]:
@@ -73,17 +78,21 @@ class PromptCodec:
             s_g = tok.apply_chat_template(role_messages(p, "G", q))
             s_v, s_r = self._render("V", q), self._render("R", q)
             if not (s_v.startswith(s_g + _G) and s_r.startswith(s_v + p.verifier_prefix + _V)):
-                raise ValueError("the chat template does not render the G -> V -> R roles as one growing "
-                                 "conversation; prefix sharing needs that (check the task's prompts)")
-            t_v = enc(s_v[len(s_g) + len(_G):] + p.verifier_prefix)
-            t_r = enc(s_r[len(s_v) + len(p.verifier_prefix) + len(_V):] + p.refiner_prefix)
+                raise ValueError(
+                    "the chat template does not render the G -> V -> R roles as one growing "
+                    "conversation; prefix sharing needs that (check the task's prompts)"
+                )
+            t_v = enc(s_v[len(s_g) + len(_G) :] + p.verifier_prefix)
+            t_r = enc(s_r[len(s_v) + len(p.verifier_prefix) + len(_V) :] + p.refiner_prefix)
             return (t_v,), (t_v, t_r)
         out = []
         for role, prefix in (("V", p.verifier_prefix), ("R", p.refiner_prefix)):
             pieces = [self._render(role, q).split(_G, 1)[1] for q in ("QUESTION A", "QUESTION B")]
             if pieces[0] != pieces[1]:
-                raise ValueError(f"the {role} prompt of the separate framing must quote the question before the "
-                                 "answer and the critique (the text after them must not depend on the question)")
+                raise ValueError(
+                    f"the {role} prompt of the separate framing must quote the question before the "
+                    "answer and the critique (the text after them must not depend on the question)"
+                )
             after = pieces[0].split(_V) if role == "R" else [pieces[0]]
             after[-1] += prefix
             out.append(tuple(enc(t) for t in after))

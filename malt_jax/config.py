@@ -64,8 +64,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # shapes may come from a weight file's metadata (config.json, GGUF): check them here
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-                     "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
                 raise ConfigError(f"model.{name}: expected a positive int, got {value!r}")
@@ -76,9 +75,7 @@ class ModelConfig:
         if self.arch not in ("llama", "qwen2", "qwen3"):
             raise ConfigError(f"model.arch: expected one of llama, qwen2, qwen3, got {self.arch!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
-            )
+            raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
 
     @property
     def n_params(self) -> int:
@@ -86,44 +83,81 @@ class ModelConfig:
         return param_count(self)
 
     @classmethod
-    def smollm2_135m(cls, **kw: Any) -> "ModelConfig":
+    def smollm2_135m(cls, **kw: Any) -> ModelConfig:
         return cls(**kw)
 
     @classmethod
-    def llama32_1b(cls, **kw: Any) -> "ModelConfig":
-        base = dict(
-            vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-            hidden_dim=8192, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True,
-            max_seq_len=131072, dtype="bfloat16", param_dtype="bfloat16",
+    def llama32_1b(cls, **kw: Any) -> ModelConfig:
+        base: dict[str, Any] = dict(
+            vocab_size=128256,
+            dim=2048,
+            n_layers=16,
+            n_heads=32,
+            n_kv_heads=8,
+            head_dim=64,
+            hidden_dim=8192,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+            tie_embeddings=True,
+            max_seq_len=131072,
+            dtype="bfloat16",
+            param_dtype="bfloat16",
             rope_scaling=LLAMA3_ROPE_SCALING_32,
         )
         base.update(kw)
         return cls(**base)
 
     @classmethod
-    def llama31_8b(cls, **kw: Any) -> "ModelConfig":
-        base = dict(
-            vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-            hidden_dim=14336, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=False,
-            max_seq_len=131072, dtype="bfloat16", param_dtype="bfloat16",
+    def llama31_8b(cls, **kw: Any) -> ModelConfig:
+        base: dict[str, Any] = dict(
+            vocab_size=128256,
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            head_dim=128,
+            hidden_dim=14336,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+            tie_embeddings=False,
+            max_seq_len=131072,
+            dtype="bfloat16",
+            param_dtype="bfloat16",
             rope_scaling=LLAMA3_ROPE_SCALING_8,
         )
         base.update(kw)
         return cls(**base)
 
     @classmethod
-    def tiny(cls, **kw: Any) -> "ModelConfig":
+    def tiny(cls, **kw: Any) -> ModelConfig:
         """A random-weight toy model for tests."""
-        base = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                    hidden_dim=128, rope_theta=10000.0, max_seq_len=512)
+        base: dict[str, Any] = dict(
+            vocab_size=256,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            hidden_dim=128,
+            rope_theta=10000.0,
+            max_seq_len=512,
+        )
         base.update(kw)
         return cls(**base)
 
 
-LLAMA3_ROPE_SCALING_8 = (("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
-                         ("original_max_position_embeddings", 8192.0))
-LLAMA3_ROPE_SCALING_32 = (("factor", 32.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
-                          ("original_max_position_embeddings", 8192.0))
+LLAMA3_ROPE_SCALING_8 = (
+    ("factor", 8.0),
+    ("low_freq_factor", 1.0),
+    ("high_freq_factor", 4.0),
+    ("original_max_position_embeddings", 8192.0),
+)
+LLAMA3_ROPE_SCALING_32 = (
+    ("factor", 32.0),
+    ("low_freq_factor", 1.0),
+    ("high_freq_factor", 4.0),
+    ("original_max_position_embeddings", 8192.0),
+)
 
 # Qwen shapes (from the released models' config.json): (arch, vocab, dim, layers, heads, kv heads,
 # head_dim, ffn, tied embeddings, context). Norm eps 1e-6, rope theta 1e6, bfloat16.
@@ -141,10 +175,27 @@ def _qwen_preset(name: str) -> Any:
     arch, vocab, dim, layers, heads, kv, hd, ffn, tied, ctx = QWEN_SHAPES[name]
 
     def make(**kw: Any) -> ModelConfig:
-        return ModelConfig(**{**dict(arch=arch, vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads,
-                                     n_kv_heads=kv, head_dim=hd, hidden_dim=ffn, norm_eps=1e-6, rope_theta=1e6,
-                                     tie_embeddings=tied, max_seq_len=ctx, dtype="bfloat16",
-                                     param_dtype="bfloat16"), **kw})
+        return ModelConfig(
+            **{
+                **dict(
+                    arch=arch,
+                    vocab_size=vocab,
+                    dim=dim,
+                    n_layers=layers,
+                    n_heads=heads,
+                    n_kv_heads=kv,
+                    head_dim=hd,
+                    hidden_dim=ffn,
+                    norm_eps=1e-6,
+                    rope_theta=1e6,
+                    tie_embeddings=tied,
+                    max_seq_len=ctx,
+                    dtype="bfloat16",
+                    param_dtype="bfloat16",
+                ),
+                **kw,
+            }
+        )
 
     return make
 
@@ -176,8 +227,10 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         _check_min("sampling", self, temperature=0, top_k=0, max_new_tokens=1, compact_levels=0)
         if self.role_max_new_tokens and (len(self.role_max_new_tokens) != 3 or min(self.role_max_new_tokens) < 1):
-            raise ConfigError(f"sampling.role_max_new_tokens must be empty or three ints >= 1 (G, V, R), "
-                              f"got {list(self.role_max_new_tokens)}")
+            raise ConfigError(
+                f"sampling.role_max_new_tokens must be empty or three ints >= 1 (G, V, R), "
+                f"got {list(self.role_max_new_tokens)}"
+            )
 
     def budgets(self, default: int | None = None) -> tuple[int, int, int]:
         """New-token budgets of G, V, R (``role_max_new_tokens``, else ``default`` or
@@ -254,9 +307,23 @@ class TrainConfig:
     dpo_reference: Literal["sft", "base"] = "sft"
 
     def __post_init__(self) -> None:
-        _check_min("train", self, learning_rate=0, dpo_learning_rate=0, warmup_ratio=0, grad_clip=0,
-                   batch_size=1, grad_accum=1, sft_epochs=0, dpo_epochs=0, max_seq_len=2,
-                   max_sft_examples=0, max_dpo_pairs=0, early_stop_patience=0, heldout_fraction=0)
+        _check_min(
+            "train",
+            self,
+            learning_rate=0,
+            dpo_learning_rate=0,
+            warmup_ratio=0,
+            grad_clip=0,
+            batch_size=1,
+            grad_accum=1,
+            sft_epochs=0,
+            dpo_epochs=0,
+            max_seq_len=2,
+            max_sft_examples=0,
+            max_dpo_pairs=0,
+            early_stop_patience=0,
+            heldout_fraction=0,
+        )
         if isinstance(self.heldout_fraction, (int, float)) and not self.heldout_fraction < 1:
             raise ConfigError(f"train.heldout_fraction must be < 1, got {self.heldout_fraction!r}")
         if isinstance(self.warmup_ratio, (int, float)) and not self.warmup_ratio < 1:
@@ -335,8 +402,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.study.train_sizes and max(self.study.train_sizes) > self.task.num_train:
-            raise ConfigError(f"study.train_sizes: the largest size {max(self.study.train_sizes)} exceeds "
-                              f"task.num_train={self.task.num_train} (the questions expanded for the study)")
+            raise ConfigError(
+                f"study.train_sizes: the largest size {max(self.study.train_sizes)} exceeds "
+                f"task.num_train={self.task.num_train} (the questions expanded for the study)"
+            )
 
     def hash(self) -> str:
         """The run's identity: :func:`config_hash` of the fields that define its results."""
@@ -360,6 +429,7 @@ def to_dict(cfg: Any, identity_only: bool = False) -> Any:
     added later at their default (``metadata={"identity": "non-default"}``), and lists the
     ``RETIRED_FIELDS``, so the hashes of earlier runs stay valid."""
     if dataclasses.is_dataclass(cfg):
+
         def keep(f: dataclasses.Field) -> bool:
             if not identity_only:
                 return True
@@ -403,7 +473,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -411,8 +481,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=key + ".")
     if origin is tuple:
         # mapping-shaped tuple: tuple[tuple[str, X], ...]
-        if len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple \
-                and typing.get_args(args[0])[:1] == (str,):
+        if (
+            len(args) == 2
+            and args[1] is Ellipsis
+            and typing.get_origin(args[0]) is tuple
+            and typing.get_args(args[0])[:1] == (str,)
+        ):
             if isinstance(value, dict):
                 vt = typing.get_args(args[0])[1]
                 return tuple((str(k), _coerce(v, vt, f"{key}.{k}")) for k, v in value.items())
@@ -464,14 +538,14 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for k, value in RETIRED_FIELDS.get(cls, {}).items():
         if k in data:
             if to_dict(data[k]) != to_dict(value):
-                raise ConfigError(f"{prefix}{k} has been removed; delete it from the config (only its old default "
-                                  f"{to_dict(value)!r} is still accepted)")
+                raise ConfigError(
+                    f"{prefix}{k} has been removed; delete it from the config (only its old default "
+                    f"{to_dict(value)!r} is still accepted)"
+                )
             del data[k]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 

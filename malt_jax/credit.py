@@ -110,9 +110,7 @@ def _tree_values(rewards: jax.Array, mask: jax.Array, threshold: float) -> tuple
 
 
 @functools.partial(jax.jit, static_argnames=("threshold",))
-def assign_credit(
-    rewards: jax.Array, mask: jax.Array | None = None, threshold: float = 0.5
-) -> CreditValues:
+def assign_credit(rewards: jax.Array, mask: jax.Array | None = None, threshold: float = 0.5) -> CreditValues:
     """Propagate leaf rewards up the tree (MALT global pooling) and label nodes.
 
     Args:

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -88,19 +89,16 @@ def truncate(prompt: Sequence[int], completion: Sequence[int], max_len: int) -> 
         return prompt, completion
     keep_prompt = max_len - len(completion)
     if keep_prompt >= min(1, len(prompt)):
-        return prompt[len(prompt) - keep_prompt:] if keep_prompt else [], completion
+        return prompt[len(prompt) - keep_prompt :] if keep_prompt else [], completion
     keep_prompt = min(1, len(prompt))
-    return prompt[len(prompt) - keep_prompt:], completion[: max_len - keep_prompt]
+    return prompt[len(prompt) - keep_prompt :], completion[: max_len - keep_prompt]
 
 
 def bucket_length(n: int, max_len: int, min_bucket: int = MIN_BUCKET) -> int:
     """Padded row length for ``n`` tokens, <= max_len: the next power of two >= max(n, min_bucket)
     up to 128, then the next multiple of 64 (at most 64 padding tokens on long rows; a handful
     of shapes per run)."""
-    if n <= 128:
-        b = max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-    else:
-        b = -(-n // 64) * 64
+    b = max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1))))) if n <= 128 else -(-n // 64) * 64
     return int(min(b, max_len))
 
 
@@ -121,15 +119,15 @@ def _rows(seqs: list[tuple[list[int], list[int]]], T: int, pad_id: int) -> tuple
     return tokens, targets, mask
 
 
-def pack_sft(examples: Sequence[SFTExample | None], max_len: int, pad_id: int = 0,
-             length: int | None = None) -> Batch:
+def pack_sft(examples: Sequence[SFTExample | None], max_len: int, pad_id: int = 0, length: int | None = None) -> Batch:
     """Packs SFT examples (``None`` = a padding row) into a batch.
 
     Returns ``{"tokens", "targets": int32[B, T], "loss_mask": float32[B, T] (already multiplied
     by the example weight; 0 on prompt and padding), "weights": float32[B]}``. ``T`` is the
     bucket of the longest row unless ``length`` is given.
     """
-    seqs, weights = [], []
+    seqs: list[tuple[list[int], list[int]]] = []
+    weights: list[float] = []
     for ex in examples:
         if ex is None:
             seqs.append(([], []))
@@ -144,15 +142,15 @@ def pack_sft(examples: Sequence[SFTExample | None], max_len: int, pad_id: int = 
     return {"tokens": tokens, "targets": targets, "loss_mask": mask * w[:, None], "weights": w}
 
 
-def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 0,
-             length: int | None = None) -> Batch:
+def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 0, length: int | None = None) -> Batch:
     """Packs preference pairs (``None`` = padding pair) into an interleaved batch.
 
     Returns ``{"tokens", "targets": int32[2B, T], "loss_mask": float32[2B, T] (0/1),
     "weights": float32[B]}``; rows ``2i`` / ``2i + 1`` are pair ``i``'s chosen / rejected. The
     prompt is truncated once so that the longer of the two completions fits.
     """
-    seqs, weights = [], []
+    seqs: list[tuple[list[int], list[int]]] = []
+    weights: list[float] = []
     for ex in examples:
         if ex is None:
             seqs += [([], []), ([], [])]
@@ -166,16 +164,17 @@ def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 
     longest = max((len(p) + len(c) - 1 for p, c in seqs), default=1)
     T = length or bucket_length(longest, max_len)
     tokens, targets, mask = _rows(seqs, T, pad_id)
-    return {"tokens": tokens, "targets": targets, "loss_mask": mask,
-            "weights": np.asarray(weights, np.float32)}
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask, "weights": np.asarray(weights, np.float32)}
 
 
-def pack(examples: Sequence[SFTExample | DPOExample | None], max_len: int, pad_id: int = 0,
-         length: int | None = None) -> Batch:
+def pack(
+    examples: Sequence[SFTExample | DPOExample | None], max_len: int, pad_id: int = 0, length: int | None = None
+) -> Batch:
     """``pack_sft`` or ``pack_dpo`` depending on the example type."""
     kind = next((type(e) for e in examples if e is not None), SFTExample)
-    fn = pack_dpo if kind is DPOExample else pack_sft
-    return fn(examples, max_len, pad_id, length)
+    if kind is DPOExample:  # a batch holds one kind of example
+        return pack_dpo(cast(Sequence[DPOExample | None], examples), max_len, pad_id, length)
+    return pack_sft(cast(Sequence[SFTExample | None], examples), max_len, pad_id, length)
 
 
 def completion_index(loss_mask: np.ndarray, min_width: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -209,8 +208,9 @@ def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool = True) ->
     return np.random.default_rng([seed, epoch]).permutation(n_examples)
 
 
-def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                  shuffle: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+def epoch_batches(
+    n_examples: int, batch_size: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yields ``(batch_index, example_indices[batch_size])`` from batch ``start`` on.
 
     Indices of ``-1`` mark padding slots of the last partial batch.
@@ -220,7 +220,7 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, start
     padded = np.full(nb * batch_size, -1, np.int64)
     padded[:n_examples] = order
     for b in range(start, nb):
-        yield b, padded[b * batch_size:(b + 1) * batch_size]
+        yield b, padded[b * batch_size : (b + 1) * batch_size]
 
 
 def gather(examples: Sequence, idx: np.ndarray) -> list:
@@ -228,8 +228,16 @@ def gather(examples: Sequence, idx: np.ndarray) -> list:
     return [examples[i] if i >= 0 else None for i in idx]
 
 
-def batches(examples: Sequence[SFTExample | DPOExample], batch_size: int, max_len: int, seed: int, epoch: int,
-            start: int = 0, pad_id: int = 0, shuffle: bool = True) -> Iterator[tuple[int, np.ndarray, Batch]]:
+def batches(
+    examples: Sequence[SFTExample | DPOExample],
+    batch_size: int,
+    max_len: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    pad_id: int = 0,
+    shuffle: bool = True,
+) -> Iterator[tuple[int, np.ndarray, Batch]]:
     """Packed batches of one epoch from batch ``start`` on: ``(batch_index, example_indices, batch)``.
 
     Every batch has ``batch_size`` rows (pairs for DPO); the last one is padded with weight-0 rows.

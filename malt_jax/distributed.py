@@ -27,8 +27,10 @@ explicitly so older defaults do not silently fall back to no collectives).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -63,7 +65,7 @@ def is_initialized() -> bool:
         return False
 
 
-def wants_distributed(env: dict[str, str] | None = None) -> bool:
+def wants_distributed(env: Mapping[str, str] | None = None) -> bool:
     """Whether the environment asks for a multi-process run.
 
     True for ``MALT_DISTRIBUTED=1`` (what ``tpu_configs/launch.sh`` sets), for an explicit JAX
@@ -81,9 +83,14 @@ def wants_distributed(env: dict[str, str] | None = None) -> bool:
     return len(hosts) > 1
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, local_device_ids: Any = None,
-               initialization_timeout: int = 300) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Any = None,
+    initialization_timeout: int = 300,
+) -> bool:
     """Connects this process to the others (wraps ``jax.distributed.initialize``).
 
     Args:
@@ -112,17 +119,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if not explicit and not wants_distributed():
         return False
     # Cross-process collectives on CPU need an implementation (Gloo ships with jaxlib).
-    try:
+    with contextlib.suppress(AttributeError, KeyError, ValueError):  # pragma: no cover - option absent in this jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except (AttributeError, KeyError, ValueError):  # pragma: no cover - option absent in this jax
-        pass
-    kwargs: dict[str, Any] = {"coordinator_address": coordinator, "num_processes": num_processes,
-                              "process_id": process_id, "initialization_timeout": initialization_timeout}
+    kwargs: dict[str, Any] = {
+        "coordinator_address": coordinator,
+        "num_processes": num_processes,
+        "process_id": process_id,
+        "initialization_timeout": initialization_timeout,
+    }
     if local_device_ids is not None:
         kwargs["local_device_ids"] = local_device_ids
     jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d/%d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed: process %d/%d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -153,7 +167,7 @@ def _batch_blocks(sharding: NamedSharding, ndim: int) -> tuple[int, int]:
     axes = entry if isinstance(entry, tuple) else (entry,)
     n = int(np.prod([sharding.mesh.shape[a] for a in axes]))
     probe = (n,) + (1,) * (ndim - 1)
-    local = {idx[0].start for idx in sharding.addressable_devices_indices_map(probe).values()}
+    local = {idx[0].start for idx in sharding.addressable_devices_indices_map(probe).values() if idx is not None}
     return len(local), n
 
 
@@ -182,9 +196,11 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
             return jax.make_array_from_process_local_data(sharding, x, x.shape)
         local_blocks, blocks = _batch_blocks(sharding, x.ndim)
         if x.shape[0] % local_blocks:
-            raise ValueError(f"host_local_to_global: {x.shape[0]} local rows do not split over this process's "
-                             f"{local_blocks} batch shards; use a per-process batch that is a multiple of "
-                             f"{local_blocks}")
+            raise ValueError(
+                f"host_local_to_global: {x.shape[0]} local rows do not split over this process's "
+                f"{local_blocks} batch shards; use a per-process batch that is a multiple of "
+                f"{local_blocks}"
+            )
         global_shape = (x.shape[0] * blocks // local_blocks,) + x.shape[1:]
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
@@ -218,15 +234,18 @@ def put(tree: Any, shardings: Any) -> Any:
     gets the sharding (for ahead-of-time lowering)."""
     from jax.sharding import Sharding
 
-    def one(x: Any, s: Any) -> jax.Array:
+    def one(x: Any, s: Any) -> jax.Array | jax.ShapeDtypeStruct:
         if isinstance(x, jax.ShapeDtypeStruct):  # abstract (AOT lowering): the sharding only
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return place(x, s)
+
+    def place(x: Any, s: Any) -> jax.Array:
         if isinstance(s, jax.Device) or s.is_fully_addressable:
             return jax.device_put(x, s)
         if isinstance(x, jax.Array):
             if x.dtype != object and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
                 impl = jax.random.key_impl(x)
-                return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=impl)
+                return jax.random.wrap_key_data(place(jax.random.key_data(x), s), impl=impl)
             if not x.is_fully_addressable:
                 return x if x.sharding == s else jax.device_put(x, s)
         host = np.asarray(x)

@@ -17,6 +17,7 @@ order (paired design): element ``i`` of every correctness vector refers to quest
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -106,11 +107,14 @@ def _paired(a: Any, b: Any, names: tuple[str, str] = ("a", "b")) -> tuple[np.nda
     a = np.asarray(a)
     b = np.asarray(b)
     if a.ndim != 1 or b.ndim != 1:
-        raise ValueError(f"{names[0]} and {names[1]} must be 1-D correctness vectors, "
-                         f"got shapes {a.shape} and {b.shape}")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must be 1-D correctness vectors, got shapes {a.shape} and {b.shape}"
+        )
     if a.shape != b.shape:
-        raise ValueError(f"{names[0]!r} (n={a.shape[0]}) and {names[1]!r} (n={b.shape[0]}) are not "
-                         "paired: they must be evaluated on the same questions")
+        raise ValueError(
+            f"{names[0]!r} (n={a.shape[0]}) and {names[1]!r} (n={b.shape[0]}) are not "
+            "paired: they must be evaluated on the same questions"
+        )
     return a.astype(bool), b.astype(bool)
 
 
@@ -230,8 +234,7 @@ class SystemResult:
         self.correct = correct.astype(bool)
         self.answers = list(self.answers)
         if self.answers and len(self.answers) != self.correct.shape[0]:
-            raise ValueError(f"system {self.name!r}: {len(self.answers)} answers for "
-                             f"{self.correct.shape[0]} questions")
+            raise ValueError(f"system {self.name!r}: {len(self.answers)} answers for {self.correct.shape[0]} questions")
 
     @property
     def n(self) -> int:
@@ -278,27 +281,31 @@ def compare(
     for name in baselines:
         base = results[name]
         if base.n != t.n:
-            raise ValueError(f"systems {target!r} (n={t.n}) and {name!r} (n={base.n}) are not "
-                             "paired: they must be evaluated on the same questions")
+            raise ValueError(
+                f"systems {target!r} (n={t.n}) and {name!r} (n={base.n}) are not "
+                "paired: they must be evaluated on the same questions"
+            )
         mc = mcnemar_exact(t.correct, base.correct)
         if t.n:
             bs = paired_bootstrap(t.correct, base.correct, samples=bootstrap_samples, seed=seed)
         else:
             bs = {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "p_value": 1.0}
-        rows.append({
-            "target": target,
-            "baseline": name,
-            "n": t.n,
-            "target_accuracy": t.accuracy,
-            "baseline_accuracy": base.accuracy,
-            "diff": bs["diff"],
-            "b01": mc["b01"],
-            "b10": mc["b10"],
-            "mcnemar_p": mc["p_value"],
-            "bootstrap_lo": bs["lo"],
-            "bootstrap_hi": bs["hi"],
-            "bootstrap_p": bs["p_value"],
-        })
+        rows.append(
+            {
+                "target": target,
+                "baseline": name,
+                "n": t.n,
+                "target_accuracy": t.accuracy,
+                "baseline_accuracy": base.accuracy,
+                "diff": bs["diff"],
+                "b01": mc["b01"],
+                "b10": mc["b10"],
+                "mcnemar_p": mc["p_value"],
+                "bootstrap_lo": bs["lo"],
+                "bootstrap_hi": bs["hi"],
+                "bootstrap_p": bs["p_value"],
+            }
+        )
     return rows
 
 
@@ -339,10 +346,8 @@ def parse_verdict(text: str) -> bool | None:
     """
     if not isinstance(text, str):
         return None
-    last = None
-    for last in _VERDICT_LINE_RE.finditer(text):
-        pass
-    segment = text[last.end():] if last else text
+    last = collections.deque(_VERDICT_LINE_RE.finditer(text), maxlen=1)
+    segment = text[last[0].end() :] if last else text
     m = _VERDICT_RE.search(segment[:2000])
     if m is None:
         return None
@@ -368,5 +373,11 @@ def verifier_confusion(answer_correct: Sequence[bool], verdicts: Sequence[bool |
     tpr = counts["right_says_correct"] / n_right if n_right else float("nan")
     tnr = counts["wrong_says_incorrect"] / n_wrong if n_wrong else float("nan")
     n = n_right + n_wrong
-    return {**counts, "n": n, "tpr": tpr, "tnr": tnr, "balanced_accuracy": (tpr + tnr) / 2,
-            "says_correct_rate": (counts["right_says_correct"] + counts["wrong_says_correct"]) / n if n else float("nan")}
+    return {
+        **counts,
+        "n": n,
+        "tpr": tpr,
+        "tnr": tnr,
+        "balanced_accuracy": (tpr + tnr) / 2,
+        "says_correct_rate": (counts["right_says_correct"] + counts["wrong_says_correct"]) / n if n else float("nan"),
+    }

@@ -82,8 +82,17 @@ class ExpansionSpec:
     def from_tree(cls, tree: TreeConfig, sampling: SamplingConfig, **fields: Any) -> ExpansionSpec:
         """The spec of a training-tree expansion: ``tree.n``/``m``/``l``, ``sampling`` with its per-role
         budgets, mode ``"extend"`` (``"naive"`` without ``tree.share_prefix``); ``fields`` override."""
-        return cls(**{"n": tree.n, "m": tree.m, "l": tree.l, "max_new": sampling.budgets(), "sampling": sampling,
-                      "mode": "extend" if tree.share_prefix else "naive", **fields})
+        return cls(
+            **{
+                "n": tree.n,
+                "m": tree.m,
+                "l": tree.l,
+                "max_new": sampling.budgets(),
+                "sampling": sampling,
+                "mode": "extend" if tree.share_prefix else "naive",
+                **fields,
+            }
+        )
 
 
 @flax.struct.dataclass
@@ -134,9 +143,19 @@ def _join(tokens: jax.Array, lens: jax.Array, sep: jax.Array) -> tuple[jax.Array
     return out.astype(jnp.int32), lens + S
 
 
-def _separate_level(params: Params, cfg: ModelConfig, contexts: Contexts, level: int,
-                    outs: list[tuple[jax.Array, jax.Array]], fanouts: tuple[int, ...], size: int, mode: Mode,
-                    lora: Params | None, lora_scale: float, fan: int) -> tuple[jax.Array, KVCache, jax.Array]:
+def _separate_level(
+    params: Params,
+    cfg: ModelConfig,
+    contexts: Contexts,
+    level: int,
+    outs: list[tuple[jax.Array, jax.Array]],
+    fanouts: tuple[int, ...],
+    size: int,
+    mode: Mode,
+    lora: Params | None,
+    lora_scale: float,
+    fan: int,
+) -> tuple[jax.Array, KVCache, jax.Array]:
     """Logits, cache and context lengths of level ``level``'s rows (its parents' contexts forked
     ``fan`` times: after encoding with sharing, before encoding in mode "naive")."""
     pre, pre_len = contexts.prefixes[level - 1], contexts.prefix_lens[level - 1].astype(jnp.int32)
@@ -149,7 +168,7 @@ def _separate_level(params: Params, cfg: ModelConfig, contexts: Contexts, level:
         ctx = jnp.pad(ctx, ((0, 0), (0, size - ctx.shape[1])))
         for a in range(level):
             rest = 1
-            for f in fanouts[a + 1: level]:
+            for f in fanouts[a + 1 : level]:
                 rest *= f
             block, blen = _join(_fork(outs[a][0], rest), _fork(outs[a][1], rest), seps[a])
             ctx = _append(ctx, ctx_len, block)
@@ -174,10 +193,12 @@ def _separate_level(params: Params, cfg: ModelConfig, contexts: Contexts, level:
 def _tree(levels: list, Q: int, spec: ExpansionSpec) -> Tree:
     """The levels' generations (flat rows) shaped [Q, n, (m, (l,))] (+ [max_new] for tokens)."""
     lead = [(Q,) + spec.fanouts[: i + 1] for i in range(len(levels))]
-    return Tree(tokens=tuple(g.tokens.reshape(s + (-1,)) for g, s in zip(levels, lead)),
-                lengths=tuple(g.lengths.reshape(s) for g, s in zip(levels, lead)),
-                logps=tuple(g.logps.reshape(s + (-1,)) for g, s in zip(levels, lead)),
-                stopped=tuple(g.stopped.reshape(s) for g, s in zip(levels, lead)))
+    return Tree(
+        tokens=tuple(g.tokens.reshape(s + (-1,)) for g, s in zip(levels, lead)),
+        lengths=tuple(g.lengths.reshape(s) for g, s in zip(levels, lead)),
+        logps=tuple(g.logps.reshape(s + (-1,)) for g, s in zip(levels, lead)),
+        stopped=tuple(g.stopped.reshape(s) for g, s in zip(levels, lead)),
+    )
 
 
 def _child_keys(keys: jax.Array, fanout: int) -> jax.Array:
@@ -226,11 +247,14 @@ def expand(
     """
     Q, Tq = q_tokens.shape
     if contexts is not None:
-        return _expand_separate(params, adapters, q_tokens, q_lens, keys, contexts, cfg=cfg, spec=spec,
-                                lora_scale=lora_scale, emit=emit)
+        return _expand_separate(
+            params, adapters, q_tokens, q_lens, keys, contexts, cfg=cfg, spec=spec, lora_scale=lora_scale, emit=emit
+        )
     if spec.mode == "extend" and any(a is not None for a in adapters):
-        raise ValueError("expand: mode='extend' shares KV caches across roles, so it needs one set of "
-                         "weights for all roles; use mode='fork' with per-role adapters")
+        raise ValueError(
+            "expand: mode='extend' shares KV caches across roles, so it needs one set of "
+            "weights for all roles; use mode='fork' with per-role adapters"
+        )
     # Cache slots each level needs (its context plus its own output): every level decodes over
     # a cache of exactly that size, since attention reads all of a cache's slots at every step.
     turn_lens = (0,) + tuple(int(t.shape[0]) for t in turns[: spec.depth - 1])
@@ -239,8 +263,8 @@ def expand(
     ctx = jnp.zeros((Q, size), jnp.int32).at[:, :Tq].set(q_tokens)
     ctx_len = q_lens.astype(jnp.int32)
     row_keys = keys
-    cache = None
-    logits = None
+    cache: KVCache | None = None  # set by the first level's prefill (at the top for "extend")
+    logits: jax.Array | None = None
     # "fork" with adapters on the top layers only: the layers below give the same keys/values
     # for every role, so a level keeps its parent's cache and recomputes only the top layers of
     # the context with its adapter (from the hidden states the cache stores at that layer).
@@ -255,6 +279,7 @@ def expand(
         fan = spec.fanouts[level]
         lora = adapters[level]
         if level > 0:  # append this role's turn tokens
+            assert cache is not None and logits is not None  # the level above has decoded
             turn = turns[level - 1]
             B = ctx.shape[0]
             t = jnp.broadcast_to(turn[None, :], (B, turn.shape[0])).astype(jnp.int32)
@@ -262,11 +287,11 @@ def expand(
                 cache = cache.grow(sizes[level])
                 if refresh:
                     cache = refresh_top(params, cfg, cache, ctx_len, lora, lora_scale)
-                logits, cache = prefill(params, cfg, cache, t, jnp.full((B,), turn.shape[0]), ctx_len, lora,
-                                        lora_scale)
+                logits, cache = prefill(params, cfg, cache, t, jnp.full((B,), turn.shape[0]), ctx_len, lora, lora_scale)
             ctx = _append(ctx, ctx_len, t)
             ctx_len = ctx_len + turn.shape[0]
         if spec.mode == "extend" or (refresh and level > 0):
+            assert cache is not None and logits is not None  # prefilled above or by the level above
             cache, logits = cache.repeat(fan), _fork(logits, fan)
         elif spec.mode == "fork":
             cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level], hidden_at=hidden_at if refresh else 0)
@@ -277,9 +302,21 @@ def expand(
         if spec.mode == "naive":
             cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level])
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
+        assert cache is not None and logits is not None  # every mode has prefilled by now
         sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
-        gen, cache = decode(params, cfg, cache, logits, ctx_len, sample_keys, spec.sampling, spec.stop,
-                            spec.max_new[level], lora, lora_scale)
+        gen, cache = decode(
+            params,
+            cfg,
+            cache,
+            logits,
+            ctx_len,
+            sample_keys,
+            spec.sampling,
+            spec.stop,
+            spec.max_new[level],
+            lora,
+            lora_scale,
+        )
         ctx = _append(ctx, ctx_len, gen.tokens)
         ctx_len = ctx_len + gen.lengths
         levels.append(gen)
@@ -287,9 +324,19 @@ def expand(
     return _tree(levels, Q, spec)
 
 
-def _expand_separate(params: Params, adapters: tuple[Params | None, ...], q_tokens: jax.Array, q_lens: jax.Array,
-                     keys: jax.Array, contexts: Contexts, *, cfg: ModelConfig, spec: ExpansionSpec,
-                     lora_scale: float, emit: Any = None) -> Tree:
+def _expand_separate(
+    params: Params,
+    adapters: tuple[Params | None, ...],
+    q_tokens: jax.Array,
+    q_lens: jax.Array,
+    keys: jax.Array,
+    contexts: Contexts,
+    *,
+    cfg: ModelConfig,
+    spec: ExpansionSpec,
+    lora_scale: float,
+    emit: Any = None,
+) -> Tree:
     """:func:`expand` in the separate framing: every level builds its own cache (see module doc)."""
     Q, Tq = q_tokens.shape
     row_keys = keys
@@ -302,24 +349,48 @@ def _expand_separate(params: Params, adapters: tuple[Params | None, ...], q_toke
             ctx_len = q_lens.astype(jnp.int32)
             if spec.mode == "naive":
                 cache = KVCache.zeros(cfg, Q * fan, size)
-                logits, cache = prefill(params, cfg, cache, _fork(q_tokens, fan), _fork(ctx_len, fan),
-                                        jnp.zeros((Q * fan,), jnp.int32), lora, lora_scale)
+                logits, cache = prefill(
+                    params,
+                    cfg,
+                    cache,
+                    _fork(q_tokens, fan),
+                    _fork(ctx_len, fan),
+                    jnp.zeros((Q * fan,), jnp.int32),
+                    lora,
+                    lora_scale,
+                )
             else:
                 cache = KVCache.zeros(cfg, Q, size)
-                logits, cache = prefill(params, cfg, cache, q_tokens, ctx_len, jnp.zeros_like(ctx_len), lora,
-                                        lora_scale)
+                logits, cache = prefill(
+                    params, cfg, cache, q_tokens, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale
+                )
                 cache, logits = cache.repeat(fan), _fork(logits, fan)
             ctx_len = _fork(ctx_len, fan)
         else:
             seps = contexts.seps[level - 1]
-            size = (contexts.prefixes[level - 1].shape[1] + sum(spec.max_new[: level + 1])
-                    + sum(int(t.shape[0]) for t in seps))
-            logits, cache, ctx_len = _separate_level(params, cfg, contexts, level, outs, spec.fanouts, size,
-                                                     spec.mode, lora, lora_scale, fan)
+            size = (
+                contexts.prefixes[level - 1].shape[1]
+                + sum(spec.max_new[: level + 1])
+                + sum(int(t.shape[0]) for t in seps)
+            )
+            logits, cache, ctx_len = _separate_level(
+                params, cfg, contexts, level, outs, spec.fanouts, size, spec.mode, lora, lora_scale, fan
+            )
         row_keys = _child_keys(row_keys, fan)
         sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
-        gen, _ = decode(params, cfg, cache, logits, ctx_len, sample_keys, spec.sampling, spec.stop,
-                        spec.max_new[level], lora, lora_scale)
+        gen, _ = decode(
+            params,
+            cfg,
+            cache,
+            logits,
+            ctx_len,
+            sample_keys,
+            spec.sampling,
+            spec.stop,
+            spec.max_new[level],
+            lora,
+            lora_scale,
+        )
         outs.append((gen.tokens, gen.lengths))
         levels.append(gen)
         _emit(emit, level, gen)

@@ -26,8 +26,7 @@ from malt_jax.config import LoraConfig, ModelConfig, run_config_of
 from malt_jax.model.llama import Params
 from malt_jax.model.weights import _LAYER_NAMES, WeightError
 
-__all__ = ["HF_MODULES", "peft_config", "peft_tensors", "save_peft", "load_peft",
-           "export_run"]
+__all__ = ["HF_MODULES", "peft_config", "peft_tensors", "save_peft", "load_peft", "export_run"]
 
 #: our weight name -> Hugging Face module path inside a decoder layer
 HF_MODULES = {ours: hf.removesuffix(".weight") for ours, (hf, _) in _LAYER_NAMES.items() if ours.startswith("w")}
@@ -43,12 +42,23 @@ def peft_config(cfg: ModelConfig, lora_cfg: LoraConfig, base_model_name_or_path:
     """``adapter_config.json`` of a PEFT LoRA adapter equal to ours."""
     first = _first_layer(cfg, lora_cfg)
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": lora_cfg.rank, "lora_alpha": float(lora_cfg.alpha), "lora_dropout": 0.0, "bias": "none",
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora_cfg.rank,
+        "lora_alpha": float(lora_cfg.alpha),
+        "lora_dropout": 0.0,
+        "bias": "none",
         "target_modules": sorted(HF_MODULES[t].rsplit(".", 1)[1] for t in lora_cfg.targets),
         "layers_to_transform": list(range(first, cfg.n_layers)) if lora_cfg.top_layers else None,
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
     }
 
 
@@ -65,8 +75,9 @@ def peft_tensors(adapter: Params, cfg: ModelConfig, lora_cfg: LoraConfig) -> dic
     return out
 
 
-def save_peft(adapter: Params, cfg: ModelConfig, lora_cfg: LoraConfig, out_dir: str | Path,
-              base_model_name_or_path: str = "") -> Path:
+def save_peft(
+    adapter: Params, cfg: ModelConfig, lora_cfg: LoraConfig, out_dir: str | Path, base_model_name_or_path: str = ""
+) -> Path:
     """Writes a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     from safetensors.numpy import save_file
 
@@ -89,8 +100,9 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
     cpath, wpath = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cpath, wpath):
         if not p.is_file():
-            raise WeightError(f"{p}: missing (a PEFT adapter folder holds adapter_config.json and "
-                              "adapter_model.safetensors)")
+            raise WeightError(
+                f"{p}: missing (a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors)"
+            )
     try:
         c = json.loads(cpath.read_text())
     except json.JSONDecodeError as e:
@@ -123,8 +135,10 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
             raise WeightError(f"{wpath}: tensor {key!r} is not a LoRA A/B weight of a decoder layer projection")
         layer, leaf, ab = int(m.group(1)), m.group(3), m.group(4)
         if leaf not in _BY_LEAF or HF_MODULES[_BY_LEAF[leaf]] != f"{m.group(2)}.{leaf}":
-            raise WeightError(f"{wpath}: tensor {key!r}: module {m.group(2)}.{leaf} has no malt-jax LoRA target "
-                              f"(supported: {', '.join(sorted(HF_MODULES.values()))})")
+            raise WeightError(
+                f"{wpath}: tensor {key!r}: module {m.group(2)}.{leaf} has no malt-jax LoRA target "
+                f"(supported: {', '.join(sorted(HF_MODULES.values()))})"
+            )
         found.setdefault((_BY_LEAF[leaf], layer), {})[ab] = value
     if not found:
         raise WeightError(f"{wpath}: no LoRA tensors")
@@ -133,8 +147,10 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
     if layers[-1] >= cfg.n_layers:
         raise WeightError(f"{wpath}: layer {layers[-1]} does not exist in a {cfg.n_layers}-layer model")
     if layers != list(range(layers[0], cfg.n_layers)):
-        raise WeightError(f"{wpath}: adapted layers {layers[0]}..{layers[-1]} are not the model's top layers "
-                          "(malt-jax adapts all layers or a top block, lora.top_layers)")
+        raise WeightError(
+            f"{wpath}: adapted layers {layers[0]}..{layers[-1]} are not the model's top layers "
+            "(malt-jax adapts all layers or a top block, lora.top_layers)"
+        )
     top = 0 if layers[0] == 0 else cfg.n_layers - layers[0]
     lora_cfg = LoraConfig(rank=r, alpha=alpha, targets=targets, top_layers=top)
     from malt_jax.model.lora import adapter_shapes
@@ -146,14 +162,18 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
         for layer in layers:
             ab = found.get((t, layer), {})
             if set(ab) != {"A", "B"}:
-                raise WeightError(f"{wpath}: layer {layer} {HF_MODULES[t]}: lora_A and lora_B are both needed "
-                                  f"(every adapted module must be in every adapted layer)")
+                raise WeightError(
+                    f"{wpath}: layer {layer} {HF_MODULES[t]}: lora_A and lora_B are both needed "
+                    f"(every adapted module must be in every adapted layer)"
+                )
             a_s.append(ab["A"].T)
             b_s.append(ab["B"].T)
         a, b = np.stack(a_s).astype(np.float32), np.stack(b_s).astype(np.float32)
         if a.shape != shapes[t]["a"] or b.shape != shapes[t]["b"]:
-            raise WeightError(f"{wpath}: {HF_MODULES[t]}: LoRA shapes A{a.shape[1:][::-1]} B{b.shape[1:][::-1]} do "
-                              f"not fit this model (expected A{shapes[t]['a'][1:][::-1]} B{shapes[t]['b'][1:][::-1]})")
+            raise WeightError(
+                f"{wpath}: {HF_MODULES[t]}: LoRA shapes A{a.shape[1:][::-1]} B{b.shape[1:][::-1]} do "
+                f"not fit this model (expected A{shapes[t]['a'][1:][::-1]} B{shapes[t]['b'][1:][::-1]})"
+            )
         adapter[t] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
     return {"layers": adapter}, lora_cfg
 
@@ -171,8 +191,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "peft", stag
     final, sft = pipeline.load_adapters(run_dir)
     adapters = final if stage == "final" else sft
     if adapters is None:
-        raise FileNotFoundError(f"{run_dir / 'adapters'}: no trained role adapters "
-                                f"(G/V/R{'' if stage == 'final' else '_sft'}.safetensors); run the train stage first")
+        raise FileNotFoundError(
+            f"{run_dir / 'adapters'}: no trained role adapters "
+            f"(G/V/R{'' if stage == 'final' else '_sft'}.safetensors); run the train stage first"
+        )
     model = pipeline.load_model(cfg.weights, cfg.model)
     written: dict[str, Path] = {}
     base_dir = save_hf(model.params, model.cfg, out / "base")

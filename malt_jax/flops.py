@@ -22,16 +22,25 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from malt_jax.config import ModelConfig, RunConfig
 
-__all__ = ["param_count", "layer_matmul_params", "matmul_params", "lora_params", "attention_flops",
-           "forward_flops", "lora_train_flops", "analytic_step_flops"]
+__all__ = [
+    "param_count",
+    "layer_matmul_params",
+    "matmul_params",
+    "lora_params",
+    "attention_flops",
+    "forward_flops",
+    "lora_train_flops",
+    "analytic_step_flops",
+]
 
 
-def param_count(m: "ModelConfig") -> int:
+def param_count(m: ModelConfig) -> int:
     """Every stored parameter of the model (what ``init_params`` allocates)."""
     attn = m.dim * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
     if m.qkv_bias:
@@ -43,23 +52,30 @@ def param_count(m: "ModelConfig") -> int:
     return m.n_layers * (attn + mlp + 2 * m.dim) + emb + m.dim
 
 
-def layer_matmul_params(m: "ModelConfig") -> int:
+def layer_matmul_params(m: ModelConfig) -> int:
     """Matrix parameters of one decoder layer (q, k, v, o and the three MLP matrices)."""
     return m.dim * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.dim * m.hidden_dim
 
 
-def matmul_params(m: "ModelConfig") -> int:
+def matmul_params(m: ModelConfig) -> int:
     """Matmul weights per token: every layer's matrices plus the LM head."""
     return m.n_layers * layer_matmul_params(m) + m.vocab_size * m.dim
 
 
-def _target_dims(m: "ModelConfig") -> dict[str, tuple[int, int]]:
+def _target_dims(m: ModelConfig) -> dict[str, tuple[int, int]]:
     D, H, K, hd, F = m.dim, m.n_heads, m.n_kv_heads, m.head_dim, m.hidden_dim
-    return {"wq": (D, H * hd), "wk": (D, K * hd), "wv": (D, K * hd), "wo": (H * hd, D),
-            "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+    return {
+        "wq": (D, H * hd),
+        "wk": (D, K * hd),
+        "wv": (D, K * hd),
+        "wo": (H * hd, D),
+        "w_gate": (D, F),
+        "w_up": (D, F),
+        "w_down": (F, D),
+    }
 
 
-def lora_params(m: "ModelConfig", rank: int, targets: Sequence[str], layers: int | None = None) -> int:
+def lora_params(m: ModelConfig, rank: int, targets: Sequence[str], layers: int | None = None) -> int:
     """Parameters of a LoRA adapter: ``rank * (in + out)`` per target weight and adapted layer
     (``layers``, default all)."""
     dims = _target_dims(m)
@@ -67,21 +83,22 @@ def lora_params(m: "ModelConfig", rank: int, targets: Sequence[str], layers: int
     return layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
 
 
-def attention_flops(m: "ModelConfig", pairs: float, layers: int | None = None) -> float:
+def attention_flops(m: ModelConfig, pairs: float, layers: int | None = None) -> float:
     """Forward attention FLOPs of ``pairs`` (query, key) pairs in each of ``layers`` layers
     (default all)."""
     layers = m.n_layers if layers is None else layers
     return 4 * m.n_heads * m.head_dim * layers * pairs
 
 
-def forward_flops(m: "ModelConfig", tokens: float, pairs: float, lora: int = 0) -> float:
+def forward_flops(m: ModelConfig, tokens: float, pairs: float, lora: int = 0) -> float:
     """Forward pass of ``tokens`` tokens attending ``pairs`` (query, key) pairs per layer, with an
     adapter of ``lora`` parameters applied."""
     return 2 * (matmul_params(m) + lora) * tokens + attention_flops(m, pairs)
 
 
-def lora_train_flops(m: "ModelConfig", rank: int, targets: Sequence[str], top_layers: int, tokens: float,
-                     pairs: float) -> float:
+def lora_train_flops(
+    m: ModelConfig, rank: int, targets: Sequence[str], top_layers: int, tokens: float, pairs: float
+) -> float:
     """One LoRA train step over ``tokens`` tokens attending ``pairs`` (query, key) pairs per layer
     (see the module docstring); ``top_layers`` adapted layers (0 = all)."""
     L = m.n_layers
@@ -92,7 +109,7 @@ def lora_train_flops(m: "ModelConfig", rank: int, targets: Sequence[str], top_la
     return float(fwd + bwd + 6 * lora_params(m, rank, targets, k) * tokens)
 
 
-def analytic_step_flops(cfg: "RunConfig", rows: int) -> float:
+def analytic_step_flops(cfg: RunConfig, rows: int) -> float:
     """The planner's FLOPs of one train step on ``rows`` rows of ``train.max_seq_len`` tokens, every
     token attending the full ``T x T`` square (what the compiled step computes)."""
     T = cfg.train.max_seq_len

@@ -44,9 +44,7 @@ def sequence_logps(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) 
     return jnp.sum(jnp.where(loss_mask > 0, lp, 0.0) * loss_mask.astype(jnp.float32), axis=-1)
 
 
-def sft_loss(
-    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked next-token cross-entropy, mean over counted (completion) tokens.
 
     Args:
@@ -110,10 +108,7 @@ def dpo_loss(
     chosen_rewards = jax.lax.stop_gradient(beta * (pc - rc))
     rejected_rewards = jax.lax.stop_gradient(beta * (pr - rr))
 
-    if weights is None:
-        w = jnp.ones_like(losses)
-    else:
-        w = weights.astype(f32)
+    w = jnp.ones_like(losses) if weights is None else weights.astype(f32)
     denom = jnp.maximum(w.sum(), 1e-8)
 
     def wmean(x: jax.Array) -> jax.Array:

@@ -18,8 +18,15 @@ import optax
 
 from malt_jax.config import TrainConfig
 
-__all__ = ["warmup_cosine", "optax_schedule", "ScheduleState", "scale_by_warmup_cosine", "warmup_steps",
-           "make_optimizer", "current_lr"]
+__all__ = [
+    "warmup_cosine",
+    "optax_schedule",
+    "ScheduleState",
+    "scale_by_warmup_cosine",
+    "warmup_steps",
+    "make_optimizer",
+    "current_lr",
+]
 
 
 def warmup_cosine(count: jax.Array, peak: jax.Array, warmup: jax.Array, total: jax.Array) -> jax.Array:
@@ -49,7 +56,9 @@ class ScheduleState(NamedTuple):
     """Schedule parameters live in the optimizer *state* (not in closures), so one compiled
     step serves every stage and role whatever their learning rate and length."""
 
-    count: jax.Array  # int32, updates applied
+    # int32, updates applied. The field shadows tuple.count, which mypy rejects; the name is the
+    # optimizer state's key in checkpoints (as in optax's own states), so it stays.
+    count: jax.Array  # type: ignore[assignment]
     peak: jax.Array  # f32
     warmup: jax.Array  # f32
     total: jax.Array  # f32
@@ -96,8 +105,9 @@ def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
     return int(min(max(w, 1), total_steps - 1))
 
 
-def make_optimizer(train_cfg: TrainConfig, total_steps: int,
-                   learning_rate: float | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    train_cfg: TrainConfig, total_steps: int, learning_rate: float | None = None
+) -> optax.GradientTransformation:
     """Global-norm clipping (``grad_clip``) + AdamW (``weight_decay``) with linear warmup
     (:func:`warmup_steps` of ``warmup_ratio`` and ``total_steps``) and cosine decay over
     ``total_steps`` updates, peak ``learning_rate`` (default ``train_cfg.learning_rate``).

@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 
@@ -30,27 +30,77 @@ from malt_jax.distributed import is_lead
 from malt_jax.expansion import ExpansionSpec
 from malt_jax.report import RunRecord, format_table, write_report
 from malt_jax.roles import ROLE_NAMES, ROLES
-from malt_jax.rundir import (load_adapter, load_adapters, load_datasets, load_expansion, load_splits,
-                             prepare_run_dir, role_epochs, save_adapter, training_counts, write_atomic)
+from malt_jax.rundir import (
+    load_adapter,
+    load_adapters,
+    load_datasets,
+    load_expansion,
+    load_splits,
+    prepare_run_dir,
+    role_epochs,
+    save_adapter,
+    training_counts,
+    write_atomic,
+)
 from malt_jax.stages.credit import build_datasets, node_context, node_output, run_credit
-from malt_jax.stages.eval import (System, critique_verdict, default_systems, evaluate_system, primary_names,
-                                  run_eval, system_results, verifier_stats)
+from malt_jax.stages.eval import (
+    System,
+    critique_verdict,
+    default_systems,
+    evaluate_system,
+    primary_names,
+    run_eval,
+    system_results,
+    verifier_stats,
+)
 from malt_jax.stages.expand import decode_level, decode_tree, grade_leaves, question_keys, run_expand, sample_trees
 from malt_jax.stages.train import heldout_questions, run_train
 from malt_jax.summary import experiment_summary
 from malt_jax.tasks import Example, Task
 
 __all__ = [
-    "run", "run_record", "make_task", "make_run_mesh",
+    "run",
+    "run_record",
+    "make_task",
+    "make_run_mesh",
     # moved to base_model, codec, roles, rundir and stages/*; importable from here as before
-    "Model", "load_model", "PromptCodec", "ExpansionSpec", "ROLES", "ROLE_NAMES", "Example", "Task",
-    "load_adapter", "load_adapters", "load_datasets", "load_expansion", "load_splits", "prepare_run_dir",
-    "save_adapter", "training_counts", "write_atomic",
-    "build_datasets", "node_context", "node_output", "run_credit",
-    "System", "critique_verdict", "default_systems", "evaluate_system", "primary_names", "run_eval",
-    "system_results", "verifier_stats",
-    "decode_level", "decode_tree", "grade_leaves", "question_keys", "run_expand", "sample_trees",
-    "heldout_questions", "run_train",
+    "Model",
+    "load_model",
+    "PromptCodec",
+    "ExpansionSpec",
+    "ROLES",
+    "ROLE_NAMES",
+    "Example",
+    "Task",
+    "load_adapter",
+    "load_adapters",
+    "load_datasets",
+    "load_expansion",
+    "load_splits",
+    "prepare_run_dir",
+    "save_adapter",
+    "training_counts",
+    "write_atomic",
+    "build_datasets",
+    "node_context",
+    "node_output",
+    "run_credit",
+    "System",
+    "critique_verdict",
+    "default_systems",
+    "evaluate_system",
+    "primary_names",
+    "run_eval",
+    "system_results",
+    "verifier_stats",
+    "decode_level",
+    "decode_tree",
+    "grade_leaves",
+    "question_keys",
+    "run_expand",
+    "sample_trees",
+    "heldout_questions",
+    "run_train",
 ]
 
 
@@ -77,14 +127,27 @@ def make_task(cfg: RunConfig) -> Task:
 
 def run_record(cfg: RunConfig, n_train: int, n_eval: int, timings: Mapping[str, float]) -> RunRecord:
     """What the report says about a run (its "Run" table)."""
-    return RunRecord(model=cfg.weights, task=cfg.task.name, n_questions=n_eval, n_train=n_train,
-                     framing=cfg.task.framing, tree=f"{cfg.tree.n}x{cfg.tree.m}x{cfg.tree.l}",
-                     seeds=f"split {cfg.task.seed}, train {cfg.train.seed}, eval {cfg.eval.seed}",
-                     config_hash=cfg.hash(), wall_times=dict(timings))
+    return RunRecord(
+        model=cfg.weights,
+        task=cfg.task.name,
+        n_questions=n_eval,
+        n_train=n_train,
+        framing=cfg.task.framing,
+        tree=f"{cfg.tree.n}x{cfg.tree.m}x{cfg.tree.l}",
+        seeds=f"split {cfg.task.seed}, train {cfg.train.seed}, eval {cfg.eval.seed}",
+        config_hash=cfg.hash(),
+        wall_times=dict(timings),
+    )
 
 
-def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "eval"), progress: bool = True,
-        model: Model | None = None, task: Task | None = None, command: str = "") -> dict:
+def run(
+    cfg: RunConfig,
+    stages: Sequence[str] = ("expand", "credit", "train", "eval"),
+    progress: bool = True,
+    model: Model | None = None,
+    task: Task | None = None,
+    command: str = "",
+) -> dict:
     """Runs the MALT pipeline (each stage resumable) and writes the report and ``summary.json``
     (also to ``<cfg.results>/<name>.json`` when ``results`` is set); returns a summary."""
     run_dir = prepare_run_dir(cfg)
@@ -122,20 +185,46 @@ def run(cfg: RunConfig, stages: Sequence[str] = ("expand", "credit", "train", "e
         timed("train", lambda: run_train(cfg, model, run_dir, mesh=mesh, progress=progress))
     adapters, sft_adapters = load_adapters(run_dir)
     if "eval" in stages:
-        ev = timed("eval", lambda: run_eval(cfg, model, task, evals, run_dir, adapters, progress=progress,
-                                            mesh=mesh, sft_adapters=sft_adapters))
+        ev = timed(
+            "eval",
+            lambda: run_eval(
+                cfg, model, task, evals, run_dir, adapters, progress=progress, mesh=mesh, sft_adapters=sft_adapters
+            ),
+        )
         if credit_summary is None and (run_dir / "credit" / "summary.json").exists():
             credit_summary = json.loads((run_dir / "credit" / "summary.json").read_text())
         report = run_dir / "report.md"
         if is_lead():
-            write_report(run_dir, ev["results"], ev["comparisons"], credit_summary,
-                         run_record(cfg, len(train), len(evals), timings), verifier=ev["verifier"],
-                         epochs_by_role=role_epochs(run_dir), training_counts=training_counts(run_dir))
-        summary.update(table=format_table(ev["results"]), report=str(report), comparisons=ev["comparisons"],
-                       verifier=ev["verifier"])
-        record = experiment_summary(cfg.name, command, cfg.hash(), ev, run_dir, len(train), len(evals), cfg.eval.votes,
-                                    primary_names(cfg.eval.votes), sum(timings.values()), credit=credit_summary,
-                                    timings_s=dict(timings))
+            write_report(
+                run_dir,
+                ev["results"],
+                ev["comparisons"],
+                credit_summary,
+                run_record(cfg, len(train), len(evals), timings),
+                verifier=ev["verifier"],
+                epochs_by_role=role_epochs(run_dir),
+                training_counts=training_counts(run_dir),
+            )
+        summary.update(
+            table=format_table(ev["results"]),
+            report=str(report),
+            comparisons=ev["comparisons"],
+            verifier=ev["verifier"],
+        )
+        record = experiment_summary(
+            cfg.name,
+            command,
+            cfg.hash(),
+            ev,
+            run_dir,
+            len(train),
+            len(evals),
+            cfg.eval.votes,
+            primary_names(cfg.eval.votes),
+            sum(timings.values()),
+            credit=credit_summary,
+            timings_s=dict(timings),
+        )
         write_atomic(run_dir / "summary.json", json.dumps(record, indent=2) + "\n")
         if is_lead() and tblog.write_eval(run_dir, record["systems"], record["verifier"]):
             summary["tensorboard"] = tblog.command(run_dir)

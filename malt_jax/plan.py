@@ -16,7 +16,8 @@ tpu_configs/README.md; the text in and out (``--mesh``, overlays, the table) is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -24,12 +25,34 @@ from malt_jax import plan_text
 from malt_jax.aot import compile_expansion, compile_step, compiled_bytes, one_layer_check
 from malt_jax.config import RunConfig
 from malt_jax.flops import analytic_step_flops, lora_params
-from malt_jax.plan_text import (GiB, fmt_bytes, load_overlay, mesh_str, overlay_overrides, parse_bytes, parse_mesh,
-                                plan_dict)
+from malt_jax.plan_text import (
+    GiB,
+    fmt_bytes,
+    load_overlay,
+    mesh_str,
+    overlay_overrides,
+    parse_bytes,
+    parse_mesh,
+    plan_dict,
+)
 
-__all__ = ["DEVICE_HBM", "PlanError", "Plan", "make_plan", "parse_bytes", "parse_mesh", "fmt_bytes",
-           "overlay_overrides", "load_overlay", "compile_step", "compile_expansion", "compiled_bytes",
-           "analytic_step_flops", "plan_dict", "GiB"]
+__all__ = [
+    "DEVICE_HBM",
+    "PlanError",
+    "Plan",
+    "make_plan",
+    "parse_bytes",
+    "parse_mesh",
+    "fmt_bytes",
+    "overlay_overrides",
+    "load_overlay",
+    "compile_step",
+    "compile_expansion",
+    "compiled_bytes",
+    "analytic_step_flops",
+    "plan_dict",
+    "GiB",
+]
 
 # Nominal HBM per JAX device (a TPU chip -- v4/v5p chips are one megacore device -- or a GPU).
 DEVICE_HBM: dict[str, int] = {
@@ -100,7 +123,7 @@ class Plan:
         """The refusal message ('' if the plan fits; ``plan_text.refusal``)."""
         return plan_text.refusal(self)
 
-    def check(self) -> "Plan":
+    def check(self) -> Plan:
         """Raises :class:`PlanError` (with :meth:`refusal`) if the plan does not fit."""
         if not self.fits:
             raise PlanError(self.refusal())
@@ -122,8 +145,12 @@ def _abstract_mesh(shape: Mapping[str, int]) -> Any:
 def _sharded_bytes(tree: Any, shardings: Any) -> int:
     import jax
 
-    return int(sum(int(np.prod(sh.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-                   for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
+    return int(
+        sum(
+            int(np.prod(sh.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+            for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+        )
+    )
 
 
 def _tree_bytes(tree: Any) -> int:
@@ -148,8 +175,9 @@ def _div(n: int, tp: int) -> int:
     return n // tp if tp > 1 and n % tp == 0 else n
 
 
-def _mesh_sizes(cfg: RunConfig, mesh: Mapping[str, int] | str | None,
-                devices: int | None) -> tuple[dict[str, int], int]:
+def _mesh_sizes(
+    cfg: RunConfig, mesh: Mapping[str, int] | str | None, devices: int | None
+) -> tuple[dict[str, int], int]:
     """(axis sizes, device count) of ``mesh`` (default ``cfg.mesh``), checked against ``devices``."""
     from malt_jax.sharding import mesh_sizes
 
@@ -168,8 +196,9 @@ def _device_memory(device: str | None, device_memory: int | str | None) -> tuple
         return device or "custom", parse_bytes(device_memory)
     device = device or DEFAULT_DEVICE
     if device not in DEVICE_HBM:
-        raise ValueError(f"--device: unknown device {device!r}; choose from {sorted(DEVICE_HBM)} "
-                         "or give --device-memory")
+        raise ValueError(
+            f"--device: unknown device {device!r}; choose from {sorted(DEVICE_HBM)} or give --device-memory"
+        )
     return device, DEVICE_HBM[device]
 
 
@@ -179,20 +208,32 @@ def _notes(cfg: RunConfig, rows: int, micro: int, shards: int, S: int) -> list[s
     T, accum = t.max_seq_len, max(int(t.grad_accum), 1)
     notes = []
     if S > T:
-        notes.append(f"KV cache length {S} > train.max_seq_len {T}: refiner SFT/DPO examples (prompt + G + V + R) "
-                     "will be truncated; raise train.max_seq_len")
+        notes.append(
+            f"KV cache length {S} > train.max_seq_len {T}: refiner SFT/DPO examples (prompt + G + V + R) "
+            "will be truncated; raise train.max_seq_len"
+        )
     for name, r in (("sampling rows", rows), ("SFT microbatch", micro), ("DPO microbatch rows", 2 * micro)):
         if shards > 1 and r % shards:
             notes.append(f"{name} ({r}) not divisible by data*fsdp = {shards}: that batch is replicated, not split")
     if t.batch_size % accum:
-        notes.append(f"train.batch_size {t.batch_size} is not a multiple of train.grad_accum {accum} (the trainer "
-                     "will refuse it)")
+        notes.append(
+            f"train.batch_size {t.batch_size} is not a multiple of train.grad_accum {accum} (the trainer "
+            "will refuse it)"
+        )
     return notes
 
 
-def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devices: int | None = None,
-              device: str | None = None, device_memory: int | str | None = None, usable: float = USABLE_FRACTION,
-              prompt_tokens: int = 256, turn_tokens: int = 32, compile: bool = False) -> Plan:
+def make_plan(
+    cfg: RunConfig,
+    mesh: Mapping[str, int] | str | None = None,
+    devices: int | None = None,
+    device: str | None = None,
+    device_memory: int | str | None = None,
+    usable: float = USABLE_FRACTION,
+    prompt_tokens: int = 256,
+    turn_tokens: int = 32,
+    compile: bool = False,
+) -> Plan:
     """Builds the per-device plan of ``cfg`` on ``mesh`` (default: ``cfg.mesh``, else all
     ``devices`` on ``data``). ``device`` picks the HBM size from :data:`DEVICE_HBM` unless
     ``device_memory`` is given. Nothing is allocated; the model is described in tpu_configs/README.md."""
@@ -201,6 +242,7 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
 
     from malt_jax.model.llama import abstract_params
     from malt_jax.optim import make_optimizer
+    from malt_jax.sampling import MIN_COMPACT_ROWS
     from malt_jax.sharding import batch_shards, param_shardings
     from malt_jax.stepper import state_shardings
     from malt_jax.steps import abstract_state
@@ -247,9 +289,9 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     # compaction (sampling.compact_levels) decodes the live half of each device's rows in a copy,
     # then a quarter...: 1/2 + 1/4 + ... of the cache more
     levels, half = 0, rows_dev // 2
-    while levels < cfg.sampling.compact_levels and half >= 4:  # sampling._MIN_COMPACT_ROWS
+    while levels < cfg.sampling.compact_levels and half >= MIN_COMPACT_ROWS:
         levels, half = levels + 1, half // 2
-    c["kv_compacted"] = int(c["kv_cache"] * (1 - 0.5 ** levels))
+    c["kv_compacted"] = int(c["kv_cache"] * (1 - 0.5**levels))
 
     # -- training: one microbatch ----------------------------------------------------------
     accum = max(int(t.grad_accum), 1)
@@ -259,17 +301,15 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     L_bwd = lo.top_layers or L  # frozen lower layers (lora.top_layers) get no backward pass
     saved_layers = L_bwd + (1 if L_bwd < L else 0)  # + one transient frozen layer
     layer_acts = T * (b * lin + Hd * T * (4 + b))  # one row's activations of one layer
-    if m.remat:
-        # a rematerialised layer keeps only its input for the backward pass; the layer being
-        # recomputed is alive alone, after the logits' backward has freed them, so the peak is
-        # the larger of the two (checked against XLA's memory_analysis, tpu_configs/README.md)
-        per_row_layers = saved_layers * T * D * b
-    else:
-        per_row_layers = saved_layers * layer_acts
+    # a rematerialised layer keeps only its input for the backward pass; the layer being
+    # recomputed is alive alone, after the logits' backward has freed them, so the peak is
+    # the larger of the two (checked against XLA's memory_analysis, tpu_configs/README.md)
+    per_row_layers = saved_layers * T * D * b if m.remat else saved_layers * layer_acts
     per_row_logits = T * Vd * 4 * 3
     c["adapter"] = adapter_dev
     c["gradients"] = adapter_dev * (2 if accum > 1 else 1)
     c["optimizer"] = opt_dev
+
     # SFT and DPO share component names; the DPO numbers (2 rows per pair) go in *_dpo.
     def saved(rows_dev: int) -> int:
         if not m.remat:
@@ -282,18 +322,25 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
     c["logits_dpo"] = dpo_dev * per_row_logits
     layer_params = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params["layers"]))
     head_params = V * D
-    c["fsdp_gather"] = ((layer_params + head_params) * jnp.dtype(m.param_dtype).itemsize // max(tp, 1)
-                        if sizes["fsdp"] > 1 else 0)
+    c["fsdp_gather"] = (
+        (layer_params + head_params) * jnp.dtype(m.param_dtype).itemsize // max(tp, 1) if sizes["fsdp"] > 1 else 0
+    )
     # decoding gathers one layer at a time, never the LM head (its rows are gathered instead)
-    c["fsdp_gather_layer"] = (layer_params * jnp.dtype(m.param_dtype).itemsize // max(tp, 1)
-                              if sizes["fsdp"] > 1 else 0)
+    c["fsdp_gather_layer"] = layer_params * jnp.dtype(m.param_dtype).itemsize // max(tp, 1) if sizes["fsdp"] > 1 else 0
     # the prompt's prefill and a decoding step are not alive together: count the prefill's excess
     c["prefill"] = max(0, c["prefill"] - c["decode_logits"] - c["fsdp_gather_layer"])
 
     train_common = ("adapter", "gradients", "optimizer", "fsdp_gather")
     phases = {
-        "sample": ("adapters", "kv_cache", "kv_fork_parent", "kv_compacted", "prefill", "decode_logits",
-                   "fsdp_gather_layer"),
+        "sample": (
+            "adapters",
+            "kv_cache",
+            "kv_fork_parent",
+            "kv_compacted",
+            "prefill",
+            "decode_logits",
+            "fsdp_gather_layer",
+        ),
         "sft": train_common + ("activations", "logits"),
         "dpo": train_common + ("activations_dpo", "logits_dpo"),
     }
@@ -306,20 +353,41 @@ def make_plan(cfg: RunConfig, mesh: Mapping[str, int] | str | None = None, devic
         flops[f"{kind}_per_device"] = flops[kind] / n_dev
 
     details = {
-        "param_dtype": m.param_dtype, "dtype": m.dtype, "param_bytes_total": _tree_bytes(params),
-        "sample_rows": rows, "questions": Q, "tree": f"{tr.n}x{tr.m}x{tr.l}", "cache_len": S,
-        "prompt_tokens": prompt_tokens, "turn_tokens": turn_tokens, "max_new_tokens": cfg.sampling.max_new_tokens,
-        "sample_rows_per_device": rows_dev, "sft_rows": micro, "dpo_rows": 2 * micro, "seq_len": T,
-        "sft_rows_per_device": sft_dev, "dpo_rows_per_device": dpo_dev,
+        "param_dtype": m.param_dtype,
+        "dtype": m.dtype,
+        "param_bytes_total": _tree_bytes(params),
+        "sample_rows": rows,
+        "questions": Q,
+        "tree": f"{tr.n}x{tr.m}x{tr.l}",
+        "cache_len": S,
+        "prompt_tokens": prompt_tokens,
+        "turn_tokens": turn_tokens,
+        "max_new_tokens": cfg.sampling.max_new_tokens,
+        "sample_rows_per_device": rows_dev,
+        "sft_rows": micro,
+        "dpo_rows": 2 * micro,
+        "seq_len": T,
+        "sft_rows_per_device": sft_dev,
+        "dpo_rows_per_device": dpo_dev,
         "activation_factor": (b * lin + Hd * T * (4 + b)) / (D * b),
     }
     notes = _notes(cfg, rows, micro, batch_shards(amesh), S)
 
-    plan = Plan(name=cfg.name, mesh=sizes, devices=n_dev, device=device, device_memory=mem, usable=usable,
-                n_params=m.n_params, n_lora=n_lora, components=c, phases=phases, details=details, flops=flops,
-                notes=notes)
+    plan = Plan(
+        name=cfg.name,
+        mesh=sizes,
+        devices=n_dev,
+        device=device,
+        device_memory=mem,
+        usable=usable,
+        n_params=m.n_params,
+        n_lora=n_lora,
+        components=c,
+        phases=phases,
+        details=details,
+        flops=flops,
+        notes=notes,
+    )
     if compile:
         plan.compiled = one_layer_check(cfg, sizes, n_dev)
     return plan
-
-

@@ -6,26 +6,53 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from malt_jax.config import to_dict
 
 if TYPE_CHECKING:
     from malt_jax.plan import Plan
 
-__all__ = ["GiB", "parse_bytes", "parse_mesh", "fmt_bytes", "fmt_flops", "mesh_str", "load_overlay",
-           "overlay_overrides", "ADVICE", "refusal", "table", "plan_dict"]
+__all__ = [
+    "GiB",
+    "parse_bytes",
+    "parse_mesh",
+    "fmt_bytes",
+    "fmt_flops",
+    "mesh_str",
+    "load_overlay",
+    "overlay_overrides",
+    "ADVICE",
+    "refusal",
+    "table",
+    "plan_dict",
+]
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 # ----------------------------------------------------------------------------------------------
 # inputs
 
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
-          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": GiB, "tib": 1024 ** 4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": GiB,
+    "tib": 1024**4,
+}
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -44,6 +71,7 @@ def parse_mesh(text: str | Mapping[str, int] | None) -> dict[str, int]:
 
     if text is None:
         return {}
+    items: dict[str, Any]
     if isinstance(text, Mapping):
         items = dict(text)
     else:
@@ -53,7 +81,7 @@ def parse_mesh(text: str | Mapping[str, int] | None) -> dict[str, int]:
                 raise ValueError(f"--mesh: {part!r} is not axis=size (e.g. data=1,fsdp=8,tensor=1)")
             k, v = part.split("=", 1)
             items[k.strip()] = v.strip()
-    out = {}
+    out: dict[str, int] = {}
     for k, v in items.items():
         if k not in MESH_AXES:
             raise ValueError(f"mesh: unknown axis {k!r}; axes are {MESH_AXES}")
@@ -65,7 +93,7 @@ def parse_mesh(text: str | Mapping[str, int] | None) -> dict[str, int]:
 
 
 def fmt_bytes(n: float) -> str:
-    for unit, size in (("TiB", 1024 ** 4), ("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    for unit, size in (("TiB", 1024**4), ("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
@@ -120,20 +148,20 @@ def overlay_overrides(path: str | Path) -> list[str]:
 # what to change when a component overflows (every component of a plan has an entry)
 ADVICE = {
     "parameters": "shard the frozen weights over more devices: raise mesh fsdp (and/or tensor), "
-                  "e.g. --mesh data=1,fsdp={fsdp_hint},tensor=1 (needs that many devices)",
+    "e.g. --mesh data=1,fsdp={fsdp_hint},tensor=1 (needs that many devices)",
     "adapters": "lower lora.rank or use fewer lora.targets, or raise mesh fsdp",
     "adapter": "lower lora.rank or use fewer lora.targets, or raise mesh fsdp",
     "gradients": "lower lora.rank or use fewer lora.targets, or raise mesh fsdp",
     "optimizer": "lower lora.rank or use fewer lora.targets, or raise mesh fsdp",
     "kv_cache": "lower tree.questions_per_batch (rows = questions x n*m*l) or sampling.max_new_tokens, "
-                "spread the rows over more data/fsdp devices, or raise tensor (splits the KV heads)",
+    "spread the rows over more data/fsdp devices, or raise tensor (splits the KV heads)",
     "kv_fork_parent": "lower tree.questions_per_batch or sampling.max_new_tokens, or add data/fsdp devices",
     "prefill": "lower tree.questions_per_batch or the prompt length, or add data/fsdp devices",
     "decode_logits": "lower tree.questions_per_batch, add data/fsdp devices or raise tensor (splits the vocab)",
     "activations": "lower train.batch_size or raise train.grad_accum (a microbatch is batch_size/grad_accum "
-                   "examples), shorten train.max_seq_len, or add data/fsdp devices",
+    "examples), shorten train.max_seq_len, or add data/fsdp devices",
     "logits": "lower train.batch_size or raise train.grad_accum, shorten train.max_seq_len, add data/fsdp "
-              "devices or raise tensor (splits the vocab)",
+    "devices or raise tensor (splits the vocab)",
     "fsdp_gather": "raise mesh tensor (splits each gathered layer)",
     "fsdp_gather_layer": "raise mesh tensor (splits each gathered layer)",
     "kv_compacted": "set sampling.compact_levels lower (0: no compaction copies), or see kv_cache",
@@ -142,28 +170,33 @@ ADVICE["activations_dpo"] = ADVICE["activations"] + " (a DPO microbatch holds 2 
 ADVICE["logits_dpo"] = ADVICE["logits"] + " (a DPO microbatch holds 2 rows per pair)"
 
 
-def refusal(plan: "Plan") -> str:
+def refusal(plan: Plan) -> str:
     """The refusal message of a plan ('' if it fits): each overflowing phase, its largest component
     and what to change."""
     over = plan.overflows()
     if not over:
         return ""
-    budget = (f"{fmt_bytes(plan.budget)} usable per device ({plan.usable:.0%} of {fmt_bytes(plan.device_memory)}"
-              f" on {plan.device})")
-    lines = [f"plan refused: {plan.name} does not fit on mesh {mesh_str(plan.mesh)} ({plan.devices} devices), "
-             f"{budget}."]
+    budget = (
+        f"{fmt_bytes(plan.budget)} usable per device ({plan.usable:.0%} of {fmt_bytes(plan.device_memory)}"
+        f" on {plan.device})"
+    )
+    lines = [
+        f"plan refused: {plan.name} does not fit on mesh {mesh_str(plan.mesh)} ({plan.devices} devices), {budget}."
+    ]
     hint = {"fsdp_hint": _fsdp_hint(plan)}
     seen = set()
     for phase, comp in over:
-        lines.append(f"  {phase}: needs {fmt_bytes(plan.phase_total(phase))} per device; overflowing component: "
-                     f"{comp} ({fmt_bytes(plan.components[comp])})")
+        lines.append(
+            f"  {phase}: needs {fmt_bytes(plan.phase_total(phase))} per device; overflowing component: "
+            f"{comp} ({fmt_bytes(plan.components[comp])})"
+        )
         if comp not in seen:
             seen.add(comp)
             lines.append(f"    fix: {ADVICE[comp].format(**hint)}")
     return "\n".join(lines)
 
 
-def _fsdp_hint(plan: "Plan") -> int:
+def _fsdp_hint(plan: Plan) -> int:
     """A power-of-two fsdp size that would bring the weights under half the budget."""
     shardable = plan.details["param_bytes_total"]
     k = 1
@@ -172,7 +205,7 @@ def _fsdp_hint(plan: "Plan") -> int:
     return max(k, 2)
 
 
-def table(plan: "Plan") -> str:
+def table(plan: Plan) -> str:
     """The plan as the text table ``malt-jax plan`` prints."""
     c, d = plan.components, plan.details
     lines = [
@@ -192,12 +225,13 @@ def table(plan: "Plan") -> str:
     order = ["parameters"] + [k for k in c if k != "parameters"]
     for comp in order:
         cells = []
-        for p, comps in plan.phases.items():
+        for comps in plan.phases.values():
             cells.append(fmt_bytes(c[comp]) if comp == "parameters" or comp in comps else "-")
         lines.append(f"{comp:<16}" + "".join(f"{x:>13}" for x in cells))
     lines.append(f"{'total':<16}" + "".join(f"{fmt_bytes(plan.phase_total(p)):>13}" for p in plan.phases))
-    lines.append(f"{'fits':<16}" + "".join(f"{('yes' if plan.phase_total(p) <= plan.budget else 'NO'):>13}"
-                                            for p in plan.phases))
+    lines.append(
+        f"{'fits':<16}" + "".join(f"{('yes' if plan.phase_total(p) <= plan.budget else 'NO'):>13}" for p in plan.phases)
+    )
     f = plan.flops
     lines += [
         "",
@@ -217,17 +251,29 @@ def table(plan: "Plan") -> str:
                 f"{fmt_flops(k['analytic_flops'])} (ratio {k['flops'] / max(k['analytic_flops'], 1):.2f}); "
                 f"XLA:{k['platform'].upper()} memory_analysis args {fmt_bytes(k['argument_bytes'])}, temp "
                 f"{fmt_bytes(k['temp_bytes'])} (a 1-layer program; XLA:CPU upcasts bfloat16 and reuses buffers "
-                "less than TPU/GPU, so read its temp as an upper bound)")
+                "less than TPU/GPU, so read its temp as an upper bound)"
+            )
     for n in plan.notes:
         lines.append(f"note: {n}")
     lines.append("verdict: " + ("fits" if plan.fits else "REFUSED (see below)"))
     return "\n".join(lines)
 
 
-def plan_dict(plan: "Plan") -> dict:
+def plan_dict(plan: Plan) -> dict:
     """JSON-friendly view (for ``malt-jax plan --json``)."""
-    return {"name": plan.name, "mesh": plan.mesh, "devices": plan.devices, "device": plan.device,
-            "device_memory": plan.device_memory, "budget": plan.budget, "fits": plan.fits,
-            "components": plan.components, "phases": {p: plan.phase_total(p) for p in plan.phases},
-            "flops": plan.flops, "details": to_dict(plan.details), "compiled": plan.compiled,
-            "notes": plan.notes, "refusal": plan.refusal()}
+    return {
+        "name": plan.name,
+        "mesh": plan.mesh,
+        "devices": plan.devices,
+        "device": plan.device,
+        "device_memory": plan.device_memory,
+        "budget": plan.budget,
+        "fits": plan.fits,
+        "components": plan.components,
+        "phases": {p: plan.phase_total(p) for p in plan.phases},
+        "flops": plan.flops,
+        "details": to_dict(plan.details),
+        "compiled": plan.compiled,
+        "notes": plan.notes,
+        "refusal": plan.refusal(),
+    }

@@ -25,17 +25,34 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from malt_jax.evaluate import SystemResult
 from malt_jax.roles import NAMES, ROLE_NAMES, as_role_name
 
-__all__ = ["RunRecord", "write_report", "format_table", "plot_training_curves", "training_section",
-           "verifier_section", "data_section"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-_STAT_ALIASES = {"positive_rate": "positive_rate", "sft": "sft", "sft_examples": "sft",
-                 "dpo_pairs": "dpo_pairs", "dpo": "dpo_pairs", "nodes": "nodes",
-                 "mean_value": "mean_value"}
+__all__ = [
+    "RunRecord",
+    "write_report",
+    "format_table",
+    "new_figure",
+    "plot_training_curves",
+    "training_section",
+    "verifier_section",
+    "data_section",
+]
+
+_STAT_ALIASES = {
+    "positive_rate": "positive_rate",
+    "sft": "sft",
+    "sft_examples": "sft",
+    "dpo_pairs": "dpo_pairs",
+    "dpo": "dpo_pairs",
+    "nodes": "nodes",
+    "mean_value": "mean_value",
+}
 
 ACCURACY_PNG = "accuracy.png"
 POSITIVE_RATE_PNG = "positive_rate.png"
@@ -101,8 +118,7 @@ def _cell(text: Any) -> str:
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    out = ["| " + " | ".join(_cell(h) for h in header) + " |",
-           "|" + "|".join(" --- " for _ in header) + "|"]
+    out = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return out
 
@@ -172,8 +188,13 @@ def _credit_section(summary: Mapping[str, Any]) -> list[str]:
         if any("mean_value" in s for s in by_role.values()):
             cols.append(("mean_value", _fmt_float))
         cols += [("sft", _fmt_int), ("dpo_pairs", _fmt_int)]
-        names = {"nodes": "valid nodes", "positive_rate": "positive rate",
-                 "mean_value": "mean value", "sft": "SFT examples", "dpo_pairs": "DPO pairs"}
+        names = {
+            "nodes": "valid nodes",
+            "positive_rate": "positive rate",
+            "mean_value": "mean value",
+            "sft": "SFT examples",
+            "dpo_pairs": "DPO pairs",
+        }
         header += [names[c] for c, _ in cols]
         rows = [[role] + [fmt(stats.get(c)) for c, fmt in cols] for role, stats in by_role.items()]
         lines += _md_table(header, rows) + [""]
@@ -187,7 +208,8 @@ def _credit_section(summary: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- plots
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure of width x height inches at 100 dpi on the Agg canvas (no pyplot, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -215,14 +237,14 @@ def _plot_accuracy(results: Mapping[str, SystemResult], path: Path) -> None:
         accs.append(acc)
         err_lo.append(max(0.0, acc - lo))
         err_hi.append(max(0.0, hi - acc))
-    fig = _new_figure(max(4.0, 1.2 * len(names) + 2.0), 4.0)
+    fig = new_figure(max(4.0, 1.2 * len(names) + 2.0), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(names)))
-    ax.bar(x, accs, yerr=[err_lo, err_hi], capsize=5, color="tab:blue", alpha=0.8,
-           error_kw={"elinewidth": 1.2})
+    ax.bar(x, accs, yerr=[err_lo, err_hi], capsize=5, color="tab:blue", alpha=0.8, error_kw={"elinewidth": 1.2})
     for xi, acc, r in zip(x, accs, results.values()):
-        ax.text(xi + 0.06, min(acc + 0.01, 0.96), "n/a" if r.n == 0 else f"{acc:.3f}",
-                ha="left", va="bottom", fontsize=8)  # beside the error bar, not on it
+        ax.text(
+            xi + 0.06, min(acc + 0.01, 0.96), "n/a" if r.n == 0 else f"{acc:.3f}", ha="left", va="bottom", fontsize=8
+        )  # beside the error bar, not on it
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
     _save_rate_plot(fig, ax, "accuracy", "Accuracy per system (95% Wilson CI)", path)
@@ -232,7 +254,7 @@ def _plot_positive_rate(by_role: Mapping[str, Mapping[str, Any]], path: Path) ->
     roles = [r for r in NAMES if r in by_role]
     rates = [by_role[r].get("positive_rate") for r in roles]
     heights = [0.0 if v is None or _is_nan(v) else float(v) for v in rates]
-    fig = _new_figure(5.0, 4.0)
+    fig = new_figure(5.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(roles)))
     ax.bar(x, heights, color=["tab:green", "tab:orange", "tab:purple"][: len(roles)], alpha=0.85)
@@ -277,8 +299,10 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
     with held-out ``rewards/accuracies`` on a second [0, 1] axis; x = epoch (0 = before training);
     the selected epoch (``best``) is marked with a dashed vertical line and a ring.
     """
+    from matplotlib.ticker import MaxNLocator
+
     roles = list(epochs_by_role)
-    fig = _new_figure(max(4.0, 4.0 * len(roles)), 6.5)
+    fig = new_figure(max(4.0, 4.0 * len(roles)), 6.5)
     for col, role in enumerate(roles):
         records = list(epochs_by_role[role])
         for row, stage in enumerate(("sft", "dpo")):
@@ -288,8 +312,15 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
             if not recs:
-                ax.text(0.5, 0.5, "not trained:\nkeeps the base model" if not records else f"no {stage.upper()} stage",
-                        ha="center", va="center", transform=ax.transAxes, fontsize=9)
+                ax.text(
+                    0.5,
+                    0.5,
+                    "not trained:\nkeeps the base model" if not records else f"no {stage.upper()} stage",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize=9,
+                )
                 ax.set_xticks([])
                 ax.set_yticks([])
                 continue
@@ -309,8 +340,7 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
                 xs, ys = _series(recs, "heldout/rewards/accuracies")
                 if xs:
                     ax2 = ax.twinx()
-                    handles += ax2.plot(xs, ys, "^--", color="tab:green", label="held-out reward acc.",
-                                        markersize=4)
+                    handles += ax2.plot(xs, ys, "^--", color="tab:green", label="held-out reward acc.", markersize=4)
                     ax2.set_ylim(0.0, 1.05)
                     ax2.set_ylabel("reward accuracy")
             if best is not None:
@@ -320,7 +350,9 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
                 if y is not None and not _is_nan(y):
                     ax.plot([e], [float(y)], "o", markersize=10, markerfacecolor="none", color="black")
                 handles.append(ax.plot([], [], "--", color="gray", label=f"selected: epoch {e}")[0])
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            locator = ax.xaxis.get_major_locator()
+            if isinstance(locator, MaxNLocator):  # the default AutoLocator
+                locator.set_params(integer=True)
             if handles:
                 ax.legend(handles=handles, fontsize=7, loc="best")
     fig.suptitle("Training curves per role (x: epoch; 0 = before training)", fontsize=11)
@@ -328,8 +360,9 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
     fig.savefig(path, format="png")
 
 
-def training_section(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]],
-                     counts_by_role: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def training_section(
+    epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]], counts_by_role: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
     """Markdown lines: per role and stage the training / held-out counts, epochs run, the selected
     epoch, held-out loss at epoch 0 and at the selected epoch, and (DPO) held-out
     ``rewards/accuracies`` and ``rewards/margins`` at the selected epoch. ``epochs_by_role`` holds
@@ -340,9 +373,17 @@ def training_section(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]],
     roles = list(dict.fromkeys([*epochs_by_role, *counts_by_role]))
     if not roles:
         return lines + ["No roles were trained.", ""]
-    header = ["role", "stage", "examples (train / held-out)", "epochs run", "selected epoch",
-              "held-out loss @0", "held-out loss @selected", "held-out reward acc. @selected",
-              "held-out reward margin @selected"]
+    header = [
+        "role",
+        "stage",
+        "examples (train / held-out)",
+        "epochs run",
+        "selected epoch",
+        "held-out loss @0",
+        "held-out loss @selected",
+        "held-out reward acc. @selected",
+        "held-out reward margin @selected",
+    ]
     rows = []
     for role in roles:
         records = list(epochs_by_role.get(role, []))
@@ -351,8 +392,19 @@ def training_section(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]],
         if trained is None:
             trained = bool(records) or bool(counts.get("sft") or counts.get("dpo"))
         if not trained:
-            rows.append([role, "-", f"SFT {_fmt_int(counts.get('sft', 0))}, DPO {_fmt_int(counts.get('dpo', 0))}",
-                         "0", "-", "no positive examples: keeps the base model", "", "", ""])
+            rows.append(
+                [
+                    role,
+                    "-",
+                    f"SFT {_fmt_int(counts.get('sft', 0))}, DPO {_fmt_int(counts.get('dpo', 0))}",
+                    "0",
+                    "-",
+                    "no positive examples: keeps the base model",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
         for stage in ("sft", "dpo"):
             recs = _stage_records(records, stage)
@@ -363,17 +415,26 @@ def training_section(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]],
             best = _selected(recs) or recs[-1]
             first = recs[0] if int(recs[0].get("epoch", 0)) == 0 else None
             dpo = stage == "dpo"
-            rows.append([
-                role, stage.upper(), n, str(max(int(r["epoch"]) for r in recs)), str(int(best["epoch"])),
-                _fmt_float(None if first is None else first.get("heldout/loss")),
-                _fmt_float(best.get("heldout/loss")),
-                _fmt_float(best.get("heldout/rewards/accuracies")) if dpo else "-",
-                _fmt_float(best.get("heldout/rewards/margins"), sign=True) if dpo else "-",
-            ])
+            rows.append(
+                [
+                    role,
+                    stage.upper(),
+                    n,
+                    str(max(int(r["epoch"]) for r in recs)),
+                    str(int(best["epoch"])),
+                    _fmt_float(None if first is None else first.get("heldout/loss")),
+                    _fmt_float(best.get("heldout/loss")),
+                    _fmt_float(best.get("heldout/rewards/accuracies")) if dpo else "-",
+                    _fmt_float(best.get("heldout/rewards/margins"), sign=True) if dpo else "-",
+                ]
+            )
     lines += _md_table(header, rows) + [""]
-    lines += ["Epoch 0 = before the first update. The selected epoch has the lowest held-out loss (SFT: "
-              "cross-entropy, DPO: DPO loss); without a held-out set the last epoch is kept and held-out "
-              "values read n/a.", ""]
+    lines += [
+        "Epoch 0 = before the first update. The selected epoch has the lowest held-out loss (SFT: "
+        "cross-entropy, DPO: DPO loss); without a held-out set the last epoch is kept and held-out "
+        "values read n/a.",
+        "",
+    ]
     return lines
 
 
@@ -433,10 +494,18 @@ def _comparison_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
         rows.append(row + [_fmt_ci(c.get("bootstrap_lo"), c.get("bootstrap_hi")), _fmt_p(c.get("bootstrap_p"))])
     header = ["target vs baseline", "diff", "McNemar p"] + (["Holm p"] if holm else [])
     lines += _md_table(header + ["bootstrap 95% CI", "bootstrap p"], rows)
-    lines += ["", "diff = target accuracy - baseline accuracy; McNemar: exact two-sided test on "
-              "discordant questions; bootstrap: paired resampling of questions (percentile CI)."
-              + (" The primary comparison was declared before the run; the others' McNemar p-values are "
-                 "Holm-adjusted over the family (Holm p)." if holm else ""), ""]
+    lines += [
+        "",
+        "diff = target accuracy - baseline accuracy; McNemar: exact two-sided test on "
+        "discordant questions; bootstrap: paired resampling of questions (percentile CI)."
+        + (
+            " The primary comparison was declared before the run; the others' McNemar p-values are "
+            "Holm-adjusted over the family (Holm p)."
+            if holm
+            else ""
+        ),
+        "",
+    ]
     return lines
 
 
@@ -445,20 +514,38 @@ def verifier_section(verifier: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = ["## Verifier verdicts vs generator correctness", ""]
     if not verifier:
         return lines + ["No chain was evaluated.", ""]
-    header = ["chain", "answers right / wrong", "right: says correct / incorrect / none",
-              "wrong: says correct / incorrect / none", "TPR", "TNR", "balanced accuracy"]
+    header = [
+        "chain",
+        "answers right / wrong",
+        "right: says correct / incorrect / none",
+        "wrong: says correct / incorrect / none",
+        "TPR",
+        "TNR",
+        "balanced accuracy",
+    ]
     rows = []
     for name, c in verifier.items():
         n_right = sum(int(c[f"right_{v}"]) for v in ("says_correct", "says_incorrect", "no_verdict"))
-        rows.append([name, f"{n_right} / {int(c['n']) - n_right}",
-                     " / ".join(str(int(c[f"right_{v}"])) for v in ("says_correct", "says_incorrect", "no_verdict")),
-                     " / ".join(str(int(c[f"wrong_{v}"])) for v in ("says_correct", "says_incorrect", "no_verdict")),
-                     _fmt_float(c.get("tpr"), 3), _fmt_float(c.get("tnr"), 3), _fmt_float(c.get("balanced_accuracy"), 3)])
+        rows.append(
+            [
+                name,
+                f"{n_right} / {int(c['n']) - n_right}",
+                " / ".join(str(int(c[f"right_{v}"])) for v in ("says_correct", "says_incorrect", "no_verdict")),
+                " / ".join(str(int(c[f"wrong_{v}"])) for v in ("says_correct", "says_incorrect", "no_verdict")),
+                _fmt_float(c.get("tpr"), 3),
+                _fmt_float(c.get("tnr"), 3),
+                _fmt_float(c.get("balanced_accuracy"), 3),
+            ]
+        )
     lines += _md_table(header, rows)
-    lines += ["", "Every pass of every held-out question: the verifier's verdict (its reply's \"correct\" / "
-              "\"incorrect\") against whether the generator answer it checked was right. TPR = says correct | "
-              "right, TNR = says incorrect | wrong (no verdict counts as a miss); balanced accuracy = (TPR + TNR) / 2, "
-              "0.5 = no discrimination.", ""]
+    lines += [
+        "",
+        "Every pass of every held-out question: the verifier's verdict (its reply's \"correct\" / "
+        '"incorrect") against whether the generator answer it checked was right. TPR = says correct | '
+        "right, TNR = says incorrect | wrong (no verdict counts as a miss); balanced accuracy = (TPR + TNR) / 2, "
+        "0.5 = no discrimination.",
+        "",
+    ]
     return lines
 
 
@@ -472,24 +559,52 @@ def data_section(counts: Mapping[str, Mapping[str, Any]], credit_summary: Mappin
         name = ROLE_NAMES.get(role, role)
         ident = (credit_summary or {}).get(f"{name}/dpo_identical")
         s, d = c.get("sft", {}), c.get("dpo", {})
-        rows.append([role, _fmt_int(s.get("examples")), _fmt_int(s.get("heldout")), _fmt_int(s.get("train")),
-                     _fmt_int(s.get("train_after_cap")), _fmt_int(d.get("pairs")), _fmt_int(d.get("heldout")),
-                     _fmt_int(d.get("train")), _fmt_int(d.get("train_after_cap")),
-                     "n/a" if ident is None else str(ident),
-                     "keeps the base model (no positive example)" if c.get("trained") is False else ""])
+        rows.append(
+            [
+                role,
+                _fmt_int(s.get("examples")),
+                _fmt_int(s.get("heldout")),
+                _fmt_int(s.get("train")),
+                _fmt_int(s.get("train_after_cap")),
+                _fmt_int(d.get("pairs")),
+                _fmt_int(d.get("heldout")),
+                _fmt_int(d.get("train")),
+                _fmt_int(d.get("train_after_cap")),
+                "n/a" if ident is None else str(ident),
+                "keeps the base model (no positive example)" if c.get("trained") is False else "",
+            ]
+        )
     if rows:
-        lines += _md_table(["role", "SFT examples", "held out", "train", "train after cap", "DPO pairs", "held out",
-                            "train", "train after cap", "identical pairs dropped", "note"], rows) + [""]
+        lines += _md_table(
+            [
+                "role",
+                "SFT examples",
+                "held out",
+                "train",
+                "train after cap",
+                "DPO pairs",
+                "held out",
+                "train",
+                "train after cap",
+                "identical pairs dropped",
+                "note",
+            ],
+            rows,
+        ) + [""]
     cs = credit_summary or {}
-    for key, label in (("verifier/sft_under_right_answers", "verifier SFT examples under right / wrong answers"),
-                       ("verifier/dpo_under_right_answers", "verifier DPO pairs under right / wrong answers")):
+    for key, label in (
+        ("verifier/sft_under_right_answers", "verifier SFT examples under right / wrong answers"),
+        ("verifier/dpo_under_right_answers", "verifier DPO pairs under right / wrong answers"),
+    ):
         if key in cs:
             lines.append(f"- {label}: {cs[key]} / {cs[key.replace('right', 'wrong')]}")
     fb = cs.get("reward_fallback")
     if fb:
-        lines.append(f"- leaf rewards: {fb.get('rewarded')} of {fb.get('leaves')} leaves rewarded; the lenient grader "
-                     f"alone would have rewarded {fb.get('rewarded_lenient')} (no explicit final answer: "
-                     f"{fb.get('no_explicit_answer', 'n/a')}, cut off by the token limit: {fb.get('cut_off', 'n/a')})")
+        lines.append(
+            f"- leaf rewards: {fb.get('rewarded')} of {fb.get('leaves')} leaves rewarded; the lenient grader "
+            f"alone would have rewarded {fb.get('rewarded_lenient')} (no explicit final answer: "
+            f"{fb.get('no_explicit_answer', 'n/a')}, cut off by the token limit: {fb.get('cut_off', 'n/a')})"
+        )
     return lines + [""]
 
 
@@ -550,9 +665,16 @@ def write_report(
         lines += data_section(training_counts, credit_summary)
     train_png = run_dir / TRAINING_PNG
     if epochs_by_role:
-        counts = {r: {"sft": c.get("sft", {}).get("train_after_cap", 0), "sft_heldout": c.get("sft", {}).get("heldout", 0),
-                      "dpo": c.get("dpo", {}).get("train_after_cap", 0), "dpo_heldout": c.get("dpo", {}).get("heldout", 0),
-                      "trained": c.get("trained")} for r, c in (training_counts or {}).items()}
+        counts = {
+            r: {
+                "sft": c.get("sft", {}).get("train_after_cap", 0),
+                "sft_heldout": c.get("sft", {}).get("heldout", 0),
+                "dpo": c.get("dpo", {}).get("train_after_cap", 0),
+                "dpo_heldout": c.get("dpo", {}).get("heldout", 0),
+                "trained": c.get("trained"),
+            }
+            for r, c in (training_counts or {}).items()
+        }
         lines += training_section(epochs_by_role, counts)
         if any(epochs_by_role.values()):
             plot_training_curves(epochs_by_role, train_png)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,20 @@ from malt_jax.model.llama import Params
 from malt_jax.roles import ROLES
 from malt_jax.tasks import Example, Task
 
-__all__ = ["write_atomic", "prepare_run_dir", "load_splits", "load_expansion", "load_datasets", "save_adapter",
-           "load_adapter", "load_adapters", "training_counts", "role_epochs", "read_rows", "write_rows"]
+__all__ = [
+    "write_atomic",
+    "prepare_run_dir",
+    "load_splits",
+    "load_expansion",
+    "load_datasets",
+    "save_adapter",
+    "load_adapter",
+    "load_adapters",
+    "training_counts",
+    "role_epochs",
+    "read_rows",
+    "write_rows",
+]
 
 
 def write_atomic(path: Path, content: str | Callable[[Any], Any]) -> None:
@@ -61,8 +74,10 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     if stamp.exists():
         old = yaml.safe_load(stamp.read_text()) or {}
         if old.get("config_hash") != h:
-            raise ValueError(f"{run_dir} holds a run with another config (hash {old.get('config_hash')}, this one "
-                             f"is {h}); use a new run_dir or delete the old one")
+            raise ValueError(
+                f"{run_dir} holds a run with another config (hash {old.get('config_hash')}, this one "
+                f"is {h}); use a new run_dir or delete the old one"
+            )
     else:
         write_atomic(stamp, yaml.safe_dump({"config_hash": h, **to_dict(cfg)}, sort_keys=False))
     return run_dir
@@ -106,8 +121,10 @@ def load_datasets(run_dir: Path, role: str, with_questions: bool = False) -> tup
 
     sft_rows, dpo_rows = rows("sft"), rows("dpo")
     sft = [SFTExample(prompt=r["prompt"], completion=r["completion"], weight=r.get("weight", 1.0)) for r in sft_rows]
-    dpo = [DPOExample(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], weight=r.get("weight", 1.0))
-           for r in dpo_rows]
+    dpo = [
+        DPOExample(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], weight=r.get("weight", 1.0))
+        for r in dpo_rows
+    ]
     if with_questions:
         return sft, dpo, [r["coord"][0] for r in sft_rows], [r["coords"][0][0] for r in dpo_rows]
     return sft, dpo

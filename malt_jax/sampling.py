@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ class StopCriteria:
         width = max((len(s) for s in self.stop_seqs), default=1)
         arr = np.full((max(len(self.stop_seqs), 1), width), -1, np.int32)
         for i, s in enumerate(self.stop_seqs):
-            arr[i, width - len(s):] = s
+            arr[i, width - len(s) :] = s
         return arr
 
 
@@ -94,14 +95,22 @@ def prefill(
     t = jnp.arange(T)[None, :]
     positions = start[:, None] + t
     valid = t < lengths[:, None]
-    hidden, cache = forward(params, tokens, positions, cfg, cache=cache, lora=lora,
-                            lora_scale=lora_scale, token_valid=valid, return_hidden=True)
+    hidden, cache = forward(
+        params,
+        tokens,
+        positions,
+        cfg,
+        cache=cache,
+        lora=lora,
+        lora_scale=lora_scale,
+        token_valid=valid,
+        return_hidden=True,
+    )
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return lm_head(params, last, cfg), cache
 
 
-@flax.struct.dataclass
-class _DecodeState:
+class _DecodeState(flax.struct.PyTreeNode):
     step: jax.Array
     cache: KVCache
     logits: jax.Array  # [B, V] logits of the next token
@@ -115,7 +124,7 @@ class _DecodeState:
     keys: jax.Array  # [B] per-row PRNG keys
 
 
-_MIN_COMPACT_ROWS = 4  # a compacted batch has at least this many rows (per device group)
+MIN_COMPACT_ROWS = 4  # a compacted batch has at least this many rows (per device group)
 
 
 def _batch_groups(B: int) -> int:
@@ -132,12 +141,12 @@ def _batch_groups(B: int) -> int:
 def _grouped(x: jax.Array, g: int, axis: int) -> jax.Array:
     """[..., B, ...] -> [g, ..., B / g, ...] (rows of group i first)."""
     shp = x.shape
-    return jnp.moveaxis(x.reshape(shp[:axis] + (g, shp[axis] // g) + shp[axis + 1:]), axis, 0)
+    return jnp.moveaxis(x.reshape(shp[:axis] + (g, shp[axis] // g) + shp[axis + 1 :]), axis, 0)
 
 
 def _ungrouped(x: jax.Array, axis: int) -> jax.Array:
     x = jnp.moveaxis(x, 0, axis)
-    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
 
 
 def _take(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
@@ -160,11 +169,15 @@ def _take_rows(s: _DecodeState, idx: jax.Array) -> _DecodeState:
 
 
 def _put_rows(s: _DecodeState, idx: jax.Array, sub: _DecodeState) -> _DecodeState:
-    rows = jax.tree.map(lambda x, y: _put(x, idx, y, 0), s.replace(cache=None, step=None),
-                        sub.replace(cache=None, step=None))
+    rows = jax.tree.map(
+        lambda x, y: _put(x, idx, y, 0), s.replace(cache=None, step=None), sub.replace(cache=None, step=None)
+    )
     c, sc = s.cache, sub.cache
-    cache = c.replace(k=_put(c.k, idx, sc.k, 1), v=_put(c.v, idx, sc.v, 1),
-                      h=None if c.h is None else _put(c.h, idx, sc.h, 0))
+    h = None
+    if c.h is not None:
+        assert sc.h is not None  # the sub-batch's cache has the same layout
+        h = _put(c.h, idx, sc.h, 0)
+    cache = c.replace(k=_put(c.k, idx, sc.k, 1), v=_put(c.v, idx, sc.v, 1), h=h)
     return rows.replace(step=sub.step, cache=cache)
 
 
@@ -178,7 +191,7 @@ def _run_compacting(cond, body, s: _DecodeState, levels: int) -> _DecodeState:
     B = s.done.shape[0]
     g = _batch_groups(B)
     half = B // g // 2
-    if levels == 0 or half < _MIN_COMPACT_ROWS:
+    if levels == 0 or half < MIN_COMPACT_ROWS:
         return jax.lax.while_loop(cond, body, s)
 
     def live_max(s: _DecodeState) -> jax.Array:  # the most live rows in any group
@@ -237,19 +250,44 @@ def decode(
         logps = s.logps.at[:, s.step].set(jnp.where(emit, logp, 0.0))
         stopped = s.stopped | (live & (hit_id | hit_seq))
         done = s.done | hit_id | hit_seq | (s.step + 1 >= N)
-        new_logits, cache = forward(params, tok[:, None], s.pos[:, None], cfg, cache=s.cache, lora=lora,
-                                    lora_scale=lora_scale, token_valid=emit[:, None], return_hidden=True)
+        new_logits, cache = forward(
+            params,
+            tok[:, None],
+            s.pos[:, None],
+            cfg,
+            cache=s.cache,
+            lora=lora,
+            lora_scale=lora_scale,
+            token_valid=emit[:, None],
+            return_hidden=True,
+        )
         new_logits = lm_head(params, new_logits[:, 0], cfg)
         return _DecodeState(
-            step=s.step + 1, cache=cache, logits=new_logits, pos=s.pos + emit, done=done, stopped=stopped,
-            lengths=s.lengths + emit, tokens=tokens, logps=logps, recent=recent, keys=s.keys,
+            step=s.step + 1,
+            cache=cache,
+            logits=new_logits,
+            pos=s.pos + emit,
+            done=done,
+            stopped=stopped,
+            lengths=s.lengths + emit,
+            tokens=tokens,
+            logps=logps,
+            recent=recent,
+            keys=s.keys,
         )
 
     init = _DecodeState(
-        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits.astype(jnp.float32), pos=pos.astype(jnp.int32),
-        done=done0, stopped=jnp.zeros((B,), bool), lengths=jnp.zeros((B,), jnp.int32),
-        tokens=jnp.full((B, N), PAD_ID, jnp.int32), logps=jnp.zeros((B, N), jnp.float32),
-        recent=jnp.full((B, W), -2, jnp.int32), keys=keys,
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=logits.astype(jnp.float32),
+        pos=pos.astype(jnp.int32),
+        done=done0,
+        stopped=jnp.zeros((B,), bool),
+        lengths=jnp.zeros((B,), jnp.int32),
+        tokens=jnp.full((B, N), PAD_ID, jnp.int32),
+        logps=jnp.zeros((B, N), jnp.float32),
+        recent=jnp.full((B, W), -2, jnp.int32),
+        keys=keys,
     )
     s = _run_compacting(cond, body, init, sampling.compact_levels)
     gen = Generation(tokens=s.tokens, lengths=s.lengths, logps=s.logps, stopped=s.stopped, end_pos=s.pos)
@@ -277,8 +315,19 @@ def generate(
     cache = KVCache.zeros(cfg, B, size)
     start = jnp.zeros((B,), jnp.int32)
     logits, cache = prefill(params, cfg, cache, prompt_tokens, prompt_lengths, start, lora, lora_scale)
-    gen, _ = decode(params, cfg, cache, logits, prompt_lengths.astype(jnp.int32), keys, sampling, stop,
-                    max_new_tokens, lora, lora_scale)
+    gen, _ = decode(
+        params,
+        cfg,
+        cache,
+        logits,
+        prompt_lengths.astype(jnp.int32),
+        keys,
+        sampling,
+        stop,
+        max_new_tokens,
+        lora,
+        lora_scale,
+    )
     return gen
 
 
@@ -302,14 +351,3 @@ def trim(gen: Generation) -> list[list[int]]:
     """Host-side: output token lists without padding."""
     toks, lens = fetch((gen.tokens, gen.lengths))
     return [toks[i, : lens[i]].tolist() for i in range(toks.shape[0])]
-
-
-def cut_at_stop_strings(text: str, stop_strings: tuple[str, ...] | list[str]) -> str:
-    """Host-side: truncates text at the first occurrence of any stop string (kept out)."""
-    cut = len(text)
-    for s in stop_strings:
-        i = text.find(s)
-        if i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
-

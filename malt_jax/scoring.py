@@ -11,7 +11,8 @@ to the DPO step with each batch.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,15 +55,22 @@ class HiddenCache:
     running those layers on the packed batch (causal rows, right padding).
     """
 
-    def __init__(self, base: Params, examples: Sequence[Any], cfg: ModelConfig, train_cfg: TrainConfig, layer: int,
-                 pad_id: int = 0):
+    def __init__(
+        self,
+        base: Params,
+        examples: Sequence[Any],
+        cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        layer: int,
+        pad_id: int = 0,
+    ):
         self.layer, self.dim, self.dtype = layer, cfg.dim, np.dtype(cfg.dtype)
         self.per_row = 2 if any(isinstance(e, DPOExample) for e in examples) else 1
         chunk = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
         self.rows_of: list[np.ndarray] = []
         fn = jax.jit(hidden_at, static_argnames=("cfg", "layer"))
         for start in range(0, len(examples), chunk):
-            part = list(examples[start:start + chunk])
+            part = list(examples[start : start + chunk])
             batch = data_lib.pack(part + [None] * (chunk - len(part)), train_cfg.max_seq_len, pad_id)
             h = fetch(fn(base, batch["tokens"], cfg=cfg, layer=layer))
             lengths = _scored_length(batch["loss_mask"])
@@ -87,19 +95,26 @@ def _scored_length(loss_mask: np.ndarray) -> np.ndarray:
     return np.where(m.any(axis=1), last, 0)
 
 
-def reference_logps(base: Params, adapter: Params | None, examples: Sequence[DPOExample], cfg: ModelConfig,
-                    train_cfg: TrainConfig, scale: float, mesh: Mesh | None = None,
-                    pad_id: int = 0) -> np.ndarray:
+def reference_logps(
+    base: Params,
+    adapter: Params | None,
+    examples: Sequence[DPOExample],
+    cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    scale: float,
+    mesh: Mesh | None = None,
+    pad_id: int = 0,
+) -> np.ndarray:
     """Summed completion log-probs ``[N, 2]`` (chosen, rejected) of every pair under the reference
     policy (``adapter=None``: the base model). Runs once, without gradients, in batches of
     ``batch_size // grad_accum`` pairs."""
     rows = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
     out = np.zeros((len(examples), 2), np.float32)
     for start in range(0, len(examples), rows):
-        chunk = list(examples[start:start + rows])
+        chunk = list(examples[start : start + rows])
         batch = data_lib.pack_dpo(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
         lp = fetch(batch_logps(base, adapter, batch_rows(batch, mesh), cfg=cfg, scale=scale)).reshape(rows, 2)
-        out[start:start + len(chunk)] = lp[:len(chunk)]
+        out[start : start + len(chunk)] = lp[: len(chunk)]
     return out
 
 
@@ -111,12 +126,20 @@ def _batch_sft_sums(base: Params, adapter: Params | None, rows: dict, *, cfg: Mo
     return jnp.stack([loss * n, m["accuracy"] * n, n])
 
 
-def _sft_heldout(base: Params, adapter: Params | None, examples: Sequence[SFTExample], cfg: ModelConfig,
-                 train_cfg: TrainConfig, scale: float, mesh: Mesh | None, pad_id: int) -> dict[str, float]:
+def _sft_heldout(
+    base: Params,
+    adapter: Params | None,
+    examples: Sequence[SFTExample],
+    cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    scale: float,
+    mesh: Mesh | None,
+    pad_id: int,
+) -> dict[str, float]:
     rows = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
     sums = np.zeros(3, np.float64)
     for start in range(0, len(examples), rows):
-        chunk = list(examples[start:start + rows])
+        chunk = list(examples[start : start + rows])
         batch = data_lib.pack_sft(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
         sums += fetch(_batch_sft_sums(base, adapter, batch_rows(batch, mesh), cfg=cfg, scale=scale)).astype(np.float64)
     n = max(sums[2], 1e-8)
@@ -125,14 +148,31 @@ def _sft_heldout(base: Params, adapter: Params | None, examples: Sequence[SFTExa
 
 @functools.partial(jax.jit, static_argnames=("sc",))
 def _dpo_metrics(policy: jax.Array, ref: jax.Array, weights: jax.Array, *, sc: StepConfig) -> Metrics:
-    _, m = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=sc.dpo_beta, loss_type=sc.dpo_loss,
-                    label_smoothing=sc.label_smoothing, weights=weights)
+    _, m = dpo_loss(
+        policy[:, 0],
+        policy[:, 1],
+        ref[:, 0],
+        ref[:, 1],
+        beta=sc.dpo_beta,
+        loss_type=sc.dpo_loss,
+        label_smoothing=sc.label_smoothing,
+        weights=weights,
+    )
     return m
 
 
-def heldout_metrics(kind: str, base: Params, adapter: Params | None, examples: Sequence[Any],
-                    cfg: ModelConfig, train_cfg: TrainConfig, scale: float, mesh: Mesh | None = None,
-                    pad_id: int = 0, ref_logps: np.ndarray | None = None) -> dict[str, float]:
+def heldout_metrics(
+    kind: str,
+    base: Params,
+    adapter: Params | None,
+    examples: Sequence[Any],
+    cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    scale: float,
+    mesh: Mesh | None = None,
+    pad_id: int = 0,
+    ref_logps: np.ndarray | None = None,
+) -> dict[str, float]:
     """Metrics of ``adapter`` on a held-out set, without gradients (jitted, in batches of
     ``batch_size // grad_accum`` like :func:`reference_logps`).
 
@@ -151,6 +191,7 @@ def heldout_metrics(kind: str, base: Params, adapter: Params | None, examples: S
         raise ValueError("held-out DPO metrics need the reference log-probs (ref_logps)")
     policy = reference_logps(base, adapter, examples, cfg, train_cfg, scale, mesh, pad_id)
     weights = np.asarray([float(ex.weight) for ex in examples], np.float32)
-    m = _dpo_metrics(jnp.asarray(policy), jnp.asarray(ref_logps, jnp.float32), jnp.asarray(weights),
-                     sc=StepConfig.of(train_cfg))
+    m = _dpo_metrics(
+        jnp.asarray(policy), jnp.asarray(ref_logps, jnp.float32), jnp.asarray(weights), sc=StepConfig.of(train_cfg)
+    )
     return {k: float(v) for k, v in fetch(m).items()}

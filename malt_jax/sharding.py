@@ -13,11 +13,12 @@ heads on a 4-way tensor axis), so any model runs on any mesh.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -56,6 +57,7 @@ PARAM_AXES: dict[str, Any] = {
     },
 }
 
+
 # LoRA factors: a [L, in, r] keeps the input axis of its base weight, b [L, r, out] the output axis.
 def lora_axes(name: str) -> dict[str, tuple]:
     base = PARAM_AXES["layers"][name]
@@ -68,15 +70,15 @@ KV_CACHE_AXES = ("layers", "batch", "kv_heads", "seq", None)
 # every layer boundary is split over the batch only (replicated over ``tensor``, as in Megatron
 # tensor parallelism); attention heads, MLP hidden units and logits are split over ``tensor``.
 ACTIVATION_AXES: dict[str, tuple[str | None, ...]] = {
-    "residual": ("batch", "seq", None),        # [B, T, dim]
-    "q": ("batch", "seq", "heads", None),      # [B, T, H, hd]
+    "residual": ("batch", "seq", None),  # [B, T, dim]
+    "q": ("batch", "seq", "heads", None),  # [B, T, H, hd]
     "kv": ("batch", "seq", "kv_heads", None),  # [B, T, K, hd]
-    "ffn": ("batch", "seq", "ffn"),            # [B, T, ffn]
-    "logits": ("batch", "seq", "vocab"),       # [B, T, vocab]
-    "kv_cache": KV_CACHE_AXES,                 # [L, B, K, S, hd]
+    "ffn": ("batch", "seq", "ffn"),  # [B, T, ffn]
+    "logits": ("batch", "seq", "vocab"),  # [B, T, vocab]
+    "kv_cache": KV_CACHE_AXES,  # [L, B, K, S, hd]
     # looked-up embedding rows as the table stores them (width over ``fsdp``): the table is not
     # gathered for a lookup; the rows are then resharded to the residual stream's layout
-    "embed_rows": (None, None, "embed"),       # [B, T, dim]
+    "embed_rows": (None, None, "embed"),  # [B, T, dim]
 }
 
 
@@ -138,24 +140,27 @@ def mesh_sizes(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None, n_de
     return sizes
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """Builds a mesh with axes (data, fsdp, tensor) from :func:`mesh_sizes` of ``shape`` over
     ``devices`` (default: all)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = list(mesh_sizes(shape, len(devices)).values())
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"but {len(devices)} are available")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, but {len(devices)} are available"
+        )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh) -> P:
     """PartitionSpec for an array of ``shape`` with logical ``axes`` (non-divisible -> replicated)."""
-    out = []
+    out: list[str | tuple[str, ...] | None] = []
     used: set[str] = set()
     for name, dim in zip(axes, shape):
-        mesh_axes = tuple(a for a in AXIS_RULES.get(name, ()) if name and mesh.shape.get(a, 1) > 1 and a not in used)
+        rules = AXIS_RULES.get(name, ()) if name else ()
+        mesh_axes = tuple(a for a in rules if mesh.shape.get(a, 1) > 1 and a not in used)
         size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
         if not mesh_axes or dim % size:
             out.append(None)
@@ -174,10 +179,14 @@ def param_shardings(params: Any, mesh: Mesh, lora: bool = False) -> Any:
     if lora:
         axes = {"layers": {k: lora_axes(k) for k in params.get("layers", {})}}
     else:
-        axes = {k: ({n: a for n, a in v.items() if n in params[k]} if isinstance(v, dict) else v)
-                for k, v in PARAM_AXES.items() if k in params}
-    return jax.tree.map(lambda ax, x: sharding_for(ax, x.shape, mesh), axes, params,
-                        is_leaf=lambda t: isinstance(t, tuple))
+        axes = {
+            k: ({n: a for n, a in v.items() if n in params[k]} if isinstance(v, dict) else v)
+            for k, v in PARAM_AXES.items()
+            if k in params
+        }
+    return jax.tree.map(
+        lambda ax, x: sharding_for(ax, x.shape, mesh), axes, params, is_leaf=lambda t: isinstance(t, tuple)
+    )
 
 
 def shard_params(params: Any, mesh: Mesh, lora: bool = False) -> Any:

@@ -10,7 +10,8 @@ share them.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,8 +47,10 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     adapter leaf they mirror (matched by key-path suffix and shape), everything else replicated."""
     rep = NamedSharding(mesh, P())
     ad_sh = param_shardings(state.adapter, mesh, lora=True)
-    by_name = {name: (sh, tuple(np.shape(leaf))) for (name, sh), (_, leaf) in
-               zip(flatten_named(ad_sh)[0], flatten_named(state.adapter)[0])}
+    by_name = {
+        name: (sh, tuple(np.shape(leaf)))
+        for (name, sh), (_, leaf) in zip(flatten_named(ad_sh)[0], flatten_named(state.adapter)[0])
+    }
 
     def opt_leaf(path: Any, leaf: Any) -> NamedSharding:
         name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -60,10 +63,15 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     return TrainState(step=rep, adapter=ad_sh, opt_state=opt_sh)
 
 
-def _batch_shardings(kind: str, rows: int, mesh: Mesh, keys: Sequence[str] = ("tokens", "targets", "loss_mask")) -> tuple:
+def _batch_shardings(
+    kind: str, rows: int, mesh: Mesh, keys: Sequence[str] = ("tokens", "targets", "loss_mask")
+) -> tuple:
     rows2 = 2 * rows if kind == "dpo" else rows
-    b = {k: batch_sharding(mesh, 3 if k == "hidden" else 2, (rows2, 1, 1)[: 3 if k == "hidden" else 2])
-         for k in ROW_KEYS if k in keys}
+    b = {
+        k: batch_sharding(mesh, 3 if k == "hidden" else 2, (rows2, 1, 1)[: 3 if k == "hidden" else 2])
+        for k in ROW_KEYS
+        if k in keys
+    }
     b["weights"] = batch_sharding(mesh, 1, (rows,))
     if kind == "dpo":
         return b, batch_sharding(mesh, 1, (rows2,))
@@ -71,9 +79,18 @@ def _batch_shardings(kind: str, rows: int, mesh: Mesh, keys: Sequence[str] = ("t
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, sc: StepConfig, batch_size: int,
-              update: optax.TransformUpdateFn, state_abs: Any, mesh: Mesh | None, donate: bool,
-              keys: tuple[str, ...] = ("tokens", "targets", "loss_mask")) -> Any:
+def _compiled(
+    kind: str,
+    cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    sc: StepConfig,
+    batch_size: int,
+    update: optax.TransformUpdateFn,
+    state_abs: Any,
+    mesh: Mesh | None,
+    donate: bool,
+    keys: tuple[str, ...] = ("tokens", "targets", "loss_mask"),
+) -> Any:
     """The jitted (and, with a mesh, sharded) step; cached so stages/roles share compilations."""
     fn = sft_step if kind == "sft" else dpo_step
     part = functools.partial(fn, cfg=cfg, sc=sc, update=update, scale=lora_scale(lora_cfg))
@@ -83,8 +100,9 @@ def _compiled(kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, sc: StepConfig,
     base_abs = abstract_params(cfg)
     st_sh = state_shardings(state_abs.tree, mesh)
     in_sh = (param_shardings(base_abs, mesh), st_sh, *_batch_shardings(kind, batch_size, mesh, keys))
-    return jax.jit(part, in_shardings=in_sh, out_shardings=(st_sh, NamedSharding(mesh, P())),
-                   donate_argnums=donate_argnums)
+    return jax.jit(
+        part, in_shardings=in_sh, out_shardings=(st_sh, NamedSharding(mesh, P())), donate_argnums=donate_argnums
+    )
 
 
 class _Hashable:
@@ -111,14 +129,24 @@ class Stepper:
     sharded as :func:`state_shardings` / ``param_shardings`` say, e.g. via :meth:`place`).
     """
 
-    def __init__(self, kind: str, cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig,
-                 optimizer: optax.GradientTransformation, mesh: Mesh | None = None, role: str = "role",
-                 donate: bool = False):
+    def __init__(
+        self,
+        kind: str,
+        cfg: ModelConfig,
+        lora_cfg: LoraConfig,
+        train_cfg: TrainConfig,
+        optimizer: optax.GradientTransformation,
+        mesh: Mesh | None = None,
+        role: str = "role",
+        donate: bool = False,
+    ):
         if kind not in ("sft", "dpo"):
             raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
         if train_cfg.batch_size % max(train_cfg.grad_accum, 1):
-            raise ValueError(f"train.batch_size={train_cfg.batch_size} must be a multiple of "
-                             f"train.grad_accum={train_cfg.grad_accum} (batch_size counts examples per update)")
+            raise ValueError(
+                f"train.batch_size={train_cfg.batch_size} must be a multiple of "
+                f"train.grad_accum={train_cfg.grad_accum} (batch_size counts examples per update)"
+            )
         self.kind, self.role, self.mesh, self.optimizer = kind, role, mesh, optimizer
         self.cfg, self.lora_cfg, self.train_cfg = cfg, lora_cfg, train_cfg
         self._state_abs = _Hashable(abstract_state(cfg, lora_cfg, optimizer))
@@ -139,12 +167,23 @@ class Stepper:
             batch = dict(batch)
             batch["comp_index"], batch["comp_valid"] = data_lib.completion_index(batch["loss_mask"])
         keys = tuple(k for k in ROW_KEYS if k in batch)
-        fn = _compiled(self.kind, self.cfg, self.lora_cfg, StepConfig.of(self.train_cfg), self.train_cfg.batch_size,
-                       self.optimizer.update, self._state_abs, self.mesh, self._donate, keys)
+        fn = _compiled(
+            self.kind,
+            self.cfg,
+            self.lora_cfg,
+            StepConfig.of(self.train_cfg),
+            self.train_cfg.batch_size,
+            self.optimizer.update,
+            self._state_abs,
+            self.mesh,
+            self._donate,
+            keys,
+        )
         args: list[Any] = [batch] if self.kind == "sft" else [batch, ref_logps]
         if self.mesh is not None:
-            args = [put(a, s) for a, s in zip(args, _batch_shardings(
-                self.kind, self.train_cfg.batch_size, self.mesh, keys))]
+            args = [
+                put(a, s) for a, s in zip(args, _batch_shardings(self.kind, self.train_cfg.batch_size, self.mesh, keys))
+            ]
         return fn, args
 
     def lower(self, base: Params, state: TrainState, batch: dict, ref_logps: Any = None) -> Any:
@@ -154,8 +193,9 @@ class Stepper:
         with mesh_context(self.mesh):
             return fn.lower(base, state, *args)
 
-    def __call__(self, base: Params, state: TrainState, batch: dict,
-                 ref_logps: Any = None) -> tuple[TrainState, dict[str, float]]:
+    def __call__(
+        self, base: Params, state: TrainState, batch: dict, ref_logps: Any = None
+    ) -> tuple[TrainState, dict[str, float]]:
         """One update. ``batch``: ``data.pack_*`` output, optionally with the ``ROW_KEYS`` extras
         (``comp_index``/``comp_valid`` are added here to a host batch that lacks them)."""
         fn, args = self._step_and_args(batch, ref_logps)
@@ -168,5 +208,7 @@ class Stepper:
                 f"role {self.role!r}: non-finite {self.kind.upper()} loss at step {step} "
                 f"(loss={host['loss']}, grad_norm={host['grad_norm']}); the update was NOT applied and the "
                 "last checkpoint is intact. Lower the learning rate or check the batch for bad values.",
-                state=new_state, metrics=host)
+                state=new_state,
+                metrics=host,
+            )
         return new_state, host

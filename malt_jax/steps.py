@@ -35,12 +35,12 @@ Metrics = dict[str, jax.Array]
 class TrainState:
     """Trainable state of one role: update counter, LoRA adapter, optimizer state."""
 
-    step: jax.Array
+    step: Any  # int32 [] (a ShapeDtypeStruct in abstract_state, a Sharding in stepper.state_shardings)
     adapter: Params
     opt_state: optax.OptState
 
     @classmethod
-    def create(cls, adapter: Params, optimizer: optax.GradientTransformation) -> "TrainState":
+    def create(cls, adapter: Params, optimizer: optax.GradientTransformation) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), adapter=adapter, opt_state=optimizer.init(adapter))
 
 
@@ -90,12 +90,13 @@ class StepConfig(NamedTuple):
     label_smoothing: float
 
     @classmethod
-    def of(cls, t: TrainConfig) -> "StepConfig":
+    def of(cls, t: TrainConfig) -> StepConfig:
         return cls(max(int(t.grad_accum), 1), float(t.dpo_beta), t.dpo_loss, float(t.label_smoothing))
 
 
-def _apply(state: TrainState, loss: jax.Array, metrics: Metrics, grads: Params,
-           update: optax.TransformUpdateFn) -> tuple[TrainState, Metrics]:
+def _apply(
+    state: TrainState, loss: jax.Array, metrics: Metrics, grads: Params, update: optax.TransformUpdateFn
+) -> tuple[TrainState, Metrics]:
     """Optimizer update, applied only when loss and gradient norm are finite."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -103,8 +104,13 @@ def _apply(state: TrainState, loss: jax.Array, metrics: Metrics, grads: Params,
     adapter = optax.apply_updates(state.adapter, updates)
     new = TrainState(step=state.step + 1, adapter=adapter, opt_state=opt_state)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite,
-               "learning_rate": current_lr(opt_state)}
+    metrics = {
+        **metrics,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "finite": finite,
+        "learning_rate": current_lr(opt_state),
+    }
     return new, metrics
 
 
@@ -116,16 +122,18 @@ def _apply(state: TrainState, loss: jax.Array, metrics: Metrics, grads: Params,
 ROW_KEYS = ("tokens", "targets", "loss_mask", "comp_index", "comp_valid", "hidden")
 
 
-def scored_logits(base: Params, adapter: Params | None, rows: dict, cfg: ModelConfig,
-                  scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def scored_logits(
+    base: Params, adapter: Params | None, rows: dict, cfg: ModelConfig, scale: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(logits, targets, mask) at the scored positions of ``rows`` (see ``ROW_KEYS``): every
     position, or the completion positions ``comp_index`` (same losses: the others have mask 0)."""
     B, T = rows["tokens"].shape
     if "hidden" in rows:
         x = forward_from(base, rows["hidden"], cfg, lora_first_layer(cfg, adapter), lora=adapter, lora_scale=scale)
     else:
-        x, _ = forward(base, rows["tokens"], causal_positions(B, T), cfg, lora=adapter, lora_scale=scale,
-                       return_hidden=True)
+        x, _ = forward(
+            base, rows["tokens"], causal_positions(B, T), cfg, lora=adapter, lora_scale=scale, return_hidden=True
+        )
     targets, mask = rows["targets"], rows["loss_mask"]
     if "comp_index" in rows:
         idx = rows["comp_index"]
@@ -135,16 +143,25 @@ def scored_logits(base: Params, adapter: Params | None, rows: dict, cfg: ModelCo
     return lm_head(base, x, cfg), targets, mask
 
 
-def _sft_micro(adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig,
-               scale: float) -> tuple[jax.Array, Metrics]:
+def _sft_micro(
+    adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig, scale: float
+) -> tuple[jax.Array, Metrics]:
     logits, targets, mask = scored_logits(base, adapter, mb, cfg, scale)
     loss, m = sft_loss(logits, targets, mask)
     frac = m["n_tokens"] / total  # re-weights the microbatch mean into the whole-batch mean
     return loss * frac, {"accuracy": m["accuracy"] * frac, "n_tokens": m["n_tokens"]}
 
 
-def sft_step(base: Params, state: TrainState, batch: dict, *, cfg: ModelConfig, sc: StepConfig,
-             update: optax.TransformUpdateFn, scale: float) -> tuple[TrainState, Metrics]:
+def sft_step(
+    base: Params,
+    state: TrainState,
+    batch: dict,
+    *,
+    cfg: ModelConfig,
+    sc: StepConfig,
+    update: optax.TransformUpdateFn,
+    scale: float,
+) -> tuple[TrainState, Metrics]:
     """One SFT update: masked next-token cross-entropy on the completion tokens.
 
     Args:
@@ -173,21 +190,39 @@ def _pairs(batch: dict, ref_logps: jax.Array) -> dict:
     return out
 
 
-def _dpo_micro(adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig,
-               scale: float, sc: StepConfig) -> tuple[jax.Array, Metrics]:
+def _dpo_micro(
+    adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig, scale: float, sc: StepConfig
+) -> tuple[jax.Array, Metrics]:
     b = mb["tokens"].shape[0]
     rows = {k: mb[k].reshape(2 * b, *mb[k].shape[2:]) for k in ROW_KEYS if k in mb}
     lp = sequence_logps(*scored_logits(base, adapter, rows, cfg, scale)).reshape(b, 2)
     w = mb["weights"].astype(jnp.float32)
-    loss, m = dpo_loss(lp[:, 0], lp[:, 1], mb["ref"][:, 0], mb["ref"][:, 1], beta=sc.dpo_beta,
-                       loss_type=sc.dpo_loss, label_smoothing=sc.label_smoothing, weights=w)
+    loss, m = dpo_loss(
+        lp[:, 0],
+        lp[:, 1],
+        mb["ref"][:, 0],
+        mb["ref"][:, 1],
+        beta=sc.dpo_beta,
+        loss_type=sc.dpo_loss,
+        label_smoothing=sc.label_smoothing,
+        weights=w,
+    )
     frac = w.sum() / total
     m = {k: v * frac for k, v in m.items() if k != "loss"}
     return loss * frac, m
 
 
-def dpo_step(base: Params, state: TrainState, batch: dict, ref_logps: jax.Array, *, cfg: ModelConfig,
-             sc: StepConfig, update: optax.TransformUpdateFn, scale: float) -> tuple[TrainState, Metrics]:
+def dpo_step(
+    base: Params,
+    state: TrainState,
+    batch: dict,
+    ref_logps: jax.Array,
+    *,
+    cfg: ModelConfig,
+    sc: StepConfig,
+    update: optax.TransformUpdateFn,
+    scale: float,
+) -> tuple[TrainState, Metrics]:
     """One DPO update (``sc.dpo_loss``, ``beta = sc.dpo_beta``).
 
     Args:

@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,9 @@ def _link_rows(src: Path, dst: Path) -> None:
 
 def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
     """Accuracy vs training questions (95% Wilson intervals), baselines as bands."""
-    from malt_jax.report import _new_figure
+    from malt_jax.report import new_figure
 
-    fig = _new_figure(7.0, 4.2)
+    fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     xs = [c["n_train"] for c in curve]
     mv = f"+MV@{votes}" if votes > 1 else ""
@@ -85,8 +86,9 @@ def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
-def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: Model | None = None,
-              task: Task | None = None) -> dict[str, Any]:
+def run_study(
+    cfg: RunConfig, progress: bool = True, command: str = "", model: Model | None = None, task: Task | None = None
+) -> dict[str, Any]:
     """Runs (or resumes) the study of ``cfg.study``; returns the curve summary (also written)."""
     sizes = sorted(cfg.study.train_sizes)
     if not sizes:
@@ -97,16 +99,18 @@ def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: M
     train, evals = load_splits(cfg, task, run_dir)
     overlap = {e.question for e in train} & {e.question for e in evals}
     if overlap:
-        raise ConfigError(f"task.options.eval_split: {len(overlap)} evaluation question(s) are also training "
-                          f"questions (e.g. {sorted(overlap)[0]!r}); a study needs disjoint sets")
+        raise ConfigError(
+            f"task.options.eval_split: {len(overlap)} evaluation question(s) are also training "
+            f"questions (e.g. {sorted(overlap)[0]!r}); a study needs disjoint sets"
+        )
     results_dir = Path(cfg.study.results or run_dir / "results")
     results_dir.mkdir(parents=True, exist_ok=True)
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
-    def timed(name: str, fn):
+    def timed(name: str, fn: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
         t = time.perf_counter()
-        out = fn()
+        out = fn(*args, **kw)
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
         write_atomic(timings_path, json.dumps(timings, indent=2))
         return out
@@ -121,35 +125,75 @@ def run_study(cfg: RunConfig, progress: bool = True, command: str = "", model: M
     votes = cfg.eval.votes
     all_systems = default_systems(votes, sft_chain=True)
     base_systems = [s for s in all_systems if not s.trained]
-    base = timed("eval/baselines", lambda: run_eval(cfg, model, task, evals, run_dir, None, base_systems,
-                                                    progress, mesh=mesh, out=run_dir / "eval"))
+    base = timed(
+        "eval/baselines",
+        lambda: run_eval(
+            cfg, model, task, evals, run_dir, None, base_systems, progress, mesh=mesh, out=run_dir / "eval"
+        ),
+    )
     baselines = system_table(base["results"])
     curve = []
     for k in sizes:
         sub = size_dir(run_dir, k)
         sub.mkdir(exist_ok=True)
-        credit = timed(f"n{k}/credit", lambda: run_credit(cfg, model, task, run_dir, out=sub / "credit",
-                                                          n_questions=k))
-        timed(f"n{k}/train", lambda: run_train(cfg, model, sub, mesh=mesh, progress=progress))
+        credit = timed(f"n{k}/credit", run_credit, cfg, model, task, run_dir, out=sub / "credit", n_questions=k)
+        timed(f"n{k}/train", run_train, cfg, model, sub, mesh=mesh, progress=progress)
         adapters, sft_adapters = load_adapters(sub)
         _link_rows(run_dir / "eval", sub / "eval")
-        systems = all_systems if (k == sizes[-1] or cfg.study.sft_chain == "all") else \
-            [s for s in all_systems if s.stage != "sft"]
-        ev = timed(f"n{k}/eval", lambda: run_eval(cfg, model, task, evals, sub, adapters, systems,
-                                                  progress, mesh=mesh, sft_adapters=sft_adapters))
+        systems = (
+            all_systems
+            if (k == sizes[-1] or cfg.study.sft_chain == "all")
+            else [s for s in all_systems if s.stage != "sft"]
+        )
+        ev = timed(
+            f"n{k}/eval",
+            run_eval,
+            cfg,
+            model,
+            task,
+            evals,
+            sub,
+            adapters,
+            systems,
+            progress,
+            mesh=mesh,
+            sft_adapters=sft_adapters,
+        )
         summary = experiment_summary(
-            f"{cfg.name}_n{k}", command, cfg.hash(), ev, sub, k, len(evals), votes, primary_names(votes),
-            sum(v for n, v in timings.items() if n.startswith(f"n{k}/")), credit=credit)
+            f"{cfg.name}_n{k}",
+            command,
+            cfg.hash(),
+            ev,
+            sub,
+            k,
+            len(evals),
+            votes,
+            primary_names(votes),
+            sum(v for n, v in timings.items() if n.startswith(f"n{k}/")),
+            credit=credit,
+        )
         write_atomic(results_dir / f"{cfg.name}_n{k:04d}.json", json.dumps(summary, indent=2) + "\n")
         curve.append(summary)
         log.info("study: size %d done", k)
     out = {
-        "experiment": cfg.name, "command": command, "config_hash": cfg.hash(), "train_sizes": sizes,
-        "n_eval": len(evals), "votes": votes, "primary": "{} vs {}".format(*primary_names(votes)),
+        "experiment": cfg.name,
+        "command": command,
+        "config_hash": cfg.hash(),
+        "train_sizes": sizes,
+        "n_eval": len(evals),
+        "votes": votes,
+        "primary": "{} vs {}".format(*primary_names(votes)),
         "baselines": baselines,
-        "curve": [{"n_train": c["n_train"], "systems": {n: v for n, v in c["systems"].items() if n not in baselines},
-                   "primary": next((x for x in c["comparisons"] if x["primary"]), None),
-                   "verifier": c["verifier"], "training": c["training"]} for c in curve],
+        "curve": [
+            {
+                "n_train": c["n_train"],
+                "systems": {n: v for n, v in c["systems"].items() if n not in baselines},
+                "primary": next((x for x in c["comparisons"] if x["primary"]), None),
+                "verifier": c["verifier"],
+                "training": c["training"],
+            }
+            for c in curve
+        ],
         "timings_s": timings,
         "wall_time_s": round(sum(timings.values()), 1),
         "this_call_s": round(time.perf_counter() - t_start, 1),

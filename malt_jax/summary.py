@@ -14,14 +14,26 @@ from malt_jax.rundir import training_counts
 
 def system_table(results: dict) -> dict[str, dict[str, Any]]:
     """``{name: {accuracy, ci95, correct, n}}`` of ``SystemResult``s."""
-    return {n: {"accuracy": r.accuracy, "ci95": [round(x, 4) for x in r.ci], "correct": r.successes, "n": r.n}
-            for n, r in results.items()}
+    return {
+        n: {"accuracy": r.accuracy, "ci95": [round(x, 4) for x in r.ci], "correct": r.successes, "n": r.n}
+        for n, r in results.items()
+    }
 
 
 def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
     """``run_eval`` comparison rows as ``{a, b, diff, p, p_holm, primary, bootstrap_ci95}``."""
-    return [{"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"], "p_holm": c["p_holm"],
-             "primary": c["primary"], "bootstrap_ci95": [c["bootstrap_lo"], c["bootstrap_hi"]]} for c in rows]
+    return [
+        {
+            "a": c["target"],
+            "b": c["baseline"],
+            "diff": c["diff"],
+            "p": c["mcnemar_p"],
+            "p_holm": c["p_holm"],
+            "primary": c["primary"],
+            "bootstrap_ci95": [c["bootstrap_lo"], c["bootstrap_hi"]],
+        }
+        for c in rows
+    ]
 
 
 def training(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -49,12 +61,33 @@ def training(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def experiment_summary(name: str, command: str, config_hash: str, ev: dict, run_dir: Path, n_train: int,
-                       n_eval: int, votes: int, primary: tuple[str, str], wall_time_s: float,
-                       **extra: Any) -> dict[str, Any]:
+def experiment_summary(
+    name: str,
+    command: str,
+    config_hash: str,
+    ev: dict,
+    run_dir: Path,
+    n_train: int,
+    n_eval: int,
+    votes: int,
+    primary: tuple[str, str],
+    wall_time_s: float,
+    **extra: Any,
+) -> dict[str, Any]:
     """The summary of one evaluated experiment (``ev`` = ``stages.eval.run_eval`` output)."""
-    return {"experiment": name, "command": command, "config_hash": config_hash, "n_train": n_train,
-            "n_eval": n_eval, "votes": votes, "primary": "{} vs {}".format(*primary),
-            "systems": system_table(ev["results"]), "comparisons": comparisons(ev["comparisons"]),
-            "verifier": ev["verifier"], "training": training(run_dir), "training_data": training_counts(run_dir),
-            **extra, "wall_time_s": round(wall_time_s, 1)}
+    return {
+        "experiment": name,
+        "command": command,
+        "config_hash": config_hash,
+        "n_train": n_train,
+        "n_eval": n_eval,
+        "votes": votes,
+        "primary": "{} vs {}".format(*primary),
+        "systems": system_table(ev["results"]),
+        "comparisons": comparisons(ev["comparisons"]),
+        "verifier": ev["verifier"],
+        "training": training(run_dir),
+        "training_data": training_counts(run_dir),
+        **extra,
+        "wall_time_s": round(wall_time_s, 1),
+    }

@@ -25,8 +25,9 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,8 +40,15 @@ from malt_jax.data import DPOExample, SFTExample
 from malt_jax.distributed import fetch, put
 from malt_jax.model.llama import Params
 from malt_jax.model.lora import init_lora, lora_scale
-from malt_jax.optim import (ScheduleState, current_lr, make_optimizer, optax_schedule, scale_by_warmup_cosine,
-                            warmup_cosine, warmup_steps)
+from malt_jax.optim import (
+    ScheduleState,
+    current_lr,
+    make_optimizer,
+    optax_schedule,
+    scale_by_warmup_cosine,
+    warmup_cosine,
+    warmup_steps,
+)
 from malt_jax.scoring import HiddenCache, heldout_metrics, reference_logps
 from malt_jax.sharding import param_shardings
 from malt_jax.stepper import NonFiniteError, Stepper, state_shardings
@@ -168,21 +176,35 @@ class _RoleRun:
     """One :func:`train_role` call: the frozen base, the role's history and epoch records, and its
     checkpoints (``ckpt``, which the caller closes)."""
 
-    def __init__(self, base: Params, cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig, role: str,
-                 ckpt: Checkpointer, ckpt_dir: str | Path, mesh: Mesh | None, progress: bool, pad_id: int,
-                 stop_after_steps: int | None):
+    def __init__(
+        self,
+        base: Params,
+        cfg: ModelConfig,
+        lora_cfg: LoraConfig,
+        train_cfg: TrainConfig,
+        role: str,
+        ckpt: Checkpointer,
+        ckpt_dir: str | Path,
+        mesh: Mesh | None,
+        progress: bool,
+        pad_id: int,
+        stop_after_steps: int | None,
+    ):
         self.cfg, self.lora_cfg, self.train_cfg, self.role, self.mesh = cfg, lora_cfg, train_cfg, role, mesh
         self.ckpt, self.ckpt_dir, self.progress, self.pad_id = ckpt, ckpt_dir, progress, pad_id
         self.stop_after_steps = stop_after_steps
         self.B, self.scale = train_cfg.batch_size, lora_scale(lora_cfg)
         self.patience = int(train_cfg.early_stop_patience)
         self.base = put(base, param_shardings(base, mesh) if mesh is not None else jax.devices()[0])
-        self.common_meta = {"role": role, "model_hash": config_hash(cfg, identity_only=False),
-                            "lora": to_dict(lora_cfg)}
+        self.common_meta = {
+            "role": role,
+            "model_hash": config_hash(cfg, identity_only=False),
+            "lora": to_dict(lora_cfg),
+        }
         self.history: list[dict[str, Any]] = []
         self.epochs: list[dict[str, Any]] = []
         self.global_step = self.steps_this_call = 0
-        self.sft_adapter: Params = None
+        self.sft_adapter: Params  # the selected SFT adapter, set by train()
 
     def train(self, stages: list[_Stage], adapter: Params, trained: bool, counts: dict[str, int]) -> RoleTraining:
         """Runs the stages from the latest checkpoint (or from ``adapter``)."""
@@ -192,30 +214,54 @@ class _RoleRun:
             if si < resume_stage:
                 continue
             if st.total(self.B) == 0:
-                log.warning("%s: skipping %s stage (%s)", self.role, st.name,
-                            "no examples" if not st.examples else f"{st.name}_epochs = 0")
+                log.warning(
+                    "%s: skipping %s stage (%s)",
+                    self.role,
+                    st.name,
+                    "no examples" if not st.examples else f"{st.name}_epochs = 0",
+                )
                 continue
             run = self.start_stage(st, adapter)
             if meta is not None and si == resume_stage:
                 self.restore(run, meta, resume_step)
             if run.is_dpo and run.ref is None:
                 ref_adapter = None if self.train_cfg.dpo_reference == "base" else run.state.adapter
-                run.ref = reference_logps(self.base, ref_adapter, st.examples, self.cfg, self.train_cfg, self.scale,
-                                          self.mesh, self.pad_id)
+                run.ref = reference_logps(
+                    self.base, ref_adapter, st.examples, self.cfg, self.train_cfg, self.scale, self.mesh, self.pad_id
+                )
                 if st.heldout:
-                    run.ho_ref = reference_logps(self.base, ref_adapter, st.heldout, self.cfg, self.train_cfg,
-                                                 self.scale, self.mesh, self.pad_id)
+                    run.ho_ref = reference_logps(
+                        self.base, ref_adapter, st.heldout, self.cfg, self.train_cfg, self.scale, self.mesh, self.pad_id
+                    )
             if not self.train_stage(run):  # interrupted (stop_after_steps)
-                return RoleTraining(adapter=run.state.adapter, sft_adapter=self.sft_adapter, history=self.history,
-                                    epochs=self.epochs, trained=trained, counts=counts)
+                return RoleTraining(
+                    adapter=run.state.adapter,
+                    sft_adapter=self.sft_adapter,
+                    history=self.history,
+                    epochs=self.epochs,
+                    trained=trained,
+                    counts=counts,
+                )
             if st.heldout:
-                log.info("%s/%s: selected epoch %d of %d run (held-out loss %.4f)", self.role, st.name, run.best_epoch,
-                         run.step // st.steps_per_epoch(self.B), run.best_loss)
+                log.info(
+                    "%s/%s: selected epoch %d of %d run (held-out loss %.4f)",
+                    self.role,
+                    st.name,
+                    run.best_epoch,
+                    run.step // st.steps_per_epoch(self.B),
+                    run.best_loss,
+                )
             adapter = run.best
             if st.name == "sft":
                 self.sft_adapter = adapter
-        return RoleTraining(adapter=adapter, sft_adapter=self.sft_adapter, history=self.history, epochs=self.epochs,
-                            trained=trained, counts=counts)
+        return RoleTraining(
+            adapter=adapter,
+            sft_adapter=self.sft_adapter,
+            history=self.history,
+            epochs=self.epochs,
+            trained=trained,
+            counts=counts,
+        )
 
     def resume_point(self, stages: list[_Stage]) -> tuple[int, int, dict | None]:
         """(stage index, updates done in it, checkpoint metadata) of the latest checkpoint, whose
@@ -228,21 +274,27 @@ class _RoleRun:
         if meta.get("role") != role:
             raise ValueError(f"{ckpt_dir}: checkpoint belongs to role {meta.get('role')!r}, not {role!r}")
         if "epochs" not in meta:
-            raise ValueError(f"{ckpt_dir}: checkpoint was written by an older malt-jax (no epoch records); "
-                             "it cannot be resumed. Use a fresh checkpoint directory.")
+            raise ValueError(
+                f"{ckpt_dir}: checkpoint was written by an older malt-jax (no epoch records); "
+                "it cannot be resumed. Use a fresh checkpoint directory."
+            )
         resume_stage = [s.name for s in stages].index(meta["stage"])
         resume_step = int(meta["stage_step"])
         self.global_step = int(meta["global_step"])
         self.history = list(meta.get("history", []))
         self.epochs = [dict(r) for r in meta["epochs"]]
         st, B = stages[resume_stage], self.B
-        if (meta["n_examples"] != len(st.examples) or meta["stage_total"] != st.total(B)
-                or meta.get("n_heldout", 0) != len(st.heldout)):
+        if (
+            meta["n_examples"] != len(st.examples)
+            or meta["stage_total"] != st.total(B)
+            or meta.get("n_heldout", 0) != len(st.heldout)
+        ):
             raise ValueError(
                 f"{ckpt_dir}: the checkpoint's {st.name} stage had {meta['n_examples']} examples / "
                 f"{meta.get('n_heldout', 0)} held-out / {meta['stage_total']} steps, now {len(st.examples)} / "
                 f"{len(st.heldout)} / {st.total(B)}; it cannot be resumed exactly. Use a fresh checkpoint "
-                "directory.")
+                "directory."
+            )
         log.info("%s: resuming %s at step %d/%d from %s", role, st.name, resume_step, st.total(B), ckpt_dir)
         return resume_stage, resume_step, meta
 
@@ -251,8 +303,9 @@ class _RoleRun:
         compiled step and placed state."""
         total = st.total(self.B)
         optimizer = make_optimizer(self.train_cfg, total, st.learning_rate)
-        stepper = Stepper(st.name, self.cfg, self.lora_cfg, self.train_cfg, optimizer, mesh=self.mesh, role=self.role,
-                          donate=False)
+        stepper = Stepper(
+            st.name, self.cfg, self.lora_cfg, self.train_cfg, optimizer, mesh=self.mesh, role=self.role, donate=False
+        )
         _, state = stepper.place({}, TrainState.create(adapter, optimizer))
         return _StageRun(stage=st, total=total, stepper=stepper, state=state, best=state.adapter)
 
@@ -278,8 +331,10 @@ class _RoleRun:
         restored, _ = self.ckpt.restore(target, step=self.global_step, shardings=sh)  # checks shapes
         model_hash = self.common_meta["model_hash"]
         if meta.get("model_hash", model_hash) != model_hash:
-            raise ValueError(f"{self.ckpt_dir}: checkpoint was trained on another model config (hash "
-                             f"{meta.get('model_hash')}, this model is {model_hash}); use a fresh checkpoint directory")
+            raise ValueError(
+                f"{self.ckpt_dir}: checkpoint was trained on another model config (hash "
+                f"{meta.get('model_hash')}, this model is {model_hash}); use a fresh checkpoint directory"
+            )
         run.state, run.best = restored["state"], restored["best_adapter"]
         if run.is_dpo:
             self.sft_adapter = restored["sft_adapter"]
@@ -303,14 +358,18 @@ class _RoleRun:
         # every training example is computed once per stage instead of at every step.
         cfg, lora_cfg = self.cfg, self.lora_cfg
         first = cfg.n_layers - lora_cfg.top_layers if 0 < lora_cfg.top_layers < cfg.n_layers else 0
-        frozen = (HiddenCache(self.base, st.examples, cfg, train_cfg, first, self.pad_id)
-                  if first and run.step < run.total and not run.done else None)
+        frozen = (
+            HiddenCache(self.base, st.examples, cfg, train_cfg, first, self.pad_id)
+            if first and run.step < run.total and not run.done
+            else None
+        )
         bar = tqdm(total=run.total, initial=run.step, desc=f"{self.role}/{st.name}", disable=not self.progress)
         try:
             while run.step < run.total and not run.done:
                 epoch, b0 = divmod(run.step, spe)
-                for _, idx, batch in data_lib.batches(st.examples, B, train_cfg.max_seq_len, train_cfg.seed, epoch,
-                                                      start=b0, pad_id=self.pad_id):
+                for _, idx, batch in data_lib.batches(
+                    st.examples, B, train_cfg.max_seq_len, train_cfg.seed, epoch, start=b0, pad_id=self.pad_id
+                ):
                     if self.stop_after_steps is not None and self.steps_this_call >= self.stop_after_steps:
                         return False
                     m = self.update(run, idx, batch, frozen, epoch)
@@ -327,14 +386,16 @@ class _RoleRun:
             bar.close()
         return True
 
-    def update(self, run: _StageRun, idx: np.ndarray, batch: dict, frozen: HiddenCache | None,
-               epoch: int) -> dict[str, Any]:
+    def update(
+        self, run: _StageRun, idx: np.ndarray, batch: dict, frozen: HiddenCache | None, epoch: int
+    ) -> dict[str, Any]:
         """One optimizer update on the batch of examples ``idx``; returns its history record."""
         st = run.stage
         t0 = time.perf_counter()
         if frozen is not None:
             batch = {**batch, "hidden": frozen.rows(idx, batch["tokens"].shape[1])}
         if run.is_dpo:
+            assert run.ref is not None  # computed (or restored) before the stage's first step
             # reference log-probs of this batch's pairs, interleaved like its rows
             r = np.where((idx >= 0)[:, None], run.ref[np.maximum(idx, 0)], 0.0).astype(np.float32)
             run.state, m = run.stepper(self.base, run.state, batch, r.reshape(-1))
@@ -345,25 +406,51 @@ class _RoleRun:
         run.step += 1
         self.global_step += 1
         self.steps_this_call += 1
-        m.update(stage=st.name, step=run.step, epoch=epoch,
-                 tokens_per_s=_n_tokens(exs, self.train_cfg.max_seq_len) / dt)
-        self.history.append(m)
-        return m
+        record: dict[str, Any] = {
+            **m,
+            "stage": st.name,
+            "step": run.step,
+            "epoch": epoch,
+            "tokens_per_s": _n_tokens(exs, self.train_cfg.max_seq_len) / dt,
+        }
+        self.history.append(record)
+        return record
 
     def end_of_epoch(self, run: _StageRun, e: int) -> None:
         """Epoch ``e``'s record (held-out metrics of the current adapter), best adapter, patience."""
         st = run.stage
         steps = [h for h in self.history if h["stage"] == st.name and h["epoch"] == e - 1] if e else []
-        rec: dict[str, Any] = {"stage": st.name, "epoch": e, "step": run.step,
-                               "learning_rate": steps[-1]["learning_rate"] if steps else None,
-                               "train/loss": _mean([h["loss"] for h in steps])}
-        names = (("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected") if run.is_dpo
-                 else ("loss", "accuracy"))
+        rec: dict[str, Any] = {
+            "stage": st.name,
+            "epoch": e,
+            "step": run.step,
+            "learning_rate": steps[-1]["learning_rate"] if steps else None,
+            "train/loss": _mean([h["loss"] for h in steps]),
+        }
+        names = (
+            ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+            if run.is_dpo
+            else ("loss", "accuracy")
+        )
         if run.is_dpo:
             for n in ("rewards/accuracies", "rewards/margins"):
                 rec[f"train/{n}"] = _mean([h[n] for h in steps])
-        hm = (heldout_metrics(st.name, self.base, run.state.adapter, st.heldout, self.cfg, self.train_cfg, self.scale,
-                              self.mesh, self.pad_id, ref_logps=run.ho_ref) if st.heldout else {})
+        hm = (
+            heldout_metrics(
+                st.name,
+                self.base,
+                run.state.adapter,
+                st.heldout,
+                self.cfg,
+                self.train_cfg,
+                self.scale,
+                self.mesh,
+                self.pad_id,
+                ref_logps=run.ho_ref,
+            )
+            if st.heldout
+            else {}
+        )
         for n in names:
             rec[f"heldout/{n}"] = hm.get(n)
         if not st.heldout:
@@ -377,10 +464,15 @@ class _RoleRun:
         for r in self.epochs:
             if r["stage"] == st.name:
                 r["best"] = r["epoch"] == run.best_epoch
-        log.info("%s/%s epoch %d: train loss %s, held-out loss %s%s", self.role, st.name, e,
-                 "n/a" if rec["train/loss"] is None else f"{rec['train/loss']:.4f}",
-                 "n/a" if rec["heldout/loss"] is None else f"{rec['heldout/loss']:.4f}",
-                 f" (no improvement for {run.bad} epoch(s), stopping)" if run.done else "")
+        log.info(
+            "%s/%s epoch %d: train loss %s, held-out loss %s%s",
+            self.role,
+            st.name,
+            e,
+            "n/a" if rec["train/loss"] is None else f"{rec['train/loss']:.4f}",
+            "n/a" if rec["heldout/loss"] is None else f"{rec['heldout/loss']:.4f}",
+            f" (no improvement for {run.bad} epoch(s), stopping)" if run.done else "",
+        )
 
     def save(self, run: _StageRun) -> None:
         """A checkpoint of everything an exact resume needs."""
@@ -392,12 +484,27 @@ class _RoleRun:
             tree["ref_logps"] = run.ref
             if st.heldout:
                 tree["heldout_ref_logps"] = run.ho_ref
-        self.ckpt.save(self.global_step, tree, {
-            **self.common_meta, "stage": st.name, "stage_step": k, "stage_total": run.total,
-            "epoch": e2, "batch_in_epoch": b2, "global_step": self.global_step,
-            "n_examples": len(st.examples), "n_heldout": len(st.heldout),
-            "history": self.history, "epochs": self.epochs, "best_epoch": run.best_epoch,
-            "best_loss": run.best_loss, "bad_epochs": run.bad, "stage_done": run.done or k == run.total})
+        self.ckpt.save(
+            self.global_step,
+            tree,
+            {
+                **self.common_meta,
+                "stage": st.name,
+                "stage_step": k,
+                "stage_total": run.total,
+                "epoch": e2,
+                "batch_in_epoch": b2,
+                "global_step": self.global_step,
+                "n_examples": len(st.examples),
+                "n_heldout": len(st.heldout),
+                "history": self.history,
+                "epochs": self.epochs,
+                "best_epoch": run.best_epoch,
+                "best_loss": run.best_loss,
+                "bad_epochs": run.bad,
+                "stage_done": run.done or k == run.total,
+            },
+        )
 
 
 def train_role(
@@ -455,11 +562,14 @@ def train_role(
             "role %r: no positive trajectories (0 SFT examples) and no DPO pairs, so there is nothing to "
             "train on: it keeps the base model (untrained adapter). To train it, make the task easier, use "
             "more training questions, or draw more samples per question (larger tree n/m/l or a higher "
-            "temperature).", role)
-        return RoleTraining(adapter=adapter, sft_adapter=adapter, history=[], epochs=[], trained=False,
-                            counts=counts)
-    stages = [_Stage("sft", sft, sft_ho, train_cfg.sft_epochs, train_cfg.learning_rate),
-              _Stage("dpo", dpo, dpo_ho, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate)]
+            "temperature).",
+            role,
+        )
+        return RoleTraining(adapter=adapter, sft_adapter=adapter, history=[], epochs=[], trained=False, counts=counts)
+    stages = [
+        _Stage("sft", sft, sft_ho, train_cfg.sft_epochs, train_cfg.learning_rate),
+        _Stage("dpo", dpo, dpo_ho, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate),
+    ]
     trained = any(st.total(train_cfg.batch_size) > 0 for st in stages)
     ckpt = Checkpointer(ckpt_dir)
     try:

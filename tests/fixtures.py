@@ -12,15 +12,22 @@ def numpy_random_params(cfg, std: float = 0.3, seed: int = 0):
     need a usable logit range for LoRA to memorise anything."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, std, s.shape) if len(s.shape) > 1 else np.ones(s.shape),
-                                              jnp.float32), shapes)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0, std, s.shape) if len(s.shape) > 1 else np.ones(s.shape), jnp.float32),
+        shapes,
+    )
 
 
-_GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-               "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-               "mlp.down_proj.weight": "ffn_down.weight", "self_attn.o_proj.weight": "attn_output.weight",
-               **{f"self_attn.{n}_proj.{kind}": f"attn_{n}.{kind}" for n in "qkv" for kind in ("weight", "bias")},
-               **{f"self_attn.{n}_norm.weight": f"attn_{n}_norm.weight" for n in "qk"}}
+_GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    **{f"self_attn.{n}_proj.{kind}": f"attn_{n}.{kind}" for n in "qkv" for kind in ("weight", "bias")},
+    **{f"self_attn.{n}_norm.weight": f"attn_{n}_norm.weight" for n in "qk"},
+}
 
 
 def write_gguf(path, cfg, hf: dict, quantize: bool = False):
@@ -48,8 +55,11 @@ def write_gguf(path, cfg, hf: dict, quantize: bool = False):
     for name, arr in hf.items():
         arr = np.asarray(arr, np.float32)
         if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            g = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}[name]
+            g = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
+            }[name]
         else:
             i, rest = name.split(".")[2], ".".join(name.split(".")[3:])
             g = f"blk.{i}.{_GGUF_NAMES[rest]}"

@@ -39,11 +39,11 @@ def worker_setup():
     train = TrainConfig(learning_rate=1e-2, warmup_ratio=0.1, batch_size=8, max_seq_len=32, grad_clip=1.0)
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    base = jax.tree.map(lambda s: (rng.normal(0, 0.3, s.shape) if len(s.shape) > 1 else np.ones(s.shape))
-                        .astype(np.float32), shapes)
+    base = jax.tree.map(
+        lambda s: (rng.normal(0, 0.3, s.shape) if len(s.shape) > 1 else np.ones(s.shape)).astype(np.float32), shapes
+    )
     tok = lambda lo, hi: list(rng.integers(1, 256, rng.integers(lo, hi)))  # noqa: E731
-    batches = [D.pack_sft([D.SFTExample(tok(2, 8), tok(2, 9)) for _ in range(8)], train.max_seq_len)
-               for _ in range(2)]
+    batches = [D.pack_sft([D.SFTExample(tok(2, 8), tok(2, 9)) for _ in range(8)], train.max_seq_len) for _ in range(2)]
     prompts = np.zeros((8, 8), np.int32)
     lens = rng.integers(2, 8, 8).astype(np.int32)
     for i, n in enumerate(lens):
@@ -69,7 +69,7 @@ def compute(ckpt_dir: str | None = None) -> dict[str, np.ndarray]:
 
     def mine(x):  # this process's slice of the global rows
         rows = x.shape[0] // n_proc
-        return x[p * rows:(p + 1) * rows]
+        return x[p * rows : (p + 1) * rows]
 
     out: dict[str, np.ndarray] = {}
     # -- sharded SFT steps ------------------------------------------------------------------
@@ -105,13 +105,13 @@ def compute(ckpt_dir: str | None = None) -> dict[str, np.ndarray]:
             ck.save(CKPT_STEP, {"state": state}, {"role": "generator", "processes": n_proc})
         fresh = TrainState.create(init_lora(cfg, lora, jax.random.key(99)), opt)
         with Checkpointer(ckpt_dir) as ck:
-            restored, meta = ck.restore({"state": fresh}, step=CKPT_STEP,
-                                        shardings={"state": state_shardings(fresh, mesh)})
+            restored, meta = ck.restore(
+                {"state": fresh}, step=CKPT_STEP, shardings={"state": state_shardings(fresh, mesh)}
+            )
         r = restored["state"]
         out["restored_processes"] = np.asarray(meta["processes"])
         out["restored_spec"] = np.asarray(str(r.adapter["layers"]["wq"]["a"].sharding.spec))
-        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fetch(r)),
-                                                         jax.tree.leaves(fetch(state))))
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fetch(r)), jax.tree.leaves(fetch(state))))
         out["restore_exact"] = np.asarray(same)
     return out
 

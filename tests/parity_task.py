@@ -13,8 +13,9 @@ class ParityTask(Task):
         self.prompts = default_prompts("synthetic")
 
     def _load(self, split):
-        return LoadResult([Example(id=f"{split}-{i}", question=f"Question number {i}?", answer="even")
-                           for i in range(12)])
+        return LoadResult(
+            [Example(id=f"{split}-{i}", question=f"Question number {i}?", answer="even") for i in range(12)]
+        )
 
     def extract(self, text):
         return "even" if len(text) % 2 == 0 else "odd"

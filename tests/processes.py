@@ -6,8 +6,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pytest
 
@@ -18,13 +18,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_together(commands: Sequence[list[str]], envs: Sequence[dict], cwd: Path, timeout_s: float,
-                 meanwhile: Callable[[], None] | None = None) -> list[str]:
+def run_together(
+    commands: Sequence[list[str]],
+    envs: Sequence[dict],
+    cwd: Path,
+    timeout_s: float,
+    meanwhile: Callable[[], None] | None = None,
+) -> list[str]:
     """Starts every command (with its env), runs ``meanwhile()`` here while they run, and returns
     their outputs; fails the test on a timeout or a non-zero exit (showing the output's tail)."""
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd, env in zip(commands, envs)]
+    procs = [
+        subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd, env in zip(commands, envs)
+    ]
     logs = []
     try:
         if meanwhile is not None:

@@ -15,7 +15,7 @@ def _rope(x, pos, theta):
     inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
     ang = pos[:, None] * inv[None, :]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
@@ -26,9 +26,14 @@ def reference_logits(hf: dict, cfg, tokens: np.ndarray) -> np.ndarray:
     x = hf["model.embed_tokens.weight"][tokens].astype(np.float64)
     pos = np.arange(T, dtype=np.float64)
     for i in range(cfg.n_layers):
-        p = lambda n: hf[f"model.layers.{i}.{n}"]
+
+        def p(n: str, i: int = i) -> np.ndarray:
+            return hf[f"model.layers.{i}.{n}"]
+
+        def bias(n: str, i: int = i) -> np.ndarray | float:  # Qwen2
+            return hf.get(f"model.layers.{i}.self_attn.{n}_proj.bias", 0.0)
+
         h = _rms(x, p("input_layernorm.weight"), cfg.norm_eps)
-        bias = lambda n: hf.get(f"model.layers.{i}.self_attn.{n}_proj.bias", 0.0)  # noqa: E731 (Qwen2)
         q = (h @ p("self_attn.q_proj.weight").T + bias("q")).reshape(T, H, hd)
         k = (h @ p("self_attn.k_proj.weight").T + bias("k")).reshape(T, K, hd)
         v = (h @ p("self_attn.v_proj.weight").T + bias("v")).reshape(T, K, hd)

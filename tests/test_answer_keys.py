@@ -21,8 +21,12 @@ CSQA_EX = Example("c", "q", "B", meta={"choices": {"A": "river", "B": "bank", "C
 
 @pytest.fixture(scope="module")
 def tasks():
-    return {"math": get_task("math"), "synthetic": get_task("synthetic"), "gsm8k": get_task("gsm8k"),
-            "csqa": get_task("csqa")}
+    return {
+        "math": get_task("math"),
+        "synthetic": get_task("synthetic"),
+        "gsm8k": get_task("gsm8k"),
+        "csqa": get_task("csqa"),
+    }
 
 
 # ---------------------------------------------------------------------------------- answer_key
@@ -30,8 +34,15 @@ def tasks():
 
 def test_math_key_fractions_decimals_and_slash_agree(tasks):
     m = tasks["math"]
-    texts = ["Final Answer: \\frac12", "Final Answer: \\frac{1}{2}", "Final Answer: $\\dfrac{1}{2}$",
-             "Final Answer: 1/2", "Final Answer: 0.5", "Final Answer: .5", "so \\boxed{\\tfrac{1}{2}}"]
+    texts = [
+        "Final Answer: \\frac12",
+        "Final Answer: \\frac{1}{2}",
+        "Final Answer: $\\dfrac{1}{2}$",
+        "Final Answer: 1/2",
+        "Final Answer: 0.5",
+        "Final Answer: .5",
+        "so \\boxed{\\tfrac{1}{2}}",
+    ]
     assert {m.answer_key(t, MATH_EX) for t in texts} == {"1/2"}
     assert all(m.grade_example(t, MATH_EX) for t in texts)  # the grader agrees they are equal
 
@@ -58,8 +69,13 @@ def test_math_key_structures_and_symbols():
 
 def test_math_key_is_bounded_and_eval_free(tmp_path):
     sentinel = tmp_path / "touched"
-    for s in ["9^{9^{9^{9^{9}}}}", "10^{100000}", "\\frac{" * 500 + "1" + "}{2}" * 500, "9" * 100_000,
-              f"__import__('os').system('touch {sentinel}')"]:
+    for s in [
+        "9^{9^{9^{9^{9}}}}",
+        "10^{100000}",
+        "\\frac{" * 500 + "1" + "}{2}" * 500,
+        "9" * 100_000,
+        f"__import__('os').system('touch {sentinel}')",
+    ]:
         key = math_answer_key(s)
         assert key is None or isinstance(key, str)
     assert math_answer_key("2^{10}") == "1024"
@@ -110,8 +126,7 @@ def test_score_votes_on_keys(tasks):
     assert row["pass_answers"] == ["3", "1/2", "1/2"]
     assert row["pass_correct"] == [False, True, True]
     assert row["vote_answer"] == "1/2" and row["vote_correct"] is True
-    row = _score(system, tasks["csqa"], CSQA_EX,
-                          {"G": ["Final Answer: A", "Final Answer: bank", "Final Answer: B"]})
+    row = _score(system, tasks["csqa"], CSQA_EX, {"G": ["Final Answer: A", "Final Answer: bank", "Final Answer: B"]})
     assert row["pass_answers"] == ["A", "B", "B"] and row["vote_answer"] == "B" and row["vote_correct"]
 
 
@@ -153,11 +168,18 @@ def test_has_explicit_answer_csqa_needs_a_valid_choice(tasks):
 
 def test_grade_leaves_strict_and_lenient(tasks):
     t = tasks["synthetic"]
-    texts = np.array([["Start with 2. So for 2 + 4 = ",  # cut off: the last number happens to be gold
-                       "2 + 2 = 4.\nFinal Answer: 4",      # explicit and stopped
-                       "2 + 2 = 4.\nFinal Answer: 4",      # explicit but cut off
-                       "the answer is 4",                  # stopped, no Final Answer line
-                       "Final Answer: 5"]], object)        # wrong
+    texts = np.array(
+        [
+            [
+                "Start with 2. So for 2 + 4 = ",  # cut off: the last number happens to be gold
+                "2 + 2 = 4.\nFinal Answer: 4",  # explicit and stopped
+                "2 + 2 = 4.\nFinal Answer: 4",  # explicit but cut off
+                "the answer is 4",  # stopped, no Final Answer line
+                "Final Answer: 5",
+            ]
+        ],
+        object,
+    )  # wrong
     stopped = np.array([[False, True, False, True, True]])
     rewards, lenient = grade_leaves(t, [NUM_EX], texts, stopped)
     assert rewards.dtype == lenient.dtype == np.float32 and rewards.shape == texts.shape
@@ -182,8 +204,7 @@ def test_grade_leaves_multi_dim_and_csqa_text(tasks):
 def test_grade_leaves_non_strict_task_rewards_the_grade():
     task = ParityTask()
     texts = np.array([["ab", "abc", "abcd"]], object)
-    rewards, lenient = grade_leaves(task, [Example("p", "q", "even")], texts,
-                                             np.zeros(texts.shape, bool))
+    rewards, lenient = grade_leaves(task, [Example("p", "q", "even")], texts, np.zeros(texts.shape, bool))
     np.testing.assert_array_equal(rewards, [[1, 0, 1]])
     np.testing.assert_array_equal(lenient, rewards)
 
@@ -221,8 +242,13 @@ def test_run_credit_counts_reward_fallbacks(tmp_path, with_lenient):
     summary = run_credit(cfg, model, get_task("synthetic"), tmp_path / "run")
     assert summary["leaf_accuracy"] == 0.25
     if with_lenient:
-        assert summary["reward_fallback"] == {"leaves": 4, "rewarded": 1, "rewarded_lenient": 3,
-                                              "no_explicit_answer": 1, "cut_off": 1}
+        assert summary["reward_fallback"] == {
+            "leaves": 4,
+            "rewarded": 1,
+            "rewarded_lenient": 3,
+            "no_explicit_answer": 1,
+            "cut_off": 1,
+        }
     else:  # an expansion written before strict rewards: no counts
         assert "reward_fallback" not in summary
     assert json.loads((tmp_path / "run" / "credit" / "summary.json").read_text()) == summary

@@ -60,17 +60,34 @@ def test_ask_streams_each_role_and_equals_the_sampler(tmp_path, framing):
     model, task = load_model(cfg.weights, cfg.model), make_task(cfg)
     adapters, _ = load_adapters(run_dir)
     codec = PromptCodec(model.tokenizer, task, framing)
-    spec = ExpansionSpec(n=3, m=1, l=1, depth=3, max_new=(8, 6, 4), stop=codec.stop, mode="fork",
-                         sampling=dataclasses.replace(cfg.sampling, temperature=1.0))
+    spec = ExpansionSpec(
+        n=3,
+        m=1,
+        l=1,
+        depth=3,
+        max_new=(8, 6, 4),
+        stop=codec.stop,
+        mode="fork",
+        sampling=dataclasses.replace(cfg.sampling, temperature=1.0),
+    )
     got = {}
-    sample_trees(model, codec, [Example(id="ask", question="What is 42 - 17?", answer="")], spec,
-                 seed=0, batch_size=1, adapters=tuple(adapters[r] for r in ROLES),
-                 lora_scale=lora_scale(cfg.lora), progress=False,
-                 on_batch=lambda b, arrays: got.update(decode_tree(codec, arrays, ROLES)))
+    sample_trees(
+        model,
+        codec,
+        [Example(id="ask", question="What is 42 - 17?", answer="")],
+        spec,
+        seed=0,
+        batch_size=1,
+        adapters=tuple(adapters[r] for r in ROLES),
+        lora_scale=lora_scale(cfg.lora),
+        progress=False,
+        on_batch=lambda b, arrays: got.update(decode_tree(codec, arrays, ROLES)),
+    )
     for role in ROLES:
         assert [c[role] for c in out["chains"]] == np.asarray(got[role]).reshape(-1).tolist()
-    base = ask(model, task, "What is 42 - 17?", None, votes=2, temperature=0.0, max_new_tokens=(4, 4, 4),
-               framing=framing)
+    base = ask(
+        model, task, "What is 42 - 17?", None, votes=2, temperature=0.0, max_new_tokens=(4, 4, 4), framing=framing
+    )
     assert len(base["chains"]) == 2 and base["chains"][0] == base["chains"][1]  # greedy: identical chains
 
 
@@ -89,6 +106,7 @@ def test_ask_cli_errors_and_json(tmp_path, capsys):
     assert out["trained"] is False and len(out["chains"]) == 2 and set(out["chains"][0]) == {"G", "V", "R"}
     assert main(["ask", str(bare), "What is 3 - 1?", "--base", "--votes", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [ln.split("]")[1].split(":")[0].strip() for ln in lines[:6]] == ["generator"] * 2 + ["verifier"] * 2 + \
-        ["refiner"] * 2
+    assert [ln.split("]")[1].split(":")[0].strip() for ln in lines[:6]] == ["generator"] * 2 + ["verifier"] * 2 + [
+        "refiner"
+    ] * 2
     assert lines[-1].startswith("answer: ") and "untrained chain" in lines[-1]

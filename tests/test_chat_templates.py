@@ -10,8 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from malt_jax.codec import PromptCodec
 from malt_jax.model.tokenizer import Tokenizer
@@ -27,7 +26,8 @@ LLAMA31 = (
     "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
     "{{- system_message }}{{- '<|eot_id|>' }}\n"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}\n"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n"
 )
@@ -52,16 +52,30 @@ GEMMA = (
 
 STYLES = {
     # name: (special tokens, bos, eos, end-of-turn, template, BOS written by the template)
-    "llama31": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", LLAMA31, 1),
+    "llama31": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|eot_id|>",
+        LLAMA31,
+        1,
+    ),
     "qwen25": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>", QWEN25, 0),
-    "gemma": (["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>",
-              GEMMA, 1),
+    "gemma": (
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<bos>",
+        "<eos>",
+        "<end_of_turn>",
+        GEMMA,
+        1,
+    ),
 }
 
-CORPUS = ["What is 56 ÷ 7? Give the answer as a line Final Answer: 8. The correct answer is 8 because 8 × 7 = 56.",
-          "Problem: 37 - 9 = 28. Check the solution. Feedback: Verdict correct incorrect answer question number",
-          "You are a helpful assistant. Read the problem and the proposed solution, then write the final answer."]
+CORPUS = [
+    "What is 56 ÷ 7? Give the answer as a line Final Answer: 8. The correct answer is 8 because 8 × 7 = 56.",
+    "Problem: 37 - 9 = 28. Check the solution. Feedback: Verdict correct incorrect answer question number",
+    "You are a helpful assistant. Read the problem and the proposed solution, then write the final answer.",
+]
 
 
 def _tokenizer(tmp_path, style) -> Tokenizer:
@@ -69,15 +83,22 @@ def _tokenizer(tmp_path, style) -> Tokenizer:
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        CORPUS * 4,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     if bos is not None:  # Llama-3 and Gemma tokenizers prepend BOS when asked for special tokens
-        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, hf.token_to_id(bos))])
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, hf.token_to_id(bos))]
+        )
     path = tmp_path / style / "tokenizer.json"
     path.parent.mkdir()
     hf.save(str(path))
-    (path.parent / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": bos, "eos_token": eos, "chat_template": template}))
+    (path.parent / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": bos, "eos_token": eos, "chat_template": template})
+    )
     return Tokenizer.from_tokenizer_json(path)
 
 
@@ -121,13 +142,17 @@ def test_role_contexts_with_hf_chat_templates(tmp_path, style, framing):
     msgs = role_messages if framing == "chat" else separate_messages
     assert tok.decode(q) == tok.apply_chat_template(role_messages(p, "G", Q))
     want_v = tok.apply_chat_template(msgs(p, "V", Q, generator_out=G_TEXT)) + p.verifier_prefix
-    want_r = tok.apply_chat_template(msgs(p, "R", Q, generator_out=G_TEXT,
-                                          verifier_out=p.verifier_prefix + V_TEXT)) + p.refiner_prefix
+    want_r = (
+        tok.apply_chat_template(msgs(p, "R", Q, generator_out=G_TEXT, verifier_out=p.verifier_prefix + V_TEXT))
+        + p.refiner_prefix
+    )
     assert tok.decode(pv + g + sv) == want_v
     assert tok.decode(pr + g + sr1 + v + sr2) == want_r
     if style == "gemma":  # no system role: the system prompt opens the first user turn
         assert not tok.supports_system_role and "<start_of_turn>system" not in want_v
-        assert want_v.startswith(f"<bos><start_of_turn>user\n{(p.verifier_system if framing == 'separate' else p.system).strip()}")
+        assert want_v.startswith(
+            f"<bos><start_of_turn>user\n{(p.verifier_system if framing == 'separate' else p.system).strip()}"
+        )
     elif style == "qwen25":
         assert tok.supports_system_role and "You are Qwen" not in want_v  # our system prompt replaces the default
         assert tok.bos_id is None and tok.encode("x") == tok.encode("x", add_special_tokens=False)

@@ -6,19 +6,27 @@ import jax
 import numpy as np
 import pytest
 
-from tests.fixtures import numpy_random_params
-
 from malt_jax import data as D
 from malt_jax.checkpoint import Checkpointer, CheckpointError
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
 from malt_jax.model.lora import init_lora
 from malt_jax.sharding import make_mesh
 from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings, train_role
+from tests.fixtures import numpy_random_params
 
 CFG = ModelConfig.tiny(n_layers=1)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))  # few leaves: faster compiles
-TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_ratio=0.5, batch_size=8, grad_accum=1,
-                    max_seq_len=32, sft_epochs=2, dpo_epochs=3, checkpoint_every=2)
+TRAIN = TrainConfig(
+    learning_rate=1e-2,
+    dpo_learning_rate=1e-2,
+    warmup_ratio=0.5,
+    batch_size=8,
+    grad_accum=1,
+    max_seq_len=32,
+    sft_epochs=2,
+    dpo_epochs=3,
+    checkpoint_every=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +37,10 @@ def base():
 def _examples(seed=0):
     rng = np.random.default_rng(seed)
     tok = lambda lo, hi: list(rng.integers(1, 256, rng.integers(lo, hi)))  # noqa: E731
-    return ([D.SFTExample(tok(2, 8), tok(2, 9)) for _ in range(12)],
-            [D.DPOExample(tok(2, 8), tok(2, 9), tok(2, 9)) for _ in range(5)])
+    return (
+        [D.SFTExample(tok(2, 8), tok(2, 9)) for _ in range(12)],
+        [D.DPOExample(tok(2, 8), tok(2, 9), tok(2, 9)) for _ in range(5)],
+    )
 
 
 def _equal(a, b):
@@ -47,8 +57,10 @@ def test_step_level_resume_is_exact_with_sharded_restore(base, tmp_path):
     opt = make_optimizer(TRAIN, 2 * k, TRAIN.learning_rate)
     step = Stepper("sft", CFG, LORA, TRAIN, opt, mesh=mesh, role="generator")
     fresh = lambda: TrainState.create(init_lora(CFG, LORA, jax.random.key(7)), opt)  # noqa: E731
-    batches = [D.pack_sft(D.gather(sft, idx), TRAIN.max_seq_len)
-               for _, idx in D.epoch_batches(len(sft), TRAIN.batch_size, seed=0, epoch=0)] * 2
+    batches = [
+        D.pack_sft(D.gather(sft, idx), TRAIN.max_seq_len)
+        for _, idx in D.epoch_batches(len(sft), TRAIN.batch_size, seed=0, epoch=0)
+    ] * 2
     b_sh, straight = step.place(base, fresh())
     for i in range(2 * k):
         straight, _ = step(b_sh, straight, batches[i])
@@ -75,8 +87,9 @@ def _same_result(a, b):
     _equal(a.adapter, b.adapter)
     _equal(a.sft_adapter, b.sft_adapter)
     assert a.epochs == b.epochs and a.counts == b.counts and a.trained == b.trained
-    assert [(h["stage"], h["step"], h["loss"]) for h in a.history] == [(h["stage"], h["step"], h["loss"])
-                                                                       for h in b.history]
+    assert [(h["stage"], h["step"], h["loss"]) for h in a.history] == [
+        (h["stage"], h["step"], h["loss"]) for h in b.history
+    ]
 
 
 def test_train_role_resume_is_exact(base, tmp_path):
@@ -111,16 +124,39 @@ def _heldout_examples():
     return sft, sft_ho, [pair() for _ in range(6)], [pair() for _ in range(5)]
 
 
-HELD = dataclasses.replace(TRAIN, learning_rate=3e-2, dpo_learning_rate=3e-2, warmup_ratio=0.1, batch_size=4,
-                           sft_epochs=6, dpo_epochs=2, early_stop_patience=2)
+HELD = dataclasses.replace(
+    TRAIN,
+    learning_rate=3e-2,
+    dpo_learning_rate=3e-2,
+    warmup_ratio=0.1,
+    batch_size=4,
+    sft_epochs=6,
+    dpo_epochs=2,
+    early_stop_patience=2,
+)
 
 
 def test_train_role_resume_with_heldout_is_exact(base, tmp_path):
     """With held-out sets (best-epoch selection, early stopping, held-out DPO reference log-probs),
     runs preempted anywhere resume to the same adapters and epoch records."""
     sft, sft_ho, dpo, dpo_ho = _heldout_examples()
-    run = lambda d, **kw: train_role(base, CFG, LORA, HELD, sft, dpo, "generator", d, progress=False,  # noqa: E731
-                                     sft_heldout=sft_ho, dpo_heldout=dpo_ho, **kw)
+
+    def run(d, **kw):
+        return train_role(
+            base,
+            CFG,
+            LORA,
+            HELD,
+            sft,
+            dpo,
+            "generator",
+            d,
+            progress=False,
+            sft_heldout=sft_ho,
+            dpo_heldout=dpo_ho,
+            **kw,
+        )
+
     full = run(tmp_path / "straight")
     sft_ep = [e for e in full.epochs if e["stage"] == "sft"]
     best = [e["epoch"] for e in sft_ep if e["best"]]
@@ -138,8 +174,19 @@ def test_train_role_resume_with_heldout_is_exact(base, tmp_path):
         meta = ck.metadata()
     assert meta["stage"] == "dpo" and meta["n_heldout"] == 5 and meta["epochs"] == full.epochs
     with pytest.raises(ValueError, match="cannot be resumed exactly"):
-        train_role(base, CFG, LORA, HELD, sft, dpo, "generator", tmp_path / "stop13", progress=False,
-                   sft_heldout=sft_ho, dpo_heldout=dpo_ho[:3])
+        train_role(
+            base,
+            CFG,
+            LORA,
+            HELD,
+            sft,
+            dpo,
+            "generator",
+            tmp_path / "stop13",
+            progress=False,
+            sft_heldout=sft_ho,
+            dpo_heldout=dpo_ho[:3],
+        )
 
 
 def test_shape_mismatch_names_tensor(tmp_path):
@@ -148,11 +195,15 @@ def test_shape_mismatch_names_tensor(tmp_path):
         ck.save(1, {"adapter": ad}, {"stage": "sft"})
     other = init_lora(dataclasses.replace(CFG, dim=32, head_dim=8), LORA, jax.random.key(0))
     with Checkpointer(tmp_path / "ck") as ck:
-        with pytest.raises(CheckpointError, match=r"tensor 'adapter/layers/w_down/b' has shape \(1, 4, 64\) in the checkpoint but \(1, 4, 32\)"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"tensor 'adapter/layers/w_down/b' has shape \(1, 4, 64\) in the checkpoint but \(1, 4, 32\)",
+        ):
             ck.restore({"adapter": other})
         with pytest.raises(CheckpointError, match="no tensor 'adapter/layers/wk/a'"):
-            ck.restore({"adapter": init_lora(CFG, LoraConfig(rank=4, targets=("wq", "wk", "wv", "w_down")),
-                                             jax.random.key(0))})
+            ck.restore(
+                {"adapter": init_lora(CFG, LoraConfig(rank=4, targets=("wq", "wk", "wv", "w_down")), jax.random.key(0))}
+            )
         restored, meta = ck.restore({"adapter": jax.eval_shape(lambda: ad)})  # abstract target works too
     _equal(restored["adapter"], ad)
     assert meta["stage"] == "sft" and meta["format"].startswith("malt-jax")

@@ -32,8 +32,10 @@ def test_contexts_equal_the_rendered_role_prompts(tok, framing):
     (sv,), (sr1, sr2) = codec.seps
     msgs = role_messages if framing == "chat" else separate_messages
     want_v = tok.apply_chat_template(msgs(p, "V", Q, generator_out=G_TEXT)) + p.verifier_prefix
-    want_r = tok.apply_chat_template(msgs(p, "R", Q, generator_out=G_TEXT,
-                                          verifier_out=p.verifier_prefix + V_TEXT)) + p.refiner_prefix
+    want_r = (
+        tok.apply_chat_template(msgs(p, "R", Q, generator_out=G_TEXT, verifier_out=p.verifier_prefix + V_TEXT))
+        + p.refiner_prefix
+    )
     assert tok.decode(pv + g + sv) == want_v
     assert tok.decode(pr + g + sr1 + v + sr2) == want_r
     if framing == "separate":  # each role its own system prompt, the question quoted in its turn
@@ -55,11 +57,18 @@ def test_node_context_rebuilds_the_sampled_contexts(tok):
     pv, pr = codec.prefixes(Q)
     pad = lambda x, n: np.asarray([x + [0] * (n - len(x))])  # noqa: E731
     q = codec.question(Q)
-    trees = {"q_tokens": pad(q, 200), "q_lens": np.asarray([len(q)]),
-             "V_prefix": pad(pv, 200), "V_prefix_lens": np.asarray([len(pv)]),
-             "R_prefix": pad(pr, 200), "R_prefix_lens": np.asarray([len(pr)]),
-             "G_tokens": pad(g, 40)[:, None], "G_lengths": np.asarray([[len(g)]]),
-             "V_tokens": pad(v, 40)[:, None, None], "V_lengths": np.asarray([[[len(v)]]])}
+    trees = {
+        "q_tokens": pad(q, 200),
+        "q_lens": np.asarray([len(q)]),
+        "V_prefix": pad(pv, 200),
+        "V_prefix_lens": np.asarray([len(pv)]),
+        "R_prefix": pad(pr, 200),
+        "R_prefix_lens": np.asarray([len(pr)]),
+        "G_tokens": pad(g, 40)[:, None],
+        "G_lengths": np.asarray([[len(g)]]),
+        "V_tokens": pad(v, 40)[:, None, None],
+        "V_lengths": np.asarray([[[len(v)]]]),
+    }
     assert node_context(trees, codec.seps, (0, 0)) == q
     assert node_context(trees, codec.seps, (0, 0, 0)) == pv + g + codec.seps[0][0]
     assert node_context(trees, codec.seps, (0, 0, 0, 0)) == pr + g + codec.seps[1][0] + v + codec.seps[1][1]
@@ -75,12 +84,15 @@ def test_separate_framing_needs_its_templates(tok):
         PromptCodec(tok, task, "sideways")
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"verifier_separate": "{answer} then {question}"}, "in that order"),
-    ({"refiner_separate": "{question} {answer}"}, "once each"),
-    ({"verifier_separate": "{question} {answer} {critique}"}, "must not contain"),
-    ({"verifier_prefix": "Verdict on {answer}:"}, "must not contain"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"verifier_separate": "{answer} then {question}"}, "in that order"),
+        ({"refiner_separate": "{question} {answer}"}, "once each"),
+        ({"verifier_separate": "{question} {answer} {critique}"}, "must not contain"),
+        ({"verifier_prefix": "Verdict on {answer}:"}, "must not contain"),
+    ],
+)
 def test_role_prompt_templates_are_checked(bad, match):
     base = get_task("synthetic").prompts
     with pytest.raises(ValueError, match=match):

@@ -219,8 +219,9 @@ def test_jit_and_dtypes():
     np.testing.assert_allclose(cv.verifier[0, 0], [2 / 3, 1 / 3, 0.0], rtol=1e-6)
     # Bool rewards, explicit mask, inside jit, pytree round-trip through jax.tree.map.
     cv_b = jax.jit(assign_credit)(jnp.asarray(_worked_example() > 0), jnp.ones((1, 1, 3, 3), bool))
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32), cv_b),
-                                jax.tree.map(lambda x: x.astype(jnp.float32), cv))
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x.astype(jnp.float32), cv_b), jax.tree.map(lambda x: x.astype(jnp.float32), cv)
+    )
     with pytest.raises(ValueError):
         assign_credit(jnp.zeros((3, 3, 3)))
     with pytest.raises(ValueError):

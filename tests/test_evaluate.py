@@ -3,14 +3,13 @@ an optional extra cross-check)."""
 
 from __future__ import annotations
 
-import malt_jax.evaluate as ev
-
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
+import malt_jax.evaluate as ev
 from malt_jax.evaluate import (
     SystemResult,
     _binom_half_cdf,
@@ -294,17 +293,20 @@ def test_holm_controls_family_wise_error_like_a_step_down_bonferroni():
         assert min(adj) == pytest.approx(min(1.0, len(p) * min(p)))  # smallest = Bonferroni
 
 
-@pytest.mark.parametrize("text,verdict", [
-    ("Verdict: correct. 28 + 9 = 37.", True),
-    (" incorrect. The answer is 28.", False),
-    ("The proposed answer is not correct; 8 x 7 = 56.", False),
-    ("Verdict: wrong", False),
-    ("It is right.", True),
-    ("The solution says correct but Verdict: incorrect", False),  # the last Verdict: line counts
-    ("28 + 9 = 37", None),
-    ("incorrectly formatted", None),  # no verdict word on its own
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "text,verdict",
+    [
+        ("Verdict: correct. 28 + 9 = 37.", True),
+        (" incorrect. The answer is 28.", False),
+        ("The proposed answer is not correct; 8 x 7 = 56.", False),
+        ("Verdict: wrong", False),
+        ("It is right.", True),
+        ("The solution says correct but Verdict: incorrect", False),  # the last Verdict: line counts
+        ("28 + 9 = 37", None),
+        ("incorrectly formatted", None),  # no verdict word on its own
+        (None, None),
+    ],
+)
 def test_parse_verdict(text, verdict):
     assert ev.parse_verdict(text) is verdict
 

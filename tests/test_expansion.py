@@ -24,8 +24,15 @@ def setup():
 
 
 def _spec(mode, **kw):
-    base = dict(n=2, m=2, l=3, max_new=(6, 5, 4), sampling=SamplingConfig(temperature=1.0),
-                stop=sampling.StopCriteria(stop_ids=(2,)), mode=mode)
+    base = dict(
+        n=2,
+        m=2,
+        l=3,
+        max_new=(6, 5, 4),
+        sampling=SamplingConfig(temperature=1.0),
+        stop=sampling.StopCriteria(stop_ids=(2,)),
+        mode=mode,
+    )
     base.update(kw)
     return expansion.ExpansionSpec(**base)
 
@@ -68,8 +75,16 @@ def test_tree_rows_equal_flat_generation_of_full_context(setup):
         key = expansion._child_keys(key[None], fan)[idx]
     key = jax.random.fold_in(key, 0xA11CE)
     xs, ls = sampling.pad_batch([ctx], bucket=8)
-    out = sampling.generate(params, jnp.asarray(xs), jnp.asarray(ls), key[None], cfg=CFG, sampling=spec.sampling,
-                            stop=spec.stop, max_new_tokens=4)
+    out = sampling.generate(
+        params,
+        jnp.asarray(xs),
+        jnp.asarray(ls),
+        key[None],
+        cfg=CFG,
+        sampling=spec.sampling,
+        stop=spec.stop,
+        max_new_tokens=4,
+    )
     assert sampling.trim(out)[0] == np.asarray(t.tokens[2][q, i, j, k])[: int(t.lengths[2][q, i, j, k])].tolist()
 
 
@@ -84,7 +99,7 @@ def test_per_role_adapters_fork_equals_naive(setup, top_layers):
     adapters = []
     for r in range(3):
         a = lora.init_lora(CFG, LoraConfig(rank=2, top_layers=top_layers), jax.random.key(r))
-        a = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape), a)
+        a = jax.tree.map(lambda w, r=r: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape), a)
         adapters.append(a)
     f = _run(setup, "fork", tuple(adapters))
     n = _run(setup, "naive", tuple(adapters))
@@ -112,15 +127,25 @@ def _contexts(seed=3):
     pr = [rng.integers(3, 256, k).tolist() for k in (3, 10)]  # R prefixes
     (xv, lv), (xr, lr) = sampling.pad_batch(pv, bucket=8), sampling.pad_batch(pr, bucket=8)
     seps = ((jnp.asarray([1, 21, 22]),), (jnp.asarray([1, 23]), jnp.asarray([1, 24, 25, 26])))
-    ctx = expansion.Contexts(prefixes=(jnp.asarray(xv), jnp.asarray(xr)), prefix_lens=(jnp.asarray(lv), jnp.asarray(lr)),
-                             seps=seps)
+    ctx = expansion.Contexts(
+        prefixes=(jnp.asarray(xv), jnp.asarray(xr)), prefix_lens=(jnp.asarray(lv), jnp.asarray(lr)), seps=seps
+    )
     return ctx, pv, pr, seps
 
 
 def _run_sep(setup, mode, adapters=(None, None, None), **kw):
     params, x, lens, _ = setup
-    return expansion.expand(params, adapters, x, lens, None, sampling.row_keys(11, 2), cfg=CFG,
-                            spec=_spec(mode, **kw), contexts=_contexts()[0])
+    return expansion.expand(
+        params,
+        adapters,
+        x,
+        lens,
+        None,
+        sampling.row_keys(11, 2),
+        cfg=CFG,
+        spec=_spec(mode, **kw),
+        contexts=_contexts()[0],
+    )
 
 
 def test_separate_framing_sharing_equals_naive(setup):
@@ -141,8 +166,7 @@ def test_separate_framing_leaf_equals_generate_on_its_own_context(setup):
     params, x, lens, _ = setup
     spec = _spec("extend")
     ctx, pv, pr, seps = _contexts()
-    t = expansion.expand(params, (None,) * 3, x, lens, None, sampling.row_keys(11, 2), cfg=CFG, spec=spec,
-                         contexts=ctx)
+    t = expansion.expand(params, (None,) * 3, x, lens, None, sampling.row_keys(11, 2), cfg=CFG, spec=spec, contexts=ctx)
     q, i, j, k = 1, 0, 1, 2
     g = np.asarray(t.tokens[0][q, i])[: int(t.lengths[0][q, i])].tolist()
     v = np.asarray(t.tokens[1][q, i, j])[: int(t.lengths[1][q, i, j])].tolist()
@@ -151,13 +175,28 @@ def test_separate_framing_leaf_equals_generate_on_its_own_context(setup):
     for fan, idx in zip((2, 2, 3), (i, j, k)):
         key = expansion._child_keys(key[None], fan)[idx]
         keys.append(jax.random.fold_in(key, 0xA11CE))
-    cases = [(pv[q] + g + seps[0][0].tolist(), keys[1], 5, t.tokens[1][q, i, j], t.lengths[1][q, i, j]),
-             (pr[q] + g + seps[1][0].tolist() + v + seps[1][1].tolist(), keys[2], 4, t.tokens[2][q, i, j, k],
-              t.lengths[2][q, i, j, k])]
+    cases = [
+        (pv[q] + g + seps[0][0].tolist(), keys[1], 5, t.tokens[1][q, i, j], t.lengths[1][q, i, j]),
+        (
+            pr[q] + g + seps[1][0].tolist() + v + seps[1][1].tolist(),
+            keys[2],
+            4,
+            t.tokens[2][q, i, j, k],
+            t.lengths[2][q, i, j, k],
+        ),
+    ]
     for full, key, n, want, want_len in cases:
         xs, ls = sampling.pad_batch([full], bucket=8)
-        out = sampling.generate(params, jnp.asarray(xs), jnp.asarray(ls), key[None], cfg=CFG, sampling=spec.sampling,
-                                stop=spec.stop, max_new_tokens=n)
+        out = sampling.generate(
+            params,
+            jnp.asarray(xs),
+            jnp.asarray(ls),
+            key[None],
+            cfg=CFG,
+            sampling=spec.sampling,
+            stop=spec.stop,
+            max_new_tokens=n,
+        )
         assert sampling.trim(out)[0] == np.asarray(want)[: int(want_len)].tolist()
 
 
@@ -165,9 +204,13 @@ def test_separate_framing_per_role_adapters_equal_naive(setup):
     from malt_jax.config import LoraConfig
     from malt_jax.model import lora
 
-    adapters = tuple(jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape),
-                                  lora.init_lora(CFG, LoraConfig(rank=2, top_layers=1), jax.random.key(r)))
-                     for r in range(3))
+    adapters = tuple(
+        jax.tree.map(
+            lambda w, r=r: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape),
+            lora.init_lora(CFG, LoraConfig(rank=2, top_layers=1), jax.random.key(r)),
+        )
+        for r in range(3)
+    )
     f, n = _run_sep(setup, "fork", adapters), _run_sep(setup, "naive", adapters)
     base = _run_sep(setup, "naive")
     for level in range(3):
@@ -186,12 +229,25 @@ def test_separate_framing_holds_one_level_of_cache_at_a_time():
     params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), Q))
     sep = S((4,), jnp.int32)
-    ctx = expansion.Contexts(prefixes=(S((Q, P1), jnp.int32), S((Q, P2), jnp.int32)),
-                             prefix_lens=(S((Q,), jnp.int32), S((Q,), jnp.int32)), seps=((sep,), (sep, sep)))
-    spec = expansion.ExpansionSpec(n=votes, m=1, l=1, max_new=new, depth=3,
-                                   sampling=SamplingConfig(temperature=0.7, compact_levels=0))
-    compiled = expansion.expand.lower(params, (None, None, None), S((Q, Tq), jnp.int32), S((Q,), jnp.int32),
-                                      (sep, sep), keys, cfg=cfg, spec=spec, contexts=ctx).compile()
+    ctx = expansion.Contexts(
+        prefixes=(S((Q, P1), jnp.int32), S((Q, P2), jnp.int32)),
+        prefix_lens=(S((Q,), jnp.int32), S((Q,), jnp.int32)),
+        seps=((sep,), (sep, sep)),
+    )
+    spec = expansion.ExpansionSpec(
+        n=votes, m=1, l=1, max_new=new, depth=3, sampling=SamplingConfig(temperature=0.7, compact_levels=0)
+    )
+    compiled = expansion.expand.lower(
+        params,
+        (None, None, None),
+        S((Q, Tq), jnp.int32),
+        S((Q,), jnp.int32),
+        (sep, sep),
+        keys,
+        cfg=cfg,
+        spec=spec,
+        contexts=ctx,
+    ).compile()
     slots = [Tq + new[0], P1 + new[0] + 4 + new[1], P2 + new[0] + new[1] + 8 + new[2]]  # per level
     per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4  # k and v, float32
     caches = [Q * votes * s * per_slot for s in slots]

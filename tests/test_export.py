@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from malt_jax import pipeline
 from malt_jax.config import LoraConfig, ModelConfig, load_run_config
-from malt_jax.export import export_run, load_peft, peft_config, save_peft
+from malt_jax.export import export_run, load_peft, save_peft
 from malt_jax.model.llama import causal_positions, forward
 from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.model.weights import WeightError, load_hf, save_hf
@@ -44,11 +44,17 @@ def test_peft_layout_matches_an_independent_reference(tmp_path, top):
     params, adapter = numpy_random_params(CFG), _adapter(lora_cfg)
     out = save_peft(adapter, CFG, lora_cfg, tmp_path / "peft", "/models/base")
     conf = json.loads((out / "adapter_config.json").read_text())
-    assert (conf["peft_type"], conf["task_type"], conf["r"], conf["lora_alpha"], conf["bias"]) == \
-        ("LORA", "CAUSAL_LM", 4, 12.0, "none")
+    assert (conf["peft_type"], conf["task_type"], conf["r"], conf["lora_alpha"], conf["bias"]) == (
+        "LORA",
+        "CAUSAL_LM",
+        4,
+        12.0,
+        "none",
+    )
     assert conf["base_model_name_or_path"] == "/models/base"
-    assert sorted(conf["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"])
+    assert sorted(conf["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     assert conf["layers_to_transform"] == ([1, 2] if top == 2 else None)
     tensors = load_file(str(out / "adapter_model.safetensors"))
     first = 1 if top == 2 else 0
@@ -75,7 +81,12 @@ def test_peft_round_trip(tmp_path, top):
     adapter = _adapter(lora_cfg, seed=2)
     save_peft(adapter, CFG, lora_cfg, tmp_path)
     back, back_cfg = load_peft(tmp_path, CFG)
-    assert (back_cfg.rank, back_cfg.alpha, set(back_cfg.targets), back_cfg.top_layers) == (3, 6.0, set(lora_cfg.targets), top)
+    assert (back_cfg.rank, back_cfg.alpha, set(back_cfg.targets), back_cfg.top_layers) == (
+        3,
+        6.0,
+        set(lora_cfg.targets),
+        top,
+    )
     for name in lora_cfg.targets:
         for f in ("a", "b"):
             np.testing.assert_array_equal(np.asarray(back["layers"][name][f]), np.asarray(adapter["layers"][name][f]))
@@ -94,9 +105,13 @@ def test_load_peft_refuses_what_it_cannot_represent(tmp_path):
     tensors = load_file(str(tmp_path / "ok" / "adapter_model.safetensors"))
     with pytest.raises(WeightError, match="adapter_config.json: missing"):
         load_peft(tmp_path / "nothing", CFG)
-    for field, value, match in (("peft_type", "IA3", "peft_type = 'IA3'"), ("bias", "all", "bias = 'all'"),
-                                ("use_dora", True, "use_dora"), ("rank_pattern", {"q_proj": 4}, "rank_pattern"),
-                                ("r", 0, "r = 0")):
+    for field, value, match in (
+        ("peft_type", "IA3", "peft_type = 'IA3'"),
+        ("bias", "all", "bias = 'all'"),
+        ("use_dora", True, "use_dora"),
+        ("rank_pattern", {"q_proj": 4}, "rank_pattern"),
+        ("r", 0, "r = 0"),
+    ):
         _write(tmp_path / field, {**conf, field: value}, tensors)
         with pytest.raises(WeightError, match=match):
             load_peft(tmp_path / field, CFG)
@@ -158,8 +173,9 @@ def test_export_run_merged_and_peft(tmp_path):
         assert back_cfg.top_layers == 1 and back_cfg.rank == 2
         again, _ = forward(model.params, tokens, pos, model.cfg, lora=back, lora_scale=lora_scale(back_cfg))
         np.testing.assert_allclose(np.asarray(again), np.asarray(want), rtol=1e-6, atol=1e-6)
-        assert json.loads((written[role] / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-            str(written["base"].resolve())
+        assert json.loads((written[role] / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+            written["base"].resolve()
+        )
     # the exported tokenizer is the run's, chat template included
     tcfg = json.loads((written["base"] / "tokenizer_config.json").read_text())
     assert tcfg["chat_template"] == model.tokenizer.chat_template and (written["base"] / "tokenizer.json").exists()

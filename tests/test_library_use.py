@@ -18,8 +18,11 @@ def _example() -> str:
 
 def test_example_uses_exported_names_only():
     tree = ast.parse(_example())
-    used = {n.attr for n in ast.walk(tree)
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "malt_jax"}
+    used = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "malt_jax"
+    }
     assert {"run", "sample_trees", "assign_credit", "train_role", "System", "SFTExample"} <= used
     assert used <= set(malt_jax.__all__), sorted(used - set(malt_jax.__all__))
     assert all(hasattr(malt_jax, name) for name in malt_jax.__all__)

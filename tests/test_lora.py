@@ -28,7 +28,7 @@ def _random_adapter(key):
     """An adapter with non-zero b (a trained-looking one)."""
     ad = init_lora(CFG, LORA, key)
     noise = jax.random.normal(key, (CFG.n_layers, LORA.rank, CFG.hidden_dim))
-    return jax.tree.map(lambda x: x if x.any() else 0.05 * noise[:, :, :x.shape[2]], ad)
+    return jax.tree.map(lambda x: x if x.any() else 0.05 * noise[:, :, : x.shape[2]], ad)
 
 
 def test_shapes_scale_and_count():
@@ -112,8 +112,9 @@ def test_lora_delta_hand_written_backward_matches_autodiff(dtype, tol):
     for name, got, want in zip("xab", vjp(g), vjp_ref(g)):
         assert got.shape == want.shape and got.dtype == want.dtype == dtype, name
         scale = float(jnp.abs(want.astype(jnp.float32)).max())
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                   atol=tol * scale, rtol=0, err_msg=f"d{name}")
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol * scale, rtol=0, err_msg=f"d{name}"
+        )
 
 
 def test_adapter_gradient_through_the_model_matches_autodiff_of_plain_lora(setup, monkeypatch):

@@ -16,23 +16,30 @@ from tests.reference import reference_logits
 def random_hf(cfg: ModelConfig, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     H, K, hd, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.hidden_dim
-    t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (cfg.vocab_size, D)),
-         "model.norm.weight": 1 + rng.normal(0, 0.1, D)}
+    t = {
+        "model.embed_tokens.weight": rng.normal(0, 0.5, (cfg.vocab_size, D)),
+        "model.norm.weight": 1 + rng.normal(0, 0.1, D),
+    }
     if not cfg.tie_embeddings:
         t["lm_head.weight"] = rng.normal(0, 0.1, (cfg.vocab_size, D))
+
+    def s(*shape: int) -> np.ndarray:
+        return rng.normal(0, 0.15, shape)
+
     for i in range(cfg.n_layers):
-        s = lambda *shape: rng.normal(0, 0.15, shape)
-        t.update({
-            f"model.layers.{i}.input_layernorm.weight": 1 + rng.normal(0, 0.1, D),
-            f"model.layers.{i}.post_attention_layernorm.weight": 1 + rng.normal(0, 0.1, D),
-            f"model.layers.{i}.self_attn.q_proj.weight": s(H * hd, D),
-            f"model.layers.{i}.self_attn.k_proj.weight": s(K * hd, D),
-            f"model.layers.{i}.self_attn.v_proj.weight": s(K * hd, D),
-            f"model.layers.{i}.self_attn.o_proj.weight": s(D, H * hd),
-            f"model.layers.{i}.mlp.gate_proj.weight": s(F, D),
-            f"model.layers.{i}.mlp.up_proj.weight": s(F, D),
-            f"model.layers.{i}.mlp.down_proj.weight": s(D, F),
-        })
+        t.update(
+            {
+                f"model.layers.{i}.input_layernorm.weight": 1 + rng.normal(0, 0.1, D),
+                f"model.layers.{i}.post_attention_layernorm.weight": 1 + rng.normal(0, 0.1, D),
+                f"model.layers.{i}.self_attn.q_proj.weight": s(H * hd, D),
+                f"model.layers.{i}.self_attn.k_proj.weight": s(K * hd, D),
+                f"model.layers.{i}.self_attn.v_proj.weight": s(K * hd, D),
+                f"model.layers.{i}.self_attn.o_proj.weight": s(D, H * hd),
+                f"model.layers.{i}.mlp.gate_proj.weight": s(F, D),
+                f"model.layers.{i}.mlp.up_proj.weight": s(F, D),
+                f"model.layers.{i}.mlp.down_proj.weight": s(D, F),
+            }
+        )
     return t
 
 
@@ -40,11 +47,22 @@ def _write_hf(tmp_path, cfg, hf):
     from safetensors.numpy import save_file
 
     save_file({k: v.astype(np.float32) for k, v in hf.items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_seq_len}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.dim,
+                "num_hidden_layers": cfg.n_layers,
+                "num_attention_heads": cfg.n_heads,
+                "num_key_value_heads": cfg.n_kv_heads,
+                "intermediate_size": cfg.hidden_dim,
+                "rms_norm_eps": cfg.norm_eps,
+                "rope_theta": cfg.rope_theta,
+                "tie_word_embeddings": cfg.tie_embeddings,
+                "max_position_embeddings": cfg.max_seq_len,
+            }
+        )
+    )
     return tmp_path
 
 
@@ -72,7 +90,7 @@ def test_cached_prefill_plus_steps_equals_full_forward():
     a, cache = llama.forward(params, toks[:, :8], llama.causal_positions(2, 8), cfg, cache=cache)
     outs = [a]
     for t in range(8, 12):
-        o, cache = llama.forward(params, toks[:, t:t + 1], jnp.full((2, 1), t), cfg, cache=cache)
+        o, cache = llama.forward(params, toks[:, t : t + 1], jnp.full((2, 1), t), cfg, cache=cache)
         outs.append(o)
     np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
 
@@ -84,8 +102,10 @@ def test_cache_ignores_stale_slots_and_grows():
     params = llama.init_params(cfg, jax.random.key(0), std=0.2)
     toks = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
     full, _ = llama.forward(params, toks, llama.causal_positions(2, 10), cfg)
-    junk = llama.KVCache(k=jax.random.normal(jax.random.key(2), (cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim)),
-                         v=jax.random.normal(jax.random.key(3), (cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim)))
+    junk = llama.KVCache(
+        k=jax.random.normal(jax.random.key(2), (cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim)),
+        v=jax.random.normal(jax.random.key(3), (cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim)),
+    )
     # ragged prefill: row 0 takes 6 tokens, row 1 takes 4 (right-padded to 6)
     lens = jnp.asarray([6, 4])
     valid = jnp.arange(6)[None] < lens[:, None]
@@ -200,9 +220,16 @@ def test_smollm2_greedy_is_coherent():
     tok = Tokenizer.from_gguf(smollm2_gguf_path())
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     x, n = sampling.pad_batch([ids])
-    g = sampling.generate(params, jnp.asarray(x), jnp.asarray(n), sampling.row_keys(0, 1), cfg=cfg,
-                          sampling=SamplingConfig(greedy=True),
-                          stop=sampling.StopCriteria(tuple(tok.stop_ids)), max_new_tokens=24)
+    g = sampling.generate(
+        params,
+        jnp.asarray(x),
+        jnp.asarray(n),
+        sampling.row_keys(0, 1),
+        cfg=cfg,
+        sampling=SamplingConfig(greedy=True),
+        stop=sampling.StopCriteria(tuple(tok.stop_ids)),
+        max_new_tokens=24,
+    )
     text = tok.decode(sampling.trim(g)[0])
     assert "Paris" in text
     assert bool(g.stopped[0])
@@ -237,13 +264,32 @@ def test_refresh_top_equals_reencoding_with_the_adapter():
     lens = jnp.asarray([9, 6])
     valid = jnp.arange(9)[None] < lens[:, None]
     top = cfg.n_layers - 1
-    plain, _ = llama.forward(params, toks, llama.causal_positions(2, 9), cfg, token_valid=valid,
-                             cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top))
-    _, plain_cache = llama.forward(params, toks, llama.causal_positions(2, 9), cfg, token_valid=valid,
-                                   cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top))
+    plain, _ = llama.forward(
+        params,
+        toks,
+        llama.causal_positions(2, 9),
+        cfg,
+        token_valid=valid,
+        cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top),
+    )
+    _, plain_cache = llama.forward(
+        params,
+        toks,
+        llama.causal_positions(2, 9),
+        cfg,
+        token_valid=valid,
+        cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top),
+    )
     refreshed = llama.refresh_top(params, cfg, plain_cache, lens, ad)
-    _, want = llama.forward(params, toks, llama.causal_positions(2, 9), cfg, token_valid=valid, lora=ad,
-                            cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top))
+    _, want = llama.forward(
+        params,
+        toks,
+        llama.causal_positions(2, 9),
+        cfg,
+        token_valid=valid,
+        lora=ad,
+        cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top),
+    )
     mask = (jnp.arange(12)[None] < lens[:, None])[None, :, None, :, None]
     for got, ref in [(refreshed.k, want.k), (refreshed.v, want.v)]:
         np.testing.assert_allclose(jnp.where(mask, got, 0), jnp.where(mask, ref, 0), rtol=2e-5, atol=2e-5)

@@ -29,13 +29,36 @@ TIMEOUT_S = 240  # hard cap per worker: the test can never hang CI
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mh_out")
     ckpt = tmp_path_factory.mktemp("mh_ckpt")  # shared by both processes
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     env.pop("MALT_DISTRIBUTED", None)
     port = free_port()
-    run_together([[sys.executable, str(WORKER), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                   "--process-id", str(i), "--out", str(out), "--ckpt", str(ckpt)] for i in range(2)],
-                 [env, env], ROOT, TIMEOUT_S)
+    run_together(
+        [
+            [
+                sys.executable,
+                str(WORKER),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--out",
+                str(out),
+                "--ckpt",
+                str(ckpt),
+            ]
+            for i in range(2)
+        ],
+        [env, env],
+        ROOT,
+        TIMEOUT_S,
+    )
     results = [dict(np.load(out / f"process_{i}.npz")) for i in range(2)]
     return results, ckpt
 
@@ -106,8 +129,7 @@ def test_checkpoint_spread_over_processes(two_process_run, reference):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     fresh = TrainState.create(init_lora(cfg, lora, jax.random.key(5)), make_optimizer(train, 10))
     with Checkpointer(ckpt) as ck:
-        restored, meta = ck.restore({"state": fresh}, step=CKPT_STEP,
-                                    shardings={"state": state_shardings(fresh, mesh)})
+        restored, meta = ck.restore({"state": fresh}, step=CKPT_STEP, shardings={"state": state_shardings(fresh, mesh)})
     assert meta["processes"] == 2
     for name, ab in restored["state"].adapter["layers"].items():
         for k, v in ab.items():
@@ -134,8 +156,15 @@ def test_host_local_to_global_single_process():
 
 
 def test_initialize_is_a_noop_for_one_process(monkeypatch):
-    for var in ("MALT_DISTRIBUTED", "MALT_COORDINATOR", "MALT_NUM_PROCESSES", "MALT_PROCESS_ID",
-                "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
+    for var in (
+        "MALT_DISTRIBUTED",
+        "MALT_COORDINATOR",
+        "MALT_NUM_PROCESSES",
+        "MALT_PROCESS_ID",
+        "JAX_COORDINATOR_ADDRESS",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+        "TPU_WORKER_HOSTNAMES",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert distributed.initialize() is False
     assert distributed.initialize(num_processes=1) is False

@@ -50,16 +50,27 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mh_run")
     two_cfg, one_cfg = _config(tmp, "two"), _config(tmp, "one")
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "MALT_DISTRIBUTED": "1", "MALT_COORDINATOR": f"127.0.0.1:{port}", "MALT_NUM_PROCESSES": "2"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "MALT_DISTRIBUTED": "1",
+        "MALT_COORDINATOR": f"127.0.0.1:{port}",
+        "MALT_NUM_PROCESSES": "2",
+    }
 
     def reference() -> None:  # the single-process run, here (8 fake devices), while they run
         assert jax.device_count() == 8 and jax.process_count() == 1
         assert cli.main(["run", str(one_cfg), "--no-progress"]) == 0
 
-    logs = run_together([[sys.executable, "-m", "malt_jax", "run", str(two_cfg), "--no-progress"]] * 2,
-                        [{**env, "MALT_PROCESS_ID": str(i)} for i in range(2)], ROOT, TIMEOUT_S, meanwhile=reference)
+    logs = run_together(
+        [[sys.executable, "-m", "malt_jax", "run", str(two_cfg), "--no-progress"]] * 2,
+        [{**env, "MALT_PROCESS_ID": str(i)} for i in range(2)],
+        ROOT,
+        TIMEOUT_S,
+        meanwhile=reference,
+    )
     return tmp / "one", tmp / "two", logs
 
 
@@ -88,12 +99,17 @@ def test_adapters_match_to_float_tolerance(runs):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}:{k}")
     # LoRA's B starts at zero: a non-zero B is an adapter that training moved (the held-out
     # selection may keep a role's untrained start)
-    trained = [n for n in files if any(np.abs(v).max() > 0 for k, v in load_file(str(one / "adapters" / n)).items()
-                                       if k.endswith(".b"))]
+    trained = [
+        n
+        for n in files
+        if any(np.abs(v).max() > 0 for k, v in load_file(str(one / "adapters" / n)).items() if k.endswith(".b"))
+    ]
     assert trained, "no adapter was trained: the comparison would be vacuous"
     for role in ("G", "V", "R"):  # the same steps, losses and gradient norms
-        h1, h2 = ([json.loads(x) for x in (d / "adapters" / f"{role}_history.jsonl").read_text().splitlines()]
-                  for d in (one, two))
+        h1, h2 = (
+            [json.loads(x) for x in (d / "adapters" / f"{role}_history.jsonl").read_text().splitlines()]
+            for d in (one, two)
+        )
         assert [h["step"] for h in h1] == [h["step"] for h in h2]
         for a, b in zip(h1, h2):
             for k in ("loss", "grad_norm", "learning_rate"):

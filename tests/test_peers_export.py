@@ -47,19 +47,27 @@ def test_peft_and_merged_logits_equal_malt_jax(tmp_path, top):
     written = export_run(run_dir, tmp_path / "out", "both")
     tokens = np.array([[5, 9, 300, 2, 11, 47, 8]])
     for role, ad in adapters.items():
-        want, _ = forward(model.params, jnp.asarray(tokens), causal_positions(1, tokens.shape[1]), model.cfg, lora=ad,
-                          lora_scale=lora_scale(cfg.lora))
+        want, _ = forward(
+            model.params,
+            jnp.asarray(tokens),
+            causal_positions(1, tokens.shape[1]),
+            model.cfg,
+            lora=ad,
+            lora_scale=lora_scale(cfg.lora),
+        )
         want = np.asarray(want)
         base = transformers.AutoModelForCausalLM.from_pretrained(written["base"], torch_dtype=torch.float32)
         with_adapter = peft.PeftModel.from_pretrained(base, written[role]).eval()
         with torch.no_grad():
             got = with_adapter(torch.tensor(tokens)).logits.numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-        merged = transformers.AutoModelForCausalLM.from_pretrained(written[f"{role}-merged"],
-                                                                   torch_dtype=torch.float32).eval()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(
+            written[f"{role}-merged"], torch_dtype=torch.float32
+        ).eval()
         with torch.no_grad():
             got_m = merged(torch.tensor(tokens)).logits.numpy()
         np.testing.assert_allclose(got_m, want, rtol=1e-4, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(written["base"])
     assert tok("What is 2 + 3?", add_special_tokens=False)["input_ids"] == model.tokenizer.encode(
-        "What is 2 + 3?", add_special_tokens=False)
+        "What is 2 + 3?", add_special_tokens=False
+    )

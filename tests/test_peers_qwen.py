@@ -16,9 +16,19 @@ from malt_jax.model import llama, weights  # noqa: E402
 
 
 def _model(arch, tied):
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6,
-                  tie_word_embeddings=tied, torch_dtype="float32")
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        torch_dtype="float32",
+    )
     if arch == "qwen2":
         cfg = transformers.Qwen2Config(**common, use_sliding_window=False)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -46,9 +56,18 @@ def test_transformers_qwen_logits_and_greedy_tokens(tmp_path, arch, tied):
     got, _ = llama.forward(params, jnp.asarray(tokens), llama.causal_positions(1, tokens.shape[1]), cfg)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     with torch.no_grad():
-        ref = model.generate(torch.tensor(tokens), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, tokens.shape[1]:].numpy()
+        ref = model.generate(
+            torch.tensor(tokens), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, tokens.shape[1] :].numpy()
     x, n = sampling.pad_batch([tokens[0].tolist()])
-    gen = sampling.generate(params, jnp.asarray(x), jnp.asarray(n), sampling.row_keys(0, 1), cfg=cfg,
-                            sampling=SamplingConfig(greedy=True), stop=sampling.StopCriteria(()), max_new_tokens=12)
+    gen = sampling.generate(
+        params,
+        jnp.asarray(x),
+        jnp.asarray(n),
+        sampling.row_keys(0, 1),
+        cfg=cfg,
+        sampling=SamplingConfig(greedy=True),
+        stop=sampling.StopCriteria(()),
+        max_new_tokens=12,
+    )
     assert sampling.trim(gen)[0] == ref.tolist()

@@ -17,7 +17,6 @@ from malt_jax.stages.train import heldout_questions, run_train
 from malt_jax.tasks import Example
 from tests.parity_task import ParityTask
 
-
 CONFIG = """
 name: tiny
 model_preset: tiny
@@ -59,8 +58,9 @@ def test_artifacts_and_consistency(tiny_run):
     # leaf rewards in the tree files agree with the task's grading of the refiner texts
     row = json.loads((out / "expansion" / "batch_00000.jsonl").read_text().splitlines()[0])
     task = ParityTask()
-    np.testing.assert_array_equal(np.vectorize(lambda t: task.grade(t, "even"))(np.array(row["R"], object)),
-                                  np.array(row["rewards"]))
+    np.testing.assert_array_equal(
+        np.vectorize(lambda t: task.grade(t, "even"))(np.array(row["R"], object)), np.array(row["rewards"])
+    )
     # every system evaluated on the same 6 questions; the report's accuracies match the jsonl
     report = (out / "report.md").read_text()
     for run in ("single-greedy", "single", "chain", "malt"):
@@ -158,11 +158,21 @@ def _hand_trees(rewards, g_correct):
     R siblings 0 and 1 under V (0,0) get the SAME tokens when ``same`` is set below)."""
     Q, n, m, l = rewards.shape
     tok = lambda base, shape: (base + np.indices(shape)[-1])[..., None]  # noqa: E731
-    return {"q_tokens": np.full((Q, 4), 5), "q_lens": np.full((Q,), 4), "rewards": rewards,
-            "G_tokens": tok(10, (Q, n)), "G_lengths": np.ones((Q, n), int), "G_stopped": np.ones((Q, n), bool),
-            "V_tokens": tok(20, (Q, n, m)), "V_lengths": np.ones((Q, n, m), int), "V_stopped": np.ones((Q, n, m), bool),
-            "R_tokens": tok(30, (Q, n, m, l)), "R_lengths": np.ones((Q, n, m, l), int),
-            "R_stopped": np.ones((Q, n, m, l), bool), "G_correct": g_correct}
+    return {
+        "q_tokens": np.full((Q, 4), 5),
+        "q_lens": np.full((Q,), 4),
+        "rewards": rewards,
+        "G_tokens": tok(10, (Q, n)),
+        "G_lengths": np.ones((Q, n), int),
+        "G_stopped": np.ones((Q, n), bool),
+        "V_tokens": tok(20, (Q, n, m)),
+        "V_lengths": np.ones((Q, n, m), int),
+        "V_stopped": np.ones((Q, n, m), bool),
+        "R_tokens": tok(30, (Q, n, m, l)),
+        "R_lengths": np.ones((Q, n, m, l), int),
+        "R_stopped": np.ones((Q, n, m, l), bool),
+        "G_correct": g_correct,
+    }
 
 
 def test_build_datasets_drops_identical_pairs_and_balances_the_verifier():
@@ -188,6 +198,7 @@ def test_build_datasets_drops_identical_pairs_and_balances_the_verifier():
     assert same["R"]["dpo"] == [] and summary["refiner/dpo_identical"] == 1 and summary["refiner/dpo_pairs"] == 0
     # examples are weighted in training through data.pack_sft's loss mask
     from malt_jax import data as D
+
     batch = D.pack_sft([D.SFTExample(r["prompt"], r["completion"], r["weight"]) for r in v], 32)
     assert batch["loss_mask"].sum(1).tolist() == pytest.approx([1.5 * 2, 0.75 * 2, 0.75 * 2])
 
@@ -247,8 +258,9 @@ def test_caps_are_applied_after_the_split_and_reported(tiny_run, tmp_path):
     run_dir = tmp_path / "capped"
     run_dir.mkdir()
     shutil.copytree(src / "credit", run_dir / "credit")
-    capped = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, max_sft_examples=2, max_dpo_pairs=1, sft_epochs=1, dpo_epochs=1))
+    capped = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, max_sft_examples=2, max_dpo_pairs=1, sft_epochs=1, dpo_epochs=1)
+    )
     run_train(capped, model, run_dir, progress=False, roles=("R",))
     c = rundir.training_counts(run_dir)["R"]
     assert c["sft"]["train"] > 2 and c["sft"]["train_after_cap"] == 2
@@ -266,8 +278,8 @@ def _tb_scalars(logdir):
         data = f.read_bytes()
         i = 0
         while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
             for v in ev.summary.value:
                 out.setdefault(v.tag, []).append((ev.step, v.simple_value))
@@ -291,7 +303,8 @@ def test_tensorboard_mirrors_the_jsonl_under_trl_names(tiny_run):
         assert [v for _, v in tb.get("eval/loss", [])] == pytest.approx([e["heldout/loss"] for e in held], rel=1e-6)
         if stage == "dpo":
             assert [v for _, v in tb["train/rewards/accuracies"]] == pytest.approx(
-                [h["rewards/accuracies"] for h in rows], rel=1e-6)
+                [h["rewards/accuracies"] for h in rows], rel=1e-6
+            )
             assert "train/rewards/margins" in tb and "train/logps/chosen" in tb
         else:
             assert "train/mean_token_accuracy" in tb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -16,8 +17,16 @@ import pytest
 
 from malt_jax import cli
 from malt_jax.config import ModelConfig, load_run_config
-from malt_jax.plan import (DEVICE_HBM, GiB, PlanError, analytic_step_flops, make_plan, overlay_overrides,
-                           parse_bytes, parse_mesh)
+from malt_jax.plan import (
+    DEVICE_HBM,
+    GiB,
+    PlanError,
+    analytic_step_flops,
+    make_plan,
+    overlay_overrides,
+    parse_bytes,
+    parse_mesh,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -110,8 +119,8 @@ def test_tpu_overlays_fit_their_experiments(overlay):
 
 
 def test_parsers():
-    assert parse_bytes("16GiB") == 16 * GiB and parse_bytes("80GB") == 80 * 10 ** 9 and parse_bytes(1024) == 1024
-    assert parse_bytes("1.5 TiB") == int(1.5 * 1024 ** 4)
+    assert parse_bytes("16GiB") == 16 * GiB and parse_bytes("80GB") == 80 * 10**9 and parse_bytes(1024) == 1024
+    assert parse_bytes("1.5 TiB") == int(1.5 * 1024**4)
     with pytest.raises(ValueError, match="memory size"):
         parse_bytes("lots")
     assert parse_mesh("data=1,fsdp=8,tensor=1") == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -150,8 +159,9 @@ def test_8b_on_v5p_fsdp8_fits_and_matches_hand_computed_bytes():
     assert T * (2 * lin + 32 * T * 6) < T * 128256 * 12
     assert plan.components["activations"] == T * m.n_layers * 4096 * 2
     assert plan.components["activations_dpo"] == 2 * plan.components["activations"]
-    no_remat = make_plan(dataclasses.replace(cfg, model=dataclasses.replace(m, remat=False)),
-                         mesh="data=1,fsdp=8,tensor=1", device="v5p")
+    no_remat = make_plan(
+        dataclasses.replace(cfg, model=dataclasses.replace(m, remat=False)), mesh="data=1,fsdp=8,tensor=1", device="v5p"
+    )
     assert no_remat.components["activations"] == T * m.n_layers * (2 * lin + 32 * T * 6)
     # FLOPs: 4 N tok + 6 N_lora tok + 12 L H hd T tok (all layers adapted)
     tok = cfg.train.batch_size * T
@@ -231,9 +241,16 @@ def test_planned_train_step_memory_is_within_25_percent_of_the_compiler(shape, r
     from malt_jax.aot import compile_step, compiled_bytes
     from malt_jax.sharding import make_mesh
 
-    cfg = load_run_config(ROOT / "experiments" / f"{shape}.yaml", [
-        "model.n_layers=2", "model.dtype=float32", "model.param_dtype=float32", f"model.remat={str(remat).lower()}",
-        "mesh={data: 1, fsdp: 8, tensor: 1}"])
+    cfg = load_run_config(
+        ROOT / "experiments" / f"{shape}.yaml",
+        [
+            "model.n_layers=2",
+            "model.dtype=float32",
+            "model.param_dtype=float32",
+            f"model.remat={str(remat).lower()}",
+            "mesh={data: 1, fsdp: 8, tensor: 1}",
+        ],
+    )
     plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200")
     mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
     for kind in ("sft", "dpo"):
@@ -249,11 +266,16 @@ def test_planned_sampling_memory_is_within_25_percent_of_the_compiler(shape):
     from malt_jax.aot import compile_expansion, compiled_bytes
     from malt_jax.sharding import make_mesh
 
-    cfg = load_run_config(ROOT / "experiments" / f"{shape}.yaml", [
-        "model.n_layers=2", "model.dtype=float32", "model.param_dtype=float32", "mesh={data: 1, fsdp: 8, tensor: 1}"])
+    cfg = load_run_config(
+        ROOT / "experiments" / f"{shape}.yaml",
+        ["model.n_layers=2", "model.dtype=float32", "model.param_dtype=float32", "mesh={data: 1, fsdp: 8, tensor: 1}"],
+    )
     plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200", prompt_tokens=256, turn_tokens=32)
-    got = compiled_bytes(compile_expansion(cfg, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8]),
-                                           prompt_tokens=256, turn_tokens=32))
+    got = compiled_bytes(
+        compile_expansion(
+            cfg, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8]), prompt_tokens=256, turn_tokens=32
+        )
+    )
     assert 0.75 < plan.phase_total("sample") / got < 1.25, (plan.phase_total("sample") / GiB, got / GiB)
 
 
@@ -293,18 +315,60 @@ def test_cli_plan_overlay_and_bad_mesh(capsys):
     assert rc == 2 and "24 devices" in capsys.readouterr().err
 
 
+def test_cli_plan_compile_fakes_the_mesh_devices():
+    """``malt-jax plan --compile`` in a fresh process without a device count in XLA_FLAGS: the
+    command sets one before jax starts its backend, so the AOT check sees the mesh's 2 devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "malt_jax",
+            "plan",
+            "experiments/smollm2_synthetic.yaml",
+            "train.max_seq_len=128",
+            "--mesh",
+            "data=1,fsdp=2,tensor=1",
+            "--compile",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode in (0, 3), out.stderr
+    compiled = json.loads(out.stdout)["compiled"]
+    assert "error" not in compiled, compiled
+    assert compiled["devices"] == 2 and compiled["platform"] == "cpu"
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_launch_sh_runs_the_same_command_on_every_worker():
     env = {**os.environ, "DRY_RUN": "1", "TPU": "malt-v5p", "ZONE": "us-east5-a", "LOCAL_PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(ROOT / "tpu_configs" / "launch.sh"), "run", "v5p-64", "experiments/llama31_8b_gsm8k.yaml",
-                          "task.path=/data/gsm8k"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "tpu_configs" / "launch.sh"),
+            "run",
+            "v5p-64",
+            "experiments/llama31_8b_gsm8k.yaml",
+            "task.path=/data/gsm8k",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     words = shlex.split(out.stdout)
     assert words[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in words
     remote = shlex.split(next(w for w in words if w.startswith("--command=")).split("=", 1)[1])
     assert "MALT_DISTRIBUTED=1" in remote and ".venv/bin/malt-jax" in remote
     i = remote.index(".venv/bin/malt-jax")
-    args = remote[i + 1:remote.index("--no-progress")]
+    args = remote[i + 1 : remote.index("--no-progress")]
     assert args[:2] == ["run", "experiments/llama31_8b_gsm8k.yaml"] and args[-1] == "task.path=/data/gsm8k"
     cfg = load_run_config(ROOT / args[1], args[2:])  # what every worker will run
     assert dict(cfg.mesh) == {"data": 2, "fsdp": 8, "tensor": 2} and cfg.tree.questions_per_batch == 64

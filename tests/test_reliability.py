@@ -38,9 +38,8 @@ import numpy as np
 import pytest
 import yaml
 
-from malt_jax import cli, pipeline
-from malt_jax import data as D
-from malt_jax.checkpoint import CheckpointError, Checkpointer
+from malt_jax import cli, data as D, pipeline
+from malt_jax.checkpoint import Checkpointer, CheckpointError
 from malt_jax.config import ConfigError, LoraConfig, ModelConfig, TrainConfig, load_run_config
 from malt_jax.model.llama import init_params
 from malt_jax.model.weights import WeightError
@@ -83,9 +82,10 @@ def _set(d: dict, dotted: str, value) -> dict:
 
 
 BASE_CFG = {  # a valid, small config (synthetic task, tiny random model)
-    "name": "reliability", "model_preset": "tiny", "weights": "random",
-    "task": {"name": "synthetic", "num_train": 4, "num_eval": 4,
-             "options": {"train_size": 20, "test_size": 20}},
+    "name": "reliability",
+    "model_preset": "tiny",
+    "weights": "random",
+    "task": {"name": "synthetic", "num_train": 4, "num_eval": 4, "options": {"train_size": 20, "test_size": 20}},
     "sampling": {"temperature": 1.0, "max_new_tokens": 6},
     "tree": {"n": 2, "m": 2, "l": 2, "questions_per_batch": 1},
     "lora": {"rank": 2, "targets": ["wq", "wv"]},
@@ -176,8 +176,14 @@ def test_task_config_errors_name_the_option(case, tmp_path):
 def test_cli_subprocess_exit_code_and_single_line(tmp_path):
     """The real ``python -m malt_jax run`` process: exit code 2, one stderr line, no traceback."""
     path = _write_cfg(tmp_path, _set(copy.deepcopy(BASE_CFG), "train.lerning_rate", 1e-3))
-    proc = subprocess.run([sys.executable, "-m", "malt_jax", "run", str(path), "--no-progress"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "malt_jax", "run", str(path), "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     _assert_one_line_error(proc.returncode, proc.stderr, "train.lerning_rate")
     assert proc.stdout == ""
 
@@ -186,10 +192,20 @@ def test_cli_subprocess_exit_code_and_single_line(tmp_path):
 
 GSM_OK = {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}
 MATH_OK = {"problem": "What is 1/2 + 0?", "answer": "\\frac{1}{2}"}
-CSQA_OK = {"id": "c", "question": "Where is money kept?",
-           "choices": {"label": ["A", "B"], "text": ["bank", "library"]}, "answerKey": "A"}
-CSQA_ORIG_OK = {"id": "o", "answerKey": "B", "question": {"stem": "Where are books kept?", "choices": [
-    {"label": "A", "text": "bank"}, {"label": "B", "text": "library"}]}}
+CSQA_OK = {
+    "id": "c",
+    "question": "Where is money kept?",
+    "choices": {"label": ["A", "B"], "text": ["bank", "library"]},
+    "answerKey": "A",
+}
+CSQA_ORIG_OK = {
+    "id": "o",
+    "answerKey": "B",
+    "question": {
+        "stem": "Where are books kept?",
+        "choices": [{"label": "A", "text": "bank"}, {"label": "B", "text": "library"}],
+    },
+}
 
 # (case id, task, good row, bad line as written to the file, text the reason must contain)
 ROW_CASES = [
@@ -205,14 +221,29 @@ ROW_CASES = [
     ("math problem not a string", "math", MATH_OK, {"problem": ["p"], "answer": "1"}, "'problem' must be str"),
     ("math no answer and no boxed", "math", MATH_OK, {"problem": "p", "solution": "no box here"}, "boxed"),
     ("csqa answerKey not a label", "csqa", CSQA_OK, {**CSQA_OK, "answerKey": "E"}, "answerKey 'E'"),
-    ("csqa label/text mismatch", "csqa", CSQA_OK,
-     {**CSQA_OK, "choices": {"label": ["A", "B"], "text": ["bank"]}}, "differ in length"),
+    (
+        "csqa label/text mismatch",
+        "csqa",
+        CSQA_OK,
+        {**CSQA_OK, "choices": {"label": ["A", "B"], "text": ["bank"]}},
+        "differ in length",
+    ),
     ("csqa missing answerKey", "csqa", CSQA_OK, {k: v for k, v in CSQA_OK.items() if k != "answerKey"}, "answerKey"),
     ("csqa choices not a mapping", "csqa", CSQA_OK, {**CSQA_OK, "choices": ["bank", "library"]}, "'choices'"),
-    ("csqa empty choices", "csqa", CSQA_ORIG_OK,
-     {**CSQA_ORIG_OK, "question": {"stem": "s", "choices": []}}, "no choices"),
-    ("csqa choice without label", "csqa", CSQA_ORIG_OK,
-     {**CSQA_ORIG_OK, "question": {"stem": "s", "choices": [{"text": "bank"}]}}, "'label'"),
+    (
+        "csqa empty choices",
+        "csqa",
+        CSQA_ORIG_OK,
+        {**CSQA_ORIG_OK, "question": {"stem": "s", "choices": []}},
+        "no choices",
+    ),
+    (
+        "csqa choice without label",
+        "csqa",
+        CSQA_ORIG_OK,
+        {**CSQA_ORIG_OK, "question": {"stem": "s", "choices": [{"text": "bank"}]}},
+        "'label'",
+    ),
 ]
 
 
@@ -304,6 +335,7 @@ def _edit_json(key, value):
         else:
             c[key] = value
         (d / "config.json").write_text(json.dumps(c))
+
     return change
 
 
@@ -311,6 +343,7 @@ def _truncate(n_bytes):
     def change(d: Path):
         f = d / "model.safetensors"
         f.write_bytes(f.read_bytes()[: n_bytes if n_bytes >= 0 else f.stat().st_size // 2])
+
     return change
 
 
@@ -324,18 +357,36 @@ WEIGHT_CASES = [
     ("safetensors truncated by half", lambda t, hf: _hf_variant(hf, t / "h", _truncate(-1)), "truncated"),
     ("safetensors truncated header", lambda t, hf: _hf_variant(hf, t / "h", _truncate(20)), "truncated"),
     ("safetensors empty", lambda t, hf: _hf_variant(hf, t / "h", _truncate(0)), "truncated"),
-    ("safetensors missing", lambda t, hf: _hf_variant(hf, t / "h", lambda d: (d / "model.safetensors").unlink()),
-     "no *.safetensors"),
-    ("config.json missing key", lambda t, hf: _hf_variant(hf, t / "h", _edit_json("num_hidden_layers", None)),
-     "num_hidden_layers"),
-    ("config.json wrong type", lambda t, hf: _hf_variant(hf, t / "h", _edit_json("num_hidden_layers", "two")),
-     "n_layers"),
-    ("config.json invalid JSON", lambda t, hf: _hf_variant(hf, t / "h", lambda d: (d / "config.json").write_text("{")),
-     "invalid JSON"),
-    ("config.json shape != tensors", lambda t, hf: _hf_variant(hf, t / "h", _edit_json("hidden_size", 128)),
-     "expected (128,)"),
-    ("config.json more layers than tensors", lambda t, hf: _hf_variant(hf, t / "h", _edit_json("num_hidden_layers", 3)),
-     "model.layers.2"),
+    (
+        "safetensors missing",
+        lambda t, hf: _hf_variant(hf, t / "h", lambda d: (d / "model.safetensors").unlink()),
+        "no *.safetensors",
+    ),
+    (
+        "config.json missing key",
+        lambda t, hf: _hf_variant(hf, t / "h", _edit_json("num_hidden_layers", None)),
+        "num_hidden_layers",
+    ),
+    (
+        "config.json wrong type",
+        lambda t, hf: _hf_variant(hf, t / "h", _edit_json("num_hidden_layers", "two")),
+        "n_layers",
+    ),
+    (
+        "config.json invalid JSON",
+        lambda t, hf: _hf_variant(hf, t / "h", lambda d: (d / "config.json").write_text("{")),
+        "invalid JSON",
+    ),
+    (
+        "config.json shape != tensors",
+        lambda t, hf: _hf_variant(hf, t / "h", _edit_json("hidden_size", 128)),
+        "expected (128,)",
+    ),
+    (
+        "config.json more layers than tensors",
+        lambda t, hf: _hf_variant(hf, t / "h", _edit_json("num_hidden_layers", 3)),
+        "model.layers.2",
+    ),
 ]
 
 
@@ -354,15 +405,27 @@ def test_bad_weights_are_named(case, tmp_path, hf_tiny):
 
 NF_CFG = ModelConfig.tiny(n_layers=1)
 NF_LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))
-NF_TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_ratio=0.25, batch_size=8, grad_accum=1,
-                       max_seq_len=32, grad_clip=1.0, sft_epochs=2, dpo_epochs=1, checkpoint_every=1)
+NF_TRAIN = TrainConfig(
+    learning_rate=1e-2,
+    dpo_learning_rate=1e-2,
+    warmup_ratio=0.25,
+    batch_size=8,
+    grad_accum=1,
+    max_seq_len=32,
+    grad_clip=1.0,
+    sft_epochs=2,
+    dpo_epochs=1,
+    checkpoint_every=1,
+)
 
 
 def _base(cfg: ModelConfig):
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape) if len(s.shape) > 1 else np.ones(s.shape),
-                                              jnp.float32), shapes)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape) if len(s.shape) > 1 else np.ones(s.shape), jnp.float32),
+        shapes,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -373,15 +436,28 @@ def nf_base():
 def _sft(n, seed=0, weights=None):
     rng = np.random.default_rng(seed)
     w = weights or {}
-    return [D.SFTExample(list(rng.integers(1, 256, rng.integers(2, 8))), list(rng.integers(1, 256, rng.integers(2, 9))),
-                         weight=w.get(i, 1.0)) for i in range(n)]
+    return [
+        D.SFTExample(
+            list(rng.integers(1, 256, rng.integers(2, 8))),
+            list(rng.integers(1, 256, rng.integers(2, 9))),
+            weight=w.get(i, 1.0),
+        )
+        for i in range(n)
+    ]
 
 
 def _dpo(n, seed=0, weights=None):
     rng = np.random.default_rng(seed)
     w = weights or {}
-    return [D.DPOExample(list(rng.integers(1, 256, rng.integers(2, 8))), list(rng.integers(1, 256, rng.integers(2, 9))),
-                         list(rng.integers(1, 256, rng.integers(2, 9))), weight=w.get(i, 1.0)) for i in range(n)]
+    return [
+        D.DPOExample(
+            list(rng.integers(1, 256, rng.integers(2, 8))),
+            list(rng.integers(1, 256, rng.integers(2, 9))),
+            list(rng.integers(1, 256, rng.integers(2, 9))),
+            weight=w.get(i, 1.0),
+        )
+        for i in range(n)
+    ]
 
 
 CKPT_CASES = [  # (case id, model config of the second run, LoRA config of the second run, error text)
@@ -432,9 +508,14 @@ def _driver_env(cache: Path) -> dict:
     # one CPU device (no mesh), and a persistent compilation cache shared by all the runs:
     # the reference run fills it, so the killed runs spend their time on real work
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        XLA_FLAGS=" ".join(flags),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -451,8 +532,9 @@ class Driver:
     def start(self) -> tuple[subprocess.Popen, Path]:
         log = self.cfg.with_name(f"{self.run_dir.name}.{len(self.logs)}.log")
         with open(log, "w") as f:
-            proc = subprocess.Popen([sys.executable, str(DRIVER), str(self.cfg)], cwd=ROOT, env=self.env,
-                                    stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, str(DRIVER), str(self.cfg)], cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT
+            )
         return proc, log
 
     def complete(self, timeout: float = RUN_TIMEOUT_S) -> str:
@@ -539,8 +621,13 @@ def _assert_same_artifacts(a: Path, b: Path) -> None:
     assert len(files(a, "eval/*.jsonl")) == 4 and len(files(a, "credit/*.jsonl")) == 6
     for role in pipeline.ROLES:
         assert (a / f"adapters/{role}.safetensors").read_bytes() == (b / f"adapters/{role}.safetensors").read_bytes()
-        ha, hb = ([{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
-                   for x in (d / f"adapters/{role}_history.jsonl").read_text().splitlines()] for d in (a, b))
+        ha, hb = (
+            [
+                {k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+                for x in (d / f"adapters/{role}_history.jsonl").read_text().splitlines()
+            ]
+            for d in (a, b)
+        )
         assert ha == hb, role
     assert json.loads((a / "done.json").read_text()) == json.loads((b / "done.json").read_text())
 
@@ -665,16 +752,25 @@ def test_nan_example_weight_then_fixed_data_resumes_without_loss(nf_base, tmp_pa
     n = 12
     bad = _in_batch(n, batch=1)  # step 1 of epoch 0
     with pytest.raises(NonFiniteError, match=r"role 'generator': non-finite SFT loss at step 1 ") as info:
-        train_role(nf_base, NF_CFG, NF_LORA, NF_TRAIN, _sft(n, weights={bad: float("nan")}), None, "generator",
-                   tmp_path / "ck", progress=False)
+        train_role(
+            nf_base,
+            NF_CFG,
+            NF_LORA,
+            NF_TRAIN,
+            _sft(n, weights={bad: float("nan")}),
+            None,
+            "generator",
+            tmp_path / "ck",
+            progress=False,
+        )
     restored, meta, steps = _restore_like(tmp_path / "ck", info.value)
     assert steps[-1] == 1 and meta["stage_step"] == 1
     _same(restored["state"], info.value.state)
     # fix the data and rerun: resumes from the good checkpoint, ends where a clean run ends
-    fixed = train_role(nf_base, NF_CFG, NF_LORA, NF_TRAIN, _sft(n), None, "generator", tmp_path / "ck",
-                       progress=False)
-    clean = train_role(nf_base, NF_CFG, NF_LORA, NF_TRAIN, _sft(n), None, "generator",
-                       tmp_path / "clean", progress=False)
+    fixed = train_role(nf_base, NF_CFG, NF_LORA, NF_TRAIN, _sft(n), None, "generator", tmp_path / "ck", progress=False)
+    clean = train_role(
+        nf_base, NF_CFG, NF_LORA, NF_TRAIN, _sft(n), None, "generator", tmp_path / "clean", progress=False
+    )
     _same(fixed.adapter, clean.adapter)
     assert [h["loss"] for h in fixed.history] == [h["loss"] for h in clean.history]
 
@@ -683,8 +779,17 @@ def test_inf_pair_weight_stops_dpo_with_role_and_step(nf_base, tmp_path):
     n = 12
     bad = _in_batch(n, batch=1)
     with pytest.raises(NonFiniteError, match=r"role 'verifier': non-finite DPO loss at step 1 ") as info:
-        train_role(nf_base, NF_CFG, NF_LORA, dataclasses.replace(NF_TRAIN, sft_epochs=1), _sft(8),
-                   _dpo(n, weights={bad: float("inf")}), "verifier", tmp_path / "ck", progress=False)
+        train_role(
+            nf_base,
+            NF_CFG,
+            NF_LORA,
+            dataclasses.replace(NF_TRAIN, sft_epochs=1),
+            _sft(8),
+            _dpo(n, weights={bad: float("inf")}),
+            "verifier",
+            tmp_path / "ck",
+            progress=False,
+        )
     restored, meta, steps = _restore_like(tmp_path / "ck", info.value, n_pairs=n)
     assert meta["stage"] == "dpo" and meta["stage_step"] == 1 and steps[-1] == meta["global_step"]
     _same(restored["state"], info.value.state)
@@ -695,10 +800,22 @@ def test_pipeline_training_fault_names_role_and_keeps_last_checkpoint(reference_
     """A run whose learning rate blows up: the pipeline stops naming role and step, writes no
     adapter, and the role's checkpoint holds the last finite state."""
     _, ref_dir = reference_run
-    cfg = load_run_config(None, [f"run_dir={tmp_path / 'run'}", "model_preset=tiny", "weights=random",
-                                 "lora.rank=2", "lora.targets=[wq, wv]", "train.batch_size=2",
-                                 "train.max_seq_len=128", "train.checkpoint_every=1", "train.warmup_ratio=0",
-                                 "train.learning_rate=1e38", "train.sft_epochs=2"])
+    cfg = load_run_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "model_preset=tiny",
+            "weights=random",
+            "lora.rank=2",
+            "lora.targets=[wq, wv]",
+            "train.batch_size=2",
+            "train.max_seq_len=128",
+            "train.checkpoint_every=1",
+            "train.warmup_ratio=0",
+            "train.learning_rate=1e38",
+            "train.sft_epochs=2",
+        ],
+    )
     run_dir = pipeline.prepare_run_dir(cfg)
     shutil.copytree(ref_dir / "credit", run_dir / "credit")
     model = pipeline.load_model("random", cfg.model)
@@ -748,19 +865,19 @@ def _corpus(sentinel: Path) -> dict[str, str]:
         "1 MB newlines": "\n" * 1_000_000,
         "1 MB backslashes": "\\" * 1_000_000,
         "1 MB dollars": "$" * 1_000_000,
-        "1 MB unicode": "\u2212\u00bd\U0001F600" * 350_000,
+        "1 MB unicode": "\u2212\u00bd\U0001f600" * 350_000,
         "1 MB 'the answer is'": "the answer is " * 80_000,
         "1 MB digits and commas": "1," * 500_000,
         "regex backtracking bait": "final" + " " * 500_000 + "answer" + " " * 500_000,
         # code injection
         "__import__ os.system": f"Final Answer: {touch}",
         "__import__ in boxed": f"\\boxed{{{touch}}}",
-        "eval/exec text": f"Final Answer: eval(\"{touch}\") or exec(\"{touch}\")",
+        "eval/exec text": f'Final Answer: eval("{touch}") or exec("{touch}")',
         "open() write": f"Final Answer: open('{s}', 'w').write('x')",
         "dunder escape": "Final Answer: ().__class__.__bases__[0].__subclasses__()",
         "lambda call": f"Final Answer: (lambda: {touch})()",
         "sympy globals escape": "Final Answer: Symbol('x').__class__.__init__.__globals__['__builtins__']"
-                                f"['__import__']('os').system('touch {s}')",
+        f"['__import__']('os').system('touch {s}')",
         "latex \\input/\\write18": f"Final Answer: \\input{{{s}}} \\include{{/etc/passwd}} \\write18{{touch {s}}}",
         "shell substitution": f"Final Answer: $(touch {s}) `touch {s}`",
         "format-string probes": "Final Answer: {0.__class__.__mro__} {self.__dict__} %s%s%s%n",
@@ -778,8 +895,9 @@ GRADE_BOUND_S = 10.0  # per string, all tasks together (MATH's symbolic check al
 @pytest.fixture(scope="module")
 def graders():
     tasks = {name: get_task(name) for name in ("gsm8k", "math", "csqa", "synthetic")}
-    csqa_ex = Example("c", "Where is money kept?\nA) bank\nB) library", "A",
-                      meta={"choices": {"A": "bank", "B": "library"}})
+    csqa_ex = Example(
+        "c", "Where is money kept?\nA) bank\nB) library", "A", meta={"choices": {"A": "bank", "B": "library"}}
+    )
     # warm every code path (imports, regexes, the sympy worker) before timing and tripwires
     assert tasks["math"].grade("Final Answer: $2\\sqrt{2}$", "\\sqrt{8}") == 1
     assert tasks["gsm8k"].grade("#### 1,000", "1000") == 1 and tasks["synthetic"].grade("Final Answer: 7", "7") == 1
@@ -799,13 +917,24 @@ def _install_tripwires(mp: pytest.MonkeyPatch) -> list[str]:
                 return real(*a, **k)
             calls.append(f"{name}{a!r}"[:300])
             raise PermissionError(f"tripwire: {name}")
+
         return f
 
-    for mod, attr in ((builtins, "eval"), (builtins, "exec"), (os, "system"), (os, "popen"), (os, "execv"),
-                      (os, "execve"), (pickle, "loads")):
+    for mod, attr in (
+        (builtins, "eval"),
+        (builtins, "exec"),
+        (os, "system"),
+        (os, "popen"),
+        (os, "execv"),
+        (os, "execve"),
+        (pickle, "loads"),
+    ):
         mp.setattr(mod, attr, wire(f"{mod.__name__}.{attr}"))
-    mp.setattr(subprocess, "Popen", wire("subprocess.Popen", real_popen,
-                                         allow=lambda a, k: "malt_jax.tasks._sympy_worker" in a[0]))
+    mp.setattr(
+        subprocess,
+        "Popen",
+        wire("subprocess.Popen", real_popen, allow=lambda a, k: "malt_jax.tasks._sympy_worker" in a[0]),
+    )
     return calls
 
 
@@ -844,8 +973,7 @@ def test_injection_payloads_are_refused_not_matched(graders):
 # 5. counts
 
 CASES = {
-    "bad input": len(CONFIG_CASES) + len(TASK_CASES) + 1 + len(ROW_CASES) + 2 + len(WEIGHT_CASES)
-    + len(CKPT_CASES) + 2,
+    "bad input": len(CONFIG_CASES) + len(TASK_CASES) + 1 + len(ROW_CASES) + 2 + len(WEIGHT_CASES) + len(CKPT_CASES) + 2,
     "interruption (SIGKILL points)": 3,
     "numerical faults": 4,
     "adversarial grading strings": len(GRADING_CASES),
@@ -855,10 +983,14 @@ CASES = {
 def test_case_counts(capsys):
     assert len(GRADING_CASES) >= 30 and len(ROW_CASES) >= 10 and len(CONFIG_CASES) >= 10
     with capsys.disabled():
-        print("\nreliability cases:", ", ".join(f"{k}: {v}" for k, v in CASES.items()),
-              f"(bad input = {len(CONFIG_CASES)} config + {len(TASK_CASES)} task + 1 CLI subprocess + "
-              f"{len(ROW_CASES) + 2} data + {len(WEIGHT_CASES)} weights + {len(CKPT_CASES)} checkpoint + "
-              "1 empty training set + 1 mismatched expansion batches; grading: each string x 4 tasks' graders and extractors)")
+        print(
+            "\nreliability cases:",
+            ", ".join(f"{k}: {v}" for k, v in CASES.items()),
+            f"(bad input = {len(CONFIG_CASES)} config + {len(TASK_CASES)} task + 1 CLI subprocess + "
+            f"{len(ROW_CASES) + 2} data + {len(WEIGHT_CASES)} weights + {len(CKPT_CASES)} checkpoint + "
+            "1 empty training set + 1 mismatched expansion batches; "
+            "grading: each string x 4 tasks' graders and extractors)",
+        )
 
 
 def test_checkpoint_from_same_shape_other_model_is_refused(nf_base, tmp_path):

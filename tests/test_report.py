@@ -49,8 +49,14 @@ CREDIT = {
     "R/dpo_pairs": 40,
 }
 
-META = RunRecord(model="SmolLM2-135M-Instruct", task="synthetic", seeds=[0, 1, 2], config_hash="abc123",
-                 wall_times={"expansion": 12.34, "train": 5.0}, extra={"device": "cpu"})
+META = RunRecord(
+    model="SmolLM2-135M-Instruct",
+    task="synthetic",
+    seeds=[0, 1, 2],
+    config_hash="abc123",
+    wall_times={"expansion": 12.34, "train": 5.0},
+    extra={"device": "cpu"},
+)
 
 
 def test_report_tables_and_plots(tmp_path, results):
@@ -80,8 +86,12 @@ def test_report_tables_and_plots(tmp_path, results):
     row = next(line for line in lines if line.startswith("| MALT G->V->R vs baseline G |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     c = comps[0]
-    assert cells[1:] == ["+0.3000", "0.2500", f"[{c['bootstrap_lo']:.4f}, {c['bootstrap_hi']:.4f}]",
-                         f"{c['bootstrap_p']:.4f}"]
+    assert cells[1:] == [
+        "+0.3000",
+        "0.2500",
+        f"[{c['bootstrap_lo']:.4f}, {c['bootstrap_hi']:.4f}]",
+        f"{c['bootstrap_p']:.4f}",
+    ]
 
     # credit table: aliases folded into the role names, ordered G, V, R
     assert "| role | valid nodes | positive rate | SFT examples | DPO pairs |" in lines
@@ -106,10 +116,18 @@ def test_report_run_table_from_the_pipelines_record(tmp_path, results):
     cfg = load_run_config(Path(__file__).parents[1] / "experiments" / "smollm2_synthetic.yaml")
     record = run_record(cfg, n_train=128, n_eval=10, timings={"load": 1.0, "eval": 2.5})
     lines = write_report(tmp_path, results, [], None, record).read_text().splitlines()
-    rows = lines[lines.index("## Run") + 4:lines.index("## Accuracy") - 1]
-    assert rows == ["| Model | smollm2 |", "| Task | synthetic |", "| Questions | 10 |",
-                    "| Seeds | split 0, train 0, eval 1 |", f"| Config hash | {cfg.hash()} |", "| Wall time | load: 1.0 s, eval: 2.5 s |",
-                    "| Training questions | 128 |", "| Framing | separate |", "| Tree (n x m x l) | 3x3x3 |"]
+    rows = lines[lines.index("## Run") + 4 : lines.index("## Accuracy") - 1]
+    assert rows == [
+        "| Model | smollm2 |",
+        "| Task | synthetic |",
+        "| Questions | 10 |",
+        "| Seeds | split 0, train 0, eval 1 |",
+        f"| Config hash | {cfg.hash()} |",
+        "| Wall time | load: 1.0 s, eval: 2.5 s |",
+        "| Training questions | 128 |",
+        "| Framing | separate |",
+        "| Tree (n x m x l) | 3x3x3 |",
+    ]
 
 
 def test_report_without_credit_summary(tmp_path, results):
@@ -156,27 +174,52 @@ def test_format_table_alignment(results):
 
 
 def _epoch(stage, epoch, heldout, train=None, best=False, acc=None, margin=None):
-    rec = {"stage": stage, "epoch": epoch, "step": 2 * epoch, "learning_rate": None if epoch == 0 else 1e-3,
-           "train/loss": train, "heldout/loss": heldout, "best": best}
+    rec = {
+        "stage": stage,
+        "epoch": epoch,
+        "step": 2 * epoch,
+        "learning_rate": None if epoch == 0 else 1e-3,
+        "train/loss": train,
+        "heldout/loss": heldout,
+        "best": best,
+    }
     if stage == "sft":
         rec["heldout/accuracy"] = 0.5
     else:
-        rec.update({"train/rewards/accuracies": None if epoch == 0 else 0.75, "train/rewards/margins": None,
-                    "heldout/rewards/accuracies": acc, "heldout/rewards/margins": margin,
-                    "heldout/rewards/chosen": 0.0, "heldout/rewards/rejected": 0.0})
+        rec.update(
+            {
+                "train/rewards/accuracies": None if epoch == 0 else 0.75,
+                "train/rewards/margins": None,
+                "heldout/rewards/accuracies": acc,
+                "heldout/rewards/margins": margin,
+                "heldout/rewards/chosen": 0.0,
+                "heldout/rewards/rejected": 0.0,
+            }
+        )
     return rec
 
 
 EPOCHS = {
-    "generator": [_epoch("sft", 0, 2.5), _epoch("sft", 1, 1.75, 2.0), _epoch("sft", 2, 1.5, 1.2, best=True),
-                  _epoch("sft", 3, 1.625, 0.8)],
-    "verifier": [_epoch("sft", 0, 3.0), _epoch("sft", 1, 2.25, 2.5, best=True), _epoch("sft", 2, 2.5, 1.0),
-                 _epoch("dpo", 0, 0.6931, acc=0.0, margin=0.0), _epoch("dpo", 1, 0.5, 0.6, True, 0.8, 0.375)],
+    "generator": [
+        _epoch("sft", 0, 2.5),
+        _epoch("sft", 1, 1.75, 2.0),
+        _epoch("sft", 2, 1.5, 1.2, best=True),
+        _epoch("sft", 3, 1.625, 0.8),
+    ],
+    "verifier": [
+        _epoch("sft", 0, 3.0),
+        _epoch("sft", 1, 2.25, 2.5, best=True),
+        _epoch("sft", 2, 2.5, 1.0),
+        _epoch("dpo", 0, 0.6931, acc=0.0, margin=0.0),
+        _epoch("dpo", 1, 0.5, 0.6, True, 0.8, 0.375),
+    ],
     "refiner": [],
 }
-COUNTS = {"generator": {"sft": 12, "sft_heldout": 4, "dpo": 0, "dpo_heldout": 0},
-          "verifier": {"sft": 20, "sft_heldout": 5, "dpo": 9, "dpo_heldout": 3},
-          "refiner": {"sft": 0, "sft_heldout": 0, "dpo": 0, "dpo_heldout": 0, "trained": False}}
+COUNTS = {
+    "generator": {"sft": 12, "sft_heldout": 4, "dpo": 0, "dpo_heldout": 0},
+    "verifier": {"sft": 20, "sft_heldout": 5, "dpo": 9, "dpo_heldout": 3},
+    "refiner": {"sft": 0, "sft_heldout": 0, "dpo": 0, "dpo_heldout": 0, "trained": False},
+}
 
 
 def test_plot_training_curves_writes_png(tmp_path):
@@ -192,8 +235,9 @@ def test_training_section_numbers():
     assert "| generator | DPO | 0 / 0 | 0 | - | not run |  |  |  |" in lines
     assert "| verifier | SFT | 20 / 5 | 2 | 1 | 3.0000 | 2.2500 | - | - |" in lines
     assert "| verifier | DPO | 9 / 3 | 1 | 1 | 0.6931 | 0.5000 | 0.8000 | +0.3750 |" in lines
-    assert any(line.startswith("| refiner |") and "no positive examples: keeps the base model" in line
-               for line in lines)
+    assert any(
+        line.startswith("| refiner |") and "no positive examples: keeps the base model" in line for line in lines
+    )
     # without a "trained" flag, a role with no records and no data is recognised as untrained
     lines = training_section({"R": []}, {"R": {"sft": 0, "dpo": 0}})
     assert any("keeps the base model" in line for line in lines)

@@ -29,14 +29,15 @@ def _greedy_no_cache(params, prompt, steps):
     for _ in range(steps):
         logits, _ = llama.forward(params, jnp.asarray([seq]), llama.causal_positions(1, len(seq)), CFG)
         seq.append(int(jnp.argmax(logits[0, -1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def _gen(params, prompts, sc, keys=None, stop=StopCriteria(), n=12, bucket=16):
     x, lens = sampling.pad_batch(prompts, bucket=bucket)
     keys = sampling.row_keys(0, len(prompts)) if keys is None else keys
-    return sampling.generate(params, jnp.asarray(x), jnp.asarray(lens), keys, cfg=CFG, sampling=sc,
-                             stop=stop, max_new_tokens=n)
+    return sampling.generate(
+        params, jnp.asarray(x), jnp.asarray(lens), keys, cfg=CFG, sampling=sc, stop=stop, max_new_tokens=n
+    )
 
 
 def test_greedy_cache_equals_recompute(params):
@@ -53,7 +54,7 @@ def test_logps_match_teacher_forcing(params):
     for i, (p, out) in enumerate(zip(prompts, sampling.trim(g))):
         seq = jnp.asarray([p + out])
         logits, _ = llama.forward(params, seq, llama.causal_positions(1, seq.shape[1]), CFG)
-        lp = jax.nn.log_softmax(logits[0, len(p) - 1:-1], -1)
+        lp = jax.nn.log_softmax(logits[0, len(p) - 1 : -1], -1)
         ref = np.take_along_axis(np.asarray(lp), np.asarray(out)[:, None], 1)[:, 0]
         np.testing.assert_allclose(np.asarray(g.logps[i, : len(out)]), ref, rtol=1e-4, atol=1e-4)
 
@@ -134,10 +135,20 @@ def test_compacting_live_rows_changes_nothing(params):
     for levels in (0, 2):
         sc = SamplingConfig(temperature=1.0, compact_levels=levels)
         cache = llama.KVCache.zeros(CFG, 32, 16 + 20)
-        logits, cache = sampling.prefill(params, CFG, cache, jnp.asarray(x), jnp.asarray(lens), jnp.zeros(32, jnp.int32))
+        logits, cache = sampling.prefill(
+            params, CFG, cache, jnp.asarray(x), jnp.asarray(lens), jnp.zeros(32, jnp.int32)
+        )
         outs[levels] = jax.jit(sampling.decode, static_argnames=("cfg", "sampling", "stop", "max_new_tokens"))(
-            params, cache=cache, logits=logits, pos=jnp.asarray(lens), keys=keys, cfg=CFG, sampling=sc, stop=stop,
-            max_new_tokens=20)
+            params,
+            cache=cache,
+            logits=logits,
+            pos=jnp.asarray(lens),
+            keys=keys,
+            cfg=CFG,
+            sampling=sc,
+            stop=stop,
+            max_new_tokens=20,
+        )
     (g0, c0), (g2, c2) = outs[0], outs[2]
     lengths = np.asarray(g0.lengths)
     assert lengths.min() < 5 and (lengths >= 12).sum() >= 3, lengths  # both early and late enders

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from malt_jax import data as D
-from malt_jax import sampling
+from malt_jax import data as D, sampling
 from malt_jax.config import LoraConfig, ModelConfig, SamplingConfig, TrainConfig
 from malt_jax.distributed import put
 from malt_jax.model.llama import init_params
 from malt_jax.model.lora import init_lora
-from malt_jax.sharding import (ACTIVATION_AXES, constrain, make_mesh, mesh_context, param_shardings, spec_for)
+from malt_jax.sharding import ACTIVATION_AXES, constrain, make_mesh, mesh_context, param_shardings, spec_for
 from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings
 
 B = 8  # examples per step (DPO: pairs)
@@ -118,15 +117,18 @@ def test_training_steps_keep_the_tables_shardings(kind, mesh):
 def test_decode_keeps_the_cache_and_activations_sharded(mesh):
     rng = np.random.default_rng(1)
     rows, prompt, new = 8, 8, 8
-    params = put(init_params(CFG, jax.random.key(0)), param_shardings(
-        jax.eval_shape(lambda: init_params(CFG, jax.random.key(0))), mesh))
+    params = put(
+        init_params(CFG, jax.random.key(0)),
+        param_shardings(jax.eval_shape(lambda: init_params(CFG, jax.random.key(0))), mesh),
+    )
     bsh = NamedSharding(mesh, P(BATCH))
     x = put(rng.integers(1, 200, (rows, prompt)).astype(np.int32), NamedSharding(mesh, P(BATCH, None)))
     n = put(np.full(rows, prompt, np.int32), bsh)
     keys = put(sampling.row_keys(0, rows), bsh)
     with mesh_context(mesh):
-        lowered = sampling.generate.lower(params, x, n, keys, cfg=CFG, sampling=SamplingConfig(temperature=1.0),
-                                          max_new_tokens=new)
+        lowered = sampling.generate.lower(
+            params, x, n, keys, cfg=CFG, sampling=SamplingConfig(temperature=1.0), max_new_tokens=new
+        )
     cache_shape = (CFG.n_layers, rows, CFG.n_kv_heads, prompt + new, CFG.head_dim)
     cons = _constraints(lowered)
     assert ('[{}, {"data", "fsdp"}, {"tensor"}, {}, {}]', cache_shape) in cons  # the KV cache's axes
@@ -143,6 +145,8 @@ def test_decode_keeps_the_cache_and_activations_sharded(mesh):
 def test_constrain_is_a_no_op_without_a_mesh_and_checks_rank(mesh):
     x = np.ones((4, 3, 64), np.float32)
     assert constrain(x, "residual") is x
-    with mesh_context(mesh):
-        with pytest.raises(ValueError, match=r"constrain\('q'\): 4 logical axes for an array of shape \(4, 3, 64\)"):
-            jax.jit(lambda a: constrain(a, "q"))(x)
+    with (
+        mesh_context(mesh),
+        pytest.raises(ValueError, match=r"constrain\('q'\): 4 logical axes for an array of shape \(4, 3, 64\)"),
+    ):
+        jax.jit(lambda a: constrain(a, "q"))(x)

@@ -47,8 +47,15 @@ def test_summaries_follow_the_schema(study):
         for key in ("experiment", "command", "n_train", "n_eval", "systems", "comparisons", "training", "wall_time_s"):
             assert key in s
         assert s["n_train"] == k and s["command"] == "malt-jax study cfg.yaml"
-        assert set(s["systems"]) >= {"single", "single+MV@3", "chain", "chain+MV@3", "malt", "malt+MV@3",
-                                     "single-greedy"}
+        assert set(s["systems"]) >= {
+            "single",
+            "single+MV@3",
+            "chain",
+            "chain+MV@3",
+            "malt",
+            "malt+MV@3",
+            "single-greedy",
+        }
         # the SFT-only chain is evaluated at the largest size only (study.sft_chain: largest)
         assert ("sft-chain+MV@3" in s["systems"]) == (k == 4)
         for v in s["systems"].values():
@@ -58,7 +65,9 @@ def test_summaries_follow_the_schema(study):
         assert all({"a", "b", "diff", "p", "p_holm"} <= set(c) for c in s["comparisons"])
         assert all(c["p_holm"] >= c["p"] for c in s["comparisons"] if not c["primary"])
         for role in ("G", "V", "R"):
-            assert {"heldout_dpo_accuracy", "heldout_sft_loss_start", "heldout_sft_loss_end"} <= set(s["training"][role])
+            assert {"heldout_dpo_accuracy", "heldout_sft_loss_start", "heldout_sft_loss_end"} <= set(
+                s["training"][role]
+            )
         assert set(s["verifier"]) == ({"chain", "sft-chain", "malt"} if k == 4 else {"chain", "malt"})
     assert (tmp / "results" / "tiny-study.png").stat().st_size > 1000
 
@@ -75,10 +84,14 @@ def test_sizes_are_nested_and_baselines_shared(study):
     assert large_g[: len(small_g)] == small_g
     # baselines: sampled once, the same rows in every size
     for k in (2, 4):
-        assert (size_dir(run_dir, k) / "eval" / "chain.jsonl").read_text() == (run_dir / "eval" / "chain.jsonl").read_text()
+        assert (size_dir(run_dir, k) / "eval" / "chain.jsonl").read_text() == (
+            run_dir / "eval" / "chain.jsonl"
+        ).read_text()
     for name in ("single", "chain", "single-greedy"):
-        assert out["baselines"][name]["accuracy"] == json.loads(
-            (tmp / "results" / "tiny-study_n0002.json").read_text())["systems"][name]["accuracy"]
+        assert (
+            out["baselines"][name]["accuracy"]
+            == json.loads((tmp / "results" / "tiny-study_n0002.json").read_text())["systems"][name]["accuracy"]
+        )
 
 
 def test_rerun_resumes_without_work(study):

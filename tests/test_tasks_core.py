@@ -12,13 +12,13 @@ from malt_jax.tasks import (
     Example,
     RolePrompts,
     default_prompts,
+    exprparse,
     get_task,
     role_messages,
     split_examples,
     task_options,
     train_eval_sets,
 )
-from malt_jax.tasks import exprparse
 from malt_jax.tasks.synthetic import SyntheticArithmetic
 
 # ----------------------------------------------------------------------------- registry
@@ -176,8 +176,7 @@ def test_synthetic_deterministic_and_disjoint() -> None:
 
 
 def test_synthetic_answers_are_exact_and_gradeable() -> None:
-    task = get_task("synthetic", max_value=20, steps=3, ops="+-*", distractors=2,
-                    test_size=200)
+    task = get_task("synthetic", max_value=20, steps=3, ops="+-*", distractors=2, test_size=200)
     for ex in task.load("test"):
         assert int(ex.answer) == eval_expression(ex.meta["expression"]) >= 1
         assert ex.meta["steps"] == 3
@@ -200,7 +199,6 @@ def test_synthetic_knobs() -> None:
 
 
 def test_synthetic_small_space_returns_what_exists() -> None:
-    task = get_task("synthetic", num_range=(1, 2), steps=1, ops="+", style="expression",
-                    test_size=50)
+    task = get_task("synthetic", num_range=(1, 2), steps=1, ops="+", style="expression", test_size=50)
     rows = task.load("test")
     assert 0 < len(rows) < 50 and len({e.question for e in rows}) == len(rows)

@@ -96,20 +96,18 @@ def test_gsm8k_tfds_round_trip_without_tensorflow(tmp_path: Path) -> None:
 
 
 def math_problem(solution: str, **extra: object) -> dict[str, object]:
-    return {"problem": "Compute it.", "level": "Level 2", "type": "Algebra",
-            "solution": solution, **extra}
+    return {"problem": "Compute it.", "level": "Level 2", "type": "Algebra", "solution": solution, **extra}
 
 
 def test_math_json_tree(tmp_path: Path) -> None:
     root = tmp_path / "MATH"
     (root / "train" / "algebra").mkdir(parents=True)
     (root / "test" / "geometry").mkdir(parents=True)
-    (root / "train" / "algebra" / "1.json").write_text(
-        json.dumps(math_problem(r"So $x=\boxed{\frac{1}{2}}$.")))
+    (root / "train" / "algebra" / "1.json").write_text(json.dumps(math_problem(r"So $x=\boxed{\frac{1}{2}}$.")))
     (root / "train" / "algebra" / "2.json").write_text(
-        json.dumps(math_problem(r"First \boxed{1}, finally \fbox{\{1, 2\}}")))
-    (root / "test" / "geometry" / "7.json").write_text(
-        json.dumps(math_problem(r"\boxed{\dfrac{\sqrt{3}}{2}}")))
+        json.dumps(math_problem(r"First \boxed{1}, finally \fbox{\{1, 2\}}"))
+    )
+    (root / "test" / "geometry" / "7.json").write_text(json.dumps(math_problem(r"\boxed{\dfrac{\sqrt{3}}{2}}")))
     task = get_task("math", path=root)
     train = task.load("train")
     assert [e.answer for e in train] == [r"\frac{1}{2}", r"\{1, 2\}"]
@@ -136,8 +134,14 @@ def test_math_malformed_file_named(tmp_path: Path) -> None:
 
 def test_math500_jsonl(tmp_path: Path) -> None:
     rows = [
-        {"problem": "p1", "answer": r"\left( 3, \frac{\pi}{2} \right)", "solution": "...",
-         "subject": "Precalculus", "level": 2, "unique_id": "test/precalculus/807.json"},
+        {
+            "problem": "p1",
+            "answer": r"\left( 3, \frac{\pi}{2} \right)",
+            "solution": "...",
+            "subject": "Precalculus",
+            "level": 2,
+            "unique_id": "test/precalculus/807.json",
+        },
         {"problem": "p2", "solution": "no answer field"},
     ]
     path = write_jsonl(tmp_path / "test.jsonl", rows)
@@ -158,8 +162,7 @@ CSQA_ORIGINAL = {
         "question_concept": "books",
         "stem": "Where do you borrow books?",
         "choices": [
-            {"label": label, "text": text}
-            for label, text in zip("ABCDE", ["bank", "library", "mall", "zoo", "sea"])
+            {"label": label, "text": text} for label, text in zip("ABCDE", ["bank", "library", "mall", "zoo", "sea"])
         ],
     },
 }
@@ -179,7 +182,13 @@ def test_csqa_both_layouts(tmp_path: Path) -> None:
     (orig,) = task.load("train")
     assert orig.answer == "B" and orig.id == "q1"
     assert orig.question.splitlines() == [
-        "Where do you borrow books?", "A) bank", "B) library", "C) mall", "D) zoo", "E) sea"]
+        "Where do you borrow books?",
+        "A) bank",
+        "B) library",
+        "C) mall",
+        "D) zoo",
+        "E) sea",
+    ]
     assert orig.meta["choices"]["B"] == "library" and orig.meta["concept"] == "books"
     (hf,) = task.load("validation")  # "dev" file serves the validation split
     assert hf.answer == "A" and hf.meta["choices"]["A"] == "complete job"

@@ -78,7 +78,7 @@ class ReferenceBPE:
     def pieces(self, text: str) -> list[str]:
         out, pos = [], 0
         for m in DIGIT_RE.finditer(text):
-            out += GPT2_RE.findall(text[pos:m.start()]) + [m.group()]
+            out += GPT2_RE.findall(text[pos : m.start()]) + [m.group()]
             pos = m.end()
         return out + GPT2_RE.findall(text[pos:])
 
@@ -120,7 +120,9 @@ def tok(reader: gguf.GGUFReader) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def ref(reader: gguf.GGUFReader) -> ReferenceBPE:
-    return ReferenceBPE(reader.fields["tokenizer.ggml.tokens"].contents(), reader.fields["tokenizer.ggml.merges"].contents())
+    return ReferenceBPE(
+        reader.fields["tokenizer.ggml.tokens"].contents(), reader.fields["tokenizer.ggml.merges"].contents()
+    )
 
 
 # ------------------------------------------------------------------ GGUF SmolLM2
@@ -172,11 +174,25 @@ def _tiny_tokenizer_json() -> dict:
     chars = ["h", "e", "l", "o", "Ġ", "w", "r", "d", "!"]
     merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"]
     vocab = {t: i for i, t in enumerate(specials + chars + [m.replace(" ", "") for m in merges])}
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, t in enumerate(specials)]
+    added = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, t in enumerate(specials)
+    ]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
         "pre_tokenizer": byte_level,
         "post_processor": {
             "type": "TemplateProcessing",
@@ -185,17 +201,27 @@ def _tiny_tokenizer_json() -> dict:
             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
         },
         "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
-                  "merges": merges},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
     }
 
 
 def test_tiny_tokenizer_json(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text(json.dumps(_tiny_tokenizer_json()))
-    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] != 'user' %}"
-                "{{ raise_exception('only user turns, got ' + m['role']) }}{% endif %}"
-                "{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'user' %}"
+        "{{ raise_exception('only user turns, got ' + m['role']) }}{% endif %}"
+        "{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
     cfg = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": template}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = load_tokenizer(tmp_path)  # picks up tokenizer_config.json next to tokenizer.json
@@ -263,8 +289,11 @@ def test_errors(tmp_path: Path) -> None:
 
 def test_field_value_fallback_from_raw_parts() -> None:
     """Old gguf versions have no ReaderField.contents(): values are decoded from the raw parts."""
-    strings = SimpleNamespace(types=[gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING], data=[1, 3],
-                              parts=[None, np.frombuffer(b"Hi", np.uint8), None, np.frombuffer("é".encode(), np.uint8)])
+    strings = SimpleNamespace(
+        types=[gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING],
+        data=[1, 3],
+        parts=[None, np.frombuffer(b"Hi", np.uint8), None, np.frombuffer("é".encode(), np.uint8)],
+    )
     scalar = SimpleNamespace(types=[gguf.GGUFValueType.UINT32], data=[0], parts=[np.array([7], np.uint32)])
     assert _field_value(strings) == ["Hi", "é"]
     assert _field_value(scalar) == 7

@@ -6,8 +6,7 @@ import math
 import jax
 import numpy as np
 import pytest
-
-from tests.fixtures import numpy_random_params
+from jax.sharding import PartitionSpec as P
 
 from malt_jax import data as D
 from malt_jax.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
@@ -15,26 +14,55 @@ from malt_jax.losses import sequence_logps, sft_loss
 from malt_jax.model.llama import causal_positions, forward
 from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.sharding import make_mesh
-from jax.sharding import PartitionSpec as P
-from malt_jax.train import (NonFiniteError, RoleTraining, ScheduleState, Stepper, TrainState, heldout_metrics,
-                            make_optimizer, optax_schedule, reference_logps, train_role, warmup_steps)
+from malt_jax.train import (
+    NonFiniteError,
+    RoleTraining,
+    ScheduleState,
+    Stepper,
+    TrainState,
+    heldout_metrics,
+    make_optimizer,
+    optax_schedule,
+    reference_logps,
+    train_role,
+    warmup_steps,
+)
+from tests.fixtures import numpy_random_params
 
 CFG = ModelConfig.tiny(n_layers=1)
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))  # few leaves: faster compiles
-TRAIN = TrainConfig(learning_rate=1e-2, dpo_learning_rate=1e-2, warmup_ratio=0.1, batch_size=8, grad_accum=1,
-                    max_seq_len=32, grad_clip=1.0, sft_epochs=1, dpo_epochs=1, checkpoint_every=2)
+TRAIN = TrainConfig(
+    learning_rate=1e-2,
+    dpo_learning_rate=1e-2,
+    warmup_ratio=0.1,
+    batch_size=8,
+    grad_accum=1,
+    max_seq_len=32,
+    grad_clip=1.0,
+    sft_epochs=1,
+    dpo_epochs=1,
+    checkpoint_every=2,
+)
 
 
 def _sft_examples(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [D.SFTExample(list(rng.integers(1, 256, rng.integers(2, 8))), list(rng.integers(1, 256, rng.integers(2, 9))))
-            for _ in range(n)]
+    return [
+        D.SFTExample(list(rng.integers(1, 256, rng.integers(2, 8))), list(rng.integers(1, 256, rng.integers(2, 9))))
+        for _ in range(n)
+    ]
 
 
 def _dpo_examples(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [D.DPOExample(list(rng.integers(1, 256, rng.integers(2, 8))), list(rng.integers(1, 256, rng.integers(2, 9))),
-                         list(rng.integers(1, 256, rng.integers(2, 9)))) for _ in range(n)]
+    return [
+        D.DPOExample(
+            list(rng.integers(1, 256, rng.integers(2, 8))),
+            list(rng.integers(1, 256, rng.integers(2, 9))),
+            list(rng.integers(1, 256, rng.integers(2, 9))),
+        )
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +237,9 @@ def test_role_without_data_keeps_base_model(base, tmp_path, caplog):
 
 def test_train_role_sft_then_dpo(base, tmp_path, caplog):
     cfg = dataclasses.replace(TRAIN, dpo_reference="base")
-    res = train_role(base, CFG, LORA, cfg, _sft_examples(12), _dpo_examples(5), "refiner",
-                     tmp_path / "ck", progress=False)
+    res = train_role(
+        base, CFG, LORA, cfg, _sft_examples(12), _dpo_examples(5), "refiner", tmp_path / "ck", progress=False
+    )
     hist = res.history
     stages = [h["stage"] for h in hist]
     assert stages == ["sft"] * 2 + ["dpo"]  # ceil(12/8) SFT steps, ceil(5/8) DPO step
@@ -219,19 +248,23 @@ def test_train_role_sft_then_dpo(base, tmp_path, caplog):
     assert res.trained and res.counts == {"sft": 12, "sft_heldout": 0, "dpo": 5, "dpo_heldout": 0}
     # no held-out sets: every epoch runs, the last is kept; records exist without held-out values
     assert [(e["stage"], e["epoch"], e["best"]) for e in res.epochs] == [
-        ("sft", 0, False), ("sft", 1, True), ("dpo", 0, False), ("dpo", 1, True)]
+        ("sft", 0, False),
+        ("sft", 1, True),
+        ("dpo", 0, False),
+        ("dpo", 1, True),
+    ]
     assert res.epochs[1]["heldout/loss"] is None
     assert res.epochs[1]["train/loss"] == np.mean([h["loss"] for h in hist[:2]])
     assert res.epochs[3]["train/rewards/margins"] == hist[2]["rewards/margins"]
     # re-running on a finished directory resumes at the end: no more steps
-    again = train_role(base, CFG, LORA, cfg, _sft_examples(12), _dpo_examples(5), "refiner",
-                       tmp_path / "ck", progress=False)
+    again = train_role(
+        base, CFG, LORA, cfg, _sft_examples(12), _dpo_examples(5), "refiner", tmp_path / "ck", progress=False
+    )
     assert len(again.history) == 3 and again.epochs == res.epochs
     _close(res.adapter, again.adapter, rtol=0, atol=0)
     _close(res.sft_adapter, again.sft_adapter, rtol=0, atol=0)
     with caplog.at_level("WARNING"):
-        h3 = train_role(base, CFG, LORA, cfg, _sft_examples(3), None, "generator", tmp_path / "ck2",
-                        progress=False)
+        h3 = train_role(base, CFG, LORA, cfg, _sft_examples(3), None, "generator", tmp_path / "ck2", progress=False)
     assert [h["stage"] for h in h3.history] == ["sft"] and "skipping dpo stage" in caplog.text
     _close(h3.adapter, h3.sft_adapter, rtol=0, atol=0)
 
@@ -277,12 +310,19 @@ def _contradicting(seed=0):
 def _preference(n, seed):
     """DPO pairs with a learnable preference: chosen '9 9 9', rejected '11 11 11', random prompts."""
     rng = np.random.default_rng(seed)
-    return [D.DPOExample(list(rng.integers(20, 256, rng.integers(2, 6))), [9, 9, 9], [11, 11, 11])
-            for _ in range(n)]
+    return [D.DPOExample(list(rng.integers(20, 256, rng.integers(2, 6))), [9, 9, 9], [11, 11, 11]) for _ in range(n)]
 
 
-SEL = dataclasses.replace(TRAIN, learning_rate=3e-2, dpo_learning_rate=3e-2, batch_size=4, sft_epochs=6,
-                          dpo_epochs=2, checkpoint_every=100, early_stop_patience=0)
+SEL = dataclasses.replace(
+    TRAIN,
+    learning_rate=3e-2,
+    dpo_learning_rate=3e-2,
+    batch_size=4,
+    sft_epochs=6,
+    dpo_epochs=2,
+    checkpoint_every=100,
+    early_stop_patience=0,
+)
 BEST = 3  # the best SFT epoch of _contradicting under SEL (2 steps per epoch)
 
 
@@ -290,8 +330,18 @@ BEST = 3  # the best SFT epoch of _contradicting under SEL (2 steps per epoch)
 def sft_after_best(base, tmp_path_factory):
     """The adapter of an independent run (no held-out set, same schedule) after exactly BEST epochs."""
     train, _ = _contradicting()
-    res = train_role(base, CFG, LORA, SEL, train, None, "generator", tmp_path_factory.mktemp("ind"),
-                     progress=False, stop_after_steps=2 * BEST)
+    res = train_role(
+        base,
+        CFG,
+        LORA,
+        SEL,
+        train,
+        None,
+        "generator",
+        tmp_path_factory.mktemp("ind"),
+        progress=False,
+        stop_after_steps=2 * BEST,
+    )
     assert len(res.history) == 2 * BEST
     return res.adapter
 
@@ -300,14 +350,13 @@ def sft_after_best(base, tmp_path_factory):
 def test_heldout_selects_best_epoch_and_stops_early(base, tmp_path, sft_after_best, patience, last_epoch):
     train, held = _contradicting()
     cfg = dataclasses.replace(SEL, early_stop_patience=patience)
-    res = train_role(base, CFG, LORA, cfg, train, None, "generator", tmp_path / "ck", progress=False,
-                     sft_heldout=held)
+    res = train_role(base, CFG, LORA, cfg, train, None, "generator", tmp_path / "ck", progress=False, sft_heldout=held)
     ep = res.epochs
     assert [e["epoch"] for e in ep] == list(range(last_epoch + 1)) and {e["stage"] for e in ep} == {"sft"}
     assert len(res.history) == 2 * last_epoch  # stopped after `patience` epochs without improvement
     assert [e["best"] for e in ep] == [e["epoch"] == BEST for e in ep]
     losses = [e["heldout/loss"] for e in ep]
-    assert losses[BEST] == min(losses) and losses[1] < losses[0] and all(x > losses[BEST] for x in losses[BEST + 1:])
+    assert losses[BEST] == min(losses) and losses[1] < losses[0] and all(x > losses[BEST] for x in losses[BEST + 1 :])
     assert ep[0]["train/loss"] is None and ep[0]["learning_rate"] is None and ep[0]["step"] == 0
     for e in ep[1:]:
         steps = [h for h in res.history if h["epoch"] == e["epoch"] - 1]
@@ -327,8 +376,19 @@ def test_heldout_selects_best_epoch_and_stops_early(base, tmp_path, sft_after_be
 def test_dpo_starts_from_best_sft_and_heldout_rewards_match_logps(base, tmp_path, sft_after_best):
     train, held = _contradicting()
     dpo, dpo_held = _preference(6, seed=1), _preference(5, seed=2)
-    res = train_role(base, CFG, LORA, SEL, train, dpo, "generator", tmp_path / "ck", progress=False,
-                     sft_heldout=held, dpo_heldout=dpo_held)
+    res = train_role(
+        base,
+        CFG,
+        LORA,
+        SEL,
+        train,
+        dpo,
+        "generator",
+        tmp_path / "ck",
+        progress=False,
+        sft_heldout=held,
+        dpo_heldout=dpo_held,
+    )
     assert res.counts == {"sft": 8, "sft_heldout": 6, "dpo": 6, "dpo_heldout": 5}
     sft_ep = [e for e in res.epochs if e["stage"] == "sft"]
     assert [e["epoch"] for e in sft_ep if e["best"]] == [BEST] and len(sft_ep) == 7
@@ -403,9 +463,11 @@ def test_completion_scoring_and_frozen_hidden_equal_the_full_step(base, kind):
     for r in range(got.shape[0]):  # equal on each row's real positions (zeros after them)
         n = lengths[r] if lengths else int(D.completion_index(batch["loss_mask"])[0][r].max()) + 1
         np.testing.assert_allclose(got[r, :n], want[r, :n], rtol=1e-5, atol=1e-6)
-    full = {**batch, "comp_index": np.tile(np.arange(batch["tokens"].shape[1], dtype=np.int32),
-                                           (batch["tokens"].shape[0], 1)),
-            "comp_valid": np.ones(batch["tokens"].shape, np.float32)}  # every position: the old path
+    full = {
+        **batch,
+        "comp_index": np.tile(np.arange(batch["tokens"].shape[1], dtype=np.int32), (batch["tokens"].shape[0], 1)),
+        "comp_valid": np.ones(batch["tokens"].shape, np.float32),
+    }  # every position: the old path
     variants = [full, batch, {**batch, "hidden": hid.rows(idx, batch["tokens"].shape[1])}]
     outs = [stepper(params, state, v, *args) for v in variants]
     for new, m in outs[1:]:
@@ -442,8 +504,7 @@ def test_optimizer_equals_optax_adamw_with_warmup_cosine(total, ratio, wd):
     ours = make_optimizer(train_cfg, total, peak)
     warmup = warmup_steps(ratio, total)
     sched = optax_schedule(peak, warmup, total)
-    ref = optax.chain(optax.clip_by_global_norm(0.5),
-                      optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd))
+    ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd))
     # the schedule itself: warmup starts at peak / warmup, reaches peak, cosine decays to ~0
     lrs = np.array([float(sched(t)) for t in range(total)])
     if warmup:
@@ -454,8 +515,9 @@ def test_optimizer_equals_optax_adamw_with_warmup_cosine(total, ratio, wd):
     s_ours, s_ref = ours.init(p_ours), ref.init(p_ref)
     rng = np.random.default_rng(0)
     for t in range(total):
-        g = jax.tree.map(lambda x: (rng.normal(size=x.shape) * (3.0 if t % 5 == 0 else 0.1)).astype(np.float32),
-                         params)  # some steps clipped, some not
+        g = jax.tree.map(
+            lambda x, t=t: (rng.normal(size=x.shape) * (3.0 if t % 5 == 0 else 0.1)).astype(np.float32), params
+        )  # some steps clipped, some not
         u_ours, s_ours = ours.update(g, s_ours, p_ours)
         u_ref, s_ref = ref.update(g, s_ref, p_ref)
         _close(u_ours, u_ref, rtol=1e-5, atol=1e-6)

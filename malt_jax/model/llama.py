@@ -32,7 +32,7 @@ slots ``<= p``. Rows therefore advance independently (ragged prompts, forked tre
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, overload
 
 import flax.struct
 import jax
@@ -46,8 +46,7 @@ Params = dict[str, Any]
 LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
-@flax.struct.dataclass
-class KVCache:
+class KVCache(flax.struct.PyTreeNode):
     """Keys/values of every layer, plus (optionally) the hidden state entering layer ``hidden_at``.
 
     ``h`` lets a role with an adapter on the top layers only re-use another role's cache: the
@@ -69,8 +68,9 @@ class KVCache:
         return self.k.shape[1]
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None, hidden_at: int = 0,
-              after: Any = None) -> "KVCache":
+    def zeros(
+        cls, cfg: ModelConfig, batch: int, size: int, dtype: Any = None, hidden_at: int = 0, after: Any = None
+    ) -> KVCache:
         """An empty cache. ``after`` (any arrays): allocate it only once they are computed. A
         zero buffer depends on nothing, so XLA may create it at the start of the program and keep
         it alive through everything before its first use (e.g. every level of a tree at once)."""
@@ -86,18 +86,20 @@ class KVCache:
         zeros = lambda: constrain(jnp.broadcast_to(zero, shape), "kv_cache")  # noqa: E731
         return cls(k=zeros(), v=zeros(), h=h, hidden_at=hidden_at)
 
-    def _map(self, kv_fn, h_fn) -> "KVCache":
+    def _map(self, kv_fn, h_fn) -> KVCache:
         return self.replace(k=kv_fn(self.k), v=kv_fn(self.v), h=None if self.h is None else h_fn(self.h))
 
-    def grow(self, size: int) -> "KVCache":
+    def grow(self, size: int) -> KVCache:
         """The same cache with ``size`` slots (new slots zero); ``size`` must not shrink it."""
         if size < self.size:
             raise ValueError(f"KVCache.grow: {size} slots < current {self.size}")
         extra = size - self.size
-        return self._map(lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, extra), (0, 0)]),
-                         lambda h: jnp.pad(h, [(0, 0), (0, extra), (0, 0)]))
+        return self._map(
+            lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, extra), (0, 0)]),
+            lambda h: jnp.pad(h, [(0, 0), (0, extra), (0, 0)]),
+        )
 
-    def repeat(self, times: int) -> "KVCache":
+    def repeat(self, times: int) -> KVCache:
         """Forks every row ``times`` times (row b -> rows b*times .. b*times+times-1)."""
         return self._map(lambda x: jnp.repeat(x, times, axis=1), lambda h: jnp.repeat(h, times, axis=0))
 
@@ -111,8 +113,13 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
     dt = jnp.dtype(cfg.param_dtype)
     L, D, H, K, hd, F = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
     shapes = {
-        "wq": (L, D, H * hd), "wk": (L, D, K * hd), "wv": (L, D, K * hd), "wo": (L, H * hd, D),
-        "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+        "wq": (L, D, H * hd),
+        "wk": (L, D, K * hd),
+        "wv": (L, D, K * hd),
+        "wo": (L, H * hd, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
     }
     keys = jax.random.split(key, len(shapes) + 2)
     layers = {name: (std * jax.random.normal(k, s)).astype(dt) for (name, s), k in zip(shapes.items(), keys)}
@@ -244,8 +251,14 @@ def attention(
 
 
 def cached_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-    q_pos: jax.Array, old_len: jax.Array, valid: jax.Array,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    q_pos: jax.Array,
+    old_len: jax.Array,
+    valid: jax.Array,
 ) -> jax.Array:
     """Grouped-query attention of new tokens over a KV cache and over themselves.
 
@@ -266,13 +279,42 @@ def cached_attention(
     s_old = jnp.where(m_old[:, None, None, None, :], s_old, neg)
     s_new = jnp.where(m_new[:, None, None, :, :], s_new, neg)
     probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cache_v)
-           + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v))
+    out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cache_v) + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v)
     return out.reshape(B, T, H * hd)
 
 
 # ----------------------------------------------------------------------------------------------
 # forward
+
+
+@overload
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    *,
+    cache: KVCache,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    token_valid: jax.Array | None = None,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, KVCache]: ...
+
+
+@overload
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    *,
+    cache: None = None,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    token_valid: jax.Array | None = None,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, None]: ...
 
 
 def forward(
@@ -327,19 +369,41 @@ def hidden_at(params: Params, tokens: jax.Array, cfg: ModelConfig, layer: int) -
     return x
 
 
-def forward_from(params: Params, hidden: jax.Array, cfg: ModelConfig, layer: int, *, lora: Params | None = None,
-                 lora_scale: float = 1.0) -> jax.Array:
+def forward_from(
+    params: Params,
+    hidden: jax.Array,
+    cfg: ModelConfig,
+    layer: int,
+    *,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+) -> jax.Array:
     """Final (normed) hidden states of causal rows from the hidden states ``hidden`` [B, T, dim]
     entering layer ``layer`` (:func:`hidden_at`): ``forward(..., return_hidden=True)`` without
     re-running the layers below ``layer``."""
     B, T = hidden.shape[:2]
-    x, _ = _decoder(params, hidden.astype(jnp.dtype(cfg.dtype)), causal_positions(B, T), cfg, None, lora,
-                    lora_scale, None, first_layer=layer)
+    x, _ = _decoder(
+        params,
+        hidden.astype(jnp.dtype(cfg.dtype)),
+        causal_positions(B, T),
+        cfg,
+        None,
+        lora,
+        lora_scale,
+        None,
+        first_layer=layer,
+    )
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 
-def refresh_top(params: Params, cfg: ModelConfig, cache: KVCache, lengths: jax.Array,
-                lora: Params | None = None, lora_scale: float = 1.0) -> KVCache:
+def refresh_top(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    lengths: jax.Array,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+) -> KVCache:
     """Recomputes the keys/values of layers ``cache.hidden_at ..`` for slots ``< lengths`` [B]
     from the stored hidden states, with ``lora`` (which must not adapt the layers below).
 
@@ -349,12 +413,23 @@ def refresh_top(params: Params, cfg: ModelConfig, cache: KVCache, lengths: jax.A
     if cache.h is None:
         raise ValueError("refresh_top needs a cache created with hidden_at > 0")
     if lora_first_layer(cfg, lora) < cache.hidden_at:
-        raise ValueError(f"refresh_top: the adapter starts at layer {lora_first_layer(cfg, lora)}, below the "
-                         f"cache's stored hidden state (layer {cache.hidden_at})")
+        raise ValueError(
+            f"refresh_top: the adapter starts at layer {lora_first_layer(cfg, lora)}, below the "
+            f"cache's stored hidden state (layer {cache.hidden_at})"
+        )
     B, S = cache.h.shape[:2]
     positions = causal_positions(B, S)
-    _, new = _decoder(params, cache.h, positions, cfg, cache, lora, lora_scale,
-                      positions < lengths[:, None], first_layer=cache.hidden_at)
+    _, new = _decoder(
+        params,
+        cache.h,
+        positions,
+        cfg,
+        cache,
+        lora,
+        lora_scale,
+        positions < lengths[:, None],
+        first_layer=cache.hidden_at,
+    )
     return new
 
 
@@ -362,6 +437,36 @@ def lora_first_layer(cfg: ModelConfig, lora: Params | None) -> int:
     """Index of the first layer an adapter touches (``n_layers`` for no adapter)."""
     layers = (lora or {}).get("layers", {})
     return cfg.n_layers - next((ab["a"].shape[0] for ab in layers.values()), 0)
+
+
+@overload
+def _decoder(
+    params: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    cache: KVCache,
+    lora: Params | None,
+    lora_scale: float,
+    token_valid: jax.Array | None,
+    first_layer: int,
+    stop_layer: int | None = None,
+) -> tuple[jax.Array, KVCache]: ...
+
+
+@overload
+def _decoder(
+    params: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    cache: None,
+    lora: Params | None,
+    lora_scale: float,
+    token_valid: jax.Array | None,
+    first_layer: int,
+    stop_layer: int | None = None,
+) -> tuple[jax.Array, None]: ...
 
 
 def _decoder(
@@ -413,13 +518,13 @@ def _decoder(
     # run without it and, not depending on it, get no backward pass when training it), and a
     # cache may store the hidden state entering layer `hidden_at`.
     lora_from = lora_first_layer(cfg, lora) if lora_layers else L
-    cuts = {first_layer, L, lora_from}
+    cut_at = {first_layer, L, lora_from}
     if cache is not None and cache.h is not None:
-        cuts.add(cache.hidden_at)
+        cut_at.add(cache.hidden_at)
     stop = L if stop_layer is None else stop_layer
     if stop < L and cache is not None:
         raise ValueError("_decoder: stop_layer needs cache=None")
-    cuts = sorted({min(c, stop) for c in cuts} | {stop})
+    cuts = sorted({min(c, stop) for c in cut_at} | {stop})
     cuts = [c for c in cuts if first_layer <= c <= stop]
     segments = list(zip(cuts[:-1], cuts[1:]))
 
@@ -432,13 +537,21 @@ def _decoder(
         return lp, ll
 
     if cache is None:
-        def layer(h, xs):
+
+        def plain_layer(h, xs):
             lp, ll = xs
-            h, _ = block(h, lp, ll, lambda q, k, v: (
-                attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid), None))
+            h, _ = block(
+                h,
+                lp,
+                ll,
+                lambda q, k, v: (
+                    attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid),
+                    None,
+                ),
+            )
             return h, None
 
-        body = jax.checkpoint(layer) if cfg.remat else layer
+        body = jax.checkpoint(plain_layer) if cfg.remat else plain_layer
         for lo, hi in segments:
             x, _ = jax.lax.scan(body, x, seg(lo, hi))
         return x, None
@@ -459,17 +572,17 @@ def _decoder(
 
         return block(h, lp, ll, attend)
 
-    new_k, new_v, h_store = [], [], cache.h
+    k_segs, v_segs, h_store = [], [], cache.h
     for lo, hi in segments:
         if h_store is not None and lo == cache.hidden_at and first_layer < lo:
             h_store = h_store.at[rows, write_pos].set(x.astype(h_store.dtype), mode="drop")
         x, (k_seg, v_seg) = jax.lax.scan(layer, x, (*seg(lo, hi), jnp.arange(lo, hi)))
-        new_k.append(k_seg)
-        new_v.append(v_seg)
+        k_segs.append(k_seg)
+        v_segs.append(v_seg)
     heads = jnp.arange(K)[None, None, :]
     r, w = rows[:, :, None], write_pos[:, :, None]
-    new_k = jnp.concatenate(new_k, axis=0) if len(new_k) > 1 else new_k[0]
-    new_v = jnp.concatenate(new_v, axis=0) if len(new_v) > 1 else new_v[0]
+    new_k = jnp.concatenate(k_segs, axis=0) if len(k_segs) > 1 else k_segs[0]
+    new_v = jnp.concatenate(v_segs, axis=0) if len(v_segs) > 1 else v_segs[0]
     k_all = cache.k.at[first_layer:, r, heads, w].set(new_k.astype(cache.k.dtype), mode="drop")
     v_all = cache.v.at[first_layer:, r, heads, w].set(new_v.astype(cache.v.dtype), mode="drop")
     k_all, v_all = constrain(k_all, "kv_cache"), constrain(v_all, "kv_cache")

@@ -48,8 +48,11 @@ def adapter_shapes(cfg: ModelConfig, lora_cfg: LoraConfig) -> dict:
 
 def abstract_adapter(cfg: ModelConfig, lora_cfg: LoraConfig) -> Params:
     """A fresh (float32) adapter as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), adapter_shapes(cfg, lora_cfg),
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
+        adapter_shapes(cfg, lora_cfg),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def init_lora(cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -85,9 +88,9 @@ def merge(params: Params, adapter: Params, scale: float) -> Params:
     for name, ab in adapter.get("layers", {}).items():
         w = layers[name]
         delta = jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
-        top = w[w.shape[0] - delta.shape[0]:]  # adapters may cover only the top layers
+        top = w[w.shape[0] - delta.shape[0] :]  # adapters may cover only the top layers
         merged = (top.astype(jnp.float32) + scale * delta).astype(w.dtype)
-        layers[name] = w.at[w.shape[0] - delta.shape[0]:].set(merged)
+        layers[name] = w.at[w.shape[0] - delta.shape[0] :].set(merged)
     return {**params, "layers": layers}
 
 

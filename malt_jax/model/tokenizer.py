@@ -15,14 +15,14 @@ a ``tojson`` filter).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
 
 # Fallback when the source has no chat template: plain ChatML (no default system prompt).
 CHATML_TEMPLATE = (
@@ -61,7 +61,8 @@ def _field_value(field: Any) -> Any:
         types = list(getattr(field, "types", []))
         is_str = bool(types) and types[-1] == gguf.GGUFValueType.STRING
         vals = [
-            bytes(np.asarray(field.parts[i], dtype=np.uint8)).decode("utf-8") if is_str
+            bytes(np.asarray(field.parts[i], dtype=np.uint8)).decode("utf-8")
+            if is_str
             else np.asarray(field.parts[i]).tolist()[0]
             for i in field.data
         ]
@@ -143,8 +144,11 @@ class Tokenizer:
             [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL]
         )
         tok.add_tokens(
-            [AddedToken(t, special=False, normalized=False)
-             for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED]
+            [
+                AddedToken(t, special=False, normalized=False)
+                for t, ty in zip(tokens, types)
+                if ty == TOKEN_TYPE_USER_DEFINED
+            ]
         )
 
         def tok_str(key: str) -> str | None:
@@ -199,7 +203,9 @@ class Tokenizer:
             template = named.get("default", next(iter(named.values()), None))
         eos = _special_str(cfg.get("eos_token"))
         if eos is None:
-            eos = next((t for t in ("<|endoftext|>", "<|end_of_text|>", "</s>") if tok.token_to_id(t) is not None), None)
+            eos = next(
+                (t for t in ("<|endoftext|>", "<|end_of_text|>", "</s>") if tok.token_to_id(t) is not None), None
+            )
         return cls(
             tok,
             bos=_special_str(cfg.get("bos_token")),
@@ -277,8 +283,13 @@ class Tokenizer:
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-                   separators: Any = None, sort_keys: bool = False) -> str:
+        def tojson(
+            x: Any,
+            ensure_ascii: bool = False,
+            indent: int | None = None,
+            separators: Any = None,
+            sort_keys: bool = False,
+        ) -> str:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -307,16 +318,22 @@ class Tokenizer:
 
         special = {k: v for k, v in self._special.items() if v is not None}
         try:
-            self._compiled_template.render(messages=[{"role": "system", "content": "s"},
-                                                     {"role": "user", "content": "u"}],
-                                           add_generation_prompt=True, **special)
+            self._compiled_template.render(
+                messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                add_generation_prompt=True,
+                **special,
+            )
         except TemplateError:
             return False
         return True
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
         """Token ids of the rendered chat. The template writes any BOS itself, so none is added."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+        return self.encode(
+            self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False
+        )
 
     def save(self, out_dir: str | Path) -> None:
         """Writes ``tokenizer.json`` + ``tokenizer_config.json`` (chat template, special tokens),
@@ -324,9 +341,18 @@ class Tokenizer:
         out = Path(out_dir)
         self._tok.save(str(out / "tokenizer.json"))
         special = {k: v for k, v in self._special.items() if v is not None}
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
-             "add_bos_token": False, "clean_up_tokenization_spaces": False, **special}, indent=2))
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "chat_template": self.chat_template,
+                    "add_bos_token": False,
+                    "clean_up_tokenization_spaces": False,
+                    **special,
+                },
+                indent=2,
+            )
+        )
 
     def __repr__(self) -> str:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
@@ -352,10 +378,12 @@ def _gguf_pre_tokenizer(pre: str, source: str) -> pre_tokenizers.PreTokenizer:
     if pre in _SPLIT_RE:
         from tokenizers import Regex
 
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_RE[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_RE[pre]), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     supported = sorted(_GPT2 + _DIGITS_THEN_GPT2 + tuple(_SPLIT_RE))
     raise TokenizerError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported (supported: {supported})")
 

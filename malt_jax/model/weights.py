@@ -8,8 +8,9 @@ file on mismatch.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -133,8 +134,14 @@ def gguf_config(path: str | Path, **overrides: Any) -> ModelConfig:
         n_layers=int(_field(r, f"{a}.block_count", path)),
         n_heads=heads,
         n_kv_heads=int(_field(r, f"{a}.attention.head_count_kv", path, default=heads)),
-        head_dim=int(_field(r, f"{a}.attention.key_length", path,
-                            default=_field(r, f"{a}.rope.dimension_count", path, default=dim // heads))),
+        head_dim=int(
+            _field(
+                r,
+                f"{a}.attention.key_length",
+                path,
+                default=_field(r, f"{a}.rope.dimension_count", path, default=dim // heads),
+            )
+        ),
         hidden_dim=int(_field(r, f"{a}.feed_forward_length", path)),
         norm_eps=float(_field(r, f"{a}.attention.layer_norm_rms_epsilon", path)),
         rope_theta=float(_field(r, f"{a}.rope.freq_base", path, default=10000.0)),
@@ -142,8 +149,10 @@ def gguf_config(path: str | Path, **overrides: Any) -> ModelConfig:
         max_seq_len=int(_field(r, f"{a}.context_length", path, default=2048)),
     )
     if r.fields.get(f"{a}.rope.scaling.type") is not None and _field(r, f"{a}.rope.scaling.type", path) != "none":
-        raise WeightError(f"{path}: {a}.rope.scaling.type = {_field(r, f'{a}.rope.scaling.type', path)!r} is not "
-                          "supported (only unscaled rope in GGUF files)")
+        raise WeightError(
+            f"{path}: {a}.rope.scaling.type = {_field(r, f'{a}.rope.scaling.type', path)!r} is not "
+            "supported (only unscaled rope in GGUF files)"
+        )
     kw.update(overrides)
     return ModelConfig(**kw)
 
@@ -169,8 +178,9 @@ def load_gguf(path: str | Path, cfg: ModelConfig | None = None) -> tuple[Params,
 
     def get(ours: str, layer: int | None) -> np.ndarray:
         if layer is None:
-            return raw({"embed": "token_embd.weight", "final_norm": "output_norm.weight",
-                        "lm_head": "output.weight"}[ours])
+            return raw(
+                {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}[ours]
+            )
         a = raw(f"blk.{layer}.{_LAYER_NAMES[ours][1]}")
         if cfg.arch == "llama":  # llama.cpp permutes Q/K rows for its interleaved rope (Qwen: not)
             if ours == "wq":
@@ -197,8 +207,10 @@ def hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
         raise WeightError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     model_type = c.get("model_type", "llama")
     if model_type not in ARCHS:
-        raise WeightError(f"{path}: model_type = {model_type!r} is not supported (supported: {', '.join(ARCHS)}); "
-                          "loading it as Llama would compute wrong logits")
+        raise WeightError(
+            f"{path}: model_type = {model_type!r} is not supported (supported: {', '.join(ARCHS)}); "
+            "loading it as Llama would compute wrong logits"
+        )
 
     def refuse(field: str, why: str) -> WeightError:
         return WeightError(f"{path}: {field} = {c.get(field)!r}: {why}")
@@ -221,19 +233,26 @@ def hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
         theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
         scaling = None
         if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-            scaling = tuple((k, float(rs[k])) for k in
-                            ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+            scaling = tuple(
+                (k, float(rs[k]))
+                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            )
         elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
             raise refuse(field, "only Llama-3 rope scaling (or none) is supported")
         if any(t != "full_attention" for t in c.get("layer_types") or []):
             raise refuse("layer_types", "only full attention layers are supported (no sliding-window layers)")
         kw = dict(
             arch=model_type,
-            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads),
+            vocab_size=c["vocab_size"],
+            dim=c["hidden_size"],
+            n_layers=c["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=c.get("num_key_value_heads", heads),
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta), rope_scaling=scaling,
+            hidden_dim=c["intermediate_size"],
+            norm_eps=c.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
             tie_embeddings=c.get("tie_word_embeddings", False),
             max_seq_len=c.get("max_position_embeddings", 2048),
         )
@@ -269,7 +288,7 @@ def load_hf(model_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[Para
             h = safe_open(str(f), framework="numpy")
         except Exception as e:
             raise WeightError(f"{f}: cannot read safetensors file ({e}); is it truncated?") from None
-        for k in h.keys():
+        for k in h.keys():  # noqa: SIM118 - a safetensors handle, not a dict: it has keys() but no __iter__
             index[k] = h
 
     def tensor(name: str) -> np.ndarray:
@@ -280,8 +299,11 @@ def load_hf(model_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[Para
 
     def get(ours: str, layer: int | None) -> np.ndarray:
         if layer is None:
-            return tensor({"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-                           "lm_head": "lm_head.weight"}[ours])
+            return tensor(
+                {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}[
+                    ours
+                ]
+            )
         return tensor(f"model.layers.{layer}.{_LAYER_NAMES[ours][0]}")
 
     return _assemble(cfg, get, str(model_dir)), cfg
@@ -310,13 +332,22 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, dtype: str = 
             a = stacked[i]
             tensors[f"model.layers.{i}.{hf}"] = np.ascontiguousarray(a.T if a.ndim == 2 else a)
     save_file(tensors, str(out / "model.safetensors"))
-    config = {
-        "architectures": [_HF_ARCH[cfg.arch]], "model_type": cfg.arch,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_seq_len,
-        "hidden_act": "silu", "torch_dtype": dtype,
+    config: dict[str, Any] = {
+        "architectures": [_HF_ARCH[cfg.arch]],
+        "model_type": cfg.arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.hidden_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len,
+        "hidden_act": "silu",
+        "torch_dtype": dtype,
     }
     if cfg.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}

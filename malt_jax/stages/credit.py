@@ -11,8 +11,9 @@ prompts and completions with the tokens the sampler produced (:func:`node_contex
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,9 +71,15 @@ def _balance_weights(classes: Sequence[bool]) -> list[float]:
     return [w_true if c else w_false for c in classes]
 
 
-def build_datasets(trees: dict[str, np.ndarray], seps, end_token: int, threshold: float,
-                   max_pairs_per_parent: int | None, seed: int,
-                   verifier_balance: bool = False) -> tuple[dict, dict]:
+def build_datasets(
+    trees: dict[str, np.ndarray],
+    seps,
+    end_token: int,
+    threshold: float,
+    max_pairs_per_parent: int | None,
+    seed: int,
+    verifier_balance: bool = False,
+) -> tuple[dict, dict]:
     """Value iteration + labels -> per-role SFT examples and DPO pairs (token level).
 
     DPO pairs whose chosen and rejected completions are the same tokens are dropped (counted as
@@ -85,13 +92,22 @@ def build_datasets(trees: dict[str, np.ndarray], seps, end_token: int, threshold
     summary = credit_lib.summary(values, max_pairs_per_parent)
     datasets: dict[str, dict[str, list]] = {}
     for role in ROLES:
-        sft = [{"prompt": node_context(trees, seps, c), "completion": node_output(trees, c, end_token),
-                "coord": [int(x) for x in c]} for c in credit_lib.sft_indices(values, role)]
+        sft: list[dict[str, Any]] = [
+            {
+                "prompt": node_context(trees, seps, c),
+                "completion": node_output(trees, c, end_token),
+                "coord": [int(x) for x in c],
+            }
+            for c in credit_lib.sft_indices(values, role)
+        ]
         dpo, identical = [], 0
         for chosen, rejected in credit_lib.dpo_pairs(values, role, max_pairs_per_parent, seed):
-            row = {"prompt": node_context(trees, seps, chosen), "chosen": node_output(trees, chosen, end_token),
-                   "rejected": node_output(trees, rejected, end_token),
-                   "coords": [[int(x) for x in chosen], [int(x) for x in rejected]]}
+            row: dict[str, Any] = {
+                "prompt": node_context(trees, seps, chosen),
+                "chosen": node_output(trees, chosen, end_token),
+                "rejected": node_output(trees, rejected, end_token),
+                "coords": [[int(x) for x in chosen], [int(x) for x in rejected]],
+            }
             if row["chosen"] == row["rejected"]:
                 identical += 1
                 continue
@@ -114,8 +130,9 @@ def build_datasets(trees: dict[str, np.ndarray], seps, end_token: int, threshold
     return datasets, summary
 
 
-def run_credit(cfg: RunConfig, model: Model, task: Task, run_dir: Path, out: Path | None = None,
-               n_questions: int | None = None) -> dict:
+def run_credit(
+    cfg: RunConfig, model: Model, task: Task, run_dir: Path, out: Path | None = None, n_questions: int | None = None
+) -> dict:
     """Stage 2: value iteration, labels, SFT sets and DPO pairs for each role.
 
     ``n_questions``: use only the first that many trees (the study's nested training sets),
@@ -131,9 +148,15 @@ def run_credit(cfg: RunConfig, model: Model, task: Task, run_dir: Path, out: Pat
             raise ValueError(f"{run_dir}: {n_questions} questions asked, the expansion holds {len(trees['index'])}")
         trees = {k: v[:n_questions] for k, v in trees.items()}
     codec = PromptCodec(model.tokenizer, task, cfg.task.framing)
-    datasets, summary = build_datasets(trees, codec.seps, codec.end_of_turn, cfg.train.value_threshold,
-                                       cfg.train.max_pairs_per_parent, cfg.train.seed,
-                                       verifier_balance=cfg.train.verifier_balance)
+    datasets, summary = build_datasets(
+        trees,
+        codec.seps,
+        codec.end_of_turn,
+        cfg.train.value_threshold,
+        cfg.train.max_pairs_per_parent,
+        cfg.train.seed,
+        verifier_balance=cfg.train.verifier_balance,
+    )
     for role, d in datasets.items():
         for kind, rows in d.items():
             write_atomic(out / f"{role}_{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -141,8 +164,11 @@ def run_credit(cfg: RunConfig, model: Model, task: Task, run_dir: Path, out: Pat
     summary["leaf_accuracy"] = float(trees["rewards"].mean())
     if "rewards_lenient" in trees:  # how often the lenient grade alone would have rewarded a leaf
         lenient = trees["rewards_lenient"] > 0
-        fallback = {"leaves": int(lenient.size), "rewarded": int((trees["rewards"] > 0).sum()),
-                    "rewarded_lenient": int(lenient.sum())}
+        fallback = {
+            "leaves": int(lenient.size),
+            "rewarded": int((trees["rewards"] > 0).sum()),
+            "rewarded_lenient": int(lenient.sum()),
+        }
         if "rewards_explicit" in trees:
             explicit = trees["rewards_explicit"].astype(bool)
             fallback["no_explicit_answer"] = int((lenient & ~explicit).sum())

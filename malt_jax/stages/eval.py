@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -27,8 +27,17 @@ from malt_jax.rundir import read_rows, write_rows
 from malt_jax.stages.expand import decode_tree, sample_trees
 from malt_jax.tasks import Example, Task
 
-__all__ = ["System", "default_systems", "primary_names", "evaluate_system", "derive_single", "system_results",
-           "critique_verdict", "verifier_stats", "run_eval"]
+__all__ = [
+    "System",
+    "default_systems",
+    "primary_names",
+    "evaluate_system",
+    "derive_single",
+    "system_results",
+    "critique_verdict",
+    "verifier_stats",
+    "run_eval",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +58,11 @@ class System:
 def default_systems(votes: int = 3, sft_chain: bool = False) -> list[System]:
     """single-greedy, single (+MV), the untrained chain (+MV), MALT (+MV) and, with ``sft_chain``,
     the SFT-only trained chain (the paper's STaR-style ablation)."""
-    systems = [System("single-greedy", 1, 1, True, False), System("single", 1, votes, False, False),
-               System("chain", 3, votes, False, False)]
+    systems = [
+        System("single-greedy", 1, 1, True, False),
+        System("single", 1, votes, False, False),
+        System("chain", 3, votes, False, False),
+    ]
     if sft_chain:
         systems.append(System("sft-chain", 3, votes, False, True, stage="sft"))
     return systems + [System("malt", 3, votes, False, True)]
@@ -70,14 +82,28 @@ def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]])
     answers = [task.answer_key(t, ex) for t in finals]
     correct = [bool(task.grade_example(t, ex)) for t in finals]
     voted = majority_vote(answers)
-    return {"id": ex.id, "gold": ex.answer, "pass_answers": answers, "pass_correct": correct,
-            "vote_answer": voted, "vote_correct": bool(voted is not None and correct[answers.index(voted)]),
-            "texts": texts}
+    return {
+        "id": ex.id,
+        "gold": ex.answer,
+        "pass_answers": answers,
+        "pass_correct": correct,
+        "vote_answer": voted,
+        "vote_correct": bool(voted is not None and correct[answers.index(voted)]),
+        "texts": texts,
+    }
 
 
-def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example],
-                    adapters: dict[str, Params] | None, out_path: Path, progress: bool = True,
-                    mesh=None) -> list[dict]:
+def evaluate_system(
+    system: System,
+    cfg: RunConfig,
+    model: Model,
+    task: Task,
+    examples: Sequence[Example],
+    adapters: dict[str, Params] | None,
+    out_path: Path,
+    progress: bool = True,
+    mesh=None,
+) -> list[dict]:
     """Runs one system on ``examples``; per-question rows, also written as jsonl."""
     from malt_jax.model.lora import lora_scale
 
@@ -88,9 +114,17 @@ def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, ex
     e = cfg.eval
     sampling = dataclasses.replace(cfg.sampling, greedy=system.greedy, temperature=e.temperature)
     trained = system.trained and adapters is not None
-    spec = ExpansionSpec(n=system.votes, m=1, l=1, depth=system.depth, max_new=cfg.sampling.budgets(e.max_new_tokens),
-                         sampling=sampling, stop=codec.stop, mode="fork" if trained else "extend")
-    ads = tuple(adapters[r] for r in ROLES) if trained else (None, None, None)
+    spec = ExpansionSpec(
+        n=system.votes,
+        m=1,
+        l=1,
+        depth=system.depth,
+        max_new=cfg.sampling.budgets(e.max_new_tokens),
+        sampling=sampling,
+        stop=codec.stop,
+        mode="fork" if trained else "extend",
+    )
+    ads = tuple(adapters[r] for r in ROLES) if trained and adapters is not None else (None, None, None)
     rows = []
 
     def on_batch(b: int, arrays: dict) -> None:
@@ -101,9 +135,20 @@ def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, ex
     # as many batches as batch_questions asks for, of equal size (no batch mostly padding)
     most = max(1, min(len(examples), e.batch_questions or len(examples)))
     batch = -(-len(examples) // -(-len(examples) // most))
-    sample_trees(model, codec, examples, spec, seed=e.seed, batch_size=batch, adapters=ads,
-                 lora_scale=lora_scale(cfg.lora), on_batch=on_batch, desc=f"eval {system.name}", progress=progress,
-                 mesh=mesh)
+    sample_trees(
+        model,
+        codec,
+        examples,
+        spec,
+        seed=e.seed,
+        batch_size=batch,
+        adapters=ads,
+        lora_scale=lora_scale(cfg.lora),
+        on_batch=on_batch,
+        desc=f"eval {system.name}",
+        progress=progress,
+        mesh=mesh,
+    )
     write_rows(out_path, rows)
     return rows
 
@@ -111,12 +156,19 @@ def evaluate_system(system: System, cfg: RunConfig, model: Model, task: Task, ex
 def _shares_generator(single: System, chain: System) -> bool:
     """Whether ``single``'s samples are exactly ``chain``'s generator level: the untrained chain's
     first role is the single model, sampled with the same keys (see ``question_keys``)."""
-    return (single.depth == 1 and chain.depth > 1 and not single.trained and not chain.trained
-            and single.votes == chain.votes and single.greedy == chain.greedy)
+    return (
+        single.depth == 1
+        and chain.depth > 1
+        and not single.trained
+        and not chain.trained
+        and single.votes == chain.votes
+        and single.greedy == chain.greedy
+    )
 
 
-def derive_single(single: System, chain_rows: list[dict], task: Task, examples: Sequence[Example],
-                  out_path: Path) -> list[dict]:
+def derive_single(
+    single: System, chain_rows: list[dict], task: Task, examples: Sequence[Example], out_path: Path
+) -> list[dict]:
     """``single``'s rows scored from the untrained chain's generator texts (no new sampling)."""
     rows = [_score(single, task, ex, {"G": r["texts"]["G"]}) for ex, r in zip(examples, chain_rows, strict=True)]
     write_rows(out_path, rows)
@@ -127,12 +179,16 @@ def system_results(system: System, rows: list[dict]) -> dict:
     """``SystemResult``s of a run: its first pass, and its majority vote when it has several."""
     from malt_jax.evaluate import SystemResult
 
-    out = {system.name: SystemResult(system.name, np.asarray([r["pass_correct"][0] for r in rows], bool),
-                                      [r["pass_answers"][0] for r in rows])}
+    out = {
+        system.name: SystemResult(
+            system.name, np.asarray([r["pass_correct"][0] for r in rows], bool), [r["pass_answers"][0] for r in rows]
+        )
+    }
     if system.votes > 1:
         name = f"{system.name}+MV@{system.votes}"
-        out[name] = SystemResult(name, np.asarray([r["vote_correct"] for r in rows], bool),
-                                 [r["vote_answer"] for r in rows])
+        out[name] = SystemResult(
+            name, np.asarray([r["vote_correct"] for r in rows], bool), [r["vote_answer"] for r in rows]
+        )
     return out
 
 
@@ -146,7 +202,7 @@ def _stated_answer(task: Task, critique: str, example: Example) -> str | None:
     its final answer, e.g. a ``Final Answer:`` line), as ``task.answer_key``."""
     m = _STATED.search(critique)
     if m:
-        sentence = re.split(r"\n|\.\s|,\s", critique[m.end():].strip(), maxsplit=1)[0]
+        sentence = re.split(r"\n|\.\s|,\s", critique[m.end() :].strip(), maxsplit=1)[0]
         return task.answer_key("Final Answer: " + sentence, example)
     return task.answer_key(critique, example)
 
@@ -183,10 +239,19 @@ def verifier_stats(task: Task, examples: Sequence[Example], rows: list[dict]) ->
     return verifier_confusion(right, said)
 
 
-def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Example], run_dir: str | Path,
-             adapters: dict[str, Params] | None, systems: Sequence[System] | None = None,
-             progress: bool = True, mesh=None, sft_adapters: dict[str, Params] | None = None,
-             out: Path | None = None) -> dict:
+def run_eval(
+    cfg: RunConfig,
+    model: Model,
+    task: Task,
+    examples: Sequence[Example],
+    run_dir: str | Path,
+    adapters: dict[str, Params] | None,
+    systems: Sequence[System] | None = None,
+    progress: bool = True,
+    mesh=None,
+    sft_adapters: dict[str, Params] | None = None,
+    out: Path | None = None,
+) -> dict:
     """Stage 4: every system on the held-out questions, paired statistics, verifier verdicts.
 
     ``adapters`` / ``sft_adapters``: the roles' adapters after DPO / after SFT only (systems
@@ -205,7 +270,8 @@ def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Exampl
     # from that chain's texts: the chain runs first and the single model is not sampled again.
     source = {s.name: next((c for c in systems if _shares_generator(s, c)), None) for s in systems}
     order = sorted(systems, key=lambda s: source[s.name] is not None)
-    results, trained_names, all_rows, verifier = {}, [], {}, {}
+    results, trained_names, verifier = {}, [], {}
+    all_rows: dict[str, list[dict]] = {}
     for sys_ in order:
         ads = by_stage.get(sys_.stage) if sys_.trained else None
         if sys_.trained and ads is None:
@@ -228,8 +294,14 @@ def run_eval(cfg: RunConfig, model: Model, task: Task, examples: Sequence[Exampl
     baselines = [n for n in results if n not in trained_names]
     comparisons = []
     for target in trained_names:
-        others = baselines + [n for n in trained_names if target.startswith("malt") and n.startswith("sft-chain")
-                              and n.endswith(target[len("malt"):]) and ("+MV" in n) == ("+MV" in target)]
+        others = baselines + [
+            n
+            for n in trained_names
+            if target.startswith("malt")
+            and n.startswith("sft-chain")
+            and n.endswith(target[len("malt") :])
+            and ("+MV" in n) == ("+MV" in target)
+        ]
         comparisons += compare(results, target, others, cfg.eval.bootstrap_samples, cfg.eval.seed)
     primary = primary_names(cfg.eval.votes)
     for c in comparisons:

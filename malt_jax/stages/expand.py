@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,8 +107,19 @@ def sample_trees(
         if separate:
             (pv, lv_), (pr, lr) = inputs[3], inputs[4]
             contexts = Contexts(prefixes=(pv, pr), prefix_lens=(lv_, lr), seps=seps)
-        tree = expand(model.params, tuple(adapters), inputs[0], inputs[1], turns, inputs[2],
-                      cfg=model.cfg, spec=spec, lora_scale=lora_scale, contexts=contexts, emit=on_level)
+        tree = expand(
+            model.params,
+            tuple(adapters),
+            inputs[0],
+            inputs[1],
+            turns,
+            inputs[2],
+            cfg=model.cfg,
+            spec=spec,
+            lora_scale=lora_scale,
+            contexts=contexts,
+            emit=on_level,
+        )
         tree = fetch(tree)
         dt = time.perf_counter() - t0
         for level, role in enumerate(ROLES[: spec.depth]):
@@ -140,12 +151,15 @@ def decode_level(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray, 
 
 def decode_tree(codec: PromptCodec, arrays: dict, roles: Sequence[str] = ROLES) -> dict[str, np.ndarray]:
     """Each role's texts of a sampled tree, read as graders and later roles read them."""
-    return {r: decode_level(codec.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"],
-                            codec.task.prompts.prefix(r)) for r in roles}
+    return {
+        r: decode_level(codec.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"], codec.task.prompts.prefix(r))
+        for r in roles
+    }
 
 
-def grade_leaves(task: Task, examples: Sequence[Example], texts: np.ndarray,
-                 stopped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def grade_leaves(
+    task: Task, examples: Sequence[Example], texts: np.ndarray, stopped: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(rewards, lenient)`` [Q, ...] of the final-role texts [Q, ...] against each question's gold.
 
     ``lenient`` is the task's grade (it may fall back to e.g. the last number in the text);
@@ -161,14 +175,16 @@ def grade_leaves(task: Task, examples: Sequence[Example], texts: np.ndarray,
         for idx in np.ndindex(texts.shape[1:]):
             c = (q,) + idx
             lenient[c] = task.grade_example(texts[c], ex)
-            if lenient[c] and (not strict or ((stopped is None or stopped[c])
-                                              and task.has_explicit_answer(texts[c], ex))):
+            if lenient[c] and (
+                not strict or ((stopped is None or stopped[c]) and task.has_explicit_answer(texts[c], ex))
+            ):
                 rewards[c] = 1.0
     return rewards, lenient
 
 
-def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example], run_dir: Path,
-               progress: bool = True, mesh=None) -> Path:
+def run_expand(
+    cfg: RunConfig, model: Model, task: Task, train: Sequence[Example], run_dir: Path, progress: bool = True, mesh=None
+) -> Path:
     """Stage 1: trajectory expansion of the training questions (resumable per batch)."""
     out = run_dir / "expansion"
     out.mkdir(parents=True, exist_ok=True)
@@ -183,19 +199,44 @@ def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example
         # whether each generator answer is right (graded as evaluation grades it): the verifier's
         # training data is balanced over right and wrong answers, and its verdicts are scored
         arrays["G_correct"] = grade_leaves(task, exs, texts["G"])[1] > 0
-        arrays["rewards_explicit"] = np.array([[task.has_explicit_answer(t, ex) for t in texts["R"][q].reshape(-1)]
-                                               for q, ex in enumerate(exs)], bool).reshape(texts["R"].shape)
-        write_atomic(out / f"batch_{b:05d}.jsonl", "".join(
-            json.dumps({"id": ex.id, "question": ex.question, "gold": ex.answer, "G": texts["G"][q].tolist(),
-                        "V": texts["V"][q].tolist(), "R": texts["R"][q].tolist(),
+        arrays["rewards_explicit"] = np.array(
+            [[task.has_explicit_answer(t, ex) for t in texts["R"][q].reshape(-1)] for q, ex in enumerate(exs)], bool
+        ).reshape(texts["R"].shape)
+        write_atomic(
+            out / f"batch_{b:05d}.jsonl",
+            "".join(
+                json.dumps(
+                    {
+                        "id": ex.id,
+                        "question": ex.question,
+                        "gold": ex.answer,
+                        "G": texts["G"][q].tolist(),
+                        "V": texts["V"][q].tolist(),
+                        "R": texts["R"][q].tolist(),
                         "rewards": arrays["rewards"][q].tolist(),
-                        "rewards_lenient": arrays["rewards_lenient"][q].tolist()}) + "\n" for q, ex in enumerate(exs)))
+                        "rewards_lenient": arrays["rewards_lenient"][q].tolist(),
+                    }
+                )
+                + "\n"
+                for q, ex in enumerate(exs)
+            ),
+        )
         # last: a batch counts as done once its arrays exist
         write_atomic(out / f"batch_{b:05d}.npz", lambda f: np.savez(f, **arrays))
 
-    sample_trees(model, codec, train, spec, seed=cfg.train.seed, batch_size=bs, on_batch=save,
-                 skip=lambda b: (out / f"batch_{b:05d}.npz").exists(), desc="expand (train trees)",
-                 progress=progress, mesh=mesh)
+    sample_trees(
+        model,
+        codec,
+        train,
+        spec,
+        seed=cfg.train.seed,
+        batch_size=bs,
+        on_batch=save,
+        skip=lambda b: (out / f"batch_{b:05d}.npz").exists(),
+        desc="expand (train trees)",
+        progress=progress,
+        mesh=mesh,
+    )
     # Batches are skipped by file name; files written with another batch size (e.g. a resume
     # on another device count, which rounds the batch) would silently drop or repeat questions.
     held: list[int] = []
@@ -204,7 +245,9 @@ def run_expand(cfg: RunConfig, model: Model, task: Task, train: Sequence[Example
             held += z["index"].tolist()
     held.sort()
     if held != list(range(len(train))):
-        raise ValueError(f"{out}: the expansion batches hold {len(held)} question(s) ({len(set(held))} distinct) "
-                         f"but the run has {len(train)} training questions; they were written with another batch "
-                         f"size or device count. Delete {out} to redo the expansion.")
+        raise ValueError(
+            f"{out}: the expansion batches hold {len(held)} question(s) ({len(set(held))} distinct) "
+            f"but the run has {len(train)} training questions; they were written with another batch "
+            f"size or device count. Delete {out} to redo the expansion."
+        )
     return out

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,12 +49,15 @@ def heldout_questions(n_questions: int, fraction: float, seed: int) -> set[int]:
 
 
 def _split(examples: list, questions: list[int], held: set[int]) -> tuple[list, list]:
-    return ([e for e, q in zip(examples, questions) if q not in held],
-            [e for e, q in zip(examples, questions) if q in held])
+    return (
+        [e for e, q in zip(examples, questions) if q not in held],
+        [e for e, q in zip(examples, questions) if q in held],
+    )
 
 
-def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: bool = True,
-              roles: Sequence[str] = ROLES) -> dict[str, Params]:
+def run_train(
+    cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: bool = True, roles: Sequence[str] = ROLES
+) -> dict[str, Params]:
     """Stage 3: SFT for every role, then DPO for V and R (and G if ``train.generator_dpo``).
 
     The examples of a seeded ``train.heldout_fraction`` of the training questions are held out
@@ -78,19 +82,42 @@ def run_train(cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: 
         if role == "G" and not cfg.train.generator_dpo:
             dpo, dpo_q = [], []
         (sft_train, sft_held), (dpo_train, dpo_held) = _split(sft, sft_q, held), _split(dpo, dpo_q, held)
-        c = {"heldout_questions": len(held),
-             "sft": {"examples": len(sft), "heldout": len(sft_held), "train": len(sft_train)},
-             "dpo": {"pairs": len(dpo), "heldout": len(dpo_held), "train": len(dpo_train)}}
+        c: dict[str, Any] = {
+            "heldout_questions": len(held),
+            "sft": {"examples": len(sft), "heldout": len(sft_held), "train": len(sft_train)},
+            "dpo": {"pairs": len(dpo), "heldout": len(dpo_held), "train": len(dpo_train)},
+        }
         sft_train = _subsample(sft_train, cfg.train.max_sft_examples, cfg.train.seed)
         dpo_train = _subsample(dpo_train, cfg.train.max_dpo_pairs, cfg.train.seed)
         c["sft"]["train_after_cap"], c["dpo"]["train_after_cap"] = len(sft_train), len(dpo_train)
         for kind, cap in (("sft", cfg.train.max_sft_examples), ("dpo", cfg.train.max_dpo_pairs)):
             if c[kind]["train_after_cap"] < c[kind]["train"]:
-                log.warning("%s: train.max_%s caps %d %s training examples to %d", role,
-                            "sft_examples" if kind == "sft" else "dpo_pairs", c[kind]["train"], kind, cap)
-        result = train_role(model.params, model.cfg, cfg.lora, cfg.train, sft_train, dpo_train,
-                            ROLE_NAMES[role], out / f"{role}_ckpt", mesh=mesh, progress=progress,
-                            pad_id=model.tokenizer.pad_id, sft_heldout=sft_held, dpo_heldout=dpo_held)
+                log.warning(
+                    "%s: train.max_%s caps %d %s training examples to %d",
+                    role,
+                    "sft_examples" if kind == "sft" else "dpo_pairs",
+                    c[kind]["train"],
+                    kind,
+                    cap,
+                )
+        pad_id = model.tokenizer.pad_id
+        if pad_id is None:
+            raise ValueError("the tokenizer has no pad (or eos) token to pad training rows with")
+        result = train_role(
+            model.params,
+            model.cfg,
+            cfg.lora,
+            cfg.train,
+            sft_train,
+            dpo_train,
+            ROLE_NAMES[role],
+            out / f"{role}_ckpt",
+            mesh=mesh,
+            progress=progress,
+            pad_id=pad_id,
+            sft_heldout=sft_held,
+            dpo_heldout=dpo_held,
+        )
         c["trained"] = result.trained
         write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
         write_atomic(out / f"{role}_epochs.jsonl", "".join(json.dumps(e) + "\n" for e in result.epochs))

@@ -7,6 +7,7 @@ the address space is capped, and the parent kills the process when a request ove
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -14,10 +15,8 @@ import sys
 
 def _limit_memory(mb: int) -> None:
     limit = mb * 1024 * 1024
-    try:
+    with contextlib.suppress(ValueError, OSError):  # pragma: no cover - platform dependent
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ValueError, OSError):  # pragma: no cover - platform dependent
-        pass
 
 
 def check(a: str, b: str) -> bool:

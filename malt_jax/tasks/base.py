@@ -97,7 +97,10 @@ class Task(abc.ABC):
         if result.skipped:
             log.warning(
                 "%s/%s: skipped %d malformed rows (first: %s)",
-                self.name, split, result.skipped, result.errors[0] if result.errors else "?",
+                self.name,
+                split,
+                result.skipped,
+                result.errors[0] if result.errors else "?",
             )
         return result.examples
 
@@ -139,7 +142,9 @@ class Task(abc.ABC):
         if seg and self._segment_answer(seg, example) is not None:
             return True
         boxed = last_boxed(text)
-        return bool(boxed and boxed.strip()) and self._segment_answer(boxed.strip(), example) is not None
+        if not boxed or not boxed.strip():
+            return False
+        return self._segment_answer(boxed.strip(), example) is not None
 
     def _segment_answer(self, segment: str, example: Example | None) -> str | None:
         """The answer held by one answer segment, read as a lone ``Final Answer:`` line."""
@@ -171,9 +176,7 @@ def split_examples(
     if num_eval is None:
         return train, rest
     if num_eval > len(rest):
-        raise ValueError(
-            f"num_train={num_train} + num_eval={num_eval} > {len(examples)} available examples"
-        )
+        raise ValueError(f"num_train={num_train} + num_eval={num_eval} > {len(examples)} available examples")
     return train, rest[:num_eval]
 
 

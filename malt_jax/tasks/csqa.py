@@ -82,8 +82,9 @@ class CSQA(Task):
 
     name = "csqa"
 
-    def __init__(self, path: str | Path | None = None, on_error: str = "raise",
-                 prompts: Any = None, letters: str = LETTERS) -> None:
+    def __init__(
+        self, path: str | Path | None = None, on_error: str = "raise", prompts: Any = None, letters: str = LETTERS
+    ) -> None:
         super().__init__()
         self.path = Path(path) if path else None
         self.on_error = check_on_error(on_error)
@@ -122,4 +123,6 @@ class CSQA(Task):
         """A ``Final Answer:`` line naming a valid choice (by letter, or by the text of one of
         ``example``'s choices); ``\\boxed{}`` does not count (the CSQA grader never reads it)."""
         seg = final_answer_segment(cap_text(text))
-        return bool(seg) and self._segment_answer(seg, example) is not None
+        if not seg:
+            return False
+        return self._segment_answer(seg, example) is not None

@@ -17,6 +17,7 @@ Grammar (``^`` is right-associative, juxtaposition is multiplication)::
 
 from __future__ import annotations
 
+import contextlib
 import re
 from fractions import Fraction
 from typing import Any
@@ -226,10 +227,8 @@ def check_bounded(node: Node) -> None:
     """Raise ``TooBig`` if any numeric part is too large or any constant exponent exceeds
     ``MAX_EXPONENT`` (so sympy is never asked to expand ``10^(10^10)`` or ``(x+1)^999``)."""
     if is_numeric(node):
-        try:
+        with contextlib.suppress(Unsupported, ZeroDivisionError):
             evaluate_exact(node)
-        except (Unsupported, ZeroDivisionError):
-            pass
     if node[0] == "pow" and is_numeric(node[2]):
         try:
             exponent = evaluate_exact(node[2])
@@ -252,7 +251,8 @@ def to_sympy(node: Node, sympy: Any) -> Any:
     if kind == "const":
         return sympy.pi
     if kind == "func":
-        fn = {"ln": "log"}.get(node[1], node[1])
+        name: str = node[1]
+        fn = {"ln": "log"}.get(name, name)
         return getattr(sympy, fn)(to_sympy(node[2], sympy))
     if kind == "neg":
         return -to_sympy(node[1], sympy)

@@ -55,11 +55,12 @@ CSQA (letters)
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
@@ -91,11 +92,15 @@ _FINAL_RE = re.compile(r"final\s*answer\s*(?:is)?\s*\**\s*[:：]?", re.IGNORECAS
 _ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?", re.IGNORECASE)
 
 
+def _last_match(matches: Iterator[re.Match[str]]) -> re.Match[str] | None:
+    """The last of ``matches`` (None when there are none)."""
+    last = collections.deque(matches, maxlen=1)
+    return last[0] if last else None
+
+
 def final_answer_segment(text: str) -> str | None:
     """Text after the last ``Final Answer:`` (rest of line, else the next non-empty line)."""
-    last = None
-    for last in _FINAL_RE.finditer(text):
-        pass
+    last = _last_match(_FINAL_RE.finditer(text))
     return _segment_after(text, last.end()) if last else None
 
 
@@ -110,9 +115,7 @@ def _segment_after(text: str, pos: int) -> str:
 
 
 def _answer_is_segment(text: str) -> str | None:
-    last = None
-    for last in _ANSWER_IS_RE.finditer(text):
-        pass
+    last = _last_match(_ANSWER_IS_RE.finditer(text))
     return _segment_after(text, last.end()) if last else None
 
 
@@ -132,9 +135,7 @@ def never_raises(fn: Callable[..., int]) -> Callable[..., int]:
 
 # ----------------------------------------------------------------------------- numbers
 
-_NUMBER_RE = re.compile(
-    r"(?P<sign>[-−+]?)\s?\$?\s?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-)
+_NUMBER_RE = re.compile(r"(?P<sign>[-−+]?)\s?\$?\s?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
 
 
 def _numbers(text: str) -> list[str]:
@@ -228,9 +229,7 @@ def extract_math(text: str) -> str | None:
     return _strip_math_delims(seg) if seg else None
 
 
-def math_equal(
-    pred: str | None, gold: str, symbolic: bool = True, timeout: float = DEFAULT_TIMEOUT_S
-) -> bool:
+def math_equal(pred: str | None, gold: str, symbolic: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether two LaTeX answers are equivalent under the module policy."""
     if pred is None:
         return False
@@ -280,9 +279,7 @@ def _outer_brackets_match(s: str) -> bool:
     return False
 
 
-def _structures_equal(
-    a: tuple[str, list[str]], b: tuple[str, list[str]], deadline: float | None
-) -> bool:
+def _structures_equal(a: tuple[str, list[str]], b: tuple[str, list[str]], deadline: float | None) -> bool:
     (ka, ia), (kb, ib) = a, b
     if len(ia) != len(ib) or len(ia) > MAX_ITEMS:
         return False
@@ -341,9 +338,7 @@ def _exact_equal(a: exprparse.Node, b: exprparse.Node) -> bool:
 
 
 @never_raises
-def grade_math(
-    text: str, gold: str, symbolic: bool = True, timeout: float = DEFAULT_TIMEOUT_S
-) -> int:
+def grade_math(text: str, gold: str, symbolic: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> int:
     """1 if the final LaTeX answer in ``text`` is equivalent to ``gold`` (MATH)."""
     return int(math_equal(extract_math(text), gold, symbolic, timeout))
 
@@ -363,9 +358,7 @@ def _answer_phrase_letter(s: str, letters: str) -> str | None:
         rf"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?[:\s]*(?:(?i:option|choice)\s*)?"
         rf"\(?([{letters}])(?![A-Za-z])"
     )
-    last = None
-    for last in re.finditer(pattern, s):
-        pass
+    last = _last_match(re.finditer(pattern, s))
     return last.group(1) if last else None
 
 
@@ -398,9 +391,7 @@ def _choice_by_text(text: str, choices: Mapping[str, str]) -> str | None:
 
 
 @never_raises
-def grade_choice(
-    text: str, gold: str, letters: str = "ABCDE", choices: Mapping[str, str] | None = None
-) -> int:
+def grade_choice(text: str, gold: str, letters: str = "ABCDE", choices: Mapping[str, str] | None = None) -> int:
     """1 if the chosen letter equals ``gold`` (CSQA); ``choices`` maps letters to texts."""
     found = extract_choice(text, letters)
     if found is None and choices:

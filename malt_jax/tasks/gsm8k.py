@@ -41,8 +41,7 @@ def parse_row(row: Mapping[str, Any], row_id: str) -> Example:
     question = require(row, "question").strip()
     solution = require(row, "answer")
     gold = gold_from_solution(solution)
-    return Example(id=str(row.get("id", row_id)), question=question, answer=gold,
-                   meta={"solution": solution})
+    return Example(id=str(row.get("id", row_id)), question=question, answer=gold, meta={"solution": solution})
 
 
 class GSM8K(Task):
@@ -50,8 +49,7 @@ class GSM8K(Task):
 
     name = "gsm8k"
 
-    def __init__(self, path: str | Path | None = None, on_error: str = "raise",
-                 prompts: Any = None) -> None:
+    def __init__(self, path: str | Path | None = None, on_error: str = "raise", prompts: Any = None) -> None:
         super().__init__()
         self.path = Path(path) if path else None
         self.on_error = check_on_error(on_error)
@@ -63,8 +61,7 @@ class GSM8K(Task):
         tfds_dir = tfds_store.find_tfds_dir(self.path) if self.path.is_dir() else None
         if tfds_dir is not None:
             return _load_tfds(tfds_dir, split, self.on_error)
-        return read_jsonl(resolve_split_file(self.path, split, (".jsonl",)), parse_row,
-                          self.on_error)
+        return read_jsonl(resolve_split_file(self.path, split, (".jsonl",)), parse_row, self.on_error)
 
     def extract(self, text: str) -> str | None:
         return extract_number(text)
@@ -105,8 +102,7 @@ def to_tfds(path: str | Path, data_dir: str | Path, on_error: str = "raise") -> 
     for file in files:
         loaded = read_jsonl(file, parse_row, on_error)
         rows[file.stem] = [
-            {"id": ex.id, "question": ex.question, "answer": ex.meta["solution"]}
-            for ex in loaded.examples
+            {"id": ex.id, "question": ex.question, "answer": ex.meta["solution"]} for ex in loaded.examples
         ]
     if not rows:
         raise FileNotFoundError(f"no .jsonl files at {p}")

@@ -50,24 +50,36 @@ def matching_brace(text: str, open_pos: int) -> int | None:
 
 
 _REMOVE = [
-    r"\\left\.", r"\\right\.", r"\\left(?![a-z])", r"\\right(?![a-z])", r"\\displaystyle",
-    r"\\!", r"\\,", r"\\;", r"\\:", r"\\quad", r"\\qquad",
-    r"\^\s*\{\s*\\circ\s*\}", r"\^\s*\\circ", r"\\circ", "°", r"\\%", "%", r"\\\$", r"\$",
+    r"\\left\.",
+    r"\\right\.",
+    r"\\left(?![a-z])",
+    r"\\right(?![a-z])",
+    r"\\displaystyle",
+    r"\\!",
+    r"\\,",
+    r"\\;",
+    r"\\:",
+    r"\\quad",
+    r"\\qquad",
+    r"\^\s*\{\s*\\circ\s*\}",
+    r"\^\s*\\circ",
+    r"\\circ",
+    "°",
+    r"\\%",
+    "%",
+    r"\\\$",
+    r"\$",
     r"\bdegrees?\b",
 ]
 _REMOVE_RE = re.compile("|".join(_REMOVE))
-_UNIT_RE = re.compile(
-    r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?\d\}?)?"
-)
-_TEXT_RE = re.compile(
-    r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|mathit|operatorname)\{([^{}]*)\}"
-)
+_UNIT_RE = re.compile(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?\d\}?)?")
+_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|mathit|operatorname)\{([^{}]*)\}")
 _LHS_RE = re.compile(r"^[A-Za-z](?:_\{?\w\}?)?\s*=(?!=)")
 
 
 def normalize_math(s: str) -> str:
     """Canonical string form of a MATH answer (Hendrycks-style ``strip_string`` plus extras)."""
-    s = s[:MAX_ANSWER_CHARS * 4].strip().replace("\n", " ")
+    s = s[: MAX_ANSWER_CHARS * 4].strip().replace("\n", " ")
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = s.replace("\\ ", " ").replace("{,}", ",")
     s = _UNIT_RE.sub("", s)
@@ -97,15 +109,23 @@ def _fix_fracs_and_sqrt(s: str) -> str:
 
 
 _COMMANDS = {
-    "frac": None, "sqrt": None, "pi": " pi ", "cdot": "*", "times": "*", "div": "/",
-    "sin": None, "cos": None, "tan": None, "log": None, "ln": None, "exp": None,
+    "frac": None,
+    "sqrt": None,
+    "pi": " pi ",
+    "cdot": "*",
+    "times": "*",
+    "div": "/",
+    "sin": None,
+    "cos": None,
+    "tan": None,
+    "log": None,
+    "ln": None,
+    "exp": None,
 }
 _CONSTANT_COMMANDS = sorted((k for k, v in _COMMANDS.items() if v), key=len, reverse=True)
 _ARG_COMMANDS = sorted((k for k, v in _COMMANDS.items() if not v), key=len, reverse=True)
 # Argument-free commands may be glued to a letter after spaces were dropped ("\pir^2").
-_COMMAND_RE = re.compile(
-    r"\\(?:(" + "|".join(_ARG_COMMANDS) + r")(?![A-Za-z])|(" + "|".join(_CONSTANT_COMMANDS) + "))"
-)
+_COMMAND_RE = re.compile(r"\\(?:(" + "|".join(_ARG_COMMANDS) + r")(?![A-Za-z])|(" + "|".join(_CONSTANT_COMMANDS) + "))")
 _PLAIN = set("0123456789.+-*/^()")
 
 
@@ -170,8 +190,9 @@ class _Converter:
             raise _Unsupported("unknown command")
         self.i = m.end()
         name = m.group(1) or m.group(2)
-        if _COMMANDS[name] is not None:
-            return _COMMANDS[name]
+        replacement = _COMMANDS[name]
+        if replacement is not None:
+            return replacement
         if name == "frac":
             return f"({self.arg()}/{self.arg()})"
         if name == "sqrt" and self.s.startswith("[", self.i):

@@ -51,8 +51,7 @@ def parse_row(row: Mapping[str, Any], row_id: str) -> Example:
     meta = {k: row[k] for k in _META_KEYS if k in row}
     if isinstance(row.get("solution"), str):
         meta["solution"] = row["solution"]
-    return Example(id=str(row.get("unique_id", row_id)), question=problem, answer=gold.strip(),
-                   meta=meta)
+    return Example(id=str(row.get("unique_id", row_id)), question=problem, answer=gold.strip(), meta=meta)
 
 
 class MATH(Task):
@@ -60,9 +59,14 @@ class MATH(Task):
 
     name = "math"
 
-    def __init__(self, path: str | Path | None = None, on_error: str = "raise",
-                 prompts: Any = None, symbolic: bool = True,
-                 symbolic_timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        on_error: str = "raise",
+        prompts: Any = None,
+        symbolic: bool = True,
+        symbolic_timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         super().__init__()
         self.path = Path(path) if path else None
         self.on_error = check_on_error(on_error)
@@ -139,7 +143,5 @@ def _scalar_key(item: str) -> str:
         if not exprparse.is_numeric(node):
             return norm
         return str(exprparse.evaluate_exact(node))
-    except (exprparse.ParseError, exprparse.TooBig, exprparse.Unsupported, ZeroDivisionError,
-            ValueError):
+    except (exprparse.ParseError, exprparse.TooBig, exprparse.Unsupported, ZeroDivisionError, ValueError):
         return norm
-

@@ -69,13 +69,22 @@ class RolePrompts:
                 raise TypeError(f"RolePrompts.{f.name} must be a string")
         if PLACEHOLDER not in self.generator:
             raise ValueError(f"RolePrompts.generator must contain {PLACEHOLDER}")
-        for key in ("system", "verifier", "refiner", "verifier_system", "refiner_system", "verifier_prefix",
-                    "refiner_prefix"):
+        for key in (
+            "system",
+            "verifier",
+            "refiner",
+            "verifier_system",
+            "refiner_system",
+            "verifier_prefix",
+            "refiner_prefix",
+        ):
             for ph in (PLACEHOLDER, ANSWER, CRITIQUE):
                 if ph in getattr(self, key):
                     raise ValueError(f"RolePrompts.{key} must not contain {ph}")
-        for key, order in (("verifier_separate", (PLACEHOLDER, ANSWER)),
-                           ("refiner_separate", (PLACEHOLDER, ANSWER, CRITIQUE))):
+        for key, order in (
+            ("verifier_separate", (PLACEHOLDER, ANSWER)),
+            ("refiner_separate", (PLACEHOLDER, ANSWER, CRITIQUE)),
+        ):
             text = getattr(self, key)
             if not text:
                 continue
@@ -211,6 +220,4 @@ def resolve_prompts(task_name: str, override: Any = None) -> RolePrompts:
         return RolePrompts.from_mapping(override, base=base)
     if isinstance(override, (str, Path)):
         return RolePrompts.from_yaml(override, base=base)
-    raise TypeError(
-        f"prompts must be RolePrompts, a mapping or a YAML path, got {type(override).__name__}"
-    )
+    raise TypeError(f"prompts must be RolePrompts, a mapping or a YAML path, got {type(override).__name__}")

@@ -46,8 +46,10 @@ def _import_task(name: str) -> type[Task]:
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"task {name!r}: cannot import {attr!r} from {module!r} ({e}); a custom task is "
-                         f"given as 'package.module:Class' on the Python path") from None
+        raise ValueError(
+            f"task {name!r}: cannot import {attr!r} from {module!r} ({e}); a custom task is "
+            f"given as 'package.module:Class' on the Python path"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ValueError(f"task {name!r}: {attr} is not a malt_jax.tasks.Task subclass")
     return cls
@@ -60,9 +62,8 @@ def get_task(name: str, path: str | Path | None = None, **options: Any) -> Task:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for task {name!r}; valid options: {valid}")
-    takes_path = "path" in inspect.signature(cls).parameters
-    if takes_path:
-        return cls(path=path or None, **options)
-    if path:
+    if "path" in inspect.signature(cls).parameters:
+        options = {"path": path or None, **options}
+    elif path:
         raise ValueError(f"task {name!r} is generated and takes no path (got {str(path)!r})")
     return cls(**options)

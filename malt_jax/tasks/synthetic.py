@@ -49,16 +49,32 @@ from malt_jax.tasks.prompts import resolve_prompts
 log = logging.getLogger(__name__)
 
 NAMES = ("Mia", "Tom", "Ana", "Ben", "Lily", "Sam", "Zoe", "Max", "Emma", "Leo", "Nora", "Jack")
-ITEMS = ("apple", "marble", "sticker", "pencil", "cookie", "book", "coin", "card", "shell",
-         "balloon", "toy car", "flower")  # plural: + "s"
-ADD = ("{name} buys {b} more {item}.", "{name} finds {b} more {item}.",
-       "{friend} gives {name} {b} more {item}.")
-SUB = ("{name} gives {b} {item} to {friend}.", "{name} loses {b} {item}.",
-       "{name} sells {b} {item}.")
-MUL = ("Then the number of {item} {name} has becomes {b} times as large.",
-       "{name} then gets more {item} until there are {b} times as many as before.")
-DISTRACT = ("{friend} has {c} {other}.", "{name} is {c} years old.",
-            "The shop is {c} minutes away.", "{friend} reads {c} pages of a book.")
+ITEMS = (
+    "apple",
+    "marble",
+    "sticker",
+    "pencil",
+    "cookie",
+    "book",
+    "coin",
+    "card",
+    "shell",
+    "balloon",
+    "toy car",
+    "flower",
+)  # plural: + "s"
+ADD = ("{name} buys {b} more {item}.", "{name} finds {b} more {item}.", "{friend} gives {name} {b} more {item}.")
+SUB = ("{name} gives {b} {item} to {friend}.", "{name} loses {b} {item}.", "{name} sells {b} {item}.")
+MUL = (
+    "Then the number of {item} {name} has becomes {b} times as large.",
+    "{name} then gets more {item} until there are {b} times as many as before.",
+)
+DISTRACT = (
+    "{friend} has {c} {other}.",
+    "{name} is {c} years old.",
+    "The shop is {c} minutes away.",
+    "{friend} reads {c} pages of a book.",
+)
 SPLIT_BUCKETS = (2, 1, 7)  # test, validation, train (of 10 hash buckets)
 SYMBOLS = {"+": "+", "-": "-", "*": "×", "/": "÷"}
 STYLES = ("word", "expression", "inverse")
@@ -91,12 +107,23 @@ class SyntheticArithmetic(Task):
 
     name = "synthetic"
 
-    def __init__(self, seed: int = 0, min_value: int = 1, max_value: int = 9,
-                 num_range: Sequence[int] | None = None, steps: int | Sequence[int] = (1, 2),
-                 ops: str | None = None, max_factor: int = 5, distractors: int | bool = 0,
-                 style: str = "word", train_size: int = 2000, test_size: int = 500,
-                 validation_size: int = 500, split_buckets: Sequence[int] = SPLIT_BUCKETS,
-                 prompts: Any = None) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        min_value: int = 1,
+        max_value: int = 9,
+        num_range: Sequence[int] | None = None,
+        steps: int | Sequence[int] = (1, 2),
+        ops: str | None = None,
+        max_factor: int = 5,
+        distractors: int | bool = 0,
+        style: str = "word",
+        train_size: int = 2000,
+        test_size: int = 500,
+        validation_size: int = 500,
+        split_buckets: Sequence[int] = SPLIT_BUCKETS,
+        prompts: Any = None,
+    ) -> None:
         super().__init__()
         self.seed = int(seed)
         lo, hi = (min_value, max_value) if num_range is None else tuple(num_range)
@@ -117,8 +144,10 @@ class SyntheticArithmetic(Task):
         except (TypeError, ValueError):
             counts = []
         if len(counts) != 3 or min(counts) < 1 or sum(counts) != 10:
-            raise ValueError(f"split_buckets must be three counts >= 1 (test, validation, train) summing to 10, "
-                             f"got {split_buckets!r}")
+            raise ValueError(
+                f"split_buckets must be three counts >= 1 (test, validation, train) summing to 10, "
+                f"got {split_buckets!r}"
+            )
         t, v, _ = counts
         self.buckets = {"test": range(0, t), "validation": range(t, t + v), "train": range(t + v, 10)}
         self.sizes = {"train": train_size, "test": test_size, "validation": validation_size}
@@ -137,14 +166,18 @@ class SyntheticArithmetic(Task):
             if problem.core in seen or _bucket(problem.core) not in bucket:
                 continue
             seen.add(problem.core)
-            examples.append(Example(
-                id=f"synthetic-{split}-{len(examples)}", question=problem.text,
-                answer=str(problem.answer),
-                meta={"expression": problem.expression, "steps": problem.steps, "candidate": i},
-            ))
+            examples.append(
+                Example(
+                    id=f"synthetic-{split}-{len(examples)}",
+                    question=problem.text,
+                    answer=str(problem.answer),
+                    meta={"expression": problem.expression, "steps": problem.steps, "candidate": i},
+                )
+            )
         if len(examples) < want:
-            log.warning("synthetic/%s: only %d distinct problems for these options (asked %d)",
-                        split, len(examples), want)
+            log.warning(
+                "synthetic/%s: only %d distinct problems for these options (asked %d)", split, len(examples), want
+            )
         return LoadResult(examples=examples)
 
     def generate(self, index: int) -> Problem:
@@ -174,8 +207,7 @@ class SyntheticArithmetic(Task):
             core = " ".join([*sentences, question])
             for _ in range(self.distractors):
                 c = rng.randint(*self.num_range)
-                d = rng.choice(DISTRACT).format(name=name, friend=friend, other=_noun(other, c),
-                                               c=c)
+                d = rng.choice(DISTRACT).format(name=name, friend=friend, other=_noun(other, c), c=c)
                 sentences.insert(rng.randint(1, len(sentences)), d)
             text = " ".join([*sentences, question])
         return Problem(core=core, text=text, answer=value, expression=expression, steps=steps)

@@ -33,20 +33,20 @@ def _builder_class(name: str) -> type:
     """A TFDS builder class named ``name`` over rows given at construction (not registered)."""
     import tensorflow_datasets as tfds
 
-    class _LocalRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    # mypy checks class keywords against object.__init_subclass__ when the base is untyped (Any)
+    class _LocalRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
         VERSION = tfds.core.Version(BUILDER_VERSION)
         code_path = None  # see module docstring (importlib_resources bug)
 
-        def __init__(self, *, rows: Mapping[str, Sequence[Mapping[str, str]]],
-                     fields: Sequence[str], **kwargs: Any) -> None:
+        def __init__(
+            self, *, rows: Mapping[str, Sequence[Mapping[str, str]]], fields: Sequence[str], **kwargs: Any
+        ) -> None:
             self._rows = rows
             self._fields = tuple(fields)
             super().__init__(**kwargs)
 
         def _info(self) -> Any:
-            features = tfds.features.FeaturesDict(
-                {k: tfds.features.Text() for k in self._fields}
-            )
+            features = tfds.features.FeaturesDict({k: tfds.features.Text() for k in self._fields})
             return self.dataset_info_from_configs(features=features, disable_shuffling=True)
 
         def _split_generators(self, dl_manager: Any) -> Any:
@@ -70,9 +70,7 @@ def write_text_dataset(
     """Write ``{split: rows}`` of string fields as TFDS array_record; returns the version dir."""
     import tensorflow_datasets as tfds
 
-    builder = _builder_class(name)(
-        rows=rows, fields=fields, data_dir=str(data_dir), file_format="array_record"
-    )
+    builder = _builder_class(name)(rows=rows, fields=fields, data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare(  # regenerate: never silently keep older rows
         download_config=tfds.download.DownloadConfig(
             try_download_gcs=False,
@@ -100,9 +98,7 @@ def read_text_dataset(version_dir: str | Path, split: str) -> list[dict[str, str
 
     builder = tfds.builder_from_directory(str(version_dir))
     if split not in builder.info.splits:
-        raise FileNotFoundError(
-            f"{version_dir}: no split {split!r} (splits: {sorted(builder.info.splits)})"
-        )
+        raise FileNotFoundError(f"{version_dir}: no split {split!r} (splits: {sorted(builder.info.splits)})")
     source = builder.as_data_source(split=split)
     return [{k: _text(v) for k, v in source[i].items()} for i in range(len(source))]
 
