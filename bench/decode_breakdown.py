@@ -108,9 +108,13 @@ def main() -> None:
                 f"attention B={B}": attention,
             }
         )
+    peak = flops.measure_peak_jax(1024 if args.quick else 2048)
     times = common.interleaved(variants, reps, warmup=1)
+    peak = max(peak, flops.measure_peak_jax(1024 if args.quick else 2048))  # best of before/after
+    print(f"f32 matmul peak (jax), best of before/after: {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     wbytes = flops.matmul_params(cfg) * 4
+    step_flops = 2.0 * flops.matmul_params(cfg) + flops.model_flops.attention_flops(cfg, S // 2 + n_loop / 2)
     for B in batches:
         m = {k.split()[0]: 1e3 * common.median(v) for k, v in times.items() if k.endswith(f"B={B}")}
         m["step"], m["no_cache"] = m["step"] / n_loop, m["no_cache"] / n_loop
@@ -122,12 +126,15 @@ def main() -> None:
                 "no_cache ms": m["no_cache"],
                 "attention ms": m["attention"],
                 "cache share of step": f"{100 * (m['step'] - m['no_cache']) / m['step']:.0f}%",
+                # model FLOPs of one step (every weight matmul + the LM head + attention over the
+                # ~S/2 keys the loop's tokens see) over the measured f32 matmul peak
+                "step % of peak": round(100 * B * step_flops / (m["step"] / 1e3) / peak, 1),
                 "KV cache MB": round(cache_mb, 1),
                 "weights MB": round(wbytes / 1e6),
             }
         )
     print(common.table(rows, list(rows[0].keys())), flush=True)
-    common.save_json(args.json, {"machine": common.machine(), "rows": rows})
+    common.save_json(args.json, {"machine": common.machine(), "peak": peak, "rows": rows})
 
 
 if __name__ == "__main__":
