@@ -41,6 +41,19 @@ PROMPTS = [
 ]
 
 
+def leading_agreement(ours: Any, theirs: Any, stop_ids: Any) -> list[tuple[int, int]]:
+    """Per row of two greedy token arrays [B, N]: (leading tokens that agree, tokens before our
+    first stop id) -- the peer benchmarks' sanity check that both sides decode the same model."""
+    out = []
+    for a, b in zip(ours, theirs):
+        stop = next((k for k, t in enumerate(a) if t in stop_ids), len(a))
+        k = 0
+        while k < stop and a[k] == b[k]:
+            k += 1
+        out.append((k, stop))
+    return out
+
+
 def prompts(n: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 

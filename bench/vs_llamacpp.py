@@ -225,13 +225,7 @@ def main() -> None:
     a = variants[f"jax B={Bc}"]()
     for fmt in formats:
         b = variants[f"{fmt} {threads[0]}t B={Bc}"]()
-        agree = []
-        for i in range(Bc):
-            stop = next((k for k, t in enumerate(a[i]) if t in tok.stop_ids), N)
-            k = 0
-            while k < stop and a[i, k] == b[i, k]:
-                k += 1
-            agree.append(f"{k}/{stop}")
+        agree = [f"{k}/{stop}" for k, stop in common.leading_agreement(a, b, tok.stop_ids)]
         log(
             f"greedy sanity check (B={Bc}) vs llama.cpp {fmt}: leading tokens agreeing (of tokens before "
             f"malt-jax's first EOS): {', '.join(agree)}"

@@ -120,13 +120,7 @@ def main() -> None:
     t0 = time.perf_counter()
     a, b = variants[f"jax B={Bc}"](), variants[f"hf{threads[0]}t B={Bc}"]()
     log(f"  first runs (jax compile included): {time.perf_counter() - t0:.1f}s")
-    agree = []
-    for i in range(Bc):
-        stop = next((k for k, t in enumerate(a[i]) if t in tok.stop_ids), N)
-        k = 0
-        while k < stop and a[i, k] == b[i, k]:
-            k += 1
-        agree.append((k, stop))
+    agree = common.leading_agreement(a, b, tok.stop_ids)
     first = sum(int(a[i, 0] == b[i, 0]) for i in range(Bc))
     log(
         f"greedy sanity check (B={Bc}): first token agrees on {first}/{Bc} rows; leading tokens agreeing "
