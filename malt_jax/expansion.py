@@ -50,7 +50,7 @@ from jax.experimental import io_callback
 
 from malt_jax.config import ModelConfig, SamplingConfig, TreeConfig
 from malt_jax.model.llama import KVCache, Params, lora_first_layer, refresh_top
-from malt_jax.sampling import StopCriteria, decode, prefill
+from malt_jax.sampling import Generation, StopCriteria, decode, prefill
 
 Mode = Literal["extend", "fork", "naive"]
 
@@ -303,25 +303,42 @@ def expand(
             cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level])
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
         assert cache is not None and logits is not None  # every mode has prefilled by now
-        sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
-        gen, cache = decode(
-            params,
-            cfg,
-            cache,
-            logits,
-            ctx_len,
-            sample_keys,
-            spec.sampling,
-            spec.stop,
-            spec.max_new[level],
-            lora,
-            lora_scale,
-        )
+        gen, cache = _sample_level(params, cfg, cache, logits, ctx_len, row_keys, spec, level, lora, lora_scale)
         ctx = _append(ctx, ctx_len, gen.tokens)
         ctx_len = ctx_len + gen.lengths
         levels.append(gen)
         _emit(emit, level, gen)
     return _tree(levels, Q, spec)
+
+
+def _sample_level(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    logits: jax.Array,
+    ctx_len: jax.Array,
+    row_keys: jax.Array,
+    spec: ExpansionSpec,
+    level: int,
+    lora: Params | None,
+    lora_scale: float,
+) -> tuple[Generation, KVCache]:
+    """Samples one level's rows (both framings): each row's key is its tree key folded with a
+    fixed salt, so a row's sample depends only on its place in the tree."""
+    sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
+    return decode(
+        params,
+        cfg,
+        cache,
+        logits,
+        ctx_len,
+        sample_keys,
+        spec.sampling,
+        spec.stop,
+        spec.max_new[level],
+        lora,
+        lora_scale,
+    )
 
 
 def _expand_separate(
@@ -377,20 +394,7 @@ def _expand_separate(
                 params, cfg, contexts, level, outs, spec.fanouts, size, spec.mode, lora, lora_scale, fan
             )
         row_keys = _child_keys(row_keys, fan)
-        sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
-        gen, _ = decode(
-            params,
-            cfg,
-            cache,
-            logits,
-            ctx_len,
-            sample_keys,
-            spec.sampling,
-            spec.stop,
-            spec.max_new[level],
-            lora,
-            lora_scale,
-        )
+        gen, _ = _sample_level(params, cfg, cache, logits, ctx_len, row_keys, spec, level, lora, lora_scale)
         outs.append((gen.tokens, gen.lengths))
         levels.append(gen)
         _emit(emit, level, gen)
