@@ -183,8 +183,8 @@ def run(
         summary["credit"] = credit_summary
     if "train" in stages:
         timed("train", lambda: run_train(cfg, model, run_dir, mesh=mesh, progress=progress))
-    adapters, sft_adapters = load_adapters(run_dir)
     if "eval" in stages:
+        adapters, sft_adapters = load_adapters(run_dir)
         ev = timed(
             "eval",
             lambda: run_eval(

@@ -67,8 +67,6 @@ DEVICE_HBM: dict[str, int] = {
 DEFAULT_DEVICE = "v5e"
 USABLE_FRACTION = 0.9
 
-PHASES = ("sample", "sft", "dpo")
-
 
 class PlanError(ValueError):
     """The configuration does not fit the device memory budget (the message says why)."""

@@ -52,7 +52,7 @@ from malt_jax.optim import (
 from malt_jax.scoring import HiddenCache, heldout_metrics, reference_logps
 from malt_jax.sharding import param_shardings
 from malt_jax.stepper import NonFiniteError, Stepper, state_shardings
-from malt_jax.steps import ROW_KEYS, StepConfig, TrainState, dpo_step, sft_step
+from malt_jax.steps import TrainState
 
 __all__ = [
     "TrainState",
@@ -64,10 +64,6 @@ __all__ = [
     "scale_by_warmup_cosine",
     "current_lr",
     "ScheduleState",
-    "ROW_KEYS",
-    "StepConfig",
-    "sft_step",
-    "dpo_step",
     "reference_logps",
     "HiddenCache",
     "state_shardings",

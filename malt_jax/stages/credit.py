@@ -23,7 +23,7 @@ from malt_jax.base_model import Model
 from malt_jax.codec import PromptCodec
 from malt_jax.config import RunConfig
 from malt_jax.roles import ROLES, role_name
-from malt_jax.rundir import load_expansion, write_atomic
+from malt_jax.rundir import load_expansion, write_atomic, write_rows
 from malt_jax.tasks import Task
 
 __all__ = ["node_context", "node_output", "build_datasets", "run_credit"]
@@ -159,7 +159,7 @@ def run_credit(
     )
     for role, d in datasets.items():
         for kind, rows in d.items():
-            write_atomic(out / f"{role}_{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write_rows(out / f"{role}_{kind}.jsonl", rows)
     summary = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.items()}
     summary["leaf_accuracy"] = float(trees["rewards"].mean())
     if "rewards_lenient" in trees:  # how often the lenient grade alone would have rewarded a leaf

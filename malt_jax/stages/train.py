@@ -24,7 +24,7 @@ from malt_jax.config import RunConfig
 from malt_jax.distributed import is_lead
 from malt_jax.model.llama import Params
 from malt_jax.roles import ROLE_NAMES, ROLES
-from malt_jax.rundir import load_adapter, load_datasets, save_adapter, training_counts, write_atomic
+from malt_jax.rundir import load_adapter, load_datasets, save_adapter, training_counts, write_atomic, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def run_train(
             dpo_heldout=dpo_held,
         )
         c["trained"] = result.trained
-        write_atomic(out / f"{role}_history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
-        write_atomic(out / f"{role}_epochs.jsonl", "".join(json.dumps(e) + "\n" for e in result.epochs))
+        write_rows(out / f"{role}_history.jsonl", result.history)
+        write_rows(out / f"{role}_epochs.jsonl", result.epochs)
         if is_lead():  # event files and plots are not atomic: one writer
             tblog.write_training(run_dir, role, result.history, result.epochs)
         save_adapter(result.sft_adapter, out / f"{role}_sft.safetensors")
