@@ -117,7 +117,7 @@ def load_datasets(run_dir: Path, role: str, with_questions: bool = False) -> tup
         p = d / f"{role}_{kind}.jsonl"
         if not p.exists():
             raise FileNotFoundError(f"{p}: missing; run the credit stage first")
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return read_jsonl(p)
 
     sft_rows, dpo_rows = rows("sft"), rows("dpo")
     sft = [SFTExample(prompt=r["prompt"], completion=r["completion"], weight=r.get("weight", 1.0)) for r in sft_rows]
@@ -175,17 +175,22 @@ def role_epochs(run_dir: Path) -> dict[str, list[dict]]:
     for r in ROLES:
         p = run_dir / "adapters" / f"{r}_epochs.jsonl"
         if p.exists():
-            epochs[r] = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+            epochs[r] = read_jsonl(p)
     return epochs
 
 
 def read_rows(path: Path, n: int) -> list[dict] | None:
     """An evaluated system's rows, or None unless the file holds all ``n`` of them."""
     if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = read_jsonl(path)
         if len(rows) == n:
             return rows
     return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a jsonl file (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -4,12 +4,11 @@ the held-out training targets per role, the verifier's verdict confusion, wall t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from malt_jax.roles import ROLES
-from malt_jax.rundir import training_counts
+from malt_jax.rundir import role_epochs, training_counts
 
 
 def system_table(results: dict) -> dict[str, dict[str, Any]]:
@@ -40,9 +39,9 @@ def training(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Per role: held-out SFT loss at epoch 0 and at the selected epoch, held-out DPO
     ``rewards/accuracies`` / margins / loss at the selected epoch (``adapters/<role>_epochs.jsonl``)."""
     out: dict[str, dict[str, Any]] = {}
+    per_role = role_epochs(run_dir)
     for role in ROLES:
-        path = run_dir / "adapters" / f"{role}_epochs.jsonl"
-        epochs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        epochs = per_role.get(role, [])
         sft = [e for e in epochs if e["stage"] == "sft"]
         dpo = [e for e in epochs if e["stage"] == "dpo"]
         best = lambda es: next((e for e in es if e.get("best")), es[-1] if es else None)  # noqa: E731
