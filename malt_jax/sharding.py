@@ -64,7 +64,8 @@ def lora_axes(name: str) -> dict[str, tuple]:
     return {"a": (base[0], base[1], "rank"), "b": (base[0], "rank", base[2])}
 
 
-KV_CACHE_AXES = ("layers", "batch", "kv_heads", "seq", None)
+V_CACHE_AXES = ("layers", "batch", "kv_heads", "seq", None)
+K_CACHE_AXES = ("layers", "batch", "kv_heads", None, "seq")  # keys stored transposed (llama.KVCache)
 
 # logical axes of the activations the model constrains (``constrain``): the residual stream at
 # every layer boundary is split over the batch only (replicated over ``tensor``, as in Megatron
@@ -75,7 +76,8 @@ ACTIVATION_AXES: dict[str, tuple[str | None, ...]] = {
     "kv": ("batch", "seq", "kv_heads", None),  # [B, T, K, hd]
     "ffn": ("batch", "seq", "ffn"),  # [B, T, ffn]
     "logits": ("batch", "seq", "vocab"),  # [B, T, vocab]
-    "kv_cache": KV_CACHE_AXES,  # [L, B, K, S, hd]
+    "k_cache": K_CACHE_AXES,  # [L, B, K, hd, S]
+    "v_cache": V_CACHE_AXES,  # [L, B, K, S, hd]
     # looked-up embedding rows as the table stores them (width over ``fsdp``): the table is not
     # gathered for a lookup; the rows are then resharded to the residual stream's layout
     "embed_rows": (None, None, "embed"),  # [B, T, dim]

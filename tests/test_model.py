@@ -103,7 +103,7 @@ def test_cache_ignores_stale_slots_and_grows():
     toks = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
     full, _ = llama.forward(params, toks, llama.causal_positions(2, 10), cfg)
     junk = llama.KVCache(
-        k=jax.random.normal(jax.random.key(2), (cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim)),
+        k=jax.random.normal(jax.random.key(2), (cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim, 7)),
         v=jax.random.normal(jax.random.key(3), (cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim)),
     )
     # ragged prefill: row 0 takes 6 tokens, row 1 takes 4 (right-padded to 6)
@@ -113,8 +113,11 @@ def test_cache_ignores_stale_slots_and_grows():
     np.testing.assert_allclose(a[0], full[0, :6], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(a[1, :4], full[1, :4], rtol=2e-5, atol=2e-5)
     grown = cache.grow(12)
-    chex.assert_shape(grown.k, (cfg.n_layers, 2, cfg.n_kv_heads, 12, cfg.head_dim))
-    np.testing.assert_array_equal(grown.k[:, :, :, :7], cache.k)
+    chex.assert_shape(grown.k, (cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim, 12))
+    chex.assert_shape(grown.v, (cfg.n_layers, 2, cfg.n_kv_heads, 12, cfg.head_dim))
+    np.testing.assert_array_equal(grown.k[..., :7], cache.k)
+    np.testing.assert_array_equal(grown.k[..., 7:], 0.0)
+    np.testing.assert_array_equal(grown.v[:, :, :, :7], cache.v)
     np.testing.assert_array_equal(grown.v[:, :, :, 7:], 0.0)
     with pytest.raises(ValueError, match="3 slots < current 12"):
         grown.grow(3)
@@ -290,10 +293,11 @@ def test_refresh_top_equals_reencoding_with_the_adapter():
         lora=ad,
         cache=llama.KVCache.zeros(cfg, 2, 12, hidden_at=top),
     )
-    mask = (jnp.arange(12)[None] < lens[:, None])[None, :, None, :, None]
-    for got, ref in [(refreshed.k, want.k), (refreshed.v, want.v)]:
+    filled = jnp.arange(12)[None] < lens[:, None]  # [B, S]
+    mask_k, mask_v = filled[None, :, None, None, :], filled[None, :, None, :, None]  # keys: [L, B, K, hd, S]
+    for got, ref, mask in [(refreshed.k, want.k, mask_k), (refreshed.v, want.v, mask_v)]:
         np.testing.assert_allclose(jnp.where(mask, got, 0), jnp.where(mask, ref, 0), rtol=2e-5, atol=2e-5)
-    assert not np.allclose(jnp.where(mask, plain_cache.k, 0)[top], jnp.where(mask, want.k, 0)[top])
+    assert not np.allclose(jnp.where(mask_k, plain_cache.k, 0)[top], jnp.where(mask_k, want.k, 0)[top])
     np.testing.assert_array_equal(refreshed.k[:top], plain_cache.k[:top])  # lower layers untouched
     nxt = jnp.asarray([[5], [7]])
     a, _ = llama.forward(params, nxt, lens[:, None], cfg, cache=refreshed, lora=ad)
