@@ -10,7 +10,7 @@ decode variants run 8 steps in a ``fori_loop`` with the cache carried and donate
 * ``no_cache``  — the same loop WITHOUT a KV cache (same weight matmuls, attention over the
                   token itself): the weight-bound part;
 * ``attention`` — only the cached GQA attention of 30 layers (``llama.cached_attention`` of
-                  one new token against the [B, K, S, hd] cache).
+                  one new token against the [B, K, hd, S] keys and [B, K, S, hd] values).
 
 So ``step - no_cache`` is the cost of the KV cache (attention over S slots + the write of the
 new keys/values). Run: ``python bench/decode_breakdown.py [--quick]``.

@@ -24,8 +24,8 @@ llama.cpp's interleaved rope; ``weights.py`` un-permutes them on import.
 LoRA adapters (``lora.py``) are a separate pytree ``{"layers": {name: {"a": [L,in,r], "b": [L,r,out]}}}``
 and are applied on the fly: ``x @ w + scale * (x @ a) @ b``, so one frozen base serves every role.
 
-The KV cache is a static-shape ``[L, B, K, S, hd]`` buffer. Every token carries its own
-position; a token at position ``p`` is written to cache slot ``p`` of its row and attends to
+The KV cache is a static-shape buffer (keys ``[L, B, K, hd, S]``, values ``[L, B, K, S, hd]``).
+Every token carries its own position; a token at position ``p`` is written to cache slot ``p`` of its row and attends to
 slots ``<= p``. Rows therefore advance independently (ragged prompts, forked tree rows).
 """
 
