@@ -246,15 +246,17 @@ def attention(
     valid and its position is ``<=`` the query's.
     """
     B, T, H, hd = q.shape
-    K = k.shape[1]
-    qg = q.reshape(B, T, K, H // K, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    # (query head, token) pairs of a KV head as one matmul axis, as in cached_attention
+    qg = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
     scores = scores * (1.0 / math.sqrt(hd))
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, T, S]
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(B, T, H * hd)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, K, G * T, S), v).reshape(B, K, G, T, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
 def cached_attention(
