@@ -96,6 +96,36 @@ def test_top_k1_and_tiny_top_p_are_greedy(params):
     assert sampling.trim(_gen(params, prompts, SamplingConfig(temperature=1.0, top_p=1e-6))) == greedy
 
 
+def test_first_argmax_is_jnp_argmax():
+    """Same index as jnp.argmax on ties, NaNs, -inf rows and random vocab-sized rows."""
+    rng = np.random.default_rng(0)
+    rows = [
+        [1.0, 3.0, 3.0, 2.0],  # tie: the first
+        [-np.inf] * 4,  # all -inf: 0
+        [1.0, np.nan, 5.0, np.nan],  # NaN: the first NaN
+        [np.inf, 1.0, np.inf, 0.0],
+        [0.0, -0.0, 0.0, -1.0],  # signed zeros compare equal: the first
+    ]
+    x = np.asarray(rows, np.float32)
+    np.testing.assert_array_equal(sampling.first_argmax(jnp.asarray(x)), jnp.argmax(jnp.asarray(x), axis=-1))
+    big = jnp.asarray(rng.standard_normal((16, 49152)).astype(np.float32).round(1))  # many ties
+    np.testing.assert_array_equal(sampling.first_argmax(big), jnp.argmax(big, axis=-1))
+
+
+def test_sample_logits_draws_jax_categorical():
+    """The sampler's draw is jax.random.categorical's, key for key (the samples of every earlier
+    run stay the same); greedy is jnp.argmax."""
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((64, 49152)).astype(np.float32))
+    keys = jax.random.split(jax.random.key(7), 64)
+    for temp in (1.0, 0.7):
+        sc = SamplingConfig(temperature=temp)
+        got = jax.vmap(lambda x, k, sc=sc: sampling.sample_logits(x, k, sc))(logits, keys)
+        want = jax.vmap(lambda x, k, t=temp: jax.random.categorical(k, x / t))(logits, keys)
+        np.testing.assert_array_equal(got, want)
+    greedy = jax.vmap(lambda x, k: sampling.sample_logits(x, k, SamplingConfig(greedy=True)))(logits, keys)
+    np.testing.assert_array_equal(greedy, jnp.argmax(logits, axis=-1))
+
+
 def test_sampling_distribution_follows_temperature():
     logits = jnp.log(jnp.asarray([0.7, 0.2, 0.1]))
     keys = jax.random.split(jax.random.key(0), 4000)
