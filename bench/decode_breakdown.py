@@ -7,8 +7,11 @@ decode variants run 8 steps in a ``fori_loop`` with the cache carried and donate
 
 * ``step``      — one cached decode step: ``forward(cache=...)`` for one token per row + the
                   LM head + greedy argmax (per step, i.e. loop time / 8);
+* ``sampled``   — ``step`` with the token drawn at temperature 0.7 from per-row keys
+                  (``sampling.sample_logits``, as tree expansion samples) instead of greedily;
 * ``no_cache``  — the same loop WITHOUT a KV cache (same weight matmuls, attention over the
                   token itself): the weight-bound part;
+* ``head``      — the LM head ([B, 576] x [576, 49152]) + greedy pick alone (per step);
 * ``attention`` — only the cached GQA attention of 30 layers (``llama.cached_attention`` of
                   one new token against the [B, K, hd, S] keys and [B, K, S, hd] values).
 
@@ -42,8 +45,12 @@ def main() -> None:
     reps = args.reps or (3 if args.quick else 7)
     S = args.cache
 
+    from malt_jax.config import SamplingConfig
     from malt_jax.model.llama import KVCache, cached_attention, forward, lm_head
     from malt_jax.pipeline import load_model
+    from malt_jax.sampling import first_argmax, sample_logits
+
+    warm = SamplingConfig(temperature=0.7)
 
     model = load_model("smollm2")
     cfg, params = model.cfg, model.params
@@ -51,23 +58,29 @@ def main() -> None:
     n_loop = 8
     print(f"# decode step breakdown, SmolLM2-135M, cache {S} slots\nmachine: {common.machine()}", flush=True)
 
-    def make_loop(use_cache: bool):
+    def make_loop(use_cache: bool, sampled: bool = False):
         def run(params, cache):
             B = cache.k.shape[1]
+            keys = jax.random.split(jax.random.key(0), B)
 
             def body(i, carry):
                 cache, acc = carry
                 tok = jnp.ones((B, 1), jnp.int32)
                 pos = jnp.full((B, 1), S // 2 + i, jnp.int32)
                 h, new = forward(params, tok, pos, cfg, cache=cache if use_cache else None, return_hidden=True)
-                nxt = jnp.argmax(lm_head(params, h[:, 0], cfg), -1)
+                logits = lm_head(params, h[:, 0], cfg)
+                if sampled:
+                    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+                    nxt = jax.vmap(lambda x, k: sample_logits(x, k, warm))(logits, step_keys)
+                else:
+                    nxt = first_argmax(logits)  # greedy, as sample_logits picks it
                 return (new if use_cache else cache), acc + nxt.sum()
 
             return jax.lax.fori_loop(0, n_loop, body, (cache, 0))
 
         return jax.jit(run, donate_argnums=1)
 
-    loops = {"step": make_loop(True), "no_cache": make_loop(False)}
+    loops = {"step": make_loop(True), "sampled": make_loop(True, sampled=True), "no_cache": make_loop(False)}
 
     @jax.jit
     def attn(q, cache, pos):
@@ -83,6 +96,14 @@ def main() -> None:
 
         acc, _ = jax.lax.scan(layer, jnp.zeros((B, H), jnp.float32), jnp.arange(L))
         return acc
+
+    @jax.jit
+    def head(params, h):  # the LM head + greedy pick of the step loops, alone (8 times)
+        def body(i, acc):
+            nxt = first_argmax(lm_head(params, h + acc * 1e-30, cfg))
+            return acc + nxt[:, None].astype(h.dtype)
+
+        return jax.lax.fori_loop(0, n_loop, body, jnp.zeros((h.shape[0], 1), h.dtype))
 
     variants: dict[str, Callable[[], Any]] = {}
     caches = {}
@@ -101,9 +122,16 @@ def main() -> None:
         def attention(x=q, c=cache, ps=pos):
             return jax.block_until_ready(attn(x, c, ps))
 
+        hidden = jax.random.normal(jax.random.key(1), (B, cfg.dim), jnp.float32)
+
+        def head_call(h=hidden):
+            return jax.block_until_ready(head(params, h))
+
         variants.update(
             {
+                f"head B={B}": head_call,
                 f"step B={B}": functools.partial(loop_call, "step", B),
+                f"sampled B={B}": functools.partial(loop_call, "sampled", B),
                 f"no_cache B={B}": functools.partial(loop_call, "no_cache", B),
                 f"attention B={B}": attention,
             }
@@ -117,18 +145,22 @@ def main() -> None:
     step_flops = 2.0 * flops.matmul_params(cfg) + flops.model_flops.attention_flops(cfg, S // 2 + n_loop / 2)
     for B in batches:
         m = {k.split()[0]: 1e3 * common.median(v) for k, v in times.items() if k.endswith(f"B={B}")}
-        m["step"], m["no_cache"] = m["step"] / n_loop, m["no_cache"] / n_loop
+        for k in ("step", "sampled", "no_cache", "head"):
+            m[k] /= n_loop
         cache_mb = 2 * L * B * K * S * hd * 4 / 1e6
         rows.append(
             {
                 "batch": B,
                 "step ms": m["step"],
+                "sampled step ms": m["sampled"],
                 "no_cache ms": m["no_cache"],
                 "attention ms": m["attention"],
+                "LM head ms": m["head"],
                 "cache share of step": f"{100 * (m['step'] - m['no_cache']) / m['step']:.0f}%",
                 # model FLOPs of one step (every weight matmul + the LM head + attention over the
                 # ~S/2 keys the loop's tokens see) over the measured f32 matmul peak
                 "step % of peak": round(100 * B * step_flops / (m["step"] / 1e3) / peak, 1),
+                "sampled % of peak": round(100 * B * step_flops / (m["sampled"] / 1e3) / peak, 1),
                 "KV cache MB": round(cache_mb, 1),
                 "weights MB": round(wbytes / 1e6),
             }
