@@ -223,9 +223,11 @@ def main() -> None:
 
     Bc = max(b for b in batches if b <= 8) if any(b <= 8 for b in batches) else batches[0]
     a = variants[f"jax B={Bc}"]()
+    agreement = {}
     for fmt in formats:
         b = variants[f"{fmt} {threads[0]}t B={Bc}"]()
-        agree = [f"{k}/{stop}" for k, stop in common.leading_agreement(a, b, tok.stop_ids)]
+        agreement[fmt] = common.leading_agreement(a, b, tok.stop_ids)
+        agree = [f"{k}/{stop}" for k, stop in agreement[fmt]]
         log(
             f"greedy sanity check (B={Bc}) vs llama.cpp {fmt}: leading tokens agreeing (of tokens before "
             f"malt-jax's first EOS): {', '.join(agree)}"
@@ -264,6 +266,7 @@ def main() -> None:
             "machine": common.machine(),
             "peak_jax": peak,
             "rows": rows,
+            "agree": agreement,  # per format: (leading tokens agreeing, tokens before malt-jax's first EOS) per row
             "times": times,
             "llama_cpp_python": llama_cpp.__version__,
         },
