@@ -8,7 +8,7 @@ decode variants run 8 steps in a ``fori_loop`` with the cache carried and donate
 * ``step``      — one cached decode step: ``forward(cache=...)`` for one token per row + the
                   LM head + greedy argmax (per step, i.e. loop time / 8);
 * ``sampled``   — ``step`` with the token drawn at temperature 0.7 from per-row keys
-                  (``sampling.sample_logits``, as tree expansion samples) instead of greedily;
+                  (``sampling.sample_rows``, as tree expansion samples) instead of greedily;
 * ``no_cache``  — the same loop WITHOUT a KV cache (same weight matmuls, attention over the
                   token itself): the weight-bound part;
 * ``head``      — the LM head ([B, 576] x [576, 49152]) + greedy pick alone (per step);
@@ -48,7 +48,7 @@ def main() -> None:
     from malt_jax.config import SamplingConfig
     from malt_jax.model.llama import KVCache, cached_attention, forward, lm_head
     from malt_jax.pipeline import load_model
-    from malt_jax.sampling import first_argmax, sample_logits
+    from malt_jax.sampling import first_argmax, sample_rows
 
     warm = SamplingConfig(temperature=0.7)
 
@@ -71,7 +71,7 @@ def main() -> None:
                 logits = lm_head(params, h[:, 0], cfg)
                 if sampled:
                     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-                    nxt = jax.vmap(lambda x, k: sample_logits(x, k, warm))(logits, step_keys)
+                    nxt = sample_rows(logits, step_keys, warm)
                 else:
                     nxt = first_argmax(logits)  # greedy, as sample_logits picks it
                 return (new if use_cache else cache), acc + nxt.sum()
