@@ -232,6 +232,11 @@ class SamplingConfig:
                 f"got {list(self.role_max_new_tokens)}"
             )
 
+    @property
+    def is_greedy(self) -> bool:
+        """Whether tokens are picked greedily (``greedy``, or a temperature of 0)."""
+        return self.greedy or self.temperature <= 0.0
+
     def budgets(self, default: int | None = None) -> tuple[int, int, int]:
         """New-token budgets of G, V, R (``role_max_new_tokens``, else ``default`` or
         ``max_new_tokens`` for each)."""

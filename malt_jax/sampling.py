@@ -70,7 +70,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
 def sample_logits(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Samples one token from ``logits`` [V] under temperature / top-k / top-p (or greedy)."""
-    if cfg.greedy or cfg.temperature <= 0.0:
+    if cfg.is_greedy:
         return first_argmax(logits)
     x = logits.astype(jnp.float32) / cfg.temperature
     if cfg.top_k and cfg.top_k > 0:
@@ -207,7 +207,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.
     g = _batch_groups(B)
     per = B // g
     draw = partial(sample_logits, cfg=cfg)
-    if cfg.greedy or cfg.temperature <= 0.0 or per <= SAMPLE_BLOCK:
+    if cfg.is_greedy or per <= SAMPLE_BLOCK:
         return jax.vmap(draw)(logits, keys)
 
     def group(lg: jax.Array, ks: jax.Array) -> jax.Array:
