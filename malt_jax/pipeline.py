@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from malt_jax.distributed import is_lead
 from malt_jax.expansion import ExpansionSpec
 from malt_jax.report import RunRecord, format_table, write_report
 from malt_jax.roles import ROLE_NAMES, ROLES
+from malt_jax.rss import PeakRSS
 from malt_jax.rundir import (
     load_adapter,
     load_adapters,
@@ -57,6 +59,8 @@ from malt_jax.stages.expand import decode_level, decode_tree, grade_leaves, ques
 from malt_jax.stages.train import heldout_questions, run_train
 from malt_jax.summary import experiment_summary
 from malt_jax.tasks import Example, Task
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "run",
@@ -153,26 +157,35 @@ def run(
     run_dir = prepare_run_dir(cfg)
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    memory_path = run_dir / "peak_rss_gb.json"  # per stage, of the call that last ran it
+    memory = json.loads(memory_path.read_text()) if memory_path.exists() else {}
     t0 = time.perf_counter()
-    task = task or make_task(cfg)  # data and task errors surface before the (slow) model load
-    train, evals = load_splits(cfg, task, run_dir)
-    model = model or load_model(cfg.weights, cfg.model)
-    mesh = make_run_mesh(cfg)
-    if mesh is not None:
-        from malt_jax.sharding import shard_params
+    with PeakRSS() as rss:
+        task = task or make_task(cfg)  # data and task errors surface before the (slow) model load
+        train, evals = load_splits(cfg, task, run_dir)
+        model = model or load_model(cfg.weights, cfg.model)
+        mesh = make_run_mesh(cfg)
+        if mesh is not None:
+            from malt_jax.sharding import shard_params
 
-        model = dataclasses.replace(model, params=shard_params(model.params, mesh))
+            model = dataclasses.replace(model, params=shard_params(model.params, mesh))
     timings["load"] = round(time.perf_counter() - t0, 1)
+    if rss.peak_gb is not None:
+        memory["load"] = rss.peak_gb
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
     def timed(name, fn):
         from malt_jax.sharding import mesh_context
 
         t = time.perf_counter()
-        with mesh_context(mesh):  # every stage's jitted calls see the mesh (activation constraints)
+        with mesh_context(mesh), PeakRSS() as rss:  # the stage's jitted calls see the mesh
             out = fn()
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
         write_atomic(timings_path, json.dumps(timings, indent=2))
+        if rss.peak_gb is not None:
+            memory[name] = rss.peak_gb
+            write_atomic(memory_path, json.dumps(memory, indent=2))
+            log.info("%s: %.1f s, peak resident memory %.2f GB", name, time.perf_counter() - t, rss.peak_gb)
         return out
 
     if "expand" in stages:
@@ -224,6 +237,7 @@ def run(
             sum(timings.values()),
             credit=credit_summary,
             timings_s=dict(timings),
+            peak_rss_gb=dict(memory),
         )
         write_atomic(run_dir / "summary.json", json.dumps(record, indent=2) + "\n")
         if is_lead() and tblog.write_eval(run_dir, record["systems"], record["verifier"]):
@@ -232,4 +246,5 @@ def run(
             Path(cfg.results).mkdir(parents=True, exist_ok=True)
             write_atomic(Path(cfg.results) / f"{cfg.name}.json", json.dumps(record, indent=2) + "\n")
     summary["timings"] = timings
+    summary["peak_rss_gb"] = memory
     return summary

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,11 @@ def test_run_writes_its_json_summary(tiny_run):
     assert s["systems"]["malt+MV@3"]["correct"] == sum(r["vote_correct"] for r in rows)
     assert [c for c in s["comparisons"] if c["primary"]][0]["b"] == "single+MV@3"
     assert set(s["training"]) == {"G", "V", "R"} and set(s["verifier"]) == {"chain", "malt"}
+    # peak resident memory per stage (Linux): the model is loaded, so every stage holds its weights
+    if sys.platform.startswith("linux"):
+        peaks = json.loads((out / "peak_rss_gb.json").read_text())
+        assert set(peaks) == {"load", "expand", "credit", "train", "eval"} and s["peak_rss_gb"] == peaks
+        assert all(0.05 < v < 24 for v in peaks.values())
 
 
 def test_heldout_questions_and_training_counts(tiny_run):
