@@ -279,11 +279,11 @@ def expand(
         fan = spec.fanouts[level]
         lora = adapters[level]
         if level > 0:  # append this role's turn tokens
-            assert cache is not None and logits is not None  # the level above has decoded
             turn = turns[level - 1]
             B = ctx.shape[0]
             t = jnp.broadcast_to(turn[None, :], (B, turn.shape[0])).astype(jnp.int32)
             if spec.mode == "extend" or refresh:
+                assert cache is not None and logits is not None  # the level above has decoded (and kept it)
                 cache = cache.grow(sizes[level])
                 if refresh:
                     cache = refresh_top(params, cfg, cache, ctx_len, lora, lora_scale)
@@ -303,7 +303,11 @@ def expand(
             cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level])
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
         assert cache is not None and logits is not None  # every mode has prefilled by now
-        gen, cache = _sample_level(params, cfg, cache, logits, ctx_len, row_keys, spec, level, lora, lora_scale)
+        # the next level extends this level's cache ("extend", or "fork" refreshing the top layers)
+        reused = level + 1 < spec.depth and (spec.mode == "extend" or refresh)
+        gen, cache = _sample_level(
+            params, cfg, cache, logits, ctx_len, row_keys, spec, level, lora, lora_scale, keep_cache=reused
+        )
         ctx = _append(ctx, ctx_len, gen.tokens)
         ctx_len = ctx_len + gen.lengths
         levels.append(gen)
@@ -322,9 +326,11 @@ def _sample_level(
     level: int,
     lora: Params | None,
     lora_scale: float,
-) -> tuple[Generation, KVCache]:
+    keep_cache: bool = True,
+) -> tuple[Generation, KVCache | None]:
     """Samples one level's rows (both framings): each row's key is its tree key folded with a
-    fixed salt, so a row's sample depends only on its place in the tree."""
+    fixed salt, so a row's sample depends only on its place in the tree. ``keep_cache=False``
+    where the level's cache is not used afterwards (see ``sampling.decode``)."""
     sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xA11CE))(row_keys)
     return decode(
         params,
@@ -338,6 +344,7 @@ def _sample_level(
         spec.max_new[level],
         lora,
         lora_scale,
+        keep_cache=keep_cache,
     )
 
 
@@ -394,7 +401,9 @@ def _expand_separate(
                 params, cfg, contexts, level, outs, spec.fanouts, size, spec.mode, lora, lora_scale, fan
             )
         row_keys = _child_keys(row_keys, fan)
-        gen, _ = _sample_level(params, cfg, cache, logits, ctx_len, row_keys, spec, level, lora, lora_scale)
+        gen, _ = _sample_level(
+            params, cfg, cache, logits, ctx_len, row_keys, spec, level, lora, lora_scale, keep_cache=False
+        )
         outs.append((gen.tokens, gen.lengths))
         levels.append(gen)
         _emit(emit, level, gen)

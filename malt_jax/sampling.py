@@ -181,13 +181,18 @@ def _take_rows(s: _DecodeState, idx: jax.Array) -> _DecodeState:
 
 
 def _put_rows(s: _DecodeState, idx: jax.Array, sub: _DecodeState) -> _DecodeState:
+    """``s`` with rows ``idx`` replaced by ``sub``'s; without a cache in ``s`` (``keep_cache=False``)
+    the result has none either."""
     rows = jax.tree.map(
         lambda x, y: _put(x, idx, y, 0), s.replace(cache=None, step=None), sub.replace(cache=None, step=None)
     )
     c, sc = s.cache, sub.cache
+    if c is None:
+        return rows.replace(step=sub.step)
+    assert sc is not None  # the sub-batch's cache has the same layout
     h = None
     if c.h is not None:
-        assert sc.h is not None  # the sub-batch's cache has the same layout
+        assert sc.h is not None
         h = _put(c.h, idx, sc.h, 0)
     cache = c.replace(k=_put(c.k, idx, sc.k, 1), v=_put(c.v, idx, sc.v, 1), h=h)
     return rows.replace(step=sub.step, cache=cache)
@@ -217,18 +222,24 @@ def sample_rows(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.
     return out.reshape(B)
 
 
-def _run_compacting(cond, body, s: _DecodeState, levels: int) -> _DecodeState:
+def _run_compacting(cond, body, s: _DecodeState, levels: int, keep_cache: bool = True) -> _DecodeState:
     """``while_loop(cond, body, s)``, except that once half of the rows are done the live rows
     are gathered into a half-size batch that continues alone (recursively, ``levels`` times) and
     is scattered back at the end. Rows are independent (per-row keys, positions and cache), so
     the result is the same as decoding the full batch; only the work on ended rows is saved.
     On a mesh the halving happens inside each device's rows (:func:`_batch_groups`): it starts
-    once every device has at most half of its rows live."""
+    once every device has at most half of its rows live.
+
+    ``keep_cache=False`` (the caller does not use the final cache): the returned state has
+    ``cache=None``, and the full batch's cache is dead once its live rows are gathered, so a
+    compacted phase holds only its own cache (without it, every level's cache stays allocated
+    until the end: 1 + 1/2 + 1/4 of the batch's cache instead of at most 1 + 1/2 while gathering)."""
     B = s.done.shape[0]
     g = _batch_groups(B)
     half = B // g // 2
     if levels == 0 or half < MIN_COMPACT_ROWS:
-        return jax.lax.while_loop(cond, body, s)
+        s = jax.lax.while_loop(cond, body, s)
+        return s if keep_cache else s.replace(cache=None)
 
     def live_max(s: _DecodeState) -> jax.Array:  # the most live rows in any group
         return jnp.max(jnp.sum(~s.done.reshape(g, B // g), axis=1))
@@ -238,8 +249,13 @@ def _run_compacting(cond, body, s: _DecodeState, levels: int) -> _DecodeState:
     def compact(s: _DecodeState) -> _DecodeState:
         # per group: every live row, then ended ones
         idx = jnp.argsort(s.done.reshape(g, B // g), axis=1, stable=True)[:, :half]
-        return _put_rows(s, idx, _run_compacting(cond, body, _take_rows(s, idx), levels - 1))
+        sub = _run_compacting(cond, body, _take_rows(s, idx), levels - 1, keep_cache)
+        return _put_rows(s if keep_cache else s.replace(cache=None), idx, sub)
 
+    if not keep_cache:
+        # unconditional (a loop that already ended runs no step on the half batch): inside a
+        # lax.cond the full cache would stay allocated for the whole branch
+        return compact(s)
     return jax.lax.cond(cond(s), compact, lambda s: s, s)
 
 
@@ -256,11 +272,14 @@ def decode(
     lora: Params | None = None,
     lora_scale: float = 1.0,
     active: jax.Array | None = None,
-) -> tuple[Generation, KVCache]:
+    keep_cache: bool = True,
+) -> tuple[Generation, KVCache | None]:
     """Samples up to ``max_new_tokens`` per row, starting from next-token ``logits`` [B, V].
 
     ``pos`` [B]: cache position where each row's first new token goes; ``keys`` [B]: per-row
-    PRNG keys; ``active`` [B] (optional): rows marked False produce nothing.
+    PRNG keys; ``active`` [B] (optional): rows marked False produce nothing. Returns the
+    generation and the final cache, or None for it with ``keep_cache=False`` (less memory
+    while decoding: see :func:`_run_compacting`).
     """
     B = logits.shape[0]
     N = max_new_tokens
@@ -325,7 +344,7 @@ def decode(
         recent=jnp.full((B, W), -2, jnp.int32),
         keys=keys,
     )
-    s = _run_compacting(cond, body, init, sampling.compact_levels)
+    s = _run_compacting(cond, body, init, sampling.compact_levels, keep_cache)
     gen = Generation(tokens=s.tokens, lengths=s.lengths, logps=s.logps, stopped=s.stopped, end_pos=s.pos)
     return gen, s.cache
 
@@ -363,6 +382,7 @@ def generate(
         max_new_tokens,
         lora,
         lora_scale,
+        keep_cache=False,
     )
     return gen
 

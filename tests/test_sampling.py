@@ -221,3 +221,27 @@ def test_compacting_live_rows_changes_nothing(params):
     # the cache holds float32 keys/values computed at another batch size: equal up to rounding
     np.testing.assert_allclose(c2.k, c0.k, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(c2.v, c0.v, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_without_keeping_the_cache_frees_it_while_compacted(params):
+    """``keep_cache=False`` (callers that drop the final cache): the same generation as keeping
+    it, no cache returned, and a smaller compiled program: the full batch's cache is dead once
+    the live rows are gathered (XLA's temp buffers of the two programs compared)."""
+    prompts = _prompts(32, seed=3)
+    stop = StopCriteria(stop_ids=tuple(range(3, CFG.vocab_size, 6)))
+    x, lens = sampling.pad_batch(prompts, bucket=16)
+    sc = SamplingConfig(temperature=1.0, compact_levels=2)
+    cache = llama.KVCache.zeros(CFG, 32, 16 + 20)
+    logits, cache = sampling.prefill(params, CFG, cache, jnp.asarray(x), jnp.asarray(lens), jnp.zeros(32, jnp.int32))
+    fn = jax.jit(sampling.decode, static_argnames=("cfg", "sampling", "stop", "max_new_tokens", "keep_cache"))
+    kw = dict(cache=cache, logits=logits, pos=jnp.asarray(lens), keys=sampling.row_keys(1, 32), cfg=CFG)
+    kw.update(sampling=sc, stop=stop, max_new_tokens=20)
+    (g_keep, c_keep), (g_drop, c_drop) = fn(params, **kw), fn(params, **kw, keep_cache=False)
+    assert c_keep is not None and c_drop is None
+    assert (np.asarray(g_keep.lengths) <= 10).sum() > 24  # compacted twice (as above)
+    for a, b in zip(jax.tree.leaves(g_drop), jax.tree.leaves(g_keep)):
+        np.testing.assert_array_equal(a, b)
+    mem = {k: fn.lower(params, **kw, keep_cache=k).compile().memory_analysis() for k in (1, 0)}
+    used = {k: m.temp_size_in_bytes + m.output_size_in_bytes for k, m in mem.items()}  # same arguments
+    full = cache.k.nbytes + cache.v.nbytes
+    assert used[0] <= used[1] - full // 8, (used, full)  # at least the quarter-batch copy is gone
