@@ -3,9 +3,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# glibc's huge-page malloc for XLA:CPU's buffers (malt_jax/hugepages.py: ~100x fewer page faults
-# per training step); the malt-jax command and the bench scripts also set it themselves
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: csqa install lint test test-slow test-all test-peers malt study bench peers chat clean
 

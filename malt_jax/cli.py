@@ -232,10 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the `malt-jax` command (not a call from Python): huge-page malloc first
-        from malt_jax.hugepages import reexec
-
-        reexec()
     from malt_jax.config import ConfigError
 
     args = build_parser().parse_args(argv)
