@@ -231,9 +231,10 @@ def _run_compacting(cond, body, s: _DecodeState, levels: int, keep_cache: bool =
     once every device has at most half of its rows live.
 
     ``keep_cache=False`` (the caller does not use the final cache): the returned state has
-    ``cache=None``, and the full batch's cache is dead once its live rows are gathered, so a
-    compacted phase holds only its own cache (without it, every level's cache stays allocated
-    until the end: 1 + 1/2 + 1/4 of the batch's cache instead of at most 1 + 1/2 while gathering)."""
+    ``cache=None``, and the full batch's cache is dead once its live rows are gathered (the
+    first halving happens unconditionally for that), so the compacted phases hold only their own
+    caches: at most 1 + 1/2 of the batch's cache while gathering, instead of 1 + 1/2 + 1/4 alive
+    until the end."""
     B = s.done.shape[0]
     g = _batch_groups(B)
     half = B // g // 2
@@ -249,7 +250,8 @@ def _run_compacting(cond, body, s: _DecodeState, levels: int, keep_cache: bool =
     def compact(s: _DecodeState) -> _DecodeState:
         # per group: every live row, then ended ones
         idx = jnp.argsort(s.done.reshape(g, B // g), axis=1, stable=True)[:, :half]
-        sub = _run_compacting(cond, body, _take_rows(s, idx), levels - 1, keep_cache)
+        # the half batch keeps its cache while a quarter runs: the peak is this gather's
+        sub = _run_compacting(cond, body, _take_rows(s, idx), levels - 1)
         return _put_rows(s if keep_cache else s.replace(cache=None), idx, sub)
 
     if not keep_cache:
