@@ -286,11 +286,12 @@ def make_plan(
     c["decode_logits"] = (rows if sizes["fsdp"] > 1 else 0) * Vd * 4 + rows_dev * Vd * 4 * 2
     # compaction (sampling.compact_levels) decodes the live half of each device's rows in a copy
     # (then a quarter...); the last level's full cache is dropped once its half is gathered
-    # (sampling.decode keep_cache=False), so at most 1/2 of the cache more is alive
+    # (sampling.decode keep_cache=False), so at most 1/2 of the cache more is alive, and only
+    # after the forked parent's cache has died: the peak is the cache + the larger of the two
     levels, half = 0, rows_dev // 2
     while levels < cfg.sampling.compact_levels and half >= MIN_COMPACT_ROWS:
         levels, half = levels + 1, half // 2
-    c["kv_compacted"] = c["kv_cache"] // 2 if levels else 0
+    c["kv_compacted"] = max(0, c["kv_cache"] // 2 - c["kv_fork_parent"]) if levels else 0
 
     # -- training: one microbatch ----------------------------------------------------------
     accum = max(int(t.grad_accum), 1)
