@@ -1,6 +1,6 @@
 """The run directory: where every stage writes its outputs and the next stage reads them.
 
-    <run>/config.yaml splits.json timings.json summary.json report.md
+    <run>/config.yaml splits.json timings.json peak_rss_gb.json summary.json report.md
     <run>/expansion/batch_*.npz (+ .jsonl texts)     trees of G/V/R samples and leaf rewards
     <run>/credit/{G,V,R}_{sft,dpo}.jsonl summary.json per-role SFT examples and DPO pairs
     <run>/adapters/{G,V,R}[_sft].safetensors          one LoRA adapter per role (after DPO / SFT only),

@@ -154,3 +154,21 @@ def test_adapter_gradient_with_remat_equals_without(setup):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
         assert float(jnp.abs(a).max()) > 0, path
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_top_layers_adapter_does_not_copy_the_frozen_layers_weights():
+    """With an adapter on the top layer, the layers below run as their own scanned segment; it
+    reads each layer from the whole stacked weights (a static slice of the stack would be a copy
+    of the frozen layers' weights in every program that runs them: XLA's temporaries)."""
+    from malt_jax.model import llama, lora
+
+    cfg = ModelConfig.tiny(n_layers=6, dim=128, hidden_dim=512, head_dim=32)
+    params = llama.init_params(cfg, jax.random.key(0))
+    top = lora.init_lora(cfg, LoraConfig(rank=2, targets=("wq",), top_layers=1), jax.random.key(1))
+    toks = jnp.zeros((1, 8), jnp.int32)
+    fn = jax.jit(lambda p, a: llama.forward(p, toks, llama.causal_positions(1, 8), cfg, lora=a)[0])
+    temp = fn.lower(params, top).compile().memory_analysis().temp_size_in_bytes
+    layer_bytes = sum(w[0].nbytes for w in jax.tree.leaves(params["layers"]))
+    # one layer's weights read per step in each of the two segments' scans (the copy of the 5
+    # frozen layers' weights made it 7 layers' worth)
+    assert temp < 3 * layer_bytes, (temp, layer_bytes)
