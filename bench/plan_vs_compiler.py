@@ -24,7 +24,9 @@ GiB = 1024**3
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default="2,4")
+    ap.add_argument("--kinds", default="sft,dpo,sample", help="which phases to compare")
     a = ap.parse_args()
+    kinds = tuple(a.kinds.split(","))
     import jax
 
     from malt_jax.aot import compile_expansion, compile_step, compiled_bytes
@@ -49,7 +51,8 @@ def main() -> None:
                     ],
                 )
                 plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200", prompt_tokens=256, turn_tokens=32)
-                for kind in ("sft", "dpo") + (("sample",) if remat else ()):  # sampling has no backward
+                for kind in (k for k in ("sft", "dpo", "sample") if k in kinds and (remat or k != "sample")):
+                    # (sampling has no backward: remat does not change it)
                     got = compiled_bytes(
                         compile_step(cfg, kind, mesh)
                         if kind != "sample"
