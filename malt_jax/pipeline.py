@@ -180,12 +180,13 @@ def run(
         t = time.perf_counter()
         with mesh_context(mesh), PeakRSS() as rss:  # the stage's jitted calls see the mesh
             out = fn()
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
+        dt = time.perf_counter() - t
+        timings[name] = round(timings.get(name, 0.0) + dt, 1)
         write_atomic(timings_path, json.dumps(timings, indent=2))
         if rss.peak_gb is not None:
             memory[name] = rss.peak_gb
             write_atomic(memory_path, json.dumps(memory, indent=2))
-            log.info("%s: %.1f s, peak resident memory %.2f GB", name, time.perf_counter() - t, rss.peak_gb)
+            log.info("%s: %.1f s, peak resident memory %.2f GB", name, dt, rss.peak_gb)
         return out
 
     if "expand" in stages:
