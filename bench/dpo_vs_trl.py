@@ -18,8 +18,13 @@ of ``--threads`` (default 2 and 1: on the shared 2-core VM, two OpenMP threads o
 one, see bench/README.md) and the ratio is taken against the faster. The first step of each
 thread count (and malt-jax's first step, its compile) is dropped.
 
+malt-jax runs both of its DPO layouts after every TRL step, each from its own state: one row per
+pair with the prompt once (``data.pack_dpo_shared``, the library's default) and one row per
+completion (``data.pack_dpo``, what TRL computes); the ratio is the default's.
+
 Reported: tokens/s (real tokens of the chosen + rejected rows per step / median step time),
-model FLOP/s as a fraction of the measured f32 matmul peak, and the ratio.
+model FLOP/s (of one row per completion) as a fraction of the measured f32 matmul peak, and the
+ratios.
 
 Needs the optional peers env (``make peers``):
 
@@ -107,7 +112,7 @@ def main() -> None:
     from trl import DPOConfig, DPOTrainer
 
     from malt_jax.config import LoraConfig, TrainConfig
-    from malt_jax.data import DPOExample, pack_dpo
+    from malt_jax.data import DPOExample, pack_dpo, pack_dpo_shared
     from malt_jax.model.lora import init_lora, lora_scale
     from malt_jax.model.weights import save_hf
     from malt_jax.train import Stepper, TrainState, make_optimizer, reference_logps
@@ -192,22 +197,30 @@ def main() -> None:
     adapter = init_lora(cfg, lora_cfg, jax.random.key(0))
     base, state = stepper.place(params, TrainState.create(adapter, opt))
     ref = reference_logps(base, None, examples, cfg, train_cfg, lora_scale(lora_cfg))
-    batches = []
+    # both DPO layouts, on the same pairs: one row per pair with the prompt once (the library's
+    # default, train.dpo_shared_prompt) and one row per completion (pack_dpo)
+    layouts = {"jax": pack_dpo_shared, "jax_rows": pack_dpo}
+    batches: dict[str, list] = {k: [] for k in layouts}
     for s in range(total_steps):
         chunk = examples[s * B : (s + 1) * B]
-        batches.append((pack_dpo(chunk, train_cfg.max_seq_len), ref[s * B : (s + 1) * B].reshape(-1)))
-    log(f"malt-jax batch shape: {batches[0][0]['tokens'].shape} (TRL pads each batch to its longest row)")
+        for k, packer in layouts.items():
+            batches[k].append((packer(chunk, train_cfg.max_seq_len), ref[s * B : (s + 1) * B].reshape(-1)))
+    log(
+        f"malt-jax batch shapes: shared prompt {batches['jax'][0][0]['tokens'].shape}, one row per completion "
+        f"{batches['jax_rows'][0][0]['tokens'].shape} (TRL pads each batch to its longest row)"
+    )
 
-    times: dict[str, list[float]] = {"trl": [], "jax": [], "trl_threads": []}
-    ours: dict[str, Any] = {"state": state, "k": 0, "loss": []}
+    times: dict[str, list[float]] = {"trl": [], "jax": [], "jax_rows": [], "trl_threads": []}
+    ours: dict[str, Any] = {"state": {k: state for k in layouts}, "k": 0, "loss": [], "loss_rows": []}
     hf_shapes = []
 
     def our_step():
-        batch, r = batches[ours["k"] % total_steps]
-        t = time.perf_counter()
-        ours["state"], m = stepper(base, ours["state"], batch, r)
-        times["jax"].append(time.perf_counter() - t)
-        ours["loss"].append(m["loss"])
+        for k in layouts:  # both layouts after every TRL step, from their own states
+            batch, r = batches[k][ours["k"] % total_steps]
+            t = time.perf_counter()
+            ours["state"][k], m = stepper(base, ours["state"][k], batch, r)
+            times[k].append(time.perf_counter() - t)
+            ours["loss" if k == "jax" else "loss_rows"].append(m["loss"])
         ours["k"] += 1
 
     class Timer(TrainerCallback):
@@ -221,7 +234,8 @@ def main() -> None:
             our_step()
             log(
                 f"  step {len(times['trl'])}/{total_steps}: TRL ({torch.get_num_threads()} threads) "
-                f"{times['trl'][-1]:.2f}s, malt-jax {times['jax'][-1]:.2f}s"
+                f"{times['trl'][-1]:.2f}s, malt-jax {times['jax'][-1]:.2f}s "
+                f"(one row per completion {times['jax_rows'][-1]:.2f}s)"
             )
 
     orig = trainer.compute_loss
@@ -245,18 +259,23 @@ def main() -> None:
     tt = {n: [t for t, k in list(zip(times["trl"], times["trl_threads"]))[warmup:] if k == n] for n in threads}
     tokens = sum(lens) / len(examples) * 2 * B  # real tokens per step (chosen + rejected rows)
     rows_lens = lens[: 2 * B]
+    # model FLOPs of one row per completion (what TRL computes); the shared-prompt layout computes
+    # fewer, so its figures are effective ones
     fl = flops.lora_train_flops(cfg, rows_lens, 8, TARGETS_OURS)
     mj = common.median(tj)
-    rows = [
-        {
-            "framework": "malt-jax",
-            "median step s": mj,
-            "steps timed": len(tj),
-            "tokens/s": tokens / mj,
-            "GFLOP/s": fl / mj / 1e9,
-            "% peak FLOP/s": 100 * fl / mj / peak,
-        }
-    ]
+    rows = []
+    for name, k in (("malt-jax (shared prompt, default)", "jax"), ("malt-jax (one row per completion)", "jax_rows")):
+        mk = common.median(times[k][warmup:])
+        rows.append(
+            {
+                "framework": name,
+                "median step s": mk,
+                "steps timed": len(times[k][warmup:]),
+                "tokens/s": tokens / mk,
+                "GFLOP/s": fl / mk / 1e9,
+                "% peak FLOP/s": 100 * fl / mk / peak,
+            }
+        )
     for n in threads:
         mt = common.median(tt[n])
         rows.append(
@@ -273,11 +292,16 @@ def main() -> None:
     log(common.table(rows, list(rows[0].keys())))
     best = min(threads, key=lambda n: common.median(tt[n]))
     ratio = common.median(tt[best]) / mj
+    ratio_rows = common.median(tt[best]) / common.median(times["jax_rows"][warmup:])
+    log(
+        f"malt-jax one row per completion: {ratio_rows:.2f}x TRL; shared prompt vs one row per completion: "
+        f"{common.median(times['jax_rows'][warmup:]) / mj:.2f}x"
+    )
     log(f"TRL best with {best} torch thread(s); vs {threads[0]} threads: {common.median(tt[threads[0]]) / mj:.2f}x")
     # breakdown: the forward pass alone (the same no-grad pass as the reference log-probs) vs the step
     from malt_jax.scoring import batch_logps, batch_rows
 
-    rows0 = batch_rows(batches[0][0], None)
+    rows0 = batch_rows(batches["jax_rows"][0][0], None)
 
     def fwd():
         return jax.block_until_ready(batch_logps(base, state.adapter, rows0, cfg=cfg, scale=lora_scale(lora_cfg)))
@@ -286,13 +310,14 @@ def main() -> None:
     tf = common.median([common.timed(fwd) for _ in range(3)])
     fwd_fl = flops.lora_forward_flops(cfg, rows_lens, 8, TARGETS_OURS)
     log(
-        f"malt-jax breakdown: forward alone {tf:.2f}s = {100 * tf / mj:.0f}% of the step time "
+        f"malt-jax breakdown (one row per completion): forward alone {tf:.2f}s = "
+        f"{100 * tf / common.median(times['jax_rows'][warmup:]):.0f}% of the step time "
         f"(forward = {100 * fwd_fl / fl:.0f}% of the step's model FLOPs; forward at "
         f"{100 * fwd_fl / tf / peak:.0f}% of peak)"
     )
     log(
-        f"malt-jax losses: {[round(x, 4) for x in ours['loss']]} (mean {np.mean(ours['loss']):.4f}; "
-        f"TRL logs its mean train_loss above)"
+        f"malt-jax losses: {[round(x, 4) for x in ours['loss']]} (mean {np.mean(ours['loss']):.4f}; one row "
+        f"per completion: mean {np.mean(ours['loss_rows']):.4f}; TRL logs its mean train_loss above)"
     )
     log(
         f"RATIO LoRA DPO step: malt-jax {ratio:.2f}x TRL (best thread count) "
@@ -306,6 +331,7 @@ def main() -> None:
             "peak": peak,
             "rows": rows,
             "ratio": ratio,
+            "ratio_one_row_per_completion": ratio_rows,
             "times": times,
             "hf_shapes": hf_shapes,
         },

@@ -310,6 +310,10 @@ class TrainConfig:
     # DPO reference policy: "sft" = the role's adapter as it was when DPO started (MALT paper),
     # "base" = the adapter-free base model. Its log-probs are precomputed once (see train.py).
     dpo_reference: Literal["sft", "base"] = "sft"
+    # DPO steps pack a pair into one row, its prompt once (data.pack_dpo_shared): the same
+    # losses as one row per completion (to float rounding) for fewer tokens, so it is not part
+    # of the run's identity.
+    dpo_shared_prompt: bool = dataclasses.field(default=True, metadata={"identity": False})
 
     def __post_init__(self) -> None:
         _check_min(

@@ -23,7 +23,10 @@ can be resumed at any batch index (``start``), which makes checkpoint restarts e
 
 DPO batches interleave the two sequences of a pair, ``[c0, r0, c1, r1, ...]`` (shape
 ``[2B, T]``): one forward pass scores both, and every shard/microbatch of consecutive rows
-holds whole pairs.
+holds whole pairs. :func:`pack_dpo_shared` packs a pair into *one* row instead, its prompt
+once: ``prompt + chosen + rejected`` with segment ids (the rejected completion does not see
+the chosen one) and positions restarting after the prompt, so each completion is scored
+exactly as in its own row, for ``len(prompt)`` fewer tokens per pair.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ __all__ = [
     "bucket_length",
     "pack_sft",
     "pack_dpo",
+    "pack_dpo_shared",
     "pack",
     "completion_index",
+    "score_width",
     "num_batches",
     "epoch_order",
     "epoch_batches",
@@ -94,11 +99,11 @@ def truncate(prompt: Sequence[int], completion: Sequence[int], max_len: int) -> 
     return prompt[len(prompt) - keep_prompt :], completion[: max_len - keep_prompt]
 
 
-def bucket_length(n: int, max_len: int, min_bucket: int = MIN_BUCKET) -> int:
+def bucket_length(n: int, max_len: int, min_bucket: int = MIN_BUCKET, step: int = 64) -> int:
     """Padded row length for ``n`` tokens, <= max_len: the next power of two >= max(n, min_bucket)
-    up to 128, then the next multiple of 64 (at most 64 padding tokens on long rows; a handful
-    of shapes per run)."""
-    b = max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1))))) if n <= 128 else -(-n // 64) * 64
+    up to 128, then the next multiple of ``step`` (at most ``step`` padding tokens on long rows;
+    a handful of shapes per run)."""
+    b = max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1))))) if n <= 128 else -(-n // step) * step
     return int(min(b, max_len))
 
 
@@ -167,13 +172,101 @@ def pack_dpo(examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 
     return {"tokens": tokens, "targets": targets, "loss_mask": mask, "weights": np.asarray(weights, np.float32)}
 
 
-def pack(
-    examples: Sequence[SFTExample | DPOExample | None], max_len: int, pad_id: int = 0, length: int | None = None
+def score_width(n: int, cap: int) -> int:
+    """Scored positions per row for at most ``n`` scored tokens: the next power of two up to 32,
+    then the next multiple of 32, at most ``cap`` (few compiled shapes, little LM-head waste)."""
+    w = max(8, 1 << max(0, math.ceil(math.log2(max(n, 1))))) if n <= 32 else -(-n // 32) * 32
+    return int(min(w, cap))
+
+
+# Segment ids of a shared-prompt DPO row (``pack_dpo_shared``); llama.attention lets every
+# segment see segment 0 and otherwise only its own.
+SEG_PROMPT, SEG_CHOSEN, SEG_REJECTED, SEG_PAD = 0, 1, 2, 3
+
+
+def pack_dpo_shared(
+    examples: Sequence[DPOExample | None], max_len: int, pad_id: int = 0, length: int | None = None
 ) -> Batch:
-    """``pack_sft`` or ``pack_dpo`` depending on the example type."""
+    """Packs preference pairs into one row per pair, the prompt stored once.
+
+    Row ``i`` holds ``prompt + chosen[:-1] + rejected[:-1]`` (a completion's last token is only
+    ever a target). Returns ``{"tokens", "positions", "segments": int32[B, T],
+    "score_index", "score_targets": int32[B, 2, C], "score_mask": float32[B, 2, C],
+    "weights": float32[B]}``: ``positions`` restart at ``len(prompt)`` for the rejected
+    completion, ``segments`` are ``SEG_PROMPT/SEG_CHOSEN/SEG_REJECTED/SEG_PAD``, and
+    ``score_index[i, 0 | 1]`` are the row positions whose next-token predictions score the
+    chosen / rejected completion (the last prompt position predicts both first tokens), with
+    ``score_targets`` the tokens they predict and ``score_mask`` 1 on real ones. Truncation is
+    ``pack_dpo``'s, so every completion gets the same log-probability as in ``pack_dpo``'s rows.
+    ``T`` is the bucket (multiples of 32 beyond 128 tokens) of the longest row, at most
+    ``2 * max_len``, unless ``length`` is given; ``C`` is :func:`score_width` of the longest
+    completion.
+    """
+    parts: list[tuple[list[int], list[int], list[int]]] = []
+    weights: list[float] = []
+    for ex in examples:
+        if ex is None:
+            parts.append(([], [], []))
+            weights.append(0.0)
+            continue
+        longer = ex.chosen if len(ex.chosen) >= len(ex.rejected) else ex.rejected
+        p, _ = truncate(ex.prompt, longer, max_len)  # then both completions fit after p (as in pack_dpo)
+        parts.append((p, truncate(p, ex.chosen, max_len)[1], truncate(p, ex.rejected, max_len)[1]))
+        weights.append(float(ex.weight))
+    B = len(parts)
+    longest = max((len(p) + max(len(c) - 1, 0) + max(len(r) - 1, 0) for p, c, r in parts), default=1)
+    T = length or bucket_length(longest, 2 * max_len, step=32)
+    if longest > T:
+        raise ValueError(f"pack_dpo_shared: a pair needs {longest} tokens, more than length={T}")
+    C = score_width(max((max(len(c), len(r)) for _, c, r in parts), default=1), T)
+    tokens = np.full((B, T), pad_id, np.int32)
+    positions = np.tile(np.arange(T, dtype=np.int32), (B, 1))
+    segments = np.full((B, T), SEG_PAD, np.int32)
+    index = np.zeros((B, 2, C), np.int32)
+    targets = np.full((B, 2, C), pad_id, np.int32)
+    mask = np.zeros((B, 2, C), np.float32)
+    for i, (p, c, r) in enumerate(parts):
+        if not (c and r):
+            continue
+        P, nc, nr = len(p), len(c) - 1, len(r) - 1
+        row = p + c[:-1] + r[:-1]
+        tokens[i, : len(row)] = row
+        segments[i, :P] = SEG_PROMPT
+        segments[i, P : P + nc] = SEG_CHOSEN
+        segments[i, P + nc : P + nc + nr] = SEG_REJECTED
+        positions[i, P + nc : P + nc + nr] = np.arange(P, P + nr)
+        last = max(P - 1, 0)  # predicts the first token of both completions
+        for j, (comp, start) in enumerate(((c, P), (r, P + nc))):
+            # with an empty prompt the first completion token is not predicted (as in pack_dpo)
+            pred = ([last] if P else []) + list(range(start, start + len(comp) - 1))
+            tgt = comp if P else comp[1:]
+            index[i, j, : len(pred)] = pred
+            targets[i, j, : len(tgt)] = tgt
+            mask[i, j, : len(tgt)] = 1.0
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "segments": segments,
+        "score_index": index,
+        "score_targets": targets,
+        "score_mask": mask,
+        "weights": np.asarray(weights, np.float32),
+    }
+
+
+def pack(
+    examples: Sequence[SFTExample | DPOExample | None],
+    max_len: int,
+    pad_id: int = 0,
+    length: int | None = None,
+    shared_prompt: bool = False,
+) -> Batch:
+    """``pack_sft`` or ``pack_dpo`` (``pack_dpo_shared`` with ``shared_prompt``) depending on the
+    example type."""
     kind = next((type(e) for e in examples if e is not None), SFTExample)
     if kind is DPOExample:  # a batch holds one kind of example
-        return pack_dpo(cast(Sequence[DPOExample | None], examples), max_len, pad_id, length)
+        packer = pack_dpo_shared if shared_prompt else pack_dpo
+        return packer(cast(Sequence[DPOExample | None], examples), max_len, pad_id, length)
     return pack_sft(cast(Sequence[SFTExample | None], examples), max_len, pad_id, length)
 
 
@@ -237,10 +330,12 @@ def batches(
     start: int = 0,
     pad_id: int = 0,
     shuffle: bool = True,
+    shared_prompt: bool = False,
 ) -> Iterator[tuple[int, np.ndarray, Batch]]:
     """Packed batches of one epoch from batch ``start`` on: ``(batch_index, example_indices, batch)``.
 
     Every batch has ``batch_size`` rows (pairs for DPO); the last one is padded with weight-0 rows.
+    ``shared_prompt``: DPO pairs as ``pack_dpo_shared`` rows.
     """
     for b, idx in epoch_batches(len(examples), batch_size, seed, epoch, start, shuffle):
-        yield b, idx, pack(gather(examples, idx), max_len, pad_id)
+        yield b, idx, pack(gather(examples, idx), max_len, pad_id, shared_prompt=shared_prompt)

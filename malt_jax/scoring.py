@@ -51,8 +51,9 @@ class HiddenCache:
     per training stage: the frozen layers below never depend on the adapter.
 
     ``rows(idx, T)`` assembles a batch's ``hidden`` [R, T, dim] for example indices ``idx``
-    (``-1`` = padding row; DPO: rows 2i / 2i+1 = pair i's chosen / rejected), row by row equal to
-    running those layers on the packed batch (causal rows, right padding).
+    (``-1`` = padding row; DPO: rows 2i / 2i+1 = pair i's chosen / rejected, or with
+    ``shared_prompt`` row i = pair i's ``data.pack_dpo_shared`` row), row by row equal to
+    running those layers on the packed batch (right padding).
     """
 
     def __init__(
@@ -63,17 +64,27 @@ class HiddenCache:
         train_cfg: TrainConfig,
         layer: int,
         pad_id: int = 0,
+        shared_prompt: bool = False,
     ):
         self.layer, self.dim, self.dtype = layer, cfg.dim, np.dtype(cfg.dtype)
-        self.per_row = 2 if any(isinstance(e, DPOExample) for e in examples) else 1
+        dpo = any(isinstance(e, DPOExample) for e in examples)
+        shared = dpo and shared_prompt
+        self.per_row = 2 if dpo and not shared else 1
         chunk = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
         self.rows_of: list[np.ndarray] = []
         fn = jax.jit(hidden_at, static_argnames=("cfg", "layer"))
         for start in range(0, len(examples), chunk):
             part = list(examples[start : start + chunk])
-            batch = data_lib.pack(part + [None] * (chunk - len(part)), train_cfg.max_seq_len, pad_id)
-            h = fetch(fn(base, batch["tokens"], cfg=cfg, layer=layer))
-            lengths = _scored_length(batch["loss_mask"])
+            batch = data_lib.pack(
+                part + [None] * (chunk - len(part)), train_cfg.max_seq_len, pad_id, shared_prompt=shared
+            )
+            if shared:
+                pos, seg = batch["positions"], batch["segments"]
+                h = fetch(fn(base, batch["tokens"], cfg=cfg, layer=layer, positions=pos, segments=seg))
+                lengths = (seg != data_lib.SEG_PAD).sum(axis=1)
+            else:
+                h = fetch(fn(base, batch["tokens"], cfg=cfg, layer=layer))
+                lengths = _scored_length(batch["loss_mask"])
             for r in range(len(part) * self.per_row):
                 self.rows_of.append(h[r, : lengths[r]])
 

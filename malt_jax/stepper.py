@@ -25,7 +25,7 @@ from malt_jax.distributed import fetch, put
 from malt_jax.model.llama import Params, abstract_params
 from malt_jax.model.lora import lora_scale
 from malt_jax.sharding import batch_sharding, mesh_context, param_shardings
-from malt_jax.steps import ROW_KEYS, StepConfig, TrainState, abstract_state, dpo_step, sft_step
+from malt_jax.steps import ROW_KEYS, SHARED_KEYS, StepConfig, TrainState, abstract_state, dpo_step, sft_step
 
 __all__ = ["NonFiniteError", "state_shardings", "Stepper"]
 
@@ -63,13 +63,18 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     return TrainState(step=rep, adapter=ad_sh, opt_state=opt_sh)
 
 
+_NDIM = {"hidden": 3, "score_index": 3, "score_targets": 3, "score_mask": 3}
+
+
 def _batch_shardings(
     kind: str, rows: int, mesh: Mesh, keys: Sequence[str] = ("tokens", "targets", "loss_mask")
 ) -> tuple:
     rows2 = 2 * rows if kind == "dpo" else rows
+    shared = "segments" in keys  # data.pack_dpo_shared: one row per pair
+    n = rows if shared else rows2
     b = {
-        k: batch_sharding(mesh, 3 if k == "hidden" else 2, (rows2, 1, 1)[: 3 if k == "hidden" else 2])
-        for k in ROW_KEYS
+        k: batch_sharding(mesh, _NDIM.get(k, 2), (n, 1, 1)[: _NDIM.get(k, 2)])
+        for k in (SHARED_KEYS if shared else ROW_KEYS)
         if k in keys
     }
     b["weights"] = batch_sharding(mesh, 1, (rows,))
@@ -161,12 +166,12 @@ class Stepper:
         return put(base, param_shardings(base, self.mesh)), put(state, state_shardings(state, self.mesh))
 
     def _step_and_args(self, batch: dict, ref_logps: Any) -> tuple[Any, list[Any]]:
-        if "comp_index" not in batch and isinstance(batch["loss_mask"], np.ndarray):
+        if "comp_index" not in batch and isinstance(batch.get("loss_mask"), np.ndarray):
             # host batches only: a batch already placed as a global array (multi-host) may not be
             # fetchable here, and is scored at every position (the same losses)
             batch = dict(batch)
             batch["comp_index"], batch["comp_valid"] = data_lib.completion_index(batch["loss_mask"])
-        keys = tuple(k for k in ROW_KEYS if k in batch)
+        keys = tuple(k for k in (SHARED_KEYS if "segments" in batch else ROW_KEYS) if k in batch)
         fn = _compiled(
             self.kind,
             self.cfg,

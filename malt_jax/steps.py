@@ -26,7 +26,17 @@ from malt_jax.model.llama import Params, causal_positions, forward, forward_from
 from malt_jax.model.lora import abstract_adapter
 from malt_jax.optim import current_lr
 
-__all__ = ["TrainState", "abstract_state", "ROW_KEYS", "StepConfig", "scored_logits", "sft_step", "dpo_step"]
+__all__ = [
+    "TrainState",
+    "abstract_state",
+    "ROW_KEYS",
+    "SHARED_KEYS",
+    "StepConfig",
+    "scored_logits",
+    "shared_scored_logits",
+    "sft_step",
+    "dpo_step",
+]
 
 Metrics = dict[str, jax.Array]
 
@@ -120,6 +130,10 @@ def _apply(
 # states entering the adapter's first layer, precomputed once: the frozen layers below do not
 # run at every step).
 ROW_KEYS = ("tokens", "targets", "loss_mask", "comp_index", "comp_valid", "hidden")
+# Arrays of a shared-prompt DPO batch (data.pack_dpo_shared), one entry per pair: tokens /
+# positions / segments [B, T], score_index / score_targets / score_mask [B, 2, C], optionally
+# hidden [B, T, dim] (as above, of the packed rows).
+SHARED_KEYS = ("tokens", "positions", "segments", "score_index", "score_targets", "score_mask", "hidden")
 
 
 def scored_logits(
@@ -141,6 +155,24 @@ def scored_logits(
         targets = jnp.take_along_axis(targets, idx, axis=1)
         mask = jnp.take_along_axis(mask, idx, axis=1) * rows["comp_valid"]
     return lm_head(base, x, cfg), targets, mask
+
+
+def shared_scored_logits(
+    base: Params, adapter: Params | None, rows: dict, cfg: ModelConfig, scale: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logits [2b, C, V], targets [2b, C], mask [2b, C]) of ``b`` shared-prompt pair rows (see
+    ``SHARED_KEYS``); rows ``2i`` / ``2i + 1`` score pair ``i``'s chosen / rejected completion,
+    as ``scored_logits`` does for ``data.pack_dpo``'s interleaved rows."""
+    b = rows["tokens"].shape[0]
+    pos, seg = rows["positions"], rows["segments"]
+    if "hidden" in rows:
+        first = lora_first_layer(cfg, adapter)
+        x = forward_from(base, rows["hidden"], cfg, first, lora=adapter, lora_scale=scale, positions=pos, segments=seg)
+    else:
+        x, _ = forward(base, rows["tokens"], pos, cfg, lora=adapter, lora_scale=scale, return_hidden=True, segments=seg)
+    x = jnp.take_along_axis(x, rows["score_index"].reshape(b, -1)[..., None], axis=1)
+    x = x.reshape(2 * b, -1, x.shape[-1])
+    return lm_head(base, x, cfg), rows["score_targets"].reshape(2 * b, -1), rows["score_mask"].reshape(2 * b, -1)
 
 
 def _sft_micro(
@@ -182,9 +214,13 @@ def sft_step(
 
 
 def _pairs(batch: dict, ref_logps: jax.Array) -> dict:
-    """Interleaved [2B, ...] rows -> [B, 2, ...] pairs (so microbatching keeps pairs whole)."""
+    """Interleaved [2B, ...] rows -> [B, 2, ...] pairs (so microbatching keeps pairs whole);
+    a shared-prompt batch has one row per pair already."""
     B = batch["weights"].shape[0]
-    out = {k: batch[k].reshape(B, 2, *batch[k].shape[1:]) for k in ROW_KEYS if k in batch}
+    if "segments" in batch:
+        out = {k: batch[k] for k in SHARED_KEYS if k in batch}
+    else:
+        out = {k: batch[k].reshape(B, 2, *batch[k].shape[1:]) for k in ROW_KEYS if k in batch}
     out["weights"] = batch["weights"]
     out["ref"] = ref_logps.reshape(B, 2)
     return out
@@ -194,8 +230,11 @@ def _dpo_micro(
     adapter: Params, mb: dict, *, base: Params, total: jax.Array, cfg: ModelConfig, scale: float, sc: StepConfig
 ) -> tuple[jax.Array, Metrics]:
     b = mb["tokens"].shape[0]
-    rows = {k: mb[k].reshape(2 * b, *mb[k].shape[2:]) for k in ROW_KEYS if k in mb}
-    lp = sequence_logps(*scored_logits(base, adapter, rows, cfg, scale)).reshape(b, 2)
+    if "segments" in mb:
+        lp = sequence_logps(*shared_scored_logits(base, adapter, mb, cfg, scale)).reshape(b, 2)
+    else:
+        rows = {k: mb[k].reshape(2 * b, *mb[k].shape[2:]) for k in ROW_KEYS if k in mb}
+        lp = sequence_logps(*scored_logits(base, adapter, rows, cfg, scale)).reshape(b, 2)
     w = mb["weights"].astype(jnp.float32)
     loss, m = dpo_loss(
         lp[:, 0],
@@ -226,8 +265,10 @@ def dpo_step(
     """One DPO update (``sc.dpo_loss``, ``beta = sc.dpo_beta``).
 
     Args:
-      batch: ``data.pack_dpo`` output (interleaved chosen/rejected rows [2B, T], weights [B]).
-      ref_logps: f32[2B] reference log-probs of the same rows (``scoring.reference_logps``).
+      batch: ``data.pack_dpo`` output (interleaved chosen/rejected rows [2B, T], weights [B]),
+        or ``data.pack_dpo_shared`` output (one row per pair, the prompt once; same losses).
+      ref_logps: f32[2B] reference log-probs of the chosen/rejected completions, interleaved
+        (``scoring.reference_logps``).
     Returns:
       (new state, metrics with TRL names: loss, rewards/chosen, rewards/rejected,
       rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, grad_norm, ...).

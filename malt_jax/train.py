@@ -354,8 +354,9 @@ class _RoleRun:
         # every training example is computed once per stage instead of at every step.
         cfg, lora_cfg = self.cfg, self.lora_cfg
         first = cfg.n_layers - lora_cfg.top_layers if 0 < lora_cfg.top_layers < cfg.n_layers else 0
+        shared = run.is_dpo and train_cfg.dpo_shared_prompt
         frozen = (
-            HiddenCache(self.base, st.examples, cfg, train_cfg, first, self.pad_id)
+            HiddenCache(self.base, st.examples, cfg, train_cfg, first, self.pad_id, shared_prompt=shared)
             if first and run.step < run.total and not run.done
             else None
         )
@@ -364,7 +365,14 @@ class _RoleRun:
             while run.step < run.total and not run.done:
                 epoch, b0 = divmod(run.step, spe)
                 for _, idx, batch in data_lib.batches(
-                    st.examples, B, train_cfg.max_seq_len, train_cfg.seed, epoch, start=b0, pad_id=self.pad_id
+                    st.examples,
+                    B,
+                    train_cfg.max_seq_len,
+                    train_cfg.seed,
+                    epoch,
+                    start=b0,
+                    pad_id=self.pad_id,
+                    shared_prompt=shared,
                 ):
                     if self.stop_after_steps is not None and self.steps_this_call >= self.stop_after_steps:
                         return False

@@ -115,6 +115,35 @@ def test_pack_dpo_interleaves_pairs():
     assert b["loss_mask"][0].sum() == 3 and b["loss_mask"][1].sum() == 1 and b["loss_mask"][2:].sum() == 0
 
 
+def test_pack_dpo_shared_puts_the_prompt_once():
+    pairs = [D.DPOExample([1, 2, 3], [4, 5], [6, 7, 8]), D.DPOExample([], [9, 10, 11], [12, 13]), None]
+    b = D.pack_dpo_shared(pairs, 64)
+    assert b["tokens"].shape == (3, 16) and b["score_index"].shape == (3, 2, 8)
+    assert b["weights"].tolist() == [1.0, 1.0, 0.0]
+    # prompt, chosen[:-1], rejected[:-1]; the rejected completion's positions restart after the prompt
+    np.testing.assert_array_equal(b["tokens"][0, :6], [1, 2, 3, 4, 6, 7])
+    np.testing.assert_array_equal(b["positions"][0, :6], [0, 1, 2, 3, 3, 4])
+    np.testing.assert_array_equal(b["segments"][0, :7], [0, 0, 0, 1, 2, 2, D.SEG_PAD])
+    # the last prompt position predicts both first tokens
+    np.testing.assert_array_equal(b["score_index"][0, 0, :2], [2, 3])
+    np.testing.assert_array_equal(b["score_targets"][0, 0, :2], [4, 5])
+    np.testing.assert_array_equal(b["score_index"][0, 1, :3], [2, 4, 5])
+    np.testing.assert_array_equal(b["score_targets"][0, 1, :3], [6, 7, 8])
+    assert b["score_mask"][0].sum(axis=1).tolist() == [2.0, 3.0]
+    # no prompt: the first completion token is not predicted (as in pack_dpo's rows)
+    np.testing.assert_array_equal(b["tokens"][1, :3], [9, 10, 12])
+    np.testing.assert_array_equal(b["score_targets"][1, 0, :2], [10, 11])
+    np.testing.assert_array_equal(b["score_index"][1, 1, :1], [2])
+    assert b["score_mask"][1].sum(axis=1).tolist() == [2.0, 1.0] and b["score_mask"][2].sum() == 0
+    # as many scored tokens as pack_dpo's rows, for fewer tokens
+    ex = _dpo_examples(16, seed=3)
+    inter, shared = D.pack_dpo(ex, TRAIN.max_seq_len), D.pack_dpo_shared(ex, TRAIN.max_seq_len)
+    assert shared["score_mask"].sum(axis=2).ravel().tolist() == inter["loss_mask"].sum(axis=1).tolist()
+    assert (shared["segments"] != D.SEG_PAD).sum() < (inter["loss_mask"].sum() + (inter["tokens"] > 0).sum())
+    with pytest.raises(ValueError, match="needs 6 tokens, more than length=4"):
+        D.pack_dpo_shared([D.DPOExample([1, 2, 3], [4, 5], [6, 7, 8])], 64, length=4)
+
+
 def test_epoch_batches_deterministic_resumable_padded():
     full = list(D.epoch_batches(10, 4, seed=3, epoch=1))
     assert [b for b, _ in full] == [0, 1, 2]
@@ -475,6 +504,46 @@ def test_completion_scoring_and_frozen_hidden_equal_the_full_step(base, kind):
             assert m[key] == pytest.approx(outs[0][1][key], rel=1e-4, abs=1e-6)
         _close(new.adapter, outs[0][0].adapter, rtol=1e-4, atol=1e-6)
     assert D.completion_index(batch["loss_mask"])[0].shape[1] < batch["tokens"].shape[1]  # fewer positions scored
+
+
+@pytest.mark.parametrize("top_layers,mesh_shape", [(0, None), (1, None), (0, {"data": 2, "fsdp": 2, "tensor": 2})])
+def test_shared_prompt_dpo_step_equals_interleaved_rows(top_layers, mesh_shape):
+    """One row per pair with the prompt once (pack_dpo_shared) gives the DPO step of pack_dpo's
+    interleaved rows: the same loss, metrics and update, with the full forward, with the frozen
+    layers' hidden states from the HiddenCache, and sharded; pairs include an empty prompt, a
+    truncated one and a padding pair."""
+    from malt_jax.model import llama
+    from malt_jax.train import HiddenCache
+
+    cfg = ModelConfig.tiny(n_layers=2)
+    params = numpy_random_params(cfg)
+    lcfg = dataclasses.replace(LORA, top_layers=top_layers)
+    exs = _dpo_examples(5, seed=11)
+    exs += [D.DPOExample([], [5, 6, 7, 8], [9, 10, 11]), D.DPOExample(list(range(1, 20)), list(range(30, 58)), [7, 8])]
+    train = dataclasses.replace(TRAIN, grad_accum=2)
+    opt = make_optimizer(train, 10, 1e-2)
+    adapter = jax.tree.map(lambda w: w + 0.05, init_lora(cfg, lcfg, jax.random.key(3)))
+    state = TrainState.create(adapter, opt)
+    ref = np.random.default_rng(1).normal(-20, 2, 16).astype(np.float32)
+    inter, shared = D.pack_dpo(exs + [None], train.max_seq_len), D.pack_dpo_shared(exs + [None], train.max_seq_len)
+    assert shared["tokens"].size < inter["tokens"].size
+    if top_layers:
+        idx = np.array(list(range(7)) + [-1])
+        hid = HiddenCache(params, exs, cfg, train, layer=1, shared_prompt=True)
+        got = hid.rows(idx, shared["tokens"].shape[1])
+        pos, seg = shared["positions"], shared["segments"]
+        want = np.asarray(llama.hidden_at(params, jax.numpy.asarray(shared["tokens"]), cfg, 1, pos, seg))
+        real = seg != D.SEG_PAD
+        np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5)  # other chunking: rounding
+        assert not got[~real].any()
+        shared = {**shared, "hidden": got}
+    s_ref, m_ref = Stepper("dpo", cfg, lcfg, train, opt)(params, state, inter, ref)
+    mesh = make_mesh(mesh_shape) if mesh_shape else None
+    stepper = Stepper("dpo", cfg, lcfg, train, opt, mesh=mesh)
+    s_sh, m_sh = stepper(*stepper.place(params, state), shared, ref)
+    for k, v in m_ref.items():
+        assert m_sh[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    _close(s_ref.adapter, s_sh.adapter, rtol=1e-4, atol=1e-5)  # Adam's first step: ~lr * sign(grad)
 
 
 def test_train_role_with_top_layer_adapter_uses_the_frozen_cache(tmp_path, monkeypatch):

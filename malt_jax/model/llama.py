@@ -238,13 +238,21 @@ lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    k_valid: jax.Array,
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention.
 
     q: [B, T, H, hd]; k, v: [B, K, S, hd]; q_pos: [B, T] and k_pos: [B, S] positions;
     k_valid: [B, S] bool, whether a key holds a real token. A key is visible to a query iff it is
-    valid and its position is ``<=`` the query's.
+    valid and its position is ``<=`` the query's. With ``segments`` [B, T] int (self-attention,
+    S = T), a row holds several sequences sharing a prefix: a key of segment 0 (the shared
+    prefix) is visible to every segment, any other key only to its own segment.
     """
     B, T, H, hd = q.shape
     K, S = k.shape[1], k.shape[2]
@@ -254,6 +262,8 @@ def attention(
     scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
     scores = scores * (1.0 / math.sqrt(hd))
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, T, S]
+    if segments is not None:
+        mask &= (segments[:, None, :] == segments[:, :, None]) | (segments[:, None, :] == 0)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, K, G * T, S), v).reshape(B, K, G, T, hd)
@@ -316,6 +326,7 @@ def forward(
     lora_scale: float = 1.0,
     token_valid: jax.Array | None = None,
     return_hidden: bool = False,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]: ...
 
 
@@ -331,6 +342,7 @@ def forward(
     lora_scale: float = 1.0,
     token_valid: jax.Array | None = None,
     return_hidden: bool = False,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, None]: ...
 
 
@@ -345,6 +357,7 @@ def forward(
     lora_scale: float = 1.0,
     token_valid: jax.Array | None = None,
     return_hidden: bool = False,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder.
 
@@ -358,12 +371,17 @@ def forward(
       lora: optional adapter pytree (see lora.py), applied with ``lora_scale`` (alpha / rank).
       token_valid: [B, T] bool; False marks padding (its keys are never attended to and, with
         a cache, it is not written).
+      segments: [B, T] int, no cache: rows of several sequences sharing a prefix (segment 0 is
+        the prefix, seen by every segment; see :func:`attention`); ``positions`` then restart
+        after the prefix in each segment.
     Returns:
       logits [B, T, vocab] in float32 (or the final hidden states if ``return_hidden``), and
       the updated cache (None without one).
     """
     x = embed_tokens(params, tokens, cfg)
-    x, new_cache = _decoder(params, x, positions, cfg, cache, lora, lora_scale, token_valid, first_layer=0)
+    x, new_cache = _decoder(
+        params, x, positions, cfg, cache, lora, lora_scale, token_valid, first_layer=0, segments=segments
+    )
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if return_hidden:
         return x, new_cache
@@ -376,13 +394,22 @@ def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Arr
     return constrain(constrain(x, "embed_rows"), "residual")
 
 
-def hidden_at(params: Params, tokens: jax.Array, cfg: ModelConfig, layer: int) -> jax.Array:
+def hidden_at(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    layer: int,
+    positions: jax.Array | None = None,
+    segments: jax.Array | None = None,
+) -> jax.Array:
     """The hidden states [B, T, dim] entering layer ``layer`` of causal rows ``tokens`` [B, T]
     (no adapter: for an adapter on the layers from ``layer`` up, they are the same whatever the
-    adapter, so training can compute them once; see :func:`forward_from`)."""
+    adapter, so training can compute them once; see :func:`forward_from`). ``positions`` /
+    ``segments``: shared-prefix rows, as in :func:`forward` (default: plain causal rows)."""
     B, T = tokens.shape
+    pos = causal_positions(B, T) if positions is None else positions
     x = embed_tokens(params, tokens, cfg)
-    x, _ = _decoder(params, x, causal_positions(B, T), cfg, None, None, 1.0, None, first_layer=0, stop_layer=layer)
+    x, _ = _decoder(params, x, pos, cfg, None, None, 1.0, None, first_layer=0, stop_layer=layer, segments=segments)
     return x
 
 
@@ -394,21 +421,24 @@ def forward_from(
     *,
     lora: Params | None = None,
     lora_scale: float = 1.0,
+    positions: jax.Array | None = None,
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Final (normed) hidden states of causal rows from the hidden states ``hidden`` [B, T, dim]
     entering layer ``layer`` (:func:`hidden_at`): ``forward(..., return_hidden=True)`` without
-    re-running the layers below ``layer``."""
+    re-running the layers below ``layer``. ``positions`` / ``segments`` as in :func:`hidden_at`."""
     B, T = hidden.shape[:2]
     x, _ = _decoder(
         params,
         hidden.astype(jnp.dtype(cfg.dtype)),
-        causal_positions(B, T),
+        causal_positions(B, T) if positions is None else positions,
         cfg,
         None,
         lora,
         lora_scale,
         None,
         first_layer=layer,
+        segments=segments,
     )
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
@@ -468,6 +498,7 @@ def _decoder(
     token_valid: jax.Array | None,
     first_layer: int,
     stop_layer: int | None = None,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]: ...
 
 
@@ -483,6 +514,7 @@ def _decoder(
     token_valid: jax.Array | None,
     first_layer: int,
     stop_layer: int | None = None,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, None]: ...
 
 
@@ -497,11 +529,14 @@ def _decoder(
     token_valid: jax.Array | None,
     first_layer: int,
     stop_layer: int | None = None,
+    segments: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Layers ``first_layer .. stop_layer - 1`` (default: to the top) on hidden states x
     [B, T, dim]; see :func:`forward`."""
     dt = jnp.dtype(cfg.dtype)
     B, T = x.shape[:2]
+    if segments is not None and cache is not None:
+        raise ValueError("_decoder: segments (shared-prefix rows) need cache=None")
     if token_valid is None:
         token_valid = jnp.ones((B, T), bool)
     inv_freq = rope_frequencies(cfg)
@@ -543,7 +578,7 @@ def _decoder(
         raise ValueError("_decoder: stop_layer needs cache=None")
     cuts = sorted({min(c, stop) for c in cut_at} | {stop})
     cuts = [c for c in cuts if first_layer <= c <= stop]
-    segments = list(zip(cuts[:-1], cuts[1:]))
+    spans = list(zip(cuts[:-1], cuts[1:]))
 
     def seg(lo, hi):
         # The base weights of a segment are not sliced out of the stacked [L, ...] arrays (XLA
@@ -569,14 +604,14 @@ def _decoder(
                 layer_params(lp),
                 ll,
                 lambda q, k, v: (
-                    attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid),
+                    attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid, segments),
                     None,
                 ),
             )
             return h, None
 
         body = jax.checkpoint(plain_layer) if cfg.remat else plain_layer
-        for lo, hi in segments:
+        for lo, hi in spans:
             x, _ = jax.lax.scan(body, x, seg(lo, hi))
         return x, None
 
@@ -597,7 +632,7 @@ def _decoder(
         return block(h, layer_params(lp), ll, attend)
 
     k_segs, v_segs, h_store = [], [], cache.h
-    for lo, hi in segments:
+    for lo, hi in spans:
         if h_store is not None and lo == cache.hidden_at and first_layer < lo:
             h_store = h_store.at[rows, write_pos].set(x.astype(h_store.dtype), mode="drop")
         x, (k_seg, v_seg) = jax.lax.scan(layer, x, (*seg(lo, hi), jnp.arange(lo, hi)))
