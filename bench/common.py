@@ -22,6 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/x.py`
     sys.path.insert(0, str(ROOT))
 
+# A bench script run as a command restarts itself with glibc's malloc settings (malt_jax/allocator.py,
+# as the malt-jax command does; both sides of a peer comparison run in the same process, under
+# them). Not when a test imports this module.
+if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
+    from malt_jax.allocator import reexec
+
+    reexec()
+
 # Persistent XLA compilation cache for the benchmarks (compile time is never timed, but on 2 cores
 # it is most of a run's wall time; re-runs reuse it). Set before jax is imported; override with
 # JAX_COMPILATION_CACHE_DIR, or set it to "" to disable.

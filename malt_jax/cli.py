@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `malt-jax` command (not a call from Python): malloc settings first
+        from malt_jax.allocator import reexec
+
+        reexec()
     from malt_jax.config import ConfigError
 
     args = build_parser().parse_args(argv)
