@@ -54,7 +54,13 @@ def compile_step(cfg: RunConfig, kind: str, mesh: Any) -> Any:
         "comp_index": jnp.int32,
         "comp_valid": jnp.bool_,
     }
-    batch = {k: jax.ShapeDtypeStruct((rows, T), dtypes[k]) for k in ROW_KEYS if k in dtypes}
+    if kind == "dpo" and t.dpo_shared_prompt:  # data.pack_dpo_shared: a pair's row holds up to 2T tokens
+        i32, f32 = jnp.int32, jnp.float32
+        batch = {k: jax.ShapeDtypeStruct((micro, 2 * T), i32) for k in ("tokens", "positions", "segments")}
+        batch |= {k: jax.ShapeDtypeStruct((micro, 2, T), i32) for k in ("score_index", "score_targets")}
+        batch["score_mask"] = jax.ShapeDtypeStruct((micro, 2, T), f32)
+    else:
+        batch = {k: jax.ShapeDtypeStruct((rows, T), dtypes[k]) for k in ROW_KEYS if k in dtypes}
     batch["weights"] = jax.ShapeDtypeStruct((micro,), jnp.float32)
     stepper = Stepper(kind, cfg.model, cfg.lora, t, opt, mesh=mesh)
     ref = jax.ShapeDtypeStruct((rows,), jnp.float32) if kind == "dpo" else None

@@ -210,7 +210,8 @@ def _notes(cfg: RunConfig, rows: int, micro: int, shards: int, S: int) -> list[s
             f"KV cache length {S} > train.max_seq_len {T}: refiner SFT/DPO examples (prompt + G + V + R) "
             "will be truncated; raise train.max_seq_len"
         )
-    for name, r in (("sampling rows", rows), ("SFT microbatch", micro), ("DPO microbatch rows", 2 * micro)):
+    dpo_rows = micro if t.dpo_shared_prompt else 2 * micro
+    for name, r in (("sampling rows", rows), ("SFT microbatch", micro), ("DPO microbatch rows", dpo_rows)):
         if shards > 1 and r % shards:
             notes.append(f"{name} ({r}) not divisible by data*fsdp = {shards}: that batch is replicated, not split")
     if t.batch_size % accum:
@@ -297,29 +298,39 @@ def make_plan(
     accum = max(int(t.grad_accum), 1)
     T = t.max_seq_len
     micro = max(t.batch_size // accum, 1)
-    sft_dev, dpo_dev = _split(micro, amesh), _split(2 * micro, amesh)
+    # DPO: one row per pair of up to 2T tokens (train.dpo_shared_prompt: the prompt once, both
+    # completions scored, at most T positions each), or one row of T per completion
+    shared = bool(t.dpo_shared_prompt)
+    dpo_rows, T_dpo = (micro, 2 * T) if shared else (2 * micro, T)
+    sft_dev, dpo_dev = _split(micro, amesh), _split(dpo_rows, amesh)
     L_bwd = lo.top_layers or L  # frozen lower layers (lora.top_layers) get no backward pass
     saved_layers = L_bwd + (1 if L_bwd < L else 0)  # + one transient frozen layer
-    layer_acts = T * (b * lin + Hd * T * (4 + b))  # one row's activations of one layer
+
+    def layer_acts(Tr: int) -> int:  # one row's activations of one layer
+        return Tr * (b * lin + Hd * Tr * (4 + b))
+
     # a rematerialised layer keeps only its input for the backward pass; the layer being
     # recomputed is alive alone, after the logits' backward has freed them, so the peak is
     # the larger of the two (checked against XLA's memory_analysis, tpu_configs/README.md)
-    per_row_layers = saved_layers * T * D * b if m.remat else saved_layers * layer_acts
+    def per_row_layers(Tr: int) -> int:
+        return saved_layers * Tr * D * b if m.remat else saved_layers * layer_acts(Tr)
+
     per_row_logits = T * Vd * 4 * 3
     c["adapter"] = adapter_dev
     c["gradients"] = adapter_dev * (2 if accum > 1 else 1)
     c["optimizer"] = opt_dev
 
-    # SFT and DPO share component names; the DPO numbers (2 rows per pair) go in *_dpo.
-    def saved(rows_dev: int) -> int:
+    # SFT and DPO share component names; the DPO numbers go in *_dpo.
+    def saved(rows_dev: int, Tr: int, logits_row: int) -> int:
         if not m.remat:
-            return rows_dev * per_row_layers
-        return rows_dev * (per_row_layers + max(0, layer_acts - per_row_logits))
+            return rows_dev * per_row_layers(Tr)
+        return rows_dev * (per_row_layers(Tr) + max(0, layer_acts(Tr) - logits_row))
 
-    c["activations"] = saved(sft_dev)
+    dpo_logits_row = per_row_logits * (2 if shared else 1)
+    c["activations"] = saved(sft_dev, T, per_row_logits)
     c["logits"] = sft_dev * per_row_logits
-    c["activations_dpo"] = saved(dpo_dev)
-    c["logits_dpo"] = dpo_dev * per_row_logits
+    c["activations_dpo"] = saved(dpo_dev, T_dpo, dpo_logits_row)
+    c["logits_dpo"] = dpo_dev * dpo_logits_row
     layer_params = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params["layers"]))
     head_params = V * D
     c["fsdp_gather"] = (
@@ -365,8 +376,9 @@ def make_plan(
         "max_new_tokens": cfg.sampling.max_new_tokens,
         "sample_rows_per_device": rows_dev,
         "sft_rows": micro,
-        "dpo_rows": 2 * micro,
+        "dpo_rows": dpo_rows,
         "seq_len": T,
+        "dpo_seq_len": T_dpo,
         "sft_rows_per_device": sft_dev,
         "dpo_rows_per_device": dpo_dev,
         "activation_factor": (b * lin + Hd * T * (4 + b)) / (D * b),

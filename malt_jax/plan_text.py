@@ -166,8 +166,11 @@ ADVICE = {
     "fsdp_gather_layer": "raise mesh tensor (splits each gathered layer)",
     "kv_compacted": "set sampling.compact_levels lower (0: no compaction copies), or see kv_cache",
 }
-ADVICE["activations_dpo"] = ADVICE["activations"] + " (a DPO microbatch holds 2 rows per pair)"
-ADVICE["logits_dpo"] = ADVICE["logits"] + " (a DPO microbatch holds 2 rows per pair)"
+ADVICE["activations_dpo"] = ADVICE["activations"] + (
+    " (a DPO pair is one row of prompt + both completions; without model.remat, "
+    "train.dpo_shared_prompt=false (a row per completion) halves the attention's share)"
+)
+ADVICE["logits_dpo"] = ADVICE["logits"] + " (a DPO pair scores both completions)"
 
 
 def refusal(plan: Plan) -> str:
@@ -216,7 +219,8 @@ def table(plan: Plan) -> str:
         f"sampling: rows {d['sample_rows']} (= {d['questions']} questions x {d['tree']}), KV cache length "
         f"{d['cache_len']} (= prompt {d['prompt_tokens']} + 3 x {d['max_new_tokens']} new + 2 x {d['turn_tokens']} "
         f"turn tokens), rows per device {d['sample_rows_per_device']}",
-        f"training: microbatch {d['sft_rows']} rows (SFT) / {d['dpo_rows']} rows (DPO) x {d['seq_len']} tokens, "
+        f"training: microbatch {d['sft_rows']} rows x {d['seq_len']} tokens (SFT) / {d['dpo_rows']} rows x "
+        f"{d['dpo_seq_len']} tokens (DPO), "
         f"rows per device {d['sft_rows_per_device']} / {d['dpo_rows_per_device']}, activation factor "
         f"{d['activation_factor']:.1f} x D x bytes per token per layer",
         "",

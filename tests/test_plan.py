@@ -165,6 +165,22 @@ def test_8b_on_v5p_fsdp8_fits_and_matches_hand_computed_bytes():
         dataclasses.replace(cfg, model=dataclasses.replace(m, remat=False)), mesh="data=1,fsdp=8,tensor=1", device="v5p"
     )
     assert no_remat.components["activations"] == T * m.n_layers * (2 * lin + 32 * T * 6)
+    # DPO: one row of up to 2T tokens per pair (the prompt once): the same linear activations as
+    # two rows of T, twice the attention's; with a row per completion, exactly twice SFT's
+    assert no_remat.details["dpo_rows"] == no_remat.details["sft_rows"] and no_remat.details["dpo_seq_len"] == 2 * T
+    assert no_remat.components["activations_dpo"] == 2 * T * m.n_layers * (2 * lin + 32 * 2 * T * 6)
+    rows = make_plan(
+        dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(m, remat=False),
+            train=dataclasses.replace(cfg.train, dpo_shared_prompt=False),
+        ),
+        mesh="data=1,fsdp=8,tensor=1",
+        device="v5p",
+    )
+    assert rows.details["dpo_rows"] == 2 * rows.details["sft_rows"]
+    assert rows.components["activations_dpo"] == 2 * rows.components["activations"]
+    assert rows.components["logits_dpo"] == no_remat.components["logits_dpo"]
     # FLOPs: 4 N tok + 6 N_lora tok + 12 L H hd T tok (all layers adapted)
     tok = cfg.train.batch_size * T
     n_mm = m.n_layers * (4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336) + 128256 * 4096
