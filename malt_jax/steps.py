@@ -136,18 +136,26 @@ ROW_KEYS = ("tokens", "targets", "loss_mask", "comp_index", "comp_valid", "hidde
 SHARED_KEYS = ("tokens", "positions", "segments", "score_index", "score_targets", "score_mask", "hidden")
 
 
+def _final_hidden(base: Params, adapter: Params | None, rows: dict, cfg: ModelConfig, scale: float) -> jax.Array:
+    """Final hidden states [R, T, dim] of ``rows``: from the frozen layers' ``hidden`` when given,
+    with the rows' ``positions`` / ``segments`` when given (shared-prompt rows), else causal."""
+    B, T = rows["tokens"].shape
+    pos, seg = rows.get("positions", causal_positions(B, T)), rows.get("segments")
+    if "hidden" in rows:
+        first = lora_first_layer(cfg, adapter)
+        return forward_from(
+            base, rows["hidden"], cfg, first, lora=adapter, lora_scale=scale, positions=pos, segments=seg
+        )
+    x, _ = forward(base, rows["tokens"], pos, cfg, lora=adapter, lora_scale=scale, return_hidden=True, segments=seg)
+    return x
+
+
 def scored_logits(
     base: Params, adapter: Params | None, rows: dict, cfg: ModelConfig, scale: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(logits, targets, mask) at the scored positions of ``rows`` (see ``ROW_KEYS``): every
     position, or the completion positions ``comp_index`` (same losses: the others have mask 0)."""
-    B, T = rows["tokens"].shape
-    if "hidden" in rows:
-        x = forward_from(base, rows["hidden"], cfg, lora_first_layer(cfg, adapter), lora=adapter, lora_scale=scale)
-    else:
-        x, _ = forward(
-            base, rows["tokens"], causal_positions(B, T), cfg, lora=adapter, lora_scale=scale, return_hidden=True
-        )
+    x = _final_hidden(base, adapter, rows, cfg, scale)
     targets, mask = rows["targets"], rows["loss_mask"]
     if "comp_index" in rows:
         idx = rows["comp_index"]
@@ -164,12 +172,7 @@ def shared_scored_logits(
     ``SHARED_KEYS``); rows ``2i`` / ``2i + 1`` score pair ``i``'s chosen / rejected completion,
     as ``scored_logits`` does for ``data.pack_dpo``'s interleaved rows."""
     b = rows["tokens"].shape[0]
-    pos, seg = rows["positions"], rows["segments"]
-    if "hidden" in rows:
-        first = lora_first_layer(cfg, adapter)
-        x = forward_from(base, rows["hidden"], cfg, first, lora=adapter, lora_scale=scale, positions=pos, segments=seg)
-    else:
-        x, _ = forward(base, rows["tokens"], pos, cfg, lora=adapter, lora_scale=scale, return_hidden=True, segments=seg)
+    x = _final_hidden(base, adapter, rows, cfg, scale)
     x = jnp.take_along_axis(x, rows["score_index"].reshape(b, -1)[..., None], axis=1)
     x = x.reshape(2 * b, -1, x.shape[-1])
     return lm_head(base, x, cfg), rows["score_targets"].reshape(2 * b, -1), rows["score_mask"].reshape(2 * b, -1)
