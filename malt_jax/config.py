@@ -314,6 +314,10 @@ class TrainConfig:
     # losses as one row per completion (to float rounding) for fewer tokens, so it is not part
     # of the run's identity.
     dpo_shared_prompt: bool = dataclasses.field(default=True, metadata={"identity": False})
+    # On one CPU device (no mesh), training keeps per-layer copies of the adapted layers' base
+    # weights and runs those layers unrolled (llama.unstack_top): faster steps for those layers'
+    # weights once more in memory and longer compiles; the same results, so not identity.
+    unstack_layers: bool = dataclasses.field(default=True, metadata={"identity": False})
 
     def __post_init__(self) -> None:
         _check_min(

@@ -22,7 +22,7 @@ from malt_jax import data as data_lib
 from malt_jax.checkpoint import flatten_named
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
 from malt_jax.distributed import fetch, put
-from malt_jax.model.llama import Params, abstract_params
+from malt_jax.model.llama import Params, abstract_params, unstack_top
 from malt_jax.model.lora import lora_scale
 from malt_jax.sharding import batch_sharding, mesh_context, param_shardings
 from malt_jax.steps import ROW_KEYS, SHARED_KEYS, StepConfig, TrainState, abstract_state, dpo_step, sft_step
@@ -64,6 +64,17 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
 
 
 _NDIM = {"hidden": 3, "score_index": 3, "score_targets": 3, "score_mask": 3}
+
+
+def step_base(base: Params, cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig) -> Params:
+    """The base params a single-device CPU training run steps with: per-layer copies of the
+    adapted layers' weights (``llama.unstack_top``) when ``train.unstack_layers`` is on, the
+    params have layers, and the backend is CPU (on TPU/GPU a layer read from the stacked arrays
+    costs no copy, and the scan compiles faster). Unchanged otherwise."""
+    if not (train_cfg.unstack_layers and "layers" in base and jax.default_backend() == "cpu"):
+        return base
+    n = lora_cfg.top_layers or cfg.n_layers
+    return unstack_top(base, min(n, cfg.n_layers))
 
 
 def _batch_shardings(
@@ -159,10 +170,13 @@ class Stepper:
 
     def place(self, base: Params, state: TrainState) -> tuple[Params, TrainState]:
         """Puts base params and state on the mesh with the step's shardings (without a mesh: on
-        the default device, committed, so fresh and restored states hit the same compilation)."""
+        the default device, committed, so fresh and restored states hit the same compilation,
+        and with :func:`step_base`'s per-layer copies)."""
         if self.mesh is None:
             dev = jax.devices()[0]
-            return jax.device_put(base, dev), jax.device_put(state, dev)
+            return step_base(jax.device_put(base, dev), self.cfg, self.lora_cfg, self.train_cfg), jax.device_put(
+                state, dev
+            )
         return put(base, param_shardings(base, self.mesh)), put(state, state_shardings(state, self.mesh))
 
     def _step_and_args(self, batch: dict, ref_logps: Any) -> tuple[Any, list[Any]]:

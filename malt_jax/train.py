@@ -51,7 +51,7 @@ from malt_jax.optim import (
 )
 from malt_jax.scoring import HiddenCache, heldout_metrics, reference_logps
 from malt_jax.sharding import param_shardings
-from malt_jax.stepper import NonFiniteError, Stepper, state_shardings
+from malt_jax.stepper import NonFiniteError, Stepper, state_shardings, step_base
 from malt_jax.steps import TrainState
 
 __all__ = [
@@ -191,7 +191,10 @@ class _RoleRun:
         self.stop_after_steps = stop_after_steps
         self.B, self.scale = train_cfg.batch_size, lora_scale(lora_cfg)
         self.patience = int(train_cfg.early_stop_patience)
-        self.base = put(base, param_shardings(base, mesh) if mesh is not None else jax.devices()[0])
+        if mesh is not None:
+            self.base = put(base, param_shardings(base, mesh))
+        else:  # steps, reference log-probs and frozen-layer states read per-layer copies on CPU
+            self.base = step_base(put(base, jax.devices()[0]), cfg, lora_cfg, train_cfg)
         self.common_meta = {
             "role": role,
             "model_hash": config_hash(cfg, identity_only=False),

@@ -308,3 +308,45 @@ def test_refresh_top_equals_reencoding_with_the_adapter():
     full = lora.init_lora(cfg, LoraConfig(rank=2), jax.random.key(1))
     with pytest.raises(ValueError, match="starts at layer 0"):
         llama.refresh_top(params, cfg, plain_cache, lens, full)
+
+
+def test_unstacked_top_layers_give_the_same_passes():
+    """``unstack_top``: per-layer copies of the top layers, run unrolled by the passes without a
+    KV cache (training, scoring, hidden states), give those passes' values and adapter gradients;
+    the cached passes keep reading the stacked weights."""
+    from malt_jax.config import LoraConfig
+    from malt_jax.model import lora
+
+    cfg = ModelConfig.tiny(n_layers=3)
+    L = cfg.n_layers
+    params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+    ad = lora.init_lora(cfg, LoraConfig(rank=2, top_layers=2), jax.random.key(1))
+    ad = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(2), w.shape), ad)
+    toks = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+    pos = llama.causal_positions(2, 9)
+
+    def loss(a, p):
+        return llama.forward(p, toks, pos, cfg, lora=a, lora_scale=0.7)[0].std()
+
+    want, want_g = jax.value_and_grad(loss)(ad, params)
+    want_h = llama.hidden_at(params, toks, cfg, 1)
+    want_top = llama.forward_from(params, want_h, cfg, 1, lora=ad)
+    cached = llama.forward(params, toks, pos, cfg, lora=ad, cache=llama.KVCache.zeros(cfg, 2, 12))[0]
+    for n in (1, 2, L):
+        up = llama.unstack_top(params, n)
+        assert len(up["layers_top"]) == n
+        for i, layer in enumerate(up["layers_top"]):
+            chex.assert_trees_all_equal(layer, jax.tree.map(lambda w, j=L - n + i: w[j], params["layers"]))
+        got, got_g = jax.value_and_grad(loss)(ad, up)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        chex.assert_trees_all_close(got_g, want_g, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(llama.hidden_at(up, toks, cfg, 1), want_h, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(llama.forward_from(up, want_h, cfg, 1, lora=ad), want_top, rtol=1e-5, atol=1e-5)
+        got_c = llama.forward(up, toks, pos, cfg, lora=ad, cache=llama.KVCache.zeros(cfg, 2, 12))[0]
+        np.testing.assert_array_equal(got_c, cached)  # the cached pass ignores the copies
+    # all layers unstacked: no scan left in the no-cache pass; the stacked params scan
+    assert "scan" not in str(jax.make_jaxpr(loss)(ad, llama.unstack_top(params, L)))
+    assert "scan" in str(jax.make_jaxpr(loss)(ad, params))
+    assert "layers_top" not in llama.unstack_top(llama.unstack_top(params, 2), 0)
+    with pytest.raises(ValueError, match="n=4 > the model's 3 layers"):
+        llama.unstack_top(params, 4)

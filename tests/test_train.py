@@ -599,3 +599,27 @@ def _current_lr_of(state):
     from malt_jax.optim import current_lr
 
     return current_lr(state)
+
+
+@pytest.mark.parametrize("top_layers,unstack", [(0, True), (1, True), (1, False)])
+def test_stepper_place_unstacks_the_adapted_layers_on_one_cpu_device(top_layers, unstack):
+    """Without a mesh on CPU, ``Stepper.place`` adds per-layer copies of the adapted layers
+    (``train.unstack_layers``); the step is the same with them as with the stacked weights."""
+    cfg = ModelConfig.tiny(n_layers=2)
+    params = numpy_random_params(cfg)
+    lcfg = dataclasses.replace(LORA, top_layers=top_layers)
+    train = dataclasses.replace(TRAIN, unstack_layers=unstack)
+    opt = make_optimizer(train, 10, 1e-2)
+    state = TrainState.create(jax.tree.map(lambda w: w + 0.05, init_lora(cfg, lcfg, jax.random.key(3))), opt)
+    stepper = Stepper("sft", cfg, lcfg, train, opt)
+    placed, placed_state = stepper.place(params, state)
+    if unstack:
+        assert len(placed["layers_top"]) == (top_layers or cfg.n_layers)
+    else:
+        assert "layers_top" not in placed
+    batch = D.pack_sft(_sft_examples(8, seed=3), train.max_seq_len)
+    s_ref, m_ref = stepper(params, state, batch)
+    s_got, m_got = stepper(placed, placed_state, batch)
+    for k, v in m_ref.items():
+        assert m_got[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    _close(s_got.adapter, s_ref.adapter, rtol=1e-5, atol=1e-6)
