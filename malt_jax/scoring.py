@@ -26,7 +26,7 @@ from malt_jax.distributed import fetch, put
 from malt_jax.losses import dpo_loss, sequence_logps, sft_loss
 from malt_jax.model.llama import Params, hidden_at
 from malt_jax.sharding import batch_sharding
-from malt_jax.steps import Metrics, StepConfig, scored_logits
+from malt_jax.steps import KEY_BLOCKS, Metrics, StepConfig, scored_logits
 
 __all__ = ["batch_logps", "batch_rows", "HiddenCache", "reference_logps", "heldout_metrics"]
 
@@ -72,7 +72,7 @@ class HiddenCache:
         self.per_row = 2 if dpo and not shared else 1
         chunk = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
         self.rows_of: list[np.ndarray] = []
-        fn = jax.jit(hidden_at, static_argnames=("cfg", "layer"))
+        fn = jax.jit(functools.partial(hidden_at, key_blocks=KEY_BLOCKS), static_argnames=("cfg", "layer"))
         for start in range(0, len(examples), chunk):
             part = list(examples[start : start + chunk])
             batch = data_lib.pack(

@@ -350,3 +350,34 @@ def test_unstacked_top_layers_give_the_same_passes():
     assert "layers_top" not in llama.unstack_top(llama.unstack_top(params, 2), 0)
     with pytest.raises(ValueError, match="n=4 > the model's 3 layers"):
         llama.unstack_top(params, 4)
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 4, 40])
+def test_attention_key_blocks_equal_the_dense_attention(blocks):
+    """Query blocks that score only the keys up to their own end give the dense attention on
+    rows whose tokens see only earlier tokens (causal rows with padding, and a shared-prompt DPO
+    row from data.pack_dpo_shared), not on a row that breaks that contract."""
+    from malt_jax import data
+
+    B, T, H, K, hd = 2, 16, 4, 2, 8
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, T, H, hd))
+    k, v = (jax.random.normal(kk, (B, K, T, hd)) for kk in ks[1:])
+    pos = llama.causal_positions(B, T)
+    valid = jnp.arange(T)[None] < jnp.asarray([[T], [9]])
+    dense = llama.attention(q, k, v, pos, pos, valid)
+    np.testing.assert_allclose(
+        llama.attention(q, k, v, pos, pos, valid, key_blocks=blocks), dense, rtol=1e-5, atol=1e-6
+    )
+    row = data.pack_dpo_shared([data.DPOExample([3, 4, 5], [6, 7, 8, 9], [10, 11, 12])] * 2, T)
+    assert row["tokens"].shape == (2, T)
+    p, seg = jnp.asarray(row["positions"]), jnp.asarray(row["segments"])
+    real = seg != data.SEG_PAD
+    dense = llama.attention(q, k, v, p, p, real, seg)
+    got = llama.attention(q, k, v, p, p, real, seg, key_blocks=blocks)
+    np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-6)
+    backwards = jnp.broadcast_to(jnp.arange(T)[::-1], (B, T))  # every token sees the tokens after it
+    dense = llama.attention(q, k, v, backwards, backwards, valid)
+    assert not np.allclose(llama.attention(q, k, v, backwards, backwards, valid, key_blocks=blocks), dense, atol=1e-3)
+    with pytest.raises(ValueError, match="needs self-attention"):
+        llama.attention(q, k[:, :, :5], v[:, :, :5], pos, pos[:, :5], valid[:, :5], key_blocks=blocks)

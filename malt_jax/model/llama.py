@@ -245,6 +245,7 @@ def attention(
     k_pos: jax.Array,
     k_valid: jax.Array,
     segments: jax.Array | None = None,
+    key_blocks: int = 1,
 ) -> jax.Array:
     """Grouped-query attention.
 
@@ -253,20 +254,34 @@ def attention(
     valid and its position is ``<=`` the query's. With ``segments`` [B, T] int (self-attention,
     S = T), a row holds several sequences sharing a prefix: a key of segment 0 (the shared
     prefix) is visible to every segment, any other key only to its own segment.
+
+    ``key_blocks`` > 1 (self-attention, S = T): the queries are cut into that many blocks and
+    block i scores only the keys up to its own end, about (n + 1) / 2n of the dense scores. Exact
+    only for rows where no query sees a key placed after it in the row (positions grow along the
+    row within each segment, as every ``data.pack_*`` layout has them); the caller vouches for it.
     """
     B, T, H, hd = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
-    # (query head, token) pairs of a KV head as one matmul axis, as in cached_attention
-    qg = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
-    scores = scores * (1.0 / math.sqrt(hd))
+    if key_blocks > 1 and S != T:
+        raise ValueError(f"attention: key_blocks={key_blocks} needs self-attention (S={S} != T={T})")
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, T, S]
     if segments is not None:
         mask &= (segments[:, None, :] == segments[:, :, None]) | (segments[:, None, :] == 0)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, K, G * T, S), v).reshape(B, K, G, T, hd)
+    qh = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
+    n = max(1, min(key_blocks, T))
+    bounds = [round(i * T / n) for i in range(n + 1)]
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        t, s = hi - lo, (hi if n > 1 else S)  # queries lo..hi-1 score keys 0..s-1
+        # (query head, token) pairs of a KV head as one matmul axis, as in cached_attention
+        qg = qh[:, :, :, lo:hi].reshape(B, K, G * t, hd)
+        scores = jnp.einsum("bkqd,bksd->bkqs", qg, k[:, :, :s], preferred_element_type=jnp.float32)
+        scores = scores.reshape(B, K, G, t, s) * (1.0 / math.sqrt(hd))
+        scores = jnp.where(mask[:, None, None, lo:hi, :s], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, K, G * t, s), v[:, :, :s]).reshape(B, K, G, t, hd))
+    out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
@@ -343,6 +358,7 @@ def forward(
     token_valid: jax.Array | None = None,
     return_hidden: bool = False,
     segments: jax.Array | None = None,
+    key_blocks: int = 1,
 ) -> tuple[jax.Array, None]: ...
 
 
@@ -358,6 +374,7 @@ def forward(
     token_valid: jax.Array | None = None,
     return_hidden: bool = False,
     segments: jax.Array | None = None,
+    key_blocks: int = 1,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder.
 
@@ -374,13 +391,25 @@ def forward(
       segments: [B, T] int, no cache: rows of several sequences sharing a prefix (segment 0 is
         the prefix, seen by every segment; see :func:`attention`); ``positions`` then restart
         after the prefix in each segment.
+      key_blocks: no cache: the attention's query blocks (see :func:`attention`; > 1 only for
+        rows where no token sees a token placed after it, as ``data.pack_*`` builds them).
     Returns:
       logits [B, T, vocab] in float32 (or the final hidden states if ``return_hidden``), and
       the updated cache (None without one).
     """
     x = embed_tokens(params, tokens, cfg)
     x, new_cache = _decoder(
-        params, x, positions, cfg, cache, lora, lora_scale, token_valid, first_layer=0, segments=segments
+        params,
+        x,
+        positions,
+        cfg,
+        cache,
+        lora,
+        lora_scale,
+        token_valid,
+        first_layer=0,
+        segments=segments,
+        key_blocks=key_blocks,
     )
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if return_hidden:
@@ -401,15 +430,30 @@ def hidden_at(
     layer: int,
     positions: jax.Array | None = None,
     segments: jax.Array | None = None,
+    key_blocks: int = 1,
 ) -> jax.Array:
     """The hidden states [B, T, dim] entering layer ``layer`` of causal rows ``tokens`` [B, T]
     (no adapter: for an adapter on the layers from ``layer`` up, they are the same whatever the
     adapter, so training can compute them once; see :func:`forward_from`). ``positions`` /
-    ``segments``: shared-prefix rows, as in :func:`forward` (default: plain causal rows)."""
+    ``segments``: shared-prefix rows, as in :func:`forward` (default: plain causal rows);
+    ``key_blocks`` as in :func:`forward`."""
     B, T = tokens.shape
     pos = causal_positions(B, T) if positions is None else positions
     x = embed_tokens(params, tokens, cfg)
-    x, _ = _decoder(params, x, pos, cfg, None, None, 1.0, None, first_layer=0, stop_layer=layer, segments=segments)
+    x, _ = _decoder(
+        params,
+        x,
+        pos,
+        cfg,
+        None,
+        None,
+        1.0,
+        None,
+        first_layer=0,
+        stop_layer=layer,
+        segments=segments,
+        key_blocks=key_blocks,
+    )
     return x
 
 
@@ -423,10 +467,12 @@ def forward_from(
     lora_scale: float = 1.0,
     positions: jax.Array | None = None,
     segments: jax.Array | None = None,
+    key_blocks: int = 1,
 ) -> jax.Array:
     """Final (normed) hidden states of causal rows from the hidden states ``hidden`` [B, T, dim]
     entering layer ``layer`` (:func:`hidden_at`): ``forward(..., return_hidden=True)`` without
-    re-running the layers below ``layer``. ``positions`` / ``segments`` as in :func:`hidden_at`."""
+    re-running the layers below ``layer``. ``positions`` / ``segments`` as in :func:`hidden_at`,
+    ``key_blocks`` as in :func:`forward`."""
     B, T = hidden.shape[:2]
     x, _ = _decoder(
         params,
@@ -439,6 +485,7 @@ def forward_from(
         None,
         first_layer=layer,
         segments=segments,
+        key_blocks=key_blocks,
     )
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
@@ -523,6 +570,7 @@ def _decoder(
     first_layer: int,
     stop_layer: int | None = None,
     segments: jax.Array | None = None,
+    key_blocks: int = 1,
 ) -> tuple[jax.Array, KVCache]: ...
 
 
@@ -539,6 +587,7 @@ def _decoder(
     first_layer: int,
     stop_layer: int | None = None,
     segments: jax.Array | None = None,
+    key_blocks: int = 1,
 ) -> tuple[jax.Array, None]: ...
 
 
@@ -554,6 +603,7 @@ def _decoder(
     first_layer: int,
     stop_layer: int | None = None,
     segments: jax.Array | None = None,
+    key_blocks: int = 1,
 ) -> tuple[jax.Array, KVCache | None]:
     """Layers ``first_layer .. stop_layer - 1`` (default: to the top) on hidden states x
     [B, T, dim]; see :func:`forward`."""
@@ -561,6 +611,8 @@ def _decoder(
     B, T = x.shape[:2]
     if segments is not None and cache is not None:
         raise ValueError("_decoder: segments (shared-prefix rows) need cache=None")
+    if key_blocks > 1 and cache is not None:
+        raise ValueError("_decoder: key_blocks > 1 needs cache=None")
     if token_valid is None:
         token_valid = jnp.ones((B, T), bool)
     inv_freq = rope_frequencies(cfg)
@@ -630,7 +682,9 @@ def _decoder(
                 layer_params(lp),
                 ll,
                 lambda q, k, v: (
-                    attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid, segments),
+                    attention(
+                        q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, positions, token_valid, segments, key_blocks
+                    ),
                     None,
                 ),
             )
