@@ -32,3 +32,27 @@ def test_gpu_roofline_quick_runs_on_cpu(tmp_path):
     for row in res["rows"]:
         assert row["median s"] > 0 and row["tokens/s"] > 0
     assert 0 < res["rows"][0]["MFU vs measured peak %"] < 100
+
+
+@pytest.mark.slow
+def test_dpo_step_options_quick_runs_and_the_variants_agree(tmp_path):
+    """bench/dpo_step_options.py: the three variants of the DPO step (scan + dense attention,
+    unstacked layers, + key blocks) run and give the same loss."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": "", "MALT_JAX_MALLOC": "0"}
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+    )
+    out = tmp_path / "r.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "dpo_step_options.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["scan, dense", "unstacked", "unstacked + key blocks"]
+    assert all(row["median step s"] > 0 for row in rows)
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
+    assert rows[2]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)

@@ -65,6 +65,13 @@ def test_merge_matches_on_the_fly_and_hf_roundtrip(setup, tmp_path):
     merged_logits, _ = fwd(merged, tokens, pos, CFG)
     # float32: (x@w + s*(x@a)@b) vs x@(w + s*a@b) differ only by rounding order.
     np.testing.assert_allclose(np.asarray(merged_logits), np.asarray(fly), rtol=1e-4, atol=1e-4)
+    # a base with per-layer copies (llama.unstack_top, as Stepper.place makes on CPU): the copies
+    # are merged too, not kept stale
+    from malt_jax.model.llama import unstack_top
+
+    merged_u = merge(unstack_top(params, CFG.n_layers), ad, s)
+    assert len(merged_u["layers_top"]) == CFG.n_layers
+    np.testing.assert_allclose(np.asarray(fwd(merged_u, tokens, pos, CFG)[0]), np.asarray(merged_logits), rtol=1e-5)
 
     save_hf(merged, CFG, tmp_path / "merged")
     loaded, cfg2 = load_hf(tmp_path / "merged")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from malt_jax.config import LoraConfig, ModelConfig
-from malt_jax.model.llama import LAYER_WEIGHTS, Params, param_shapes
+from malt_jax.model.llama import LAYER_WEIGHTS, Params, param_shapes, unstack_top
 
 __all__ = ["init_lora", "lora_scale", "merge", "count_params", "adapter_shapes", "abstract_adapter"]
 
@@ -91,7 +91,8 @@ def merge(params: Params, adapter: Params, scale: float) -> Params:
         top = w[w.shape[0] - delta.shape[0] :]  # adapters may cover only the top layers
         merged = (top.astype(jnp.float32) + scale * delta).astype(w.dtype)
         layers[name] = w.at[w.shape[0] - delta.shape[0] :].set(merged)
-    return {**params, "layers": layers}
+    # per-layer copies (llama.unstack_top) are re-made from the merged weights, never kept stale
+    return unstack_top({**params, "layers": layers}, len(params.get("layers_top", ())))
 
 
 def count_params(tree: Any) -> int:
