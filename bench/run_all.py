@@ -1,7 +1,8 @@
 """Runs every available benchmark (``make bench``; ``make bench ARGS=--quick`` for a smoke run).
 
-* always (main env): ``flops.py`` (measured peak + bandwidth), ``sampler.py`` and
-  ``decode_breakdown.py`` (where a decode step's time goes);
+* always (main env): ``flops.py`` (measured peak + bandwidth), ``sampler.py``,
+  ``decode_breakdown.py`` (where a decode step's time goes) and ``dpo_step_options.py`` (the
+  DPO step with its speed options off one by one);
 * only when the optional peers env exists and imports torch/transformers/trl/peft + malt_jax
   (``make peers`` creates ``.venv-peers``): ``vs_transformers.py`` and ``dpo_vs_trl.py``, and
   ``vs_llamacpp.py`` when that env also imports ``llama_cpp`` (built from source by ``make peers``).
@@ -65,7 +66,8 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: flops,sampler,decode_breakdown,vs_transformers,dpo_vs_trl,vs_llamacpp",
+        help="comma-separated subset: flops,sampler,decode_breakdown,dpo_step_options,vs_transformers,dpo_vs_trl,"
+        "vs_llamacpp",
     )
     args = ap.parse_args()
     out = Path(args.out)
@@ -81,6 +83,8 @@ def main() -> None:
         results["sampler"] = run(sys.executable, "sampler.py", extra, out)
     if want("decode_breakdown"):
         results["decode_breakdown"] = run(sys.executable, "decode_breakdown.py", extra, out)
+    if want("dpo_step_options"):
+        results["dpo_step_options"] = run(sys.executable, "dpo_step_options.py", extra, out)
     peer_scripts = [s for s in ("vs_transformers", "dpo_vs_trl") if want(s)]
     if peer_scripts:
         py, why = peers_python()
