@@ -49,8 +49,11 @@ def main() -> None:
         params = {**params, "layers": jax.tree.map(lambda w: w[:2], params["layers"])}
     prompt, seq = (35, 128) if not args.quick else (12, 32)  # prompt + completion = seq, as in dpo_vs_trl
     rng = np.random.default_rng(0)
-    lens = (prompt, seq - prompt, seq - prompt)
-    pairs = [D.DPOExample(*(list(rng.integers(100, 40000, n)) for n in lens)) for _ in range(2)]
+
+    def ids(n: int) -> list[int]:
+        return [int(t) for t in rng.integers(100, 40000, n)]
+
+    pairs = [D.DPOExample(ids(prompt), ids(seq - prompt), ids(seq - prompt)) for _ in range(2)]
     lcfg = LoraConfig(rank=8, alpha=16.0, targets=("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
     base_cfg = TrainConfig(
         batch_size=2, grad_accum=1, dpo_beta=0.2, grad_clip=1.0, weight_decay=0.0, warmup_ratio=0.0, max_seq_len=seq
