@@ -1,5 +1,6 @@
-"""The accelerator roofline benchmark (bench/gpu_roofline.py) is run only where a GPU is lent,
-so its --quick CPU path is smoke-tested here (slow: it compiles three programs)."""
+"""Smoke runs of benchmarks whose --quick path is not exercised elsewhere: the accelerator
+roofline (bench/gpu_roofline.py, run only where a GPU is lent) on CPU, and the DPO step
+options (bench/dpo_step_options.py). Slow: each compiles several programs."""
 
 import json
 import os
@@ -12,22 +13,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_gpu_roofline_quick_runs_on_cpu(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": ""}
+def _run_quick(script: str, tmp_path: Path, timeout: int, **env_extra: str) -> dict:
+    """Runs ``bench/<script> --quick`` on one CPU device and returns its JSON results."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": "", **env_extra}
     env["XLA_FLAGS"] = " ".join(
         f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
     )
     out = tmp_path / "r.json"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_roofline.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=timeout,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpu_roofline_quick_runs_on_cpu(tmp_path):
+    res = _run_quick("gpu_roofline.py", tmp_path, 300)
     assert [row["what"] for row in res["rows"]] == ["LoRA SFT step", "LoRA DPO step", "decode step, batch 1"]
     for row in res["rows"]:
         assert row["median s"] > 0 and row["tokens/s"] > 0
@@ -38,20 +44,7 @@ def test_gpu_roofline_quick_runs_on_cpu(tmp_path):
 def test_dpo_step_options_quick_runs_and_the_variants_agree(tmp_path):
     """bench/dpo_step_options.py: the three variants of the DPO step (scan + dense attention,
     unstacked layers, + key blocks) run and give the same loss."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": "", "MALT_JAX_MALLOC": "0"}
-    env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
-    )
-    out = tmp_path / "r.json"
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "dpo_step_options.py"), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = _run_quick("dpo_step_options.py", tmp_path, 600, MALT_JAX_MALLOC="0")["rows"]
     assert [row["variant"] for row in rows] == ["scan, dense", "unstacked", "unstacked + key blocks"]
     assert all(row["median step s"] > 0 for row in rows)
     assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
