@@ -174,9 +174,8 @@ class Stepper:
         and with :func:`step_base`'s per-layer copies)."""
         if self.mesh is None:
             dev = jax.devices()[0]
-            return step_base(jax.device_put(base, dev), self.cfg, self.lora_cfg, self.train_cfg), jax.device_put(
-                state, dev
-            )
+            base = step_base(jax.device_put(base, dev), self.cfg, self.lora_cfg, self.train_cfg)
+            return base, jax.device_put(state, dev)
         return put(base, param_shardings(base, self.mesh)), put(state, state_shardings(state, self.mesh))
 
     def _step_and_args(self, batch: dict, ref_logps: Any) -> tuple[Any, list[Any]]:

@@ -139,7 +139,7 @@ SHARED_KEYS = ("tokens", "positions", "segments", "score_index", "score_targets"
 # The attention's query blocks of the rows trained and scored here (``llama.attention``): every
 # ``data.pack_*`` layout places a token's visible tokens at or before it, so block i needs only the
 # keys up to its end. 4 blocks compute 5/8 of the dense scores (a 30-layer LoRA DPO step of
-# bench/dpo_vs_trl.py's shapes ~3 % faster; more blocks make the matmuls too small).
+# bench/dpo_vs_trl.py's shapes 2-3 % faster; more blocks make the matmuls too small).
 KEY_BLOCKS = 4
 
 

@@ -537,9 +537,9 @@ def unstack_top(params: Params, n: int) -> Params:
     copies a layer's weights out of a stacked array (a dynamic slice feeding a library matmul) at
     every layer of every pass, forward and backward, and stacks and re-slices the layers'
     saved activations; the unrolled layers do neither (bench/README.md: a 30-layer LoRA DPO step
-    ~5 % faster; compiles take longer). Costs those layers' weights once more in memory. The
-    cached paths (prefill, decode) keep reading the stacked arrays. Same results: the copies hold
-    the same values, and the layer computation is the same function.
+    ~6 % faster; compiles take longer). Costs those layers' weights once more in memory. The
+    cached paths (prefill, decode) keep reading the stacked arrays. Same results to float
+    rounding: the copies hold the same values, and the layer computation is the same function.
     """
     out = {k: v for k, v in params.items() if k != "layers_top"}
     if n <= 0:
