@@ -23,8 +23,13 @@ pair with the prompt once (``data.pack_dpo_shared``, the library's default) and 
 completion (``data.pack_dpo``, what TRL computes); the ratio is the default's.
 
 Reported: tokens/s (real tokens of the chosen + rejected rows per step / median step time),
-model FLOP/s (of one row per completion) as a fraction of the measured f32 matmul peak, and the
-ratios.
+model FLOP/s (of one row per completion) as a fraction of the measured matmul peak in ``--dtype``,
+and the ratios.
+
+``--dtype bfloat16`` runs both sides in bf16 mixed precision: TRL with the model loaded in bf16 and
+``bf16=True`` (TRL's own default on a CPU with bf16 instructions), malt-jax with ``ModelConfig``
+``dtype`` / ``param_dtype`` bfloat16 (its matmuls accumulate in f32, ``llama.lowp_matmul``); the
+LoRA weights and AdamW stay f32 on both sides, the reference log-probs come from the bf16 model.
 
 Needs the optional peers env (``make peers``):
 
@@ -93,6 +98,14 @@ def main() -> None:
         help="torch thread counts; TRL steps cycle through them (default 2,1: on a loaded 2-core VM "
         "2 OpenMP threads can be slower than 1, so the ratio uses the faster)",
     )
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="float32 (default): both sides in f32; bfloat16: both sides with bf16 base weights and "
+        "bf16 compute (TRL: model loaded in bf16 + bf16=True autocast; malt-jax: ModelConfig dtype and "
+        "param_dtype bfloat16), LoRA weights and optimizer in f32 on both",
+    )
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     B = args.batch or 2
@@ -124,15 +137,25 @@ def main() -> None:
         {"transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__},
     )
     cfg, params, tok = model.cfg, model.params, model.tokenizer
-    peak = flops.measure_peak_jax(1024 if args.quick else 2048)
-    log(f"measured f32 matmul peak (jax): {peak / 1e9:.1f} GFLOP/s")
+    bf16 = args.dtype == "bfloat16"
+    peak = flops.measure_peak_jax(1024 if args.quick else 2048, dtype=args.dtype)
+    log(f"measured {args.dtype} matmul peak (jax): {peak / 1e9:.1f} GFLOP/s")
 
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok.backend, eos_token=tok.decode([tok.eos_id]), pad_token=tok.decode([tok.pad_id])
     )
     tmp = tempfile.TemporaryDirectory()
     save_hf(params, cfg, os.path.join(tmp.name, "model"))
-    hf = LlamaForCausalLM.from_pretrained(os.path.join(tmp.name, "model"), dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(
+        os.path.join(tmp.name, "model"), dtype=torch.bfloat16 if bf16 else torch.float32
+    )
+    if bf16:  # the same bf16-rounded base weights on the malt-jax side
+        import dataclasses
+
+        import jax.numpy as jnp
+
+        cfg = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16")
+        params = jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.dtype == jnp.float32 else w, params)
     pairs = make_pairs(tok, B * total_steps, seq)
     lr, beta = 5e-5, 0.2
     dcfg = DPOConfig(
@@ -150,7 +173,7 @@ def main() -> None:
         lr_scheduler_type="constant",
         optim="adamw_torch",
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=bf16,
         fp16=False,
         max_length=None,
         precompute_ref_log_probs=True,
@@ -253,8 +276,8 @@ def main() -> None:
         f"{sorted(set(hf_shapes))}"
     )
 
-    peak = max(peak, flops.measure_peak_jax(1024 if args.quick else 2048))  # best of before/after
-    log(f"f32 matmul peak (jax), best of before/after: {peak / 1e9:.1f} GFLOP/s")
+    peak = max(peak, flops.measure_peak_jax(1024 if args.quick else 2048, dtype=args.dtype))  # best of before/after
+    log(f"{args.dtype} matmul peak (jax), best of before/after: {peak / 1e9:.1f} GFLOP/s")
     tj = times["jax"][warmup:]
     tt = {n: [t for t, k in list(zip(times["trl"], times["trl_threads"]))[warmup:] if k == n] for n in threads}
     tokens = sum(lens) / len(examples) * 2 * B  # real tokens per step (chosen + rejected rows)
@@ -288,7 +311,7 @@ def main() -> None:
                 "% peak FLOP/s": 100 * fl / mt / peak,
             }
         )
-    log(f"\n## LoRA DPO step, {B} pairs x {seq} tokens ({2 * B} rows), f32, median of the timed steps")
+    log(f"\n## LoRA DPO step, {B} pairs x {seq} tokens ({2 * B} rows), {args.dtype}, median of the timed steps")
     log(common.table(rows, list(rows[0].keys())))
     best = min(threads, key=lambda n: common.median(tt[n]))
     ratio = common.median(tt[best]) / mj
@@ -328,6 +351,7 @@ def main() -> None:
         args.json,
         {
             "machine": common.machine(),
+            "dtype": args.dtype,
             "peak": peak,
             "rows": rows,
             "ratio": ratio,

@@ -1,6 +1,7 @@
 """Model correctness: JAX forward vs an independent NumPy reference, weight import/export."""
 
 import json
+import re
 
 import chex
 import jax
@@ -153,6 +154,66 @@ def test_bf16_close_to_fp32():
     assert out.dtype == jnp.float32
     assert np.mean(np.argmax(out, -1) == np.argmax(ref, -1)) > 0.6
     assert np.abs(np.asarray(out) - np.asarray(ref)).mean() < 0.1 * np.abs(np.asarray(ref)).mean()
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+    """The operand element types of every dot in a compiled HLO module's text."""
+    types = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[", hlo, re.M))
+    dots = re.findall(r"= \w+\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    return [(types[a], types[b]) for a, b in dots]
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_lowp_matmul_runs_bf16_dots_forward_and_backward(out_dtype):
+    """llama.lowp_matmul: the products of bf16 numbers accumulated in float32, forward and both
+    gradients, and every dot of the compiled forward + backward takes bf16 operands (the form
+    XLA:CPU runs on the bf16 instructions; autodiff would give float32 x bf16 products)."""
+    kx, kw, kg = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (2, 5, 64)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (64, 48)).astype(jnp.bfloat16)
+    g = jax.random.normal(kg, (2, 5, 48)).astype(out_dtype)
+    y, vjp = jax.vjp(lambda x, w: llama.lowp_matmul(x, w, out_dtype), x, w)
+    dx, dw = vjp(g)
+    assert y.dtype == out_dtype and dx.dtype == dw.dtype == jnp.bfloat16
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    gb = f(g.astype(jnp.bfloat16))  # the cotangent is rounded to bf16 before its products
+    for got, want in ((y, f(x) @ f(w)), (dx, gb @ f(w).T), (dw, f(x).reshape(10, 64).T @ gb.reshape(10, 48))):
+        # float32 accumulation, one rounding to the result dtype (bf16: 8 bits)
+        tol = 2e-7 if got.dtype == jnp.float32 else 2**-8
+        np.testing.assert_allclose(f(got), want, rtol=tol, atol=tol * np.abs(want).max())
+    # the forward and the input gradient (what a frozen base needs); XLA:CPU runs dw's product,
+    # which contracts the token axis of both operands, in f32 even with bf16 operands
+    grad = jax.jit(jax.grad(lambda x, w: (llama.lowp_matmul(x, w, out_dtype).astype(jnp.float32) ** 2).sum()))
+    dots = _dot_operand_dtypes(grad.lower(x, w).compile().as_text())
+    assert len(dots) == 2 and all(d == ("bf16", "bf16") for d in dots), dots
+
+
+def test_bf16_adapter_gradients_close_to_fp32():
+    """A bf16 model (bf16 weights and activations, lowp_matmul products) gives LoRA gradients
+    close to the float32 model's, and its float32 path is the plain one (no lowp_matmul)."""
+    from malt_jax.config import LoraConfig
+    from malt_jax.model import lora
+
+    cfg = ModelConfig.tiny()
+    params = llama.init_params(cfg, jax.random.key(0), std=0.1)
+    lcfg = LoraConfig(rank=4, alpha=8.0)
+    ad = jax.tree.map(lambda a: a + 0.05, lora.init_lora(cfg, lcfg, jax.random.key(1)))
+    toks = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
+
+    def loss(ad, params, cfg):
+        logits, _ = llama.forward(params, toks[:, :-1], llama.causal_positions(2, 11), cfg, lora=ad, lora_scale=2.0)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1).mean()
+
+    cfg16 = ModelConfig.tiny(dtype="bfloat16", param_dtype="bfloat16")
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    g32 = jax.grad(loss)(ad, params, cfg)
+    g16 = jax.grad(loss)(ad, p16, cfg16)
+    a, b = (np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(t)]) for t in (g32, g16))
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(g16))  # the adapter stays f32
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
+    assert abs(np.linalg.norm(b) / np.linalg.norm(a) - 1) < 0.05
+    f32_hlo = jax.jit(jax.grad(loss), static_argnums=2).lower(ad, params, cfg).as_text()
+    assert "bf16" not in f32_hlo
 
 
 def test_hf_roundtrip(tmp_path):

@@ -31,6 +31,7 @@ its row and attends to slots ``<= p``. Rows therefore advance independently (rag
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, overload
 
@@ -198,8 +199,49 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
+def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w``; below float32 (bfloat16), one ``bf16 x bf16 -> f32`` dot rounded to x.dtype.
+
+    Both forms accumulate in float32, but XLA:CPU runs a dot whose result is bf16 in float32
+    (operands upcast), and the one with a float32 result on the CPU's bf16 instructions (avx512_bf16:
+    ~2x the f32 rate, bench/README.md); TPUs and GPUs accumulate bf16 products in float32 either
+    way. float32 operands: the plain product, unchanged.
+    """
+    if x.dtype == jnp.float32:
+        return x @ w
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def lowp_matmul(x: jax.Array, w: jax.Array, out_dtype: Any) -> jax.Array:
+    """``x @ w`` for low-precision (bf16) x [..., in] and w [in, out], accumulated in float32 and
+    returned as ``out_dtype``, with a backward whose products are bf16 dots too: the cotangent is
+    rounded to x.dtype first (as mixed-precision autocast does), ``dx = g wᵀ``, ``dw = xᵀ g``.
+    (Autodiff of the forward would give float32 x bf16 products, which XLA:CPU runs in float32;
+    so does it ``dw``'s product, which contracts the token axis of both operands: full
+    fine-tuning, not LoRA, whose base weights get no gradient.)
+    """
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _lowp_matmul_fwd(x: jax.Array, w: jax.Array, out_dtype: Any) -> tuple[jax.Array, tuple]:
+    return lowp_matmul(x, w, out_dtype), (x, w)
+
+
+def _lowp_matmul_bwd(out_dtype: Any, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = _dot(g, w.T)
+    dw = jnp.matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+    return dx, dw.astype(w.dtype)
+
+
+lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
+
+
 def _linear(x: jax.Array, w: jax.Array, lora: dict | None, scale: float) -> jax.Array:
-    y = x @ w.astype(x.dtype)
+    w = w.astype(x.dtype)
+    y = x @ w if x.dtype == jnp.float32 else lowp_matmul(x, w, x.dtype)
     if lora is not None:
         y = y + scale * lora_delta(x, lora["a"].astype(x.dtype), lora["b"].astype(x.dtype))
     return y
@@ -216,21 +258,21 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     step's profile); this form keeps every operand in its natural layout (measurements in
     bench/README.md). Gradients equal autodiff's to float rounding (tests/test_lora.py).
     """
-    return (x @ a) @ b
+    return _dot(_dot(x, a), b)
 
 
 def _lora_delta_fwd(x: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple]:
-    xa = x @ a
-    return xa @ b, (x, a, b, xa)
+    xa = _dot(x, a)
+    return _dot(xa, b), (x, a, b, xa)
 
 
 def _lora_delta_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     x, a, b, xa = res
     g2 = g.reshape(-1, g.shape[-1])
-    g_xa = g2 @ b.T  # [N, r]
-    db = xa.reshape(-1, xa.shape[-1]).T @ g2
-    da = x.reshape(-1, x.shape[-1]).T @ g_xa
-    dx = (g_xa @ a.T).reshape(x.shape)
+    g_xa = _dot(g2, b.T)  # [N, r]
+    db = _dot(xa.reshape(-1, xa.shape[-1]).T, g2)
+    da = _dot(x.reshape(-1, x.shape[-1]).T, g_xa)
+    dx = _dot(g_xa, a.T).reshape(x.shape)
     return dx, da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -740,7 +782,11 @@ def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Projects final hidden states [..., dim] to float32 logits [..., vocab]."""
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     hidden = gather_rows_for_head(hidden[:, None] if hidden.ndim == 2 else hidden, cfg.dim).reshape(hidden.shape)
-    logits = jnp.einsum("...d,dv->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    w = w.astype(hidden.dtype)
+    if hidden.dtype == jnp.float32:
+        logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    else:
+        logits = lowp_matmul(hidden, w, jnp.float32)
     return constrain(logits, "logits") if logits.ndim == 3 else logits
 
 
