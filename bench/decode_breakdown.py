@@ -22,6 +22,7 @@ new keys/values). Run: ``python bench/decode_breakdown.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,12 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="default 1,8,27,64")
     ap.add_argument("--cache", type=int, default=112, help="cache slots (default 112 = 48 + 64)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights, activations and KV cache (bfloat16: other samples than f32; %% of the bf16 peak)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,27,64")).split(",")]
@@ -54,6 +61,9 @@ def main() -> None:
 
     model = load_model("smollm2")
     cfg, params = model.cfg, model.params
+    if args.dtype != "float32":
+        cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
+        params = jax.tree.map(lambda w: w.astype(args.dtype) if w.dtype == jnp.float32 else w, params)
     L, K, H, hd = cfg.n_layers, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
     n_loop = 8
     print(f"# decode step breakdown, SmolLM2-135M, cache {S} slots\nmachine: {common.machine()}", flush=True)
@@ -94,7 +104,7 @@ def main() -> None:
             )
             return acc + out[:, 0, :H], None
 
-        acc, _ = jax.lax.scan(layer, jnp.zeros((B, H), jnp.float32), jnp.arange(L))
+        acc, _ = jax.lax.scan(layer, jnp.zeros((B, H), jnp.dtype(cfg.dtype)), jnp.arange(L))
         return acc
 
     @jax.jit
@@ -109,7 +119,7 @@ def main() -> None:
     caches = {}
     for B in batches:
         pos = jnp.full((B, 1), S // 2, jnp.int32)
-        q = jnp.ones((B, 1, H, hd), jnp.float32)
+        q = jnp.ones((B, 1, H, hd), jnp.dtype(cfg.dtype))
         for name in loops:
             caches[name, B] = KVCache.zeros(cfg, B, S)
 
@@ -122,7 +132,7 @@ def main() -> None:
         def attention(x=q, c=cache, ps=pos):
             return jax.block_until_ready(attn(x, c, ps))
 
-        hidden = jax.random.normal(jax.random.key(1), (B, cfg.dim), jnp.float32)
+        hidden = jax.random.normal(jax.random.key(1), (B, cfg.dim), jnp.dtype(cfg.dtype))
 
         def head_call(h=hidden):
             return jax.block_until_ready(head(params, h))
@@ -136,18 +146,18 @@ def main() -> None:
                 f"attention B={B}": attention,
             }
         )
-    peak = flops.measure_peak_jax(1024 if args.quick else 2048)
+    peak = flops.measure_peak_jax(1024 if args.quick else 2048, dtype=args.dtype)
     times = common.interleaved(variants, reps, warmup=1)
-    peak = max(peak, flops.measure_peak_jax(1024 if args.quick else 2048))  # best of before/after
-    print(f"f32 matmul peak (jax), best of before/after: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = max(peak, flops.measure_peak_jax(1024 if args.quick else 2048, dtype=args.dtype))  # best of before/after
+    print(f"{args.dtype} matmul peak (jax), best of before/after: {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
-    wbytes = flops.matmul_params(cfg) * 4
+    wbytes = flops.matmul_params(cfg) * jnp.dtype(cfg.param_dtype).itemsize
     step_flops = 2.0 * flops.matmul_params(cfg) + flops.model_flops.attention_flops(cfg, S // 2 + n_loop / 2)
     for B in batches:
         m = {k.split()[0]: 1e3 * common.median(v) for k, v in times.items() if k.endswith(f"B={B}")}
         for k in ("step", "sampled", "no_cache", "head"):
             m[k] /= n_loop
-        cache_mb = 2 * L * B * K * S * hd * 4 / 1e6
+        cache_mb = 2 * L * B * K * S * hd * jnp.dtype(cfg.dtype).itemsize / 1e6
         rows.append(
             {
                 "batch": B,
@@ -158,7 +168,7 @@ def main() -> None:
                 "LM head ms": m["head"],
                 "cache share of step": f"{100 * (m['step'] - m['no_cache']) / m['step']:.0f}%",
                 # model FLOPs of one step (every weight matmul + the LM head + attention over the
-                # ~S/2 keys the loop's tokens see) over the measured f32 matmul peak
+                # ~S/2 keys the loop's tokens see) over the measured matmul peak in --dtype
                 "step % of peak": round(100 * B * step_flops / (m["step"] / 1e3) / peak, 1),
                 "sampled % of peak": round(100 * B * step_flops / (m["sampled"] / 1e3) / peak, 1),
                 "KV cache MB": round(cache_mb, 1),
@@ -166,7 +176,7 @@ def main() -> None:
             }
         )
     print(common.table(rows, list(rows[0].keys())), flush=True)
-    common.save_json(args.json, {"machine": common.machine(), "peak": peak, "rows": rows})
+    common.save_json(args.json, {"machine": common.machine(), "dtype": args.dtype, "peak": peak, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -7,10 +7,14 @@ with the options that change only its speed switched off one by one:
 * ``scan, dense``   — the layers scanned over the stacked weights, dense attention (session 7);
 * ``unstacked``     — per-layer copies of the adapted layers' base weights, run unrolled
                       (``train.unstack_layers``, ``llama.unstack_top``);
-* ``+ key blocks``  — and the attention in query blocks (``steps.KEY_BLOCKS``; the default).
+* ``+ key blocks``  — and the attention in query blocks (``steps.KEY_BLOCKS``; the default);
+* ``+ bf16``        — and bf16 base weights and compute (``ModelConfig(dtype="bfloat16",
+                      param_dtype="bfloat16")``; matmuls accumulate in f32, ``llama.lowp_matmul``;
+                      the adapter and optimizer stay f32). Not a speed-only option: it rounds.
 
 Each variant is its own compiled step (``steps.KEY_BLOCKS`` is read when the step is traced);
-all start from the same state and batch, so their losses agree to float rounding (printed).
+all start from the same state and batch, so the f32 variants' losses agree to float rounding
+(printed); the bf16 one's differs by bf16 rounding.
 Reports the median step time, the compile time (first call) and the ratios to the first.
 Run: ``python bench/dpo_step_options.py [--quick] [--reps N]``.
 """
@@ -65,17 +69,25 @@ def main() -> None:
         f"machine: {common.machine()}\nbatch: {batch['tokens'].shape} tokens, score width "
         f"{batch['score_index'].shape[-1]}; load average {os.getloadavg()}"
     )
-    # (name, train.unstack_layers, steps.KEY_BLOCKS); label_smoothing keeps each its own compiled step
-    variants = [("scan, dense", False, 1), ("unstacked", True, 1), ("unstacked + key blocks", True, 4)]
+    # (name, train.unstack_layers, steps.KEY_BLOCKS, dtype); label_smoothing keeps each its own
+    # compiled step
+    variants = [
+        ("scan, dense", False, 1, "float32"),
+        ("unstacked", True, 1, "float32"),
+        ("unstacked + key blocks", True, 4, "float32"),
+        ("unstacked + key blocks + bf16", True, 4, "bfloat16"),
+    ]
     fns, compile_s, losses = {}, {}, {}
     default_blocks = steps.KEY_BLOCKS
     try:
-        for i, (name, unstack, blocks) in enumerate(variants):
+        for i, (name, unstack, blocks, dtype) in enumerate(variants):
             tc = dataclasses.replace(base_cfg, unstack_layers=unstack, label_smoothing=1e-12 * i)
             opt = make_optimizer(tc, 100, 5e-5)
-            stepper = Stepper("dpo", cfg, lcfg, tc, opt)
-            adapter = jax.tree.map(lambda w: w + 0.01, init_lora(cfg, lcfg, jax.random.key(0)))
-            b, st = stepper.place(params, TrainState.create(adapter, opt))
+            mc = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+            mp = jax.tree.map(lambda w, d=dtype: w.astype(d) if w.dtype == np.float32 else w, params)
+            stepper = Stepper("dpo", mc, lcfg, tc, opt)
+            adapter = jax.tree.map(lambda w: w + 0.01, init_lora(mc, lcfg, jax.random.key(0)))
+            b, st = stepper.place(mp, TrainState.create(adapter, opt))
             steps.KEY_BLOCKS = blocks  # read when the step is traced: on its first call
             t = time.perf_counter()
             _, m = stepper(b, st, batch, ref)
@@ -94,7 +106,7 @@ def main() -> None:
             "first call (compile) s": compile_s[name],
             "loss": losses[name],
         }
-        for name, _, _ in variants
+        for name, *_ in variants
     ]
     common.log(f"\n## DPO step, {reps} interleaved steps per variant\n" + common.table(rows, list(rows[0])))
     common.save_json(args.json, {"machine": common.machine(), "rows": rows, "times": times})
