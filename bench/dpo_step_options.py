@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import os
 import time
+from typing import Literal
 
 import common
 
@@ -71,7 +72,7 @@ def main() -> None:
     )
     # (name, train.unstack_layers, steps.KEY_BLOCKS, dtype); label_smoothing keeps each its own
     # compiled step
-    variants = [
+    variants: list[tuple[str, bool, int, Literal["float32", "bfloat16"]]] = [
         ("scan, dense", False, 1, "float32"),
         ("unstacked", True, 1, "float32"),
         ("unstacked + key blocks", True, 4, "float32"),

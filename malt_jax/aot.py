@@ -5,8 +5,9 @@ bench/plan_vs_compiler.py, tpu_configs/README.md).
 
 XLA's ``cost_analysis`` counts a ``scan`` body once, so the full model's FLOPs cannot be measured
 by compiling it; :func:`one_layer_check` (``malt-jax plan --compile``) compiles a 1-layer version of
-the step instead and reports its FLOPs next to the analytic 1-layer number. XLA:CPU upcasts
-bfloat16 matmuls, so its memory numbers are an upper bound for TPU/GPU.
+the step instead and reports its FLOPs next to the analytic 1-layer number. XLA:CPU computes
+bfloat16 dots with a bf16 result (the attention's) in float32 on float32 copies of their operands,
+so its memory numbers are an upper bound for TPU/GPU.
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ def test_planned_train_step_memory_is_within_25_percent_of_the_compiler(shape, r
     """The plan of the SFT and DPO steps against XLA's memory_analysis of the same sharded step
     (abstract shapes, 8 fake devices, the config's fsdp=8 mesh, its microbatch and sequence
     length), for the 1B and 8B shapes cut to 2 layers, with and without remat. float32: XLA:CPU
-    runs bfloat16 dots in float32 and keeps float32 copies, which TPUs and GPUs do not."""
+    runs bf16-result dots (the attention's) in float32 on float32 copies, which TPUs and GPUs do not."""
     assert jax.device_count() >= 8
     from malt_jax.aot import compile_step, compiled_bytes
     from malt_jax.sharding import make_mesh

@@ -217,9 +217,9 @@ def lowp_matmul(x: jax.Array, w: jax.Array, out_dtype: Any) -> jax.Array:
     """``x @ w`` for low-precision (bf16) x [..., in] and w [in, out], accumulated in float32 and
     returned as ``out_dtype``, with a backward whose products are bf16 dots too: the cotangent is
     rounded to x.dtype first (as mixed-precision autocast does), ``dx = g wᵀ``, ``dw = xᵀ g``.
-    (Autodiff of the forward would give float32 x bf16 products, which XLA:CPU runs in float32;
-    so does it ``dw``'s product, which contracts the token axis of both operands: full
-    fine-tuning, not LoRA, whose base weights get no gradient.)
+    (Autodiff of the forward would give float32 x bf16 products, which XLA:CPU runs in float32.
+    XLA:CPU also runs ``dw``'s product in float32, as it contracts the token axis of both
+    operands; only full fine-tuning computes it: LoRA's base weights get no gradient.)
     """
     return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
