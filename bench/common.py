@@ -8,6 +8,7 @@ a slow spell then hits both variants alike. Compile / warm-up runs are always ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -64,6 +65,18 @@ def leading_agreement(ours: Any, theirs: Any, stop_ids: Any) -> list[tuple[int, 
 
 def prompts(n: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
+def in_dtype(cfg: Any, params: Any, dtype: str) -> tuple[Any, Any]:
+    """``cfg`` and ``params`` with weights and compute in ``dtype`` (``ModelConfig`` ``dtype`` and
+    ``param_dtype``; float32 leaves cast); float32: unchanged."""
+    if dtype == "float32":
+        return cfg, params
+    import jax
+    import numpy as np
+
+    cast = jax.tree.map(lambda w: w.astype(dtype) if w.dtype == np.float32 else w, params)
+    return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), cast
 
 
 def timed(fn: Callable[[], Any]) -> float:

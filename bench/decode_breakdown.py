@@ -22,7 +22,6 @@ new keys/values). Run: ``python bench/decode_breakdown.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -61,9 +60,7 @@ def main() -> None:
 
     model = load_model("smollm2")
     cfg, params = model.cfg, model.params
-    if args.dtype != "float32":
-        cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
-        params = jax.tree.map(lambda w: w.astype(args.dtype) if w.dtype == jnp.float32 else w, params)
+    cfg, params = common.in_dtype(cfg, params, args.dtype)
     L, K, H, hd = cfg.n_layers, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
     n_loop = 8
     print(f"# decode step breakdown, SmolLM2-135M, cache {S} slots\nmachine: {common.machine()}", flush=True)

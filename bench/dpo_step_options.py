@@ -84,8 +84,7 @@ def main() -> None:
         for i, (name, unstack, blocks, dtype) in enumerate(variants):
             tc = dataclasses.replace(base_cfg, unstack_layers=unstack, label_smoothing=1e-12 * i)
             opt = make_optimizer(tc, 100, 5e-5)
-            mc = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-            mp = jax.tree.map(lambda w, d=dtype: w.astype(d) if w.dtype == np.float32 else w, params)
+            mc, mp = common.in_dtype(cfg, params, dtype)
             stepper = Stepper("dpo", mc, lcfg, tc, opt)
             adapter = jax.tree.map(lambda w: w + 0.01, init_lora(mc, lcfg, jax.random.key(0)))
             b, st = stepper.place(mp, TrainState.create(adapter, opt))

@@ -39,7 +39,6 @@ Needs the optional peers env (``make peers``):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
@@ -117,7 +116,6 @@ def main() -> None:
     total_steps = warmup + steps * len(threads)
 
     import jax
-    import jax.numpy as jnp
     import peft
     import torch
     import transformers
@@ -151,9 +149,7 @@ def main() -> None:
     hf = LlamaForCausalLM.from_pretrained(
         os.path.join(tmp.name, "model"), dtype=torch.bfloat16 if bf16 else torch.float32
     )
-    if bf16:  # the same bf16-rounded base weights on the malt-jax side
-        cfg = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16")
-        params = jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.dtype == jnp.float32 else w, params)
+    cfg, params = common.in_dtype(cfg, params, args.dtype)  # bf16: the same rounded weights as HF's
     pairs = make_pairs(tok, B * total_steps, seq)
     lr, beta = 5e-5, 0.2
     dcfg = DPOConfig(

@@ -232,7 +232,7 @@ def _lowp_matmul_bwd(out_dtype: Any, res: tuple, g: jax.Array) -> tuple[jax.Arra
     x, w = res
     g = g.astype(x.dtype)
     dx = _dot(g, w.T)
-    dw = jnp.matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+    dw = _dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
     return dx, dw.astype(w.dtype)
 
 
