@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `python bench/x.py`
     sys.path.insert(0, str(ROOT))
 
-# A bench script run as a command restarts itself with glibc's malloc settings (malt_jax/allocator.py,
+# A bench script run as a command restarts itself with glibc's malloc settings (malt_jax/runtime/allocator.py,
 # as the malt-jax command does; both sides of a peer comparison run in the same process, under
 # them). Not when a test imports this module.
 if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
-    from malt_jax.allocator import reexec
+    from malt_jax.runtime.allocator import reexec
 
     reexec()
 
@@ -121,16 +121,13 @@ def spread(xs: list[float]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """One line naming the machine (CPU model and vector ISA: ``malt_jax.runtime.machine``)."""
+    from malt_jax.runtime.machine import machine_info
+
+    m = machine_info()
     return (
-        f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}, python {platform.python_version()}"
+        f"{m['cores']} cores, {m['cpu']} ({m['isa']}), {platform.system()} {platform.machine()}, "
+        f"python {platform.python_version()}"
     )
 
 
@@ -149,7 +146,12 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 
 def save_json(path: str | None, payload: dict) -> None:
+    """Writes a benchmark's results with the date and the machine that measured them (CPU model,
+    vector ISA, cores: the same script runs several times slower on an AVX2-only CPU)."""
     if path:
+        from malt_jax.runtime.machine import machine_info
+
+        payload = {**payload, "date": time.strftime("%Y-%m-%d"), "machine": machine_info()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, default=float))
 
@@ -166,7 +168,7 @@ def peer_start(title: str, threads: list[int], versions: dict[str, str]) -> Any:
     import jax
     import torch
 
-    from malt_jax.pipeline import load_model
+    from malt_jax.workflows.pipeline import load_model
 
     torch.set_num_threads(threads[0])
     peers = ", ".join(f"{k} {v}" for k, v in versions.items())

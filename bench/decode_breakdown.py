@@ -53,8 +53,8 @@ def main() -> None:
 
     from malt_jax.config import SamplingConfig
     from malt_jax.model.llama import KVCache, cached_attention, forward, lm_head
-    from malt_jax.pipeline import load_model
-    from malt_jax.sampling import first_argmax, sample_rows
+    from malt_jax.sampling.decode import first_argmax, sample_rows
+    from malt_jax.workflows.pipeline import load_model
 
     warm = SamplingConfig(temperature=0.7)
 

@@ -4,7 +4,7 @@ The step of ``bench/dpo_vs_trl.py`` (SmolLM2-135M, LoRA rank 8 on all seven proj
 layer, 2 pairs of prompt 35 + completions 93 tokens, shared-prompt rows, f32), on random tokens,
 with the options that change only its speed switched off one by one:
 
-* ``scan, dense``   — the layers scanned over the stacked weights, dense attention (session 7);
+* ``scan, dense``   — the layers scanned over the stacked weights, dense attention (before 2026-11-30);
 * ``unstacked``     — per-layer copies of the adapted layers' base weights, run unrolled
                       (``train.unstack_layers``, ``llama.unstack_top``);
 * ``+ key blocks``  — and the attention in query blocks (``steps.KEY_BLOCKS``; the default);
@@ -41,11 +41,11 @@ def main() -> None:
     args = ap.parse_args()
     reps = args.reps or (2 if args.quick else 9)
 
-    from malt_jax import data as D, steps
     from malt_jax.config import LoraConfig, TrainConfig
     from malt_jax.model.lora import init_lora
-    from malt_jax.pipeline import load_model
-    from malt_jax.train import Stepper, TrainState, make_optimizer
+    from malt_jax.training import data as D, steps
+    from malt_jax.training.role import Stepper, TrainState, make_optimizer
+    from malt_jax.workflows.pipeline import load_model
 
     model = load_model("smollm2")
     cfg, params = model.cfg, model.params

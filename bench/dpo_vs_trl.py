@@ -125,10 +125,10 @@ def main() -> None:
     from trl import DPOConfig, DPOTrainer
 
     from malt_jax.config import LoraConfig, TrainConfig
-    from malt_jax.data import DPOExample, pack_dpo, pack_dpo_shared
     from malt_jax.model.lora import init_lora, lora_scale
     from malt_jax.model.weights import save_hf
-    from malt_jax.train import Stepper, TrainState, make_optimizer, reference_logps
+    from malt_jax.training.data import DPOExample, pack_dpo, pack_dpo_shared
+    from malt_jax.training.role import Stepper, TrainState, make_optimizer, reference_logps
 
     log = common.log
     model = common.peer_start(
@@ -316,7 +316,7 @@ def main() -> None:
     )
     log(f"TRL best with {best} torch thread(s); vs {threads[0]} threads: {common.median(tt[threads[0]]) / mj:.2f}x")
     # breakdown: the forward pass alone (the same no-grad pass as the reference log-probs) vs the step
-    from malt_jax.scoring import batch_logps, batch_rows
+    from malt_jax.training.scoring import batch_logps, batch_rows
 
     rows0 = batch_rows(batches["jax_rows"][0][0], None)
 

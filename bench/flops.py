@@ -6,7 +6,7 @@
 * :func:`measure_bandwidth_jax` — bytes/s of a jitted reduction over a large array (the
   practical memory-read bandwidth). Small-batch decoding reads every weight once per step and
   does ~2 FLOPs per weight and row, so it is bandwidth-bound long before it is FLOP-bound.
-* Model FLOPs come from ``malt_jax.flops`` (the one set of formulas, conventions stated there),
+* Model FLOPs come from ``malt_jax.planning.flops`` (the one set of formulas, conventions stated there),
   in the usual "MFU" convention: useful matmul work, each token attending its real causal
   context, padding excluded.
 
@@ -20,7 +20,7 @@ import time
 
 import common  # noqa: F401  (puts the project root on sys.path)
 
-from malt_jax import flops as model_flops
+from malt_jax.planning import flops as model_flops
 
 
 def matmul_params(cfg) -> int:

@@ -72,11 +72,11 @@ def main() -> None:
     import numpy as np
 
     from malt_jax.config import MODEL_PRESETS, LoraConfig, ModelConfig, SamplingConfig, TrainConfig
-    from malt_jax.data import DPOExample, SFTExample, pack_dpo, pack_sft
     from malt_jax.model.llama import KVCache, init_params
     from malt_jax.model.lora import init_lora
-    from malt_jax.sampling import StopCriteria, generate, prefill, row_keys
-    from malt_jax.train import Stepper, TrainState, make_optimizer
+    from malt_jax.sampling.decode import StopCriteria, generate, prefill, row_keys
+    from malt_jax.training.data import DPOExample, SFTExample, pack_dpo, pack_sft
+    from malt_jax.training.role import Stepper, TrainState, make_optimizer
 
     q = args.quick
     rows, seq = args.rows or (4 if q else 8), args.seq or (64 if q else 1024)

@@ -1,5 +1,5 @@
 """Planned per-device memory of the SFT / DPO steps and of sampling (one expansion batch) vs XLA's
-memory_analysis of the same sharded step (``malt_jax.aot.compile_step``) or expansion
+memory_analysis of the same sharded step (``malt_jax.planning.aot.compile_step``) or expansion
 (``compile_expansion``), for the 1B and 8B shapes cut to a few layers, on 8 fake
 CPU devices with the configs' fsdp=8 mesh, in float32 (XLA:CPU computes bfloat16 dots in
 float32). Prints a markdown table; nothing is allocated (abstract shapes).
@@ -29,10 +29,10 @@ def main() -> None:
     kinds = tuple(a.kinds.split(","))
     import jax
 
-    from malt_jax.aot import compile_expansion, compile_step, compiled_bytes
     from malt_jax.config import load_run_config
-    from malt_jax.plan import make_plan
-    from malt_jax.sharding import make_mesh
+    from malt_jax.parallel.sharding import make_mesh
+    from malt_jax.planning.aot import compile_expansion, compile_step, compiled_bytes
+    from malt_jax.planning.memory import make_plan
 
     mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
     print("| shape | layers | remat | step | planned GiB | XLA GiB | planned / XLA |")

@@ -34,7 +34,7 @@ def chat_ids(tokenizer, texts):
 
 
 def bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log, peak_n=None):
-    from malt_jax.sampling import StopCriteria, generate, pad_batch, row_keys
+    from malt_jax.sampling.decode import StopCriteria, generate, pad_batch, row_keys
 
     cfg, params = model.cfg, model.params
     variants, meta = {}, {}
@@ -87,11 +87,11 @@ def bench_generate(model, batches, new_tokens, reps, sampling, peak, bw, log, pe
 
 def bench_expansion(model, n_questions, max_new, reps, log):
     from malt_jax.config import SamplingConfig
-    from malt_jax.expansion import ExpansionSpec, expand
     from malt_jax.model.llama import KVCache
-    from malt_jax.pipeline import PromptCodec, question_keys
-    from malt_jax.sampling import StopCriteria, pad_batch, prefill
+    from malt_jax.sampling.decode import StopCriteria, pad_batch, prefill
+    from malt_jax.sampling.expansion import ExpansionSpec, expand
     from malt_jax.tasks import get_task
+    from malt_jax.workflows.pipeline import PromptCodec, question_keys
 
     cfg, params = model.cfg, model.params
     task = get_task("synthetic", max_value=9, steps=1, ops="+-")
@@ -191,7 +191,7 @@ def main() -> None:
     reps = args.reps or (2 if args.quick else 3)
 
     from malt_jax.config import SamplingConfig
-    from malt_jax.pipeline import load_model
+    from malt_jax.workflows.pipeline import load_model
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(

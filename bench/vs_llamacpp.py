@@ -174,8 +174,8 @@ def main() -> None:
 
     from malt_jax.config import SamplingConfig
     from malt_jax.model.files import smollm2_gguf_path
-    from malt_jax.pipeline import load_model
-    from malt_jax.sampling import StopCriteria, generate, pad_batch, row_keys
+    from malt_jax.sampling.decode import StopCriteria, generate, pad_batch, row_keys
+    from malt_jax.workflows.pipeline import load_model
 
     log(
         f"# malt-jax vs llama.cpp (llama-cpp-python {llama_cpp.__version__})\nmachine: {common.machine()}\n"

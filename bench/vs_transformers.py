@@ -57,7 +57,7 @@ def main() -> None:
 
     from malt_jax.config import SamplingConfig
     from malt_jax.model.weights import save_hf
-    from malt_jax.sampling import StopCriteria, generate, pad_batch, row_keys
+    from malt_jax.sampling.decode import StopCriteria, generate, pad_batch, row_keys
 
     threads = [int(t) for t in args.threads.split(",")]
     log = common.log

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from malt_jax import pipeline
 from malt_jax.config import load_run_config
+from malt_jax.workflows import pipeline
 
 
 def main() -> None:

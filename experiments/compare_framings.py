@@ -18,9 +18,9 @@ import json
 import time
 from pathlib import Path
 
-from malt_jax import pipeline
 from malt_jax.config import load_run_config
-from malt_jax.evaluate import compare
+from malt_jax.evaluation.stats import compare
+from malt_jax.workflows import pipeline
 
 
 def main() -> None:

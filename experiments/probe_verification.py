@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from malt_jax import pipeline
 from malt_jax.config import SamplingConfig
 from malt_jax.model.llama import causal_positions, forward
-from malt_jax.sampling import StopCriteria, generate, pad_batch, trim
+from malt_jax.sampling.decode import StopCriteria, generate, pad_batch, trim
 from malt_jax.tasks import get_task
 from malt_jax.tasks.prompts import role_messages, separate_messages
+from malt_jax.workflows import pipeline
 
 
 def families(rng: random.Random) -> dict:

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from malt_jax import pipeline
 from malt_jax.config import load_run_config
-from malt_jax.evaluate import verifier_confusion
+from malt_jax.evaluation.stats import verifier_confusion
+from malt_jax.workflows import pipeline
 
 DESIGNS = {
     "verdict": dict(

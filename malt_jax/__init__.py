@@ -25,9 +25,6 @@ Public API (a small set of names; everything else is importable from its module)
 The README's "Library use" example goes through every stage with these names.
 """
 
-from malt_jax.ask import ask, ask_run
-from malt_jax.base_model import Model, load_model
-from malt_jax.codec import PromptCodec
 from malt_jax.config import (
     EvalConfig,
     LoraConfig,
@@ -39,19 +36,22 @@ from malt_jax.config import (
     TreeConfig,
     load_run_config,
 )
-from malt_jax.credit import assign_credit, dpo_pairs, sft_indices
-from malt_jax.data import DPOExample, SFTExample
-from malt_jax.expansion import Contexts, ExpansionSpec, expand
-from malt_jax.export import export_run, load_peft, save_peft
-from malt_jax.pipeline import run
+from malt_jax.credit.values import assign_credit, dpo_pairs, sft_indices
+from malt_jax.model.base_model import Model, load_model
 from malt_jax.roles import ROLE_NAMES, ROLES
-from malt_jax.sampling import StopCriteria, generate
+from malt_jax.sampling.codec import PromptCodec
+from malt_jax.sampling.decode import StopCriteria, generate
+from malt_jax.sampling.expansion import Contexts, ExpansionSpec, expand
 from malt_jax.stages.credit import build_datasets
 from malt_jax.stages.eval import System, run_eval
 from malt_jax.stages.expand import decode_tree, grade_leaves, sample_trees
-from malt_jax.study import run_study
 from malt_jax.tasks import Example, Task, get_task
-from malt_jax.train import RoleTraining, train_role
+from malt_jax.training.data import DPOExample, SFTExample
+from malt_jax.training.role import RoleTraining, train_role
+from malt_jax.workflows.ask import ask, ask_run
+from malt_jax.workflows.export import export_run, load_peft, save_peft
+from malt_jax.workflows.pipeline import run
+from malt_jax.workflows.study import run_study
 
 __version__ = "0.1.0"
 

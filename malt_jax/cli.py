@@ -21,7 +21,7 @@ STAGES = ("expand", "credit", "train", "eval")
 
 def _cmd_stage(args: argparse.Namespace) -> int:
     from malt_jax.config import load_run_config
-    from malt_jax.pipeline import run
+    from malt_jax.workflows.pipeline import run
 
     cfg = load_run_config(args.config, args.overrides)
     stages = STAGES if args.command == "run" else (args.command,)
@@ -47,7 +47,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from malt_jax.config import load_run_config
-    from malt_jax.study import run_study
+    from malt_jax.workflows.study import run_study
 
     cfg = load_run_config(args.config, args.overrides)
     command = " ".join(["malt-jax study", args.config, *args.overrides])
@@ -68,9 +68,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
-    from malt_jax import sampling
-    from malt_jax.base_model import load_model
     from malt_jax.config import SamplingConfig
+    from malt_jax.model.base_model import load_model
+    from malt_jax.sampling import decode as sampling
 
     model = load_model(args.weights)
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -94,7 +94,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from malt_jax.ask import ask_run, format_turns
+    from malt_jax.workflows.ask import ask_run, format_turns
 
     def show(role: str, texts: list[str]) -> None:
         print(format_turns(role, texts), flush=True)
@@ -119,7 +119,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from malt_jax.export import export_run
+    from malt_jax.workflows.export import export_run
 
     written = export_run(args.run_dir, args.out, args.format, stage=args.stage)
     for name, path in written.items():
@@ -131,27 +131,29 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import math
     import os
 
-    from malt_jax import plan as plan_lib
     from malt_jax.config import load_run_config
+    from malt_jax.planning import units
+    from malt_jax.planning.memory import make_plan
+    from malt_jax.planning.plan import plan_dict
 
     overrides = list(args.overrides)
     device, devices = args.device, args.devices
     if args.overlay:
-        extra = plan_lib.load_overlay(args.overlay).get("plan") or {}
+        extra = units.load_overlay(args.overlay).get("plan") or {}
         device = device or extra.get("device")
         devices = devices or extra.get("devices")
-        overrides = plan_lib.overlay_overrides(args.overlay) + overrides
+        overrides = units.overlay_overrides(args.overlay) + overrides
     cfg = load_run_config(args.config, overrides)
     if args.compile and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # fake enough CPU devices for the AOT check. Importing malt_jax has imported jax already, but
         # XLA reads XLA_FLAGS when jax starts its first backend, which the plan command has not done
         # yet (a device count already in XLA_FLAGS is kept)
-        sizes = [v for v in plan_lib.parse_mesh(args.mesh or dict(cfg.mesh)).values() if v > 0]
+        sizes = [v for v in units.parse_mesh(args.mesh or dict(cfg.mesh)).values() if v > 0]
         n = devices or max(1, math.prod(sizes))
         os.environ["XLA_FLAGS"] = (
             f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
         )
-    plan = plan_lib.make_plan(
+    plan = make_plan(
         cfg,
         mesh=args.mesh,
         devices=devices,
@@ -162,7 +164,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         turn_tokens=args.turn_tokens,
         compile=args.compile,
     )
-    print(json.dumps(plan_lib.plan_dict(plan), indent=2, default=str) if args.json else plan.table())
+    print(json.dumps(plan_dict(plan), indent=2, default=str) if args.json else plan.table())
     if not plan.fits:
         print(f"malt-jax: {plan.refusal()}", file=sys.stderr)
         return 3
@@ -233,14 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `malt-jax` command (not a call from Python): malloc settings first
-        from malt_jax.allocator import reexec
+        from malt_jax.runtime.allocator import reexec
 
         reexec()
     from malt_jax.config import ConfigError
 
     args = build_parser().parse_args(argv)
     if args.command != "plan":
-        from malt_jax.distributed import maybe_initialize_from_env
+        from malt_jax.parallel.distributed import maybe_initialize_from_env
 
         maybe_initialize_from_env()  # multi-host: MALT_DISTRIBUTED=1 or a TPU pod environment
     try:

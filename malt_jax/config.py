@@ -14,8 +14,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from malt_jax.flops import param_count
-
 
 class ConfigError(ValueError):
     """A configuration key is unknown, missing or has the wrong type."""
@@ -79,8 +77,17 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        """Every stored parameter (``flops.param_count``)."""
-        return param_count(self)
+        """Every stored parameter of the model (what ``init_params`` allocates): matrices, RMSNorm
+        weights, Qwen2 q/k/v biases, Qwen3 q/k norms, the embedding, and the LM head when it is
+        not tied to the embedding."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        if self.qkv_bias:
+            attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        mlp = 3 * self.dim * self.hidden_dim
+        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * (attn + mlp + 2 * self.dim) + emb + self.dim
 
     @classmethod
     def smollm2_135m(cls, **kw: Any) -> ModelConfig:

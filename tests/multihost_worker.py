@@ -3,11 +3,11 @@
 Run as ``python tests/multihost_worker.py --coordinator 127.0.0.1:PORT --num-processes 2
 --process-id I --out DIR --ckpt DIR`` with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
 and ``JAX_PLATFORMS=cpu``: the processes join one 8-device CPU "slice" with
-``malt_jax.distributed.initialize``, then :func:`compute` runs
+``malt_jax.parallel.distributed.initialize``, then :func:`compute` runs
 
-* two sharded SFT steps (``malt_jax.stepper.Stepper`` on a {data: 2, fsdp: 2, tensor: 2} mesh),
+* two sharded SFT steps (``malt_jax.training.stepper.Stepper`` on a {data: 2, fsdp: 2, tensor: 2} mesh),
   each process feeding only its half of every batch (``host_local_to_global``);
-* a sharded sampling call (``malt_jax.sampling.generate``, batch split over ``data: 8``);
+* a sharded sampling call (``malt_jax.sampling.decode.generate``, batch split over ``data: 8``);
 * an Orbax checkpoint save + sharded restore of the train state into a shared directory.
 
 The test imports :func:`compute` and runs it in the (single-process, 8-device) pytest process
@@ -30,9 +30,9 @@ def worker_setup():
     import jax
     import jax.numpy as jnp
 
-    from malt_jax import data as D
     from malt_jax.config import LoraConfig, ModelConfig, SamplingConfig, TrainConfig
     from malt_jax.model.llama import init_params
+    from malt_jax.training import data as D
 
     cfg = ModelConfig.tiny(n_layers=1)
     lora = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))
@@ -57,12 +57,12 @@ def compute(ckpt_dir: str | None = None) -> dict[str, np.ndarray]:
     or several processes) and returns NumPy results (identical on every process)."""
     import jax
 
-    from malt_jax import sampling
-    from malt_jax.checkpoint import Checkpointer
-    from malt_jax.distributed import fetch, host_local_to_global
     from malt_jax.model.lora import init_lora
-    from malt_jax.sharding import make_mesh
-    from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings
+    from malt_jax.parallel.distributed import fetch, host_local_to_global
+    from malt_jax.parallel.sharding import make_mesh
+    from malt_jax.runtime.checkpoint import Checkpointer
+    from malt_jax.sampling import decode as sampling
+    from malt_jax.training.role import Stepper, TrainState, make_optimizer, state_shardings
 
     cfg, lora, train, base, batches, (prompts, lens), sc, jnp = worker_setup()
     p, n_proc = jax.process_index(), jax.process_count()
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
-    from malt_jax.distributed import initialize
+    from malt_jax.parallel.distributed import initialize
 
     assert initialize(a.coordinator, a.num_processes, a.process_id, initialization_timeout=60)
     import jax

@@ -21,8 +21,8 @@ from tests.parity_task import ParityTask  # noqa: E402
 def main(config: str) -> int:
     import logging
 
-    from malt_jax import pipeline
     from malt_jax.config import load_run_config
+    from malt_jax.workflows import pipeline
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("malt_jax").setLevel(logging.INFO)  # "resuming ..." lines for the test

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from malt_jax import allocator
-from malt_jax.allocator import TUNABLES, tuned_env
+from malt_jax.runtime import allocator
+from malt_jax.runtime.allocator import TUNABLES, tuned_env
 
 
 def test_env_adds_the_tunables_once_and_keeps_other_tunables():
@@ -27,7 +27,7 @@ def test_env_adds_the_tunables_once_and_keeps_other_tunables():
 SCRIPT = textwrap.dedent(
     """
     import ctypes, os, resource, sys, threading
-    from malt_jax.allocator import reexec
+    from malt_jax.runtime.allocator import reexec
     reexec()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p

@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from malt_jax.evaluate import majority_vote
+from malt_jax.evaluation.stats import majority_vote
 from malt_jax.stages.credit import run_credit
 from malt_jax.stages.eval import System, _score
 from malt_jax.stages.expand import grade_leaves

@@ -7,18 +7,18 @@ import jax
 import numpy as np
 import pytest
 
-from malt_jax.ask import ask, ask_run
-from malt_jax.base_model import load_model
 from malt_jax.cli import main
-from malt_jax.codec import PromptCodec
 from malt_jax.config import load_run_config, run_config_of
-from malt_jax.expansion import ExpansionSpec
+from malt_jax.model.base_model import load_model
 from malt_jax.model.lora import init_lora, lora_scale
-from malt_jax.pipeline import make_task
 from malt_jax.roles import ROLES
-from malt_jax.rundir import load_adapters, prepare_run_dir, save_adapter
+from malt_jax.sampling.codec import PromptCodec
+from malt_jax.sampling.expansion import ExpansionSpec
 from malt_jax.stages.expand import decode_tree, sample_trees
+from malt_jax.stages.rundir import load_adapters, prepare_run_dir, save_adapter
 from malt_jax.tasks import Example
+from malt_jax.workflows.ask import ask, ask_run
+from malt_jax.workflows.pipeline import make_task
 
 CONFIG = """
 name: ask

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from malt_jax.codec import PromptCodec
 from malt_jax.model.tokenizer import Tokenizer
+from malt_jax.sampling.codec import PromptCodec
 from malt_jax.stages.credit import node_output
 from malt_jax.tasks import get_task
 from malt_jax.tasks.prompts import role_messages, separate_messages

@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from malt_jax import data as D
-from malt_jax.checkpoint import Checkpointer, CheckpointError
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
 from malt_jax.model.lora import init_lora
-from malt_jax.sharding import make_mesh
-from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings, train_role
+from malt_jax.parallel.sharding import make_mesh
+from malt_jax.runtime.checkpoint import Checkpointer, CheckpointError
+from malt_jax.training import data as D
+from malt_jax.training.role import Stepper, TrainState, make_optimizer, state_shardings, train_role
 from tests.fixtures import numpy_random_params
 
 CFG = ModelConfig.tiny(n_layers=1)

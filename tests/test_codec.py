@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from malt_jax.codec import PromptCodec
 from malt_jax.model.files import smollm2_gguf_path
 from malt_jax.model.tokenizer import load_tokenizer
+from malt_jax.sampling.codec import PromptCodec
 from malt_jax.stages.credit import node_context
 from malt_jax.tasks import get_task
 from malt_jax.tasks.prompts import RolePrompts, role_messages, separate_messages

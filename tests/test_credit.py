@@ -1,4 +1,4 @@
-"""Tests for malt_jax.credit: value iteration, labels, SFT sets and DPO pairs."""
+"""Tests for malt_jax.credit.values: value iteration, labels, SFT sets and DPO pairs."""
 
 import itertools
 
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from malt_jax import credit
-from malt_jax.credit import assign_credit, dpo_pairs, sft_indices, summary
+from malt_jax.credit import values as credit
+from malt_jax.credit.values import assign_credit, dpo_pairs, sft_indices, summary
 from malt_jax.roles import NAMES
 
 

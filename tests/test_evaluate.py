@@ -1,4 +1,4 @@
-"""Statistics in malt_jax.evaluate against hand-computed / brute-force references (SciPy only as
+"""Statistics in malt_jax.evaluation.stats against hand-computed / brute-force references (SciPy only as
 an optional extra cross-check)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-import malt_jax.evaluate as ev
-from malt_jax.evaluate import (
+import malt_jax.evaluation.stats as ev
+from malt_jax.evaluation.stats import (
     SystemResult,
     _binom_half_cdf,
     _binom_half_cdf_log,

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from malt_jax import expansion, sampling
 from malt_jax.config import ModelConfig, SamplingConfig
 from malt_jax.model import llama
+from malt_jax.sampling import decode as sampling, expansion
 
 CFG = ModelConfig.tiny()
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from malt_jax import pipeline
 from malt_jax.config import LoraConfig, ModelConfig, load_run_config
-from malt_jax.export import export_run, load_peft, save_peft
 from malt_jax.model.llama import causal_positions, forward
 from malt_jax.model.lora import init_lora, lora_scale
 from malt_jax.model.weights import WeightError, load_hf, save_hf
+from malt_jax.workflows import pipeline
+from malt_jax.workflows.export import export_run, load_peft, save_peft
 from tests.fixtures import numpy_random_params
 from tests.reference import reference_logits
 

@@ -1,4 +1,4 @@
-"""Tests for malt_jax.losses against independent NumPy formulas."""
+"""Tests for malt_jax.training.losses against independent NumPy formulas."""
 
 import chex
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from malt_jax.losses import dpo_loss, sequence_logps, sft_loss, token_logps
+from malt_jax.training.losses import dpo_loss, sequence_logps, sft_loss, token_logps
 
 B, T, V = 3, 5, 7
 

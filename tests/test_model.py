@@ -275,10 +275,10 @@ def test_llama_presets_shapes():
 
 @pytest.mark.slow
 def test_smollm2_greedy_is_coherent():
-    from malt_jax import sampling
     from malt_jax.config import SamplingConfig
     from malt_jax.model.files import smollm2_gguf_path
     from malt_jax.model.tokenizer import Tokenizer
+    from malt_jax.sampling import decode as sampling
 
     params, cfg = weights.load_weights("smollm2")
     tok = Tokenizer.from_gguf(smollm2_gguf_path())
@@ -418,7 +418,7 @@ def test_attention_key_blocks_equal_the_dense_attention(blocks):
     """Query blocks that score only the keys up to their own end give the dense attention on
     rows whose tokens see only earlier tokens (causal rows with padding, and a shared-prompt DPO
     row from data.pack_dpo_shared), not on a row that breaks that contract."""
-    from malt_jax import data
+    from malt_jax.training import data
 
     B, T, H, K, hd = 2, 16, 4, 2, 8
     ks = jax.random.split(jax.random.key(0), 3)

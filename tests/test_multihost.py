@@ -1,7 +1,7 @@
 """Multi-host correctness on one machine: 2 local processes x 4 CPU devices == 1 process x 8.
 
 Two subprocesses (``tests/multihost_worker.py``) join one 8-device "slice" through
-``malt_jax.distributed.initialize`` (coordinator on 127.0.0.1, Gloo CPU collectives), each
+``malt_jax.parallel.distributed.initialize`` (coordinator on 127.0.0.1, Gloo CPU collectives), each
 feeding only its half of every batch. Their sharded SFT steps, sharded sampling and Orbax
 checkpoint (arrays spread over both processes, one shared directory) must match the same
 workload run here, in the single pytest process with 8 fake devices.
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from malt_jax import distributed
+from malt_jax.parallel import distributed
 from tests.processes import free_port, run_together
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,10 +119,10 @@ def test_checkpoint_spread_over_processes(two_process_run, reference):
         assert bool(r["restore_exact"]) and int(r["restored_processes"]) == 2
         assert str(r["restored_spec"]) == "P(None, 'fsdp', None)"
 
-    from malt_jax.checkpoint import Checkpointer
     from malt_jax.model.lora import init_lora
-    from malt_jax.sharding import make_mesh
-    from malt_jax.train import TrainState, make_optimizer, state_shardings
+    from malt_jax.parallel.sharding import make_mesh
+    from malt_jax.runtime.checkpoint import Checkpointer
+    from malt_jax.training.role import TrainState, make_optimizer, state_shardings
     from tests.multihost_worker import CKPT_STEP, worker_setup
 
     cfg, lora, train, *_ = worker_setup()
@@ -140,7 +140,7 @@ def test_checkpoint_spread_over_processes(two_process_run, reference):
 
 
 def test_host_local_to_global_single_process():
-    from malt_jax.sharding import make_mesh
+    from malt_jax.parallel.sharding import make_mesh
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     x = np.arange(16 * 3, dtype=np.int32).reshape(16, 3)

@@ -14,11 +14,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from malt_jax import pipeline  # noqa: E402
 from malt_jax.config import load_run_config  # noqa: E402
-from malt_jax.export import export_run  # noqa: E402
 from malt_jax.model.llama import causal_positions, forward  # noqa: E402
 from malt_jax.model.lora import init_lora, lora_scale  # noqa: E402
+from malt_jax.workflows import pipeline  # noqa: E402
+from malt_jax.workflows.export import export_run  # noqa: E402
 
 CONFIG = """
 name: export-peers

@@ -10,9 +10,9 @@ pytestmark = pytest.mark.peers
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from malt_jax import sampling  # noqa: E402
 from malt_jax.config import SamplingConfig  # noqa: E402
 from malt_jax.model import llama, weights  # noqa: E402
+from malt_jax.sampling import decode as sampling  # noqa: E402
 
 
 def _model(arch, tied):

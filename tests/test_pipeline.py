@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from malt_jax import pipeline, rundir
-from malt_jax.base_model import load_model
 from malt_jax.config import load_run_config
+from malt_jax.model.base_model import load_model
 from malt_jax.roles import ROLE_NAMES, ROLES
+from malt_jax.stages import rundir
 from malt_jax.stages.credit import build_datasets
 from malt_jax.stages.eval import critique_verdict, default_systems, evaluate_system
 from malt_jax.stages.train import heldout_questions, run_train
 from malt_jax.tasks import Example
+from malt_jax.workflows import pipeline
 from tests.parity_task import ParityTask
 
 CONFIG = """
@@ -82,7 +83,7 @@ def test_artifacts_and_consistency(tiny_run):
 
 def test_report_run_table_is_the_run_record(tiny_run):
     """report.md's "Run" table: one labelled row per RunRecord field the pipeline sets, none twice."""
-    from malt_jax.report import RunRecord
+    from malt_jax.evaluation.report import RunRecord
 
     cfg, _, _ = tiny_run
     lines = (Path(cfg.run_dir) / "report.md").read_text().split("## Run\n", 1)[1].split("\n## ", 1)[0].splitlines()
@@ -198,7 +199,7 @@ def test_build_datasets_drops_identical_pairs_and_balances_the_verifier():
     same, summary = build_datasets(trees, seps, 99, 0.5, None, 0)
     assert same["R"]["dpo"] == [] and summary["refiner/dpo_identical"] == 1 and summary["refiner/dpo_pairs"] == 0
     # examples are weighted in training through data.pack_sft's loss mask
-    from malt_jax import data as D
+    from malt_jax.training import data as D
 
     batch = D.pack_sft([D.SFTExample(r["prompt"], r["completion"], r["weight"]) for r in v], 32)
     assert batch["loss_mask"].sum(1).tolist() == pytest.approx([1.5 * 2, 0.75 * 2, 0.75 * 2])

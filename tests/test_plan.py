@@ -17,16 +17,10 @@ import pytest
 
 from malt_jax import cli
 from malt_jax.config import ModelConfig, load_run_config
-from malt_jax.plan import (
-    DEVICE_HBM,
-    GiB,
-    PlanError,
-    analytic_step_flops,
-    make_plan,
-    overlay_overrides,
-    parse_bytes,
-    parse_mesh,
-)
+from malt_jax.planning.flops import analytic_step_flops
+from malt_jax.planning.memory import make_plan
+from malt_jax.planning.plan import DEVICE_HBM, PlanError
+from malt_jax.planning.units import GiB, overlay_overrides, parse_bytes, parse_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -194,15 +188,15 @@ def test_8b_on_v5p_fsdp8_fits_and_matches_hand_computed_bytes():
 
 @pytest.mark.parametrize("preset", ["smollm2-135m", "llama-3.1-8b", "qwen2.5-1.5b", "qwen3-0.6b"])
 def test_parameter_formulas_match_the_abstract_trees(preset):
-    """flops.param_count / lora_params (what the plan reports) count exactly the leaves the model
+    """ModelConfig.n_params / flops.lora_params (what the plan reports) count exactly the leaves the model
     and the adapter allocate."""
     from malt_jax.config import MODEL_PRESETS, LoraConfig
-    from malt_jax.flops import lora_params, param_count
     from malt_jax.model.llama import abstract_params
     from malt_jax.model.lora import abstract_adapter
+    from malt_jax.planning.flops import lora_params
 
     m = MODEL_PRESETS[preset]()
-    assert param_count(m) == sum(x.size for x in jax.tree.leaves(abstract_params(m)))
+    assert m.n_params == sum(x.size for x in jax.tree.leaves(abstract_params(m)))
     for lo in (LoraConfig(), LoraConfig(rank=4, targets=("wq", "w_down"), top_layers=2)):
         n = sum(x.size for x in jax.tree.leaves(abstract_adapter(m, lo)))
         assert lora_params(m, lo.rank, lo.targets, lo.top_layers or m.n_layers) == n
@@ -256,8 +250,8 @@ def test_planned_train_step_memory_is_within_25_percent_of_the_compiler(shape, r
     length), for the 1B and 8B shapes cut to 2 layers, with and without remat. float32: XLA:CPU
     runs bf16-result dots (the attention's) in float32 on float32 copies, which TPUs and GPUs do not."""
     assert jax.device_count() >= 8
-    from malt_jax.aot import compile_step, compiled_bytes
-    from malt_jax.sharding import make_mesh
+    from malt_jax.parallel.sharding import make_mesh
+    from malt_jax.planning.aot import compile_step, compiled_bytes
 
     cfg = load_run_config(
         ROOT / "experiments" / f"{shape}.yaml",
@@ -281,8 +275,8 @@ def test_planned_sampling_memory_is_within_25_percent_of_the_compiler(shape):
     """The plan's sampling phase against XLA's memory_analysis of the expansion it describes
     (one batch of questions expanded 3x3x3 with compaction, fsdp=8, float32, 2 layers)."""
     assert jax.device_count() >= 8
-    from malt_jax.aot import compile_expansion, compiled_bytes
-    from malt_jax.sharding import make_mesh
+    from malt_jax.parallel.sharding import make_mesh
+    from malt_jax.planning.aot import compile_expansion, compiled_bytes
 
     cfg = load_run_config(
         ROOT / "experiments" / f"{shape}.yaml",
@@ -393,7 +387,7 @@ def test_launch_sh_runs_the_same_command_on_every_worker():
 
 
 def test_refusal_names_dpo_activations_and_every_component_has_advice():
-    from malt_jax.plan_text import ADVICE
+    from malt_jax.planning.plan import ADVICE
 
     cfg = load_run_config(ROOT / "experiments" / "llama32_1b_gsm8k.yaml")
     plan = make_plan(cfg, device="v5e")  # 16 GiB: the 1B weights fit, a 1280-token DPO microbatch does not

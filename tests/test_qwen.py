@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from malt_jax import expansion, sampling
 from malt_jax.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig, TrainConfig
 from malt_jax.model import llama, lora, weights
+from malt_jax.sampling import decode as sampling, expansion
 from tests.fixtures import write_gguf
 from tests.reference import reference_logits
 from tests.test_model import random_hf
@@ -195,8 +195,8 @@ def test_presets_parameter_counts(name):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_sft_and_dpo_steps_train(tmp_path, arch):
-    from malt_jax import data as D
-    from malt_jax.train import train_role
+    from malt_jax.training import data as D
+    from malt_jax.training.role import train_role
 
     cfg = _cfg(arch, n_layers=1)
     rng = np.random.default_rng(0)

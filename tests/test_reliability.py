@@ -38,13 +38,15 @@ import numpy as np
 import pytest
 import yaml
 
-from malt_jax import cli, data as D, pipeline
-from malt_jax.checkpoint import Checkpointer, CheckpointError
+from malt_jax import cli
 from malt_jax.config import ConfigError, LoraConfig, ModelConfig, TrainConfig, load_run_config
 from malt_jax.model.llama import init_params
 from malt_jax.model.weights import WeightError
+from malt_jax.runtime.checkpoint import Checkpointer, CheckpointError
 from malt_jax.tasks import DataError, Example, get_task
-from malt_jax.train import NonFiniteError, train_role
+from malt_jax.training import data as D
+from malt_jax.training.role import NonFiniteError, train_role
+from malt_jax.workflows import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("reliability_driver.py")

@@ -1,4 +1,4 @@
-"""malt_jax.report: report.md tables and PNG plots."""
+"""malt_jax.evaluation.report: report.md tables and PNG plots."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from malt_jax.evaluate import SystemResult, compare
-from malt_jax.report import RunRecord, format_table, plot_training_curves, training_section, write_report
+from malt_jax.evaluation.report import RunRecord, format_table, plot_training_curves, training_section, write_report
+from malt_jax.evaluation.stats import SystemResult, compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -111,7 +111,7 @@ def test_report_tables_and_plots(tmp_path, results):
 def test_report_run_table_from_the_pipelines_record(tmp_path, results):
     """The record the pipeline writes (``pipeline.run_record``): every field a labelled row, once."""
     from malt_jax.config import load_run_config
-    from malt_jax.pipeline import run_record
+    from malt_jax.workflows.pipeline import run_record
 
     cfg = load_run_config(Path(__file__).parents[1] / "experiments" / "smollm2_synthetic.yaml")
     record = run_record(cfg, n_train=128, n_eval=10, timings={"load": 1.0, "eval": 2.5})

@@ -18,9 +18,11 @@ def test_names_and_conversions():
 
 
 def test_every_module_uses_the_one_definition():
-    from malt_jax import credit, pipeline, report, summary
+    from malt_jax.credit import values as credit
+    from malt_jax.evaluation import report
     from malt_jax.stages import credit as credit_stage
     from malt_jax.tasks import prompts
+    from malt_jax.workflows import pipeline, summary
 
     assert pipeline.ROLES is roles.ROLES and pipeline.ROLE_NAMES is roles.ROLE_NAMES
     assert summary.ROLES is roles.ROLES and credit_stage.ROLES is roles.ROLES

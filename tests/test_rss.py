@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from malt_jax.rss import PeakRSS, _status_kb
+from malt_jax.runtime.rss import PeakRSS, _status_kb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
@@ -39,7 +39,7 @@ def test_block_below_an_earlier_peak_is_sampled():
 
 
 def test_no_proc_gives_none(monkeypatch, tmp_path):
-    import malt_jax.rss as rss
+    import malt_jax.runtime.rss as rss
 
     monkeypatch.setattr(rss, "_STATUS", tmp_path / "missing")
     with PeakRSS() as m:

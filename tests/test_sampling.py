@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from malt_jax import sampling
 from malt_jax.config import ModelConfig, SamplingConfig
 from malt_jax.model import llama
-from malt_jax.sampling import StopCriteria
+from malt_jax.sampling import decode as sampling
+from malt_jax.sampling.decode import StopCriteria
 
 CFG = ModelConfig.tiny()
 
@@ -143,7 +143,7 @@ def test_sample_rows_in_blocks_equals_vmap(rows):
 def test_sample_rows_in_blocks_on_a_mesh():
     """On 8 devices the blocks are taken inside each device's rows (10 per device here): same
     tokens as the plain vmap, and the output stays split over the devices."""
-    from malt_jax import sharding
+    from malt_jax.parallel import sharding
 
     mesh = sharding.make_mesh({"data": 8})
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((80, 4096)).astype(np.float32))
@@ -168,7 +168,7 @@ def test_sampling_distribution_follows_temperature():
 
 
 def test_sharded_equals_single_device(params):
-    from malt_jax import sharding
+    from malt_jax.parallel import sharding
 
     assert jax.device_count() == 8
     prompts = _prompts(n=8, seed=5)

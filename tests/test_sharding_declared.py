@@ -1,6 +1,6 @@
 """The logical-axis table, applied: on 8 fake devices ({data: 2, fsdp: 2, tensor: 2}) the compiled
 SFT step, DPO step and sampler keep parameters, activations and the KV cache sharded as
-``malt_jax.sharding`` says.
+``malt_jax.parallel.sharding`` says.
 
 Read from the executables themselves: the input/output shardings of the compiled step, the
 sharding constraints in the lowered program (one per declared activation), and the per-device
@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from malt_jax import data as D, sampling
 from malt_jax.config import LoraConfig, ModelConfig, SamplingConfig, TrainConfig
-from malt_jax.distributed import put
 from malt_jax.model.llama import init_params
 from malt_jax.model.lora import init_lora
-from malt_jax.sharding import ACTIVATION_AXES, constrain, make_mesh, mesh_context, param_shardings, spec_for
-from malt_jax.train import Stepper, TrainState, make_optimizer, state_shardings
+from malt_jax.parallel.distributed import put
+from malt_jax.parallel.sharding import ACTIVATION_AXES, constrain, make_mesh, mesh_context, param_shardings, spec_for
+from malt_jax.sampling import decode as sampling
+from malt_jax.training import data as D
+from malt_jax.training.role import Stepper, TrainState, make_optimizer, state_shardings
 
 B = 8  # examples per step (DPO: pairs)
 CFG = ModelConfig.tiny(n_layers=2)  # dim 64, 4 heads / 2 KV heads of 16, ffn 128, vocab 256

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from malt_jax.base_model import load_model
 from malt_jax.config import ConfigError, load_run_config
-from malt_jax.study import run_study, size_dir
+from malt_jax.model.base_model import load_model
+from malt_jax.workflows.study import run_study, size_dir
 from tests.parity_task import ParityTask
 
 CONFIG = """

@@ -251,8 +251,8 @@ def test_csqa_experiment_split_is_seeded_disjoint_and_600_held_out(tmp_path, mon
     import dataclasses
     import json
 
-    from malt_jax import pipeline
     from malt_jax.config import load_run_config
+    from malt_jax.workflows import pipeline
 
     root = Path(__file__).parents[1]
     monkeypatch.chdir(root)  # task.path is relative to the project root

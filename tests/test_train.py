@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from malt_jax import data as D
 from malt_jax.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
-from malt_jax.losses import sequence_logps, sft_loss
 from malt_jax.model.llama import causal_positions, forward
 from malt_jax.model.lora import init_lora, lora_scale
-from malt_jax.sharding import make_mesh
-from malt_jax.train import (
+from malt_jax.parallel.sharding import make_mesh
+from malt_jax.training import data as D
+from malt_jax.training.losses import sequence_logps, sft_loss
+from malt_jax.training.role import (
     NonFiniteError,
     RoleTraining,
     ScheduleState,
@@ -469,7 +469,7 @@ def test_completion_index_lists_scored_positions():
 def test_completion_scoring_and_frozen_hidden_equal_the_full_step(base, kind):
     """A step that scores only the completion positions, and one whose frozen lower layer comes
     from the HiddenCache, give the same loss, metrics and update as the full forward."""
-    from malt_jax.train import HiddenCache
+    from malt_jax.training.role import HiddenCache
 
     cfg = ModelConfig.tiny(n_layers=2)
     params = numpy_random_params(cfg)
@@ -513,7 +513,7 @@ def test_shared_prompt_dpo_step_equals_interleaved_rows(top_layers, mesh_shape):
     layers' hidden states from the HiddenCache, and sharded; pairs include an empty prompt, a
     truncated one and a padding pair."""
     from malt_jax.model import llama
-    from malt_jax.train import HiddenCache
+    from malt_jax.training.role import HiddenCache
 
     cfg = ModelConfig.tiny(n_layers=2)
     params = numpy_random_params(cfg)
@@ -548,7 +548,7 @@ def test_shared_prompt_dpo_step_equals_interleaved_rows(top_layers, mesh_shape):
 
 def test_train_role_with_top_layer_adapter_uses_the_frozen_cache(tmp_path, monkeypatch):
     """train_role with adapters on the top layer only equals the same run without the cache."""
-    import malt_jax.train as T
+    import malt_jax.training.role as T
 
     cfg = ModelConfig.tiny(n_layers=2)
     params = numpy_random_params(cfg)
@@ -596,7 +596,7 @@ def test_optimizer_equals_optax_adamw_with_warmup_cosine(total, ratio, wd):
 
 
 def _current_lr_of(state):
-    from malt_jax.optim import current_lr
+    from malt_jax.training.optim import current_lr
 
     return current_lr(state)
 

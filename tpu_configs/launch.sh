@@ -13,7 +13,7 @@
 #   run|expand|credit|train|eval SLICE CONFIG [key=value ...]
 #             the same `malt-jax <stage>` on every worker (gcloud ... ssh --worker=all), with the
 #             tpu_configs/SLICE.yaml overlay (mesh + batch settings) flattened into key=value
-#             overrides and MALT_DISTRIBUTED=1, so malt_jax.distributed.initialize() connects the
+#             overrides and MALT_DISTRIBUTED=1, so malt_jax.parallel.distributed.initialize() connects the
 #             processes at start-up (JAX auto-detects coordinator, process count and rank on TPU VMs)
 #   plan SLICE CONFIG [key=value ...]
 #             the per-device memory plan of CONFIG with that overlay, locally (no TPU needed)
@@ -56,14 +56,14 @@ overlay_args() {  # key=value overrides of tpu_configs/$1.yaml, each shell-quote
   [[ -f "$overlay" ]] || { echo "launch.sh: no overlay $overlay (have: $(cd "$HERE" && ls *.yaml | tr '\n' ' '))" >&2; exit 2; }
   (cd "$REPO" && "$LOCAL_PYTHON" -c '
 import shlex, sys
-from malt_jax.plan import overlay_overrides
+from malt_jax.planning.units import overlay_overrides
 print(" ".join(shlex.quote(o) for o in overlay_overrides(sys.argv[1])))' "$overlay")
 }
 
 overlay_plan_args() {  # --device/--devices from the overlay's plan: section
   (cd "$REPO" && "$LOCAL_PYTHON" -c '
 import sys
-from malt_jax.plan import load_overlay
+from malt_jax.planning.units import load_overlay
 p = load_overlay(sys.argv[1]).get("plan") or {}
 print(" ".join(f"--{k} {v}" for k, v in p.items() if k in ("device", "devices")))' "$HERE/$1.yaml")
 }

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from malt_jax.config import ModelConfig
-from malt_jax.sharding import constrain, gather_rows_for_head
+from malt_jax.parallel.sharding import constrain, gather_rows_for_head
 
 Params = dict[str, Any]
 

@@ -1,7 +1,10 @@
-"""The four MALT stages, in data-flow order; each reads what the one before wrote into the run
-directory (:mod:`malt_jax.rundir`) and skips work already done.
+"""The four MALT stages over a run directory, in data-flow order; each reads what the one before
+wrote (``rundir``): trajectory expansion (``expand``), credit assignment into per-role datasets
+(``credit``), LoRA training per role (``train``) and evaluation of every system (``eval``).
 
-    expand (stages.expand) -> credit (stages.credit) -> train (stages.train) -> eval (stages.eval)
+Layer 6: may import every lower layer (``sampling``, ``credit``, ``training``, ``evaluation``,
+``tasks``, ``model``, ``parallel``, ``config``, ``roles``, ``runtime``), not ``planning`` nor
+``workflows``.
 """
 
 from malt_jax.stages.credit import run_credit

@@ -3,7 +3,7 @@
     <run>/credit/{G,V,R}_{sft,dpo}.jsonl   token-level SFT examples and DPO pairs of each role
     <run>/credit/summary.json             per-role statistics (written last: marks the stage done)
 
-Value iteration and labels are :mod:`malt_jax.credit`; this stage turns labelled tree nodes into
+Value iteration and labels are :mod:`malt_jax.credit.values`; this stage turns labelled tree nodes into
 prompts and completions with the tokens the sampler produced (:func:`node_context`,
 :func:`node_output`).
 """
@@ -18,12 +18,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from malt_jax import credit as credit_lib
-from malt_jax.base_model import Model
-from malt_jax.codec import PromptCodec
 from malt_jax.config import RunConfig
+from malt_jax.credit import values as credit_lib
+from malt_jax.model.base_model import Model
 from malt_jax.roles import ROLES, role_name
-from malt_jax.rundir import load_expansion, write_atomic, write_rows
+from malt_jax.sampling.codec import PromptCodec
+from malt_jax.stages.rundir import load_expansion, write_atomic, write_rows
 from malt_jax.tasks import Task
 
 __all__ = ["node_context", "node_output", "build_datasets", "run_credit"]

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from malt_jax.base_model import Model
-from malt_jax.codec import PromptCodec
 from malt_jax.config import RunConfig
-from malt_jax.expansion import ExpansionSpec
+from malt_jax.model.base_model import Model
 from malt_jax.model.llama import Params
 from malt_jax.roles import ROLES
-from malt_jax.rundir import read_rows, write_rows
+from malt_jax.sampling.codec import PromptCodec
+from malt_jax.sampling.expansion import ExpansionSpec
 from malt_jax.stages.expand import decode_tree, sample_trees
+from malt_jax.stages.rundir import read_rows, write_rows
 from malt_jax.tasks import Example, Task
 
 __all__ = [
@@ -76,7 +76,7 @@ def primary_names(votes: int) -> tuple[str, str]:
 
 def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]]) -> dict:
     """One question's row: the final role's ``system.votes`` texts graded, and their vote."""
-    from malt_jax.evaluate import majority_vote
+    from malt_jax.evaluation.stats import majority_vote
 
     finals = texts[ROLES[system.depth - 1]]
     answers = [task.answer_key(t, ex) for t in finals]
@@ -177,7 +177,7 @@ def derive_single(
 
 def system_results(system: System, rows: list[dict]) -> dict:
     """``SystemResult``s of a run: its first pass, and its majority vote when it has several."""
-    from malt_jax.evaluate import SystemResult
+    from malt_jax.evaluation.stats import SystemResult
 
     out = {
         system.name: SystemResult(
@@ -215,7 +215,7 @@ def critique_verdict(task: Task, critique: str, answer: str, example: Example) -
     has the checked answer's key (``task.answer_key``); else the first verdict word ("correct",
     "incorrect", "wrong"), with answer-announcing phrases such as "the correct answer is" ignored.
     """
-    from malt_jax.evaluate import parse_verdict
+    from malt_jax.evaluation.stats import parse_verdict
 
     if _VERDICT_LINE.search(critique):
         return parse_verdict(critique)
@@ -229,7 +229,7 @@ def verifier_stats(task: Task, examples: Sequence[Example], rows: list[dict]) ->
     """Confusion matrix of a chain's verifier verdicts (:func:`critique_verdict`) against its
     generator answers' real correctness, over every pass of every question
     (``evaluate.verifier_confusion``)."""
-    from malt_jax.evaluate import verifier_confusion
+    from malt_jax.evaluation.stats import verifier_confusion
 
     right, said = [], []
     for ex, r in zip(examples, rows, strict=True):
@@ -260,7 +260,7 @@ def run_eval(
     pre-declared primary comparison, :func:`primary_names`, is marked ``primary`` and the others
     carry Holm-adjusted p-values ``p_holm``) and ``verifier`` (chain name -> verdict confusion).
     """
-    from malt_jax.evaluate import compare, holm
+    from malt_jax.evaluation.stats import compare, holm
 
     out = out or Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -18,16 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from malt_jax.base_model import Model
-from malt_jax.codec import PromptCodec
 from malt_jax.config import RunConfig
-from malt_jax.distributed import fetch
-from malt_jax.expansion import Contexts, ExpansionSpec, expand
+from malt_jax.model.base_model import Model
 from malt_jax.model.llama import Params
 from malt_jax.model.tokenizer import Tokenizer
+from malt_jax.parallel.distributed import fetch
 from malt_jax.roles import ROLES
-from malt_jax.rundir import write_atomic
-from malt_jax.sampling import pad_batch
+from malt_jax.sampling.codec import PromptCodec
+from malt_jax.sampling.decode import pad_batch
+from malt_jax.sampling.expansion import Contexts, ExpansionSpec, expand
+from malt_jax.stages.rundir import write_atomic
 from malt_jax.tasks import Example, Task
 
 __all__ = ["question_keys", "sample_trees", "decode_level", "decode_tree", "grade_leaves", "run_expand"]
@@ -67,7 +67,7 @@ def sample_trees(
     """
     from tqdm.auto import tqdm
 
-    from malt_jax.sharding import shard_batch
+    from malt_jax.parallel.distributed import shard_batch
 
     if mesh is not None:
         dp = mesh.shape["data"] * mesh.shape["fsdp"]

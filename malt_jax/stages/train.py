@@ -4,7 +4,7 @@
     <run>/adapters/{G,V,R}_sft.safetensors    adapter after SFT only
     <run>/adapters/training.json, {G,V,R}_{history,epochs}.jsonl, {G,V,R}_ckpt/ (orbax checkpoints)
 
-The training loop itself is :func:`malt_jax.train.train_role`; this stage holds out questions to
+The training loop itself is :func:`malt_jax.training.role.train_role`; this stage holds out questions to
 choose epochs on, applies the configured caps and writes the role's files.
 """
 
@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from malt_jax import tblog
-from malt_jax.base_model import Model
 from malt_jax.config import RunConfig
-from malt_jax.distributed import is_lead
+from malt_jax.model.base_model import Model
 from malt_jax.model.llama import Params
+from malt_jax.parallel.distributed import is_lead
 from malt_jax.roles import ROLE_NAMES, ROLES
-from malt_jax.rundir import load_adapter, load_datasets, save_adapter, training_counts, write_atomic, write_rows
+from malt_jax.runtime import tblog
+from malt_jax.stages.rundir import load_adapter, load_datasets, save_adapter, training_counts, write_atomic, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_train(
     / ``max_dpo_pairs`` then cap the training part. The counts before and after are written to
     ``adapters/training.json`` (and the report). A role without any example keeps the base model.
     """
-    from malt_jax.train import train_role
+    from malt_jax.training.role import train_role
 
     out = run_dir / "adapters"
     out.mkdir(parents=True, exist_ok=True)

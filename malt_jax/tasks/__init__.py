@@ -3,6 +3,8 @@
 Use ``get_task(name, path=None, **options)`` for ``"gsm8k"``, ``"math"``, ``"csqa"`` and the
 embedded ``"synthetic"`` arithmetic; every task has ``name``, ``prompts`` (``RolePrompts``),
 ``load(split)``, ``extract(text)``, ``grade(text, gold)`` and ``grade_example(text, example)``.
+
+Layer 3: may import ``malt_jax.roles`` and ``malt_jax.config``; no JAX model code.
 """
 
 from malt_jax.tasks.base import (

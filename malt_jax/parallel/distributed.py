@@ -37,6 +37,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from malt_jax.parallel.sharding import batch_sharding, param_shardings
+
 __all__ = [
     "initialize",
     "is_initialized",
@@ -48,6 +50,8 @@ __all__ = [
     "process_index",
     "is_lead",
     "process_count",
+    "shard_params",
+    "shard_batch",
 ]
 
 log = logging.getLogger(__name__)
@@ -177,13 +181,12 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
     Every leaf of ``batch`` is this process's NumPy slice (leading axis = rows; all processes
     give the same shape). The result is a pytree of global ``jax.Array`` of
     ``rows * (blocks / local blocks)`` rows, sharded like ``sharding.batch_sharding`` (so it
-    can be passed straight to a :class:`malt_jax.stepper.Stepper` or a jitted sampler). Typed
+    can be passed straight to a :class:`malt_jax.training.stepper.Stepper` or a jitted sampler). Typed
     PRNG key arrays are supported. With a single process this is a plain sharded
     ``device_put``. Scalars are replicated (every process must pass the same value).
 
     Raises ValueError if the local row count does not split evenly over the local devices.
     """
-    from malt_jax.sharding import batch_sharding
 
     def one(x: Any) -> jax.Array:
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -254,3 +257,14 @@ def put(tree: Any, shardings: Any) -> Any:
     if isinstance(shardings, (Sharding, jax.Device)):
         return jax.tree.map(lambda x: one(x, shardings), tree)
     return jax.tree.map(one, tree, shardings)
+
+
+def shard_params(params: Any, mesh: Mesh, lora: bool = False) -> Any:
+    """Puts a parameter (or LoRA adapter) tree on the mesh, each array sharded as the logical-axis
+    table says (``sharding.param_shardings``)."""
+    return put(params, param_shardings(params, mesh, lora=lora))
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Puts every array of ``tree`` on the mesh with its leading axis split over data+fsdp."""
+    return jax.tree.map(lambda x: put(x, batch_sharding(mesh, np.ndim(x), np.shape(x))), tree)

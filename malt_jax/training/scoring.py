@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from malt_jax import data as data_lib
 from malt_jax.config import ModelConfig, TrainConfig
-from malt_jax.data import DPOExample, SFTExample
-from malt_jax.distributed import fetch, put
-from malt_jax.losses import dpo_loss, sequence_logps, sft_loss
 from malt_jax.model.llama import Params, hidden_at
-from malt_jax.sharding import batch_sharding
-from malt_jax.steps import KEY_BLOCKS, Metrics, StepConfig, scored_logits
+from malt_jax.parallel.distributed import fetch, put
+from malt_jax.parallel.sharding import batch_sharding
+from malt_jax.training import data as data_lib
+from malt_jax.training.data import DPOExample, SFTExample
+from malt_jax.training.losses import dpo_loss, sequence_logps, sft_loss
+from malt_jax.training.steps import KEY_BLOCKS, Metrics, StepConfig, scored_logits
 
 __all__ = ["batch_logps", "batch_rows", "HiddenCache", "reference_logps", "heldout_metrics"]
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from malt_jax.evaluate import SystemResult
+from malt_jax.evaluation.stats import SystemResult
 from malt_jax.roles import NAMES, ROLE_NAMES, as_role_name
 
 if TYPE_CHECKING:
@@ -621,9 +621,9 @@ def write_report(
 ) -> Path:
     """Write ``report.md`` (+ ``accuracy.png`` / ``positive_rate.png``) into ``run_dir``.
 
-    ``results`` maps a system name to its :class:`~malt_jax.evaluate.SystemResult` (table order
-    = mapping order); ``comparisons`` are the rows of :func:`malt_jax.evaluate.compare`;
-    ``credit_summary`` is :func:`malt_jax.credit.summary` output (keys ``"<role>/<stat>"`` with
+    ``results`` maps a system name to its :class:`~malt_jax.evaluation.stats.SystemResult` (table order
+    = mapping order); ``comparisons`` are the rows of :func:`malt_jax.evaluation.stats.compare`;
+    ``credit_summary`` is :func:`malt_jax.credit.values.summary` output (keys ``"<role>/<stat>"`` with
     role ``generator|verifier|refiner`` or ``G|V|R``; ``None`` omits the section); ``record``
     gives the title and the "Run" table (:class:`RunRecord`). Returns the path of ``report.md``.
     ``run_dir`` is created if needed.

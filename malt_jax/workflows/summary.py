@@ -4,11 +4,13 @@ the held-out training targets per role, the verifier's verdict confusion, wall t
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
 from malt_jax.roles import ROLES
-from malt_jax.rundir import role_epochs, training_counts
+from malt_jax.runtime.machine import machine_info
+from malt_jax.stages.rundir import role_epochs, training_counts
 
 
 def system_table(results: dict) -> dict[str, dict[str, Any]]:
@@ -73,7 +75,8 @@ def experiment_summary(
     wall_time_s: float,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The summary of one evaluated experiment (``ev`` = ``stages.eval.run_eval`` output)."""
+    """The summary of one evaluated experiment (``ev`` = ``stages.eval.run_eval`` output), with the
+    date and the machine (CPU model, vector ISA) that ran it."""
     return {
         "experiment": name,
         "command": command,
@@ -89,4 +92,6 @@ def experiment_summary(
         "training_data": training_counts(run_dir),
         **extra,
         "wall_time_s": round(wall_time_s, 1),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(),
     }

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from malt_jax.evaluate import majority_vote
-from malt_jax.expansion import ExpansionSpec
+from malt_jax.evaluation.stats import majority_vote
 from malt_jax.model.llama import Params
 from malt_jax.roles import ROLE_NAMES, ROLES
+from malt_jax.sampling.expansion import ExpansionSpec
 
 __all__ = ["ask", "ask_run", "format_turns"]
 
@@ -42,8 +42,8 @@ def ask(
     """Runs ``votes`` G -> V -> R chains on ``question`` (``adapters`` = the roles' adapters, or
     None for the untrained chain) and majority-votes the refiners' answers by the task's answer
     key. Returns ``{"question", "chains": [{"G", "V", "R"}], "answers", "answer", "votes_for"}``."""
-    from malt_jax.codec import PromptCodec
     from malt_jax.config import SamplingConfig
+    from malt_jax.sampling.codec import PromptCodec
     from malt_jax.stages.expand import decode_level, sample_trees
     from malt_jax.tasks import Example
 
@@ -123,11 +123,11 @@ def ask_run(
     """:func:`ask` with the base model, task, prompts, token budgets and role adapters of a run
     directory (``base=True``: the untrained chain). ``temperature`` defaults to the run's
     evaluation temperature."""
-    from malt_jax.base_model import load_model
     from malt_jax.config import run_config_of
+    from malt_jax.model.base_model import load_model
     from malt_jax.model.lora import lora_scale
-    from malt_jax.pipeline import make_task
-    from malt_jax.rundir import load_adapters
+    from malt_jax.stages.rundir import load_adapters
+    from malt_jax.workflows.pipeline import make_task
 
     run_dir = Path(run_dir)
     cfg = run_config_of(run_dir)

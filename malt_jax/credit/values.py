@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from malt_jax.distributed import fetch
+from malt_jax.parallel.distributed import fetch
 from malt_jax.roles import NAMES, role_name
 
 __all__ = [

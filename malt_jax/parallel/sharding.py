@@ -191,12 +191,6 @@ def param_shardings(params: Any, mesh: Mesh, lora: bool = False) -> Any:
     )
 
 
-def shard_params(params: Any, mesh: Mesh, lora: bool = False) -> Any:
-    from malt_jax.distributed import put
-
-    return put(params, param_shardings(params, mesh, lora=lora))
-
-
 def batch_shards(mesh: Any) -> int:
     """How many ways a mesh (concrete or abstract) splits the batch: the product of its batch axes."""
     return int(np.prod([mesh.shape.get(a, 1) for a in AXIS_RULES["batch"]]))
@@ -210,10 +204,3 @@ def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) ->
     axes = ("batch",) + (None,) * (ndim - 1)
     shape = shape or (batch_shards(mesh),) + (1,) * (ndim - 1)
     return sharding_for(axes, shape, mesh)
-
-
-def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    """Puts every array of ``tree`` on the mesh with its leading axis split over data+fsdp."""
-    from malt_jax.distributed import put
-
-    return jax.tree.map(lambda x: put(x, batch_sharding(mesh, np.ndim(x), np.shape(x))), tree)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import optax
 
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
-from malt_jax.losses import dpo_loss, sequence_logps, sft_loss
 from malt_jax.model.llama import Params, causal_positions, forward, forward_from, lm_head, lora_first_layer
 from malt_jax.model.lora import abstract_adapter
-from malt_jax.optim import current_lr
+from malt_jax.training.losses import dpo_loss, sequence_logps, sft_loss
+from malt_jax.training.optim import current_lr
 
 __all__ = [
     "TrainState",

@@ -1,10 +1,8 @@
-"""Parameter and FLOP counts of the decoder: the one set of formulas that ``config.py``
-(``ModelConfig.n_params``), ``plan.py`` and ``bench/`` use.
+"""FLOP counts of the decoder: the one set of formulas that ``plan.py`` and ``bench/`` use
+(the count of stored parameters is ``ModelConfig.n_params``).
 
 Conventions:
 
-* :func:`param_count`: every stored parameter (matrices, RMSNorm weights, Qwen2 q/k/v biases,
-  Qwen3 q/k norms, the embedding, and the LM head when it is not tied to the embedding).
 * :func:`matmul_params`: the weights one token meets in matrix products: every layer's
   projections and the LM head (counted also when tied; the embedding lookup, norms and biases
   are not matmuls).
@@ -29,7 +27,6 @@ if TYPE_CHECKING:
     from malt_jax.config import ModelConfig, RunConfig
 
 __all__ = [
-    "param_count",
     "layer_matmul_params",
     "matmul_params",
     "lora_params",
@@ -38,18 +35,6 @@ __all__ = [
     "lora_train_flops",
     "analytic_step_flops",
 ]
-
-
-def param_count(m: ModelConfig) -> int:
-    """Every stored parameter of the model (what ``init_params`` allocates)."""
-    attn = m.dim * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
-    if m.qkv_bias:
-        attn += m.head_dim * (m.n_heads + 2 * m.n_kv_heads)
-    if m.qk_norm:
-        attn += 2 * m.head_dim
-    mlp = 3 * m.dim * m.hidden_dim
-    emb = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
-    return m.n_layers * (attn + mlp + 2 * m.dim) + emb + m.dim
 
 
 def layer_matmul_params(m: ModelConfig) -> int:

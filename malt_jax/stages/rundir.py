@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from malt_jax.config import RunConfig, to_dict
-from malt_jax.distributed import fetch
 from malt_jax.model.llama import Params
+from malt_jax.parallel.distributed import fetch
 from malt_jax.roles import ROLES
 from malt_jax.tasks import Example, Task
 
@@ -109,7 +109,7 @@ def load_expansion(run_dir: Path) -> dict[str, np.ndarray]:
 def load_datasets(run_dir: Path, role: str, with_questions: bool = False) -> tuple:
     """A role's SFT examples and DPO pairs from the credit stage (``run_dir/credit``); with
     ``with_questions`` also the training-question index of each (for held-out splits)."""
-    from malt_jax.data import DPOExample, SFTExample
+    from malt_jax.training.data import DPOExample, SFTExample
 
     d = run_dir / "credit"
 

@@ -5,8 +5,8 @@
     train   -> <run>/adapters/{G,V,R}.safetensors            one LoRA adapter per role
     eval    -> <run>/eval/<system>.jsonl, report.md, *.png, summary.json
 
-The stages live in :mod:`malt_jax.stages`, the run directory's files in :mod:`malt_jax.rundir`,
-the prompt codec in :mod:`malt_jax.codec` and the base model in :mod:`malt_jax.base_model`; their
+The stages live in :mod:`malt_jax.stages`, the run directory's files in :mod:`malt_jax.stages.rundir`,
+the prompt codec in :mod:`malt_jax.sampling.codec` and the base model in :mod:`malt_jax.model.base_model`; their
 names used by earlier callers stay importable from here. Every stage skips work whose output
 already exists, so an interrupted run resumes where it stopped.
 """
@@ -23,27 +23,15 @@ from typing import Any
 
 import jax
 
-from malt_jax import tblog
-from malt_jax.base_model import Model, load_model
-from malt_jax.codec import PromptCodec
 from malt_jax.config import RunConfig
-from malt_jax.distributed import is_lead
-from malt_jax.expansion import ExpansionSpec
-from malt_jax.report import RunRecord, format_table, write_report
+from malt_jax.evaluation.report import RunRecord, format_table, write_report
+from malt_jax.model.base_model import Model, load_model
+from malt_jax.parallel.distributed import is_lead
 from malt_jax.roles import ROLE_NAMES, ROLES
-from malt_jax.rss import PeakRSS
-from malt_jax.rundir import (
-    load_adapter,
-    load_adapters,
-    load_datasets,
-    load_expansion,
-    load_splits,
-    prepare_run_dir,
-    role_epochs,
-    save_adapter,
-    training_counts,
-    write_atomic,
-)
+from malt_jax.runtime import tblog
+from malt_jax.runtime.rss import PeakRSS
+from malt_jax.sampling.codec import PromptCodec
+from malt_jax.sampling.expansion import ExpansionSpec
 from malt_jax.stages.credit import build_datasets, node_context, node_output, run_credit
 from malt_jax.stages.eval import (
     System,
@@ -56,9 +44,21 @@ from malt_jax.stages.eval import (
     verifier_stats,
 )
 from malt_jax.stages.expand import decode_level, decode_tree, grade_leaves, question_keys, run_expand, sample_trees
+from malt_jax.stages.rundir import (
+    load_adapter,
+    load_adapters,
+    load_datasets,
+    load_expansion,
+    load_splits,
+    prepare_run_dir,
+    role_epochs,
+    save_adapter,
+    training_counts,
+    write_atomic,
+)
 from malt_jax.stages.train import heldout_questions, run_train
-from malt_jax.summary import experiment_summary
 from malt_jax.tasks import Example, Task
+from malt_jax.workflows.summary import experiment_summary
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ __all__ = [
 
 def make_run_mesh(cfg: RunConfig):
     """The run's mesh (``cfg.mesh``; default: every device on ``data``), or None on one device."""
-    from malt_jax.sharding import make_mesh
+    from malt_jax.parallel.sharding import make_mesh
 
     if jax.device_count() == 1 and not cfg.mesh:
         return None
@@ -166,7 +166,7 @@ def run(
         model = model or load_model(cfg.weights, cfg.model)
         mesh = make_run_mesh(cfg)
         if mesh is not None:
-            from malt_jax.sharding import shard_params
+            from malt_jax.parallel.distributed import shard_params
 
             model = dataclasses.replace(model, params=shard_params(model.params, mesh))
     timings["load"] = round(time.perf_counter() - t0, 1)
@@ -175,7 +175,7 @@ def run(
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
     def timed(name, fn):
-        from malt_jax.sharding import mesh_context
+        from malt_jax.parallel.sharding import mesh_context
 
         t = time.perf_counter()
         with mesh_context(mesh), PeakRSS() as rss:  # the stage's jitted calls see the mesh

@@ -10,132 +10,30 @@ usable * device_memory``; otherwise the plan is refused, naming the overflowing 
 what to change. FLOPs per train step are analytic (``flops.analytic_step_flops``).
 
 The formulas and their check against XLA's ``memory_analysis`` (``aot.py``) are in
-tpu_configs/README.md; the text in and out (``--mesh``, overlays, the table) is ``plan_text.py``.
+tpu_configs/README.md; the :class:`~malt_jax.planning.plan.Plan` it returns, its table and
+refusal are ``plan.py``, the inputs (``--mesh``, overlays) ``units.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from malt_jax import plan_text
-from malt_jax.aot import compile_expansion, compile_step, compiled_bytes, one_layer_check
 from malt_jax.config import RunConfig
-from malt_jax.flops import analytic_step_flops, lora_params
-from malt_jax.plan_text import (
-    GiB,
-    fmt_bytes,
-    load_overlay,
-    mesh_str,
-    overlay_overrides,
-    parse_bytes,
-    parse_mesh,
-    plan_dict,
-)
+from malt_jax.planning.aot import one_layer_check
+from malt_jax.planning.flops import analytic_step_flops, lora_params
+from malt_jax.planning.plan import DEFAULT_DEVICE, DEVICE_HBM, USABLE_FRACTION, Plan
+from malt_jax.planning.units import mesh_str, parse_bytes, parse_mesh
 
-__all__ = [
-    "DEVICE_HBM",
-    "PlanError",
-    "Plan",
-    "make_plan",
-    "parse_bytes",
-    "parse_mesh",
-    "fmt_bytes",
-    "overlay_overrides",
-    "load_overlay",
-    "compile_step",
-    "compile_expansion",
-    "compiled_bytes",
-    "analytic_step_flops",
-    "plan_dict",
-    "GiB",
-]
-
-# Nominal HBM per JAX device (a TPU chip -- v4/v5p chips are one megacore device -- or a GPU).
-DEVICE_HBM: dict[str, int] = {
-    "v4": 32 * GiB,
-    "v5e": 16 * GiB,
-    "v5p": 95 * GiB,
-    "v6e": 32 * GiB,
-    "a100": 80 * GiB,
-    "h100": 80 * GiB,
-    "h200": 141 * GiB,
-}
-DEFAULT_DEVICE = "v5e"
-USABLE_FRACTION = 0.9
-
-
-class PlanError(ValueError):
-    """The configuration does not fit the device memory budget (the message says why)."""
-
-
-@dataclasses.dataclass
-class Plan:
-    """Per-device memory (bytes) and FLOPs of a run on a mesh; see the module docstring."""
-
-    name: str
-    mesh: dict[str, int]
-    devices: int
-    device: str
-    device_memory: int
-    usable: float
-    n_params: int  # ModelConfig.n_params
-    n_lora: int  # one role's adapter
-    components: dict[str, int]
-    phases: dict[str, tuple[str, ...]]
-    details: dict[str, Any]
-    flops: dict[str, float]
-    compiled: dict[str, Any] | None = None
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def budget(self) -> int:
-        return int(self.device_memory * self.usable)
-
-    def phase_total(self, phase: str) -> int:
-        return self.components["parameters"] + sum(self.components[c] for c in self.phases[phase])
-
-    @property
-    def peak(self) -> int:
-        return max(self.phase_total(p) for p in self.phases)
-
-    def overflows(self) -> list[tuple[str, str]]:
-        """``[(phase, component)]`` for every phase over budget."""
-        out = []
-        for phase, comps in self.phases.items():
-            if self.phase_total(phase) > self.budget:
-                if self.components["parameters"] > self.budget or not comps:
-                    out.append((phase, "parameters"))
-                else:
-                    out.append((phase, max(comps, key=lambda c: self.components[c])))
-        return out
-
-    @property
-    def fits(self) -> bool:
-        return not self.overflows()
-
-    def refusal(self) -> str:
-        """The refusal message ('' if the plan fits; ``plan_text.refusal``)."""
-        return plan_text.refusal(self)
-
-    def check(self) -> Plan:
-        """Raises :class:`PlanError` (with :meth:`refusal`) if the plan does not fit."""
-        if not self.fits:
-            raise PlanError(self.refusal())
-        return self
-
-    def table(self) -> str:
-        """The text table ``malt-jax plan`` prints (``plan_text.table``)."""
-        return plan_text.table(self)
+__all__ = ["make_plan"]
 
 
 def _abstract_mesh(shape: Mapping[str, int]) -> Any:
     from jax.sharding import AbstractMesh
 
-    from malt_jax.sharding import MESH_AXES
+    from malt_jax.parallel.sharding import MESH_AXES
 
     return AbstractMesh(tuple(int(shape[a]) for a in MESH_AXES), MESH_AXES)
 
@@ -159,7 +57,7 @@ def _tree_bytes(tree: Any) -> int:
 
 def _split(n_rows: int, mesh: Any) -> int:
     """Rows per device of a batch-sharded array (replicated when not divisible, as in spec_for)."""
-    from malt_jax.sharding import spec_for
+    from malt_jax.parallel.sharding import spec_for
 
     spec = spec_for(("batch",), (n_rows,), mesh)
     if spec[0] is None:
@@ -177,7 +75,7 @@ def _mesh_sizes(
     cfg: RunConfig, mesh: Mapping[str, int] | str | None, devices: int | None
 ) -> tuple[dict[str, int], int]:
     """(axis sizes, device count) of ``mesh`` (default ``cfg.mesh``), checked against ``devices``."""
-    from malt_jax.sharding import mesh_sizes
+    from malt_jax.parallel.sharding import mesh_sizes
 
     sizes = mesh_sizes(parse_mesh(mesh) if mesh is not None else dict(cfg.mesh), devices)
     n_dev = int(np.prod(list(sizes.values())))
@@ -240,11 +138,11 @@ def make_plan(
     import jax.numpy as jnp
 
     from malt_jax.model.llama import abstract_params
-    from malt_jax.optim import make_optimizer
-    from malt_jax.sampling import MIN_COMPACT_ROWS
-    from malt_jax.sharding import batch_shards, param_shardings
-    from malt_jax.stepper import state_shardings
-    from malt_jax.steps import abstract_state
+    from malt_jax.parallel.sharding import batch_shards, param_shardings
+    from malt_jax.sampling.decode import MIN_COMPACT_ROWS
+    from malt_jax.training.optim import make_optimizer
+    from malt_jax.training.stepper import state_shardings
+    from malt_jax.training.steps import abstract_state
 
     sizes, n_dev = _mesh_sizes(cfg, mesh, devices)
     amesh = _abstract_mesh(sizes)

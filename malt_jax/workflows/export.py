@@ -180,9 +180,9 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
 
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "peft", stage: str = "final") -> dict[str, Path]:
     """Exports a run's role adapters (``stage`` "final" or "sft"); returns name -> folder."""
-    from malt_jax import pipeline
     from malt_jax.model.lora import lora_scale, merge
     from malt_jax.model.weights import save_hf
+    from malt_jax.workflows import pipeline
 
     if fmt not in ("peft", "merged", "both"):
         raise ValueError(f"--format must be peft, merged or both, got {fmt!r}")

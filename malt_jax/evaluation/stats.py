@@ -5,7 +5,7 @@
 * :func:`mcnemar_exact`    -- exact two-sided McNemar test for two paired systems.
 * :func:`paired_bootstrap` -- paired bootstrap CI / p-value for an accuracy difference.
 * :class:`SystemResult` + :func:`compare` -- per-system correctness vectors and the paired
-  "target vs baselines" table used by :mod:`malt_jax.report`.
+  "target vs baselines" table used by :mod:`malt_jax.evaluation.report`.
 * :func:`holm` -- Holm-Bonferroni adjusted p-values for a family of comparisons.
 * :func:`parse_verdict` + :func:`verifier_confusion` -- what a verifier said about an answer
   ("correct" / "incorrect") against whether the answer was right: a confusion matrix and the

@@ -33,14 +33,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from malt_jax import data as data_lib
-from malt_jax.checkpoint import Checkpointer
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig, config_hash, to_dict
-from malt_jax.data import DPOExample, SFTExample
-from malt_jax.distributed import fetch, put
 from malt_jax.model.llama import Params
 from malt_jax.model.lora import init_lora, lora_scale
-from malt_jax.optim import (
+from malt_jax.parallel.distributed import fetch, put
+from malt_jax.parallel.sharding import param_shardings
+from malt_jax.runtime.checkpoint import Checkpointer
+from malt_jax.training import data as data_lib
+from malt_jax.training.data import DPOExample, SFTExample
+from malt_jax.training.optim import (
     ScheduleState,
     current_lr,
     make_optimizer,
@@ -49,10 +50,9 @@ from malt_jax.optim import (
     warmup_cosine,
     warmup_steps,
 )
-from malt_jax.scoring import HiddenCache, heldout_metrics, reference_logps
-from malt_jax.sharding import param_shardings
-from malt_jax.stepper import NonFiniteError, Stepper, state_shardings, step_base
-from malt_jax.steps import TrainState
+from malt_jax.training.scoring import HiddenCache, heldout_metrics, reference_logps
+from malt_jax.training.stepper import NonFiniteError, Stepper, state_shardings, step_base
+from malt_jax.training.steps import TrainState
 
 __all__ = [
     "TrainState",

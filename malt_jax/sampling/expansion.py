@@ -50,7 +50,7 @@ from jax.experimental import io_callback
 
 from malt_jax.config import ModelConfig, SamplingConfig, TreeConfig
 from malt_jax.model.llama import KVCache, Params, lora_first_layer, refresh_top
-from malt_jax.sampling import Generation, StopCriteria, decode, prefill
+from malt_jax.sampling.decode import Generation, StopCriteria, decode, prefill
 
 Mode = Literal["extend", "fork", "naive"]
 

@@ -28,14 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from malt_jax.base_model import Model, load_model
 from malt_jax.config import ConfigError, RunConfig
-from malt_jax.pipeline import make_run_mesh, make_task
-from malt_jax.rundir import load_adapters, load_splits, prepare_run_dir, write_atomic
+from malt_jax.model.base_model import Model, load_model
 from malt_jax.stages import run_credit, run_eval, run_expand, run_train
 from malt_jax.stages.eval import default_systems, primary_names
-from malt_jax.summary import experiment_summary, system_table
+from malt_jax.stages.rundir import load_adapters, load_splits, prepare_run_dir, write_atomic
 from malt_jax.tasks import Task
+from malt_jax.workflows.pipeline import make_run_mesh, make_task
+from malt_jax.workflows.summary import experiment_summary, system_table
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _link_rows(src: Path, dst: Path) -> None:
 
 def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
     """Accuracy vs training questions (95% Wilson intervals), baselines as bands."""
-    from malt_jax.report import new_figure
+    from malt_jax.evaluation.report import new_figure
 
     fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
@@ -118,7 +118,7 @@ def run_study(
     model = model or timed("load", lambda: load_model(cfg.weights, cfg.model))
     mesh = make_run_mesh(cfg)
     if mesh is not None:
-        from malt_jax.sharding import shard_params
+        from malt_jax.parallel.distributed import shard_params
 
         model = dataclasses.replace(model, params=shard_params(model.params, mesh))
     timed("expand", lambda: run_expand(cfg, model, task, train, run_dir, progress, mesh=mesh))

@@ -18,14 +18,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from malt_jax import data as data_lib
-from malt_jax.checkpoint import flatten_named
 from malt_jax.config import LoraConfig, ModelConfig, TrainConfig
-from malt_jax.distributed import fetch, put
 from malt_jax.model.llama import Params, abstract_params, unstack_top
 from malt_jax.model.lora import lora_scale
-from malt_jax.sharding import batch_sharding, mesh_context, param_shardings
-from malt_jax.steps import ROW_KEYS, SHARED_KEYS, StepConfig, TrainState, abstract_state, dpo_step, sft_step
+from malt_jax.parallel.distributed import fetch, put
+from malt_jax.parallel.sharding import batch_sharding, mesh_context, param_shardings
+from malt_jax.runtime.checkpoint import flatten_named
+from malt_jax.training import data as data_lib
+from malt_jax.training.steps import ROW_KEYS, SHARED_KEYS, StepConfig, TrainState, abstract_state, dpo_step, sft_step
 
 __all__ = ["NonFiniteError", "state_shardings", "Stepper"]
 

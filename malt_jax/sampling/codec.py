@@ -6,7 +6,7 @@ import dataclasses
 import functools
 
 from malt_jax.model.tokenizer import Tokenizer
-from malt_jax.sampling import StopCriteria
+from malt_jax.sampling.decode import StopCriteria
 from malt_jax.tasks import Task, role_messages
 
 __all__ = ["PromptCodec"]

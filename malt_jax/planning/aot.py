@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any
 
 from malt_jax.config import RunConfig
-from malt_jax.flops import analytic_step_flops
+from malt_jax.planning.flops import analytic_step_flops
 
 __all__ = ["abstract", "compile_step", "compile_expansion", "compiled_bytes", "one_layer_check"]
 
@@ -36,10 +36,10 @@ def compile_step(cfg: RunConfig, kind: str, mesh: Any) -> Any:
     import jax.numpy as jnp
 
     from malt_jax.model.llama import abstract_params
-    from malt_jax.optim import make_optimizer
-    from malt_jax.sharding import param_shardings
-    from malt_jax.stepper import Stepper, state_shardings
-    from malt_jax.steps import ROW_KEYS, abstract_state
+    from malt_jax.parallel.sharding import param_shardings
+    from malt_jax.training.optim import make_optimizer
+    from malt_jax.training.stepper import Stepper, state_shardings
+    from malt_jax.training.steps import ROW_KEYS, abstract_state
 
     t = cfg.train
     micro = max(t.batch_size // max(t.grad_accum, 1), 1)
@@ -80,9 +80,9 @@ def compile_expansion(cfg: RunConfig, mesh: Any, prompt_tokens: int = 256, turn_
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from malt_jax.expansion import ExpansionSpec, expand
     from malt_jax.model.llama import abstract_params
-    from malt_jax.sharding import batch_sharding, mesh_context, param_shardings
+    from malt_jax.parallel.sharding import batch_sharding, mesh_context, param_shardings
+    from malt_jax.sampling.expansion import ExpansionSpec, expand
 
     params = abstract_params(cfg.model)
     Q, tr, mx = cfg.tree.questions_per_batch, cfg.tree, cfg.sampling.max_new_tokens
@@ -117,7 +117,7 @@ def one_layer_check(cfg: RunConfig, sizes: dict[str, int], n_dev: int) -> dict[s
 
     import jax
 
-    from malt_jax.sharding import make_mesh
+    from malt_jax.parallel.sharding import make_mesh
 
     have = jax.device_count()
     if have < n_dev:

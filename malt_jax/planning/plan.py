@@ -1,145 +1,104 @@
-"""The planner's text: parsing what ``malt-jax plan`` is given (memory sizes, ``--mesh``, the
-``tpu_configs`` overlays) and writing what it prints (the table, the refusal, the JSON view).
+"""A per-device memory and FLOP plan (:class:`Plan`) and how it reads: the table ``malt-jax plan``
+prints, the refusal naming the overflowing component and what to change, the JSON view.
+:func:`malt_jax.planning.memory.make_plan` makes one.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import Any
 
 from malt_jax.config import to_dict
-
-if TYPE_CHECKING:
-    from malt_jax.plan import Plan
+from malt_jax.planning.units import GiB, fmt_bytes, fmt_flops, mesh_str
 
 __all__ = [
-    "GiB",
-    "parse_bytes",
-    "parse_mesh",
-    "fmt_bytes",
-    "fmt_flops",
-    "mesh_str",
-    "load_overlay",
-    "overlay_overrides",
+    "DEVICE_HBM",
+    "DEFAULT_DEVICE",
+    "USABLE_FRACTION",
+    "PlanError",
+    "Plan",
     "ADVICE",
     "refusal",
     "table",
     "plan_dict",
 ]
 
-GiB = 1024**3
-
-
-# ----------------------------------------------------------------------------------------------
-# inputs
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": GiB,
-    "tib": 1024**4,
+# Nominal HBM per JAX device (a TPU chip -- v4/v5p chips are one megacore device -- or a GPU).
+DEVICE_HBM: dict[str, int] = {
+    "v4": 32 * GiB,
+    "v5e": 16 * GiB,
+    "v5p": 95 * GiB,
+    "v6e": 32 * GiB,
+    "a100": 80 * GiB,
+    "h100": 80 * GiB,
+    "h200": 141 * GiB,
 }
+DEFAULT_DEVICE = "v5e"
+USABLE_FRACTION = 0.9
 
 
-def parse_bytes(text: str | int | float) -> int:
-    """``"16GiB"``, ``"80GB"``, ``"1.5TiB"``, ``"95G"`` (decimal), or a number of bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot parse a memory size from {text!r} (use e.g. 16GiB, 80GB, 95G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+class PlanError(ValueError):
+    """The configuration does not fit the device memory budget (the message says why)."""
 
 
-def parse_mesh(text: str | Mapping[str, int] | None) -> dict[str, int]:
-    """``"data=1,fsdp=8,tensor=1"`` (or a mapping) -> ``{"data": 1, "fsdp": 8, "tensor": 1}``."""
-    from malt_jax.sharding import MESH_AXES
+@dataclasses.dataclass
+class Plan:
+    """Per-device memory (bytes) and FLOPs of a run on a mesh; see the module docstring."""
 
-    if text is None:
-        return {}
-    items: dict[str, Any]
-    if isinstance(text, Mapping):
-        items = dict(text)
-    else:
-        items = {}
-        for part in filter(None, (p.strip() for p in str(text).split(","))):
-            if "=" not in part:
-                raise ValueError(f"--mesh: {part!r} is not axis=size (e.g. data=1,fsdp=8,tensor=1)")
-            k, v = part.split("=", 1)
-            items[k.strip()] = v.strip()
-    out: dict[str, int] = {}
-    for k, v in items.items():
-        if k not in MESH_AXES:
-            raise ValueError(f"mesh: unknown axis {k!r}; axes are {MESH_AXES}")
-        try:
-            out[k] = int(v)
-        except ValueError:
-            raise ValueError(f"mesh: size of {k!r} must be an integer, got {v!r}") from None
-    return out
+    name: str
+    mesh: dict[str, int]
+    devices: int
+    device: str
+    device_memory: int
+    usable: float
+    n_params: int  # ModelConfig.n_params
+    n_lora: int  # one role's adapter
+    components: dict[str, int]
+    phases: dict[str, tuple[str, ...]]
+    details: dict[str, Any]
+    flops: dict[str, float]
+    compiled: dict[str, Any] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
+    @property
+    def budget(self) -> int:
+        return int(self.device_memory * self.usable)
 
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("TiB", 1024**4), ("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    def phase_total(self, phase: str) -> int:
+        return self.components["parameters"] + sum(self.components[c] for c in self.phases[phase])
 
+    @property
+    def peak(self) -> int:
+        return max(self.phase_total(p) for p in self.phases)
 
-def fmt_flops(x: float) -> str:
-    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if x >= size:
-            return f"{x / size:.2f} {unit}"
-    return f"{x:.0f} FLOP"
+    def overflows(self) -> list[tuple[str, str]]:
+        """``[(phase, component)]`` for every phase over budget."""
+        out = []
+        for phase, comps in self.phases.items():
+            if self.phase_total(phase) > self.budget:
+                if self.components["parameters"] > self.budget or not comps:
+                    out.append((phase, "parameters"))
+                else:
+                    out.append((phase, max(comps, key=lambda c: self.components[c])))
+        return out
 
+    @property
+    def fits(self) -> bool:
+        return not self.overflows()
 
-def mesh_str(mesh: Mapping[str, int]) -> str:
-    return ",".join(f"{k}={v}" for k, v in mesh.items())
+    def refusal(self) -> str:
+        """The refusal message ('' if the plan fits; :func:`refusal`)."""
+        return refusal(self)
 
+    def check(self) -> Plan:
+        """Raises :class:`PlanError` (with :meth:`refusal`) if the plan does not fit."""
+        if not self.fits:
+            raise PlanError(self.refusal())
+        return self
 
-def load_overlay(path: str | Path) -> dict:
-    """A ``tpu_configs`` YAML: RunConfig keys plus an optional ``plan:`` section (device, devices)."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a mapping")
-    return data
-
-
-def overlay_overrides(path: str | Path) -> list[str]:
-    """Flattens an overlay YAML into ``key=value`` overrides for ``malt-jax run CONFIG ...``.
-
-    Sections (``train``, ``tree``, ...) become dotted keys; ``mesh`` and other mappings whose
-    keys are data (``task.options``) stay one compact JSON/YAML value so they replace the
-    experiment's whole mapping. The ``plan:`` section is not a RunConfig key and is dropped.
-    """
-    data = {k: v for k, v in load_overlay(path).items() if k != "plan"}
-    out: list[str] = []
-
-    def walk(prefix: str, node: Any) -> None:
-        atomic = prefix in ("mesh", "task.options", "model.rope_scaling")
-        if isinstance(node, dict) and not atomic:
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            out.append(f"{prefix}={json.dumps(node, separators=(',', ':'))}")
-
-    walk("", data)
-    return out
+    def table(self) -> str:
+        """The text table ``malt-jax plan`` prints (:func:`table`)."""
+        return table(self)
 
 
 # ----------------------------------------------------------------------------------------------

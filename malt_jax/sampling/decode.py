@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from malt_jax.config import ModelConfig, SamplingConfig
-from malt_jax.distributed import fetch
 from malt_jax.model.llama import KVCache, Params, forward, lm_head
-from malt_jax.sharding import batch_shards
+from malt_jax.parallel.distributed import fetch
+from malt_jax.parallel.sharding import batch_shards
 
 PAD_ID = 0
 
