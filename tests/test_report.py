@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from malt_jax.evaluation.report import RunRecord, format_table, plot_training_curves, training_section, write_report
+from malt_jax.evaluation.plots import plot_training_curves
+from malt_jax.evaluation.report import RunRecord, format_table, training_section, write_report
 from malt_jax.evaluation.stats import SystemResult, compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Markdown + PNG report for a MALT run (host-side; matplotlib with the Agg canvas, no pyplot).
+"""Markdown report for a MALT run, with the PNG figures of ``plots.py``.
 
 :func:`write_report` writes into ``run_dir``:
 
@@ -22,23 +22,19 @@ directory never shows a stale figure next to a fresh report.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from malt_jax.evaluation.fmt import fmt_ci, fmt_float, fmt_int, fmt_meta, fmt_p, md_table
+from malt_jax.evaluation.plots import plot_accuracy, plot_positive_rate, plot_training_curves, selected, stage_records
 from malt_jax.evaluation.stats import SystemResult
 from malt_jax.roles import NAMES, ROLE_NAMES, as_role_name
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 __all__ = [
     "RunRecord",
     "write_report",
     "format_table",
-    "new_figure",
-    "plot_training_curves",
     "training_section",
     "verifier_section",
     "data_section",
@@ -59,75 +55,11 @@ POSITIVE_RATE_PNG = "positive_rate.png"
 TRAINING_PNG = "training.png"
 
 
-# --------------------------------------------------------------------------- formatting
-
-
-def _is_nan(x: Any) -> bool:
-    try:
-        return math.isnan(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def _fmt_float(x: Any, digits: int = 4, sign: bool = False) -> str:
-    if x is None or _is_nan(x):
-        return "n/a"
-    return f"{float(x):{'+' if sign else ''}.{digits}f}"
-
-
-def _fmt_ci(lo: Any, hi: Any) -> str:
-    if lo is None or hi is None or _is_nan(lo) or _is_nan(hi):
-        return "n/a"
-    return f"[{float(lo):.4f}, {float(hi):.4f}]"
-
-
-def _fmt_p(p: Any) -> str:
-    if p is None or _is_nan(p):
-        return "n/a"
-    p = float(p)
-    return f"{p:.2e}" if 0.0 < p < 1e-4 else f"{p:.4f}"
-
-
-def _fmt_int(x: Any) -> str:
-    if x is None or _is_nan(x):
-        return "n/a"
-    return str(int(x))
-
-
-def _fmt_seconds(s: Any) -> str:
-    try:
-        return f"{float(s):.1f} s"
-    except (TypeError, ValueError):
-        return str(s)
-
-
-def _fmt_meta(key: str, value: Any) -> str:
-    if key == "wall_times" or key.startswith("wall"):
-        if isinstance(value, Mapping):
-            return ", ".join(f"{k}: {_fmt_seconds(v)}" for k, v in value.items()) or "n/a"
-        return _fmt_seconds(value)
-    if isinstance(value, (list, tuple, set)):
-        return ", ".join(str(v) for v in value)
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
-
-
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    out = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return out
-
-
 def _accuracy_rows(results: Mapping[str, SystemResult]) -> list[list[str]]:
     rows = []
     for name, r in results.items():
         lo, hi = r.ci
-        rows.append([name, _fmt_float(r.accuracy), _fmt_ci(lo, hi) if r.n else "n/a", str(r.n)])
+        rows.append([name, fmt_float(r.accuracy), fmt_ci(lo, hi) if r.n else "n/a", str(r.n)])
     return rows
 
 
@@ -183,11 +115,11 @@ def _credit_section(summary: Mapping[str, Any]) -> list[str]:
         header = ["role"]
         cols: list[tuple[str, Any]] = []
         if any("nodes" in s for s in by_role.values()):
-            cols.append(("nodes", _fmt_int))
-        cols.append(("positive_rate", _fmt_float))
+            cols.append(("nodes", fmt_int))
+        cols.append(("positive_rate", fmt_float))
         if any("mean_value" in s for s in by_role.values()):
-            cols.append(("mean_value", _fmt_float))
-        cols += [("sft", _fmt_int), ("dpo_pairs", _fmt_int)]
+            cols.append(("mean_value", fmt_float))
+        cols += [("sft", fmt_int), ("dpo_pairs", fmt_int)]
         names = {
             "nodes": "valid nodes",
             "positive_rate": "positive rate",
@@ -197,167 +129,12 @@ def _credit_section(summary: Mapping[str, Any]) -> list[str]:
         }
         header += [names[c] for c, _ in cols]
         rows = [[role] + [fmt(stats.get(c)) for c, fmt in cols] for role, stats in by_role.items()]
-        lines += _md_table(header, rows) + [""]
+        lines += md_table(header, rows) + [""]
         if any("positive_rate" in s for s in by_role.values()):
             lines += [f"![positive rate per role]({POSITIVE_RATE_PNG})", ""]
     if other:
-        lines += [", ".join(f"{k}: {_fmt_meta(k, v)}" for k, v in other.items()), ""]
+        lines += [", ".join(f"{k}: {fmt_meta(k, v)}" for k, v in other.items()), ""]
     return lines
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A matplotlib Figure of width x height inches at 100 dpi on the Agg canvas (no pyplot, no display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_rate_plot(fig, ax, ylabel: str, title: str, path: Path) -> None:
-    """Common finish of the rate plots: [0, 1] y axis, labels, grid, PNG."""
-    ax.set_ylim(0.0, 1.0)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
-def _plot_accuracy(results: Mapping[str, SystemResult], path: Path) -> None:
-    names = list(results)
-    accs, err_lo, err_hi = [], [], []
-    for r in results.values():
-        acc = 0.0 if r.n == 0 else r.accuracy
-        lo, hi = r.ci
-        accs.append(acc)
-        err_lo.append(max(0.0, acc - lo))
-        err_hi.append(max(0.0, hi - acc))
-    fig = new_figure(max(4.0, 1.2 * len(names) + 2.0), 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    x = list(range(len(names)))
-    ax.bar(x, accs, yerr=[err_lo, err_hi], capsize=5, color="tab:blue", alpha=0.8, error_kw={"elinewidth": 1.2})
-    for xi, acc, r in zip(x, accs, results.values()):
-        ax.text(
-            xi + 0.06, min(acc + 0.01, 0.96), "n/a" if r.n == 0 else f"{acc:.3f}", ha="left", va="bottom", fontsize=8
-        )  # beside the error bar, not on it
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
-    _save_rate_plot(fig, ax, "accuracy", "Accuracy per system (95% Wilson CI)", path)
-
-
-def _plot_positive_rate(by_role: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    roles = [r for r in NAMES if r in by_role]
-    rates = [by_role[r].get("positive_rate") for r in roles]
-    heights = [0.0 if v is None or _is_nan(v) else float(v) for v in rates]
-    fig = new_figure(5.0, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    x = list(range(len(roles)))
-    ax.bar(x, heights, color=["tab:green", "tab:orange", "tab:purple"][: len(roles)], alpha=0.85)
-    for xi, role, rate, h in zip(x, roles, rates, heights):
-        stats = by_role[role]
-        label = _fmt_float(rate, 3)
-        extra = []
-        if "sft" in stats:
-            extra.append(f"SFT {_fmt_int(stats['sft'])}")
-        if "dpo_pairs" in stats:
-            extra.append(f"DPO {_fmt_int(stats['dpo_pairs'])}")
-        if extra:
-            label += "\n" + ", ".join(extra)
-        ax.text(xi, min(h + 0.02, 0.85), label, ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x)
-    ax.set_xticklabels(roles)
-    _save_rate_plot(fig, ax, "positive rate", "Positive rate per role (expansion tree)", path)
-
-
-def _stage_records(records: Sequence[Mapping[str, Any]], stage: str) -> list[Mapping[str, Any]]:
-    return sorted((r for r in records if r.get("stage") == stage), key=lambda r: int(r.get("epoch", 0)))
-
-
-def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    for r in records:
-        v = r.get(key)
-        if v is not None and not _is_nan(v):
-            xs.append(int(r["epoch"]))
-            ys.append(float(v))
-    return xs, ys
-
-
-def _selected(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    return next((r for r in records if r.get("best")), None)
-
-
-def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
-    """PNG of the per-epoch training records (``train_role(...).epochs``) of every role.
-
-    One column per role; top row SFT train loss and held-out loss, bottom row DPO held-out loss
-    with held-out ``rewards/accuracies`` on a second [0, 1] axis; x = epoch (0 = before training);
-    the selected epoch (``best``) is marked with a dashed vertical line and a ring.
-    """
-    from matplotlib.ticker import MaxNLocator
-
-    roles = list(epochs_by_role)
-    fig = new_figure(max(4.0, 4.0 * len(roles)), 6.5)
-    for col, role in enumerate(roles):
-        records = list(epochs_by_role[role])
-        for row, stage in enumerate(("sft", "dpo")):
-            ax = fig.add_subplot(2, max(len(roles), 1), row * max(len(roles), 1) + col + 1)
-            recs = _stage_records(records, stage)
-            ax.set_title(f"{role}: {stage.upper()}", fontsize=10)
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-            if not recs:
-                ax.text(
-                    0.5,
-                    0.5,
-                    "not trained:\nkeeps the base model" if not records else f"no {stage.upper()} stage",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    fontsize=9,
-                )
-                ax.set_xticks([])
-                ax.set_yticks([])
-                continue
-            best = _selected(recs)
-            handles = []
-            if stage == "sft":
-                for key, label, style in (("train/loss", "train loss", "o-"), ("heldout/loss", "held-out loss", "s-")):
-                    xs, ys = _series(recs, key)
-                    if xs:
-                        handles += ax.plot(xs, ys, style, label=label, markersize=4)
-                ax.set_ylabel("cross-entropy")
-            else:
-                xs, ys = _series(recs, "heldout/loss")
-                if xs:
-                    handles += ax.plot(xs, ys, "s-", color="tab:red", label="held-out DPO loss", markersize=4)
-                ax.set_ylabel("DPO loss")
-                xs, ys = _series(recs, "heldout/rewards/accuracies")
-                if xs:
-                    ax2 = ax.twinx()
-                    handles += ax2.plot(xs, ys, "^--", color="tab:green", label="held-out reward acc.", markersize=4)
-                    ax2.set_ylim(0.0, 1.05)
-                    ax2.set_ylabel("reward accuracy")
-            if best is not None:
-                e = int(best["epoch"])
-                ax.axvline(e, color="gray", linestyle="--", linewidth=1)
-                y = best.get("heldout/loss")
-                if y is not None and not _is_nan(y):
-                    ax.plot([e], [float(y)], "o", markersize=10, markerfacecolor="none", color="black")
-                handles.append(ax.plot([], [], "--", color="gray", label=f"selected: epoch {e}")[0])
-            locator = ax.xaxis.get_major_locator()
-            if isinstance(locator, MaxNLocator):  # the default AutoLocator
-                locator.set_params(integer=True)
-            if handles:
-                ax.legend(handles=handles, fontsize=7, loc="best")
-    fig.suptitle("Training curves per role (x: epoch; 0 = before training)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
 
 
 def training_section(
@@ -396,7 +173,7 @@ def training_section(
                 [
                     role,
                     "-",
-                    f"SFT {_fmt_int(counts.get('sft', 0))}, DPO {_fmt_int(counts.get('dpo', 0))}",
+                    f"SFT {fmt_int(counts.get('sft', 0))}, DPO {fmt_int(counts.get('dpo', 0))}",
                     "0",
                     "-",
                     "no positive examples: keeps the base model",
@@ -407,12 +184,12 @@ def training_section(
             )
             continue
         for stage in ("sft", "dpo"):
-            recs = _stage_records(records, stage)
-            n = f"{_fmt_int(counts.get(stage, 0))} / {_fmt_int(counts.get(stage + '_heldout', 0))}"
+            recs = stage_records(records, stage)
+            n = f"{fmt_int(counts.get(stage, 0))} / {fmt_int(counts.get(stage + '_heldout', 0))}"
             if not recs:
                 rows.append([role, stage.upper(), n, "0", "-", "not run", "", "", ""])
                 continue
-            best = _selected(recs) or recs[-1]
+            best = selected(recs) or recs[-1]
             first = recs[0] if int(recs[0].get("epoch", 0)) == 0 else None
             dpo = stage == "dpo"
             rows.append(
@@ -422,13 +199,13 @@ def training_section(
                     n,
                     str(max(int(r["epoch"]) for r in recs)),
                     str(int(best["epoch"])),
-                    _fmt_float(None if first is None else first.get("heldout/loss")),
-                    _fmt_float(best.get("heldout/loss")),
-                    _fmt_float(best.get("heldout/rewards/accuracies")) if dpo else "-",
-                    _fmt_float(best.get("heldout/rewards/margins"), sign=True) if dpo else "-",
+                    fmt_float(None if first is None else first.get("heldout/loss")),
+                    fmt_float(best.get("heldout/loss")),
+                    fmt_float(best.get("heldout/rewards/accuracies")) if dpo else "-",
+                    fmt_float(best.get("heldout/rewards/margins"), sign=True) if dpo else "-",
                 ]
             )
-    lines += _md_table(header, rows) + [""]
+    lines += md_table(header, rows) + [""]
     lines += [
         "Epoch 0 = before the first update. The selected epoch has the lowest held-out loss (SFT: "
         "cross-entropy, DPO: DPO loss); without a held-out set the last epoch is kept and held-out "
@@ -473,11 +250,11 @@ def _meta_section(record: RunRecord, results: Mapping[str, SystemResult]) -> lis
     for f in dataclasses.fields(record):
         value = n_questions if f.name == "n_questions" else getattr(record, f.name)
         if "label" in f.metadata and value is not None:
-            rows.append([f.metadata["label"], _fmt_meta(f.name, value)])
-    rows += [[str(key), _fmt_meta(str(key), value)] for key, value in record.extra.items()]
+            rows.append([f.metadata["label"], fmt_meta(f.name, value)])
+    rows += [[str(key), fmt_meta(str(key), value)] for key, value in record.extra.items()]
     if not rows:
         return []
-    return ["## Run", ""] + _md_table(["field", "value"], rows) + [""]
+    return ["## Run", ""] + md_table(["field", "value"], rows) + [""]
 
 
 def _comparison_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -488,12 +265,12 @@ def _comparison_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = []
     for c in comparisons:
         name = f"{c['target']} vs {c['baseline']}" + (" (primary)" if c.get("primary") else "")
-        row = [name, _fmt_float(c.get("diff"), sign=True), _fmt_p(c.get("mcnemar_p"))]
+        row = [name, fmt_float(c.get("diff"), sign=True), fmt_p(c.get("mcnemar_p"))]
         if holm:
-            row.append("-" if c.get("primary") else _fmt_p(c.get("p_holm")))
-        rows.append(row + [_fmt_ci(c.get("bootstrap_lo"), c.get("bootstrap_hi")), _fmt_p(c.get("bootstrap_p"))])
+            row.append("-" if c.get("primary") else fmt_p(c.get("p_holm")))
+        rows.append(row + [fmt_ci(c.get("bootstrap_lo"), c.get("bootstrap_hi")), fmt_p(c.get("bootstrap_p"))])
     header = ["target vs baseline", "diff", "McNemar p"] + (["Holm p"] if holm else [])
-    lines += _md_table(header + ["bootstrap 95% CI", "bootstrap p"], rows)
+    lines += md_table(header + ["bootstrap 95% CI", "bootstrap p"], rows)
     lines += [
         "",
         "diff = target accuracy - baseline accuracy; McNemar: exact two-sided test on "
@@ -532,12 +309,12 @@ def verifier_section(verifier: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 f"{n_right} / {int(c['n']) - n_right}",
                 " / ".join(str(int(c[f"right_{v}"])) for v in ("says_correct", "says_incorrect", "no_verdict")),
                 " / ".join(str(int(c[f"wrong_{v}"])) for v in ("says_correct", "says_incorrect", "no_verdict")),
-                _fmt_float(c.get("tpr"), 3),
-                _fmt_float(c.get("tnr"), 3),
-                _fmt_float(c.get("balanced_accuracy"), 3),
+                fmt_float(c.get("tpr"), 3),
+                fmt_float(c.get("tnr"), 3),
+                fmt_float(c.get("balanced_accuracy"), 3),
             ]
         )
-    lines += _md_table(header, rows)
+    lines += md_table(header, rows)
     lines += [
         "",
         "Every pass of every held-out question: the verifier's verdict (its reply's \"correct\" / "
@@ -562,20 +339,20 @@ def data_section(counts: Mapping[str, Mapping[str, Any]], credit_summary: Mappin
         rows.append(
             [
                 role,
-                _fmt_int(s.get("examples")),
-                _fmt_int(s.get("heldout")),
-                _fmt_int(s.get("train")),
-                _fmt_int(s.get("train_after_cap")),
-                _fmt_int(d.get("pairs")),
-                _fmt_int(d.get("heldout")),
-                _fmt_int(d.get("train")),
-                _fmt_int(d.get("train_after_cap")),
+                fmt_int(s.get("examples")),
+                fmt_int(s.get("heldout")),
+                fmt_int(s.get("train")),
+                fmt_int(s.get("train_after_cap")),
+                fmt_int(d.get("pairs")),
+                fmt_int(d.get("heldout")),
+                fmt_int(d.get("train")),
+                fmt_int(d.get("train_after_cap")),
                 "n/a" if ident is None else str(ident),
                 "keeps the base model (no positive example)" if c.get("trained") is False else "",
             ]
         )
     if rows:
-        lines += _md_table(
+        lines += md_table(
             [
                 "role",
                 "SFT examples",
@@ -639,8 +416,8 @@ def write_report(
     lines += ["## Accuracy", ""]
     acc_png = run_dir / ACCURACY_PNG
     if results:
-        lines += _md_table(_ACC_HEADER, _accuracy_rows(results)) + [""]
-        _plot_accuracy(results, acc_png)
+        lines += md_table(_ACC_HEADER, _accuracy_rows(results)) + [""]
+        plot_accuracy(results, acc_png)
         lines += [f"![accuracy per system]({ACCURACY_PNG})", ""]
     else:
         lines += ["No systems were evaluated.", ""]
@@ -654,7 +431,7 @@ def write_report(
         lines += _credit_section(credit_summary)
         by_role, _ = _credit_by_role(credit_summary)
         if any("positive_rate" in s for s in by_role.values()):
-            _plot_positive_rate(by_role, rate_png)
+            plot_positive_rate(by_role, rate_png)
             wrote_rates = True
     if not wrote_rates:
         rate_png.unlink(missing_ok=True)

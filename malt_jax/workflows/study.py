@@ -57,7 +57,7 @@ def _link_rows(src: Path, dst: Path) -> None:
 
 def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
     """Accuracy vs training questions (95% Wilson intervals), baselines as bands."""
-    from malt_jax.evaluation.report import new_figure
+    from malt_jax.evaluation.plots import new_figure
 
     fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
