@@ -1,18 +1,43 @@
-"""Markdown tables for the README from the committed JSON summaries under results/.
+"""Markdown blocks for README.md and docs/experiments.md from the committed JSON summaries in results/.
 
-    python experiments/results_tables.py results/study_synthetic.json
-    python experiments/results_tables.py results/study_synthetic_n0400.json
+    python experiments/results_tables.py --readme     # the blocks README.md embeds, in its order
+    python experiments/results_tables.py --docs       # the blocks docs/experiments.md embeds
+    python experiments/results_tables.py results/smollm2-csqa.json   # every table of one summary
 
-A study curve gives the learning-curve table (one column per training-set size) and the primary
-comparison per size; a per-size (or single-run) summary gives the accuracy table, the paired
-comparisons (McNemar p and Holm-adjusted p), the held-out training targets and the verifier's
-verdict confusion. Numbers are printed as stored, rounded for reading.
+Each block is a heading, one line naming the command, the date, the wall time and the machine of
+the run that wrote the file, then its tables. tests/test_readme_tables.py checks that README.md
+and docs/experiments.md contain every block verbatim, so a table cannot drift from its JSON:
+after a re-run, print the blocks again and paste them over the old ones.
+
+The date and the machine come from the summary's own ``date`` and ``machine`` fields
+(``machine``: ``{"cpu": ..., "isa": ...}``, as ``malt_jax.runtime.machine`` records it; the
+summaries written before the runs recorded it carry the date of their commit and the machine
+named in its notes, marked as added afterwards). Numbers are printed as stored, rounded for
+reading. Only the standard library is imported (the test must stay fast).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+
+MAKE = {  # the make target behind a summary's command
+    "malt-jax run experiments/smollm2_synthetic.yaml": "make malt",
+    "malt-jax run experiments/smollm2_csqa.yaml": "make csqa",
+    "malt-jax study experiments/study_synthetic.yaml": "make study",
+}
+STAGES = {"load": "load", "expand": "expansion", "credit": "credit", "train": "training", "eval": "evaluation"}
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+# ---------------------------------------------------------------- formatting
 
 
 def _acc(v: dict) -> str:
@@ -23,71 +48,349 @@ def _num(x, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def curve(d: dict) -> None:
-    sizes = [c["n_train"] for c in d["curve"]]
-    print("| system | " + " | ".join(f"{k} training questions" for k in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
-    for name, v in d["baselines"].items():
-        print(f"| {name} (untrained) | " + " | ".join([_acc(v)] + ["same"] * (len(sizes) - 1)) + " |")
-    names = list(dict.fromkeys(n for c in d["curve"] for n in c["systems"]))
-    for name in names:
-        print(
-            f"| {name} | "
-            + " | ".join(_acc(c["systems"][name]) if name in c["systems"] else "-" for c in d["curve"])
-            + " |"
+def _p(x: float) -> str:
+    return format(x, ".2g")
+
+
+def _dur(s: float) -> str:
+    if s < 60:
+        return f"{s:.0f} s"
+    m, sec = divmod(round(s), 60)
+    if m < 60:
+        return f"{m} min {sec} s"
+    return f"{m // 60} h {m % 60} min"
+
+
+def _date(name: str, d: dict) -> str:
+    return str(d["date"]).split("T")[0] if d.get("date") else "not recorded in the file"
+
+
+def _machine(name: str, d: dict) -> str:
+    m = d.get("machine")
+    if isinstance(m, dict):
+        isa = m.get("isa")
+        isa = ", ".join(isa) if isinstance(isa, list | tuple) else isa
+        return f"{m.get('cpu', 'CPU not recorded')}" + (f" ({isa})" if isa else "")
+    return str(m) if m else "not recorded in the file"
+
+
+def _stage_name(key: str) -> str:
+    size, _, stage = key.rpartition("/")
+    if size == "eval":  # the study's "eval/baselines"
+        return "baseline evaluation"
+    return (f"{size} " if size else "") + STAGES.get(stage, stage)
+
+
+def meta(name: str, d: dict) -> str:
+    """One line: command, date, wall time (stage breakdown, peak memory) and machine."""
+    cmd = d["command"]
+    make = MAKE.get(cmd)
+    head = f"Command: `{make}` (`{cmd}`)" if make else f"Command: `{cmd}`"
+    if "timings_s" in d:  # a pipeline run: wall_time_s is the sum of its stages' times
+        stages = ", ".join(f"{_stage_name(k)} {v:.0f} s" for k, v in d["timings_s"].items() if v >= 1)
+        wall = f"wall time {_dur(d['wall_time_s'])}, summed over the stages ({stages})"
+    else:
+        wall = f"wall time {_dur(d['wall_time_s'])}"
+    if d.get("this_call_s") and d["this_call_s"] < d["wall_time_s"]:
+        wall += f", in more than one invocation (the last one {_dur(d['this_call_s'])})"
+    peak = d.get("peak_rss_gb")
+    if peak:
+        stage = max(peak, key=peak.get)
+        wall += f"; peak resident memory {peak[stage]:.2f} GB (10^9 bytes, {STAGES.get(stage, stage)} stage)"
+    return f"{head}; run {_date(name, d)}; {wall}; machine: {_machine(name, d)}. Summary: `results/{name}`."
+
+
+# ---------------------------------------------------------------- tables
+
+
+def accuracy_table(d: dict, against: str = "malt+MV@3") -> list[str]:
+    """Every system's accuracy, and `against` minus it (exact McNemar p, Holm-adjusted p)."""
+    comps = {c["b"]: c for c in d["comparisons"] if c["a"] == against}
+    out = [
+        f"| system ({d['n_eval']} evaluation questions) | accuracy [95% Wilson CI] | correct / n "
+        f"| {against} minus system (McNemar p) |",
+        "|---|---|---|---|",
+    ]
+    for name, v in d["systems"].items():
+        c = comps.get(name)
+        if c is None:
+            cell = ""
+        elif c.get("primary"):
+            cell = f"{c['diff']:+.3f} (p {_p(c['p'])}, **primary**)"
+        else:
+            cell = f"{c['diff']:+.3f} (p {_p(c['p'])}, Holm {_p(c['p_holm'])})"
+        out.append(f"| {name} | {_acc(v)} | {v['correct']} / {v.get('n', d.get('n_eval'))} | {cell} |")
+    return out
+
+
+def comparisons_table(d: dict) -> list[str]:
+    out = ["| comparison | diff | McNemar p | Holm p | paired bootstrap 95% CI |", "|---|---|---|---|---|"]
+    for c in d["comparisons"]:
+        lo, hi = c["bootstrap_ci95"]
+        out.append(
+            f"| {c['a']} vs {c['b']}{' (primary)' if c.get('primary') else ''} | {c['diff']:+.3f} | "
+            f"{c['p']:.3g} | {'-' if c.get('primary') else format(c['p_holm'], '.3g')} | [{lo:+.3f}, {hi:+.3f}] |"
         )
-    print()
-    for c in d["curve"]:
-        p = c["primary"]
-        if p:
-            print(
-                f"- n_train={c['n_train']}: primary {p['a']} vs {p['b']}: diff {p['diff']:+.3f}, "
-                f"McNemar p = {p['p']:.3g}"
-            )
-    print(
-        f"\nwall time {d['wall_time_s'] / 60:.0f} min: "
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in d["timings_s"].items())
+    return out
+
+
+def training_table(d: dict) -> list[str]:
+    out = [
+        "| role | SFT examples (train / held out) | held-out SFT loss start -> selected (epochs) "
+        "| DPO pairs (train / held out) | held-out DPO loss start -> selected (epochs) "
+        "| held-out DPO reward accuracy / margin |",
+        "|---|---|---|---|---|---|",
+    ]
+    for role, t in d["training"].items():
+        data = d["training_data"][role]
+        out.append(
+            f"| {role} | {data['sft']['train_after_cap']} / {data['sft']['heldout']} "
+            f"| {_num(t['heldout_sft_loss_start'])} -> {_num(t['heldout_sft_loss_end'])} ({t['sft_epochs']}) "
+            f"| {data['dpo']['train_after_cap']} / {data['dpo']['heldout']} "
+            f"| {_num(t['heldout_dpo_loss_start'])} -> {_num(t['heldout_dpo_loss_end'])} ({t['dpo_epochs']}) "
+            f"| {_num(t['heldout_dpo_accuracy'])} / {_num(t['heldout_dpo_margin'], '+.3f')} |"
+        )
+    return out
+
+
+def verifier_table(verifier: dict, label: str = "chain") -> list[str]:
+    out = [
+        f"| {label} | G right: V says correct / incorrect / no verdict "
+        "| G wrong: V says correct / incorrect / no verdict | V balanced accuracy |",
+        "|---|---|---|---|",
+    ]
+    for name, c in verifier.items():
+        out.append(
+            f"| {name} | {c['right_says_correct']} / {c['right_says_incorrect']} / {c['right_no_verdict']} "
+            f"| {c['wrong_says_correct']} / {c['wrong_says_incorrect']} / {c['wrong_no_verdict']} "
+            f"| {_num(c['balanced_accuracy'])} |"
+        )
+    return out
+
+
+def credit_line(d: dict) -> str:
+    c = d["credit"]
+    fb = c["reward_fallback"]
+    sets = ", ".join(f"{r} {d['training_data'][r]['sft']['examples']}" for r in d["training_data"])
+    pairs = ", ".join(
+        f"{r} {d['training_data'][r]['dpo']['pairs']}"
+        for r in d["training_data"]
+        if d["training_data"][r]["dpo"]["pairs"]
+    )
+    return (
+        f"Trees of {c['questions']} training questions: {c['leaf_accuracy']:.1%} correct leaves; the strict reward "
+        f"rewarded {fb['rewarded']} of {fb['leaves']} leaves (the lenient grader: {fb['rewarded_lenient']}; "
+        f"{fb['cut_off']} cut off by the token budget, {fb['no_explicit_answer']} without an explicit answer). "
+        f"SFT examples {sets}; DPO pairs {pairs}."
     )
 
 
-def single(d: dict) -> None:
-    print("| system | accuracy [95% Wilson CI] | correct / n |")
-    print("|---|---|---|")
-    for name, v in d["systems"].items():
-        print(f"| {name} | {_acc(v)} | {v['correct']} / {v.get('n', d.get('n_eval'))} |")
-    print("\n| comparison | diff | McNemar p | Holm p |")
-    print("|---|---|---|---|")
-    for c in d["comparisons"]:
-        print(
-            f"| {c['a']} vs {c['b']}{' (primary)' if c.get('primary') else ''} | {c['diff']:+.3f} | "
-            f"{c['p']:.3g} | {'-' if c.get('primary') else format(c['p_holm'], '.3g')} |"
-        )
-    if "training" in d:
-        print("\n| role | held-out SFT loss start -> selected (epoch) | held-out DPO reward accuracy / margin |")
-        print("|---|---|---|")
+def study_table(d: dict, sizes: dict[int, dict]) -> list[str]:
+    """The learning curve: systems x training-set sizes, and the primary comparison per size."""
+    ns = [c["n_train"] for c in d["curve"]]
+    out = [
+        f"| system ({d['n_eval']} evaluation questions) | " + " | ".join(f"{n} training q." for n in ns) + " |",
+        "|---|" + "---|" * len(ns),
+    ]
+    for name, v in d["baselines"].items():
+        out.append(f"| {name} (untrained) | " + " | ".join([_acc(v)] + ["same"] * (len(ns) - 1)) + " |")
+    names = list(dict.fromkeys(n for c in d["curve"] for n in c["systems"]))
+    for name in sorted(names, key=lambda n: (not n.startswith("sft"), n)):
+        cells = [_acc(c["systems"][name]) if name in c["systems"] else "-" for c in d["curve"]]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    prim = [c["primary"] for c in d["curve"]]
+    out.append(
+        f"| **primary**: {prim[0]['a']} minus {prim[0]['b']} (McNemar p) | "
+        + " | ".join(f"{p['diff']:+.3f} (p {_p(p['p'])})" for p in prim)
+        + " |"
+    )
+    return out
+
+
+def study_comparisons_table(sizes: dict[int, dict]) -> list[str]:
+    ns = sorted(sizes)
+    rows = [  # the comparisons of the trained chain with a vote, and the two without one
+        r
+        for r in dict.fromkeys(f"{c['a']} vs {c['b']}" for n in ns for c in sizes[n]["comparisons"])
+        if r.startswith("malt+MV@3 vs") or r in ("malt vs chain", "malt vs sft-chain")
+    ]
+    out = ["| comparison (McNemar p; Holm-adjusted p) | " + " | ".join(f"n={n}" for n in ns) + " |"]
+    out.append("|---|" + "---|" * len(ns))
+    for row in rows:
+        cells = []
+        for n in ns:
+            c = next((c for c in sizes[n]["comparisons"] if f"{c['a']} vs {c['b']}" == row), None)
+            if c is None:
+                cells.append("-")
+            elif c.get("primary"):
+                cells.append(f"{c['diff']:+.3f} (p {_p(c['p'])}, primary)")
+            else:
+                cells.append(f"{c['diff']:+.3f} (p {_p(c['p'])}, Holm {_p(c['p_holm'])})")
+        out.append(f"| {row} | " + " | ".join(cells) + " |")
+    return out
+
+
+def study_training_table(sizes: dict[int, dict]) -> list[str]:
+    out = [
+        "| size | role | SFT examples (train / held out) | held-out SFT loss start -> selected "
+        "| DPO pairs (train / held out) | held-out DPO reward accuracy | V balanced accuracy (untrained -> trained) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted(sizes):
+        d = sizes[n]
         for role, t in d["training"].items():
-            print(
-                f"| {role} | {_num(t['heldout_sft_loss_start'])} -> {_num(t['heldout_sft_loss_end'])} "
-                f"({t['sft_epochs']}) | {_num(t['heldout_dpo_accuracy'])} / {_num(t['heldout_dpo_margin'], '+.3f')} |"
+            data = d["training_data"][role]
+            v = ""
+            if role == "V":
+                ver = d["verifier"]
+                v = f"{_num(ver['chain']['balanced_accuracy'])} -> {_num(ver['malt']['balanced_accuracy'])}"
+            out.append(
+                f"| {n} | {role} | {data['sft']['train_after_cap']} / {data['sft']['heldout']} "
+                f"| {_num(t['heldout_sft_loss_start'])} -> {_num(t['heldout_sft_loss_end'])} "
+                f"| {data['dpo']['train_after_cap']} / {data['dpo']['heldout']} "
+                f"| {_num(t['heldout_dpo_accuracy'])} | {v} |"
             )
+    return out
+
+
+def study_sizes(d: dict) -> dict[int, dict]:
+    return {c["n_train"]: load(f"study_synthetic_n{c['n_train']:04d}.json") for c in d["curve"]}
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def _block(heading: str, name: str, d: dict, body: list[str]) -> str:
+    return "\n".join([heading, "", meta(name, d), "", *body])
+
+
+def block_malt(full: bool = False) -> str:
+    d = load("smollm2-synthetic.json")
+    body = accuracy_table(d)
+    if full:
+        body += ["", credit_line(d), "", *comparisons_table(d), "", *training_table(d), ""]
+        body += verifier_table(d["verifier"])
+    return _block(
+        "### `make malt`: SmolLM2-135M-Instruct, synthetic inverse arithmetic", "smollm2-synthetic.json", d, body
+    )
+
+
+def block_csqa(full: bool = False) -> str:
+    d = load("smollm2-csqa.json")
+    body = accuracy_table(d)
+    if full:
+        body += ["", credit_line(d), "", *comparisons_table(d), "", *training_table(d), ""]
+        body += verifier_table(d["verifier"])
+    return _block("### `make csqa`: SmolLM2-135M-Instruct, CommonsenseQA", "smollm2-csqa.json", d, body)
+
+
+def block_study(full: bool = False) -> str:
+    d = load("study_synthetic.json")
+    sizes = study_sizes(d)
+    body = study_table(d, sizes)
+    if (RESULTS / "study_synthetic.png").exists():
+        body += ["", f"![learning curve]({'../' if full else ''}results/study_synthetic.png)"]  # docs/ is a level down
+    if full:
+        per_size = "; ".join(
+            f"`results/study_synthetic_n{n:04d}.json` ({_dur(sizes[n]['wall_time_s'])})" for n in sorted(sizes)
+        )
+        body += ["", f"Per size (wall time of its training and evaluation): {per_size}.", ""]
+        body += study_comparisons_table(sizes) + [""] + study_training_table(sizes)
+    return _block("### `make study`: learning curve, synthetic inverse arithmetic", "study_synthetic.json", d, body)
+
+
+def block_probe_verification() -> str:
+    d = load("probe_verification.json")
+    body = [
+        f'| family ({d["items"]} items each) | solve accuracy | verify AUC | says "correct" |',
+        "|---|---|---|---|",
+    ]
+    for fam, v in d["families"].items():
+        body.append(f"| {fam} | {v['solve_accuracy']:.3f} | {v['verify_auc']:.3f} | {v['says_correct']:.3f} |")
+    return _block("### Can SmolLM2-135M verify at all?", "probe_verification.json", d, body)
+
+
+def block_verifier_designs() -> str:
+    d = load("probe_verifier_designs.json")
+    body = [
+        f"| design @ tree temperature ({d['n']} {d['split']} questions, {d['framing']} framing) "
+        '| G accuracy | R accuracy | V balanced accuracy | V says "correct" |',
+        "|---|---|---|---|---|",
+    ]
+    for run, v in d["runs"].items():
+        body.append(
+            f"| {run} | {v['G_accuracy']:.3f} | {v['R_accuracy']:.3f} | {v['verdicts']['balanced_accuracy']:.3f} "
+            f"| {v['verdicts']['says_correct_rate']:.3f} |"
+        )
+    return _block("### Verifier designs", "probe_verifier_designs.json", d, body)
+
+
+def block_framing() -> str:
+    d = load("framing_synthetic.json")
+    systems = list(next(iter(d["framings"].values()))["systems"])
+    body = [
+        f"| framing ({d['n_eval']} {d['split']} questions) | " + " | ".join(systems) + " | V balanced accuracy |",
+        "|---|" + "---|" * (len(systems) + 1),
+    ]
+    for name, f in d["framings"].items():
+        cells = [f"{f['systems'][s]['accuracy']:.3f}" for s in systems]
+        body.append(f"| {name} | " + " | ".join(cells) + f" | {f['verifier']['balanced_accuracy']:.3f} |")
+    body.append("")
+    body.append(
+        "Separate vs chat: "
+        + "; ".join(f"{c['a']} minus {c['b']} {c['diff']:+.3f} (McNemar p {_p(c['p'])})" for c in d["separate_vs_chat"])
+        + "."
+    )
+    return _block("### Role framing", "framing_synthetic.json", d, body)
+
+
+def readme_blocks() -> list[str]:
+    return [block_malt(), block_csqa(), block_study()]
+
+
+def docs_blocks() -> list[str]:
+    return [
+        block_probe_verification(),
+        block_verifier_designs(),
+        block_framing(),
+        block_malt(full=True),
+        block_csqa(full=True),
+        block_study(full=True),
+    ]
+
+
+def file_block(path: str) -> str:
+    name = Path(path).name
+    by_file = {
+        "smollm2-synthetic.json": lambda: block_malt(full=True),
+        "smollm2-csqa.json": lambda: block_csqa(full=True),
+        "study_synthetic.json": lambda: block_study(full=True),
+        "probe_verification.json": block_probe_verification,
+        "probe_verifier_designs.json": block_verifier_designs,
+        "framing_synthetic.json": block_framing,
+    }
+    if name in by_file and Path(path).resolve() == (RESULTS / name).resolve():
+        return by_file[name]()
+    d = json.loads(Path(path).read_text())  # any other single-run summary (e.g. a run directory's)
+    body = accuracy_table(d)
+    if "training" in d:
+        body += ["", *comparisons_table(d), "", *training_table(d)]
     if d.get("verifier"):
-        print("\n| chain | right: says correct / incorrect | wrong: says correct / incorrect | balanced accuracy |")
-        print("|---|---|---|---|")
-        for name, c in d["verifier"].items():
-            print(
-                f"| {name} | {c['right_says_correct']} / {c['right_says_incorrect']} | {c['wrong_says_correct']} / "
-                f"{c['wrong_says_incorrect']} | {_num(c['balanced_accuracy'])} |"
-            )
+        body += ["", *verifier_table(d["verifier"])]
+    return _block(f"### {d.get('experiment', name)}", name, d, body)
 
 
-def main() -> None:
-    for path in sys.argv[1:]:
-        with open(path) as f:
-            d = json.load(f)
-        print(f"<!-- {path} -->")
-        (curve if "curve" in d else single)(d)
-        print()
+def main(argv: list[str]) -> None:
+    if argv == ["--readme"]:
+        blocks = readme_blocks()
+    elif argv == ["--docs"]:
+        blocks = docs_blocks()
+    elif argv and not any(a.startswith("--") for a in argv):
+        blocks = [file_block(a) for a in argv]
+    else:
+        sys.exit(__doc__)
+    print("\n\n".join(blocks))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
