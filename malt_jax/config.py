@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -25,6 +27,89 @@ def _check_min(section: str, obj: Any, **minimums: float) -> None:
         value = getattr(obj, name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < lo:
             raise ConfigError(f"{section}.{name} must be >= {lo}, got {value!r}")
+
+
+def _check(section: str, obj: Any, name: str, ok: bool, expected: str) -> None:
+    """Raises ``ConfigError("<section>.<name>: expected <expected>, got <value>")`` unless ``ok``."""
+    if not ok:
+        key = f"{section}.{name}" if section else name
+        raise ConfigError(f"{key}: expected {expected}, got {getattr(obj, name)!r}")
+
+
+def _type_error(value: Any, tp: Any) -> str | None:
+    """What is wrong with ``value`` as a value of the field type ``tp`` (None: nothing). Floats
+    must be finite (a NaN temperature or top_p silently breaks sampling)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = [_type_error(value, a) for a in args if a is not type(None)]
+        return None if any(e is None for e in errors) else " or ".join(e for e in errors if e)
+    if origin is Literal:
+        return None if value in args else f"one of {', '.join(map(str, args))}"
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return None if isinstance(value, tp) else f"a {tp.__name__}"
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return "a tuple"
+        if len(args) == 2 and args[1] is Ellipsis:
+            for item in value:
+                err = _type_error(item, args[0])
+                if err:
+                    return f"items of {err}"
+        elif args:
+            if len(value) != len(args):
+                return f"a tuple of {len(args)}"
+            for item, a in zip(value, args):
+                err = _type_error(item, a)
+                if err:
+                    return err
+        return None
+    if tp is bool:
+        return None if isinstance(value, bool) else "a bool"
+    if tp is int:
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "an int"
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return "a number"
+        return None if math.isfinite(value) else "a finite number"
+    if tp is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _check_types(section: str, obj: Any) -> None:
+    """Checks every field of a config dataclass against its annotation (see :func:`_type_error`)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        err = _type_error(value, hints[f.name])
+        if err:
+            key = f"{section}.{f.name}" if section else f.name
+            raise ConfigError(f"{key}: expected {err}, got {value!r}")
+
+
+def _unit(x: float, lo_open: bool = False, hi_open: bool = False) -> bool:
+    """Whether ``x`` lies in [0, 1] (with the named ends open)."""
+    return (x > 0 if lo_open else x >= 0) and (x < 1 if hi_open else x <= 1)
+
+
+# the decoder-layer projections a LoRA adapter can target (model/llama.py LAYER_WEIGHTS; kept
+# here so that loading a config imports no JAX) and the device-mesh axes (parallel/sharding.py)
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+MESH_AXES = ("data", "fsdp", "tensor")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +147,29 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # shapes may come from a weight file's metadata (config.json, GGUF): check them here
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
-                raise ConfigError(f"model.{name}: expected a positive int, got {value!r}")
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"model.{name}: expected a number, got {value!r}")
         if self.arch not in ("llama", "qwen2", "qwen3"):
             raise ConfigError(f"model.arch: expected one of llama, qwen2, qwen3, got {self.arch!r}")
+        _check_types("model", self)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len"):
+            _check("model", self, name, getattr(self, name) >= 1, "a positive int")
+        _check("model", self, "norm_eps", 0 < self.norm_eps < 1, "0 < norm_eps < 1")
+        _check("model", self, "rope_theta", self.rope_theta > 0, "rope_theta > 0")
+        if self.rope_scaling:
+            s = dict(self.rope_scaling)
+            _check(
+                "model",
+                self,
+                "rope_scaling",
+                sorted(s) == sorted(ROPE_SCALING_KEYS) and len(s) == len(self.rope_scaling),
+                f"none or Llama-3 rope scaling with the keys {', '.join(ROPE_SCALING_KEYS)}",
+            )
+            _check(
+                "model",
+                self,
+                "rope_scaling",
+                all(v > 0 for v in s.values()) and s["low_freq_factor"] != s["high_freq_factor"],
+                "positive values and low_freq_factor != high_freq_factor",
+            )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
 
@@ -232,7 +330,9 @@ class SamplingConfig:
     compact_levels: int = dataclasses.field(default=2, metadata={"identity": False})
 
     def __post_init__(self) -> None:
+        _check_types("sampling", self)
         _check_min("sampling", self, temperature=0, top_k=0, max_new_tokens=1, compact_levels=0)
+        _check("sampling", self, "top_p", 0 < self.top_p <= 1, "0 < top_p <= 1")
         if self.role_max_new_tokens and (len(self.role_max_new_tokens) != 3 or min(self.role_max_new_tokens) < 1):
             raise ConfigError(
                 f"sampling.role_max_new_tokens must be empty or three ints >= 1 (G, V, R), "
@@ -264,6 +364,7 @@ class TreeConfig:
     share_prefix: bool = True
 
     def __post_init__(self) -> None:
+        _check_types("tree", self)
         _check_min("tree", self, n=1, m=1, l=1, questions_per_batch=1)
 
 
@@ -277,7 +378,14 @@ class LoraConfig:
     top_layers: int = 0
 
     def __post_init__(self) -> None:
+        _check_types("lora", self)
         _check_min("lora", self, rank=1, top_layers=0)
+        _check("lora", self, "alpha", self.alpha > 0, "alpha > 0")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"lora.targets: unknown weight {bad[0]!r}; valid targets are {LORA_TARGETS}")
+        _check("lora", self, "targets", len(self.targets) >= 1, "at least one of " + ", ".join(LORA_TARGETS))
+        _check("lora", self, "targets", len(set(self.targets)) == len(self.targets), "no duplicates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +435,7 @@ class TrainConfig:
     unstack_layers: bool = dataclasses.field(default=True, metadata={"identity": False})
 
     def __post_init__(self) -> None:
+        _check_types("train", self)
         _check_min(
             "train",
             self,
@@ -343,11 +452,25 @@ class TrainConfig:
             max_dpo_pairs=0,
             early_stop_patience=0,
             heldout_fraction=0,
+            weight_decay=0,
+            max_pairs_per_parent=0,
+            checkpoint_every=1,
+            seed=0,
         )
         if isinstance(self.heldout_fraction, (int, float)) and not self.heldout_fraction < 1:
             raise ConfigError(f"train.heldout_fraction must be < 1, got {self.heldout_fraction!r}")
         if isinstance(self.warmup_ratio, (int, float)) and not self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be < 1, got {self.warmup_ratio!r}")
+        _check("train", self, "dpo_beta", self.dpo_beta > 0, "dpo_beta > 0")
+        _check("train", self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "0 <= label_smoothing < 0.5")
+        _check("train", self, "value_threshold", _unit(self.value_threshold), "0 <= value_threshold <= 1")
+        _check(
+            "train",
+            self,
+            "grad_accum",
+            self.batch_size % self.grad_accum == 0,
+            f"a divisor of train.batch_size={self.batch_size} (a microbatch is batch_size / grad_accum)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,7 +484,10 @@ class EvalConfig:
     sft_chain: bool = False  # also evaluate the SFT-only trained chain (the paper's STaR-style ablation)
 
     def __post_init__(self) -> None:
-        _check_min("eval", self, votes=1, batch_questions=0, temperature=0, max_new_tokens=1)
+        _check_types("eval", self)
+        _check_min(
+            "eval", self, votes=1, batch_questions=0, temperature=0, max_new_tokens=1, bootstrap_samples=1, seed=0
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +504,12 @@ class TaskConfig:
     framing: Literal["chat", "separate"] = "chat"
 
     def __post_init__(self) -> None:
-        _check_min("task", self, num_train=1, num_eval=1)
+        _check_types("task", self)
+        _check_min("task", self, num_train=1, num_eval=1, seed=0)
+        # the name itself (a registered task or package.module:Class) is checked by tasks.get_task
+        _check("task", self, "name", bool(self.name.strip()), "a task name")
+        keys = [k for k, _ in self.options]
+        _check("task", self, "options", len(set(keys)) == len(keys), "a mapping without repeated keys")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,6 +525,7 @@ class StudyConfig:
     sft_chain: str = dataclasses.field(default="largest", metadata={"identity": False})
 
     def __post_init__(self) -> None:
+        _check_types("study", self)
         if self.sft_chain not in ("all", "largest"):
             raise ConfigError(f"study.sft_chain must be 'all' or 'largest', got {self.sft_chain!r}")
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.train_sizes):
@@ -421,6 +553,32 @@ class RunConfig:
     results: str = dataclasses.field(default="", metadata={"identity": False})
 
     def __post_init__(self) -> None:
+        _check_types("", self)
+        if self.model_preset not in MODEL_PRESETS:
+            raise ConfigError(
+                f"model_preset: unknown preset {self.model_preset!r}; choose from {sorted(MODEL_PRESETS)}"
+            )
+        for name in ("name", "weights", "run_dir"):
+            _check("", self, name, bool(getattr(self, name).strip()), "a non-empty string")
+        _check("", self, "name", not set(self.name) & set("/\\"), "a name without path separators")
+        axes = [a for a, _ in self.mesh]
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ConfigError(f"mesh: unknown axis {bad[0]!r}; axes are {', '.join(MESH_AXES)}")
+        _check("", self, "mesh", len(set(axes)) == len(axes), "each axis at most once")
+        sizes = [n for _, n in self.mesh]
+        _check("", self, "mesh", all(n >= 1 or n == -1 for n in sizes), "axis sizes >= 1 (or one of -1: the rest)")
+        _check("", self, "mesh", sizes.count(-1) <= 1, "at most one axis of size -1")
+        if self.lora.top_layers > self.model.n_layers:
+            raise ConfigError(
+                f"lora.top_layers: expected 0 <= top_layers <= model.n_layers={self.model.n_layers}, "
+                f"got {self.lora.top_layers}"
+            )
+        if self.sampling.top_k > self.model.vocab_size:
+            raise ConfigError(
+                f"sampling.top_k: expected 0 <= top_k <= model.vocab_size={self.model.vocab_size}, "
+                f"got {self.sampling.top_k}"
+            )
         if self.study.train_sizes and max(self.study.train_sizes) > self.task.num_train:
             raise ConfigError(
                 f"study.train_sizes: the largest size {max(self.study.train_sizes)} exceeds "
@@ -620,12 +778,15 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         raise ConfigError(f"model_preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
     model_over = data.pop("model", {}) or {}
     try:
-        cfg = from_dict(RunConfig, data)
+        if not isinstance(model_over, dict):
+            raise ConfigError(f"model: expected a mapping, got {type(model_over).__name__}")
+        # the model first: the cross-field checks of RunConfig (lora.top_layers <= model.n_layers...)
+        # then see the run's model, and every field is checked here, before any work
+        base_model = MODEL_PRESETS[preset]()
+        model = from_dict(ModelConfig, {**to_dict(base_model), **model_over}, prefix="model.")
+        return from_dict(RunConfig, {**data, "model": model})
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    base_model = MODEL_PRESETS[preset]()
-    model = from_dict(ModelConfig, {**to_dict(base_model), **model_over}, prefix="model.")
-    return dataclasses.replace(cfg, model=model)
 
 
 def run_config_of(run_dir: str | Path) -> RunConfig:
@@ -639,7 +800,8 @@ def run_config_of(run_dir: str | Path) -> RunConfig:
     data.pop("config_hash", None)
     model = data.pop("model", {}) or {}
     try:
-        cfg = from_dict(RunConfig, data)
-        return dataclasses.replace(cfg, model=from_dict(ModelConfig, model, prefix="model."))
+        if not isinstance(model, dict):
+            raise ConfigError(f"model: expected a mapping, got {type(model).__name__}")
+        return from_dict(RunConfig, {**data, "model": from_dict(ModelConfig, model, prefix="model.")})
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -144,7 +144,7 @@ lora: {{rank: 2, alpha: 4.0, targets: [wq, wv, w_down], top_layers: 1}}
 """
 
 
-def test_export_run_merged_and_peft(tmp_path):
+def test_export_run_merged_and_peft(tmp_path, fast_model):
     path = tmp_path / "cfg.yaml"
     path.write_text(CONFIG.format(run_dir=tmp_path / "run"))
     cfg = load_run_config(path)
@@ -183,3 +183,134 @@ def test_export_run_merged_and_peft(tmp_path):
 
     tok = Tokenizer.from_tokenizer_json(written["base"] / "tokenizer.json")
     assert tok.encode("What is 2 + 3?") == model.tokenizer.encode("What is 2 + 3?")
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("layer_replication", [[0, 2], [1, 3]], "layer replication"),
+        ("exclude_modules", ["k_proj"], "excluded modules"),
+        ("modules_to_save", ["lm_head"], "modules_to_save"),
+        ("lora_bias", True, "LoRA biases"),
+        ("trainable_token_indices", [5, 6], "trainable token"),
+        ("use_dora", "false", "expected true or false"),  # a string, not JSON false
+        ("use_rslora", "true", "expected true or false"),
+        ("fan_in_fan_out", 1, "expected true or false"),
+        ("lora_alpha", float("nan"), "finite number > 0"),
+        ("lora_alpha", 0, "finite number > 0"),
+        ("lora_alpha", True, "finite number > 0"),
+        ("r", True, "int >= 1"),
+        ("layers_to_transform", [0], "disagrees with the tensors"),
+        ("layers_to_transform", [0, 1, 2, 3], "disagrees with the tensors"),
+        ("layers_to_transform", "top", "expected null, an int or a list of ints"),
+        ("target_modules", ["q_proj", "v_proj"], "disagrees with the tensors"),
+        ("target_modules", [], "disagrees with the tensors"),
+    ],
+)
+def test_load_peft_refuses_unrepresentable_fields_naming_file_and_field(tmp_path, field, value, match):
+    lora_cfg = LoraConfig(rank=2, alpha=4.0, targets=("wq",), top_layers=0)
+    save_peft(_adapter(lora_cfg), CFG, lora_cfg, tmp_path / "ok")
+    conf = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
+    _write(tmp_path / "bad", {**conf, field: value}, load_file(str(tmp_path / "ok" / "adapter_model.safetensors")))
+    with pytest.raises(WeightError, match=match) as info:
+        load_peft(tmp_path / "bad", CFG)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'bad' / 'adapter_config.json'}: {field} = ") and "\n" not in msg
+
+
+def test_load_peft_accepts_consistent_optional_fields(tmp_path):
+    lora_cfg = LoraConfig(rank=2, alpha=4.0, targets=("wq", "w_down"), top_layers=1)
+    save_peft(_adapter(lora_cfg), CFG, lora_cfg, tmp_path)
+    conf = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert conf["layers_to_transform"] == [2]
+    for extra in (
+        {"layers_to_transform": 2, "use_dora": False, "lora_bias": False, "modules_to_save": None},
+        {"target_modules": "all-linear", "exclude_modules": None, "layer_replication": None, "use_rslora": None},
+        {"target_modules": ["down_proj", "q_proj"], "trainable_token_indices": None},
+    ):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**conf, **extra}))
+        back, back_cfg = load_peft(tmp_path, CFG)
+        assert back_cfg == lora_cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "cfg.yaml"
+    path.write_text(CONFIG.format(run_dir=path.parent / "run"))
+    cfg = load_run_config(path)
+    return pipeline.load_model(cfg.weights, cfg.model)
+
+
+@pytest.fixture
+def fast_model(tiny_model, monkeypatch):
+    """export_run's model load (the tokenizer read from the embedded GGUF is slow) done once."""
+    monkeypatch.setattr(pipeline, "load_model", lambda weights, cfg: tiny_model)
+
+
+def _export_fixture(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(CONFIG.format(run_dir=tmp_path / "run"))
+    cfg = load_run_config(path)
+    run_dir = pipeline.prepare_run_dir(cfg)
+    (run_dir / "adapters").mkdir()
+    for i, role in enumerate(pipeline.ROLES):
+        ad = jax.tree.map(lambda x, i=i: x + 0.1 * (i + 1), init_lora(cfg.model, cfg.lora, jax.random.key(i)))
+        pipeline.save_adapter(ad, run_dir / "adapters" / f"{role}.safetensors")
+    return cfg, run_dir
+
+
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_export_is_atomic(tmp_path, monkeypatch, fast_model):
+    import malt_jax.model.lora as lora_mod
+
+    cfg, run_dir = _export_fixture(tmp_path)
+    out = tmp_path / "exported" / "out"
+    real_merge, calls = lora_mod.merge, []
+
+    def failing_merge(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real_merge(*a, **k)
+
+    # --format both fails after G's PEFT folder and merged checkpoint: no OUT, no temporary folder
+    monkeypatch.setattr(lora_mod, "merge", failing_merge)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_run(run_dir, out, "both")
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    monkeypatch.setattr(lora_mod, "merge", real_merge)
+    written = export_run(run_dir, out, "peft")
+    assert set(written) == {"base", "G", "V", "R"} and all(p.parent == out for p in written.values())
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    # a failing export into an existing OUT leaves it byte for byte as it was
+    calls.clear()
+    monkeypatch.setattr(lora_mod, "merge", failing_merge)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_run(run_dir, out, "merged")
+    assert _tree(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    # a finished one replaces the folders it writes and keeps the others
+    monkeypatch.setattr(lora_mod, "merge", real_merge)
+    written = export_run(run_dir, out, "merged")
+    assert {p.name for p in out.iterdir()} == {"base", "G", "V", "R", "G-merged", "V-merged", "R-merged", "notes.txt"}
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    conf = json.loads((out / "G" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str((out / "base").resolve())
+
+
+def test_export_refuses_a_bad_adapter_before_writing(tmp_path, fast_model):
+    cfg, run_dir = _export_fixture(tmp_path)
+    # an adapter of another rank: named, with the tensor, before anything is written
+    bad = init_lora(cfg.model, LoraConfig(rank=3, targets=cfg.lora.targets, top_layers=1), jax.random.key(0))
+    pipeline.save_adapter(bad, run_dir / "adapters" / "V.safetensors")
+    with pytest.raises(ValueError) as info:
+        export_run(run_dir, tmp_path / "out", "both")
+    msg = str(info.value)
+    assert msg.startswith(f"{run_dir / 'adapters' / 'V.safetensors'}: ") and "\n" not in msg
+    assert "tensor 'layers.w_down.a' has shape [1, 128, 3], the run's model and lora config need [1, 128, 2]" in msg
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(ValueError, match="--stage must be final or sft"):
+        export_run(run_dir, tmp_path / "out", "peft", stage="dpo")

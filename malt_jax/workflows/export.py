@@ -16,7 +16,10 @@ and/or ``OUT/<role>-merged`` (a full checkpoint with the adapter folded in).
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +82,45 @@ def save_peft(
     adapter: Params, cfg: ModelConfig, lora_cfg: LoraConfig, out_dir: str | Path, base_model_name_or_path: str = ""
 ) -> Path:
     """Writes a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(peft_tensors(adapter, cfg, lora_cfg), str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(peft_config(cfg, lora_cfg, base_model_name_or_path), indent=2))
+    # each file atomically; the config last, so a folder with a config has its tensors
+    _write_atomic(out / "adapter_model.safetensors", save(peft_tensors(adapter, cfg, lora_cfg)))
+    config = json.dumps(peft_config(cfg, lora_cfg, base_model_name_or_path), indent=2)
+    _write_atomic(out / "adapter_config.json", config.encode())
     return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+#: adapter_config.json fields that change what the adapter computes and have no malt-jax
+#: equivalent when set (to anything but these "unset" values)
+_UNSUPPORTED_SET = {
+    "layer_replication": "layer replication (a model with repeated layers) is not supported",
+    "exclude_modules": "excluded modules are not supported (name the adapted modules in target_modules)",
+    "modules_to_save": "fully trained extra modules (modules_to_save) are not supported",
+    "trainable_token_indices": "trainable token embeddings are not supported",
+    "target_parameters": "LoRA on parameters (target_parameters) is not supported",
+    "rank_pattern": "per-module ranks/alphas are not supported",
+    "alpha_pattern": "per-module ranks/alphas are not supported",
+}
+#: boolean fields malt-jax reads (JSON true/false or absent; "false" is not false); those whose
+#: true value has no malt-jax equivalent
+_BOOL_FIELDS = ("use_dora", "fan_in_fan_out", "lora_bias", "use_rslora")
+_UNSUPPORTED_TRUE = {
+    "use_dora": "DoRA is not supported",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D weights) is not supported",
+    "lora_bias": "LoRA biases are not supported",
+}
 
 
 def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraConfig]:
@@ -108,6 +143,9 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
     except json.JSONDecodeError as e:
         raise WeightError(f"{cpath}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
+    if not isinstance(c, dict):
+        raise WeightError(f"{cpath}: expected a JSON object, got {type(c).__name__}")
+
     def refuse(field: str, why: str) -> WeightError:
         return WeightError(f"{cpath}: {field} = {c.get(field)!r}: {why}")
 
@@ -115,17 +153,20 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
         raise refuse("peft_type", "only LORA adapters are supported")
     if c.get("bias", "none") != "none":
         raise refuse("bias", "LoRA biases are not supported (use bias: none)")
-    for field in ("use_dora", "fan_in_fan_out"):
+    for field in _BOOL_FIELDS:
+        if c.get(field) is not None and not isinstance(c[field], bool):
+            raise refuse(field, "expected true or false")
+    for field, why in _UNSUPPORTED_TRUE.items():
         if c.get(field):
-            raise refuse(field, "not supported")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if c.get(field):
-            raise refuse(field, "per-module ranks/alphas are not supported")
+            raise refuse(field, why)
+    for field, why in _UNSUPPORTED_SET.items():
+        if c.get(field) not in (None, [], {}, ""):
+            raise refuse(field, why)
     r, alpha = c.get("r"), c.get("lora_alpha")
-    if not isinstance(r, int) or r < 1:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise refuse("r", "must be an int >= 1")
-    if not isinstance(alpha, (int, float)):
-        raise refuse("lora_alpha", "must be a number")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise refuse("lora_alpha", "must be a finite number > 0")
     alpha = float(alpha) * (r**0.5 if c.get("use_rslora") else 1.0)  # rsLoRA scale alpha/sqrt(r) = alpha'/r
     tensors = load_file(str(wpath))
     found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
@@ -144,6 +185,25 @@ def load_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[Params, LoraCo
         raise WeightError(f"{wpath}: no LoRA tensors")
     targets = tuple(t for t in HF_MODULES if any(k[0] == t for k in found))
     layers = sorted({k[1] for k in found})
+    # the config's module and layer lists must describe the tensors (PEFT applies what the config
+    # names: tensors outside it would be ignored there and applied here)
+    tm = c.get("target_modules")
+    if isinstance(tm, list):
+        leaves = sorted(HF_MODULES[t].rsplit(".", 1)[1] for t in targets)
+        names = sorted({str(x).rsplit(".", 1)[-1] for x in tm})
+        if names != leaves:
+            raise refuse("target_modules", f"disagrees with the tensors of {wpath.name} (modules {leaves})")
+    elif tm is not None and not isinstance(tm, str):
+        raise refuse("target_modules", "expected a list of module names or a string")
+    ltt = c.get("layers_to_transform")
+    if ltt is not None:
+        want = [ltt] if isinstance(ltt, int) and not isinstance(ltt, bool) else ltt
+        if not isinstance(want, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in want):
+            raise refuse("layers_to_transform", "expected null, an int or a list of ints")
+        if sorted(set(want)) != layers:
+            raise refuse(
+                "layers_to_transform", f"disagrees with the tensors of {wpath.name} (layers {layers[0]}..{layers[-1]})"
+            )
     if layers[-1] >= cfg.n_layers:
         raise WeightError(f"{wpath}: layer {layers[-1]} does not exist in a {cfg.n_layers}-layer model")
     if layers != list(range(layers[0], cfg.n_layers)):
@@ -186,7 +246,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "peft", stag
 
     if fmt not in ("peft", "merged", "both"):
         raise ValueError(f"--format must be peft, merged or both, got {fmt!r}")
+    if stage not in ("final", "sft"):
+        raise ValueError(f"--stage must be final or sft, got {stage!r}")
     run_dir, out = Path(run_dir), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory")
     cfg = run_config_of(run_dir)
     final, sft = pipeline.load_adapters(run_dir)
     adapters = final if stage == "final" else sft
@@ -196,15 +260,51 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "peft", stag
             f"(G/V/R{'' if stage == 'final' else '_sft'}.safetensors); run the train stage first"
         )
     model = pipeline.load_model(cfg.weights, cfg.model)
-    written: dict[str, Path] = {}
-    base_dir = save_hf(model.params, model.cfg, out / "base")
-    model.tokenizer.save(base_dir)
-    written["base"] = base_dir
-    for role, adapter in adapters.items():
-        if fmt in ("peft", "both"):
-            written[role] = save_peft(adapter, model.cfg, cfg.lora, out / role, str(base_dir.resolve()))
-        if fmt in ("merged", "both"):
-            d = save_hf(merge(model.params, adapter, lora_scale(cfg.lora)), model.cfg, out / f"{role}-merged")
-            model.tokenizer.save(d)
-            written[f"{role}-merged"] = d
-    return written
+    # everything is written into a temporary sibling folder, moved to OUT at the end: a failure
+    # leaves no partial output, and an existing OUT as it was
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    names: list[str] = ["base"]
+    try:
+        base_dir = save_hf(model.params, model.cfg, tmp / "base")
+        model.tokenizer.save(base_dir)
+        base_path = str((out / "base").resolve())  # where the base model will be
+        for role, adapter in adapters.items():
+            if fmt in ("peft", "both"):
+                save_peft(adapter, model.cfg, cfg.lora, tmp / role, base_path)
+                names.append(role)
+            if fmt in ("merged", "both"):
+                d = save_hf(merge(model.params, adapter, lora_scale(cfg.lora)), model.cfg, tmp / f"{role}-merged")
+                model.tokenizer.save(d)
+                names.append(f"{role}-merged")
+        _move_into(tmp, out, names)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {name: out / name for name in names}
+
+
+def _move_into(tmp: Path, out: Path, names: list[str]) -> None:
+    """Moves the finished folders ``tmp/<name>`` to ``out``: renames ``tmp`` to ``out`` when there
+    is no ``out``; else replaces ``out``'s entries of those names (other files stay), restoring
+    them if a rename fails."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = tmp / ".replaced"
+    old.mkdir()
+    done: list[tuple[str, bool]] = []  # (name, whether out had one, now in old/)
+    try:
+        for name in names:
+            had = (out / name).exists() or (out / name).is_symlink()
+            if had:
+                os.replace(out / name, old / name)
+            done.append((name, had))
+            os.replace(tmp / name, out / name)
+    except BaseException:
+        for name, had in reversed(done):
+            if not (tmp / name).exists() and (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)  # the new one, already moved in
+            if had:
+                os.replace(old / name, out / name)
+        raise
