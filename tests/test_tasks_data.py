@@ -267,3 +267,53 @@ def test_csqa_experiment_split_is_seeded_disjoint_and_600_held_out(tmp_path, mon
     assert saved["train"] == [e.id for e in train] and saved["eval"] == [e.id for e in evals]
     again = train_eval_sets(task, 64, 600, cfg.task.seed, "validation", "validation")
     assert [e.id for e in again[1]] == saved["eval"]
+
+
+# ----------------------------------------------------------------------------- unreadable text
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "g.jsonl"
+    good = [(json.dumps(r) + "\n").encode() for r in GSM_GOOD]
+    path.write_bytes(good[0] + b"\n" + b'{"question": "caf\xe9?", "answer": "#### 1"}\n' + good[1])
+    with pytest.raises(DataError, match=r"not UTF-8 text: byte 0xe9 at column 18") as info:
+        get_task("gsm8k", path=path).load("train")
+    assert info.value.line == 3 and str(info.value).startswith(f"{path}:3: ")
+    task = get_task("gsm8k", path=path, on_error="skip")  # the other rows are kept
+    assert [e.id for e in task.load("train")] == ["g-1", "g-4"]
+    assert task.skipped["train"] == 1 and task.errors["train"][0].startswith(f"{path}:3: not UTF-8")
+
+
+def test_non_utf8_json_file_names_file_and_line(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "1.json").write_text(json.dumps(math_problem(r"\boxed{3}")))
+    (root / "2.json").write_bytes(b'{"problem": "p",\n "solution": "\\\\boxed{\xff}"}')
+    with pytest.raises(DataError, match=r"2.json:2: not UTF-8 text: byte 0xff"):
+        get_task("math", path=root).load("test")
+    task = get_task("math", path=root, on_error="skip")
+    assert [e.answer for e in task.load("test")] == ["3"] and task.skipped["test"] == 1
+
+
+# ----------------------------------------------------------------------------- train/eval overlap
+
+
+def test_overlap_is_checked_on_normalised_questions(tmp_path: Path) -> None:
+    """Case and whitespace variants of a training question never reach the evaluation set."""
+    from malt_jax.tasks.base import question_key, split_examples
+
+    train = [{"question": f"Question {i}: what is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(6)]
+    variants = [{"question": f"  QUESTION {i}:\twhat  is {i} +\n1? ", "answer": f"#### {i + 1}"} for i in range(6)] + [
+        {"question": "A new question?", "answer": "#### 5"}
+    ]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "test.jsonl", variants)
+    task = get_task("gsm8k", path=tmp_path)
+    tr, ev = train_eval_sets(task, 6, None, seed=0)
+    assert len(tr) == 6 and [e.question for e in ev] == ["A new question?"]
+    assert question_key("  Ünïcode\u00a0TEXT\n ") == question_key("ünïcode text")
+    # within one pool: variants are duplicates that never straddle the split
+    pool = task.load("train") + task.load("test")
+    for seed in range(5):
+        tr, ev = split_examples(pool, 5, None, seed)
+        assert not {question_key(e.question) for e in tr} & {question_key(e.question) for e in ev}

@@ -308,3 +308,24 @@ def test_qwen2_pre_tokenizer_splits_single_digits() -> None:
     llama3 = [p for p, _ in _gguf_pre_tokenizer("llama-bpe", "x.gguf").pre_tokenize_str("Pay 12345 now's")]
     assert qwen == ["Pay", "Ġ", "1", "2", "3", "4", "5", "Ġnow", "'s"]
     assert llama3 == ["Pay", "Ġ", "123", "45", "Ġnow", "'s"]
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b'{"eos_token": "</s>",\n "chat_template": }', r"tokenizer_config.json:2: invalid JSON"),
+        (b'{"eos_token": "caf\xe9"}', "tokenizer_config.json: not UTF-8 text"),
+        (b'["not", "an", "object"]', "tokenizer_config.json: expected a JSON object, got list"),
+        (b'{"chat_template": 42}', "tokenizer_config.json: field 'chat_template' must be a string"),
+        (b'{"chat_template": [{"name": "default"}]}', "tokenizer_config.json: field 'chat_template'"),
+        (b'{"eos_token": ["</s>"]}', "tokenizer_config.json: field 'eos_token' must be a string"),
+        (b'{"eos_token": "<nope>"}', r"eos_token '<nope>' is not in the vocabulary \(.*tokenizer_config.json\)"),
+        (b'{"chat_template": "{% for m in messages %}{{ m }"}', "chat_template line 1"),
+    ],
+)
+def test_malformed_tokenizer_config_names_the_file(tmp_path: Path, content: bytes, match: str) -> None:
+    (tmp_path / "tokenizer.json").write_text(json.dumps(_tiny_tokenizer_json()))
+    (tmp_path / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(TokenizerError, match=match) as info:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)

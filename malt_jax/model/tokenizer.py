@@ -10,11 +10,17 @@ Two sources are supported:
 Chat templates are rendered with jinja2 in an immutable sandbox, with the same globals HF
 ``transformers`` provides (``bos_token``, ``eos_token``, ``raise_exception``, ``strftime_now``,
 a ``tojson`` filter).
+
+Only the chat template's own text may hold control tokens. Message contents (questions, model
+outputs, role prompts) are encoded as plain text: a ``<|im_start|>`` typed in a question becomes
+the ids of those characters, never the control token (:meth:`Tokenizer.encode_chat`,
+:meth:`Tokenizer.chat_parts`, :meth:`Tokenizer.encode_literal`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
@@ -76,6 +82,33 @@ def _special_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _config_special(cfg: dict[str, Any], key: str, source: str) -> str | None:
+    """``cfg[key]`` as a special-token string (absent or null: None); any other shape is an error."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    text = _special_str(value)
+    if text is None:
+        raise TokenizerError(
+            f'{source}: field {key!r} must be a string or {{"content": string}}, got {json.dumps(value)[:80]}'
+        )
+    return text
+
+
+def _config_template(template: Any, source: str) -> str | None:
+    """The ``chat_template`` field: a string, or a list of ``{"name", "template"}`` (the
+    ``default`` one, else the first)."""
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+        named = {t.get("name"): t["template"] for t in template}
+        return named.get("default", next(iter(named.values()), None))
+    raise TokenizerError(
+        f'{source}: field \'chat_template\' must be a string or a list of {{"name", "template"}} objects, '
+        f"got {type(template).__name__}"
+    )
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer with chat-template support.
 
@@ -100,6 +133,13 @@ class Tokenizer:
         for name, text in self._special.items():
             if text is not None and tok.token_to_id(text) is None:
                 raise TokenizerError(f"{source}: {name} {text!r} is not in the vocabulary")
+        if chat_template is not None:
+            from jinja2.exceptions import TemplateSyntaxError
+
+            try:
+                self._compiled_template  # noqa: B018 - compile now: a broken template fails at load
+            except TemplateSyntaxError as e:
+                raise TokenizerError(f"{source}: chat_template line {e.lineno}: {e.message}") from None
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -190,31 +230,41 @@ class Tokenizer:
         if tokenizer_config is None and (path.parent / "tokenizer_config.json").is_file():
             tokenizer_config = path.parent / "tokenizer_config.json"
         cfg: dict[str, Any] = {}
+        cfg_source = "tokenizer_config"
         if isinstance(tokenizer_config, dict):
             cfg = tokenizer_config
         elif tokenizer_config is not None:
             cfg_path = Path(tokenizer_config)
+            cfg_source = str(cfg_path)
             if not cfg_path.is_file():
                 raise FileNotFoundError(f"tokenizer_config.json not found: {cfg_path}")
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template}
-            template = named.get("default", next(iter(named.values()), None))
-        eos = _special_str(cfg.get("eos_token"))
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{cfg_path}: not UTF-8 text (byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(cfg, dict):
+                raise TokenizerError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+        template = _config_template(cfg.get("chat_template"), cfg_source)
+        special = {k: _config_special(cfg, k, cfg_source) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        eos = special["eos_token"]
         if eos is None:
             eos = next(
                 (t for t in ("<|endoftext|>", "<|end_of_text|>", "</s>") if tok.token_to_id(t) is not None), None
             )
-        return cls(
-            tok,
-            bos=_special_str(cfg.get("bos_token")),
-            eos=eos,
-            pad=_special_str(cfg.get("pad_token")),
-            unk=_special_str(cfg.get("unk_token")),
-            chat_template=template,
-            source=str(path),
-        )
+        try:
+            return cls(
+                tok,
+                bos=special["bos_token"],
+                eos=eos,
+                pad=special["pad_token"],
+                unk=special["unk_token"],
+                chat_template=template,
+                source=str(path),
+            )
+        except TokenizerError as e:
+            raise TokenizerError(f"{e} (special tokens and chat template from {cfg_source})") from None
 
     # ---------------------------------------------------------------- vocabulary
     @property
@@ -265,9 +315,99 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- text <-> ids
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``. Special tokens written in the text become single ids; BOS is
-        prepended only if the model's post-processor asks for it and ``add_special_tokens``."""
+        """Token ids of trusted ``text`` (e.g. a rendered template). Special tokens written in the
+        text become single ids; BOS is prepended only if the model's post-processor asks for it
+        and ``add_special_tokens``. For user or model text use :meth:`encode_literal`."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: special or added token strings in it
+        (``<|im_start|>``, ``<|endoftext|>``) are tokenized like any other characters, and no BOS
+        is added. Text without such strings gets the same ids as :meth:`encode`."""
+        return self.encode_parts([(text, True)])
+
+    @cached_property
+    def _literal_backend(self) -> HFTokenizer:
+        """A copy of the backend without added tokens: nothing in the text is matched as one."""
+        spec = json.loads(self._tok.to_str())
+        spec["added_tokens"] = []
+        return HFTokenizer.from_str(json.dumps(spec))
+
+    @cached_property
+    def _added(self) -> dict[str, tuple[int, Any]]:
+        """Added tokens (control and user-defined): content -> (id, ``AddedToken``)."""
+        return {t.content: (i, t) for i, t in self._tok.get_added_tokens_decoder().items() if t.content}
+
+    @cached_property
+    def _marker_re(self) -> re.Pattern[str] | None:
+        """Leftmost-longest matcher of the added tokens (None when there are none)."""
+        if not self._added:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True)))
+
+    @cached_property
+    def _control_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self._added.values() if t.special)
+
+    def _markers(self, text: str, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """``(token start, start, end, id)`` of the added tokens written in ``text[start:end]`` (template text),
+        with the whitespace an ``lstrip``/``rstrip`` token absorbs, as ``tokenizers`` does."""
+        if self._marker_re is None:
+            return []
+        out = []
+        for m in self._marker_re.finditer(text, start, end):
+            idx, added = self._added[m.group()]
+            s, e = m.span()
+            if added.single_word and (
+                (s > 0 and (text[s - 1].isalnum() or text[s - 1] == "_"))
+                or (e < len(text) and (text[e].isalnum() or text[e] == "_"))
+            ):
+                continue
+            if added.lstrip:
+                while s > 0 and text[s - 1].isspace():
+                    s -= 1
+            if added.rstrip:
+                while e < len(text) and text[e].isspace():
+                    e += 1
+            out.append((m.start(), s, e, idx))
+        return out
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]]) -> list[int]:
+        """Token ids of the concatenated ``(text, literal)`` parts: the added tokens written in
+        non-literal parts (the template's markers) become their ids; everything between them,
+        literal text included, is tokenized as plain text, as one piece (so the ids equal those
+        of :meth:`encode` on the whole text when the literal parts hold no token strings).
+        Adds no BOS."""
+        text = "".join(t for t, _ in parts)
+        markers: list[tuple[int, int, int, int]] = []
+        pos = 0
+        for part, literal in parts:
+            if not literal and part:
+                markers += self._markers(text, pos, pos + len(part))
+            pos += len(part)
+        ids: list[int] = []
+        last = 0
+        for core, s, e, idx in markers:
+            if core < last:  # inside the whitespace an rstrip token before it absorbed
+                continue
+            s = max(s, last)  # an lstrip token's whitespace stops at the previous marker
+            if s > last:
+                ids += self._plain(text[last:s])
+            ids.append(idx)
+            last = e
+        if last < len(text):
+            ids += self._plain(text[last:])
+        return ids
+
+    def _plain(self, text: str) -> list[int]:
+        ids = self._literal_backend.encode(text, add_special_tokens=False).ids
+        bad = [i for i in ids if i in self._control_ids]
+        if bad:  # a vocabulary whose merges spell a control token: refuse rather than inject it
+            raise TokenizerError(
+                f"{self.source}: the text {text[:60]!r} tokenizes to the control token "
+                f"{self._tok.id_to_token(bad[0])!r}; this vocabulary cannot encode it as plain text"
+            )
+        return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (special tokens kept unless ``skip_special_tokens``)."""
@@ -327,13 +467,55 @@ class Tokenizer:
             return False
         return True
 
+    def chat_parts(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[tuple[str, bool]]:
+        """The rendered chat (:meth:`apply_chat_template`) as ``(text, literal)`` parts:
+        ``literal`` for the text of a message's content, False for the template's own text.
+
+        The template is rendered a second time with each content replaced by a placeholder that
+        occurs nowhere in the chat; the contents are put back and the result must equal the real
+        rendering (verbatim, or each content stripped as by a ``| trim`` template), so every
+        part's origin is known by position. A template that rewrites contents otherwise is
+        refused when a content holds a token string (otherwise its text is one template part).
+        """
+        if messages and messages[0].get("role") == "system" and not self.supports_system_role:
+            messages = _merge_system(messages)
+        rendered = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        contents = [m.get("content") for m in messages]
+        tag = "\ue000"
+        while tag in rendered:
+            tag += "\ue000"
+        held = [
+            {**m, "content": f"{tag}{i}{tag}"} if isinstance(c, str) else m
+            for i, (m, c) in enumerate(zip(messages, contents))
+        ]
+        template_only = self.apply_chat_template(held, add_generation_prompt, **kwargs)
+        shape = re.split(f"{tag}(\\d+){tag}", template_only)
+        texts: dict[int, str] = {i: c for i, c in enumerate(contents) if isinstance(c, str)}
+        for fit in (lambda c: c, str.strip):
+            parts = [(piece, False) if k % 2 == 0 else (fit(texts[int(piece)]), True) for k, piece in enumerate(shape)]
+            if "".join(t for t, _ in parts) == rendered:
+                return [(t, literal) for t, literal in parts if t]
+        # the template rewrites the contents: safe as one piece only if they bring no token string
+        found = [m.group() for m in self._marker_re.finditer(rendered)] if self._marker_re else []
+        own = [m.group() for m in self._marker_re.finditer(template_only)] if self._marker_re else []
+        hostile = [c for c in contents if isinstance(c, str) and self._marker_re and self._marker_re.search(c)]
+        if found != own or hostile:
+            extra = hostile[0] if hostile else next((t for t in found if found.count(t) > own.count(t)), "?")
+            raise TokenizerError(
+                f"{self.source}: the chat template rewrites message contents, so the token string in "
+                f"{extra[:60]!r} cannot be kept as plain text"
+            )
+        return [(rendered, False)]
+
     def encode_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> list[int]:
-        """Token ids of the rendered chat. The template writes any BOS itself, so none is added."""
-        return self.encode(
-            self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False
-        )
+        """Token ids of the rendered chat. Only the template's own text holds control tokens; the
+        messages' contents are plain text (:meth:`chat_parts`). The template writes any BOS
+        itself, so none is added."""
+        return self.encode_parts(self.chat_parts(messages, add_generation_prompt, **kwargs))
 
     def save(self, out_dir: str | Path) -> None:
         """Writes ``tokenizer.json`` + ``tokenizer_config.json`` (chat template, special tokens),

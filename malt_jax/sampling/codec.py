@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 from malt_jax.model.tokenizer import Tokenizer
 from malt_jax.sampling.decode import StopCriteria
@@ -11,7 +12,28 @@ from malt_jax.tasks import Task, role_messages
 
 __all__ = ["PromptCodec"]
 
-_G, _V = "\x00GEN\x00", "\x00VER\x00"  # sentinels for the earlier outputs while rendering
+Parts = list[tuple[str, bool]]  # (text, literal) pieces of a rendered chat (Tokenizer.chat_parts)
+
+
+def _split_at(parts: Parts, holes: tuple[str, ...]) -> list[Parts]:
+    """``parts`` cut where each of ``holes`` (each exactly once, in order) stands; holes removed."""
+    pattern = re.compile("|".join(re.escape(h) for h in holes))
+    out: list[Parts] = [[]]
+    found = []
+    for text, literal in parts:
+        pos = 0
+        for m in pattern.finditer(text):
+            out[-1].append((text[pos : m.start()], literal))
+            found.append(m.group())
+            out.append([])
+            pos = m.end()
+        out[-1].append((text[pos:], literal))
+    if tuple(found) != holes:
+        raise ValueError(
+            "the chat template must write each earlier output exactly once, in the order of the roles "
+            f"(found {len(found)} of {len(holes)}); prefix sharing needs that (check the task's prompts)"
+        )
+    return [[(t, lit) for t, lit in seg if t] for seg in out]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +51,11 @@ class PromptCodec:
 
     A role's reply prefix (``RolePrompts.verifier_prefix`` / ``refiner_prefix``) ends its
     separator, so it is context, and :meth:`text` puts it back in front of the output.
+
+    The question and the role prompts are plain text (only the template's own markers are control
+    tokens, see ``Tokenizer.chat_parts``); the earlier outputs are their sampled ids. The outputs'
+    places are found by position: they are rendered as hole strings that occur nowhere else (not
+    in the question, whatever it holds), and each must be found once, in order.
     """
 
     tokenizer: Tokenizer
@@ -49,53 +76,72 @@ class PromptCodec:
     def question(self, q: str) -> list[int]:
         return self.tokenizer.encode_chat(role_messages(self.task.prompts, "G", q))
 
-    def _render(self, role: str, q: str) -> str:
+    def _holes(self, q: str) -> tuple[str, str]:
+        """Stand-ins for G's and V's outputs that occur in neither ``q``, the prompts nor the
+        template. Their first character occurs once in each, so an occurrence cannot straddle
+        the text around it: finding each once means finding it where it was put."""
+        p = self.task.prompts
+        texts = [q, self.tokenizer.chat_template or ""]
+        texts += [v for v in (getattr(p, f.name) for f in dataclasses.fields(p)) if isinstance(v, str)]
+
+        def fresh(name: str) -> str:
+            hole = f"\ue000{name}\ue001"
+            while any(hole in t for t in texts):
+                hole += "\ue001"
+            return hole
+
+        return fresh("G"), fresh("V")
+
+    def _messages(self, role: str, q: str, g: str, v: str) -> list[dict[str, str]]:
         from malt_jax.tasks.prompts import separate_messages
 
         p = self.task.prompts
         msgs = role_messages if self.framing == "chat" else separate_messages
-        return self.tokenizer.apply_chat_template(
-            msgs(p, role, q, generator_out=_G, verifier_out=p.verifier_prefix + _V)
-        )
+        return msgs(p, role, q, generator_out=g, verifier_out=p.verifier_prefix + v)
+
+    def _segments(self, role: str, q: str) -> list[Parts]:
+        """``role``'s rendered prompt for question ``q``, cut at the earlier outputs:
+        ``[before G's output, after it]`` for V, ``[before, between G's and V's, after]`` for R."""
+        g, v = self._holes(q)
+        parts = self.tokenizer.chat_parts(self._messages(role, q, g, v))
+        return _split_at(parts, (g,) if role == "V" else (g, v))
 
     def prefixes(self, q: str) -> tuple[list[int], list[int]]:
         """Per-question prefixes of the V and R contexts (before the generator's answer)."""
         if self.framing == "chat":
             g = self.question(q)
             return g, g
-        v, r = (
-            self.tokenizer.encode(self._render(role, q).split(_G)[0], add_special_tokens=False) for role in ("V", "R")
-        )
+        v, r = (self.tokenizer.encode_parts(self._segments(role, q)[0]) for role in ("V", "R"))
         return v, r
 
     @functools.cached_property
     def seps(self) -> tuple[tuple[list[int]], tuple[list[int], list[int]]]:
         """Constant tokens after each earlier output: ``((after g,), (after g, after v))`` for V, R."""
         tok, p = self.tokenizer, self.task.prompts
-        enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
         if self.framing == "chat":
             q = "QUESTION"
+            g, v = self._holes(q)
             s_g = tok.apply_chat_template(role_messages(p, "G", q))
-            s_v, s_r = self._render("V", q), self._render("R", q)
-            if not (s_v.startswith(s_g + _G) and s_r.startswith(s_v + p.verifier_prefix + _V)):
+            s_v, s_r = (tok.apply_chat_template(self._messages(role, q, g, v)) for role in ("V", "R"))
+            if not (s_v.startswith(s_g + g) and s_r.startswith(s_v + p.verifier_prefix + v)):
                 raise ValueError(
                     "the chat template does not render the G -> V -> R roles as one growing "
                     "conversation; prefix sharing needs that (check the task's prompts)"
                 )
-            t_v = enc(s_v[len(s_g) + len(_G) :] + p.verifier_prefix)
-            t_r = enc(s_r[len(s_v) + len(p.verifier_prefix) + len(_V) :] + p.refiner_prefix)
+            t_v = tok.encode_parts([*self._segments("V", q)[1], (p.verifier_prefix, True)])
+            t_r = tok.encode_parts([*self._segments("R", q)[2], (p.refiner_prefix, True)])
             return (t_v,), (t_v, t_r)
         out = []
         for role, prefix in (("V", p.verifier_prefix), ("R", p.refiner_prefix)):
-            pieces = [self._render(role, q).split(_G, 1)[1] for q in ("QUESTION A", "QUESTION B")]
+            pieces = [self._segments(role, q)[1:] for q in ("QUESTION A", "QUESTION B")]
             if pieces[0] != pieces[1]:
                 raise ValueError(
                     f"the {role} prompt of the separate framing must quote the question before the "
                     "answer and the critique (the text after them must not depend on the question)"
                 )
-            after = pieces[0].split(_V) if role == "R" else [pieces[0]]
-            after[-1] += prefix
-            out.append(tuple(enc(t) for t in after))
+            after = pieces[0]
+            after[-1] = [*after[-1], (prefix, True)]
+            out.append(tuple(tok.encode_parts(seg) for seg in after))
         return tuple(out)  # type: ignore[return-value]
 
     @property
@@ -116,9 +162,10 @@ class PromptCodec:
     def end_of_turn(self) -> int:
         """Token appended to a completion that stopped by itself: the first token the template
         writes after an assistant reply."""
-        msgs = role_messages(self.task.prompts, "V", "QUESTION", generator_out=_G)[:3]
-        text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=False).split(_G, 1)[1]
-        return self.tokenizer.encode(text, add_special_tokens=False)[0]
+        g, _ = self._holes("QUESTION")
+        msgs = role_messages(self.task.prompts, "V", "QUESTION", generator_out=g)[:3]
+        after = _split_at(self.tokenizer.chat_parts(msgs, add_generation_prompt=False), (g,))[1]
+        return self.tokenizer.encode_parts(after)[0]
 
     def text(self, role: str, output: str) -> str:
         """A role's reply as read by graders and later roles: its prefix + the sampled output."""

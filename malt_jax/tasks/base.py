@@ -11,6 +11,8 @@ import abc
 import dataclasses
 import logging
 import random
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -155,6 +157,12 @@ class Task(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def question_key(question: str) -> str:
+    """The form under which two questions count as the same for train/eval overlap: Unicode
+    NFKC, case-folded, whitespace runs collapsed to one space, stripped."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", question).casefold()).strip()
+
+
 def split_examples(
     examples: Sequence[Example], num_train: int, num_eval: int | None, seed: int
 ) -> tuple[list[Example], list[Example]]:
@@ -162,7 +170,8 @@ def split_examples(
 
     The same (examples, sizes, seed) always gives the same subsets; different seeds give
     different ones. ``num_eval=None`` takes every example not used for training. Subsets are
-    disjoint by position, and also by question text (duplicated questions never straddle).
+    disjoint by position, and also by question text (duplicated questions never straddle, nor do
+    questions that differ only in case or whitespace: :func:`question_key`).
     """
     if num_train < 0 or (num_eval is not None and num_eval < 0):
         raise ValueError(f"sizes must be >= 0, got num_train={num_train}, num_eval={num_eval}")
@@ -171,8 +180,8 @@ def split_examples(
     train = [examples[i] for i in order[:num_train]]
     if len(train) < num_train:
         raise ValueError(f"num_train={num_train} > {len(examples)} available examples")
-    seen = {ex.question for ex in train}
-    rest = [examples[i] for i in order[num_train:] if examples[i].question not in seen]
+    seen = {question_key(ex.question) for ex in train}
+    rest = [examples[i] for i in order[num_train:] if question_key(examples[i].question) not in seen]
     if num_eval is None:
         return train, rest
     if num_eval > len(rest):
@@ -192,14 +201,15 @@ def train_eval_sets(
 
     When both splits load the same rows (a single file or a path without split files), the
     pool is divided with ``split_examples``; otherwise each split is subsampled and eval
-    questions that also occur in the training subset are dropped.
+    questions that also occur in the training subset (up to case and whitespace,
+    :func:`question_key`) are dropped.
     """
     train_pool = task.load(train_split)
     eval_pool = task.load(eval_split)
     if [e.id for e in train_pool] == [e.id for e in eval_pool]:
         return split_examples(train_pool, num_train, num_eval, seed)
     train, _ = split_examples(train_pool, num_train, 0, seed)
-    seen = {e.question for e in train}
-    eval_pool = [e for e in eval_pool if e.question not in seen]
+    seen = {question_key(e.question) for e in train}
+    eval_pool = [e for e in eval_pool if question_key(e.question) not in seen]
     _, evals = split_examples(eval_pool, 0, num_eval, seed)
     return train, evals

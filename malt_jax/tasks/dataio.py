@@ -70,11 +70,12 @@ def read_jsonl(path: str | Path, parse: RowParser, on_error: str = "raise") -> L
     check_on_error(on_error)
     result = LoadResult(examples=[])
     stem = Path(path).stem
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
+                line = _decode(raw)
+                if not line.strip():
+                    continue
                 example = parse(_loads(line), f"{stem}-{lineno}")
             except RowError as e:
                 _row_error(result, DataError(path, lineno, str(e)), on_error)
@@ -102,13 +103,24 @@ def read_json_files(root: str | Path, parse: RowParser, on_error: str = "raise")
     base = Path(root)
     for file in iter_json_files(root):
         try:
-            text = file.read_text(encoding="utf-8")
+            text = _decode(file.read_bytes())
             example = parse(_loads(text), file.relative_to(base).with_suffix("").as_posix())
         except RowError as e:
             _row_error(result, DataError(file, getattr(e, "lineno", None), str(e)), on_error)
             continue
         result.examples.append(example)
     return result
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 text of ``data``; failures become ``RowError`` (keeping the line number in ``data``)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = e.start - data.rfind(b"\n", 0, e.start)  # 1-based, in bytes
+        err = RowError(f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {column} ({e.reason})")
+        err.lineno = data.count(b"\n", 0, e.start) + 1  # type: ignore[attr-defined]
+        raise err from None
 
 
 def _loads(text: str) -> Any:

@@ -22,7 +22,22 @@ from malt_jax.model.llama import Params
 from malt_jax.roles import ROLE_NAMES, ROLES
 from malt_jax.sampling.expansion import ExpansionSpec
 
-__all__ = ["ask", "ask_run", "format_turns"]
+__all__ = ["ask", "ask_run", "check_question", "format_turns"]
+
+
+def check_question(text: str, what: str = "the question", *, allow_empty: bool = False) -> str:
+    """``text`` unchanged if it can be asked; ValueError (one line) if it is empty or blank
+    (unless ``allow_empty``), or not UTF-8 text (a command-line argument with bytes that are not
+    UTF-8 arrives with lone surrogates)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    if not allow_empty and not text.strip():
+        raise ValueError(f"{what} is empty; ask a question")
+    for i, ch in enumerate(text):
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            byte = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"U+{ord(ch):04X}"
+            raise ValueError(f"{what} is not UTF-8 text ({byte} at character {i + 1})")
+    return text
 
 
 def ask(
@@ -47,6 +62,7 @@ def ask(
     from malt_jax.stages.expand import decode_level, sample_trees
     from malt_jax.tasks import Example
 
+    check_question(question)
     if votes < 1:
         raise ValueError(f"--votes must be >= 1, got {votes}")
     codec = PromptCodec(model.tokenizer, task, framing)
@@ -122,13 +138,16 @@ def ask_run(
 ) -> dict[str, Any]:
     """:func:`ask` with the base model, task, prompts, token budgets and role adapters of a run
     directory (``base=True``: the untrained chain). ``temperature`` defaults to the run's
-    evaluation temperature."""
+    evaluation temperature. The question is checked before anything is loaded."""
     from malt_jax.config import run_config_of
     from malt_jax.model.base_model import load_model
     from malt_jax.model.lora import lora_scale
     from malt_jax.stages.rundir import load_adapters
     from malt_jax.workflows.pipeline import make_task
 
+    check_question(question)
+    if votes < 1:
+        raise ValueError(f"--votes must be >= 1, got {votes}")
     run_dir = Path(run_dir)
     cfg = run_config_of(run_dir)
     adapters = None
