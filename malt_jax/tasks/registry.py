@@ -18,12 +18,14 @@ from malt_jax.tasks.csqa import CSQA
 from malt_jax.tasks.gsm8k import GSM8K
 from malt_jax.tasks.math_task import MATH
 from malt_jax.tasks.synthetic import SyntheticArithmetic
+from malt_jax.tasks.testbed import TestbedTask
 
 TASKS: dict[str, type[Task]] = {
     "gsm8k": GSM8K,
     "math": MATH,
     "csqa": CSQA,
     "synthetic": SyntheticArithmetic,
+    "testbed": TestbedTask,
 }
 
 
