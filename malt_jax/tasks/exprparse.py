@@ -17,7 +17,6 @@ Grammar (``^`` is right-associative, juxtaposition is multiplication)::
 
 from __future__ import annotations
 
-import contextlib
 import re
 from fractions import Fraction
 from typing import Any
@@ -178,13 +177,22 @@ def parse(text: str) -> Node:
     return node
 
 
+def _postorder(node: Node) -> list[Node]:
+    """The AST's nodes, children before parents (iterative: chains of up to ``MAX_TOKENS``
+    operations build trees hundreds of levels deep, too deep for plain recursion)."""
+    out: list[Node] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(child for child in n[1:] if isinstance(child, tuple))
+    out.reverse()
+    return out
+
+
 def is_numeric(node: Node) -> bool:
     """True when the AST has no names, constants or functions."""
-    if node[0] == "num":
-        return True
-    if node[0] in ("name", "const", "func"):
-        return False
-    return all(is_numeric(child) for child in node[1:])
+    return not any(n[0] in ("name", "const", "func") for n in _postorder(node))
 
 
 def _check(x: Fraction) -> Fraction:
@@ -195,14 +203,44 @@ def _check(x: Fraction) -> Fraction:
 
 def evaluate_exact(node: Node) -> Fraction:
     """Exact rational value of a numeric AST (``Unsupported``/``TooBig``/``ZeroDivisionError``)."""
-    kind = node[0]
-    if kind == "num":
-        return Fraction(node[1])
-    if kind in ("name", "const", "func"):
-        raise Unsupported(kind)
-    if kind == "neg":
-        return -evaluate_exact(node[1])
-    a, b = evaluate_exact(node[1]), evaluate_exact(node[2])
+    return _result(_exact_values(node), node)
+
+
+_Value = Fraction | ArithmeticError | ValueError
+
+
+def _result(values: dict[int, _Value], node: Node) -> Fraction:
+    value = values[id(node)]
+    if isinstance(value, Fraction):
+        return value
+    raise value
+
+
+def _exact_values(root: Node) -> dict[int, _Value]:
+    """The exact value of every subtree of ``root`` (keyed by ``id``), or the error evaluating
+    it raises, in one bottom-up pass (linear in the tree size, no recursion). An operation
+    reports its left operand's error first, then its right operand's."""
+    values: dict[int, _Value] = {}
+    for node in _postorder(root):
+        kind = node[0]
+        try:
+            if kind == "num":
+                value = Fraction(node[1])
+            elif kind in ("name", "const", "func"):
+                raise Unsupported(kind)
+            elif kind == "neg":
+                value = -_result(values, node[1])
+            else:
+                a, b = _result(values, node[1]), _result(values, node[2])
+                value = _apply(kind, a, b)
+        except (ArithmeticError, ValueError) as e:  # Unsupported, TooBig, ZeroDivisionError
+            values[id(node)] = e.with_traceback(None)
+        else:
+            values[id(node)] = value
+    return values
+
+
+def _apply(kind: str, a: Fraction, b: Fraction) -> Fraction:
     if kind == "add":
         return _check(a + b)
     if kind == "sub":
@@ -225,20 +263,21 @@ def _power(a: Fraction, b: Fraction) -> Fraction:
 
 def check_bounded(node: Node) -> None:
     """Raise ``TooBig`` if any numeric part is too large or any constant exponent exceeds
-    ``MAX_EXPONENT`` (so sympy is never asked to expand ``10^(10^10)`` or ``(x+1)^999``)."""
-    if is_numeric(node):
-        with contextlib.suppress(Unsupported, ZeroDivisionError):
-            evaluate_exact(node)
-    if node[0] == "pow" and is_numeric(node[2]):
-        try:
-            exponent = evaluate_exact(node[2])
-        except (Unsupported, ZeroDivisionError):
-            exponent = Fraction(0)
-        if abs(exponent) > MAX_EXPONENT:
-            raise TooBig("exponent too large")
-    for child in node[1:]:
-        if isinstance(child, tuple):
-            check_bounded(child)
+    ``MAX_EXPONENT`` (so sympy is never asked to expand ``10^(10^10)`` or ``(x+1)^999``).
+
+    One pass over the tree: every numeric subtree is evaluated once (bottom-up), not once per
+    ancestor."""
+    values = _exact_values(node)
+    for n in _postorder(node):
+        value = values[id(n)]
+        if isinstance(value, TooBig):  # a numeric subtree too large to evaluate
+            raise value
+        if n[0] == "pow":
+            exponent = values[id(n[2])]
+            if isinstance(exponent, TooBig):
+                raise exponent
+            if isinstance(exponent, Fraction) and abs(exponent) > MAX_EXPONENT:
+                raise TooBig("exponent too large")
 
 
 def to_sympy(node: Node, sympy: Any) -> Any:

@@ -138,18 +138,18 @@ def never_raises(fn: Callable[..., int]) -> Callable[..., int]:
 _NUMBER_RE = re.compile(r"(?P<sign>[-−+]?)\s?\$?\s?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
 
 
-def _numbers(text: str) -> list[str]:
-    """Normalised numbers in ``text``, in order (see module policy)."""
-    out = []
-    for m in _NUMBER_RE.finditer(text):
+def _numbers(text: str, reverse: bool = False) -> Iterator[str]:
+    """Normalised numbers in ``text``, in order (last first with ``reverse``; see module
+    policy). Lazy: callers that want one number only normalise the numbers they look at."""
+    matches = _NUMBER_RE.finditer(text)
+    for m in reversed(list(matches)) if reverse else matches:
         sign = m.group("sign")
         before = text[m.start() - 1] if m.start() > 0 else " "
         if sign and (before.isalnum() or before in ")]"):
             sign = ""  # "16-3": subtraction, not a negative number
         value = normalize_number(("-" if sign in ("-", "−") else "") + m.group("num"))
         if value is not None:
-            out.append(value)
-    return out
+            yield value
 
 
 def normalize_number(s: str) -> str | None:
@@ -170,8 +170,7 @@ def normalize_number(s: str) -> str | None:
 def _number_in_segment(segment: str) -> str | None:
     """First number after the last ``=`` if any, else the first number."""
     tail = segment.rsplit("=", 1)[1] if "=" in segment else segment
-    nums = _numbers(tail) or _numbers(segment)
-    return nums[0] if nums else None
+    return next(_numbers(tail), None) or next(_numbers(segment), None)
 
 
 def extract_number(text: str) -> str | None:
@@ -187,8 +186,7 @@ def extract_number(text: str) -> str | None:
             value = _number_in_segment(seg)
             if value is not None:
                 return value
-    nums = _numbers(text)
-    return nums[-1] if nums else None
+    return next(_numbers(text, reverse=True), None)
 
 
 def numeric_equal(pred: str | None, gold: str) -> bool:
@@ -208,8 +206,14 @@ def grade_number(text: str, gold: str) -> int:
 # ----------------------------------------------------------------------------- MATH
 
 
+# A ``$..$`` span starting at a run of ``$`` (never inside one) with possessive runs: the
+# first span is the same as with ``\$+([^$]+)\$+`` but a long run of ``$`` (or text with no
+# closing ``$``) is scanned once instead of once per start position (quadratic).
+_MATH_DELIMS_RE = re.compile(r"(?<!\$)\$++([^$]++)\$")
+
+
 def _strip_math_delims(s: str) -> str:
-    m = re.search(r"\$+([^$]+)\$+", s)
+    m = _MATH_DELIMS_RE.search(s)
     if m:
         s = m.group(1)
     s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s.strip())
@@ -353,12 +357,23 @@ def _leading_letter(s: str, letters: str, strict: bool = False) -> str | None:
     return m.group(1) if m else None
 
 
-def _answer_phrase_letter(s: str, letters: str) -> str | None:
-    pattern = (
-        rf"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?[:\s]*(?:(?i:option|choice)\s*)?"
-        rf"\(?([{letters}])(?![A-Za-z])"
+@functools.lru_cache(maxsize=64)
+def _answer_phrase_re(letters: str) -> re.Pattern[str]:
+    r"""``answer|option|choice [is] [:] [option|choice] [(] LETTER``.
+
+    Every run is possessive: ``\s*`` and ``[:\s]*`` overlap, so with backtracking "answer"
+    followed by n spaces and no letter tried O(n^2) splits (30 s at the 20k text cap). Giving
+    characters back can never make these matches succeed (what follows each run cannot start
+    with a character of the run), so the matches are the same, found in linear time.
+    """
+    return re.compile(
+        rf"(?i:answer|option|choice)\s*+(?:(?i:is)\s*+)?+[:\s]*+(?:(?i:option|choice)\s*+)?+"
+        rf"\(?+([{letters}])(?![A-Za-z])"
     )
-    last = _last_match(re.finditer(pattern, s))
+
+
+def _answer_phrase_letter(s: str, letters: str) -> str | None:
+    last = _last_match(_answer_phrase_re(letters).finditer(s))
     return last.group(1) if last else None
 
 
