@@ -179,3 +179,35 @@ def test_bad_knobs_name_the_key(options, key):
 def test_unknown_knob_lists_the_valid_ones():
     with pytest.raises(TypeError, match="v_detect"):
         get_task("testbed", v_detection=0.5)
+
+
+def test_role_skills_count_fixes_breaks_and_verdicts():
+    """role_skills on hand-made chain rows equals counts made by hand."""
+    from malt_jax.stages.eval import role_skills
+
+    task = tb.TestbedTask()
+    exs = [_example(63, 27), _example(57, 21)]  # answers 36, 36
+
+    def row(gs, vs, rs):
+        return {"texts": {"G": gs, "V": vs, "R": rs}}
+
+    rows = [
+        # G wrong, V says wrong, R fixes; G right, V says correct, R keeps
+        row(["Final Answer: 46", "Final Answer: 36"], ["46+27=73. Verdict: wrong", "36+27=63. Verdict: correct"],
+            ["73-63=10. 46-10=36. Final Answer: 36", "Final Answer: 36"]),
+        # G right, V false alarm, R breaks; G wrong, V misses, R keeps the wrong answer
+        row(["Final Answer: 36", "Final Answer: 35"], ["36+21=57. Verdict: wrong", "35+21=56. Verdict: correct"],
+            ["Final Answer: 26", "Final Answer: 35"]),
+    ]  # fmt: skip
+    s = role_skills(task, exs, rows)
+    assert s["generator"] == {"accuracy": 0.5, "n": 4}
+    assert s["refiner"]["fixed"] == 1 and s["refiner"]["g_wrong"] == 2 and s["refiner"]["fix_rate"] == 0.5
+    assert s["refiner"]["broken"] == 1 and s["refiner"]["g_right"] == 2 and s["refiner"]["break_rate"] == 0.5
+    v = s["verifier"]
+    assert (v["right_says_correct"], v["right_says_incorrect"], v["wrong_says_incorrect"], v["wrong_says_correct"]) == (
+        1,
+        1,
+        1,
+        1,
+    )
+    assert v["balanced_accuracy"] == 0.5

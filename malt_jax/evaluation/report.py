@@ -37,6 +37,7 @@ __all__ = [
     "format_table",
     "training_section",
     "verifier_section",
+    "skills_section",
     "data_section",
 ]
 
@@ -326,6 +327,39 @@ def verifier_section(verifier: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def skills_section(skills: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: each chain's measured role skills (``stages.eval.role_skills``): G's
+    accuracy, V's balanced accuracy against G's actual correctness, R's fix and break rates."""
+    header = [
+        "chain",
+        "G accuracy",
+        "V balanced accuracy",
+        "R fix rate (wrong -> right)",
+        "R break rate (right -> wrong)",
+    ]
+    rows = []
+    for name, s in skills.items():
+        g, v, r = s["generator"], s["verifier"], s["refiner"]
+        rows.append(
+            [
+                name,
+                f"{fmt_float(g['accuracy'], 3)} (n {int(g['n'])})",
+                fmt_float(v.get("balanced_accuracy"), 3),
+                f"{fmt_float(r['fix_rate'], 3)} ({int(r['fixed'])} / {int(r['g_wrong'])})",
+                f"{fmt_float(r['break_rate'], 3)} ({int(r['broken'])} / {int(r['g_right'])})",
+            ]
+        )
+    return [
+        "## Role skills (measured on the held-out questions)",
+        "",
+        *md_table(header, rows),
+        "",
+        "Every pass of every held-out question. The untrained chain shows the base model's skills, the "
+        "trained chains the skills after training.",
+        "",
+    ]
+
+
 def data_section(counts: Mapping[str, Mapping[str, Any]], credit_summary: Mapping[str, Any] | None) -> list[str]:
     """Markdown lines: per role the examples the tree gave, held out, trained on (before and after
     the configured caps), identical DPO pairs dropped, and how often the lenient grade would have
@@ -395,6 +429,7 @@ def write_report(
     verifier: Mapping[str, Mapping[str, Any]] | None = None,
     epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     training_counts: Mapping[str, Mapping[str, Any]] | None = None,
+    skills: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``report.md`` (+ ``accuracy.png`` / ``positive_rate.png``) into ``run_dir``.
 
@@ -405,6 +440,7 @@ def write_report(
     gives the title and the "Run" table (:class:`RunRecord`). Returns the path of ``report.md``.
     ``run_dir`` is created if needed.
     Optional sections: ``verifier`` (chain -> verdict confusion, :func:`verifier_section`),
+    ``skills`` (chain -> measured role skills, :func:`skills_section`),
     ``training_counts`` (``adapters/training.json``, :func:`data_section`) and ``epochs_by_role``
     (per-epoch training records, :func:`training_section` + ``training.png``).
     """
@@ -438,6 +474,8 @@ def write_report(
 
     if verifier is not None:
         lines += verifier_section(verifier)
+    if skills:
+        lines += skills_section(skills)
     if training_counts:
         lines += data_section(training_counts, credit_summary)
     train_png = run_dir / TRAINING_PNG

@@ -36,6 +36,7 @@ __all__ = [
     "system_results",
     "critique_verdict",
     "verifier_stats",
+    "role_skills",
     "run_eval",
 ]
 
@@ -239,6 +240,34 @@ def verifier_stats(task: Task, examples: Sequence[Example], rows: list[dict]) ->
     return verifier_confusion(right, said)
 
 
+def role_skills(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
+    """The measured skills of a chain's roles over every pass of every question: G's accuracy,
+    V's verdict confusion against G's actual correctness (:func:`verifier_stats`) and R's fix
+    rate (its final answer right | G's answer wrong) and break rate (wrong | G's right)."""
+    g_right, r_right = [], []
+    for ex, r in zip(examples, rows, strict=True):
+        for g, fin in zip(r["texts"]["G"], r["texts"]["R"], strict=True):
+            g_right.append(bool(task.grade_example(g, ex)))
+            r_right.append(bool(task.grade_example(fin, ex)))
+    n_right = sum(g_right)
+    n_wrong = len(g_right) - n_right
+    fixed = sum(1 for g, r in zip(g_right, r_right) if not g and r)
+    broken = sum(1 for g, r in zip(g_right, r_right) if g and not r)
+    return {
+        "generator": {"accuracy": n_right / len(g_right) if g_right else float("nan"), "n": len(g_right)},
+        "verifier": verifier_stats(task, examples, rows),
+        "refiner": {
+            "fix_rate": fixed / n_wrong if n_wrong else float("nan"),
+            "break_rate": broken / n_right if n_right else float("nan"),
+            "fixed": fixed,
+            "broken": broken,
+            "g_wrong": n_wrong,
+            "g_right": n_right,
+            "accuracy": sum(r_right) / len(r_right) if r_right else float("nan"),
+        },
+    }
+
+
 def run_eval(
     cfg: RunConfig,
     model: Model,
@@ -258,7 +287,8 @@ def run_eval(
     that need missing adapters are skipped). Returns ``results`` (name -> SystemResult),
     ``comparisons`` (every trained system vs every baseline, and MALT vs the SFT-only chain; the
     pre-declared primary comparison, :func:`primary_names`, is marked ``primary`` and the others
-    carry Holm-adjusted p-values ``p_holm``) and ``verifier`` (chain name -> verdict confusion).
+    carry Holm-adjusted p-values ``p_holm``), ``verifier`` (chain name -> verdict confusion) and
+    ``skills`` (chain name -> :func:`role_skills`: G accuracy, V confusion, R fix / break rates).
     """
     from malt_jax.evaluation.stats import compare, holm
 
@@ -270,7 +300,7 @@ def run_eval(
     # from that chain's texts: the chain runs first and the single model is not sampled again.
     source = {s.name: next((c for c in systems if _shares_generator(s, c)), None) for s in systems}
     order = sorted(systems, key=lambda s: source[s.name] is not None)
-    results, trained_names, verifier = {}, [], {}
+    results, trained_names, verifier, skills = {}, [], {}, {}
     all_rows: dict[str, list[dict]] = {}
     for sys_ in order:
         ads = by_stage.get(sys_.stage) if sys_.trained else None
@@ -284,7 +314,8 @@ def run_eval(
             rows = evaluate_system(sys_, cfg, model, task, examples, ads, path, progress, mesh=mesh)
         all_rows[sys_.name] = rows
         if sys_.depth == 3:
-            verifier[sys_.name] = verifier_stats(task, examples, rows)
+            skills[sys_.name] = role_skills(task, examples, rows)
+            verifier[sys_.name] = skills[sys_.name]["verifier"]
     for sys_ in systems:  # the report lists systems in the given order
         if sys_.name in all_rows:
             res = system_results(sys_, all_rows[sys_.name])
@@ -312,4 +343,4 @@ def run_eval(
     for c in comparisons:
         if c["primary"]:
             c["p_holm"] = c["mcnemar_p"]
-    return {"results": results, "comparisons": comparisons, "verifier": verifier}
+    return {"results": results, "comparisons": comparisons, "verifier": verifier, "skills": skills}

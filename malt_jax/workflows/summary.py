@@ -88,6 +88,7 @@ def experiment_summary(
         "systems": system_table(ev["results"]),
         "comparisons": comparisons(ev["comparisons"]),
         "verifier": ev["verifier"],
+        "skills": ev.get("skills", {}),
         "training": training(run_dir),
         "training_data": training_counts(run_dir),
         **extra,
