@@ -21,6 +21,7 @@ Public API (a small set of names; everything else is importable from its module)
     curve = malt_jax.run_study(malt_jax.load_run_config("experiments/study_synthetic.yaml"))
     answer = malt_jax.ask_run("runs/smollm2_synthetic", "What is 42 - 17?", votes=3)   # the trained team
     malt_jax.export_run("runs/smollm2_synthetic", "exported", "both")   # PEFT folders + merged checkpoints
+    malt_jax.pretrain(malt_jax.load_pretrain_config("experiments/testbed_tiny_pretrain.yaml"))  # -> model dir
 
 The README's "Library use" example goes through every stage with these names.
 """
@@ -47,6 +48,8 @@ from malt_jax.stages.eval import System, run_eval
 from malt_jax.stages.expand import decode_tree, grade_leaves, sample_trees
 from malt_jax.tasks import Example, Task, get_task
 from malt_jax.training.data import DPOExample, SFTExample
+from malt_jax.training.pretrain import pretrain
+from malt_jax.training.pretrain_config import PretrainConfig, load_pretrain_config
 from malt_jax.training.role import RoleTraining, train_role
 from malt_jax.workflows.ask import ask, ask_run
 from malt_jax.workflows.export import export_run, load_peft, save_peft
@@ -64,6 +67,7 @@ __all__ = [
     "LoraConfig",
     "Model",
     "ModelConfig",
+    "PretrainConfig",
     "PromptCodec",
     "ROLES",
     "ROLE_NAMES",
@@ -92,6 +96,8 @@ __all__ = [
     "grade_leaves",
     "load_model",
     "load_run_config",
+    "load_pretrain_config",
+    "pretrain",
     "run",
     "run_eval",
     "run_study",

@@ -26,6 +26,7 @@ from malt_jax.config import (
     load_run_config,
     run_config_of,
 )
+from malt_jax.training.pretrain_config import PretrainConfig, load_pretrain_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -251,7 +252,67 @@ def test_run_config_of_refuses_a_bad_config_yaml_naming_it(tmp_path):
 def test_shipped_configs_and_overlays_still_load(path):
     from malt_jax.planning.units import overlay_overrides
 
+    if path.endswith("_pretrain.yaml"):  # a `malt-jax pretrain` config
+        assert load_pretrain_config(path).train.steps >= 1
+        return
     cfg = load_run_config(path)
     assert math.isfinite(cfg.sampling.top_p)
     for overlay in sorted(glob.glob(str(REPO / "tpu_configs" / "*.yaml"))):
         load_run_config(path, overlay_overrides(overlay))
+
+
+# ``malt-jax pretrain`` configs (training/pretrain_config.py): the same rule, every field of
+# PretrainConfig (model.* as in a run config) refused at load naming its key.
+PRETRAIN_BAD: dict[str, list] = {
+    **{k: v for k, v in BAD.items() if k.startswith("model.") and k != "model.vocab_size"},
+    "model.vocab_size": [0, 100],  # a char tokenizer has at least 101 tokens
+    "name": ["", "a/b"],
+    "out_dir": ["", "  "],
+    "model_preset": ["gpt-5"],
+    "mesh": [{"data": 0}, {"gpu": 2}, {"data": -1, "fsdp": -1}, {"data": "x"}],
+    "tokenizer.kind": ["wordpiece"],
+    "tokenizer.vocab_size": [-1, 300],  # 300 != model.vocab_size 256
+    "tokenizer.path": ["x.json"],  # a path only with kind: file
+    "tokenizer.sample_docs": [0],
+    "corpus.name": ["", " "],
+    "corpus.options": [[1, 2]],
+    "train.steps": [0],
+    "train.batch_size": [0],
+    "train.seq_len": [1, 513],  # the tiny preset's max_seq_len is 512
+    "train.learning_rate": [0.0, -1e-3],
+    "train.warmup_steps": [-1, 300],  # not below the default 300 steps
+    "train.min_lr_ratio": [-0.1, 1.5],
+    "train.weight_decay": [-0.1],
+    "train.grad_clip": [-1.0],
+    "train.eval_every": [0],
+    "train.eval_batches": [0],
+    "train.checkpoint_every": [0],
+    "train.seed": [-1],
+}
+PRETRAIN_CASES = [(k, v) for k, values in PRETRAIN_BAD.items() for v in values]
+
+
+def test_every_pretrain_field_has_bad_values():
+    keys = _field_keys(PretrainConfig)
+    missing = [k for k in keys if k not in PRETRAIN_BAD]
+    assert not missing, f"pretrain config fields without a validation case: {missing}"
+    assert not set(PRETRAIN_BAD) - set(keys), f"stale cases: {sorted(set(PRETRAIN_BAD) - set(keys))}"
+
+
+@pytest.mark.parametrize("key,value", PRETRAIN_CASES, ids=[f"{k}={json.dumps(v)}" for k, v in PRETRAIN_CASES])
+def test_bad_pretrain_value_is_refused_at_load_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as info:
+        load_pretrain_config(None, [f"{key}={json.dumps(value)}"])
+    assert _named(info.value, key), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_pretrain_config_defaults_and_kind_file_load():
+    cfg = load_pretrain_config(None, [])
+    assert cfg == PretrainConfig() and cfg.model.vocab_size == cfg.vocab_size == 256
+    cfg = load_pretrain_config(None, ["tokenizer.kind=file", "tokenizer.path=smollm2", "model.vocab_size=49152"])
+    assert cfg.tokenizer.path == "smollm2"
+    with pytest.raises(ConfigError, match="^tokenizer.path"):
+        load_pretrain_config(None, ["tokenizer.kind=file"])
+    # the mesh places the same computation: not part of the run's identity
+    assert load_pretrain_config(None, ["mesh={data: 2}"]).hash() == cfg.__class__().hash()

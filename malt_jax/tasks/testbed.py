@@ -56,7 +56,16 @@ from malt_jax.tasks.base import Example, LoadResult, Task
 from malt_jax.tasks.grading import extract_number, grade_number, normalize_number
 from malt_jax.tasks.prompts import RolePrompts, resolve_prompts, separate_messages
 
-__all__ = ["TestbedOptions", "TestbedTask", "TestbedCorpus", "render_chat", "borrows", "role_texts"]
+__all__ = [
+    "TestbedOptions",
+    "TestbedTask",
+    "TestbedCorpus",
+    "testbed_corpus",
+    "render_chat",
+    "borrows",
+    "role_texts",
+    "wrong_answers",
+]
 
 SPLITS = ("test", "validation", "train", "pretrain")
 END = "<|endoftext|>"
@@ -344,3 +353,9 @@ class TestbedCorpus:
 
     def documents(self, split: str, start: int, count: int) -> list[str]:
         return [self.document(split, i) for i in range(start, start + count)]
+
+
+def testbed_corpus(**options: Any) -> TestbedCorpus:
+    """The pretraining corpus of ``TestbedTask(**options)`` (``corpus: {name: testbed, options:
+    ...}`` in a pretrain config; the same options as the run's ``task.options``)."""
+    return TestbedTask(**options).corpus()
