@@ -7,6 +7,7 @@ malt-jax chat "What is the capital of France?"              # greedy answer of t
 malt-jax ask RUN_DIR "What is 42 - 17?" --votes 3          # the trained team: 3 G->V->R chains + vote
 malt-jax export RUN_DIR OUT --format peft|merged|both      # role adapters for PEFT / transformers
 malt-jax plan CONFIG --mesh data=1,fsdp=8,tensor=1 --device v5p   # per-device memory/FLOPs, no hardware
+malt-jax pretrain experiments/testbed_tiny_pretrain.yaml         # a small model from scratch -> model dir
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from malt_jax.config import SamplingConfig
     from malt_jax.model.base_model import load_model
     from malt_jax.sampling import decode as sampling
+    from malt_jax.workflows.ask import check_question
 
+    check_question(args.question)  # before the model loads
+    check_question(args.system, "--system", allow_empty=True)
     model = load_model(args.weights)
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.question}
@@ -171,6 +175,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from malt_jax.training.pretrain import pretrain
+    from malt_jax.training.pretrain_config import load_pretrain_config
+
+    cfg = load_pretrain_config(args.config, args.overrides)
+    command = " ".join(["malt-jax pretrain", args.config, *args.overrides])
+    s = pretrain(cfg, progress=not args.no_progress, command=command)
+    if s.get("skipped"):
+        print(f"{s['out_dir']} is already pretrained with this config (pretrain.json)")
+    held = s.get("heldout_loss")
+    print(
+        f"pretrained {s['n_params']:,} parameters for {s['steps']} steps: train loss {s['train_loss']:.3f}, "
+        f"held-out loss {s.get('initial_heldout_loss') or float('nan'):.3f} -> {held or float('nan'):.3f}"
+    )
+    if s.get("tensorboard"):
+        print(f"metrics in TensorBoard: {s['tensorboard']}")
+    print(f"model directory: {s['out_dir']} (use it as weights: / --weights)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="malt-jax", description="MALT: multi-agent LLM training in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -230,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
+    pt = sub.add_parser("pretrain", help="pretrain a small model from random initialisation -> a model directory")
+    pt.add_argument("config", help="YAML pretrain config (experiments/testbed_tiny_pretrain.yaml)")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pt.set_defaults(func=_cmd_pretrain)
     return p
 
 

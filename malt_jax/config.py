@@ -790,18 +790,33 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
 
 
 def run_config_of(run_dir: str | Path) -> RunConfig:
-    """The resolved config a run directory was made with (its ``config.yaml``)."""
+    """The resolved config a run directory was made with (its ``config.yaml``), verified against
+    the ``config_hash`` recorded in it: a hand-edited value of the run's identity is refused (a
+    field that changes only speed, outside the identity, may be edited)."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: missing; {run_dir} is not a malt-jax run directory")
-    data = yaml.safe_load(path.read_text()) or {}
-    data.pop("config_hash", None)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    recorded = data.pop("config_hash", None)
+    if not recorded:
+        raise ConfigError(f"{path}: no config_hash recorded; the file was edited or is not a malt-jax stamp")
     model = data.pop("model", {}) or {}
     try:
         if not isinstance(model, dict):
             raise ConfigError(f"model: expected a mapping, got {type(model).__name__}")
-        return from_dict(RunConfig, {**data, "model": from_dict(ModelConfig, model, prefix="model.")})
+        cfg = from_dict(RunConfig, {**data, "model": from_dict(ModelConfig, model, prefix="model.")})
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if cfg.hash() != str(recorded):
+        raise ConfigError(
+            f"{path}: edited after the run was made (its values hash to {cfg.hash()}, the recorded "
+            f"config_hash is {recorded}); restore the file, or start a new run_dir for the new values"
+        )
+    return cfg

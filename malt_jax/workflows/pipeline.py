@@ -50,9 +50,13 @@ from malt_jax.stages.rundir import (
     load_datasets,
     load_expansion,
     load_splits,
+    lock_run_dir,
     prepare_run_dir,
+    read_json,
     role_epochs,
     save_adapter,
+    split_questions,
+    stamp_run_dir,
     training_counts,
     write_atomic,
 )
@@ -153,16 +157,28 @@ def run(
     command: str = "",
 ) -> dict:
     """Runs the MALT pipeline (each stage resumable) and writes the report and ``summary.json``
-    (also to ``<cfg.results>/<name>.json`` when ``results`` is set); returns a summary."""
-    run_dir = prepare_run_dir(cfg)
+    (also to ``<cfg.results>/<name>.json`` when ``results`` is set); returns a summary.
+
+    Holds the run directory's writer lock throughout (:func:`~malt_jax.stages.rundir.lock_run_dir`):
+    a second process on the same directory is refused at once."""
+    with lock_run_dir(cfg.run_dir):
+        return _run(cfg, stages, progress, model, task, command)
+
+
+def _run(
+    cfg: RunConfig, stages: Sequence[str], progress: bool, model: Model | None, task: Task | None, command: str
+) -> dict:
+    run_dir = prepare_run_dir(cfg, stamp=False)
     timings_path = run_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = read_json(timings_path, {})
     memory_path = run_dir / "peak_rss_gb.json"  # per stage, of the call that last ran it
-    memory = json.loads(memory_path.read_text()) if memory_path.exists() else {}
+    memory = read_json(memory_path, {})
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         task = task or make_task(cfg)  # data and task errors surface before the (slow) model load
-        train, evals = load_splits(cfg, task, run_dir)
+        split = split_questions(cfg, task)
+        stamp_run_dir(cfg, run_dir)  # only a config whose task and data load is recorded
+        train, evals = load_splits(cfg, task, run_dir, split)
         model = model or load_model(cfg.weights, cfg.model)
         mesh = make_run_mesh(cfg)
         if mesh is not None:
@@ -206,7 +222,7 @@ def run(
             ),
         )
         if credit_summary is None and (run_dir / "credit" / "summary.json").exists():
-            credit_summary = json.loads((run_dir / "credit" / "summary.json").read_text())
+            credit_summary = read_json(run_dir / "credit" / "summary.json")
         report = run_dir / "report.md"
         if is_lead():
             write_report(
@@ -218,6 +234,7 @@ def run(
                 verifier=ev["verifier"],
                 epochs_by_role=role_epochs(run_dir),
                 training_counts=training_counts(run_dir),
+                skills=ev.get("skills"),
             )
         summary.update(
             table=format_table(ev["results"]),

@@ -32,7 +32,16 @@ from malt_jax.config import ConfigError, RunConfig
 from malt_jax.model.base_model import Model, load_model
 from malt_jax.stages import run_credit, run_eval, run_expand, run_train
 from malt_jax.stages.eval import default_systems, primary_names
-from malt_jax.stages.rundir import load_adapters, load_splits, prepare_run_dir, write_atomic
+from malt_jax.stages.rundir import (
+    load_adapters,
+    load_splits,
+    lock_run_dir,
+    prepare_run_dir,
+    read_json,
+    split_questions,
+    stamp_run_dir,
+    write_atomic,
+)
 from malt_jax.tasks import Task
 from malt_jax.workflows.pipeline import make_run_mesh, make_task
 from malt_jax.workflows.summary import experiment_summary, system_table
@@ -89,24 +98,35 @@ def _plot(curve: list[dict], baselines: dict, votes: int, path: Path) -> None:
 def run_study(
     cfg: RunConfig, progress: bool = True, command: str = "", model: Model | None = None, task: Task | None = None
 ) -> dict[str, Any]:
-    """Runs (or resumes) the study of ``cfg.study``; returns the curve summary (also written)."""
+    """Runs (or resumes) the study of ``cfg.study``; returns the curve summary (also written).
+    Holds the run directory's writer lock throughout (a second process is refused at once)."""
     sizes = sorted(cfg.study.train_sizes)
     if not sizes:
         raise ConfigError("study.train_sizes: empty; a study needs at least one training-set size")
+    with lock_run_dir(cfg.run_dir):
+        return _run_study(cfg, sizes, progress, command, model, task)
+
+
+def _run_study(
+    cfg: RunConfig, sizes: list[int], progress: bool, command: str, model: Model | None, task: Task | None
+) -> dict[str, Any]:
     t_start = time.perf_counter()
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, stamp=False)
     task = task or make_task(cfg)
-    train, evals = load_splits(cfg, task, run_dir)
+    split = split_questions(cfg, task)
+    train, evals = split
     overlap = {e.question for e in train} & {e.question for e in evals}
     if overlap:
         raise ConfigError(
             f"task.options.eval_split: {len(overlap)} evaluation question(s) are also training "
             f"questions (e.g. {sorted(overlap)[0]!r}); a study needs disjoint sets"
         )
+    stamp_run_dir(cfg, run_dir)  # only a config whose task and data are usable is recorded
+    train, evals = load_splits(cfg, task, run_dir, split)
     results_dir = Path(cfg.study.results or run_dir / "results")
     results_dir.mkdir(parents=True, exist_ok=True)
     timings_path = run_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = read_json(timings_path, {})
 
     def timed(name: str, fn: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
         t = time.perf_counter()
