@@ -211,3 +211,20 @@ def test_role_skills_count_fixes_breaks_and_verdicts():
         1,
     )
     assert v["balanced_accuracy"] == 0.5
+
+
+def test_corpus_dialogues_tokenize_as_the_pipeline_prompts_them(tmp_path):
+    """A tokenizer trained on the corpus encodes a corpus dialogue's prompt exactly as the
+    pipeline's encode_chat (literal content, the template's markers as control tokens) does."""
+    from malt_jax.model.small_tokenizer import train_tokenizer
+    from malt_jax.tasks.prompts import separate_messages
+    from malt_jax.tasks.testbed import render_chat
+
+    task = tb.TestbedTask()
+    tok = train_tokenizer(task.corpus().documents("train", 0, 200), 300, tmp_path, kind="bytelevel")
+    vocab = tok.backend.get_vocab()
+    assert not any(t in vocab for t in ("<|", "|>", "endoftext"))  # special strings never merged
+    for role, outs in (("generator", ()), ("verifier", ("Final Answer: 46",)), ("refiner", ("Final Answer: 46", "x"))):
+        msgs = separate_messages(task.prompts, role, "63-27", *outs)
+        corpus_ids = tok.backend.encode(render_chat(msgs, add_generation_prompt=True), add_special_tokens=False).ids
+        assert tok.encode_chat(msgs) == corpus_ids, role

@@ -240,11 +240,17 @@ lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 
 
 def _linear(x: jax.Array, w: jax.Array, lora: dict | None, scale: float) -> jax.Array:
+    """``x @ w`` (+ the LoRA update) over the flattened leading axes: the weight gradient is then
+    one 2-D product contracting a single token axis, which XLA:CPU runs about 2x faster than the
+    same contraction over ``[batch, time]`` (a 4 x 128 model's train step 1.47x faster overall,
+    gradients bitwise equal; docs/performance.md)."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
     w = w.astype(x.dtype)
     y = x @ w if x.dtype == jnp.float32 else lowp_matmul(x, w, x.dtype)
     if lora is not None:
         y = y + scale * lora_delta(x, lora["a"].astype(x.dtype), lora["b"].astype(x.dtype))
-    return y
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 @jax.custom_vjp

@@ -21,6 +21,7 @@ written (``tokenizer.json`` + ``tokenizer_config.json``) are what
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Iterable
 from pathlib import Path
@@ -108,7 +109,10 @@ def train_tokenizer(
         min_frequency=2,
         show_progress=False,
     )
-    tok.train_from_iterator(list(texts), trainer)
+    # the special tokens are whole tokens already: their strings split the texts and never
+    # enter the merges (else "<|", "endoftext"... would take vocabulary slots)
+    split = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
+    tok.train_from_iterator([piece for text in texts for piece in split.split(text) if piece], trainer)
     got = tok.get_vocab_size(with_added_tokens=True)
     if got < vocab_size:  # the texts ran out of merges: reserved tokens fill the vocabulary
         tok.add_special_tokens(
