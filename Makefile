@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: csqa install lint test test-slow test-all test-peers malt study bench peers chat clean
+.PHONY: csqa install lint test test-slow test-all test-peers malt study testbed bench peers chat clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ test-all: $(STAMP)
 # The main job: MALT end to end on the embedded default (SmolLM2-135M-Instruct, synthetic arithmetic).
 malt: $(STAMP)
 	$(BIN)/malt-jax run experiments/smollm2_synthetic.yaml $(ARGS)
+
+# The testbed: a small model pretrained from scratch by malt-jax on the testbed corpus (skipped when
+# models/testbed holds a finished model of the same config), then MALT end to end on it.
+testbed: $(STAMP)
+	$(BIN)/malt-jax pretrain experiments/pretrain/testbed.yaml $(PRETRAIN_ARGS)
+	$(BIN)/malt-jax run experiments/testbed.yaml $(ARGS)
 
 # The learning-curve study (README "Study"): MALT on 40 / 126 / 400 training questions, 400 held-out
 # questions, every system; resumable (rerun to continue). Several hours on a 2-core CPU.
@@ -78,4 +84,4 @@ chat: $(STAMP)
 	$(BIN)/malt-jax chat "$(Q)"
 
 clean:
-	rm -rf $(VENV) $(PEERS) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) runs models .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,7 @@ Public API (a small set of names; everything else is importable from its module)
     curve = malt_jax.run_study(malt_jax.load_run_config("experiments/study_synthetic.yaml"))
     answer = malt_jax.ask_run("runs/smollm2_synthetic", "What is 42 - 17?", votes=3)   # the trained team
     malt_jax.export_run("runs/smollm2_synthetic", "exported", "both")   # PEFT folders + merged checkpoints
-    malt_jax.pretrain(malt_jax.load_pretrain_config("experiments/testbed_tiny_pretrain.yaml"))  # -> model dir
+    malt_jax.pretrain(malt_jax.load_pretrain_config("experiments/pretrain/testbed_tiny.yaml"))  # -> model dir
 
 The README's "Library use" example goes through every stage with these names.
 """

@@ -7,7 +7,7 @@ malt-jax chat "What is the capital of France?"              # greedy answer of t
 malt-jax ask RUN_DIR "What is 42 - 17?" --votes 3          # the trained team: 3 G->V->R chains + vote
 malt-jax export RUN_DIR OUT --format peft|merged|both      # role adapters for PEFT / transformers
 malt-jax plan CONFIG --mesh data=1,fsdp=8,tensor=1 --device v5p   # per-device memory/FLOPs, no hardware
-malt-jax pretrain experiments/testbed_tiny_pretrain.yaml         # a small model from scratch -> model dir
+malt-jax pretrain experiments/pretrain/testbed_tiny.yaml         # a small model from scratch -> model dir
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
     pt = sub.add_parser("pretrain", help="pretrain a small model from random initialisation -> a model directory")
-    pt.add_argument("config", help="YAML pretrain config (experiments/testbed_tiny_pretrain.yaml)")
+    pt.add_argument("config", help="YAML pretrain config (experiments/pretrain/testbed_tiny.yaml)")
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.set_defaults(func=_cmd_pretrain)

@@ -143,7 +143,7 @@ def test_cli_pretrain_writes_the_model_directory(tmp_path, capsys):
     from malt_jax.cli import main
 
     out = tmp_path / "cli"
-    rc = main(["pretrain", "experiments/testbed_tiny_pretrain.yaml", *TINY, f"out_dir={out}", "--no-progress"])
+    rc = main(["pretrain", "experiments/pretrain/testbed_tiny.yaml", *TINY, f"out_dir={out}", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert "held-out loss" in capsys.readouterr().out
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "pretrain.json"} <= {

@@ -1,6 +1,6 @@
 """The testbed task: two-number subtraction whose answers are checked through addition, and the
 pretraining corpus that gives a small model generator, verifier and refiner skills of known,
-adjustable levels (``malt-jax pretrain experiments/testbed_pretrain.yaml``).
+adjustable levels (``malt-jax pretrain experiments/pretrain/testbed.yaml``).
 
 A question is ``a-b`` (``10 <= a <= max_a``, ``1 <= b < a``). The roles, in the pipeline's
 separate framing (``tasks/prompts/testbed.yaml``)::
