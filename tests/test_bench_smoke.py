@@ -55,3 +55,9 @@ def test_dpo_step_options_quick_runs_and_the_variants_agree(tmp_path):
     assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
     assert rows[2]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
     assert rows[3]["loss"] != rows[0]["loss"] and rows[3]["loss"] == pytest.approx(rows[0]["loss"], rel=0.05)
+
+
+def test_pretrain_step_quick_runs_and_both_layouts_give_the_same_gradients(tmp_path):
+    res = _run_quick("pretrain_step.py", tmp_path, 300, MALT_JAX_MALLOC="0")
+    assert {r["variant"] for r in res["rows"]} == {"flat", "3d", "forward"}
+    assert res["max_grad_diff"] < 1e-5 and res["machine"]["isa"]
