@@ -264,24 +264,24 @@ def _block(heading: str, name: str, d: dict, body: list[str]) -> str:
     return "\n".join([heading, "", meta(name, d), "", *body])
 
 
-def block_malt(full: bool = False) -> str:
-    d = load("smollm2-synthetic.json")
+def _run_block(heading: str, name: str, full: bool) -> str:
+    """A MALT run's block: its accuracies; ``full``: also its credit, comparisons, training and
+    verifier tables."""
+    d = load(name)
     body = accuracy_table(d)
     if full:
         body += ["", credit_line(d), "", *comparisons_table(d), "", *training_table(d), ""]
         body += verifier_table(d["verifier"])
-    return _block(
-        "### `make malt`: SmolLM2-135M-Instruct, synthetic inverse arithmetic", "smollm2-synthetic.json", d, body
-    )
+    return _block(heading, name, d, body)
+
+
+def block_malt(full: bool = False) -> str:
+    heading = "### `make malt`: SmolLM2-135M-Instruct, synthetic inverse arithmetic"
+    return _run_block(heading, "smollm2-synthetic.json", full)
 
 
 def block_csqa(full: bool = False) -> str:
-    d = load("smollm2-csqa.json")
-    body = accuracy_table(d)
-    if full:
-        body += ["", credit_line(d), "", *comparisons_table(d), "", *training_table(d), ""]
-        body += verifier_table(d["verifier"])
-    return _block("### `make csqa`: SmolLM2-135M-Instruct, CommonsenseQA", "smollm2-csqa.json", d, body)
+    return _run_block("### `make csqa`: SmolLM2-135M-Instruct, CommonsenseQA", "smollm2-csqa.json", full)
 
 
 def block_study(full: bool = False) -> str:

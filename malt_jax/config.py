@@ -314,6 +314,25 @@ MODEL_PRESETS = {
 }
 
 
+def _check_preset(preset: Any) -> None:
+    """Raises ConfigError unless ``preset`` names one of :data:`MODEL_PRESETS`."""
+    if not isinstance(preset, str) or preset not in MODEL_PRESETS:
+        raise ConfigError(f"model_preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
+
+
+def _check_mesh(obj: Any) -> None:
+    """Checks ``obj.mesh`` (axis, size) pairs: known axes, each at most once, sizes >= 1 or
+    one -1 (the rest of the devices)."""
+    axes = [a for a, _ in obj.mesh]
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+        raise ConfigError(f"mesh: unknown axis {bad[0]!r}; axes are {', '.join(MESH_AXES)}")
+    _check("", obj, "mesh", len(set(axes)) == len(axes), "each axis at most once")
+    sizes = [n for _, n in obj.mesh]
+    _check("", obj, "mesh", all(n >= 1 or n == -1 for n in sizes), "axis sizes >= 1 (or one of -1: the rest)")
+    _check("", obj, "mesh", sizes.count(-1) <= 1, "at most one axis of size -1")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.3
@@ -554,31 +573,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_types("", self)
-        if self.model_preset not in MODEL_PRESETS:
-            raise ConfigError(
-                f"model_preset: unknown preset {self.model_preset!r}; choose from {sorted(MODEL_PRESETS)}"
-            )
+        _check_preset(self.model_preset)
         for name in ("name", "weights", "run_dir"):
             _check("", self, name, bool(getattr(self, name).strip()), "a non-empty string")
         _check("", self, "name", not set(self.name) & set("/\\"), "a name without path separators")
-        axes = [a for a, _ in self.mesh]
-        bad = [a for a in axes if a not in MESH_AXES]
-        if bad:
-            raise ConfigError(f"mesh: unknown axis {bad[0]!r}; axes are {', '.join(MESH_AXES)}")
-        _check("", self, "mesh", len(set(axes)) == len(axes), "each axis at most once")
-        sizes = [n for _, n in self.mesh]
-        _check("", self, "mesh", all(n >= 1 or n == -1 for n in sizes), "axis sizes >= 1 (or one of -1: the rest)")
-        _check("", self, "mesh", sizes.count(-1) <= 1, "at most one axis of size -1")
-        if self.lora.top_layers > self.model.n_layers:
-            raise ConfigError(
-                f"lora.top_layers: expected 0 <= top_layers <= model.n_layers={self.model.n_layers}, "
-                f"got {self.lora.top_layers}"
-            )
-        if self.sampling.top_k > self.model.vocab_size:
-            raise ConfigError(
-                f"sampling.top_k: expected 0 <= top_k <= model.vocab_size={self.model.vocab_size}, "
-                f"got {self.sampling.top_k}"
-            )
+        _check_mesh(self)
+        n_layers, vocab_size = self.model.n_layers, self.model.vocab_size
+        lora_ok, top_k_ok = self.lora.top_layers <= n_layers, self.sampling.top_k <= vocab_size
+        _check("lora", self.lora, "top_layers", lora_ok, f"0 <= top_layers <= model.n_layers={n_layers}")
+        _check("sampling", self.sampling, "top_k", top_k_ok, f"0 <= top_k <= model.vocab_size={vocab_size}")
         if self.study.train_sizes and max(self.study.train_sizes) > self.task.num_train:
             raise ConfigError(
                 f"study.train_sizes: the largest size {max(self.study.train_sizes)} exceeds "
@@ -754,36 +757,45 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Loads a RunConfig from YAML; ``model`` is taken from ``model_preset`` unless given."""
+def read_config_file(path: Path) -> dict:
+    """The mapping a YAML config file holds (an empty file: ``{}``); a missing file, invalid
+    YAML or another top level is a one-line ConfigError naming the file."""
     import yaml
 
-    data: dict = {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {what}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def preset_model(preset: str, model_over: Any) -> ModelConfig:
+    """The ModelConfig of ``model_preset`` with a config file's ``model`` keys over it (checked
+    field by field, errors naming ``model.<key>``)."""
+    if not isinstance(model_over, dict):
+        raise ConfigError(f"model: expected a mapping, got {type(model_over).__name__}")
+    return from_dict(ModelConfig, {**to_dict(MODEL_PRESETS[preset]()), **model_over}, prefix="model.")
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Loads a RunConfig from YAML; ``model`` is taken from ``model_preset`` unless given."""
     if path is not None:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{path}: invalid YAML{where}: {what}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(read_config_file(path) if path is not None else {}, overrides or [])
     preset = data.get("model_preset", RunConfig.model_preset)
-    if preset not in MODEL_PRESETS:
-        raise ConfigError(f"model_preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
+    _check_preset(preset)
     model_over = data.pop("model", {}) or {}
     try:
-        if not isinstance(model_over, dict):
-            raise ConfigError(f"model: expected a mapping, got {type(model_over).__name__}")
         # the model first: the cross-field checks of RunConfig (lora.top_layers <= model.n_layers...)
         # then see the run's model, and every field is checked here, before any work
-        base_model = MODEL_PRESETS[preset]()
-        model = from_dict(ModelConfig, {**to_dict(base_model), **model_over}, prefix="model.")
+        model = preset_model(preset, model_over)
         return from_dict(RunConfig, {**data, "model": model})
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None

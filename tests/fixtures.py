@@ -1,10 +1,48 @@
 """Small shared test helpers."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from malt_jax.model.llama import init_params
+
+# a tiny run of the parity task (tests/parity_task.py): random ``tiny`` model, 4 training
+# questions, trees of 2x2x2, one epoch per stage, 6 evaluation questions
+TINY_RUN = """
+name: {name}
+model_preset: tiny
+weights: random
+run_dir: {run_dir}
+task: {{name: "{task}", num_train: 4, num_eval: 6, options: {{train_split: train, eval_split: test}}}}
+sampling: {{temperature: 1.0, max_new_tokens: 6}}
+tree: {{n: 2, m: 2, l: 2, questions_per_batch: 2}}
+lora: {{rank: 2, targets: [wq, wv]}}
+train: {{sft_epochs: 1, dpo_epochs: 1, batch_size: 4, max_seq_len: 128, checkpoint_every: 2}}
+eval: {{votes: 3, max_new_tokens: 6, bootstrap_samples: 200}}
+"""
+
+
+def write_tiny_config(
+    path: Path, run_dir: Path, name: str = "tiny", task: str = "tests.parity_task:ParityTask", extra: str = ""
+) -> Path:
+    """Writes :data:`TINY_RUN` (``extra``: further YAML lines) to ``path``; returns ``path``."""
+    path.write_text(TINY_RUN.format(name=name, run_dir=run_dir, task=task) + extra)
+    return path
+
+
+def finished_tiny_run(tmp: Path):
+    """A tiny parity run (``tmp/cfg.yaml``) through every stage into ``tmp/out``: its RunConfig,
+    the random model and the pipeline's summary."""
+    from malt_jax.config import load_run_config
+    from malt_jax.model.base_model import load_model
+    from malt_jax.workflows import pipeline
+    from tests.parity_task import ParityTask
+
+    cfg = load_run_config(write_tiny_config(tmp / "cfg.yaml", tmp / "out", task="parity"))
+    model = load_model("random", cfg.model)
+    return cfg, model, pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
 
 
 def numpy_random_params(cfg, std: float = 0.3, seed: int = 0):

@@ -151,20 +151,30 @@ def _named(err: Exception, key: str) -> bool:
     return str(err).startswith((key + ":", key + " ", key + ".", key + "["))  # or an item of it
 
 
+def _assert_cases_cover(keys: list[str], bad: dict, what: str) -> None:
+    """Every field key has a validation case in ``bad`` and every case a field."""
+    missing = [k for k in keys if k not in bad]
+    assert not missing, f"{what} fields without a validation case (and probably a check): {missing}"
+    assert not set(bad) - set(keys), f"stale cases: {sorted(set(bad) - set(keys))}"
+
+
+def _assert_refused_at_load(load, key: str, value) -> None:
+    """``load(None, ["key=value"])`` raises a one-line ConfigError naming ``key``."""
+    with pytest.raises(ConfigError) as info:
+        load(None, [f"{key}={json.dumps(value)}"])
+    assert _named(info.value, key), str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_every_field_has_bad_values():
     keys = _field_keys()
     assert len(keys) > 60
-    missing = [k for k in keys if k not in BAD]
-    assert not missing, f"config fields without a validation case (and probably a check): {missing}"
-    assert not set(BAD) - set(keys), f"stale cases: {sorted(set(BAD) - set(keys))}"
+    _assert_cases_cover(keys, BAD, "config")
 
 
 @pytest.mark.parametrize("key,value", CASES, ids=[f"{k}={json.dumps(v)}" for k, v in CASES])
 def test_bad_value_is_refused_at_load_naming_the_key(key, value):
-    with pytest.raises(ConfigError) as info:
-        load_run_config(None, [f"{key}={json.dumps(value)}"])
-    assert _named(info.value, key), str(info.value)
-    assert "\n" not in str(info.value)
+    _assert_refused_at_load(load_run_config, key, value)
 
 
 def _py(value):
@@ -293,18 +303,12 @@ PRETRAIN_CASES = [(k, v) for k, values in PRETRAIN_BAD.items() for v in values]
 
 
 def test_every_pretrain_field_has_bad_values():
-    keys = _field_keys(PretrainConfig)
-    missing = [k for k in keys if k not in PRETRAIN_BAD]
-    assert not missing, f"pretrain config fields without a validation case: {missing}"
-    assert not set(PRETRAIN_BAD) - set(keys), f"stale cases: {sorted(set(PRETRAIN_BAD) - set(keys))}"
+    _assert_cases_cover(_field_keys(PretrainConfig), PRETRAIN_BAD, "pretrain config")
 
 
 @pytest.mark.parametrize("key,value", PRETRAIN_CASES, ids=[f"{k}={json.dumps(v)}" for k, v in PRETRAIN_CASES])
 def test_bad_pretrain_value_is_refused_at_load_naming_the_key(key, value):
-    with pytest.raises(ConfigError) as info:
-        load_pretrain_config(None, [f"{key}={json.dumps(value)}"])
-    assert _named(info.value, key), str(info.value)
-    assert "\n" not in str(info.value)
+    _assert_refused_at_load(load_pretrain_config, key, value)
 
 
 def test_pretrain_config_defaults_and_kind_file_load():

@@ -19,30 +19,15 @@ import pytest
 from safetensors.numpy import load_file
 
 from malt_jax import cli
+from tests.fixtures import write_tiny_config
 from tests.processes import free_port, run_together
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 420  # hard cap: the test can never hang CI
 
-CONFIG = """
-name: tiny-multihost
-model_preset: tiny
-weights: random
-run_dir: {run_dir}
-task: {{name: "tests.parity_task:ParityTask", num_train: 4, num_eval: 6,
-        options: {{train_split: train, eval_split: test}}}}
-sampling: {{temperature: 1.0, max_new_tokens: 6}}
-tree: {{n: 2, m: 2, l: 2, questions_per_batch: 2}}
-lora: {{rank: 2, targets: [wq, wv]}}
-train: {{sft_epochs: 1, dpo_epochs: 1, batch_size: 4, max_seq_len: 128, checkpoint_every: 2}}
-eval: {{votes: 3, max_new_tokens: 6, bootstrap_samples: 200}}
-"""
-
 
 def _config(tmp: Path, name: str) -> Path:
-    path = tmp / f"{name}.yaml"
-    path.write_text(CONFIG.format(run_dir=tmp / name))
-    return path
+    return write_tiny_config(tmp / f"{name}.yaml", tmp / name, name="tiny-multihost")
 
 
 @pytest.fixture(scope="module")

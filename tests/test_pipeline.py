@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from malt_jax.config import load_run_config
-from malt_jax.model.base_model import load_model
 from malt_jax.roles import ROLE_NAMES, ROLES
 from malt_jax.stages import rundir
 from malt_jax.stages.credit import build_datasets
@@ -17,31 +15,13 @@ from malt_jax.stages.eval import critique_verdict, default_systems, evaluate_sys
 from malt_jax.stages.train import heldout_questions, run_train
 from malt_jax.tasks import Example
 from malt_jax.workflows import pipeline
+from tests.fixtures import finished_tiny_run
 from tests.parity_task import ParityTask
-
-CONFIG = """
-name: tiny
-model_preset: tiny
-weights: random
-run_dir: {run_dir}
-task: {{name: parity, num_train: 4, num_eval: 6, options: {{train_split: train, eval_split: test}}}}
-sampling: {{temperature: 1.0, max_new_tokens: 6}}
-tree: {{n: 2, m: 2, l: 2, questions_per_batch: 2}}
-lora: {{rank: 2, targets: [wq, wv]}}
-train: {{sft_epochs: 1, dpo_epochs: 1, batch_size: 4, max_seq_len: 128, checkpoint_every: 2}}
-eval: {{votes: 3, max_new_tokens: 6, bootstrap_samples: 200}}
-"""
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    path = run_dir / "cfg.yaml"
-    path.write_text(CONFIG.format(run_dir=run_dir / "out"))
-    cfg = load_run_config(path)
-    model = load_model("random", cfg.model)
-    summary = pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
-    return cfg, model, summary
+    return finished_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 def test_artifacts_and_consistency(tiny_run):

@@ -17,24 +17,10 @@ from malt_jax.config import load_run_config
 from malt_jax.stages import rundir
 from malt_jax.workflows import pipeline
 from malt_jax.workflows.study import run_study
+from tests.fixtures import write_tiny_config
 from tests.parity_task import ParityTask
 
 ROOT = Path(__file__).resolve().parent.parent
-
-CONFIG = """
-name: tiny-lock
-model_preset: tiny
-weights: random
-run_dir: {run_dir}
-task: {{name: "tests.parity_task:ParityTask", num_train: 4, num_eval: 6,
-        options: {{train_split: train, eval_split: test}}}}
-sampling: {{temperature: 1.0, max_new_tokens: 6}}
-tree: {{n: 2, m: 2, l: 2, questions_per_batch: 2}}
-lora: {{rank: 2, targets: [wq, wv]}}
-train: {{sft_epochs: 1, dpo_epochs: 1, batch_size: 4, max_seq_len: 128, checkpoint_every: 2}}
-eval: {{votes: 3, max_new_tokens: 6, bootstrap_samples: 200}}
-study: {{train_sizes: [2, 4]}}
-"""
 
 ENV = {
     **os.environ,
@@ -54,9 +40,7 @@ with lock_run_dir(sys.argv[1]):
 
 
 def _config(tmp: Path) -> Path:
-    path = tmp / "cfg.yaml"
-    path.write_text(CONFIG.format(run_dir=tmp / "run"))
-    return path
+    return write_tiny_config(tmp / "cfg.yaml", tmp / "run", name="tiny-lock", extra="study: {train_sizes: [2, 4]}\n")
 
 
 def _malt(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -3,9 +3,11 @@ with one line naming the file (and nothing already computed removed), or shown t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +15,17 @@ import pytest
 import yaml
 
 from malt_jax.config import ConfigError, load_run_config
-from malt_jax.model.base_model import load_model
 from malt_jax.stages import rundir
 from malt_jax.stages.rundir import RunDirError
 from malt_jax.workflows import pipeline
+from tests.fixtures import finished_tiny_run
 from tests.parity_task import ParityTask
-from tests.test_pipeline import CONFIG
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """A finished tiny run (every stage), copied by each test before it tampers with it."""
-    tmp = tmp_path_factory.mktemp("trust")
-    path = tmp / "cfg.yaml"
-    path.write_text(CONFIG.format(run_dir=tmp / "out"))
-    cfg = load_run_config(path)
-    model = load_model("random", cfg.model)
-    pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
+    cfg, model, _ = finished_tiny_run(tmp_path_factory.mktemp("trust"))
     return cfg, model
 
 
@@ -45,7 +41,11 @@ def _files(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def _one_line(e: pytest.ExceptionInfo, path: Path) -> None:
+@contextlib.contextmanager
+def _refused(match: str, path: Path) -> Iterator[pytest.ExceptionInfo]:
+    """The block raises a one-line RunDirError that matches ``match`` and names ``path``."""
+    with pytest.raises(RunDirError, match=match) as e:
+        yield e
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg, msg
 
@@ -81,9 +81,8 @@ def test_hand_edited_config_yaml_is_refused_where_it_is_read(copy, edit):
     cfg, model, run_dir = copy
     _edit_config(run_dir, edit)
     before = _files(run_dir)
-    with pytest.raises(RunDirError, match="edited after the run was made") as e:
+    with _refused("edited after the run was made", run_dir / "config.yaml"):
         pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
-    _one_line(e, run_dir / "config.yaml")
     with pytest.raises(RunDirError, match="edited after the run was made"):
         rundir.read_run_config(run_dir)  # what ask / export read
     assert _files(run_dir) == before  # nothing lost, nothing rewritten
@@ -92,9 +91,8 @@ def test_hand_edited_config_yaml_is_refused_where_it_is_read(copy, edit):
 def test_config_yaml_without_its_hash_is_refused(copy):
     cfg, _, run_dir = copy
     _edit_config(run_dir, lambda d: d.pop("config_hash"))
-    with pytest.raises(RunDirError, match="no config_hash recorded") as e:
+    with _refused("no config_hash recorded", run_dir / "config.yaml"):
         rundir.prepare_run_dir(cfg)
-    _one_line(e, run_dir / "config.yaml")
 
 
 def test_speed_only_edits_to_config_yaml_are_accepted(copy):
@@ -110,9 +108,8 @@ def test_deleted_config_yaml_does_not_let_outputs_be_adopted_by_a_new_config(cop
     (run_dir / "config.yaml").unlink()
     before = _files(run_dir)
     other = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, temperature=0.1))
-    with pytest.raises(RunDirError, match="holds run outputs .*no config.yaml") as e:
+    with _refused("holds run outputs .*no config.yaml", run_dir) as e:
         pipeline.run(other, model=model, task=ParityTask(), progress=False)
-    _one_line(e, run_dir)
     for name in ("adapters", "credit", "eval", "expansion", "splits.json"):
         assert name in str(e.value)
     assert "restore its config.yaml" in str(e.value)
@@ -141,13 +138,11 @@ def test_edited_splits_json_is_refused(copy):
     s = json.loads(p.read_text())
     s["train"][0], s["train"][1] = s["train"][1], s["train"][0]
     p.write_text(json.dumps(s))
-    with pytest.raises(RunDirError, match="'train' questions are not those") as e:
+    with _refused("'train' questions are not those", p):
         pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
-    _one_line(e, p)
     p.write_text("{not json")
-    with pytest.raises(RunDirError, match="not valid JSON") as e:
+    with _refused("not valid JSON", p):
         rundir.load_splits(cfg, ParityTask(), run_dir)
-    _one_line(e, p)
 
 
 def _two_batches(run_dir: Path) -> list[Path]:
@@ -168,9 +163,8 @@ def test_truncated_expansion_batch_is_refused(copy):
     _, _, run_dir = copy
     f = _two_batches(run_dir)[1]
     f.write_bytes(f.read_bytes()[:100])
-    with pytest.raises(RunDirError, match="unreadable expansion batch") as e:
+    with _refused("unreadable expansion batch", f):
         rundir.load_expansion(run_dir)
-    _one_line(e, f)
 
 
 def test_expansion_batch_of_another_shape_is_refused(copy):
@@ -179,17 +173,15 @@ def test_expansion_batch_of_another_shape_is_refused(copy):
     arrays = dict(np.load(f))
     arrays["rewards"] = np.zeros((len(arrays["index"]), 3, 2, 2), np.float32)  # a tree of n=3
     np.savez(f, **arrays)
-    with pytest.raises(RunDirError, match="come from different runs") as e:
+    with _refused("come from different runs", f):
         rundir.load_expansion(run_dir)
-    _one_line(e, f)
 
 
 def test_removed_expansion_batch_is_refused(copy):
     _, _, run_dir = copy
     _two_batches(run_dir)[0].unlink()  # questions 2 and 3 left, read as if they were 0 and 1
-    with pytest.raises(RunDirError, match=r"not 0..N-1") as e:
+    with _refused(r"not 0..N-1", run_dir / "expansion"):
         rundir.load_expansion(run_dir)
-    _one_line(e, run_dir / "expansion")
 
 
 def test_cut_or_edited_credit_sets_are_refused(copy):
@@ -198,31 +190,26 @@ def test_cut_or_edited_credit_sets_are_refused(copy):
     lines = p.read_text().splitlines(keepends=True)
     assert len(lines) > 1
     p.write_text("".join(lines[:-1]))  # one row less than credit/summary.json counts
-    with pytest.raises(RunDirError, match=rf"{len(lines) - 1} rows, .*summary.json counts {len(lines)}") as e:
+    with _refused(rf"{len(lines) - 1} rows, .*summary.json counts {len(lines)}", p):
         rundir.load_datasets(run_dir, "G")
-    _one_line(e, p)
     p.write_text("".join(lines[:-1]) + "{cut\n")
-    with pytest.raises(RunDirError, match=rf"G_sft.jsonl:{len(lines)}: not valid JSON") as e:
+    with _refused(rf"G_sft.jsonl:{len(lines)}: not valid JSON", p):
         rundir.load_datasets(run_dir, "G")
-    _one_line(e, p)
     p.write_text("".join(lines[:-1]) + json.dumps({"prompt": [1]}) + "\n")
-    with pytest.raises(RunDirError, match="a row lacks 'completion'") as e:
+    with _refused("a row lacks 'completion'", p):
         rundir.load_datasets(run_dir, "G")
-    _one_line(e, p)
 
 
 def test_broken_training_json_and_adapter_are_refused(copy):
     _, _, run_dir = copy
     t = run_dir / "adapters" / "training.json"
     t.write_text('{"G": ')
-    with pytest.raises(RunDirError, match="not valid JSON") as e:
+    with _refused("not valid JSON", t):
         rundir.training_counts(run_dir)
-    _one_line(e, t)
     a = run_dir / "adapters" / "V.safetensors"
     a.write_bytes(a.read_bytes()[:50])
-    with pytest.raises(RunDirError, match="unreadable adapter") as e:
+    with _refused("unreadable adapter", a):
         rundir.load_adapters(run_dir)
-    _one_line(e, a)
 
 
 def test_eval_rows_broken_are_refused_and_incomplete_are_evaluated_again(copy):
@@ -233,17 +220,15 @@ def test_eval_rows_broken_are_refused_and_incomplete_are_evaluated_again(copy):
     p.write_text("".join(lines[:-1]))  # incomplete: not used, the system is evaluated again
     assert rundir.read_rows(p, len(lines)) is None
     p.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2] + "\n")
-    with pytest.raises(RunDirError, match="not valid JSON") as e:
+    with _refused("not valid JSON", p):
         rundir.read_rows(p, len(lines))
-    _one_line(e, p)
 
 
 def test_broken_timings_json_is_named(copy):
     cfg, model, run_dir = copy
     (run_dir / "timings.json").write_text("[1, 2")
-    with pytest.raises(RunDirError, match="not valid JSON") as e:
+    with _refused("not valid JSON", run_dir / "timings.json"):
         pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
-    _one_line(e, run_dir / "timings.json")
 
 
 def test_every_experiment_config_verifies_after_its_stamp(tmp_path):

@@ -21,16 +21,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from malt_jax.config import (
-    MESH_AXES,
-    MODEL_PRESETS,
     ConfigError,
     ModelConfig,
     _check,
+    _check_mesh,
     _check_min,
+    _check_preset,
     _check_types,
     apply_overrides,
     config_hash,
     from_dict,
+    preset_model,
+    read_config_file,
     to_dict,
 )
 
@@ -150,32 +152,19 @@ class PretrainConfig:
         for name in ("name", "out_dir"):
             _check("", self, name, bool(getattr(self, name).strip()), "a non-empty string")
         _check("", self, "name", not set(self.name) & set("/\\"), "a name without path separators")
-        if self.model_preset not in MODEL_PRESETS:
-            raise ConfigError(
-                f"model_preset: unknown preset {self.model_preset!r}; choose from {sorted(MODEL_PRESETS)}"
-            )
-        axes = [a for a, _ in self.mesh]
-        bad = [a for a in axes if a not in MESH_AXES]
-        if bad:
-            raise ConfigError(f"mesh: unknown axis {bad[0]!r}; axes are {', '.join(MESH_AXES)}")
-        _check("", self, "mesh", len(set(axes)) == len(axes), "each axis at most once")
-        sizes = [n for _, n in self.mesh]
-        _check("", self, "mesh", all(n >= 1 or n == -1 for n in sizes), "axis sizes >= 1 (or one of -1: the rest)")
-        _check("", self, "mesh", sizes.count(-1) <= 1, "at most one axis of size -1")
-        if self.tokenizer.vocab_size and self.tokenizer.vocab_size != self.model.vocab_size:
-            raise ConfigError(
-                f"tokenizer.vocab_size: expected 0 or model.vocab_size={self.model.vocab_size} (the model's "
-                f"embedding rows), got {self.tokenizer.vocab_size}"
-            )
+        _check_preset(self.model_preset)
+        _check_mesh(self)
+        vocab_size = self.model.vocab_size
+        tokenizer_ok = self.tokenizer.vocab_size in (0, vocab_size)
+        expected = f"0 or model.vocab_size={vocab_size} (the model's embedding rows)"
+        _check("tokenizer", self.tokenizer, "vocab_size", tokenizer_ok, expected)
         if self.tokenizer.kind != "file" and self.model.vocab_size < MIN_VOCAB[self.tokenizer.kind]:
             raise ConfigError(
                 f"model.vocab_size: a trained {self.tokenizer.kind} tokenizer has at least "
                 f"{MIN_VOCAB[self.tokenizer.kind]} tokens, got {self.model.vocab_size}"
             )
-        if self.train.seq_len > self.model.max_seq_len:
-            raise ConfigError(
-                f"train.seq_len: expected <= model.max_seq_len={self.model.max_seq_len}, got {self.train.seq_len}"
-            )
+        max_len = self.model.max_seq_len
+        _check("train", self.train, "seq_len", self.train.seq_len <= max_len, f"<= model.max_seq_len={max_len}")
 
     @property
     def vocab_size(self) -> int:
@@ -195,31 +184,14 @@ def pretrain_config_dict(cfg: PretrainConfig) -> dict:
 def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
     """Loads a PretrainConfig from YAML plus ``key=value`` overrides; ``model`` starts from
     ``model_preset`` (default ``tiny``) and takes the file's ``model`` keys over it."""
-    import yaml
-
-    data: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{path}: invalid YAML{where}: {what}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_config_file(path) if path is not None else {}
     try:
         data = apply_overrides(data, overrides or [])
         preset = data.get("model_preset", PretrainConfig.model_preset)
-        if not isinstance(preset, str) or preset not in MODEL_PRESETS:
-            raise ConfigError(f"model_preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
-        model_over = data.pop("model", {}) or {}
-        if not isinstance(model_over, dict):
-            raise ConfigError(f"model: expected a mapping, got {type(model_over).__name__}")
-        model = from_dict(ModelConfig, {**to_dict(MODEL_PRESETS[preset]()), **model_over}, prefix="model.")
+        _check_preset(preset)
+        model = preset_model(preset, data.pop("model", {}) or {})
         return from_dict(PretrainConfig, {**data, "model": model})
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
