@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 
 MAKE = {  # the make target behind a summary's command
+    "malt-jax run experiments/testbed.yaml": "make testbed",
     "malt-jax run experiments/smollm2_synthetic.yaml": "make malt",
     "malt-jax run experiments/smollm2_csqa.yaml": "make csqa",
     "malt-jax study experiments/study_synthetic.yaml": "make study",
@@ -168,6 +169,24 @@ def verifier_table(verifier: dict, label: str = "chain") -> list[str]:
     return out
 
 
+def skills_table(d: dict) -> list[str]:
+    """Each chain's measured role skills (``stages.eval.role_skills``): the untrained chain's are
+    the base model's."""
+    out = [
+        "| chain (every pass of every question) | G accuracy | V balanced accuracy | R fix rate (G wrong -> right) "
+        "| R break rate (G right -> wrong) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in d.get("skills", {}).items():
+        g, v, r = s["generator"], s["verifier"], s["refiner"]
+        out.append(
+            f"| {name} | {_num(g['accuracy'])} | {_num(v['balanced_accuracy'])} "
+            f"| {_num(r['fix_rate'])} ({r['fixed']} / {r['g_wrong']}) "
+            f"| {_num(r['break_rate'])} ({r['broken']} / {r['g_right']}) |"
+        )
+    return out
+
+
 def credit_line(d: dict) -> str:
     c = d["credit"]
     fb = c["reward_fallback"]
@@ -275,6 +294,25 @@ def _run_block(heading: str, name: str, full: bool) -> str:
     return _block(heading, name, d, body)
 
 
+def block_testbed(full: bool = False) -> str:
+    """MALT on the model pretrained by malt-jax (its pretraining summary beside it)."""
+    d = load("testbed.json")
+    pre = load("testbed_pretrain.json")
+    body = accuracy_table(d) + ["", *skills_table(d), ""]
+    body.append(
+        f"Base model: {pre['n_params']:,} parameters pretrained from random weights for {pre['steps']} steps "
+        f"({pre['tokens']:,} tokens, held-out loss {pre['initial_heldout_loss']:.2f} -> {pre['heldout_loss']:.3f}) "
+        f"in {_dur(pre['wall_time_s'])} at {pre['tokens_per_s']:,.0f} tokens/s on {_machine('', pre)} "
+        f"(`{pre['command']}`; `results/testbed_pretrain.json`)."
+    )
+    if full:
+        body += ["", credit_line(d), "", *comparisons_table(d), "", *training_table(d), ""]
+        body += verifier_table(d["verifier"])
+    return _block(
+        "### `make testbed`: a model pretrained from scratch, subtraction checked by addition", "testbed.json", d, body
+    )
+
+
 def block_malt(full: bool = False) -> str:
     heading = "### `make malt`: SmolLM2-135M-Instruct, synthetic inverse arithmetic"
     return _run_block(heading, "smollm2-synthetic.json", full)
@@ -345,7 +383,7 @@ def block_framing() -> str:
 
 
 def readme_blocks() -> list[str]:
-    return [block_malt(), block_csqa(), block_study()]
+    return [block_testbed(), block_malt(), block_csqa(), block_study()]
 
 
 def docs_blocks() -> list[str]:
@@ -353,6 +391,7 @@ def docs_blocks() -> list[str]:
         block_probe_verification(),
         block_verifier_designs(),
         block_framing(),
+        block_testbed(full=True),
         block_malt(full=True),
         block_csqa(full=True),
         block_study(full=True),
@@ -362,6 +401,8 @@ def docs_blocks() -> list[str]:
 def file_block(path: str) -> str:
     name = Path(path).name
     by_file = {
+        "testbed.json": lambda: block_testbed(full=True),
+        "testbed_pretrain.json": lambda: block_testbed(full=True),
         "smollm2-synthetic.json": lambda: block_malt(full=True),
         "smollm2-csqa.json": lambda: block_csqa(full=True),
         "study_synthetic.json": lambda: block_study(full=True),

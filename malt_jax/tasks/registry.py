@@ -31,7 +31,9 @@ TASKS: dict[str, type[Task]] = {
 
 def task_options(name: str) -> list[str]:
     """The option names ``get_task(name, ...)`` accepts (besides ``path``)."""
-    return [p for p in inspect.signature(_task_class(name)).parameters if p != "path"]
+    cls = _task_class(name)
+    params = [p for p, v in inspect.signature(cls).parameters.items() if p != "path" and v.kind != v.VAR_KEYWORD]
+    return params + list(getattr(cls, "option_names", ()))
 
 
 def _task_class(name: str) -> type[Task]:

@@ -196,30 +196,20 @@ class TestbedTask(Task):
 
     name = "testbed"
 
+    #: the knobs, passed as keyword options (``get_task("testbed", v_detect=0.9)``; the task
+    #: registry lists them with its other options)
+    option_names: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TestbedOptions))
+
     def __init__(
         self,
         prompts: RolePrompts | str | Mapping[str, Any] | None = None,
         train_size: int | None = None,
         test_size: int | None = None,
         validation_size: int | None = None,
-        *,
-        max_a: int = TestbedOptions.max_a,
-        fact_share: float = TestbedOptions.fact_share,
-        add_share: float = TestbedOptions.add_share,
-        borrow_share: float = TestbedOptions.borrow_share,
-        role_mix: Sequence[float] = TestbedOptions.role_mix,
-        wrong_rate: float = TestbedOptions.wrong_rate,
-        v_detect: float = TestbedOptions.v_detect,
-        v_false_alarm: float = TestbedOptions.v_false_alarm,
-        r_follow: float = TestbedOptions.r_follow,
-        facts_per_item: int = TestbedOptions.facts_per_item,
-        items_per_document: int = TestbedOptions.items_per_document,
-        split_buckets: Sequence[int] = TestbedOptions.split_buckets,
-        seed: int = TestbedOptions.seed,
+        **options: Any,
     ) -> None:
         super().__init__()
-        knobs = dict(locals())
-        self.options = TestbedOptions.from_mapping({f.name: knobs[f.name] for f in dataclasses.fields(TestbedOptions)})
+        self.options = TestbedOptions.from_mapping(options)
         for name, size in (("train_size", train_size), ("test_size", test_size), ("validation_size", validation_size)):
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
                 raise TestbedError(f"task.options.{name}: expected an int >= 0, got {size!r}")
