@@ -242,8 +242,8 @@ lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 def _linear(x: jax.Array, w: jax.Array, lora: dict | None, scale: float) -> jax.Array:
     """``x @ w`` (+ the LoRA update) over the flattened leading axes: the weight gradient is then
     one 2-D product contracting a single token axis, which XLA:CPU runs about 2x faster than the
-    same contraction over ``[batch, time]`` (a 4 x 128 model's train step 1.47x faster overall,
-    gradients bitwise equal; docs/performance.md)."""
+    same contraction over ``[batch, time]`` (the testbed model's train step about 1.5x faster,
+    gradients bitwise equal: bench/pretrain_step.py, docs/performance.md)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     w = w.astype(x.dtype)
