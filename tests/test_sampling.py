@@ -144,13 +144,14 @@ def test_sample_rows_in_blocks_on_a_mesh():
     """On 8 devices the blocks are taken inside each device's rows (10 per device here): same
     tokens as the plain vmap, and the output stays split over the devices."""
     from malt_jax.parallel import sharding
+    from malt_jax.parallel.distributed import shard_batch
 
     mesh = sharding.make_mesh({"data": 8})
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((80, 4096)).astype(np.float32))
     keys = jax.random.split(jax.random.key(4), 80)
     sc = SamplingConfig(temperature=0.7)
     want = jax.vmap(lambda x, k: sampling.sample_logits(x, k, sc))(logits, keys)
-    xs, ks = sharding.shard_batch((logits, keys), mesh)
+    xs, ks = shard_batch((logits, keys), mesh)
     with sharding.mesh_context(mesh):
         got = jax.jit(lambda x, k: sampling.sample_rows(x, k, sc))(xs, ks)
     assert len(got.sharding.device_set) == 8
@@ -169,6 +170,7 @@ def test_sampling_distribution_follows_temperature():
 
 def test_sharded_equals_single_device(params):
     from malt_jax.parallel import sharding
+    from malt_jax.parallel.distributed import shard_batch
 
     assert jax.device_count() == 8
     prompts = _prompts(n=8, seed=5)
@@ -177,7 +179,7 @@ def test_sharded_equals_single_device(params):
     single = _gen(params, prompts, sc, keys)
     mesh = sharding.make_mesh({"data": 8})
     x, lens = sampling.pad_batch(prompts)
-    xs, ls, ks = sharding.shard_batch((jnp.asarray(x), jnp.asarray(lens), keys), mesh)
+    xs, ls, ks = shard_batch((jnp.asarray(x), jnp.asarray(lens), keys), mesh)
     p = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     sharded = sampling.generate(p, xs, ls, ks, cfg=CFG, sampling=sc, max_new_tokens=12)
     assert len(sharded.tokens.sharding.device_set) == 8
