@@ -18,6 +18,8 @@ from malt_jax.config import ConfigError, load_run_config
 from malt_jax.stages import rundir
 from malt_jax.stages.rundir import RunDirError
 from malt_jax.workflows import pipeline
+from malt_jax.workflows.ask import ask_run
+from malt_jax.workflows.export import export_run
 from tests.fixtures import finished_tiny_run
 from tests.parity_task import ParityTask
 
@@ -84,7 +86,13 @@ def test_hand_edited_config_yaml_is_refused_where_it_is_read(copy, edit):
     with _refused("edited after the run was made", run_dir / "config.yaml"):
         pipeline.run(cfg, model=model, task=ParityTask(), progress=False)
     with pytest.raises(RunDirError, match="edited after the run was made"):
-        rundir.read_run_config(run_dir)  # what ask / export read
+        rundir.read_run_config(run_dir)
+    # ask and export read the run's config before loading anything
+    with pytest.raises(ConfigError, match="config.yaml: edited after the run was made"):
+        ask_run(run_dir, "1 0 1")
+    with pytest.raises(ConfigError, match="config.yaml: edited after the run was made"):
+        export_run(run_dir, run_dir.parent / "exported", "peft")
+    assert not (run_dir.parent / "exported").exists()
     assert _files(run_dir) == before  # nothing lost, nothing rewritten
 
 
