@@ -137,6 +137,12 @@ def test_resume_after_a_kill_gives_the_same_parameters(trained, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     train = [json.loads(line) for line in (tmp_path / "cut" / "pretrain_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["kind"] == "train"] == list(range(1, 31))  # none twice
+    # killed after the final checkpoint, before the model directory was written: nothing left to
+    # run, and the summary still has the last train loss (from the metrics on disk)
+    (tmp_path / "cut" / "model.safetensors").unlink()
+    (tmp_path / "cut" / "pretrain.json").unlink()
+    again = pretrain(cut, progress=False)
+    assert again["resumed_from"] == 30 and again["train_loss"] == s["train_loss"] is not None
 
 
 def test_cli_pretrain_writes_the_model_directory(tmp_path, capsys):

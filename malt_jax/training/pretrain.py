@@ -397,7 +397,10 @@ def pretrain(
             record([{"kind": "eval", "stage": STAGE, "step": 0, "heldout/loss": heldout()}])
         bar = tqdm(total=t.steps, initial=start, desc=f"pretrain {cfg.name}", disable=not progress, dynamic_ncols=True)
         pending: list[tuple[int, dict]] = []
-        timed_tokens, timed_s, last_train, last_heldout = 0, 0.0, None, None
+        # the last train loss so far: from the metrics on disk when resuming (a run killed after its
+        # final checkpoint resumes with no step left to run)
+        last_train = next((r["loss"] for r in reversed(rows) if r["kind"] == "train"), None)
+        timed_tokens, timed_s, last_heldout = 0, 0.0, None
         t_timed = time.perf_counter()
         resumed_from = start
 
