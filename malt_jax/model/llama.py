@@ -39,12 +39,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from malt_jax.config import ModelConfig
+from malt_jax.config import LORA_TARGETS, ModelConfig
 from malt_jax.parallel.sharding import constrain, gather_rows_for_head
 
 Params = dict[str, Any]
 
-LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+LAYER_WEIGHTS = LORA_TARGETS  # the projections of a layer, the one definition (config.LORA_TARGETS)
 
 
 class KVCache(flax.struct.PyTreeNode):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from malt_jax.config import MESH_AXES  # the one definition (config validates mesh axes with it)
 
 AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
