@@ -28,6 +28,7 @@ import numpy as np
 from malt_jax.config import LoraConfig, ModelConfig, run_config_of
 from malt_jax.model.llama import Params
 from malt_jax.model.weights import _LAYER_NAMES, WeightError
+from malt_jax.stages.rundir import write_atomic
 
 __all__ = ["HF_MODULES", "peft_config", "peft_tensors", "save_peft", "load_peft", "export_run"]
 
@@ -87,19 +88,11 @@ def save_peft(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # each file atomically; the config last, so a folder with a config has its tensors
-    _write_atomic(out / "adapter_model.safetensors", save(peft_tensors(adapter, cfg, lora_cfg)))
+    tensors = save(peft_tensors(adapter, cfg, lora_cfg))
+    write_atomic(out / "adapter_model.safetensors", lambda f: f.write(tensors))
     config = json.dumps(peft_config(cfg, lora_cfg, base_model_name_or_path), indent=2)
-    _write_atomic(out / "adapter_config.json", config.encode())
+    write_atomic(out / "adapter_config.json", config)
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 #: adapter_config.json fields that change what the adapter computes and have no malt-jax
