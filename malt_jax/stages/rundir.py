@@ -354,8 +354,6 @@ def load_adapter(path: Path, cfg: RunConfig | None = None) -> Params:
 
     path = Path(path)
     if cfg is None and path.parent.name == "adapters" and (path.parent.parent / "config.yaml").is_file():
-        from malt_jax.config import run_config_of
-
         cfg = run_config_of(path.parent.parent)
     if not path.is_file():
         raise WeightError(f"{path}: missing")
@@ -432,8 +430,10 @@ def training_counts(run_dir: Path) -> dict:
 
 
 def load_adapters(run_dir: Path) -> tuple[dict[str, Params] | None, dict[str, Params] | None]:
-    """The roles' adapters after DPO and after SFT only (``None`` where a role's file is missing)."""
+    """The roles' adapters after DPO and after SFT only (``None`` where a role's file is missing),
+    each checked against the run's config (read and verified once, where ``config.yaml`` exists)."""
     d = run_dir / "adapters"
+    cfg = run_config_of(run_dir) if (run_dir / "config.yaml").is_file() else None
 
     def load(suffix: str) -> dict[str, Params] | None:
         paths = {r: d / f"{r}{suffix}.safetensors" for r in ROLES}
@@ -442,7 +442,7 @@ def load_adapters(run_dir: Path) -> tuple[dict[str, Params] | None, dict[str, Pa
         out = {}
         for r, p in paths.items():
             try:
-                out[r] = load_adapter(p)
+                out[r] = load_adapter(p, cfg)
             except Exception as e:  # safetensors' header / size checks, a foreign key layout
                 raise RunDirError(f"{p}: unreadable adapter ({type(e).__name__}: {e})") from None
         return out
