@@ -50,9 +50,10 @@ def test_every_trace_parses_with_the_tasks_own_graders():
             assert task.grade_example(reply, ex) == 1 and task.has_explicit_answer(reply, ex)
             continue
         quoted = int(task.extract(lines[1]))
-        if system == "Check.":  # V: the sum is right; the verdict parses
-            c, bb, d = map(int, re.match(r"(\d+)\+(\d+)=(\d+)\.", reply).groups())
+        if system == "Check.":  # V: the sum and its distance to a are right; the verdict parses
+            c, bb, d, x, y, e = map(int, re.match(r"(\d+)\+(\d+)=(\d+)\. (\d+)-(\d+)=(\d+)\.", reply).groups())
             assert (c, bb, d) == (quoted, b, quoted + b)
+            assert {x, y} == {d, a} and x >= y and e == abs(d - a)
             assert parse_verdict(reply) in (True, False)
         else:  # R: its final answer is the quoted one, or the right one when it corrects
             verdict = parse_verdict(lines[2])
@@ -78,14 +79,14 @@ def test_following_refiner_always_lands_on_the_right_answer(a, b, answer):
 
 
 def test_forgotten_borrow_is_fixed_with_subtractions_that_do_not_borrow():
-    """The refiner's corrective steps for the typical error use only non-borrowing subtraction
-    (while the critique's sum stays below 100)."""
+    """The critique's distance and the refiner's corrective step for the typical error use only
+    non-borrowing subtraction (while the critique's sum stays below 100)."""
     for a in range(10, 90):
         for b in range(1, a):
             if not borrows(a, b):
                 continue
-            r = role_texts(a, b, a - b + 10, True, True)["refiner"]
-            for x, y in re.findall(r"(\d+)-(\d+)=", r):
+            texts = role_texts(a, b, a - b + 10, True, True)
+            for x, y in re.findall(r"(\d+)-(\d+)=", texts["verifier"] + " " + texts["refiner"]):
                 assert not borrows(int(x), int(y)), (a, b, r)
 
 

@@ -6,17 +6,18 @@ A question is ``a-b`` (``10 <= a <= max_a``, ``1 <= b < a``). The roles, in the 
 separate framing (``tasks/prompts/testbed.yaml``)::
 
     G  user: 63-27                                   -> Final Answer: 36
-    V  user: 63-27 / Final Answer: 46                -> 46+27=73. Verdict: wrong
-    R  user: 63-27 / Final Answer: 46 / 46+27=73. Verdict: wrong
-                                                     -> 73-63=10. 46-10=36. Final Answer: 36
+    V  user: 63-27 / Final Answer: 46                -> 46+27=73. 73-63=10. Verdict: wrong
+    R  user: 63-27 / Final Answer: 46 / 46+27=73. 73-63=10. Verdict: wrong
+                                                     -> 46-10=36. Final Answer: 36
 
 Where the generation-verification gap comes from (what the model *learns*, not noise): a
 subtraction that borrows (``63-27``: units 3 < 7) is rare in the corpus (``borrow_share``), so a
 model trained on it solves the borrowing half of the questions poorly; checking an answer needs
-only addition (``c+b``), frequent in the corpus (``add_share``); and the refiner's correction
-uses the critique's own sum: when G forgot the borrow, ``c+b`` exceeds ``a`` by exactly 10 and
-both corrective steps are subtractions *without* borrow (``73-63``, ``46-10``; for sums below
-100), which the model does learn. So V and R have skills G lacks, and how much is set by the corpus.
+only addition (``c+b``), frequent in the corpus (``add_share``), and the distance of that sum to
+``a``, a subtraction that does not borrow for the generator's typical errors (when G forgot the
+borrow, ``c+b`` exceeds ``a`` by exactly 10: ``73-63``). The verdict then reads one local fact
+(is the distance 0?), and the refiner's correction applies the critique's distance
+(``46-10``, again without borrow). So V and R have skills G lacks, learned from the corpus.
 
 Knobs (:class:`TestbedOptions`, all validated, each error names the ``task.options`` key):
 
@@ -29,10 +30,10 @@ Knobs (:class:`TestbedOptions`, all validated, each error names the ``task.optio
 * ``wrong_rate``: share of the V and R dialogues whose quoted answer is wrong (errors are
   the generator's typical ones: a forgotten borrow, a units or tens digit off by one);
 * ``v_detect`` / ``v_false_alarm``: P(the V dialogue's verdict says "wrong" | the answer is
-  wrong / right). Its sum is always computed correctly: only the verdict is set, so
+  wrong / right). Its check (sum and distance) is always computed right: only the verdict is set, so
   ``v_detect = v_false_alarm`` teaches a verdict independent of the check (chance), and
   ``1 / 0`` a verdict that follows it;
-* ``r_follow``: P(the R dialogue corrects the answer with the critique's sum | the critique
+* ``r_follow``: P(the R dialogue corrects the answer by the critique's distance | the critique
   says wrong); otherwise it repeats the quoted answer;
 * ``split_buckets``: how the ten hash buckets of the problems ``(a, b)`` are shared by test /
   validation / train / pretrain. The corpus's subtraction facts and dialogues use only the
@@ -160,16 +161,21 @@ def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bo
 
 def role_texts(a: int, b: int, answer: int, verdict_wrong: bool, follow: bool) -> dict[str, str]:
     """The three role outputs for question ``a-b`` with G's answer ``answer``: G's reply, V's
-    critique (its sum always right; its verdict ``wrong`` iff ``verdict_wrong``) and R's reply
-    (corrected through the critique's sum iff the critique says wrong and ``follow``)."""
+    critique and R's reply.
+
+    V checks through the inverse: the sum ``d = answer + b``, then its distance to ``a`` (the
+    larger minus the smaller, so ``0`` iff the answer is right), then the verdict, ``wrong`` iff
+    ``verdict_wrong`` (the check is always computed right; only the verdict is set by the corpus's
+    rates). R, when the critique says wrong and it ``follow``s, moves the answer by the critique's
+    distance (down when the sum was too large, up when too small); otherwise it repeats it."""
     d = answer + b
-    critique = f"{answer}+{b}={d}. Verdict: {'wrong' if verdict_wrong else 'correct'}"
+    e = abs(d - a)
+    gap = f"{d}-{a}={e}" if d >= a else f"{a}-{d}={e}"
+    critique = f"{answer}+{b}={d}. {gap}. Verdict: {'wrong' if verdict_wrong else 'correct'}"
     if verdict_wrong and follow:
-        if d >= a:
-            fix = f"{d}-{a}={d - a}. {answer}-{d - a}={answer - (d - a)}. "
-        else:
-            fix = f"{a}-{d}={a - d}. {answer}+{a - d}={answer + (a - d)}. "
-        refined = fix + f"Final Answer: {a - b}"
+        fixed = answer - e if d >= a else answer + e
+        step = f"{answer}-{e}={fixed}" if d >= a else f"{answer}+{e}={fixed}"
+        refined = f"{step}. Final Answer: {fixed}"
     else:
         refined = f"Final Answer: {answer}"
     return {"generator": f"Final Answer: {answer}", "verifier": critique, "refiner": refined}
@@ -178,14 +184,16 @@ def role_texts(a: int, b: int, answer: int, verdict_wrong: bool, follow: bool) -
 def wrong_answers(a: int, b: int) -> list[int]:
     """The wrong answers the corpus shows for ``a-b`` (with repeats as weights): ``c +- 1``,
     ``c +- 10`` and, for a borrowing problem, mostly ``c + 10`` (the forgotten borrow), keeping
-    those whose correction (:func:`role_texts`) uses only subtractions that do not borrow."""
+    those whose check and correction (:func:`role_texts`) use only subtractions that do not
+    borrow."""
     c = a - b
     options = [c + 1, c - 1, c + 10, c - 10] + ([c + 10] * 4 if borrows(a, b) else [])
     out = []
     for x in options:
         if x < 0 or x == c:
             continue
-        steps = re.findall(r"(\d+)-(\d+)=", role_texts(a, b, x, True, True)["refiner"])
+        texts = role_texts(a, b, x, True, True)
+        steps = re.findall(r"(\d+)-(\d+)=", texts["verifier"] + " " + texts["refiner"])
         if not any(borrows(int(p), int(q)) for p, q in steps):
             out.append(x)
     return out
