@@ -23,6 +23,11 @@ from malt_jax.evaluation.stats import compare
 from malt_jax.workflows import pipeline
 
 
+def _counts(c: dict) -> dict:
+    """A comparison's paired questions and McNemar discordant counts (a wrong & b right, a right & b wrong)."""
+    return {"n": c["n"], "b01": c["b01"], "b10": c["b10"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -66,7 +71,8 @@ def main() -> None:
                 n: {"accuracy": r.accuracy, "ci95": list(r.ci), "correct": r.successes} for n, r in res.items()
             },
             "comparisons": [
-                {"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"]} for c in tests
+                {"a": c["target"], "b": c["baseline"], **_counts(c), "diff": c["diff"], "p": c["mcnemar_p"]}
+                for c in tests
             ],
             "verifier": ev["verifier"].get("chain"),
         }
@@ -75,7 +81,7 @@ def main() -> None:
     both = {f"{f}:{mv}": chains[f][mv] for f in chains}
     both.update({f"{f}:chain": chains[f]["chain"] for f in chains})
     summary["separate_vs_chat"] = [
-        {"a": c["target"], "b": c["baseline"], "diff": c["diff"], "p": c["mcnemar_p"]}
+        {"a": c["target"], "b": c["baseline"], **_counts(c), "diff": c["diff"], "p": c["mcnemar_p"]}
         for c in compare(both, f"separate:{mv}", [f"chat:{mv}"]) + compare(both, "separate:chain", ["chat:chain"])
     ]
     summary["wall_time_s"] = round(time.time() - t0, 1)

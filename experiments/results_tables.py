@@ -136,10 +136,13 @@ def comparisons_table(d: dict) -> list[str]:
 
 
 def training_table(d: dict) -> list[str]:
+    """Per role the held-out figures of epoch selection: measured on the held-out set that chose
+    the epochs (so optimistic at the selected epoch), the reward accuracy pair-weighted (with the
+    unweighted accurate / all pairs beside it where the summary records them)."""
     out = [
-        "| role | SFT examples (train / held out) | held-out SFT loss start -> selected (epochs) "
-        "| DPO pairs (train / held out) | held-out DPO loss start -> selected (epochs) "
-        "| held-out DPO reward accuracy / margin |",
+        "| role | SFT examples (train / held out) | selection-set SFT loss start -> selected (epochs) "
+        "| DPO pairs (train / held out) | selection-set DPO loss start -> selected (epochs) "
+        "| selection-set DPO reward accuracy / margin |",
         "|---|---|---|---|---|---|",
     ]
     for role, t in d["training"].items():
@@ -149,9 +152,23 @@ def training_table(d: dict) -> list[str]:
             f"| {_num(t['heldout_sft_loss_start'])} -> {_num(t['heldout_sft_loss_end'])} ({t['sft_epochs']}) "
             f"| {data['dpo']['train_after_cap']} / {data['dpo']['heldout']} "
             f"| {_num(t['heldout_dpo_loss_start'])} -> {_num(t['heldout_dpo_loss_end'])} ({t['dpo_epochs']}) "
-            f"| {_num(t['heldout_dpo_accuracy'])} / {_num(t['heldout_dpo_margin'], '+.3f')} |"
+            f"| {_dpo_acc(t)} / {_num(t['heldout_dpo_margin'], '+.3f')} |"
         )
     return out
+
+
+def _dpo_acc(t: dict) -> str:
+    """The selected epoch's (pair-weighted) held-out DPO reward accuracy, with the unweighted
+    ``k / n`` pairs where the summary has them (summaries from before they were recorded do not)."""
+    k, n = t.get("heldout_dpo_accurate_pairs"), t.get("heldout_dpo_pairs")
+    return _num(t["heldout_dpo_accuracy"]) + ("" if k is None or n is None else f" ({k} / {n} pairs)")
+
+
+def _verdicts(v: dict) -> str:
+    """A verdict confusion's balanced accuracy (it weights the two classes equally) with the
+    unweighted right verdicts / all verdicts beside it."""
+    k = v["right_says_correct"] + v["wrong_says_incorrect"]
+    return f"{_num(v['balanced_accuracy'])} ({k} / {v['n']} right)"
 
 
 def verifier_table(verifier: dict, label: str = "chain") -> list[str]:
@@ -173,14 +190,15 @@ def skills_table(d: dict) -> list[str]:
     """Each chain's measured role skills (``stages.eval.role_skills``): the untrained chain's are
     the base model's."""
     out = [
-        "| chain (every pass of every question) | G accuracy | V balanced accuracy | R fix rate (G wrong -> right) "
+        "| chain (every pass of every question) | G accuracy | V balanced accuracy (unweighted verdicts right) "
+        "| R fix rate (G wrong -> right) "
         "| R break rate (G right -> wrong) |",
         "|---|---|---|---|---|",
     ]
     for name, s in d.get("skills", {}).items():
         g, v, r = s["generator"], s["verifier"], s["refiner"]
         out.append(
-            f"| {name} | {_num(g['accuracy'])} | {_num(v['balanced_accuracy'])} "
+            f"| {name} | {_num(g['accuracy'])} | {_verdicts(v)} "
             f"| {_num(r['fix_rate'])} ({r['fixed']} / {r['g_wrong']}) "
             f"| {_num(r['break_rate'])} ({r['broken']} / {r['g_right']}) |"
         )
@@ -251,8 +269,9 @@ def study_comparisons_table(sizes: dict[int, dict]) -> list[str]:
 
 def study_training_table(sizes: dict[int, dict]) -> list[str]:
     out = [
-        "| size | role | SFT examples (train / held out) | held-out SFT loss start -> selected "
-        "| DPO pairs (train / held out) | held-out DPO reward accuracy | V balanced accuracy (untrained -> trained) |",
+        "| size | role | SFT examples (train / held out) | selection-set SFT loss start -> selected "
+        "| DPO pairs (train / held out) | selection-set DPO reward accuracy "
+        "| V balanced accuracy (untrained -> trained) |",
         "|---|---|---|---|---|---|---|",
     ]
     for n in sorted(sizes):
@@ -262,12 +281,12 @@ def study_training_table(sizes: dict[int, dict]) -> list[str]:
             v = ""
             if role == "V":
                 ver = d["verifier"]
-                v = f"{_num(ver['chain']['balanced_accuracy'])} -> {_num(ver['malt']['balanced_accuracy'])}"
+                v = f"{_verdicts(ver['chain'])} -> {_verdicts(ver['malt'])}"
             out.append(
                 f"| {n} | {role} | {data['sft']['train_after_cap']} / {data['sft']['heldout']} "
                 f"| {_num(t['heldout_sft_loss_start'])} -> {_num(t['heldout_sft_loss_end'])} "
                 f"| {data['dpo']['train_after_cap']} / {data['dpo']['heldout']} "
-                f"| {_num(t['heldout_dpo_accuracy'])} | {v} |"
+                f"| {_dpo_acc(t)} | {v} |"
             )
     return out
 
@@ -352,12 +371,12 @@ def block_verifier_designs() -> str:
     d = load("probe_verifier_designs.json")
     body = [
         f"| design @ tree temperature ({d['n']} {d['split']} questions, {d['framing']} framing) "
-        '| G accuracy | R accuracy | V balanced accuracy | V says "correct" |',
+        '| G accuracy | R accuracy | V balanced accuracy (unweighted verdicts right) | V says "correct" |',
         "|---|---|---|---|---|",
     ]
     for run, v in d["runs"].items():
         body.append(
-            f"| {run} | {v['G_accuracy']:.3f} | {v['R_accuracy']:.3f} | {v['verdicts']['balanced_accuracy']:.3f} "
+            f"| {run} | {v['G_accuracy']:.3f} | {v['R_accuracy']:.3f} | {_verdicts(v['verdicts'])} "
             f"| {v['verdicts']['says_correct_rate']:.3f} |"
         )
     return _block("### Verifier designs", "probe_verifier_designs.json", d, body)
@@ -367,12 +386,14 @@ def block_framing() -> str:
     d = load("framing_synthetic.json")
     systems = list(next(iter(d["framings"].values()))["systems"])
     body = [
-        f"| framing ({d['n_eval']} {d['split']} questions) | " + " | ".join(systems) + " | V balanced accuracy |",
+        f"| framing ({d['n_eval']} {d['split']} questions) | "
+        + " | ".join(systems)
+        + " | V balanced accuracy (unweighted verdicts right) |",
         "|---|" + "---|" * (len(systems) + 1),
     ]
     for name, f in d["framings"].items():
         cells = [f"{f['systems'][s]['accuracy']:.3f}" for s in systems]
-        body.append(f"| {name} | " + " | ".join(cells) + f" | {f['verifier']['balanced_accuracy']:.3f} |")
+        body.append(f"| {name} | " + " | ".join(cells) + f" | {_verdicts(f['verifier'])} |")
     body.append("")
     body.append(
         "Separate vs chat: "

@@ -435,6 +435,13 @@ class TrainConfig:
     verifier_balance: bool = True
     # fraction of the training questions whose examples are held out to choose epochs (0 = none)
     heldout_fraction: float = 0.1
+    # Of those held-out questions, the fraction (at least one when > 0 and there are two or
+    # more) whose examples only *report* the held-out metrics (``report/...`` at the start and at
+    # the selected epoch) and never choose an epoch, so the figures reported for the selected
+    # epoch are not measured on the set that selected it. 0 = all of them choose epochs, and the
+    # held-out metrics of the selected epoch are selection-set (optimistic) figures. Added
+    # later: part of a run's identity only when set.
+    heldout_report_fraction: float = dataclasses.field(default=0.0, metadata={"identity": "non-default"})
     # Budget caps per role (0 = use everything): a seeded random subset of the SFT examples /
     # DPO pairs is kept, e.g. to fit a CPU time budget.
     max_sft_examples: int = 0
@@ -471,6 +478,7 @@ class TrainConfig:
             max_dpo_pairs=0,
             early_stop_patience=0,
             heldout_fraction=0,
+            heldout_report_fraction=0,
             weight_decay=0,
             max_pairs_per_parent=0,
             checkpoint_every=1,
@@ -478,6 +486,8 @@ class TrainConfig:
         )
         if isinstance(self.heldout_fraction, (int, float)) and not self.heldout_fraction < 1:
             raise ConfigError(f"train.heldout_fraction must be < 1, got {self.heldout_fraction!r}")
+        if isinstance(self.heldout_report_fraction, (int, float)) and not self.heldout_report_fraction < 1:
+            raise ConfigError(f"train.heldout_report_fraction must be < 1, got {self.heldout_report_fraction!r}")
         if isinstance(self.warmup_ratio, (int, float)) and not self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be < 1, got {self.warmup_ratio!r}")
         _check("train", self, "dpo_beta", self.dpo_beta > 0, "dpo_beta > 0")
@@ -501,6 +511,9 @@ class EvalConfig:
     bootstrap_samples: int = 2000
     seed: int = 1
     sft_chain: bool = False  # also evaluate the SFT-only trained chain (the paper's STaR-style ablation)
+    # also evaluate the paper's role ablations of the trained chain (stages.eval.ABLATIONS: only G
+    # trained; G and V; G and R with the untrained V)
+    ablations: bool = dataclasses.field(default=False, metadata={"identity": "non-default"})
 
     def __post_init__(self) -> None:
         _check_types("eval", self)

@@ -1,6 +1,7 @@
 """Canonical answer keys for majority voting, explicit final answers and strict leaf rewards."""
 
 import json
+import re
 import types
 
 import numpy as np
@@ -10,7 +11,8 @@ from malt_jax.evaluation.stats import majority_vote
 from malt_jax.stages.credit import run_credit
 from malt_jax.stages.eval import System, _score
 from malt_jax.stages.expand import grade_leaves
-from malt_jax.tasks import Example, get_task
+from malt_jax.tasks import Example, LoadResult, Task, default_prompts, get_task
+from malt_jax.tasks.grading import extract_number
 from malt_jax.tasks.math_task import math_answer_key
 from tests.parity_task import ParityTask
 
@@ -128,6 +130,72 @@ def test_score_votes_on_keys(tasks):
     assert row["vote_answer"] == "1/2" and row["vote_correct"] is True
     row = _score(system, tasks["csqa"], CSQA_EX, {"G": ["Final Answer: A", "Final Answer: bank", "Final Answer: B"]})
     assert row["pass_answers"] == ["A", "B", "B"] and row["vote_answer"] == "B" and row["vote_correct"]
+
+
+class _KeyLooserThanGrade(Task):
+    """Keys: the last number anywhere; the grade: only an exact ``Final Answer: <gold>`` text, or
+    (``loose``) any text that mentions the gold number. Passes with one key can differ in grade."""
+
+    name = "key-vs-grade"
+
+    def __init__(self, loose: bool = False):
+        super().__init__()
+        self.prompts = default_prompts("synthetic")
+        self.loose = loose
+
+    def _load(self, split):
+        return LoadResult([])
+
+    def extract(self, text):
+        return extract_number(text)
+
+    def grade(self, text, gold):
+        if self.loose:
+            return int(gold in re.findall(r"\d+", text))
+        return int(text.strip() == f"Final Answer: {gold}")
+
+
+def test_vote_grades_the_voted_answer_not_its_first_pass():
+    """MV@k grades the voted key itself (``Task.grade_key``); copying the grade of the first pass
+    with that key gave the opposite result in both cases below."""
+    system = System("single", 1, 3, False, False)
+    ex = Example("s", "q", "5")
+    # the first pass voting "5" is graded wrong (no Final Answer line), but 5 is right
+    texts = {"G": ["I think it is 5", "Final Answer: 5", "Final Answer: 3"]}
+    row = _score(system, _KeyLooserThanGrade(), ex, texts)
+    assert row["pass_answers"] == ["5", "5", "3"] and row["pass_correct"] == [False, True, False]
+    assert row["vote_answer"] == "5" and row["vote_correct"] is True  # old: pass_correct[0] = False
+    # the first pass voting "7" is graded right (it mentions 5), but 7 is wrong
+    texts = {"G": ["5 or 7? Final Answer: 7", "Final Answer: 7", "Final Answer: 5"]}
+    row = _score(system, _KeyLooserThanGrade(loose=True), ex, texts)
+    assert row["pass_answers"] == ["7", "7", "5"] and row["pass_correct"] == [True, False, True]
+    assert row["vote_answer"] == "7" and row["vote_correct"] is False  # old: pass_correct[0] = True
+    # no key at all: no vote, not correct
+    row = _score(system, _KeyLooserThanGrade(), ex, {"G": ["no", "numbers", "here"]})
+    assert row["vote_answer"] is None and row["vote_correct"] is False
+
+
+@pytest.mark.parametrize(
+    "name,ex,texts",
+    [
+        ("math", MATH_EX, ["Final Answer: 3", "so \\boxed{\\tfrac{1}{2}}", "Final Answer: 0.5"]),
+        ("synthetic", NUM_EX, ["Final Answer: 4.0", "it is 4", "Final Answer: 5"]),
+        ("gsm8k", NUM_EX, ["#### 5", "Final Answer: 5 dollars", "Final Answer: 4"]),
+        ("csqa", CSQA_EX, ["Final Answer: bank", "Final Answer: A", "Final Answer: (B) bank"]),
+    ],
+)
+def test_vote_is_graded_through_the_key(tasks, monkeypatch, name, ex, texts):
+    """Each task's voted key round-trips through its canonical text ``Final Answer: <key>``, and
+    the row's ``vote_correct`` is that text's grade (asked of ``grade_key`` with the key)."""
+    task = tasks[name]
+    asked = []
+    real = task.grade_key
+    monkeypatch.setattr(task, "grade_key", lambda key, example: asked.append(key) or real(key, example))
+    row = _score(System("single", 1, 3, False, False), task, ex, {"G": texts})
+    key = row["vote_answer"]
+    assert key is not None and asked == [key]
+    assert task.answer_key(f"Final Answer: {key}", ex) == key
+    assert row["vote_correct"] is bool(task.grade_example(f"Final Answer: {key}", ex))
 
 
 # ---------------------------------------------------------------------------- explicit answers

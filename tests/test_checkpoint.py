@@ -189,6 +189,42 @@ def test_train_role_resume_with_heldout_is_exact(base, tmp_path):
         )
 
 
+def test_train_role_resume_with_report_sets_is_exact(base, tmp_path):
+    """Report sets (scored when a stage ends, never choosing an epoch) leave the checkpoints'
+    resume exact: preempted in SFT or in DPO, the rerun gives the same adapters and epoch records,
+    report figures included (a DPO stage resumed from its checkpoint scores its report pairs
+    against the restored SFT adapter)."""
+    sft, sft_ho, dpo, dpo_ho = _heldout_examples()
+    rng = np.random.default_rng(5)
+    sft_rep = [D.SFTExample(list(rng.integers(20, 256, 4)), [7, 30, 40]) for _ in range(3)]
+    dpo_rep = [D.DPOExample(list(rng.integers(20, 256, 3)), [9, 9, 9], [11, 11, 11]) for _ in range(3)]
+
+    def run(d, **kw):
+        return train_role(
+            base,
+            CFG,
+            LORA,
+            HELD,
+            sft,
+            dpo,
+            "generator",
+            d,
+            progress=False,
+            sft_heldout=sft_ho,
+            dpo_heldout=dpo_ho,
+            sft_report=sft_rep,
+            dpo_report=dpo_rep,
+            **kw,
+        )
+
+    full = run(tmp_path / "straight")
+    assert {e["stage"] for e in full.epochs if "report/loss" in e} == {"sft", "dpo"}
+    for stop in (7, 13):  # mid-SFT after the best epoch; mid-DPO
+        d = tmp_path / f"stop{stop}"
+        assert len(run(d, stop_after_steps=stop).history) == stop
+        _same_result(full, run(d))
+
+
 def test_shape_mismatch_names_tensor(tmp_path):
     ad = init_lora(CFG, LORA, jax.random.key(0))
     with Checkpointer(tmp_path / "ck") as ck:

@@ -100,6 +100,7 @@ BAD: dict[str, list] = {
     "train.generator_dpo": [MAYBE],
     "train.verifier_balance": [MAYBE],
     "train.heldout_fraction": [1.0, -0.1],
+    "train.heldout_report_fraction": [1.0, -0.1],
     "train.max_sft_examples": [-1],
     "train.max_dpo_pairs": [-1],
     "train.checkpoint_every": [0],
@@ -114,6 +115,7 @@ BAD: dict[str, list] = {
     "eval.bootstrap_samples": [0],
     "eval.seed": [-1],
     "eval.sft_chain": [MAYBE],
+    "eval.ablations": [MAYBE],
     "study.train_sizes": [[0], [4, 4], [64]],  # 64 > the default task.num_train 32
     "study.results": [[1]],
     "study.sft_chain": ["some"],

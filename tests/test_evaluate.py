@@ -325,3 +325,44 @@ def test_verifier_confusion_counts_and_balanced_accuracy():
     assert np.isnan(ev.verifier_confusion([True, True], [True, False])["balanced_accuracy"])
     with pytest.raises(ValueError):
         ev.verifier_confusion([True], [])
+
+
+def _sign_flip_reference(a, b):
+    """Exact sign-flip p-value by enumerating every sign pattern with itertools (independent of
+    the vectorised enumeration in ``seeds_paired_test``)."""
+    import itertools
+
+    d = (np.asarray(a, float) - np.asarray(b, float)).mean(axis=0)
+    obs = abs(d.sum())
+    patterns = list(itertools.product((-1.0, 1.0), repeat=len(d)))
+    return sum(abs(sum(s * x for s, x in zip(signs, d))) >= obs - 1e-12 for signs in patterns) / len(patterns)
+
+
+def test_seeds_paired_test_exact_enumeration_matches_reference():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        a = rng.random((3, 9)) < 0.7
+        b = rng.random((3, 9)) < 0.5
+        out = ev.seeds_paired_test(a, b, samples=1024)
+        assert out["p_value"] == pytest.approx(_sign_flip_reference(a, b))
+        assert out["diff"] == pytest.approx(a.mean() - b.mean())
+        assert out["diffs"] == pytest.approx(list(a.mean(axis=1) - b.mean(axis=1)))
+        assert out["b01"] == int((~a & b).sum()) and out["b10"] == int((a & ~b).sum()) and out["n"] == 27
+        assert ev.seeds_paired_test(b, a, samples=1024)["p_value"] == pytest.approx(out["p_value"])
+
+
+def test_seeds_paired_test_monte_carlo_and_edges():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 500)) < 0.8
+    b = rng.random((3, 500)) < 0.6
+    strong = ev.seeds_paired_test(a, b, samples=4000)
+    assert strong["p_value"] == pytest.approx(1 / 4001) and strong["ci95"][0] > 0.1
+    same = ev.seeds_paired_test(a, a, samples=4000)
+    assert same["p_value"] == 1.0 and same["diff"] == 0.0
+    # a seed-independent baseline repeated over seeds and a system that ties it on average
+    noisy = ev.seeds_paired_test(rng.random((3, 500)) < 0.6, np.tile(b[:1], (3, 1)), samples=4000)
+    assert noisy["p_value"] > 0.01
+    with pytest.raises(ValueError, match=r"\[seeds, questions\]"):
+        ev.seeds_paired_test(a[0], b[0])
+    with pytest.raises(ValueError, match="paired"):
+        ev.seeds_paired_test(a, b[:, :10])

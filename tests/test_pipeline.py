@@ -108,6 +108,37 @@ def test_single_scored_from_chain_equals_sampling_it(tiny_run, tmp_path):
     assert [r["texts"]["G"] for r in chain] == [r["texts"]["G"] for r in derived]
 
 
+def test_role_ablations_use_trained_adapters_only_for_their_roles(tiny_run, tmp_path):
+    """The paper's role ablations: each role with MALT's adapter samples exactly what MALT's own
+    chain sampled at that level (same keys), and the ablations are compared with MALT only."""
+    import jax
+
+    from malt_jax.stages.eval import run_eval
+
+    cfg, model, _ = tiny_run
+    out = Path(cfg.run_dir)
+    task = ParityTask()
+    _, evals = rundir.load_splits(cfg, task, out)
+    adapters, sft_adapters = rundir.load_adapters(out)
+    # a verifier adapter far from zero, so that its texts surely differ from the base V's
+    adapters = {**adapters, "V": jax.tree.map(lambda x: x * 0 + 0.5, adapters["V"])}
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ablations=True))
+    names = [s.name for s in default_systems(3, ablations=True)]
+    assert names[-3:] == ["malt-G", "malt-GV", "malt-GR"]
+    ev = run_eval(cfg, model, task, evals, out, adapters, progress=False, sft_adapters=sft_adapters, out=tmp_path)
+    rows = {n: [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in names}
+    col = lambda name, role: [r["texts"][role] for r in rows[name]]  # noqa: E731
+    for ablation in ("malt-G", "malt-GV", "malt-GR"):
+        assert col(ablation, "G") == col("malt", "G")
+    assert col("malt-GV", "V") == col("malt", "V")
+    assert col("malt-G", "V") == col("malt-GR", "V")  # both the base V, after the same G texts
+    assert col("malt-G", "V") != col("malt", "V")  # the trained V adapter changes what V says
+    pairs = {(c["target"], c["baseline"]) for c in ev["comparisons"]}
+    assert not any(t.startswith(("malt-G", "malt-GV", "malt-GR")) for t, _ in pairs)
+    assert {("malt+MV@3", f"{a}+MV@3") for a in ("malt-G", "malt-GV", "malt-GR")} <= pairs
+    assert {("malt", a) for a in ("malt-G", "malt-GV", "malt-GR")} <= pairs
+
+
 def test_speed_only_fields_do_not_change_run_identity(tiny_run):
     """A run dir accepts the same config with another decode compaction setting (same samples),
     and refuses one whose sampling changes."""

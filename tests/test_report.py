@@ -83,12 +83,17 @@ def test_report_tables_and_plots(tmp_path, results):
     assert "| MALT G->V->R | 0.8000 | [0.4902, 0.9433] | 10 |" in lines
 
     # paired comparison: 3 discordant questions, all wins -> McNemar p = 2 * 1/8 = 0.25
-    assert "| target vs baseline | diff | McNemar p | bootstrap 95% CI | bootstrap p |" in lines
+    # (with its discordant counts: target only / baseline only / n)
+    assert (
+        "| target vs baseline | diff | discordant: target only / baseline only / n | McNemar p "
+        "| bootstrap 95% CI | bootstrap p |"
+    ) in lines
     row = next(line for line in lines if line.startswith("| MALT G->V->R vs baseline G |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     c = comps[0]
     assert cells[1:] == [
         "+0.3000",
+        "3 / 0 / 10",
         "0.2500",
         f"[{c['bootstrap_lo']:.4f}, {c['bootstrap_hi']:.4f}]",
         f"{c['bootstrap_p']:.4f}",

@@ -87,7 +87,7 @@ def test_forgotten_borrow_is_fixed_with_subtractions_that_do_not_borrow():
                 continue
             texts = role_texts(a, b, a - b + 10, True, True)
             for x, y in re.findall(r"(\d+)-(\d+)=", texts["verifier"] + " " + texts["refiner"]):
-                assert not borrows(int(x), int(y)), (a, b, r)
+                assert not borrows(int(x), int(y)), (a, b, texts)
 
 
 def test_splits_are_disjoint_and_held_out_problems_are_never_pretraining_facts():

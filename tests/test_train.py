@@ -254,7 +254,7 @@ def test_role_without_data_keeps_base_model(base, tmp_path, caplog):
     assert "role 'verifier'" in caplog.text and "keeps the base model" in caplog.text
     assert "easier" in caplog.text and "more training questions" in caplog.text
     assert res.epochs == [] and res.history == [] and not (tmp_path / "ck").exists()
-    assert res.counts == {"sft": 0, "sft_heldout": 0, "dpo": 0, "dpo_heldout": 0}
+    assert res.counts == {"sft": 0, "sft_heldout": 0, "sft_report": 0, "dpo": 0, "dpo_heldout": 0, "dpo_report": 0}
     assert all(not np.asarray(ab["b"]).any() for ab in res.adapter["layers"].values())  # LoRA b = 0
     _close(res.sft_adapter, res.adapter, rtol=0, atol=0)
     batch = D.pack_sft(_sft_examples(4), TRAIN.max_seq_len)
@@ -274,7 +274,15 @@ def test_train_role_sft_then_dpo(base, tmp_path, caplog):
     assert stages == ["sft"] * 2 + ["dpo"]  # ceil(12/8) SFT steps, ceil(5/8) DPO step
     assert all(h["tokens_per_s"] > 0 for h in hist)
     assert abs(hist[2]["rewards/margins"]) > 0  # reference = base, policy = SFT adapter
-    assert res.trained and res.counts == {"sft": 12, "sft_heldout": 0, "dpo": 5, "dpo_heldout": 0}
+    assert res.trained and res.counts == {
+        "sft": 12,
+        "sft_heldout": 0,
+        "sft_report": 0,
+        "dpo": 5,
+        "dpo_heldout": 0,
+        "dpo_report": 0,
+    }
+    assert not any(k.startswith("report/") for e in res.epochs for k in e)  # no report set
     # no held-out sets: every epoch runs, the last is kept; records exist without held-out values
     assert [(e["stage"], e["epoch"], e["best"]) for e in res.epochs] == [
         ("sft", 0, False),
@@ -402,23 +410,41 @@ def test_heldout_selects_best_epoch_and_stops_early(base, tmp_path, sft_after_be
     _close(res.sft_adapter, sft_after_best, rtol=0, atol=0)
 
 
+def _report_sets():
+    """An SFT report set like the held-out one, and DPO report pairs of which 2 (weight 3 each)
+    prefer the completion training teaches against: their pair-weighted reward accuracy differs
+    from the unweighted share of accurate pairs."""
+    _, sft_rep = _contradicting(seed=3)
+    flipped = [dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, weight=3.0) for p in _preference(2, 4)]
+    return sft_rep, _preference(3, seed=3) + flipped
+
+
 def test_dpo_starts_from_best_sft_and_heldout_rewards_match_logps(base, tmp_path, sft_after_best):
+    """Also: report sets change nothing in the selection (the same selected adapters as without
+    them) and are scored at epoch 0 and at the selected epoch only, with the unweighted counts."""
     train, held = _contradicting()
     dpo, dpo_held = _preference(6, seed=1), _preference(5, seed=2)
-    res = train_role(
-        base,
-        CFG,
-        LORA,
-        SEL,
-        train,
-        dpo,
-        "generator",
-        tmp_path / "ck",
-        progress=False,
-        sft_heldout=held,
-        dpo_heldout=dpo_held,
-    )
-    assert res.counts == {"sft": 8, "sft_heldout": 6, "dpo": 6, "dpo_heldout": 5}
+    sft_rep, dpo_rep = _report_sets()
+
+    def run():
+        return train_role(
+            base,
+            CFG,
+            LORA,
+            SEL,
+            train,
+            dpo,
+            "generator",
+            tmp_path / "ck",
+            progress=False,
+            sft_heldout=held,
+            dpo_heldout=dpo_held,
+            sft_report=sft_rep,
+            dpo_report=dpo_rep,
+        )
+
+    res = run()
+    assert res.counts == {"sft": 8, "sft_heldout": 6, "sft_report": 6, "dpo": 6, "dpo_heldout": 5, "dpo_report": 5}
     sft_ep = [e for e in res.epochs if e["stage"] == "sft"]
     assert [e["epoch"] for e in sft_ep if e["best"]] == [BEST] and len(sft_ep) == 7
     _close(res.sft_adapter, sft_after_best, rtol=0, atol=0)
@@ -452,6 +478,37 @@ def test_dpo_starts_from_best_sft_and_heldout_rewards_match_logps(base, tmp_path
         steps = [h for h in res.history if h["stage"] == "dpo" and h["epoch"] == e["epoch"] - 1]
         assert e["train/rewards/accuracies"] == pytest.approx(np.mean([h["rewards/accuracies"] for h in steps]))
         assert e["train/rewards/margins"] == pytest.approx(np.mean([h["rewards/margins"] for h in steps]))
+    # the unweighted counts beside the weighted figures (held-out weights are all 1 here)
+    assert best["heldout/rewards/accurate_pairs"] == int(np.sum(chosen > rejected)) and best["heldout/pairs"] == 5
+    n_tok = sum(len(ex.completion) for ex in held)
+    for e in sft_ep:
+        assert e["heldout/tokens"] == n_tok and e["heldout/accuracy"] == pytest.approx(
+            e["heldout/correct_tokens"] / n_tok
+        )
+
+    # report sets: scored only at epoch 0 and at the selected epoch, never choosing one
+    assert [e["epoch"] for e in sft_ep if "report/loss" in e] == [0, BEST]
+    assert [e["epoch"] for e in dp if "report/loss" in e] == sorted({0, best["epoch"]})
+    scale = lora_scale(LORA)
+    assert sft_ep[0]["report/loss"] == pytest.approx(
+        heldout_metrics("sft", base, None, sft_rep, CFG, SEL, scale)["loss"]
+    )
+    rep_best = heldout_metrics("sft", base, res.sft_adapter, sft_rep, CFG, SEL, scale)
+    assert sft_ep[BEST]["report/loss"] == pytest.approx(rep_best["loss"], rel=1e-6)
+    assert sft_ep[BEST]["report/tokens"] == sum(len(ex.completion) for ex in sft_rep) == rep_best["tokens"]
+    assert dp[0]["report/loss"] == pytest.approx(math.log(2), rel=1e-5)
+    assert (dp[0]["report/rewards/accurate_pairs"], dp[0]["report/pairs"]) == (0, 5)
+    b = D.pack_dpo(dpo_rep, SEL.max_seq_len)
+    pos = causal_positions(*b["tokens"].shape)
+    pol, ref = logps(res.adapter), logps(res.sft_adapter)  # the report pairs now
+    right = SEL.dpo_beta * (pol[:, 0] - ref[:, 0]) > SEL.dpo_beta * (pol[:, 1] - ref[:, 1])
+    w = np.array([p.weight for p in dpo_rep])
+    assert right.tolist() == [True, True, True, False, False]  # the flipped pairs lose
+    assert (best["report/rewards/accurate_pairs"], best["report/pairs"]) == (3, 5)
+    assert best["report/rewards/accuracies"] == pytest.approx(np.sum(w * right) / np.sum(w)) == pytest.approx(1 / 3)
+    # a rerun on the finished directory resumes at the end: the same records, report figures included
+    again = run()
+    assert again.epochs == res.epochs and len(again.history) == len(res.history)
 
 
 # ----------------------------------------------------------------------------------------------

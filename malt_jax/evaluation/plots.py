@@ -136,7 +136,10 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
             best = selected(recs)
             handles = []
             if stage == "sft":
-                for key, label, style in (("train/loss", "train loss", "o-"), ("heldout/loss", "held-out loss", "s-")):
+                for key, label, style in (
+                    ("train/loss", "train loss", "o-"),
+                    ("heldout/loss", "held-out (selection) loss", "s-"),
+                ):
                     xs, ys = series(recs, key)
                     if xs:
                         handles += ax.plot(xs, ys, style, label=label, markersize=4)
@@ -144,12 +147,16 @@ def plot_training_curves(epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]
             else:
                 xs, ys = series(recs, "heldout/loss")
                 if xs:
-                    handles += ax.plot(xs, ys, "s-", color="tab:red", label="held-out DPO loss", markersize=4)
+                    handles += ax.plot(
+                        xs, ys, "s-", color="tab:red", label="held-out (selection) DPO loss", markersize=4
+                    )
                 ax.set_ylabel("DPO loss")
                 xs, ys = series(recs, "heldout/rewards/accuracies")
                 if xs:
                     ax2 = ax.twinx()
-                    handles += ax2.plot(xs, ys, "^--", color="tab:green", label="held-out reward acc.", markersize=4)
+                    handles += ax2.plot(
+                        xs, ys, "^--", color="tab:green", label="held-out (selection) reward acc.", markersize=4
+                    )
                     ax2.set_ylim(0.0, 1.05)
                     ax2.set_ylabel("reward accuracy")
             if best is not None:

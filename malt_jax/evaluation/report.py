@@ -138,30 +138,43 @@ def _credit_section(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _acc_k_n(rec: Mapping[str, Any], prefix: str) -> str:
+    """A (pair-weighted) DPO reward accuracy with the unweighted ``k / n`` pairs beside it."""
+    cell = fmt_float(rec.get(f"{prefix}/rewards/accuracies"))
+    k, n = rec.get(f"{prefix}/rewards/accurate_pairs"), rec.get(f"{prefix}/pairs")
+    return cell if k is None or n is None else f"{cell} ({int(k)} / {int(n)})"
+
+
 def training_section(
     epochs_by_role: Mapping[str, Sequence[Mapping[str, Any]]], counts_by_role: Mapping[str, Mapping[str, Any]]
 ) -> list[str]:
     """Markdown lines: per role and stage the training / held-out counts, epochs run, the selected
     epoch, held-out loss at epoch 0 and at the selected epoch, and (DPO) held-out
-    ``rewards/accuracies`` and ``rewards/margins`` at the selected epoch. ``epochs_by_role`` holds
-    ``train_role(...).epochs``, ``counts_by_role`` its ``counts`` (optionally with ``trained``);
-    a role that was not trained (``trained`` False, or no records and no data) reads "no positive
-    examples: keeps the base model"."""
+    ``rewards/accuracies`` (with the unweighted k / n pairs, when recorded) and
+    ``rewards/margins`` at the selected epoch. The held-out set is the one that chose the epoch,
+    so the columns say "selection set"; when a report set was held out from selection too
+    (``report/...`` records, ``<stage>_report`` counts), its figures get columns of their own.
+    ``epochs_by_role`` holds ``train_role(...).epochs``, ``counts_by_role`` its ``counts``
+    (optionally with ``trained``); a role that was not trained (``trained`` False, or no records
+    and no data) reads "no positive examples: keeps the base model"."""
     lines = ["## Training (epoch selection on held-out data)", ""]
     roles = list(dict.fromkeys([*epochs_by_role, *counts_by_role]))
     if not roles:
         return lines + ["No roles were trained.", ""]
+    report = any("report/loss" in r for recs in epochs_by_role.values() for r in recs)
     header = [
         "role",
         "stage",
-        "examples (train / held-out)",
+        "examples (train / selection" + (" / report)" if report else ")"),
         "epochs run",
         "selected epoch",
-        "held-out loss @0",
-        "held-out loss @selected",
-        "held-out reward acc. @selected",
-        "held-out reward margin @selected",
+        "selection-set loss @0",
+        "selection-set loss @selected",
+        "selection-set reward acc. @selected",
+        "selection-set reward margin @selected",
     ]
+    if report:
+        header += ["report-set loss @0", "report-set loss @selected", "report-set reward acc. @selected"]
     rows = []
     for role in roles:
         records = list(epochs_by_role.get(role, []))
@@ -182,35 +195,51 @@ def training_section(
                     "",
                     "",
                 ]
+                + ["", "", ""] * report
             )
             continue
         for stage in ("sft", "dpo"):
             recs = stage_records(records, stage)
             n = f"{fmt_int(counts.get(stage, 0))} / {fmt_int(counts.get(stage + '_heldout', 0))}"
+            if report:
+                n += f" / {fmt_int(counts.get(stage + '_report', 0))}"
             if not recs:
-                rows.append([role, stage.upper(), n, "0", "-", "not run", "", "", ""])
+                rows.append([role, stage.upper(), n, "0", "-", "not run", "", "", ""] + ["", "", ""] * report)
                 continue
             best = selected(recs) or recs[-1]
             first = recs[0] if int(recs[0].get("epoch", 0)) == 0 else None
             dpo = stage == "dpo"
-            rows.append(
-                [
-                    role,
-                    stage.upper(),
-                    n,
-                    str(max(int(r["epoch"]) for r in recs)),
-                    str(int(best["epoch"])),
-                    fmt_float(None if first is None else first.get("heldout/loss")),
-                    fmt_float(best.get("heldout/loss")),
-                    fmt_float(best.get("heldout/rewards/accuracies")) if dpo else "-",
-                    fmt_float(best.get("heldout/rewards/margins"), sign=True) if dpo else "-",
+            row = [
+                role,
+                stage.upper(),
+                n,
+                str(max(int(r["epoch"]) for r in recs)),
+                str(int(best["epoch"])),
+                fmt_float(None if first is None else first.get("heldout/loss")),
+                fmt_float(best.get("heldout/loss")),
+                _acc_k_n(best, "heldout") if dpo else "-",
+                fmt_float(best.get("heldout/rewards/margins"), sign=True) if dpo else "-",
+            ]
+            if report:
+                row += [
+                    fmt_float(None if first is None else first.get("report/loss")),
+                    fmt_float(best.get("report/loss")),
+                    _acc_k_n(best, "report") if dpo and "report/loss" in best else "-",
                 ]
-            )
+            rows.append(row)
     lines += md_table(header, rows) + [""]
     lines += [
-        "Epoch 0 = before the first update. The selected epoch has the lowest held-out loss (SFT: "
-        "cross-entropy, DPO: DPO loss); without a held-out set the last epoch is kept and held-out "
-        "values read n/a.",
+        "Epoch 0 = before the first update. The selected epoch has the lowest loss on the held-out "
+        "selection set (SFT: cross-entropy, DPO: DPO loss), so that set's figures at the selected epoch "
+        "are optimistic"
+        + (
+            "; the report set was held out from selection too (by question) and never chose an epoch"
+            if report
+            else " (no separate report set was held out: `train.heldout_report_fraction`)"
+        )
+        + ". Without a held-out set the last epoch is kept and held-out values read n/a. Reward accuracies "
+        "are pair-weighted (verifier balance weights); the unweighted pairs with chosen reward > rejected / "
+        "pairs are beside them where recorded.",
         "",
     ]
     return lines
@@ -266,16 +295,20 @@ def _comparison_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = []
     for c in comparisons:
         name = f"{c['target']} vs {c['baseline']}" + (" (primary)" if c.get("primary") else "")
-        row = [name, fmt_float(c.get("diff"), sign=True), fmt_p(c.get("mcnemar_p"))]
+        b01, b10 = c.get("b01"), c.get("b10")
+        counts = "n/a" if b01 is None or b10 is None else f"{int(b10)} / {int(b01)} / {fmt_int(c.get('n'))}"
+        row = [name, fmt_float(c.get("diff"), sign=True), counts, fmt_p(c.get("mcnemar_p"))]
         if holm:
             row.append("-" if c.get("primary") else fmt_p(c.get("p_holm")))
         rows.append(row + [fmt_ci(c.get("bootstrap_lo"), c.get("bootstrap_hi")), fmt_p(c.get("bootstrap_p"))])
-    header = ["target vs baseline", "diff", "McNemar p"] + (["Holm p"] if holm else [])
+    header = ["target vs baseline", "diff", "discordant: target only / baseline only / n", "McNemar p"]
+    header += ["Holm p"] if holm else []
     lines += md_table(header + ["bootstrap 95% CI", "bootstrap p"], rows)
     lines += [
         "",
-        "diff = target accuracy - baseline accuracy; McNemar: exact two-sided test on "
-        "discordant questions; bootstrap: paired resampling of questions (percentile CI)."
+        "diff = target accuracy - baseline accuracy; discordant: the questions only the target "
+        "(b10) / only the baseline (b01) got right, of n paired questions; McNemar: exact two-sided test on "
+        "those discordant questions; bootstrap: paired resampling of questions (percentile CI)."
         + (
             " The primary comparison was declared before the run; the others' McNemar p-values are "
             "Holm-adjusted over the family (Holm p)."
@@ -285,6 +318,15 @@ def _comparison_section(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _verdicts_right(c: Mapping[str, Any]) -> str:
+    """The unweighted ``k / n`` right verdicts (says correct of a right answer or incorrect of a
+    wrong one) of a verdict confusion, beside its class-weighted balanced accuracy."""
+    k = c.get("correct_verdicts")
+    if k is None and "right_says_correct" in c and "wrong_says_incorrect" in c:
+        k = int(c["right_says_correct"]) + int(c["wrong_says_incorrect"])
+    return "n/a" if k is None or c.get("n") is None else f"{int(k)} / {int(c['n'])}"
 
 
 def verifier_section(verifier: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -300,6 +342,7 @@ def verifier_section(verifier: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "TPR",
         "TNR",
         "balanced accuracy",
+        "verdicts right (unweighted)",
     ]
     rows = []
     for name, c in verifier.items():
@@ -313,6 +356,7 @@ def verifier_section(verifier: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 fmt_float(c.get("tpr"), 3),
                 fmt_float(c.get("tnr"), 3),
                 fmt_float(c.get("balanced_accuracy"), 3),
+                _verdicts_right(c),
             ]
         )
     lines += md_table(header, rows)
@@ -321,7 +365,8 @@ def verifier_section(verifier: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "Every pass of every held-out question: the verifier's verdict (its reply's \"correct\" / "
         '"incorrect") against whether the generator answer it checked was right. TPR = says correct | '
         "right, TNR = says incorrect | wrong (no verdict counts as a miss); balanced accuracy = (TPR + TNR) / 2, "
-        "0.5 = no discrimination.",
+        "0.5 = no discrimination (it weights the two classes equally; verdicts right = the unweighted count "
+        "of right verdicts / all verdicts).",
         "",
     ]
     return lines
@@ -333,7 +378,7 @@ def skills_section(skills: Mapping[str, Mapping[str, Any]]) -> list[str]:
     header = [
         "chain",
         "G accuracy",
-        "V balanced accuracy",
+        "V balanced accuracy (unweighted verdicts right)",
         "R fix rate (wrong -> right)",
         "R break rate (right -> wrong)",
     ]
@@ -344,7 +389,7 @@ def skills_section(skills: Mapping[str, Mapping[str, Any]]) -> list[str]:
             [
                 name,
                 f"{fmt_float(g['accuracy'], 3)} (n {int(g['n'])})",
-                fmt_float(v.get("balanced_accuracy"), 3),
+                f"{fmt_float(v.get('balanced_accuracy'), 3)} ({_verdicts_right(v)} right)",
                 f"{fmt_float(r['fix_rate'], 3)} ({int(r['fixed'])} / {int(r['g_wrong'])})",
                 f"{fmt_float(r['break_rate'], 3)} ({int(r['broken'])} / {int(r['g_right'])})",
             ]
@@ -361,11 +406,16 @@ def skills_section(skills: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def data_section(counts: Mapping[str, Mapping[str, Any]], credit_summary: Mapping[str, Any] | None) -> list[str]:
-    """Markdown lines: per role the examples the tree gave, held out, trained on (before and after
-    the configured caps), identical DPO pairs dropped, and how often the lenient grade would have
-    rewarded a leaf the strict rule did not."""
+    """Markdown lines: per role the examples the tree gave, held out (to choose epochs, and "+ k
+    report" for a report-only set), trained on (before and after the configured caps), identical
+    DPO pairs dropped, and how often the lenient grade would have rewarded a leaf the strict rule
+    did not."""
     lines = ["## Training data", ""]
     rows = []
+
+    def held(x: Mapping[str, Any]) -> str:
+        return fmt_int(x.get("heldout")) + (f" + {fmt_int(x['report'])} report" if x.get("report") else "")
+
     for role, c in counts.items():
         name = ROLE_NAMES.get(role, role)
         ident = (credit_summary or {}).get(f"{name}/dpo_identical")
@@ -374,11 +424,11 @@ def data_section(counts: Mapping[str, Mapping[str, Any]], credit_summary: Mappin
             [
                 role,
                 fmt_int(s.get("examples")),
-                fmt_int(s.get("heldout")),
+                held(s),
                 fmt_int(s.get("train")),
                 fmt_int(s.get("train_after_cap")),
                 fmt_int(d.get("pairs")),
-                fmt_int(d.get("heldout")),
+                held(d),
                 fmt_int(d.get("train")),
                 fmt_int(d.get("train_after_cap")),
                 "n/a" if ident is None else str(ident),
@@ -390,11 +440,11 @@ def data_section(counts: Mapping[str, Mapping[str, Any]], credit_summary: Mappin
             [
                 "role",
                 "SFT examples",
-                "held out",
+                "held out (epoch selection)",
                 "train",
                 "train after cap",
                 "DPO pairs",
-                "held out",
+                "held out (epoch selection)",
                 "train",
                 "train after cap",
                 "identical pairs dropped",
@@ -484,8 +534,10 @@ def write_report(
             r: {
                 "sft": c.get("sft", {}).get("train_after_cap", 0),
                 "sft_heldout": c.get("sft", {}).get("heldout", 0),
+                "sft_report": c.get("sft", {}).get("report", 0),
                 "dpo": c.get("dpo", {}).get("train_after_cap", 0),
                 "dpo_heldout": c.get("dpo", {}).get("heldout", 0),
+                "dpo_report": c.get("dpo", {}).get("report", 0),
                 "trained": c.get("trained"),
             }
             for r, c in (training_counts or {}).items()

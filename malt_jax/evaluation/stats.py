@@ -6,6 +6,7 @@
 * :func:`paired_bootstrap` -- paired bootstrap CI / p-value for an accuracy difference.
 * :class:`SystemResult` + :func:`compare` -- per-system correctness vectors and the paired
   "target vs baselines" table used by :mod:`malt_jax.evaluation.report`.
+* :func:`seeds_paired_test` -- a comparison pooled over seeds (sign-flip test over questions).
 * :func:`holm` -- Holm-Bonferroni adjusted p-values for a family of comparisons.
 * :func:`parse_verdict` + :func:`verifier_confusion` -- what a verifier said about an answer
   ("correct" / "incorrect") against whether the answer was right: a confusion matrix and the
@@ -34,6 +35,7 @@ __all__ = [
     "paired_bootstrap",
     "SystemResult",
     "compare",
+    "seeds_paired_test",
     "holm",
     "parse_verdict",
     "verifier_confusion",
@@ -309,6 +311,53 @@ def compare(
     return rows
 
 
+def seeds_paired_test(a: Any, b: Any, samples: int = 20_000, seed: int = 0) -> dict[str, Any]:
+    """Two systems compared over several seeds of training on the same questions.
+
+    ``a`` / ``b``: boolean correctness ``[S, Q]`` (seed ``s``'s run of each system on question
+    ``q``; a system that does not depend on the seed repeats its row). The question is the unit:
+    ``d_q`` = mean over seeds of ``a - b``, and the two-sided p-value is a sign-flip
+    (randomisation) test of ``mean_q d_q = 0`` -- under H0 each question's ``d_q`` is symmetric
+    about 0 -- with ``samples`` random sign patterns (``p = (1 + #|mean| >= |observed|) / (1 +
+    samples)``; exact enumeration when ``2**Q <= samples``). Pooling the seeds' McNemar counts
+    instead would count one question several times as if independent. Returns ``diff`` (mean
+    accuracy difference), ``p_value``, ``ci95`` (bootstrap over questions), the per-seed
+    ``diffs`` and the pooled discordant counts ``b01`` / ``b10`` and ``n`` (= S * Q pairs)."""
+    a = np.asarray(a, bool)
+    b = np.asarray(b, bool)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must be paired [seeds, questions] arrays, got shapes {a.shape} and {b.shape}")
+    s_count, q = a.shape
+    if q == 0 or s_count == 0:
+        raise ValueError("seeds_paired_test: no questions or no seeds")
+    d = (a.astype(np.float64) - b.astype(np.float64)).mean(axis=0)  # [Q]
+    observed = float(d.mean())
+    rng = np.random.default_rng(seed)
+    if 2**q <= samples:  # every sign pattern once
+        signs = 1.0 - 2.0 * ((np.arange(2**q)[:, None] >> np.arange(q)[None, :]) & 1)
+        null = (signs * d).mean(axis=1)
+        p = float(np.mean(np.abs(null) >= abs(observed) - 1e-12))
+    else:
+        hits = 0
+        for start in range(0, samples, 2000):
+            k = min(2000, samples - start)
+            signs = rng.choice(np.array([-1.0, 1.0]), size=(k, q))
+            hits += int(np.count_nonzero(np.abs((signs * d).mean(axis=1)) >= abs(observed) - 1e-12))
+        p = (1 + hits) / (1 + samples)
+    boots = np.array([d[rng.integers(0, q, q)].mean() for _ in range(2000)])
+    return {
+        "diff": observed,
+        "p_value": min(1.0, p),
+        "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "diffs": [float(x) for x in (a.astype(np.float64) - b.astype(np.float64)).mean(axis=1)],
+        "b01": int(np.count_nonzero(~a & b)),
+        "b10": int(np.count_nonzero(a & ~b)),
+        "n": int(a.size),
+        "seeds": s_count,
+        "questions": q,
+    }
+
+
 # --------------------------------------------------------------------------- multiple comparisons
 
 
@@ -360,7 +409,9 @@ def verifier_confusion(answer_correct: Sequence[bool], verdicts: Sequence[bool |
     Returns counts ``{right,wrong}_{says_correct,says_incorrect,no_verdict}``, ``n``,
     ``tpr`` = P(says correct | answer right), ``tnr`` = P(says incorrect | answer wrong) (no
     verdict counts as a miss in both) and ``balanced_accuracy`` = (tpr + tnr) / 2 (NaN parts when
-    a class is empty: then the balanced accuracy is NaN), plus ``says_correct_rate``.
+    a class is empty: then the balanced accuracy is NaN), a class-weighted figure reported with the
+    unweighted ``correct_verdicts`` (says correct of a right answer or incorrect of a wrong one)
+    out of ``n`` beside it, plus ``says_correct_rate``.
     """
     if len(answer_correct) != len(verdicts):
         raise ValueError(f"{len(answer_correct)} answers but {len(verdicts)} verdicts")
@@ -379,5 +430,6 @@ def verifier_confusion(answer_correct: Sequence[bool], verdicts: Sequence[bool |
         "tpr": tpr,
         "tnr": tnr,
         "balanced_accuracy": (tpr + tnr) / 2,
+        "correct_verdicts": counts["right_says_correct"] + counts["wrong_says_incorrect"],
         "says_correct_rate": (counts["right_says_correct"] + counts["wrong_says_correct"]) / n if n else float("nan"),
     }

@@ -29,6 +29,7 @@ from malt_jax.tasks import Example, Task
 
 __all__ = [
     "System",
+    "ABLATIONS",
     "default_systems",
     "primary_names",
     "evaluate_system",
@@ -54,11 +55,24 @@ class System:
     greedy: bool
     trained: bool
     stage: str = "final"
+    #: the roles that run with their trained adapters when ``trained`` (the others run the base
+    #: model): the paper's role ablations, e.g. ``("generator",)`` = only G trained
+    roles: tuple[str, ...] = ROLES
 
 
-def default_systems(votes: int = 3, sft_chain: bool = False) -> list[System]:
-    """single-greedy, single (+MV), the untrained chain (+MV), MALT (+MV) and, with ``sft_chain``,
-    the SFT-only trained chain (the paper's STaR-style ablation)."""
+#: The paper's role ablations of the trained chain (MALT's adapters for some roles, the base
+#: model for the others): name suffix -> the roles that keep their trained adapters.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "G": ("G",),
+    "GV": ("G", "V"),
+    "GR": ("G", "R"),  # trained G and R with the untrained V
+}
+
+
+def default_systems(votes: int = 3, sft_chain: bool = False, ablations: bool = False) -> list[System]:
+    """single-greedy, single (+MV), the untrained chain (+MV), MALT (+MV), with ``sft_chain`` the
+    SFT-only trained chain (the paper's STaR-style ablation) and with ``ablations`` the role
+    ablations of :data:`ABLATIONS` (``malt-G``, ``malt-GV``, ``malt-GR``)."""
     systems = [
         System("single-greedy", 1, 1, True, False),
         System("single", 1, votes, False, False),
@@ -66,7 +80,10 @@ def default_systems(votes: int = 3, sft_chain: bool = False) -> list[System]:
     ]
     if sft_chain:
         systems.append(System("sft-chain", 3, votes, False, True, stage="sft"))
-    return systems + [System("malt", 3, votes, False, True)]
+    systems.append(System("malt", 3, votes, False, True))
+    if ablations:
+        systems += [System(f"malt-{k}", 3, votes, False, True, roles=r) for k, r in ABLATIONS.items()]
+    return systems
 
 
 def primary_names(votes: int) -> tuple[str, str]:
@@ -76,7 +93,11 @@ def primary_names(votes: int) -> tuple[str, str]:
 
 
 def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]]) -> dict:
-    """One question's row: the final role's ``system.votes`` texts graded, and their vote."""
+    """One question's row: the final role's ``system.votes`` texts graded, and their vote.
+
+    The vote is taken over the passes' answer keys (``task.answer_key``) and the voted key itself
+    is graded (``task.grade_key``: by default the canonical text ``Final Answer: <key>``), not
+    the first pass that gave it: passes sharing a key need not share a grade."""
     from malt_jax.evaluation.stats import majority_vote
 
     finals = texts[ROLES[system.depth - 1]]
@@ -89,7 +110,7 @@ def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]])
         "pass_answers": answers,
         "pass_correct": correct,
         "vote_answer": voted,
-        "vote_correct": bool(voted is not None and correct[answers.index(voted)]),
+        "vote_correct": bool(voted is not None and task.grade_key(voted, ex)),
         "texts": texts,
     }
 
@@ -125,7 +146,11 @@ def evaluate_system(
         stop=codec.stop,
         mode="fork" if trained else "extend",
     )
-    ads = tuple(adapters[r] for r in ROLES) if trained and adapters is not None else (None, None, None)
+    ads = (
+        tuple(adapters[r] if r in system.roles else None for r in ROLES)
+        if trained and adapters is not None
+        else (None, None, None)
+    )
     rows = []
 
     def on_batch(b: int, arrays: dict) -> None:
@@ -294,13 +319,14 @@ def run_eval(
 
     out = out or Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    systems = list(systems or default_systems(cfg.eval.votes, cfg.eval.sft_chain))
+    systems = list(systems or default_systems(cfg.eval.votes, cfg.eval.sft_chain, cfg.eval.ablations))
     by_stage = {"final": adapters, "sft": sft_adapters}
     # A single-model system whose samples are an untrained chain's generator level is scored
     # from that chain's texts: the chain runs first and the single model is not sampled again.
     source = {s.name: next((c for c in systems if _shares_generator(s, c)), None) for s in systems}
     order = sorted(systems, key=lambda s: source[s.name] is not None)
     results, trained_names, verifier, skills = {}, [], {}, {}
+    ablation_names: set[str] = set()
     all_rows: dict[str, list[dict]] = {}
     for sys_ in order:
         ads = by_stage.get(sys_.stage) if sys_.trained else None
@@ -322,15 +348,21 @@ def run_eval(
             results.update(res)
             if sys_.trained:
                 trained_names += list(res)
+            if sys_.roles != ROLES:
+                ablation_names |= set(res)
     baselines = [n for n in results if n not in trained_names]
     comparisons = []
-    for target in trained_names:
+    # every trained chain vs every baseline; MALT also vs the SFT-only chain and vs its role
+    # ablations (which are compared with MALT only) at the same number of votes
+    for target in [n for n in trained_names if n not in ablation_names]:
+        suffix = target[len("malt") :] if target.startswith("malt") else None
         others = baselines + [
             n
             for n in trained_names
-            if target.startswith("malt")
-            and n.startswith("sft-chain")
-            and n.endswith(target[len("malt") :])
+            if suffix is not None
+            and n != target
+            and (n.startswith("sft-chain") or n in ablation_names)
+            and n.endswith(suffix)
             and ("+MV" in n) == ("+MV" in target)
         ]
         comparisons += compare(results, target, others, cfg.eval.bootstrap_samples, cfg.eval.seed)

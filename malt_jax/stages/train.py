@@ -28,7 +28,7 @@ from malt_jax.stages.rundir import load_adapter, load_datasets, save_adapter, tr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["heldout_questions", "run_train"]
+__all__ = ["heldout_questions", "report_questions", "run_train"]
 
 
 def _subsample(rows: list, cap: int, seed: int) -> list:
@@ -48,6 +48,19 @@ def heldout_questions(n_questions: int, fraction: float, seed: int) -> set[int]:
     return set(np.random.default_rng([seed, 0x4E1D]).choice(n_questions, k, replace=False).tolist())
 
 
+def report_questions(held: set[int], fraction: float, seed: int) -> set[int]:
+    """The held-out questions whose examples only report held-out metrics and never choose an
+    epoch (about ``fraction`` of ``held``, at least one when ``fraction > 0``, always leaving at
+    least one to choose epochs; none when ``held`` has fewer than two; seeded, the same for every
+    role). The held-out metrics of the selected epoch on the *other* questions, which chose it,
+    are optimistic; these are not."""
+    if fraction <= 0 or len(held) < 2:
+        return set()
+    k = min(len(held) - 1, max(1, round(fraction * len(held))))
+    pool = sorted(held)
+    return {pool[i] for i in np.random.default_rng([seed, 0x4E1D, 1]).choice(len(pool), k, replace=False).tolist()}
+
+
 def _split(examples: list, questions: list[int], held: set[int]) -> tuple[list, list]:
     return (
         [e for e, q in zip(examples, questions) if q not in held],
@@ -62,8 +75,13 @@ def run_train(
 
     The examples of a seeded ``train.heldout_fraction`` of the training questions are held out
     (by question, so no prompt is shared) to choose each stage's epochs; ``train.max_sft_examples``
-    / ``max_dpo_pairs`` then cap the training part. The counts before and after are written to
-    ``adapters/training.json`` (and the report). A role without any example keeps the base model.
+    / ``max_dpo_pairs`` then cap the training part. With ``train.heldout_report_fraction`` a
+    seeded part of those held-out questions (:func:`report_questions`) is kept apart from epoch
+    selection and only reports the held-out metrics at the start and at the selected epoch
+    (``report/...`` in the epoch records). The counts before and after are written to
+    ``adapters/training.json`` (and the report): ``heldout`` = the epoch-selection set,
+    ``report`` = the report-only set (``heldout_use`` says so). A role without any example keeps
+    the base model.
     """
     from malt_jax.training.role import train_role
 
@@ -71,6 +89,8 @@ def run_train(
     out.mkdir(parents=True, exist_ok=True)
     n_questions = int(json.loads((run_dir / "credit" / "summary.json").read_text())["questions"])
     held = heldout_questions(n_questions, cfg.train.heldout_fraction, cfg.train.seed)
+    report = report_questions(held, cfg.train.heldout_report_fraction, cfg.train.seed)
+    select = held - report
     counts = training_counts(run_dir)
     adapters = {}
     for role in roles:
@@ -81,11 +101,22 @@ def run_train(
         sft, dpo, sft_q, dpo_q = load_datasets(run_dir, role, with_questions=True)
         if role == "G" and not cfg.train.generator_dpo:
             dpo, dpo_q = [], []
-        (sft_train, sft_held), (dpo_train, dpo_held) = _split(sft, sft_q, held), _split(dpo, dpo_q, held)
+        (sft_train, sft_ho), (dpo_train, dpo_ho) = _split(sft, sft_q, held), _split(dpo, dpo_q, held)
+        sft_held, sft_rep = _split(sft_ho, [q for q in sft_q if q in held], report)
+        dpo_held, dpo_rep = _split(dpo_ho, [q for q in dpo_q if q in held], report)
         c: dict[str, Any] = {
-            "heldout_questions": len(held),
-            "sft": {"examples": len(sft), "heldout": len(sft_held), "train": len(sft_train)},
-            "dpo": {"pairs": len(dpo), "heldout": len(dpo_held), "train": len(dpo_train)},
+            "heldout_questions": len(select),
+            "report_questions": len(report),
+            # "heldout" examples choose the epochs (their figures at the selected epoch are
+            # optimistic); "report" examples never do
+            "heldout_use": "epoch selection",
+            "sft": {
+                "examples": len(sft),
+                "heldout": len(sft_held),
+                "report": len(sft_rep),
+                "train": len(sft_train),
+            },
+            "dpo": {"pairs": len(dpo), "heldout": len(dpo_held), "report": len(dpo_rep), "train": len(dpo_train)},
         }
         sft_train = _subsample(sft_train, cfg.train.max_sft_examples, cfg.train.seed)
         dpo_train = _subsample(dpo_train, cfg.train.max_dpo_pairs, cfg.train.seed)
@@ -117,6 +148,8 @@ def run_train(
             pad_id=pad_id,
             sft_heldout=sft_held,
             dpo_heldout=dpo_held,
+            sft_report=sft_rep,
+            dpo_report=dpo_rep,
         )
         c["trained"] = result.trained
         write_rows(out / f"{role}_history.jsonl", result.history)

@@ -130,6 +130,16 @@ class Task(abc.ABC):
         """
         return self.extract(text)
 
+    def grade_key(self, key: str, example: Example) -> int:
+        """Grade an answer *key* (an :meth:`answer_key` value, e.g. a majority vote's winner)
+        against ``example``: 1 if the answer it names is right, else 0.
+
+        Default: :meth:`grade_example` of the canonical text ``Final Answer: <key>``, so the voted
+        answer itself is graded rather than some pass that had it. Tasks whose keys are not
+        answers a text can state (e.g. an answer read off the text's form) override it.
+        """
+        return self.grade_example(f"Final Answer: {key}", example)
+
     def has_explicit_answer(self, text: str, example: Example | None = None) -> bool:
         """True iff ``text`` states its answer explicitly: a ``Final Answer:`` line whose segment
         holds an extractable answer, or a ``\\boxed{}`` holding one (a "last number in the

@@ -12,7 +12,10 @@ metrics, the frozen layers' hidden states (``scoring.py``).
 * Epoch selection: ``sft_epochs`` / ``dpo_epochs`` are maxima. Given held-out examples, a stage
   scores them before its first update and after every epoch, keeps its best adapter by held-out
   loss and stops after ``early_stop_patience`` epochs without improvement. The warmup is
-  ``warmup_ratio`` of the stage's (maximum) number of updates.
+  ``warmup_ratio`` of the stage's (maximum) number of updates. Held-out figures of the selected
+  epoch are measured on the set that selected it (optimistic); a separate report set
+  (``sft_report`` / ``dpo_report``) is scored only at the start and at the selected epoch
+  (``report/...``) and never chooses an epoch.
 * Checkpoints are written every ``checkpoint_every`` steps and at stage ends; an update with a
   NaN/Inf loss or gradient is not applied and raises :class:`NonFiniteError`, so it never
   reaches a checkpoint.
@@ -95,6 +98,7 @@ class _Stage:
     heldout: list
     epochs: int  # the maximum
     learning_rate: float
+    report: list = dataclasses.field(default_factory=list)  # scored, never used to choose an epoch
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return data_lib.num_batches(len(self.examples), batch_size)
@@ -116,12 +120,17 @@ class RoleTraining:
       epochs: one dict per (stage, epoch) in run order, epoch 0 = before the first update:
         ``stage``, ``epoch`` (epochs completed), ``step``, ``learning_rate`` (of the epoch's last
         update), ``train/loss`` (mean over the epoch's steps), held-out ``heldout/loss`` and
-        ``heldout/accuracy`` (SFT) or ``heldout/rewards/{accuracies,margins,chosen,rejected}``
-        (DPO), for DPO also ``train/rewards/{accuracies,margins}``; ``None`` where not measured
-        (epoch 0's train values, held-out values without a held-out set); ``best`` marks the
-        epoch whose adapter the stage returned.
+        ``heldout/accuracy`` with its unweighted ``heldout/correct_tokens`` / ``heldout/tokens``
+        (SFT) or ``heldout/rewards/{accuracies,margins,chosen,rejected}`` with the unweighted
+        ``heldout/rewards/accurate_pairs`` / ``heldout/pairs`` (DPO), for DPO also
+        ``train/rewards/{accuracies,margins}``; ``None`` where not measured (epoch 0's train
+        values, held-out values without a held-out set); ``best`` marks the epoch whose adapter
+        the stage returned. The ``heldout/`` values are those of the epoch-selection set (at the
+        selected epoch: optimistic). With a report set, the stage's epoch-0 record and its
+        selected record also carry the same metrics on it as ``report/...``.
       trained: False when no stage ran (no data): the adapter then equals the base model.
-      counts: ``{"sft", "sft_heldout", "dpo", "dpo_heldout"}`` example / pair counts.
+      counts: ``{"sft", "sft_heldout", "sft_report", "dpo", "dpo_heldout", "dpo_report"}``
+        example / pair counts (``*_heldout``: the epoch-selection sets).
     """
 
     adapter: Params
@@ -155,6 +164,7 @@ class _StageRun:
     stepper: Stepper
     state: TrainState
     best: Params
+    start: Params  # the adapter the stage started from (placed; DPO: the selected SFT adapter)
     step: int = 0  # updates done
     best_epoch: int = 0
     best_loss: float | None = None
@@ -243,13 +253,15 @@ class _RoleRun:
                 )
             if st.heldout:
                 log.info(
-                    "%s/%s: selected epoch %d of %d run (held-out loss %.4f)",
+                    "%s/%s: selected epoch %d of %d run (held-out loss %.4f, on the selection set)",
                     self.role,
                     st.name,
                     run.best_epoch,
                     run.step // st.steps_per_epoch(self.B),
                     run.best_loss,
                 )
+            if st.report:
+                self.score_report(run)
             adapter = run.best
             if st.name == "sft":
                 self.sft_adapter = adapter
@@ -306,7 +318,7 @@ class _RoleRun:
             st.name, self.cfg, self.lora_cfg, self.train_cfg, optimizer, mesh=self.mesh, role=self.role, donate=False
         )
         _, state = stepper.place({}, TrainState.create(adapter, optimizer))
-        return _StageRun(stage=st, total=total, stepper=stepper, state=state, best=state.adapter)
+        return _StageRun(stage=st, total=total, stepper=stepper, state=state, best=state.adapter, start=state.adapter)
 
     def restore(self, run: _StageRun, meta: dict, resume_step: int) -> None:
         """Loads the stage's state, best adapter and selection counters (for DPO also the selected
@@ -336,7 +348,7 @@ class _RoleRun:
             )
         run.state, run.best = restored["state"], restored["best_adapter"]
         if run.is_dpo:
-            self.sft_adapter = restored["sft_adapter"]
+            self.sft_adapter = run.start = restored["sft_adapter"]  # where this DPO stage started
             run.ref = fetch(restored["ref_logps"])
             if st.heldout:
                 run.ho_ref = fetch(restored["heldout_ref_logps"])
@@ -434,11 +446,7 @@ class _RoleRun:
             "learning_rate": steps[-1]["learning_rate"] if steps else None,
             "train/loss": _mean([h["loss"] for h in steps]),
         }
-        names = (
-            ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-            if run.is_dpo
-            else ("loss", "accuracy")
-        )
+        names = _metric_names(run.is_dpo)
         if run.is_dpo:
             for n in ("rewards/accuracies", "rewards/margins"):
                 rec[f"train/{n}"] = _mean([h[n] for h in steps])
@@ -481,6 +489,34 @@ class _RoleRun:
             f" (no improvement for {run.bad} epoch(s), stopping)" if run.done else "",
         )
 
+    def score_report(self, run: _StageRun) -> None:
+        """The stage's report set, which never chooses an epoch, scored with the adapter the stage
+        started from and with the selected one: ``report/...`` in the stage's epoch-0 record and
+        in its selected record (the same one when epoch 0 was selected). For DPO its reference
+        log-probs come from the training reference (the adapter DPO started from, or the base)."""
+        st, start = run.stage, run.start
+        args = (self.cfg, self.train_cfg, self.scale, self.mesh, self.pad_id)
+        ref = None
+        if run.is_dpo:
+            ref = reference_logps(
+                self.base, None if self.train_cfg.dpo_reference == "base" else start, st.report, *args
+            )
+        recs = [r for r in self.epochs if r["stage"] == st.name]
+        chosen = next((r for r in recs if r.get("best")), recs[-1])
+        for adapter, rec in ((start, recs[0]), (run.best, chosen)):
+            hm = heldout_metrics(st.name, self.base, adapter, st.report, *args, ref_logps=ref)
+            for n in _metric_names(run.is_dpo):
+                rec[f"report/{n}"] = hm.get(n)
+        log.info(
+            "%s/%s: report set (%d, never used to select): loss %.4f at epoch 0, %.4f at the selected epoch %d",
+            self.role,
+            st.name,
+            len(st.report),
+            recs[0]["report/loss"],
+            chosen["report/loss"],
+            chosen["epoch"],
+        )
+
     def save(self, run: _StageRun) -> None:
         """A checkpoint of everything an exact resume needs."""
         st, k = run.stage, run.step
@@ -514,6 +550,21 @@ class _RoleRun:
         )
 
 
+def _metric_names(dpo: bool) -> tuple[str, ...]:
+    """The held-out metrics an epoch record keeps (``heldout/<name>``, ``report/<name>``)."""
+    if dpo:
+        return (
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accurate_pairs",
+            "pairs",
+        )
+    return ("loss", "accuracy", "correct_tokens", "tokens")
+
+
 def train_role(
     base: Params,
     cfg: ModelConfig,
@@ -530,6 +581,8 @@ def train_role(
     stop_after_steps: int | None = None,
     sft_heldout: Sequence[SFTExample] | None = None,
     dpo_heldout: Sequence[DPOExample] | None = None,
+    sft_report: Sequence[SFTExample] | None = None,
+    dpo_report: Sequence[DPOExample] | None = None,
 ) -> RoleTraining:
     """Trains one role's adapter: up to ``sft_epochs`` of SFT, then up to ``dpo_epochs`` of DPO.
 
@@ -542,6 +595,12 @@ def train_role(
     every epoch). DPO starts from the selected SFT adapter, and its held-out reference log-probs
     come from the same reference as training. Without a held-out set every epoch runs and the
     last adapter is kept. The learning-rate schedule always spans the maximum epochs.
+
+    The held-out figures of the selected epoch are measured on the set that selected it, so they
+    are optimistic. A report set (``sft_report`` / ``dpo_report``, also split by question, disjoint
+    from the held-out set) never chooses an epoch: it is scored only when the stage ends, with the
+    adapter the stage started from and with the selected one (``report/...`` in the stage's
+    epoch-0 and selected records), so those figures are not.
 
     A stage without data is skipped with a log message; a role with neither SFT examples nor
     DPO pairs is not trained at all: a WARNING says it keeps the base model and the fresh
@@ -561,7 +620,15 @@ def train_role(
     """
     sft, dpo = list(sft_examples or []), list(dpo_examples or [])
     sft_ho, dpo_ho = list(sft_heldout or []), list(dpo_heldout or [])
-    counts = {"sft": len(sft), "sft_heldout": len(sft_ho), "dpo": len(dpo), "dpo_heldout": len(dpo_ho)}
+    sft_rep, dpo_rep = list(sft_report or []), list(dpo_report or [])
+    counts = {
+        "sft": len(sft),
+        "sft_heldout": len(sft_ho),
+        "sft_report": len(sft_rep),
+        "dpo": len(dpo),
+        "dpo_heldout": len(dpo_ho),
+        "dpo_report": len(dpo_rep),
+    }
     key = jax.random.fold_in(jax.random.key(train_cfg.seed), zlib.crc32(role.encode()) & 0x7FFFFFFF)
     adapter = init_lora(cfg, lora_cfg, key)  # b = 0: equals the base model
     if not sft and not dpo:
@@ -574,8 +641,8 @@ def train_role(
         )
         return RoleTraining(adapter=adapter, sft_adapter=adapter, history=[], epochs=[], trained=False, counts=counts)
     stages = [
-        _Stage("sft", sft, sft_ho, train_cfg.sft_epochs, train_cfg.learning_rate),
-        _Stage("dpo", dpo, dpo_ho, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate),
+        _Stage("sft", sft, sft_ho, train_cfg.sft_epochs, train_cfg.learning_rate, sft_rep),
+        _Stage("dpo", dpo, dpo_ho, train_cfg.dpo_epochs, train_cfg.dpo_learning_rate, dpo_rep),
     ]
     trained = any(st.total(train_cfg.batch_size) > 0 for st in stages)
     ckpt = Checkpointer(ckpt_dir)

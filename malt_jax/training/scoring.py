@@ -131,10 +131,14 @@ def reference_logps(
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scale"))
 def _batch_sft_sums(base: Params, adapter: Params | None, rows: dict, *, cfg: ModelConfig, scale: float) -> jax.Array:
-    """[summed weighted NLL, summed weighted correct tokens, token weight] of one SFT batch."""
-    loss, m = sft_loss(*scored_logits(base, adapter, rows, cfg, scale))
+    """[summed weighted NLL, summed weighted correct tokens, token weight, correct tokens, tokens]
+    of one SFT batch (the last two unweighted counts)."""
+    logits, targets, mask = scored_logits(base, adapter, rows, cfg, scale)
+    loss, m = sft_loss(logits, targets, mask)
     n = m["n_tokens"]
-    return jnp.stack([loss * n, m["accuracy"] * n, n])
+    scored = mask > 0
+    right = scored & (jnp.argmax(logits, axis=-1) == targets)
+    return jnp.stack([loss * n, m["accuracy"] * n, n, right.sum().astype(n.dtype), scored.sum().astype(n.dtype)])
 
 
 def _sft_heldout(
@@ -148,13 +152,19 @@ def _sft_heldout(
     pad_id: int,
 ) -> dict[str, float]:
     rows = max(train_cfg.batch_size // max(train_cfg.grad_accum, 1), 1)
-    sums = np.zeros(3, np.float64)
+    sums = np.zeros(5, np.float64)
     for start in range(0, len(examples), rows):
         chunk = list(examples[start : start + rows])
         batch = data_lib.pack_sft(chunk + [None] * (rows - len(chunk)), train_cfg.max_seq_len, pad_id)
         sums += fetch(_batch_sft_sums(base, adapter, batch_rows(batch, mesh), cfg=cfg, scale=scale)).astype(np.float64)
     n = max(sums[2], 1e-8)
-    return {"loss": float(sums[0] / n), "accuracy": float(sums[1] / n), "n_tokens": float(sums[2])}
+    return {
+        "loss": float(sums[0] / n),
+        "accuracy": float(sums[1] / n),
+        "n_tokens": float(sums[2]),
+        "correct_tokens": int(round(sums[3])),
+        "tokens": int(round(sums[4])),
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("sc",))
@@ -169,7 +179,10 @@ def _dpo_metrics(policy: jax.Array, ref: jax.Array, weights: jax.Array, *, sc: S
         label_smoothing=sc.label_smoothing,
         weights=weights,
     )
-    return m
+    # the unweighted count behind the (pair-weighted) rewards/accuracies: as dpo_loss computes it
+    chosen = sc.dpo_beta * (policy[:, 0].astype(jnp.float32) - ref[:, 0].astype(jnp.float32))
+    rejected = sc.dpo_beta * (policy[:, 1].astype(jnp.float32) - ref[:, 1].astype(jnp.float32))
+    return {**m, "rewards/accurate_pairs": ((chosen > rejected) & (weights > 0)).sum()}
 
 
 def heldout_metrics(
@@ -188,10 +201,12 @@ def heldout_metrics(
     ``batch_size // grad_accum`` like :func:`reference_logps`).
 
     ``kind="sft"``: ``loss`` (token-weighted mean cross-entropy over completion tokens, example
-    weights included, as the SFT step normalises it) and token ``accuracy``. ``kind="dpo"``:
-    the pair-weighted mean DPO ``loss`` and the TRL metrics ``rewards/accuracies``,
-    ``rewards/margins``, ``rewards/chosen``, ``rewards/rejected``, ``logps/chosen``,
-    ``logps/rejected``; ``ref_logps`` [N, 2] are the pairs' reference log-probs
+    weights included, as the SFT step normalises it) and token ``accuracy`` (weighted alike),
+    with the unweighted counts ``correct_tokens`` / ``tokens``. ``kind="dpo"``: the pair-weighted
+    mean DPO ``loss`` and the TRL metrics ``rewards/accuracies``, ``rewards/margins``,
+    ``rewards/chosen``, ``rewards/rejected``, ``logps/chosen``, ``logps/rejected``, with the
+    unweighted counts ``rewards/accurate_pairs`` (pairs whose chosen reward is above the
+    rejected one) / ``pairs``; ``ref_logps`` [N, 2] are the pairs' reference log-probs
     (:func:`reference_logps` of the training reference).
     """
     if kind == "sft":
@@ -205,4 +220,7 @@ def heldout_metrics(
     m = _dpo_metrics(
         jnp.asarray(policy), jnp.asarray(ref_logps, jnp.float32), jnp.asarray(weights), sc=StepConfig.of(train_cfg)
     )
-    return {k: float(v) for k, v in fetch(m).items()}
+    out = {k: float(v) for k, v in fetch(m).items()}
+    out["rewards/accurate_pairs"] = int(out["rewards/accurate_pairs"])
+    out["pairs"] = len(examples)
+    return out

@@ -1,6 +1,8 @@
 """The small JSON summary of an experiment (a run or one size of a study), as committed under
-``results/``: accuracies with Wilson intervals, paired comparisons with Holm-adjusted p-values,
-the held-out training targets per role, the verifier's verdict confusion, wall time, command."""
+``results/``: accuracies with Wilson intervals (and correct / n), paired comparisons with their
+McNemar discordant counts and Holm-adjusted p-values, the held-out training targets per role
+(selection-set and report-set figures told apart), the verifier's verdict confusion, wall time,
+command."""
 
 from __future__ import annotations
 
@@ -22,11 +24,16 @@ def system_table(results: dict) -> dict[str, dict[str, Any]]:
 
 
 def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
-    """``run_eval`` comparison rows as ``{a, b, diff, p, p_holm, primary, bootstrap_ci95}``."""
+    """``run_eval`` comparison rows as ``{a, b, n, b01, b10, diff, p, p_holm, primary,
+    bootstrap_ci95}``: ``n`` paired questions, the McNemar discordant counts ``b01`` (a wrong, b
+    right) and ``b10`` (a right, b wrong) and its exact p-value ``p``."""
     return [
         {
             "a": c["target"],
             "b": c["baseline"],
+            "n": c["n"],
+            "b01": c["b01"],
+            "b10": c["b10"],
             "diff": c["diff"],
             "p": c["mcnemar_p"],
             "p_holm": c["p_holm"],
@@ -38,8 +45,14 @@ def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
 
 
 def training(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Per role: held-out SFT loss at epoch 0 and at the selected epoch, held-out DPO
-    ``rewards/accuracies`` / margins / loss at the selected epoch (``adapters/<role>_epochs.jsonl``)."""
+    """Per role (``adapters/<role>_epochs.jsonl``): SFT loss at epoch 0 and at the selected epoch,
+    DPO ``rewards/accuracies`` (pair-weighted, with the unweighted ``accurate_pairs`` / ``pairs``
+    beside it) / margins / loss at the selected epoch.
+
+    ``heldout_*``: measured on the held-out examples that chose the epochs (``heldout_set``), so
+    the values at the selected epoch are optimistic. ``report_*``: the same figures on held-out
+    examples that never chose an epoch (``train.heldout_report_fraction``; ``None`` without
+    them)."""
     out: dict[str, dict[str, Any]] = {}
     per_role = role_epochs(run_dir)
     for role in ROLES:
@@ -48,17 +61,24 @@ def training(run_dir: Path) -> dict[str, dict[str, Any]]:
         dpo = [e for e in epochs if e["stage"] == "dpo"]
         best = lambda es: next((e for e in es if e.get("best")), es[-1] if es else None)  # noqa: E731
         b_sft, b_dpo = best(sft), best(dpo)
-        out[role] = {
-            "trained": bool(epochs),
-            "heldout_sft_loss_start": sft[0].get("heldout/loss") if sft else None,
-            "heldout_sft_loss_end": b_sft.get("heldout/loss") if b_sft else None,
-            "sft_epochs": b_sft["epoch"] if b_sft else 0,
-            "heldout_dpo_accuracy": b_dpo.get("heldout/rewards/accuracies") if b_dpo else None,
-            "heldout_dpo_margin": b_dpo.get("heldout/rewards/margins") if b_dpo else None,
-            "heldout_dpo_loss_start": dpo[0].get("heldout/loss") if dpo else None,
-            "heldout_dpo_loss_end": b_dpo.get("heldout/loss") if b_dpo else None,
-            "dpo_epochs": b_dpo["epoch"] if b_dpo else 0,
-        }
+        row: dict[str, Any] = {"trained": bool(epochs), "heldout_set": "epoch selection"}
+        for prefix in ("heldout", "report"):
+            row.update(
+                {
+                    f"{prefix}_sft_loss_start": sft[0].get(f"{prefix}/loss") if sft else None,
+                    f"{prefix}_sft_loss_end": b_sft.get(f"{prefix}/loss") if b_sft else None,
+                    f"{prefix}_dpo_accuracy": b_dpo.get(f"{prefix}/rewards/accuracies") if b_dpo else None,
+                    f"{prefix}_dpo_accurate_pairs": b_dpo.get(f"{prefix}/rewards/accurate_pairs") if b_dpo else None,
+                    f"{prefix}_dpo_pairs": b_dpo.get(f"{prefix}/pairs") if b_dpo else None,
+                    f"{prefix}_dpo_margin": b_dpo.get(f"{prefix}/rewards/margins") if b_dpo else None,
+                    f"{prefix}_dpo_loss_start": dpo[0].get(f"{prefix}/loss") if dpo else None,
+                    f"{prefix}_dpo_loss_end": b_dpo.get(f"{prefix}/loss") if b_dpo else None,
+                }
+            )
+            if prefix == "heldout":
+                row["sft_epochs"] = b_sft["epoch"] if b_sft else 0
+                row["dpo_epochs"] = b_dpo["epoch"] if b_dpo else 0
+        out[role] = row
     return out
 
 
