@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: csqa install lint test test-slow test-all test-peers malt study testbed bench peers chat clean
+.PHONY: csqa install lint test test-slow test-all test-peers malt study testbed testbed-study bench peers chat clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ malt: $(STAMP)
 testbed: $(STAMP)
 	$(BIN)/malt-jax pretrain experiments/pretrain/testbed.yaml $(PRETRAIN_ARGS)
 	$(BIN)/malt-jax run experiments/testbed.yaml $(ARGS)
+
+# The testbed study (README "Testbed study"): 3 seeds of the MALT stage with the role ablations,
+# the phase diagram over the base verifier's skill, the learning curve; 1000 held-out questions;
+# resumable (rerun to continue), a few hours on a 2-core CPU; ARGS="--parts seeds" for one part.
+testbed-study: $(STAMP)
+	$(BIN)/python experiments/testbed_study.py $(ARGS)
 
 # The learning-curve study (README "Study"): MALT on 40 / 126 / 400 training questions, 400 held-out
 # questions, every system; resumable (rerun to continue). Several hours on a 2-core CPU.

@@ -1,0 +1,366 @@
+"""The testbed study (``make testbed-study``): where MALT pays on a model whose roles can learn.
+
+    python experiments/testbed_study.py                 # every part, resumable (rerun to continue)
+    python experiments/testbed_study.py --parts seeds   # one part: seeds | phase | curve
+
+Declared before any run (none of it was chosen on the evaluation questions):
+
+* **Primary comparison**: at the default testbed (``experiments/testbed.yaml``, verifier corpus
+  rates v_detect 0.8 / v_false_alarm 0.2), MALT+MV@3 vs single+MV@3, pooled over the seeds
+  (sign-flip test over questions of the seed-averaged difference,
+  ``evaluation.stats.seeds_paired_test``), with each seed's exact McNemar test beside it. Every
+  other comparison carries a Holm-adjusted p-value within its family.
+* **seeds**: the MALT stage (tree sampling and training, ``train.seed``) with seeds 0, 1, 2 on
+  one pretrained model (``models/testbed``), 1000 held-out test questions, every system and the
+  paper's role ablations (``eval.ablations``: only G trained; G+V; trained G and R with the
+  untrained V). The G+R-with-an-empty-critique ablation is not run: the tree sampler has no
+  empty-critique level.
+* **phase**: the base verifier's skill set through the corpus (v_detect, v_false_alarm) = (0.5,
+  0.5), (0.65, 0.35), (0.8, 0.2), (1.0, 0.0), one model pretrained per level (the same
+  pretraining config otherwise), the MALT stage with seed 0 on each; x = the base chain's
+  measured verifier balanced accuracy, y = MALT+MV@3 minus single+MV@3 and minus
+  SFT-chain+MV@3. The 0.8 level is the seeds part's seed 0.
+* **curve**: the learning curve at the default testbed, MALT on nested training sets of 32 / 100
+  / 320 questions (one shared expansion; ``malt-jax study``).
+
+Outputs: ``results/testbed_study.json`` (seeds, pooled tests, role skills, targets),
+``results/testbed_study_phase.json`` + ``.png`` and ``results/testbed_study_curve.json`` +
+``.png``; each is rewritten as its part's runs land (``"complete": false`` until all have).
+Run directories under ``runs/testbed_study/``, models under ``models/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_CONFIG = "experiments/testbed.yaml"
+PRETRAIN_CONFIG = "experiments/pretrain/testbed.yaml"
+SEEDS = (0, 1, 2)
+N_EVAL = 1000
+DEFAULT_LEVEL = (0.8, 0.2)
+LEVELS = ((0.5, 0.5), (0.65, 0.35), (0.8, 0.2), (1.0, 0.0))
+TRAIN_SIZES = (32, 100, 320)
+VOTES = 3
+PARTS = ("seeds", "phase", "curve")
+
+MV = f"+MV@{VOTES}"
+PRIMARY = (f"malt{MV}", f"single{MV}")
+# the pooled family (Holm within it, the primary apart): MALT against each baseline and ablation
+POOLED = [
+    (f"malt{MV}", f"chain{MV}"),
+    (f"malt{MV}", f"sft-chain{MV}"),
+    (f"malt{MV}", "single-greedy"),
+    ("malt", "chain"),
+    ("malt", "sft-chain"),
+    ("malt", "single"),
+    (f"malt{MV}", f"malt-G{MV}"),
+    (f"malt{MV}", f"malt-GV{MV}"),
+    (f"malt{MV}", f"malt-GR{MV}"),
+]
+
+
+def level_tag(level: tuple[float, float]) -> str:
+    return f"v{round(level[0] * 100):03d}f{round(level[1] * 100):03d}"
+
+
+def model_dir(level: tuple[float, float]) -> str:
+    return "models/testbed" if level == DEFAULT_LEVEL else f"models/testbed_{level_tag(level)}"
+
+
+def corpus_overrides(level: tuple[float, float], prefix: str) -> list[str]:
+    return [f"{prefix}.v_detect={level[0]}", f"{prefix}.v_false_alarm={level[1]}"]
+
+
+def ensure_model(level: tuple[float, float], progress: bool) -> dict:
+    """Pretrains the base model of a verifier level (skipped when finished); its summary."""
+    from malt_jax.training.pretrain import pretrain
+    from malt_jax.training.pretrain_config import load_pretrain_config
+
+    over = [f"out_dir={model_dir(level)}", *corpus_overrides(level, "corpus.options")]
+    if level != DEFAULT_LEVEL:
+        over.append(f"name=testbed_{level_tag(level)}")
+    cfg = load_pretrain_config(PRETRAIN_CONFIG, over)
+    return pretrain(cfg, progress=progress, command=" ".join(["malt-jax pretrain", PRETRAIN_CONFIG, *over]))
+
+
+def run_overrides(level: tuple[float, float], seed: int, ablations: bool) -> tuple[str, list[str]]:
+    name = f"testbed_study_{level_tag(level)}_s{seed}"
+    return name, [
+        f"name={name}",
+        f"run_dir=runs/testbed_study/{level_tag(level)}_s{seed}",
+        f"weights={model_dir(level)}",
+        "results=''",
+        f"train.seed={seed}",
+        f"task.num_eval={N_EVAL}",
+        "eval.sft_chain=true",
+        f"eval.ablations={'true' if ablations else 'false'}",
+        *corpus_overrides(level, "task.options"),
+    ]
+
+
+def run_malt(level: tuple[float, float], seed: int, ablations: bool, progress: bool) -> dict:
+    """The MALT stage (expand, credit, train, eval) of one level and seed; its summary record."""
+    from malt_jax.config import load_run_config
+    from malt_jax.workflows.pipeline import run
+
+    name, over = run_overrides(level, seed, ablations)
+    cfg = load_run_config(RUN_CONFIG, over)
+    run(cfg, progress=progress, command=" ".join(["malt-jax run", RUN_CONFIG, *over]))
+    return json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+
+
+def correctness(run_dir: Path, votes: int = VOTES) -> dict[str, Any]:
+    """name -> boolean correctness per question of every evaluated system of a run."""
+    import numpy as np
+
+    from malt_jax.stages.eval import default_systems, system_results
+    from malt_jax.stages.rundir import read_rows
+
+    out = {}
+    for system in default_systems(votes, sft_chain=True, ablations=True):
+        path = run_dir / "eval" / f"{system.name}.jsonl"
+        rows = read_rows(path, N_EVAL) if path.exists() else None
+        if rows is not None:
+            out.update({n: np.asarray(r.correct) for n, r in system_results(system, rows).items()})
+    return out
+
+
+def skills_line(summary: dict, chain: str) -> dict[str, Any]:
+    s = summary["skills"].get(chain, {})
+    v, r = s.get("verifier", {}), s.get("refiner", {})
+    return {
+        "generator_accuracy": s.get("generator", {}).get("accuracy"),
+        "verifier_balanced_accuracy": v.get("balanced_accuracy"),
+        "refiner_fix_rate": r.get("fix_rate"),
+        "refiner_break_rate": r.get("break_rate"),
+    }
+
+
+def seeds_summary(records: dict[int, dict], command: str, wall: float) -> dict[str, Any]:
+    """Per-seed tables and exact McNemar tests, comparisons pooled over seeds, the targets."""
+    import numpy as np
+
+    from malt_jax.evaluation.stats import holm, mcnemar_exact, seeds_paired_test
+    from malt_jax.runtime.machine import machine_info
+
+    seeds = sorted(records)
+    runs = {s: ROOT / "runs/testbed_study" / f"{level_tag(DEFAULT_LEVEL)}_s{s}" for s in seeds}
+    correct = {s: correctness(runs[s]) for s in seeds}
+    per_seed = {}
+    for s in seeds:
+        rec = records[s]
+        tests = {}
+        for a, b in [PRIMARY, *POOLED]:
+            if a in correct[s] and b in correct[s]:
+                mc = mcnemar_exact(correct[s][a], correct[s][b])
+                diff = float(correct[s][a].mean() - correct[s][b].mean())
+                tests[f"{a} vs {b}"] = {"diff": diff, "p": mc["p_value"], "b01": mc["b01"], "b10": mc["b10"]}
+        per_seed[str(s)] = {
+            "systems": rec["systems"],
+            "tests": tests,
+            "skills": {c: skills_line(rec, c) for c in ("chain", "sft-chain", "malt")},
+            "training": rec.get("training"),
+            "wall_time_s": rec["wall_time_s"],
+        }
+    pooled = {}
+    for a, b in [PRIMARY, *POOLED]:
+        if all(a in correct[s] and b in correct[s] for s in seeds):
+            out = seeds_paired_test(np.stack([correct[s][a] for s in seeds]), np.stack([correct[s][b] for s in seeds]))
+            signs = {int(np.sign(d)) for d in out["diffs"]}
+            pooled[f"{a} vs {b}"] = {**out, "same_sign_every_seed": len(signs) == 1 and 0 not in signs}
+    rest = [k for k in pooled if k != "{} vs {}".format(*PRIMARY)]
+    for k, p in zip(rest, holm([pooled[k]["p_value"] for k in rest])):
+        pooled[k]["p_holm"] = p
+    if "{} vs {}".format(*PRIMARY) in pooled:
+        pooled["{} vs {}".format(*PRIMARY)]["primary"] = True
+
+    def mean_of(key: str, chain: str) -> float | None:
+        xs = [per_seed[str(s)]["skills"][chain][key] for s in seeds]
+        return None if any(x is None for x in xs) else float(np.mean(xs))
+
+    v_gain = [
+        per_seed[str(s)]["skills"]["malt"]["verifier_balanced_accuracy"]
+        - per_seed[str(s)]["skills"]["chain"]["verifier_balanced_accuracy"]
+        for s in seeds
+    ]
+    beat = [f"{PRIMARY[0]} vs {PRIMARY[1]}", f"{PRIMARY[0]} vs chain{MV}", f"{PRIMARY[0]} vs sft-chain{MV}"]
+    targets = {
+        "beats_single_chain_sftchain_mv": all(
+            k in pooled
+            and pooled[k]["diff"] > 0
+            and pooled[k].get("p_holm", pooled[k]["p_value"]) < 0.05
+            and pooled[k]["same_sign_every_seed"]
+            for k in beat
+        ),
+        "verifier_balanced_accuracy_gain": float(np.mean(v_gain)),
+        "verifier_gain_at_least_0.10": bool(np.mean(v_gain) >= 0.10),
+        "refiner_fix_rate": {"base": mean_of("refiner_fix_rate", "chain"), "malt": mean_of("refiner_fix_rate", "malt")},
+        "refiner_break_rate": {
+            "base": mean_of("refiner_break_rate", "chain"),
+            "malt": mean_of("refiner_break_rate", "malt"),
+        },
+    }
+    return {
+        "experiment": "testbed_study",
+        "command": command,
+        "complete": seeds == list(SEEDS),
+        "primary": "{} vs {}".format(*PRIMARY),
+        "seeds": seeds,
+        "n_eval": N_EVAL,
+        "n_train": records[seeds[0]]["n_train"],
+        "votes": VOTES,
+        "model": model_dir(DEFAULT_LEVEL),
+        "per_seed": per_seed,
+        "pooled": pooled,
+        "targets": targets,
+        "wall_time_s": round(wall, 1),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(),
+    }
+
+
+def phase_summary(points: dict[tuple[float, float], dict], pretrain: dict, command: str, wall: float) -> dict:
+    """One point per verifier level: the base chain's measured skills and MALT's gains."""
+    from malt_jax.runtime.machine import machine_info
+
+    rows = []
+    for level in LEVELS:
+        if level not in points:
+            continue
+        rec = points[level]
+        tests = {
+            f"{c['a']} vs {c['b']}": {k: c.get(k) for k in ("diff", "p", "p_holm", "bootstrap_ci95", "b01", "b10")}
+            for c in rec["comparisons"]
+            if (c["a"], c["b"]) in (PRIMARY, (f"malt{MV}", f"sft-chain{MV}"), (f"malt{MV}", f"chain{MV}"))
+        }
+        rows.append(
+            {
+                "v_detect": level[0],
+                "v_false_alarm": level[1],
+                "model": model_dir(level),
+                "pretrain_heldout_loss": pretrain.get(level, {}).get("heldout_loss"),
+                "base": skills_line(rec, "chain"),
+                "malt": skills_line(rec, "malt"),
+                "systems": {k: rec["systems"][k] for k in (PRIMARY[0], PRIMARY[1], f"chain{MV}", f"sft-chain{MV}")},
+                "tests": tests,
+                "wall_time_s": rec["wall_time_s"],
+            }
+        )
+    return {
+        "experiment": "testbed_study_phase",
+        "command": command,
+        "complete": len(rows) == len(LEVELS),
+        "n_eval": N_EVAL,
+        "seed": 0,
+        "levels": rows,
+        "wall_time_s": round(wall, 1),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(),
+    }
+
+
+def plot_phase(phase: dict, path: Path) -> None:
+    from malt_jax.evaluation.plots import new_figure
+
+    fig = new_figure(6.4, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, label, color in (
+        ("{} vs {}".format(*PRIMARY), f"MALT{MV} - single{MV}", "C3"),
+        (f"{PRIMARY[0]} vs sft-chain{MV}", f"MALT{MV} - SFT-chain{MV}", "C2"),
+    ):
+        pts = [(r["base"]["verifier_balanced_accuracy"], r["tests"].get(key)) for r in phase["levels"]]
+        pts = sorted((x, t) for x, t in pts if t is not None and x is not None)
+        if not pts:
+            continue
+        ys = [t["diff"] for _, t in pts]
+        err = [
+            [y - t["bootstrap_ci95"][0] for y, (_, t) in zip(ys, pts)],
+            [t["bootstrap_ci95"][1] - y for y, (_, t) in zip(ys, pts)],
+        ]
+        ax.errorbar([x for x, _ in pts], ys, yerr=err, marker="o", capsize=3, color=color, label=label)
+    ax.axhline(0.0, color="k", linewidth=0.8)
+    ax.set_xlabel("base verifier's balanced accuracy (measured, untrained chain)")
+    ax.set_ylabel("accuracy gain (95% paired bootstrap)")
+    ax.set_title(f"Where MALT pays: testbed, n_eval = {phase['n_eval']}, seed 0")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+
+
+def run_curve(progress: bool, command: str) -> dict:
+    import shutil
+
+    from malt_jax.config import load_run_config
+    from malt_jax.workflows.study import run_study
+
+    over = [
+        "name=testbed_study_curve",
+        "run_dir=runs/testbed_study/curve",
+        f"task.num_train={max(TRAIN_SIZES)}",
+        f"task.num_eval={N_EVAL}",
+        "study.train_sizes=[" + ",".join(map(str, TRAIN_SIZES)) + "]",
+        "study.results=runs/testbed_study/curve/results",
+        "results=''",
+    ]
+    cfg = load_run_config(RUN_CONFIG, over)
+    out = run_study(cfg, progress=progress, command=command + " (malt-jax study " + " ".join([RUN_CONFIG, *over]) + ")")
+    res = ROOT / "runs/testbed_study/curve/results"
+    shutil.copyfile(res / "testbed_study_curve.png", ROOT / "results/testbed_study_curve.png")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    import os
+
+    os.chdir(ROOT)
+    progress = not args.no_progress
+    command = "python experiments/testbed_study.py" + (
+        "" if args.parts == list(PARTS) else " --parts " + " ".join(args.parts)
+    )
+    results = ROOT / "results"
+    t0 = time.perf_counter()
+    records: dict[int, dict] = {}
+    if "seeds" in args.parts or "phase" in args.parts:
+        ensure_model(DEFAULT_LEVEL, progress)
+    if "seeds" in args.parts:
+        for s in SEEDS:
+            records[s] = run_malt(DEFAULT_LEVEL, s, ablations=True, progress=progress)
+            wall = sum(r["wall_time_s"] for r in records.values())
+            summary = seeds_summary(records, command, wall)
+            (results / "testbed_study.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"testbed study: seed {s} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if "phase" in args.parts:
+        points: dict[tuple[float, float], dict] = {}
+        pre: dict[tuple[float, float], dict] = {}
+        order = [DEFAULT_LEVEL] + [lv for lv in LEVELS if lv != DEFAULT_LEVEL]
+        for level in order:
+            pre[level] = ensure_model(level, progress)
+            points[level] = run_malt(level, 0, ablations=level == DEFAULT_LEVEL, progress=progress)
+            wall = sum(r["wall_time_s"] for r in points.values()) + sum(
+                x.get("wall_time_s", 0.0) for lv, x in pre.items() if lv != DEFAULT_LEVEL
+            )
+            phase = phase_summary(points, pre, command, wall)
+            (results / "testbed_study_phase.json").write_text(json.dumps(phase, indent=2) + "\n")
+            plot_phase(phase, results / "testbed_study_phase.png")
+            print(f"testbed study: level {level} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if "curve" in args.parts:
+        ensure_model(DEFAULT_LEVEL, progress)
+        curve = run_curve(progress, command)
+        curve["date"] = datetime.date.today().isoformat()
+        (results / "testbed_study_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
