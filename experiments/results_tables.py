@@ -30,6 +30,9 @@ MAKE = {  # the make target behind a summary's command
     "malt-jax run experiments/smollm2_synthetic.yaml": "make malt",
     "malt-jax run experiments/smollm2_csqa.yaml": "make csqa",
     "malt-jax study experiments/study_synthetic.yaml": "make study",
+    "python experiments/testbed_study.py": "make testbed-study",
+    "python experiments/testbed_study.py --parts seeds": "make testbed-study ARGS='--parts seeds'",
+    "python experiments/testbed_study.py --parts phase": "make testbed-study ARGS='--parts phase'",
 }
 STAGES = {"load": "load", "expand": "expansion", "credit": "credit", "train": "training", "eval": "evaluation"}
 
@@ -356,6 +359,106 @@ def block_study(full: bool = False) -> str:
     return _block("### `make study`: learning curve, synthetic inverse arithmetic", "study_synthetic.json", d, body)
 
 
+def _sd(xs: list[float]) -> float:
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def testbed_seeds_tables(d: dict) -> list[str]:
+    """Per-seed accuracies (mean +- SD over seeds), the comparisons pooled over seeds, the skills."""
+    seeds = [str(s) for s in d["seeds"]]
+    per = d["per_seed"]
+    names = list(per[seeds[0]]["systems"])
+    out = [
+        f"| system ({d['n_eval']} evaluation questions, {d['n_train']} training) | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean +- SD |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for n in names:
+        accs = [per[s]["systems"][n]["accuracy"] for s in seeds if n in per[s]["systems"]]
+        out.append(
+            f"| {n} | "
+            + " | ".join(f"{per[s]['systems'][n]['accuracy']:.3f}" if n in per[s]["systems"] else "" for s in seeds)
+            + f" | {sum(accs) / len(accs):.3f} +- {_sd(accs):.3f} |"
+        )
+    out += [
+        "",
+        "| comparison (pooled over seeds) | diff [95% CI] | per seed | p (sign-flip over questions) | Holm p "
+        "| discordant (a only / b only) | same sign every seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, c in d["pooled"].items():
+        holm = "**primary**" if c.get("primary") else _p(c["p_holm"])
+        out.append(
+            f"| {k} | {c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
+            + ", ".join(f"{x:+.3f}" for x in c["diffs"])
+            + f" | {_p(c['p_value'])} | {holm} | {c['b10']} / {c['b01']} "
+            + f"| {'yes' if c['same_sign_every_seed'] else 'no'} |"
+        )
+    out += [
+        "",
+        "| role skill (mean over seeds, every pass) | G accuracy | V balanced accuracy | R fix rate | R break rate |",
+        "|---|---|---|---|---|",
+    ]
+    for chain in ("chain", "sft-chain", "malt"):
+        vals = [per[s]["skills"][chain] for s in seeds]
+        cells = []
+        for key in ("generator_accuracy", "verifier_balanced_accuracy", "refiner_fix_rate", "refiner_break_rate"):
+            xs = [v[key] for v in vals if v.get(key) is not None]
+            cells.append(f"{sum(xs) / len(xs):.3f}" if xs else "n/a")
+        out.append(f"| {chain} | " + " | ".join(cells) + " |")
+    t = d["targets"]
+    out += [
+        "",
+        "Targets: MALT+MV@3 beats single+MV@3, chain+MV@3 and SFT-chain+MV@3 (Holm p < 0.05 pooled, same sign "
+        f"in every seed): {'met' if t['beats_single_chain_sftchain_mv'] else 'not met'}; trained V's balanced "
+        f"accuracy minus the untrained V's {t['verifier_balanced_accuracy_gain']:+.3f} (target >= +0.10: "
+        f"{'met' if t['verifier_gain_at_least_0.10'] else 'not met'}); R's fix rate "
+        f"{_num(t['refiner_fix_rate']['base'])} -> {_num(t['refiner_fix_rate']['malt'])}, break rate "
+        f"{_num(t['refiner_break_rate']['base'])} -> {_num(t['refiner_break_rate']['malt'])}."
+        + ("" if d.get("complete") else f" (Incomplete: {len(seeds)} of 3 seeds so far.)"),
+    ]
+    return out
+
+
+def testbed_phase_table(d: dict) -> list[str]:
+    key, sft = "malt+MV@3 vs single+MV@3", "malt+MV@3 vs sft-chain+MV@3"
+    out = [
+        f"| corpus v_detect / v_false_alarm | base V balanced accuracy (measured) | base G accuracy | "
+        f"MALT V balanced accuracy | {key} (p) | {sft} (Holm p) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["levels"]:
+        a, b = r["tests"].get(key), r["tests"].get(sft)
+        out.append(
+            f"| {r['v_detect']} / {r['v_false_alarm']} | {_num(r['base']['verifier_balanced_accuracy'])} | "
+            f"{_num(r['base']['generator_accuracy'])} | {_num(r['malt']['verifier_balanced_accuracy'])} | "
+            + (f"{a['diff']:+.3f} ({_p(a['p'])})" if a else "")
+            + " | "
+            + (f"{b['diff']:+.3f} ({_p(b['p_holm'])})" if b else "")
+            + " |"
+        )
+    if not d.get("complete"):
+        out += ["", f"(Incomplete: {len(d['levels'])} of 4 levels so far.)"]
+    return out
+
+
+def block_testbed_study(full: bool = False) -> str:
+    d = load("testbed_study.json")
+    body = testbed_seeds_tables(d)
+    for name, label, render in (
+        ("testbed_study_phase.json", "Phase diagram (seed 0; one base model per verifier level)", testbed_phase_table),
+    ):
+        if (RESULTS / name).exists():
+            ph = load(name)
+            body += ["", f"{label}: {meta(name, ph)}", "", *render(ph)]
+            png = name.replace(".json", ".png")
+            if (RESULTS / png).exists():
+                body += ["", f"![phase diagram]({'../' if full else ''}results/{png})"]
+    return _block("### `make testbed-study`: seeds, role ablations and where MALT pays", "testbed_study.json", d, body)
+
+
 def block_probe_verification() -> str:
     d = load("probe_verification.json")
     body = [
@@ -403,8 +506,12 @@ def block_framing() -> str:
     return _block("### Role framing", "framing_synthetic.json", d, body)
 
 
+def _study_blocks(full: bool) -> list[str]:
+    return [block_testbed_study(full)] if (RESULTS / "testbed_study.json").exists() else []
+
+
 def readme_blocks() -> list[str]:
-    return [block_testbed(), block_malt(), block_csqa(), block_study()]
+    return [block_testbed(), *_study_blocks(False), block_malt(), block_csqa(), block_study()]
 
 
 def docs_blocks() -> list[str]:
@@ -413,6 +520,7 @@ def docs_blocks() -> list[str]:
         block_verifier_designs(),
         block_framing(),
         block_testbed(full=True),
+        *_study_blocks(True),
         block_malt(full=True),
         block_csqa(full=True),
         block_study(full=True),
@@ -424,6 +532,8 @@ def file_block(path: str) -> str:
     by_file = {
         "testbed.json": lambda: block_testbed(full=True),
         "testbed_pretrain.json": lambda: block_testbed(full=True),
+        "testbed_study.json": lambda: block_testbed_study(full=True),
+        "testbed_study_phase.json": lambda: block_testbed_study(full=True),
         "smollm2-synthetic.json": lambda: block_malt(full=True),
         "smollm2-csqa.json": lambda: block_csqa(full=True),
         "study_synthetic.json": lambda: block_study(full=True),

@@ -229,3 +229,31 @@ def test_corpus_dialogues_tokenize_as_the_pipeline_prompts_them(tmp_path):
         msgs = separate_messages(task.prompts, role, "63-27", *outs)
         corpus_ids = tok.backend.encode(render_chat(msgs, add_generation_prompt=True), add_special_tokens=False).ids
         assert tok.encode_chat(msgs) == corpus_ids, role
+
+
+def test_run_budgets_fit_every_role_output(tmp_path):
+    """experiments/testbed.yaml's per-role token budgets hold the longest G / V / R output the
+    corpus teaches (+ the end-of-turn marker) under the tokenizer pretraining trains: a budget
+    that cuts the critique before its verdict leaves the refiner nothing to follow."""
+    from pathlib import Path
+
+    from malt_jax.config import load_run_config
+    from malt_jax.training.corpus import get_corpus
+    from malt_jax.training.pretrain import prepare_tokenizer
+    from malt_jax.training.pretrain_config import load_pretrain_config
+
+    root = Path(__file__).resolve().parent.parent
+    run = load_run_config(root / "experiments/testbed.yaml")
+    pre = load_pretrain_config(root / "experiments/pretrain/testbed.yaml", ["tokenizer.sample_docs=300"])
+    corpus = get_corpus(pre.corpus.name, **dict(pre.corpus.options))
+    tok = prepare_tokenizer(pre, corpus, tmp_path, write=False)
+    longest = dict.fromkeys(("generator", "verifier", "refiner"), 0)
+    assert "max_a" not in dict(run.task.options)  # the default two-digit questions
+    for a in range(10, 100):
+        for b in range(1, a):
+            for answer in {a - b, *tb.wrong_answers(a, b)}:
+                for role, text in role_texts(a, b, answer, True, True).items():
+                    longest[role] = max(longest[role], len(tok.encode(text, add_special_tokens=False)))
+    budgets = dict(zip(("generator", "verifier", "refiner"), run.sampling.budgets()))
+    for role in longest:
+        assert longest[role] + 1 <= budgets[role], (role, longest[role], budgets[role])

@@ -26,6 +26,7 @@ parameters and optimizer state are split as ``parallel/sharding.py`` says and th
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
@@ -490,6 +491,7 @@ def pretrain(
         "docs_per_row": packer.docs_per_row,
         "mesh": None if mesh is None else dict(mesh.shape),
         "machine": machine_info(),
+        "date": datetime.date.today().isoformat(),
         "command": command,
     }
     if tblog.available():
