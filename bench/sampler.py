@@ -14,6 +14,8 @@
 
     python bench/sampler.py            # default sizes (wall times: bench/README.md)
     python bench/sampler.py --quick    # smoke run
+    python bench/sampler.py --testbed  # preset: the testbed run's expansion (3x3x3, 32 questions,
+                                       # budgets 10/32/24, T 1.0) with its model config, vs the peak
 """
 
 from __future__ import annotations
@@ -172,6 +174,117 @@ def bench_expansion(model, n_questions, max_new, reps, log):
     }, times
 
 
+def tree_flops(cfg, a: dict, seps: tuple) -> tuple[float, int]:
+    """Model FLOPs and sampled tokens of one separate-framing G -> V -> R batch (``a``: the host
+    arrays ``stages.expand.sample_trees`` hands ``on_batch``; ``seps``: ``PromptCodec.seps``).
+
+    The work a level does with prefix sharing: its question prefix once per question, each earlier
+    output (with its separator) once per tree node, then the sampled tokens of every row; each
+    token attends its real context (padding and the steps a row idles after its stop excluded)."""
+    tokens = pairs = 0.0
+
+    def add(n, ctx):  # n tokens after ctx context tokens, elementwise over arrays
+        nonlocal tokens, pairs
+        n, ctx = np.asarray(n, np.float64), np.asarray(ctx, np.float64)
+        tokens += float(n.sum())
+        pairs += float((n * ctx + n * (n + 1) / 2).sum())
+
+    q = a["q_lens"]
+    g, v, r = a["G_lengths"], a["V_lengths"], a["R_lengths"]  # [Q, n], [Q, n, m], [Q, n, m, l]
+    (s_vg,), (s_rg, s_rv) = (tuple(len(x) for x in level) for level in seps)
+    add(q, 0)  # G: the question prompt, then the answers
+    add(g, q[:, None])
+    pv = a["V_prefix_lens"]  # V: its prefix, each answer + separator once, then the critiques
+    add(pv, 0)
+    add(g + s_vg, pv[:, None])
+    add(v, (pv[:, None] + g + s_vg)[..., None])
+    pr = a["R_prefix_lens"]  # R: its prefix, each answer and each critique once, then the refinements
+    add(pr, 0)
+    add(g + s_rg, pr[:, None])
+    ctx = (pr[:, None] + g + s_rg)[..., None]
+    add(v + s_rv, ctx)
+    add(r, (ctx + v + s_rv)[..., None])
+    sampled = int(g.sum() + v.sum() + r.sum())
+    return flops.model_flops.forward_flops(cfg, tokens, pairs), sampled
+
+
+def bench_testbed_expansion(n_questions, reps, log, peak_n=2048):
+    """The testbed's training-tree expansion as ``malt-jax run experiments/testbed.yaml`` samples it
+    (``stages.expand.sample_trees``, the run's ``ExpansionSpec.from_tree``: 3x3x3, separate framing,
+    budgets G/V/R from ``sampling.role_max_new_tokens``, temperature 1.0, the codec's stop ids,
+    prefix sharing) on one batch of ``n_questions`` training questions, with random weights of the
+    testbed config and, when ``models/testbed`` holds the pretrained model, with those weights too
+    (interleaved): random weights rarely sample a stop token, so their rows run to the budget."""
+    import dataclasses
+
+    from malt_jax.config import load_run_config
+    from malt_jax.model.base_model import Model, load_model
+    from malt_jax.model.llama import init_params
+    from malt_jax.sampling.codec import PromptCodec
+    from malt_jax.sampling.expansion import ExpansionSpec
+    from malt_jax.stages.expand import sample_trees
+    from malt_jax.stages.rundir import split_questions
+    from malt_jax.training.corpus import get_corpus
+    from malt_jax.training.pretrain import prepare_tokenizer
+    from malt_jax.training.pretrain_config import load_pretrain_config
+    from malt_jax.workflows.pipeline import make_task
+
+    rc = load_run_config(common.ROOT / "experiments" / "testbed.yaml")
+    pc = load_pretrain_config(common.ROOT / "experiments" / "pretrain" / "testbed.yaml")
+    trained_dir = common.ROOT / rc.weights
+    # the testbed's tokenizer: the pretrained model's, else trained on the corpus as pretraining does
+    tok = prepare_tokenizer(pc, get_corpus(pc.corpus.name, **dict(pc.corpus.options)), trained_dir, write=False)
+    models = {"random weights": Model(init_params(rc.model, jax.random.key(0)), rc.model, tok)}
+    if (trained_dir / "model.safetensors").is_file():
+        trained = load_model(str(trained_dir), rc.model)
+        if trained.cfg != rc.model:
+            raise ValueError(f"{trained_dir}: config {trained.cfg} differs from the run's {rc.model}")
+        models["pretrained (models/testbed)"] = dataclasses.replace(trained, tokenizer=tok)
+    task = make_task(rc)
+    examples = split_questions(rc, task)[0][:n_questions]
+    codec = PromptCodec(tok, task, rc.task.framing)
+    spec = ExpansionSpec.from_tree(rc.tree, rc.sampling, stop=codec.stop)
+    log(
+        f"  spec: tree {spec.n}x{spec.m}x{spec.l}, budgets G/V/R {spec.max_new}, temperature "
+        f"{spec.sampling.temperature}, mode {spec.mode}, framing {rc.task.framing}, stop ids {spec.stop.stop_ids}; "
+        f"{len(examples)} questions, {n_questions * (spec.n + spec.n * spec.m + spec.n * spec.m * spec.l)} rows"
+    )
+    batches: dict[str, dict] = {}
+
+    def runner(name, model):
+        def run():
+            def keep(b, arrays):
+                batches[name] = arrays
+
+            sample_trees(
+                model, codec, examples, spec, seed=rc.train.seed, batch_size=n_questions, on_batch=keep, progress=False
+            )
+
+        return run
+
+    variants = {name: runner(name, m) for name, m in models.items()}
+    times = common.interleaved(variants, reps, warmup=1, log=log)  # the warm-up compiles
+    peak = flops.measure_peak_jax(peak_n)
+    rows = []
+    for name, ts in times.items():
+        fl, sampled = tree_flops(rc.model, batches[name], codec.seps)
+        t = common.median(ts)
+        stopped = [float(np.mean(batches[name][f"{r}_stopped"])) for r in ("G", "V", "R")]
+        rows.append(
+            {
+                "weights": name,
+                "median s": t,
+                "sampled tokens": sampled,
+                "budget tokens": n_questions
+                * sum(f * b for f, b in zip((spec.n, spec.n * spec.m, spec.n * spec.m * spec.l), spec.max_new)),
+                "tokens/s": sampled / t,
+                "GFLOP/s": fl / t / 1e9,
+                "stopped G/V/R": "/".join(f"{x:.2f}" for x in stopped),
+            }
+        )
+    return rows, times, peak, spec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -184,8 +297,17 @@ def main() -> None:
     ap.add_argument("--expansion-reps", type=int, default=None, help="timed reps per mode (default 2)")
     ap.add_argument("--skip-expansion", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument(
+        "--testbed",
+        action="store_true",
+        help="preset: only the testbed run's tree expansion (experiments/testbed.yaml: its model config with "
+        "random weights, and models/testbed's weights if present; 3x3x3, budgets 10/32/24, temperature 1.0, "
+        "--questions default 32, --expansion-reps default 3) against the measured peak",
+    )
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.testbed:
+        return main_testbed(args)
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,27,64")).split(",")]
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     reps = args.reps or (2 if args.quick else 3)
@@ -245,6 +367,57 @@ def main() -> None:
         )
         result["expansion"] = res
     common.save_json(args.json, result)
+
+
+def main_testbed(args) -> None:
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    import os
+
+    q = args.questions or (4 if args.quick else 32)
+    reps = args.expansion_reps or (1 if args.quick else 3)
+    peak_n = 1024 if args.quick else 2048
+    log(
+        f"# the testbed's tree expansion (experiments/testbed.yaml)\nmachine: {common.machine()}; load average "
+        f"{os.getloadavg()}\njax {jax.__version__}, backend {jax.default_backend()}"
+    )
+    peak = flops.measure_peak_jax(peak_n)
+    rows, times, peak_after, spec = bench_testbed_expansion(q, reps, log, peak_n)
+    peak = max(peak, peak_after)
+    for row in rows:
+        row["% peak"] = 100 * row["GFLOP/s"] * 1e9 / peak
+    log(f"f32 matmul peak ({peak_n}^3, best of before / after): {peak / 1e9:.1f} GFLOP/s")
+    log(
+        common.table(
+            rows,
+            [
+                "weights",
+                "median s",
+                "sampled tokens",
+                "budget tokens",
+                "tokens/s",
+                "GFLOP/s",
+                "% peak",
+                "stopped G/V/R",
+            ],
+        )
+    )
+    log(f"load average at end {os.getloadavg()} (a machine shared with other jobs: absolute figures are noisy)")
+    common.save_json(
+        args.json,
+        {
+            "benchmark": "sampler --testbed",
+            "questions": q,
+            "tree": [spec.n, spec.m, spec.l],
+            "budgets": list(spec.max_new),
+            "temperature": spec.sampling.temperature,
+            "reps": reps,
+            "peak_flops": peak,
+            "rows": rows,
+            "times": times,
+            "load_average_end": os.getloadavg(),
+            "note": "2-core machine shared with other jobs",
+        },
+    )
 
 
 if __name__ == "__main__":

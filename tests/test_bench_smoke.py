@@ -61,3 +61,20 @@ def test_pretrain_step_quick_runs_and_both_layouts_give_the_same_gradients(tmp_p
     res = _run_quick("pretrain_step.py", tmp_path, 300, MALT_JAX_MALLOC="0")
     assert {r["variant"] for r in res["rows"]} == {"flat", "3d", "forward"}
     assert res["max_grad_diff"] < 1e-5 and res["machine"]["isa"]
+
+
+def test_pretrain_vs_torch_quick_runs_and_both_sides_compute_the_same_step(tmp_path):
+    """bench/pretrain_vs_torch.py at batch 2 x 32: the malt-jax pretraining step and the PyTorch
+    module of bench/torch_llama.py give the same loss, gradients and loss after one AdamW step from
+    the same weights, and every variant is timed. Needs torch in .venv-peers (not in CI: skipped)."""
+    peers = ROOT / ".venv-peers" / "bin" / "python"
+    if not peers.exists() or subprocess.run([str(peers), "-c", "import torch"], capture_output=True).returncode:
+        pytest.skip("no torch in .venv-peers (python3 -m venv .venv-peers && .venv-peers/bin/pip install torch numpy)")
+    res = _run_quick("pretrain_vs_torch.py", tmp_path, 300, MALT_JAX_MALLOC="0")
+    parity = res["parity"]
+    assert parity["ok"] and parity["loss_rel_diff"] < 1e-4 and parity["loss_after_step_rel_diff"] < 1e-4
+    assert parity["grad_max_rel_diff"] < 1e-4
+    names = {r["variant"] for r in res["rows"]}
+    assert {"malt-jax", "malt-jax grad", "malt-jax forward", "PyTorch 2t", "PyTorch 1t"} <= names
+    assert all(r["median_s"] > 0 and r["tokens_per_s"] > 0 for r in res["rows"])
+    assert res["ratio_jax_over_torch"] > 0 and res["n_params"] == 1_090_688
