@@ -426,6 +426,9 @@ class TrainConfig:
     dpo_beta: float = 0.2
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
+    # weight of the chosen completions' per-token NLL added to the DPO loss (TRL's rpo_alpha; RPO,
+    # arXiv 2404.19733); 0 = plain DPO. Added later: part of a run's identity only when set.
+    rpo_alpha: float = dataclasses.field(default=0.0, metadata={"identity": "non-default"})
     max_seq_len: int = 512
     value_threshold: float = 0.5
     max_pairs_per_parent: int = 2
@@ -492,6 +495,7 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be < 1, got {self.warmup_ratio!r}")
         _check("train", self, "dpo_beta", self.dpo_beta > 0, "dpo_beta > 0")
         _check("train", self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "0 <= label_smoothing < 0.5")
+        _check("train", self, "rpo_alpha", self.rpo_alpha >= 0, "rpo_alpha >= 0")
         _check("train", self, "value_threshold", _unit(self.value_threshold), "0 <= value_threshold <= 1")
         _check(
             "train",

@@ -94,6 +94,7 @@ BAD: dict[str, list] = {
     "train.dpo_beta": [0.0, -0.2],
     "train.dpo_loss": ["hinge"],
     "train.label_smoothing": [0.5, -0.1],
+    "train.rpo_alpha": [-0.5],
     "train.max_seq_len": [1],
     "train.value_threshold": [1.5, -0.5],
     "train.max_pairs_per_parent": [-1],

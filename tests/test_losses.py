@@ -200,3 +200,27 @@ def test_dpo_zero_logits_sigmoid_is_log2():
     np.testing.assert_allclose(m["rewards/accuracies"], 0.0)
     with pytest.raises(ValueError):
         dpo_loss(z, z, z, z, loss_type="hinge")
+
+
+def test_rpo_adds_the_chosen_completions_per_token_nll():
+    """rpo_alpha > 0: loss = DPO loss + alpha * weighted mean of -logp(chosen) / its token count
+    (TRL's rpo_alpha); alpha 0 is plain DPO; the NLL term's gradient raises the chosen log-prob."""
+    rng = np.random.default_rng(0)
+    pc, pr, rc, rr = (jnp.asarray(rng.normal(-20, 3, 5), jnp.float32) for _ in range(4))
+    n = jnp.asarray([4, 7, 1, 9, 3], jnp.float32)
+    w = jnp.asarray([1.0, 0.5, 2.0, 0.0, 1.0])
+    plain, m0 = dpo_loss(pc, pr, rc, rr, beta=0.2, weights=w)
+    with_rpo, m1 = dpo_loss(pc, pr, rc, rr, beta=0.2, weights=w, rpo_alpha=0.7, chosen_tokens=n)
+    keep = np.asarray(w) > 0
+    nll = float(np.sum((-np.asarray(pc) / np.asarray(n) * np.asarray(w))[keep]) / np.asarray(w).sum())
+    assert float(m1["nll_loss"]) == pytest.approx(nll, rel=1e-5)
+    assert float(with_rpo) == pytest.approx(float(plain) + 0.7 * nll, rel=1e-5)
+    assert "nll_loss" not in m0 and float(dpo_loss(pc, pr, rc, rr, beta=0.2, weights=w, rpo_alpha=0.0)[0]) == float(
+        plain
+    )
+    g0 = jax.grad(lambda c: dpo_loss(c, pr, rc, rr, beta=0.2, weights=w)[0])(pc)
+    g1 = jax.grad(lambda c: dpo_loss(c, pr, rc, rr, beta=0.2, weights=w, rpo_alpha=0.7, chosen_tokens=n)[0])(pc)
+    expected = np.where(keep, -0.7 * np.asarray(w) / np.asarray(n) / np.asarray(w).sum(), 0.0)
+    np.testing.assert_allclose(np.asarray(g1 - g0), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(pc, pr, rc, rr, rpo_alpha=0.5)

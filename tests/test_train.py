@@ -563,12 +563,16 @@ def test_completion_scoring_and_frozen_hidden_equal_the_full_step(base, kind):
     assert D.completion_index(batch["loss_mask"])[0].shape[1] < batch["tokens"].shape[1]  # fewer positions scored
 
 
-@pytest.mark.parametrize("top_layers,mesh_shape", [(0, None), (1, None), (0, {"data": 2, "fsdp": 2, "tensor": 2})])
-def test_shared_prompt_dpo_step_equals_interleaved_rows(top_layers, mesh_shape):
+@pytest.mark.parametrize(
+    "top_layers,mesh_shape,rpo",
+    [(0, None, 0.0), (1, None, 0.0), (0, {"data": 2, "fsdp": 2, "tensor": 2}, 0.0), (0, None, 0.5)],
+)
+def test_shared_prompt_dpo_step_equals_interleaved_rows(top_layers, mesh_shape, rpo):
     """One row per pair with the prompt once (pack_dpo_shared) gives the DPO step of pack_dpo's
     interleaved rows: the same loss, metrics and update, with the full forward, with the frozen
     layers' hidden states from the HiddenCache, and sharded; pairs include an empty prompt, a
-    truncated one and a padding pair."""
+    truncated one and a padding pair; with ``rpo_alpha`` the chosen completions' token counts
+    agree too."""
     from malt_jax.model import llama
     from malt_jax.training.role import HiddenCache
 
@@ -577,7 +581,7 @@ def test_shared_prompt_dpo_step_equals_interleaved_rows(top_layers, mesh_shape):
     lcfg = dataclasses.replace(LORA, top_layers=top_layers)
     exs = _dpo_examples(5, seed=11)
     exs += [D.DPOExample([], [5, 6, 7, 8], [9, 10, 11]), D.DPOExample(list(range(1, 20)), list(range(30, 58)), [7, 8])]
-    train = dataclasses.replace(TRAIN, grad_accum=2)
+    train = dataclasses.replace(TRAIN, grad_accum=2, rpo_alpha=rpo)
     opt = make_optimizer(train, 10, 1e-2)
     adapter = jax.tree.map(lambda w: w + 0.05, init_lora(cfg, lcfg, jax.random.key(3)))
     state = TrainState.create(adapter, opt)
@@ -595,6 +599,7 @@ def test_shared_prompt_dpo_step_equals_interleaved_rows(top_layers, mesh_shape):
         assert not got[~real].any()
         shared = {**shared, "hidden": got}
     s_ref, m_ref = Stepper("dpo", cfg, lcfg, train, opt)(params, state, inter, ref)
+    assert ("nll_loss" in m_ref) == (rpo > 0)
     mesh = make_mesh(mesh_shape) if mesh_shape else None
     stepper = Stepper("dpo", cfg, lcfg, train, opt, mesh=mesh)
     s_sh, m_sh = stepper(*stepper.place(params, state), shared, ref)

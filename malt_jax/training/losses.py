@@ -76,6 +76,8 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     weights: jax.Array | None = None,
+    rpo_alpha: float = 0.0,
+    chosen_tokens: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DPO loss exactly as TRL's ``DPOTrainer.dpo_loss`` (``sigmoid`` and ``ipo``).
 
@@ -87,9 +89,14 @@ def dpo_loss(
         *_logps: Float[Array, "B"] summed completion log-probabilities.
         weights: optional Num[Array, "B"]; per-example weight (0 for padding rows). Loss and
             metrics are weight-averaged; without it a plain mean.
+        rpo_alpha: weight of the chosen completions' negative log-likelihood added to the loss
+            (TRL's ``rpo_alpha``, RPO: arXiv 2404.19733), per pair normalised by its
+            ``chosen_tokens`` (Num[Array, "B"], required when ``rpo_alpha > 0``); it keeps DPO
+            from lowering the chosen answers' likelihood along with the rejected ones'.
     Returns:
         (loss: Float32[], metrics) with TRL names "rewards/chosen", "rewards/rejected",
-        "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "loss".
+        "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "loss"
+        (and "nll_loss" with ``rpo_alpha > 0``).
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
@@ -115,6 +122,13 @@ def dpo_loss(
         return (jnp.where(w > 0, x, 0.0) * w).sum() / denom
 
     loss = wmean(losses)
+    extra = {}
+    if rpo_alpha > 0:
+        if chosen_tokens is None:
+            raise ValueError("dpo_loss: rpo_alpha > 0 needs chosen_tokens (the chosen completions' token counts)")
+        nll = wmean(-pc / jnp.maximum(chosen_tokens.astype(f32), 1.0))
+        loss = loss + rpo_alpha * nll
+        extra["nll_loss"] = jax.lax.stop_gradient(nll)
     metrics = {
         "loss": loss,
         "rewards/chosen": wmean(chosen_rewards),
@@ -123,5 +137,6 @@ def dpo_loss(
         "rewards/margins": wmean(chosen_rewards - rejected_rewards),
         "logps/chosen": wmean(jax.lax.stop_gradient(pc)),
         "logps/rejected": wmean(jax.lax.stop_gradient(pr)),
+        **extra,
     }
     return loss, metrics

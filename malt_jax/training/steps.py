@@ -98,10 +98,13 @@ class StepConfig(NamedTuple):
     dpo_beta: float
     dpo_loss: str
     label_smoothing: float
+    rpo_alpha: float = 0.0
 
     @classmethod
     def of(cls, t: TrainConfig) -> StepConfig:
-        return cls(max(int(t.grad_accum), 1), float(t.dpo_beta), t.dpo_loss, float(t.label_smoothing))
+        return cls(
+            max(int(t.grad_accum), 1), float(t.dpo_beta), t.dpo_loss, float(t.label_smoothing), float(t.rpo_alpha)
+        )
 
 
 def _apply(
@@ -239,10 +242,12 @@ def _dpo_micro(
 ) -> tuple[jax.Array, Metrics]:
     b = mb["tokens"].shape[0]
     if "segments" in mb:
-        lp = sequence_logps(*shared_scored_logits(base, adapter, mb, cfg, scale)).reshape(b, 2)
+        scored = shared_scored_logits(base, adapter, mb, cfg, scale)
     else:
         rows = {k: mb[k].reshape(2 * b, *mb[k].shape[2:]) for k in ROW_KEYS if k in mb}
-        lp = sequence_logps(*scored_logits(base, adapter, rows, cfg, scale)).reshape(b, 2)
+        scored = scored_logits(base, adapter, rows, cfg, scale)
+    lp = sequence_logps(*scored).reshape(b, 2)
+    n_tokens = scored[2].astype(jnp.float32).sum(axis=-1).reshape(b, 2)
     w = mb["weights"].astype(jnp.float32)
     loss, m = dpo_loss(
         lp[:, 0],
@@ -253,6 +258,8 @@ def _dpo_micro(
         loss_type=sc.dpo_loss,
         label_smoothing=sc.label_smoothing,
         weights=w,
+        rpo_alpha=sc.rpo_alpha,
+        chosen_tokens=n_tokens[:, 0],
     )
     frac = w.sum() / total
     m = {k: v * frac for k, v in m.items() if k != "loss"}
