@@ -3,6 +3,7 @@
 malt-jax run experiments/smollm2_synthetic.yaml            # every stage, resumable
 malt-jax expand|credit|train|eval CONFIG [overrides]       # one stage
 malt-jax study experiments/study_synthetic.yaml           # learning curve over training-set sizes
+malt-jax rl CONFIG rl.iterations=10 rl.reference=base     # online multi-agent GRPO (the rl section)
 malt-jax chat "What is the capital of France?"              # greedy answer of the base model
 malt-jax ask RUN_DIR "What is 42 - 17?" --votes 3          # the trained team: 3 G->V->R chains + vote
 malt-jax export RUN_DIR OUT --format peft|merged|both      # role adapters for PEFT / transformers
@@ -63,6 +64,30 @@ def _cmd_study(args: argparse.Namespace) -> int:
         )
     print("baselines: " + ", ".join(f"{n} {v['accuracy']:.3f}" for n, v in out["baselines"].items()))
     print(f"wall time {out['wall_time_s']:.0f} s (this call {out['this_call_s']:.0f} s)")
+    return 0
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from malt_jax.config import load_run_config
+    from malt_jax.workflows.rl import run_rl
+
+    cfg = load_run_config(args.config, args.overrides)
+    command = " ".join(["malt-jax rl", args.config, *args.overrides])
+    s = run_rl(cfg, progress=not args.no_progress, evaluate=not args.no_eval, command=command)
+    for role, row in s["last"].items():
+        if row is not None:
+            print(
+                f"{role}: iteration {row['iteration']}: reward_mean {row['reward_mean']:.3f}, loss {row['loss']:.4f}, "
+                f"kl {row['kl']:.4f}, clip_ratio {row['clip_ratio']:.3f}"
+            )
+    if "table" in s:
+        print(s["table"])
+    if "tensorboard" in s:
+        print(f"metrics in TensorBoard: {s['tensorboard']}")
+    print(
+        f"rl: {s['iterations']} iteration(s), {s['num_tokens']:,} tokens sampled (stopped by {s['stopped_by']}); "
+        f"metrics {s['metrics']}; run dir {s['run_dir']}"
+    )
     return 0
 
 
@@ -209,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("overrides", nargs="*", help="key=value overrides")
     st.add_argument("--no-progress", action="store_true", help="no progress bars")
     st.set_defaults(func=_cmd_study)
+    r = sub.add_parser("rl", help="online multi-agent GRPO of the G/V/R adapters (the config's rl section)")
+    r.add_argument("config", help="YAML experiment config with an rl section (rl.iterations >= 1)")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.iterations=10")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapters")
+    r.set_defaults(func=_cmd_rl)
     c = sub.add_parser("chat", help="the base model's answer to one question")
     c.add_argument("question")
     c.add_argument("--weights", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")

@@ -571,6 +571,69 @@ class StudyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Online multi-agent GRPO (``malt-jax rl``): every iteration samples G -> V -> R trees
+    (``tree.n`` x ``tree.m`` x ``tree.l``) on-policy for ``questions_per_iteration`` training
+    questions, rewards the leaves with the task's grader and updates each trained role's LoRA
+    adapter with the clipped policy-gradient loss and a k3 KL penalty to the reference.
+    ``iterations: 0`` (the default) = not an RL run. Added later: part of a run's identity only
+    when set."""
+
+    iterations: int = 0
+    questions_per_iteration: int = 4
+    learning_rate: float = 5e-5  # peak; warmup / cosine / clipping as the train section's
+    kl_coef: float = 0.04  # weight of the k3 KL to the reference (GRPO's beta); 0 = off
+    clip_eps: float = 0.2  # the ratio is clipped to [1 - clip_eps, 1 + clip_eps]
+    updates_per_iteration: int = 1  # optimizer updates on each iteration's samples (GRPO's mu)
+    baseline: Literal["mean", "loo"] = "mean"  # group mean (GRPO) or leave-one-out mean (RLOO)
+    normalize: Literal["std", "none"] = "std"  # divide by the group's std (GRPO) or not (Dr. GRPO)
+    loss_agg: Literal["token_mean", "seq_mean", "seq_sum_norm"] = "token_mean"  # training/pg_loss.py
+    # the reference policy of the KL term, and the policy RL starts from: "base" = adapters off
+    # (fresh adapters, b = 0); "sft" = the SFT adapters (adapters/{G,V,R}_sft.safetensors) of the
+    # run directory ``sft_run``. An RL run must name one.
+    reference: Literal["", "base", "sft"] = ""
+    sft_run: str = ""
+    roles: tuple[str, ...] = ("G", "V", "R")  # the roles trained; the others keep their start adapter
+    token_budget: int = 0  # stop once this many tokens have been sampled in all (0 = no cap)
+    checkpoint_every: int = 1  # iterations between orbax checkpoints (and at the end)
+    seed: int = 0
+    # rows per forward / backward pass of an update (gradients summed over the passes); the same
+    # update to float rounding, so not part of the run's identity
+    micro_batch: int = dataclasses.field(default=8, metadata={"identity": False})
+
+    def __post_init__(self) -> None:
+        _check_types("rl", self)
+        _check_min(
+            "rl",
+            self,
+            iterations=0,
+            questions_per_iteration=1,
+            kl_coef=0,
+            updates_per_iteration=1,
+            token_budget=0,
+            checkpoint_every=1,
+            seed=0,
+            micro_batch=1,
+        )
+        _check("rl", self, "learning_rate", self.learning_rate > 0, "learning_rate > 0")
+        _check("rl", self, "clip_eps", self.clip_eps > 0, "clip_eps > 0")
+        _check("rl", self, "roles", len(self.roles) >= 1, "at least one of G, V, R")
+        _check("rl", self, "roles", all(r in ("G", "V", "R") for r in self.roles), "roles among G, V, R")
+        _check("rl", self, "roles", len(set(self.roles)) == len(self.roles), "no duplicates")
+        if self.reference == "sft":
+            _check("rl", self, "sft_run", bool(self.sft_run.strip()), "the run directory of the SFT adapters")
+        else:
+            _check("rl", self, "sft_run", not self.sft_run, "empty unless rl.reference is sft")
+        if self.iterations > 0:
+            _check("rl", self, "reference", bool(self.reference), "base or sft for an RL run (rl.iterations > 0)")
+
+    def tree_tokens(self, tree: TreeConfig, sampling: SamplingConfig) -> int:
+        """The most tokens one question's tree samples (every node at its role's budget)."""
+        g, v, r = sampling.budgets()
+        return tree.n * g + tree.n * tree.m * v + tree.n * tree.m * tree.l * r
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     model_preset: str = "smollm2-135m"
@@ -585,6 +648,8 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     study: StudyConfig = StudyConfig()
+    # online multi-agent GRPO (malt-jax rl); added later: part of the identity only when set
+    rl: RLConfig = dataclasses.field(default=RLConfig(), metadata={"identity": "non-default"})
     # also write the run's JSON summary to <results>/<name>.json ("" = only <run_dir>/summary.json)
     results: str = dataclasses.field(default="", metadata={"identity": False})
 
@@ -604,6 +669,23 @@ class RunConfig:
                 f"study.train_sizes: the largest size {max(self.study.train_sizes)} exceeds "
                 f"task.num_train={self.task.num_train} (the questions expanded for the study)"
             )
+        if self.rl.iterations > 0:
+            self._check_rl()
+
+    def _check_rl(self) -> None:
+        """An RL run's cross-field checks: groups of two or more, a token budget of at least one
+        tree, no more questions per iteration than training questions."""
+        for dim in ("n", "m", "l"):
+            size = getattr(self.tree, dim)
+            ok = size >= 2
+            _check("tree", self.tree, dim, ok, f">= 2 for an RL run (a group of {size} sample has no baseline)")
+        one_tree, budget = self.rl.tree_tokens(self.tree, self.sampling), self.rl.token_budget
+        budget_ok = budget == 0 or budget >= one_tree
+        _check("rl", self.rl, "token_budget", budget_ok, f"0 (no cap) or >= one tree's {one_tree} tokens")
+        k, n_train = self.rl.questions_per_iteration, self.task.num_train
+        _check("rl", self.rl, "questions_per_iteration", k <= n_train, f"<= task.num_train={n_train}")
+        sampled = not self.sampling.is_greedy
+        _check("sampling", self.sampling, "temperature", sampled, "> 0 (and sampling.greedy off) for an RL run")
 
     def hash(self) -> str:
         """The run's identity: :func:`config_hash` of the fields that define its results."""

@@ -120,6 +120,22 @@ BAD: dict[str, list] = {
     "study.train_sizes": [[0], [4, 4], [64]],  # 64 > the default task.num_train 32
     "study.results": [[1]],
     "study.sft_chain": ["some"],
+    "rl.iterations": [-1],
+    "rl.questions_per_iteration": [0],
+    "rl.learning_rate": [0.0, -1e-5],
+    "rl.kl_coef": [-0.1],
+    "rl.clip_eps": [0.0, -0.2],
+    "rl.updates_per_iteration": [0],
+    "rl.baseline": ["median"],
+    "rl.normalize": ["mad"],
+    "rl.loss_agg": ["sum"],
+    "rl.reference": ["policy"],
+    "rl.sft_run": [[1], "runs/sft"],  # a run directory only with rl.reference: sft
+    "rl.roles": [["X"], [], ["G", "G"]],
+    "rl.token_budget": [-1],
+    "rl.checkpoint_every": [0],
+    "rl.seed": [-1],
+    "rl.micro_batch": [0],
 }
 
 

@@ -160,6 +160,7 @@ _OUTPUTS = (
     "report.md",
     "timings.json",
     "peak_rss_gb.json",
+    "rl",
 )
 
 

@@ -1,6 +1,7 @@
 """What a user runs: the whole MALT pipeline (``pipeline.run``), the learning-curve study
-(``study``), asking a trained team (``ask``), exporting its adapters (``export``) and the JSON
-summary committed under ``results/`` (``summary``).
+(``study``), online multi-agent GRPO of the role adapters (``rl``: ``malt-jax rl``), asking a
+trained team (``ask``), exporting its adapters (``export``) and the JSON summary committed under
+``results/`` (``summary``).
 
 Layer 7: may import every lower layer; only ``malt_jax.cli`` and the public API import it.
 """
