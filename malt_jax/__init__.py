@@ -19,6 +19,7 @@ Public API (a small set of names; everything else is importable from its module)
     ev = malt_jax.run_eval(cfg, model, task, questions, run_dir, adapters, [malt_jax.System(...)])
     summary = malt_jax.run(malt_jax.load_run_config("experiments/smollm2_synthetic.yaml"))
     curve = malt_jax.run_study(malt_jax.load_run_config("experiments/study_synthetic.yaml"))
+    rounds = malt_jax.run_iterative(malt_jax.load_run_config(path, ["iterate.rounds=3"]))  # iterative MALT
     answer = malt_jax.ask_run("runs/smollm2_synthetic", "What is 42 - 17?", votes=3)   # the trained team
     malt_jax.export_run("runs/smollm2_synthetic", "exported", "both")   # PEFT folders + merged checkpoints
     malt_jax.pretrain(malt_jax.load_pretrain_config("experiments/pretrain/testbed_tiny.yaml"))  # -> model dir
@@ -53,6 +54,7 @@ from malt_jax.training.pretrain_config import PretrainConfig, load_pretrain_conf
 from malt_jax.training.role import RoleTraining, train_role
 from malt_jax.workflows.ask import ask, ask_run
 from malt_jax.workflows.export import export_run, load_peft, save_peft
+from malt_jax.workflows.iterate import run_iterative
 from malt_jax.workflows.pipeline import run
 from malt_jax.workflows.study import run_study
 
@@ -100,6 +102,7 @@ __all__ = [
     "pretrain",
     "run",
     "run_eval",
+    "run_iterative",
     "run_study",
     "sample_trees",
     "sft_indices",

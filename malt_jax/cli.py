@@ -4,6 +4,7 @@ malt-jax run experiments/smollm2_synthetic.yaml            # every stage, resuma
 malt-jax expand|credit|train|eval CONFIG [overrides]       # one stage
 malt-jax study experiments/study_synthetic.yaml           # learning curve over training-set sizes
 malt-jax rl CONFIG rl.iterations=10 rl.reference=base     # online multi-agent GRPO (the rl section)
+malt-jax iterate CONFIG iterate.rounds=3                  # iterative MALT (the iterate section), resumable
 malt-jax chat "What is the capital of France?"              # greedy answer of the base model
 malt-jax ask RUN_DIR "What is 42 - 17?" --votes 3          # the trained team: 3 G->V->R chains + vote
 malt-jax export RUN_DIR OUT --format peft|merged|both      # role adapters for PEFT / transformers
@@ -88,6 +89,28 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         f"rl: {s['iterations']} iteration(s), {s['num_tokens']:,} tokens sampled (stopped by {s['stopped_by']}); "
         f"metrics {s['metrics']}; run dir {s['run_dir']}"
     )
+    return 0
+
+
+def _cmd_iterate(args: argparse.Namespace) -> int:
+    from malt_jax.config import load_run_config
+    from malt_jax.workflows.iterate import run_iterative
+
+    cfg = load_run_config(args.config, args.overrides)
+    command = " ".join(["malt-jax iterate", args.config, *args.overrides])
+    t0 = time.perf_counter()
+    s = run_iterative(cfg, progress=not args.no_progress, evaluate=not args.no_eval, command=command)
+    state = s["iterate"]
+    for rec in state["rounds"]:
+        scores = ", ".join(
+            f"{n} {v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for n, v in rec["validation"].items()
+        )
+        print(f"round {rec['round']} (threshold {rec['threshold']:.3f}): validation {scores}")
+    print(f"final adapters: round {state['final_round']}; {state['stop_reason']}")
+    if "table" in s:
+        print(s["table"])
+        print(f"report: {s['report']}")
+    print(f"done in {time.perf_counter() - t0:.0f} s; run dir {s['run_dir']}")
     return 0
 
 
@@ -240,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapters")
     r.set_defaults(func=_cmd_rl)
+    it = sub.add_parser("iterate", help="iterative MALT: several rounds, each expanding with the last round's chain")
+    it.add_argument("config", help="YAML experiment config with an iterate section (iterate.rounds)")
+    it.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterate.rounds=3")
+    it.add_argument("--no-progress", action="store_true", help="no progress bars")
+    it.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapters")
+    it.set_defaults(func=_cmd_iterate)
     c = sub.add_parser("chat", help="the base model's answer to one question")
     c.add_argument("question")
     c.add_argument("--weights", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")

@@ -633,6 +633,51 @@ class RLConfig:
         return tree.n * g + tree.n * tree.m * v + tree.n * tree.m * tree.l * r
 
 
+# the value threshold the default schedule of iterative MALT rises to at its last round
+ITERATE_TOP_THRESHOLD = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class IterateConfig:
+    """Iterative MALT (``malt-jax iterate``, ``workflows/iterate.py``): ``rounds`` offline MALT
+    rounds (expand -> credit -> train), round r's trees sampled by round r - 1's trained chain,
+    each round's chain scored on ``val_questions`` questions of the task's validation split
+    (disjoint from the training and evaluation questions). ``rounds: 1`` (the default) = plain
+    MALT. Added later: part of a run's identity only when set."""
+
+    rounds: int = 1
+    # where each round's training starts: "previous" = the previous round's adapters (round 1:
+    # fresh ones), "base" = fresh adapters every round (only the trees come from the better chain)
+    init: Literal["previous", "base"] = "previous"
+    # per-round value thresholds of the credit stage; empty = the default schedule
+    # (:meth:`round_thresholds`: linear from train.value_threshold to 0.9 at the last round)
+    thresholds: tuple[float, ...] = ()
+    # stop after the first round whose validation MALT+MV@k accuracy is not above the previous
+    # round's, keeping the previous round's adapters as the final ones
+    stop_on_no_gain: bool = True
+    val_questions: int = 200  # validation-split questions that judge the rounds
+
+    def __post_init__(self) -> None:
+        _check_types("iterate", self)
+        _check_min("iterate", self, rounds=1, val_questions=1)
+        _check("iterate", self, "thresholds", all(_unit(t) for t in self.thresholds), "values in [0, 1]")
+        n, rounds = len(self.thresholds), self.rounds
+        _check("iterate", self, "thresholds", n in (0, rounds), f"none or one per round (iterate.rounds={rounds})")
+
+    def round_thresholds(self, base: float) -> tuple[float, ...]:
+        """The value threshold of each round: ``thresholds`` when given, else the paper's
+        suggestion (raise it towards 1 as the chain improves) as a linear schedule from ``base``
+        (``train.value_threshold``, exactly, so round 1 is plain MALT) to ``max(base, 0.9)`` at
+        the last round, the later rounds rounded to 6 decimals: 0.5, 0.7, 0.9 for three rounds
+        from 0.5."""
+        if self.thresholds:
+            return tuple(float(t) for t in self.thresholds)
+        if self.rounds == 1:
+            return (float(base),)
+        top, last = max(float(base), ITERATE_TOP_THRESHOLD), self.rounds - 1
+        return (float(base),) + tuple(round(base + (top - base) * r / last, 6) for r in range(1, self.rounds))
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
@@ -650,6 +695,8 @@ class RunConfig:
     study: StudyConfig = StudyConfig()
     # online multi-agent GRPO (malt-jax rl); added later: part of the identity only when set
     rl: RLConfig = dataclasses.field(default=RLConfig(), metadata={"identity": "non-default"})
+    # iterative MALT (malt-jax iterate); added later: part of the identity only when set
+    iterate: IterateConfig = dataclasses.field(default=IterateConfig(), metadata={"identity": "non-default"})
     # also write the run's JSON summary to <results>/<name>.json ("" = only <run_dir>/summary.json)
     results: str = dataclasses.field(default="", metadata={"identity": False})
 

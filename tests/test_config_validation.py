@@ -136,6 +136,11 @@ BAD: dict[str, list] = {
     "rl.checkpoint_every": [0],
     "rl.seed": [-1],
     "rl.micro_batch": [0],
+    "iterate.rounds": [0, -1],
+    "iterate.init": ["scratch"],
+    "iterate.thresholds": [[1.5], [-0.1], [0.5, 0.6], ["high"]],  # [0.5, 0.6]: 2 thresholds, 1 round
+    "iterate.stop_on_no_gain": [MAYBE],
+    "iterate.val_questions": [0],
 }
 
 

@@ -9,9 +9,10 @@ evaluation and ``ask`` use too; :func:`run_expand` samples the training trees ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -183,13 +184,35 @@ def grade_leaves(
 
 
 def run_expand(
-    cfg: RunConfig, model: Model, task: Task, train: Sequence[Example], run_dir: Path, progress: bool = True, mesh=None
+    cfg: RunConfig,
+    model: Model,
+    task: Task,
+    train: Sequence[Example],
+    run_dir: Path,
+    progress: bool = True,
+    mesh=None,
+    *,
+    adapters: Mapping[str, Params | None] | None = None,
+    seed_offset: int = 0,
 ) -> Path:
-    """Stage 1: trajectory expansion of the training questions (resumable per batch)."""
+    """Stage 1: trajectory expansion of the training questions (resumable per batch).
+
+    ``adapters``: per-role LoRA adapters (role letter -> adapter; a missing role or None = the
+    base model) that sample the trees, e.g. an earlier round's trained chain (iterative MALT);
+    with any adapter the levels are sampled in mode ``"fork"`` (each role's context encoded with
+    its own adapter; ``"naive"`` without ``tree.share_prefix``). ``seed_offset`` is added to
+    ``train.seed`` for the per-question sampling keys. Without either, the trees are exactly
+    those of the plain pipeline."""
+    from malt_jax.model.lora import lora_scale
+
     out = run_dir / "expansion"
     out.mkdir(parents=True, exist_ok=True)
     codec = PromptCodec(model.tokenizer, task, cfg.task.framing)
     spec = ExpansionSpec.from_tree(cfg.tree, cfg.sampling, stop=codec.stop)
+    role_adapters = tuple((adapters or {}).get(r) for r in ROLES)
+    with_adapters = any(a is not None for a in role_adapters)
+    if with_adapters and spec.mode == "extend":
+        spec = dataclasses.replace(spec, mode="fork")
     bs = cfg.tree.questions_per_batch
 
     def save(b: int, arrays: dict) -> None:
@@ -229,8 +252,10 @@ def run_expand(
         codec,
         train,
         spec,
-        seed=cfg.train.seed,
+        seed=cfg.train.seed + seed_offset,
         batch_size=bs,
+        adapters=role_adapters,
+        lora_scale=lora_scale(cfg.lora) if with_adapters else 1.0,
         on_batch=save,
         skip=lambda b: (out / f"batch_{b:05d}.npz").exists(),
         desc="expand (train trees)",

@@ -6,6 +6,8 @@
     <run>/adapters/{G,V,R}[_sft].safetensors          one LoRA adapter per role (after DPO / SFT only),
                   training.json, {G,V,R}_epochs.jsonl (+ orbax checkpoints while training)
     <run>/eval/<system>.jsonl                         per-question rows of every evaluated system
+    <run>/round_<r>/expansion|credit|adapters|eval    iterative MALT's rounds (workflows/iterate.py),
+    <run>/validation.json iterate.json                its validation questions and per-round record
 
 Every file is written atomically (:func:`write_atomic`), and a stage writes the file that marks
 its work as done last, so an interrupted run resumes where it stopped.
@@ -26,7 +28,8 @@ What the directory trusts, and how it is checked (a failed check is one line nam
   Speed-only fields (``identity: False`` in :mod:`malt_jax.config`) may be edited: they do not
   change results. A directory holding outputs but no ``config.yaml`` adopts them under no config.
   The stamp is written only once the task and its data have loaded (:func:`stamp_run_dir`).
-* ``splits.json`` must name the questions the config selects now (an edit, or changed data).
+* ``splits.json`` must name the questions the config selects now (an edit, or changed data);
+  so must ``validation.json`` (iterative MALT's validation questions).
 * ``expansion/batch_*.npz``: readable, the same arrays in every batch, trees of the config's
   shape, questions 0..N-1 in order (the expand stage also checks them against the training set).
 * ``credit/<role>_{sft,dpo}.jsonl``: valid rows, as many as ``credit/summary.json`` counts.
@@ -68,6 +71,8 @@ __all__ = [
     "read_json",
     "split_questions",
     "load_splits",
+    "validation_questions",
+    "load_validation",
     "load_expansion",
     "load_datasets",
     "save_adapter",
@@ -161,12 +166,17 @@ _OUTPUTS = (
     "timings.json",
     "peak_rss_gb.json",
     "rl",
+    "validation.json",
+    "iterate.json",
 )
 
 
 def _outputs(run_dir: Path) -> list[str]:
+    # n0040/: a study's training-set size; round_2/: a round of iterative MALT
     return sorted(
-        p.name for p in run_dir.iterdir() if p.name in _OUTPUTS or (p.is_dir() and re.fullmatch(r"n\d{4}", p.name))
+        p.name
+        for p in run_dir.iterdir()
+        if p.name in _OUTPUTS or (p.is_dir() and re.fullmatch(r"n\d{4}|round_\d+", p.name))
     )
 
 
@@ -239,6 +249,51 @@ def split_questions(cfg: RunConfig, task: Task) -> tuple[list[Example], list[Exa
     opts = dict(t.options)
     train_split, eval_split = opts.pop("train_split", "train"), opts.pop("eval_split", "test")
     return train_eval_sets(task, t.num_train, t.num_eval, t.seed, train_split, eval_split)
+
+
+def validation_questions(
+    cfg: RunConfig, task: Task, train: list[Example], evals: list[Example], n: int, split: str = "validation"
+) -> list[Example]:
+    """``n`` seeded (``task.seed``) questions of the task's ``split`` that are neither training nor
+    evaluation questions (compared on :func:`~malt_jax.tasks.question_key`, so also when
+    ``split`` is the evaluation split itself, or all splits load one file); nothing written. A
+    task without that split, or with too few such questions, is a ConfigError naming
+    ``iterate.val_questions``."""
+    from malt_jax.tasks.base import question_key, split_examples
+
+    try:
+        pool = task.load(split)
+    except (ValueError, OSError, KeyError) as e:  # no such split / file
+        raise ConfigError(
+            f"iterate.val_questions: task {cfg.task.name!r} has no {split!r} split to draw validation "
+            f"questions from ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    used = {question_key(e.question) for e in [*train, *evals]}
+    pool = [e for e in pool if question_key(e.question) not in used]
+    if len(pool) < n:
+        raise ConfigError(
+            f"iterate.val_questions: {n} asked, but the {split!r} split of task {cfg.task.name!r} has only "
+            f"{len(pool)} question(s) that are neither training nor evaluation questions"
+        )
+    return split_examples(pool, 0, n, cfg.task.seed)[1]
+
+
+def load_validation(cfg: RunConfig, run_dir: Path, questions: list[Example]) -> list[Example]:
+    """Records the validation questions' ids in ``validation.json`` (first call) or checks them
+    against the ids found there, as :func:`load_splits` does for the training / evaluation ids."""
+    path = run_dir / "validation.json"
+    record = {"seed": cfg.task.seed, "validation": [e.id for e in questions]}
+    record = json.loads(json.dumps(record))
+    if path.exists():
+        old = read_json(path)
+        if not isinstance(old, dict) or any(old.get(k) != v for k, v in record.items()):
+            raise RunDirError(
+                f"{path}: its validation questions are not those this config selects from the task's data "
+                f"(the file was edited, or the data changed); the run's outputs belong to the recorded questions"
+            )
+    else:
+        write_atomic(path, json.dumps(record))
+    return questions
 
 
 def load_splits(

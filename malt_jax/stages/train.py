@@ -69,9 +69,20 @@ def _split(examples: list, questions: list[int], held: set[int]) -> tuple[list, 
 
 
 def run_train(
-    cfg: RunConfig, model: Model, run_dir: Path, mesh=None, progress: bool = True, roles: Sequence[str] = ROLES
+    cfg: RunConfig,
+    model: Model,
+    run_dir: Path,
+    mesh=None,
+    progress: bool = True,
+    roles: Sequence[str] = ROLES,
+    *,
+    init: Path | None = None,
 ) -> dict[str, Params]:
     """Stage 3: SFT for every role, then DPO for V and R (and G if ``train.generator_dpo``).
+
+    ``init``: a directory holding ``{G,V,R}.safetensors`` (e.g. the ``adapters`` directory of an
+    earlier round of iterative MALT) that each role's training starts from, checked against the
+    run's model and ``lora`` config; default fresh adapters (the base model).
 
     The examples of a seeded ``train.heldout_fraction`` of the training questions are held out
     (by question, so no prompt is shared) to choose each stage's epochs; ``train.max_sft_examples``
@@ -134,6 +145,7 @@ def run_train(
         pad_id = model.tokenizer.pad_id
         if pad_id is None:
             raise ValueError("the tokenizer has no pad (or eos) token to pad training rows with")
+        start = None if init is None else load_adapter(Path(init) / f"{role}.safetensors", cfg)
         result = train_role(
             model.params,
             model.cfg,
@@ -150,6 +162,7 @@ def run_train(
             dpo_heldout=dpo_held,
             sft_report=sft_rep,
             dpo_report=dpo_rep,
+            init=start,
         )
         c["trained"] = result.trained
         write_rows(out / f"{role}_history.jsonl", result.history)

@@ -583,8 +583,14 @@ def train_role(
     dpo_heldout: Sequence[DPOExample] | None = None,
     sft_report: Sequence[SFTExample] | None = None,
     dpo_report: Sequence[DPOExample] | None = None,
+    init: Params | None = None,
 ) -> RoleTraining:
     """Trains one role's adapter: up to ``sft_epochs`` of SFT, then up to ``dpo_epochs`` of DPO.
+
+    ``init``: the adapter training starts from (e.g. an earlier round's, in iterative MALT; its
+    shapes must be those of ``lora_cfg``); default a fresh one (LoRA ``b = 0``, i.e. the base
+    model, seeded by ``train_cfg.seed`` and the role). It is also what a role without data
+    returns, and what epoch 0 (before the first update) of SFT scores.
 
     Epoch selection: with a held-out set for a stage (``sft_heldout`` / ``dpo_heldout``; split by
     question by the caller, so no prompt is shared with the training examples), the held-out
@@ -629,15 +635,19 @@ def train_role(
         "dpo_heldout": len(dpo_ho),
         "dpo_report": len(dpo_rep),
     }
-    key = jax.random.fold_in(jax.random.key(train_cfg.seed), zlib.crc32(role.encode()) & 0x7FFFFFFF)
-    adapter = init_lora(cfg, lora_cfg, key)  # b = 0: equals the base model
+    if init is None:
+        key = jax.random.fold_in(jax.random.key(train_cfg.seed), zlib.crc32(role.encode()) & 0x7FFFFFFF)
+        adapter = init_lora(cfg, lora_cfg, key)  # b = 0: equals the base model
+    else:
+        adapter = init
     if not sft and not dpo:
         log.warning(
             "role %r: no positive trajectories (0 SFT examples) and no DPO pairs, so there is nothing to "
-            "train on: it keeps the base model (untrained adapter). To train it, make the task easier, use "
+            "train on: it keeps %s. To train it, make the task easier, use "
             "more training questions, or draw more samples per question (larger tree n/m/l or a higher "
             "temperature).",
             role,
+            "the base model (untrained adapter)" if init is None else "the adapter it was to start from",
         )
         return RoleTraining(adapter=adapter, sft_adapter=adapter, history=[], epochs=[], trained=False, counts=counts)
     stages = [

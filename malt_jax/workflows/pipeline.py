@@ -160,7 +160,15 @@ def run(
     (also to ``<cfg.results>/<name>.json`` when ``results`` is set); returns a summary.
 
     Holds the run directory's writer lock throughout (:func:`~malt_jax.stages.rundir.lock_run_dir`):
-    a second process on the same directory is refused at once."""
+    a second process on the same directory is refused at once. A config of several rounds of
+    iterative MALT (``iterate.rounds > 1``) is refused: ``malt-jax iterate`` runs it."""
+    if cfg.iterate.rounds > 1:
+        from malt_jax.config import ConfigError
+
+        raise ConfigError(
+            f"iterate.rounds: {cfg.iterate.rounds} rounds are run by malt-jax iterate "
+            "(workflows.iterate.run_iterative); malt-jax run and its stage commands run one round"
+        )
     with lock_run_dir(cfg.run_dir):
         return _run(cfg, stages, progress, model, task, command)
 
