@@ -459,6 +459,34 @@ def block_testbed_study(full: bool = False) -> str:
     return _block("### `make testbed-study`: seeds, role ablations and where MALT pays", "testbed_study.json", d, body)
 
 
+def block_testbed_plain_dpo() -> str:
+    """The declared study's first seed with plain DPO (the recipe before the validation choice)."""
+    d = load("testbed_study_plain_dpo.json")
+    body = testbed_seeds_tables(d) + ["", d["note"]]
+    return _block(
+        "### Testbed study, first seed with plain DPO (superseded recipe)", "testbed_study_plain_dpo.json", d, body
+    )
+
+
+def block_testbed_rpo_validation() -> str:
+    """Plain DPO vs DPO + NLL (RPO) on the testbed's validation questions."""
+    d = load("testbed_rpo_validation.json")
+    names = ["single+MV@3", "chain+MV@3", "sft-chain+MV@3", "malt", "malt+MV@3"]
+    out = [
+        f"| recipe ({d['n_eval']} {d['split']} questions) | " + " | ".join(names) + " | MALT R fix / break rate |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for name, v in d["variants"].items():
+        r = v["skills"]["malt"]["refiner"]
+        cells = [f"{v['systems'][n]['accuracy']:.3f}" for n in names]
+        out.append(
+            f"| {name} (rpo_alpha {v['rpo_alpha']}) | "
+            + " | ".join(cells)
+            + f" | {r['fix_rate']:.3f} / {r['break_rate']:.3f} |"
+        )
+    return _block("### Testbed DPO recipe (validation questions)", "testbed_rpo_validation.json", d, out)
+
+
 def block_probe_verification() -> str:
     d = load("probe_verification.json")
     body = [
@@ -510,6 +538,10 @@ def _study_blocks(full: bool) -> list[str]:
     return [block_testbed_study(full)] if (RESULTS / "testbed_study.json").exists() else []
 
 
+def _testbed_recipe_blocks() -> list[str]:
+    return [block_testbed_rpo_validation(), block_testbed_plain_dpo()]
+
+
 def readme_blocks() -> list[str]:
     return [block_testbed(), *_study_blocks(False), block_malt(), block_csqa(), block_study()]
 
@@ -521,6 +553,7 @@ def docs_blocks() -> list[str]:
         block_framing(),
         block_testbed(full=True),
         *_study_blocks(True),
+        *_testbed_recipe_blocks(),
         block_malt(full=True),
         block_csqa(full=True),
         block_study(full=True),
@@ -534,6 +567,8 @@ def file_block(path: str) -> str:
         "testbed_pretrain.json": lambda: block_testbed(full=True),
         "testbed_study.json": lambda: block_testbed_study(full=True),
         "testbed_study_phase.json": lambda: block_testbed_study(full=True),
+        "testbed_study_plain_dpo.json": block_testbed_plain_dpo,
+        "testbed_rpo_validation.json": block_testbed_rpo_validation,
         "smollm2-synthetic.json": lambda: block_malt(full=True),
         "smollm2-csqa.json": lambda: block_csqa(full=True),
         "study_synthetic.json": lambda: block_study(full=True),

@@ -53,13 +53,10 @@ import numpy as np
 
 from malt_jax.config import RunConfig
 from malt_jax.evaluation.fmt import fmt_ci, fmt_float, fmt_p, md_table
-from malt_jax.evaluation.report import format_table, write_report
 from malt_jax.evaluation.stats import mcnemar_exact
 from malt_jax.model.base_model import Model, load_model
 from malt_jax.model.llama import Params
-from malt_jax.parallel.distributed import is_lead
 from malt_jax.roles import ROLES
-from malt_jax.runtime import tblog
 from malt_jax.runtime.rss import PeakRSS
 from malt_jax.stages import run_credit, run_eval, run_expand, run_train
 from malt_jax.stages.eval import System, primary_names
@@ -71,16 +68,14 @@ from malt_jax.stages.rundir import (
     lock_run_dir,
     prepare_run_dir,
     read_json,
-    role_epochs,
     split_questions,
     stamp_run_dir,
-    training_counts,
     validation_questions,
     write_atomic,
 )
 from malt_jax.tasks import Task
-from malt_jax.workflows.pipeline import make_run_mesh, make_task, run_record
-from malt_jax.workflows.summary import experiment_summary, system_table
+from malt_jax.workflows.pipeline import make_run_mesh, make_task, publish_eval, run_record
+from malt_jax.workflows.summary import system_table
 
 log = logging.getLogger(__name__)
 
@@ -329,54 +324,26 @@ def _run_iterative(
             sft_adapters=sft_adapters,
         )
         credit_summary = read_json(final_dir / "credit" / "summary.json")
-        report = run_dir / "report.md"
-        if is_lead():
-            rec = run_record(cfg, len(train), len(evals), timings)
-            extra = {
-                "Iterative MALT": f"final adapters of round {final_round} of {len(rounds)} run "
-                f"(at most {it.rounds}; training from {it.init})",
-            }
-            write_report(
-                run_dir,
-                ev["results"],
-                ev["comparisons"],
-                credit_summary,
-                dataclasses.replace(rec, title="Iterative MALT evaluation report", extra=extra),
-                verifier=ev["verifier"],
-                epochs_by_role=role_epochs(run_dir),
-                training_counts=training_counts(run_dir),
-                skills=ev.get("skills"),
-            )
-            text = report.read_text()
-            write_atomic(report, text.rstrip("\n") + "\n\n" + "\n".join(iterations_section(state)) + "\n")
-        summary.update(
-            table=format_table(ev["results"]),
-            report=str(report),
-            comparisons=ev["comparisons"],
-            verifier=ev["verifier"],
-        )
-        out = experiment_summary(
-            cfg.name,
-            command,
-            cfg.hash(),
-            ev,
+        rec = run_record(cfg, len(train), len(evals), timings)
+        extra = {
+            "Iterative MALT": f"final adapters of round {final_round} of {len(rounds)} run "
+            f"(at most {it.rounds}; training from {it.init})",
+        }
+        publish_eval(
+            cfg,
             run_dir,
+            ev,
+            summary,
+            dataclasses.replace(rec, title="Iterative MALT evaluation report", extra=extra),
             len(train),
             len(evals),
-            votes,
-            primary_names(votes),
-            sum(timings.values()),
-            credit=credit_summary,
+            credit_summary,
+            command,
+            timings,
+            memory,
+            report_tail=iterations_section(state),
             iterate=state,
-            timings_s=dict(timings),
-            peak_rss_gb=dict(memory),
         )
-        write_atomic(run_dir / "summary.json", json.dumps(out, indent=2) + "\n")
-        if is_lead() and tblog.write_eval(run_dir, out["systems"], out["verifier"]):
-            summary["tensorboard"] = tblog.command(run_dir)
-        if cfg.results:
-            Path(cfg.results).mkdir(parents=True, exist_ok=True)
-            write_atomic(Path(cfg.results) / f"{cfg.name}.json", json.dumps(out, indent=2) + "\n")
     summary["timings"] = timings
     summary["this_call_s"] = round(time.perf_counter() - t_start, 1)
     return summary

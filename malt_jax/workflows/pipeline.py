@@ -231,46 +231,83 @@ def _run(
         )
         if credit_summary is None and (run_dir / "credit" / "summary.json").exists():
             credit_summary = read_json(run_dir / "credit" / "summary.json")
-        report = run_dir / "report.md"
-        if is_lead():
-            write_report(
-                run_dir,
-                ev["results"],
-                ev["comparisons"],
-                credit_summary,
-                run_record(cfg, len(train), len(evals), timings),
-                verifier=ev["verifier"],
-                epochs_by_role=role_epochs(run_dir),
-                training_counts=training_counts(run_dir),
-                skills=ev.get("skills"),
-            )
-        summary.update(
-            table=format_table(ev["results"]),
-            report=str(report),
-            comparisons=ev["comparisons"],
-            verifier=ev["verifier"],
-        )
-        record = experiment_summary(
-            cfg.name,
-            command,
-            cfg.hash(),
-            ev,
+        publish_eval(
+            cfg,
             run_dir,
+            ev,
+            summary,
+            run_record(cfg, len(train), len(evals), timings),
             len(train),
             len(evals),
-            cfg.eval.votes,
-            primary_names(cfg.eval.votes),
-            sum(timings.values()),
-            credit=credit_summary,
-            timings_s=dict(timings),
-            peak_rss_gb=dict(memory),
+            credit_summary,
+            command,
+            timings,
+            memory,
         )
-        write_atomic(run_dir / "summary.json", json.dumps(record, indent=2) + "\n")
-        if is_lead() and tblog.write_eval(run_dir, record["systems"], record["verifier"]):
-            summary["tensorboard"] = tblog.command(run_dir)
-        if cfg.results:
-            Path(cfg.results).mkdir(parents=True, exist_ok=True)
-            write_atomic(Path(cfg.results) / f"{cfg.name}.json", json.dumps(record, indent=2) + "\n")
     summary["timings"] = timings
     summary["peak_rss_gb"] = memory
     return summary
+
+
+def publish_eval(
+    cfg: RunConfig,
+    run_dir: Path,
+    ev: dict,
+    summary: dict,
+    record: RunRecord,
+    n_train: int,
+    n_eval: int,
+    credit_summary: dict | None,
+    command: str,
+    timings: Mapping[str, float],
+    memory: Mapping[str, float],
+    report_tail: Sequence[str] = (),
+    **extra: Any,
+) -> dict:
+    """After an evaluation: the run's ``report.md`` (``report_tail``: lines appended to it),
+    ``summary.json`` (``extra``: more summary fields), TensorBoard, ``<results>/<name>.json``;
+    updates ``summary`` (the returned dict of ``run``) and returns the JSON summary."""
+    report = run_dir / "report.md"
+    if is_lead():
+        write_report(
+            run_dir,
+            ev["results"],
+            ev["comparisons"],
+            credit_summary,
+            record,
+            verifier=ev["verifier"],
+            epochs_by_role=role_epochs(run_dir),
+            training_counts=training_counts(run_dir),
+            skills=ev.get("skills"),
+        )
+        if report_tail:
+            write_atomic(report, report.read_text().rstrip("\n") + "\n\n" + "\n".join(report_tail) + "\n")
+    summary.update(
+        table=format_table(ev["results"]),
+        report=str(report),
+        comparisons=ev["comparisons"],
+        verifier=ev["verifier"],
+    )
+    out = experiment_summary(
+        cfg.name,
+        command,
+        cfg.hash(),
+        ev,
+        run_dir,
+        n_train,
+        n_eval,
+        cfg.eval.votes,
+        primary_names(cfg.eval.votes),
+        sum(timings.values()),
+        credit=credit_summary,
+        **extra,
+        timings_s=dict(timings),
+        peak_rss_gb=dict(memory),
+    )
+    write_atomic(run_dir / "summary.json", json.dumps(out, indent=2) + "\n")
+    if is_lead() and tblog.write_eval(run_dir, out["systems"], out["verifier"]):
+        summary["tensorboard"] = tblog.command(run_dir)
+    if cfg.results:
+        Path(cfg.results).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(cfg.results) / f"{cfg.name}.json", json.dumps(out, indent=2) + "\n")
+    return out
