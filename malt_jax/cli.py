@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 STAGES = ("expand", "credit", "train", "eval")
 
@@ -247,28 +248,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="malt-jax", description="MALT: multi-agent LLM training in JAX")
     sub = p.add_subparsers(dest="command", required=True)
     for name in STAGES + ("run",):
-        s = sub.add_parser(name, help="all stages" if name == "run" else f"the {name} stage")
-        s.add_argument("config", help="YAML experiment config (experiments/*.yaml)")
-        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task.num_train=16")
-        s.add_argument("--no-progress", action="store_true", help="no progress bars")
-        s.set_defaults(func=_cmd_stage)
-    st = sub.add_parser("study", help="learning curve: MALT on nested training sets (study.train_sizes)")
-    st.add_argument("config", help="YAML study config (experiments/study_synthetic.yaml)")
-    st.add_argument("overrides", nargs="*", help="key=value overrides")
-    st.add_argument("--no-progress", action="store_true", help="no progress bars")
-    st.set_defaults(func=_cmd_study)
-    r = sub.add_parser("rl", help="online multi-agent GRPO of the G/V/R adapters (the config's rl section)")
-    r.add_argument("config", help="YAML experiment config with an rl section (rl.iterations >= 1)")
-    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.iterations=10")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapters")
-    r.set_defaults(func=_cmd_rl)
-    it = sub.add_parser("iterate", help="iterative MALT: several rounds, each expanding with the last round's chain")
-    it.add_argument("config", help="YAML experiment config with an iterate section (iterate.rounds)")
-    it.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterate.rounds=3")
-    it.add_argument("--no-progress", action="store_true", help="no progress bars")
-    it.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapters")
-    it.set_defaults(func=_cmd_iterate)
+        _config_command(
+            sub,
+            name,
+            "all stages" if name == "run" else f"the {name} stage",
+            "YAML experiment config (experiments/*.yaml)",
+            "task.num_train=16",
+            _cmd_stage,
+        )
+    _config_command(
+        sub,
+        "study",
+        "learning curve: MALT on nested training sets (study.train_sizes)",
+        "YAML study config (experiments/study_synthetic.yaml)",
+        "study.train_sizes=[8,16]",
+        _cmd_study,
+    )
+    _config_command(
+        sub,
+        "rl",
+        "online multi-agent GRPO of the G/V/R adapters (the config's rl section)",
+        "YAML experiment config with an rl section (rl.iterations >= 1)",
+        "rl.iterations=10",
+        _cmd_rl,
+        no_eval=True,
+    )
+    _config_command(
+        sub,
+        "iterate",
+        "iterative MALT: several rounds, each expanding with the last round's chain",
+        "YAML experiment config with an iterate section (iterate.rounds)",
+        "iterate.rounds=3",
+        _cmd_iterate,
+        no_eval=True,
+    )
     c = sub.add_parser("chat", help="the base model's answer to one question")
     c.add_argument("question")
     c.add_argument("--weights", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
@@ -314,12 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
-    pt = sub.add_parser("pretrain", help="pretrain a small model from random initialisation -> a model directory")
-    pt.add_argument("config", help="YAML pretrain config (experiments/pretrain/testbed_tiny.yaml)")
-    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
-    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pt.set_defaults(func=_cmd_pretrain)
+    _config_command(
+        sub,
+        "pretrain",
+        "pretrain a small model from random initialisation -> a model directory",
+        "YAML pretrain config (experiments/pretrain/testbed_tiny.yaml)",
+        "train.steps=100",
+        _cmd_pretrain,
+    )
     return p
+
+
+def _config_command(
+    sub: Any, name: str, help: str, config_help: str, example: str, func: Any, no_eval: bool = False
+) -> None:
+    """A subcommand taking a YAML config and key=value overrides (``--no-progress``, and with
+    ``no_eval`` ``--no-eval``)."""
+    s = sub.add_parser(name, help=help)
+    s.add_argument("config", help=config_help)
+    s.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if no_eval:
+        s.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapters")
+    s.set_defaults(func=func)
 
 
 def main(argv: list[str] | None = None) -> int:
