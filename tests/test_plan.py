@@ -291,6 +291,147 @@ def test_planned_sampling_memory_is_within_25_percent_of_the_compiler(shape):
     assert 0.75 < plan.phase_total("sample") / got < 1.25, (plan.phase_total("sample") / GiB, got / GiB)
 
 
+RL_8B = ROOT / "experiments" / "llama31_8b_gsm8k_rl.yaml"
+V5P_64 = ROOT / "tpu_configs" / "v5p-64.yaml"
+
+
+def test_rl_plan_of_the_8b_config_on_v5p_64():
+    """An rl section adds the RL phases: the rollout (the expansion's sample phase plus the RL
+    states) and the policy-gradient update (one microbatch of rl.micro_batch rows of the longest
+    role's length, the other roles' states held), and the RL iteration's FLOPs."""
+    from malt_jax.planning.flops import pg_update_flops, scoring_flops
+    from malt_jax.planning.plan import ADVICE
+
+    cfg = load_run_config(RL_8B, overlay_overrides(V5P_64))
+    plan = make_plan(cfg, devices=32, device="v5p")
+    assert plan.fits, plan.refusal()
+    assert set(plan.components) <= set(ADVICE)  # a refusal can name every RL component
+    sample = plan.phases["sample"]
+    assert plan.phases["rl_sample"] == tuple(p.replace("prefill", "prefill_rl") for p in sample) + ("rl_states",)
+    c, d, f = plan.components, plan.details, plan.flops
+    ad, opt = c["adapter"], c["optimizer"]
+    assert c["rl_states"] == 3 * (ad + opt)  # every role trained, reference: base (no copies)
+    assert c["rl_held"] == 3 * ad + 2 * (ad + opt)  # the start adapters + the other roles' states
+    # the rollout re-encodes the refiner's 64 x 9 parent contexts (36 per device: data 2 x fsdp 8)
+    # with its adapter, rows of the full width 1088 attending 1088 + 1088 slots, bf16 activations
+    # and 16 heads per device (tensor 2) of float32 scores + bf16 probabilities, before forking
+    lin = 4 * 4096 + 3 * 16 * 128 + 3 * 4 * 128 + 3 * 7168
+    prefill = 36 * 1088 * (2 * lin + 16 * 6 * (1088 + 1088))
+    assert c["prefill_rl"] == prefill - c["kv_cache"] - c["kv_compacted"] - c["decode_logits"] > 0
+    assert plan.phase_total("rl_sample") == plan.phase_total("sample") - c["prefill"] + c["prefill_rl"] + c["rl_states"]
+    # 64 questions x 3 / 9 / 27 nodes; rows of prompt 256 + 3 x 256 new + 2 x 32 turn tokens
+    # (data.bucket_length: 1088); completions of <= 257 tokens scored in a width of 512
+    assert d["rl_rows"] == {"G": 192, "V": 576, "R": 1728}
+    assert (d["rl_seq_len"], d["rl_scored"], d["rl_micro_batch"], d["rl_rows_per_device"]) == (1088, 512, 16, 1)
+    # the rollout: each level's parent contexts (64 / 192 / 576) encoded at the full width, then
+    # every node's 256 new tokens
+    assert f["rl_rollout_tokens"] == (64 + 192 + 576) * 1088 + (192 + 576 + 1728) * 256
+    m, lo = cfg.model, cfg.lora
+    T = {"G": 512, "V": 832, "R": 1088}  # buckets of 256 + 256, + 32 + 256, + 32 + 256
+    want = sum(
+        pg_update_flops(m, lo.rank, lo.targets, 0, rows, T[r], 512) + scoring_flops(m, 0, rows, T[r], 512)
+        for r, rows in d["rl_rows"].items()
+    )
+    assert f["rl_update"] == pytest.approx(want, rel=1e-12)
+    assert f["rl_iteration"] == f["rl_rollout"] + f["rl_update"]
+    assert f["rl_iteration_per_device"] == pytest.approx(f["rl_iteration"] / 32)
+    # a config without an rl section plans no RL phase
+    plain = make_plan(load_run_config(GSM8K_8B, overlay_overrides(V5P_64)), devices=32, device="v5p")
+    assert "rl_update" not in plain.phases and "rl_iteration" not in plain.flops
+
+
+def test_cli_plan_prints_the_rl_rows(capsys):
+    rc = cli.main(["plan", str(RL_8B), "--overlay", str(V5P_64)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "= 32 devices | v5p: 95.00 GiB" in out
+    header = next(line for line in out.splitlines() if line.startswith("per device"))
+    assert header.split()[-2:] == ["rl_sample", "rl_update"]
+    for row in ("rl_states", "gradients_rl", "activations_rl", "logits_rl", "rl_batch", "rl_held"):
+        assert any(line.startswith(row) for line in out.splitlines()), row
+    assert "RL iteration (analytic" in out and "rollout" in out and "verdict: fits" in out
+
+
+@pytest.mark.parametrize("shape", ["llama32_1b_gsm8k", "llama31_8b_gsm8k"])
+@pytest.mark.parametrize("remat", [True, False])
+def test_planned_rl_update_memory_is_within_25_percent_of_the_compiler(shape, remat):
+    """The plan's RL update against XLA's memory_analysis of the sharded policy-gradient step
+    ``malt-jax rl`` compiles (``aot.compile_pg_step``: one microbatch of rl.micro_batch rows with
+    the reference log-probs), 2 layers, float32, fsdp=8 on 8 fake devices. The compiled step holds
+    the phase less what lives outside it: ``rl_held`` (the other roles' adapters and states) and
+    ``rl_batch`` (the role's other microbatches)."""
+    assert jax.device_count() >= 8
+    from malt_jax.parallel.sharding import make_mesh
+    from malt_jax.planning.aot import compile_pg_step, compiled_bytes
+
+    cfg = load_run_config(
+        ROOT / "experiments" / f"{shape}.yaml",
+        [
+            "model.n_layers=2",
+            "model.dtype=float32",
+            "model.param_dtype=float32",
+            f"model.remat={str(remat).lower()}",
+            "mesh={data: 1, fsdp: 8, tensor: 1}",
+            "rl.iterations=1",
+            "rl.reference=base",
+            "rl.micro_batch=8",
+        ],
+    )
+    plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200")
+    got = compiled_bytes(compile_pg_step(cfg, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])))
+    want = plan.phase_total("rl_update") - plan.components["rl_held"] - plan.components["rl_batch"]
+    assert 0.75 < want / got < 1.25, (want / GiB, got / GiB)
+
+
+@pytest.mark.parametrize("shape", ["llama32_1b_gsm8k", "llama31_8b_gsm8k"])
+def test_planned_rl_rollout_memory_is_within_25_percent_of_the_compiler(shape):
+    """The plan's RL rollout against XLA's memory_analysis of the expansion ``malt-jax rl`` runs:
+    one adapter per role (mode "fork": each level's parents re-encoded with it), one batch of
+    questions 3x3x3, fsdp=8, float32, 2 layers; less ``rl_states`` (the trained roles' states,
+    outside the sampler)."""
+    assert jax.device_count() >= 8
+    from malt_jax.parallel.sharding import make_mesh
+    from malt_jax.planning.aot import compile_expansion, compiled_bytes
+
+    cfg = load_run_config(
+        ROOT / "experiments" / f"{shape}.yaml",
+        [
+            "model.n_layers=2",
+            "model.dtype=float32",
+            "model.param_dtype=float32",
+            "mesh={data: 1, fsdp: 8, tensor: 1}",
+            "rl.iterations=1",
+            "rl.reference=base",
+        ],
+    )
+    plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200", prompt_tokens=256, turn_tokens=32)
+    mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
+    got = compiled_bytes(compile_expansion(cfg, mesh, prompt_tokens=256, turn_tokens=32, mode="fork"))
+    want = plan.phase_total("rl_sample") - plan.components["rl_states"]
+    assert 0.75 < want / got < 1.25, (want / GiB, got / GiB)
+
+
+@pytest.mark.parametrize("shape", ["llama32_1b_gsm8k", "llama31_8b_gsm8k"])
+def test_rl_update_flops_agree_with_the_compiler(shape):
+    """XLA's cost_analysis of the sharded 1-layer policy-gradient step vs the analytic count
+    (``flops.pg_update_flops``, the LM head on the scored positions only), per device."""
+    assert jax.device_count() >= 8
+    from malt_jax.parallel.sharding import make_mesh
+    from malt_jax.planning.aot import compile_pg_step
+    from malt_jax.planning.flops import pg_update_flops
+
+    cfg = load_run_config(
+        ROOT / "experiments" / f"{shape}.yaml",
+        ["model.n_layers=1", "lora.top_layers=0", "rl.iterations=1", "rl.reference=base", "rl.micro_batch=8"],
+    )
+    plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200")
+    compiled = compile_pg_step(cfg, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8]))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    d = plan.details
+    want = pg_update_flops(cfg.model, cfg.lora.rank, cfg.lora.targets, 0, 8, d["rl_seq_len"], d["rl_scored"]) / 8
+    assert 0.75 < float(cost["flops"]) / want < 1.25, (float(cost["flops"]), want)
+
+
 def test_aot_check_reports_missing_devices():
     cfg = load_run_config(ROOT / "experiments" / "llama32_1b_gsm8k.yaml")
     plan = make_plan(cfg, mesh="data=1,fsdp=64,tensor=1", device="v5p", compile=True)

@@ -10,7 +10,7 @@
 # Commands
 #   sync      copy this working tree to $REMOTE_DIR on every worker (gcloud ... scp --worker=all)
 #   install   create $REMOTE_DIR/.venv on every worker and install malt-jax with jax[tpu]
-#   run|expand|credit|train|eval SLICE CONFIG [key=value ...]
+#   run|expand|credit|train|eval|rl SLICE CONFIG [key=value ...]
 #             the same `malt-jax <stage>` on every worker (gcloud ... ssh --worker=all), with the
 #             tpu_configs/SLICE.yaml overlay (mesh + batch settings) flattened into key=value
 #             overrides and MALT_DISTRIBUTED=1, so malt_jax.parallel.distributed.initialize() connects the
@@ -89,7 +89,7 @@ case "$cmd" in
     slice="$1" config="$2"; shift 2
     (cd "$REPO" && run_cmd "$LOCAL_PYTHON" -m malt_jax plan "$config" --overlay "$HERE/$slice.yaml" "$@")
     ;;
-  run|expand|credit|train|eval)
+  run|expand|credit|train|eval|rl)
     [[ $# -ge 2 ]] || usage
     slice="$1" config="$2"; shift 2
     ovr="$(overlay_args "$slice")"

@@ -23,7 +23,7 @@ import numpy as np
 
 from malt_jax.config import RunConfig
 from malt_jax.planning.aot import one_layer_check
-from malt_jax.planning.flops import analytic_step_flops, lora_params
+from malt_jax.planning.flops import analytic_step_flops, lora_params, rl_iteration_flops, rl_row_shapes
 from malt_jax.planning.plan import DEFAULT_DEVICE, DEVICE_HBM, USABLE_FRACTION, Plan
 from malt_jax.planning.units import mesh_str, parse_bytes, parse_mesh
 
@@ -118,6 +118,97 @@ def _notes(cfg: RunConfig, rows: int, micro: int, shards: int, S: int) -> list[s
             "will refuse it)"
         )
     return notes
+
+
+def _rl_components(
+    cfg: RunConfig,
+    c: dict[str, int],
+    phases: dict[str, tuple[str, ...]],
+    amesh: Any,
+    adapter_dev: int,
+    opt_dev: int,
+    saved: Any,
+    layer_bytes: tuple[int, int],
+    prompt_tokens: int,
+    turn_tokens: int,
+) -> dict[str, Any]:
+    """Adds the RL run's components and its two phases to ``c`` / ``phases``; returns its details.
+
+    ``rl_sample`` (the rollout) is the expansion's ``sample`` phase (planned for
+    ``tree.questions_per_batch`` questions; an RL iteration samples ``min(questions_per_batch,
+    rl.questions_per_iteration)`` at a time, so it is an upper bound) with the rollout's own
+    prefill, ``prefill_rl``, plus ``rl_states``: the trained roles' current adapters and Adam
+    moments (and the reference's copies with ``rl.reference: sft``) held besides the 3 start
+    adapters. The rollout samples with one adapter per role (``expand`` mode "fork"; "naive"
+    without ``tree.share_prefix``): in the chat framing every level re-encodes its parents'
+    contexts (all its rows' in "naive") with its adapter, each a row of the full cache width ``S``
+    attending ``S`` + the level's cache slots (float32 scores and probabilities, no flash
+    attention), one layer at a time, with the parents' fresh cache alive, before their caches
+    are forked: ``prefill_rl`` is the largest level's excess over the decoding's components
+    (never alive together). The separate framing encodes each output once per node (no such
+    re-encoding): there ``prefill_rl`` is the expansion's ``prefill``. ``rl_update`` is one compiled
+    policy-gradient update of ``rl.micro_batch`` rows (``pg_step``): the stepped role's adapter,
+    gradients (summed over the microbatches) and optimizer, the gathered fsdp weights, saved
+    activations of rows of the longest role's length ``T``, float32 logits of its ``C`` scored
+    positions (``logits_rl``), plus ``rl_batch`` (the role's whole batch with its reference /
+    behaviour log-probs, on the devices during its updates) and ``rl_held`` (every other adapter
+    and optimizer state the run keeps alive, outside the compiled step)."""
+    m, rl = cfg.model, cfg.rl
+    shapes = rl_row_shapes(cfg, prompt_tokens, turn_tokens)
+    trained = [r for r in ("G", "V", "R") if r in rl.roles]
+    T = max(shapes[r][1] for r in trained)
+    C = max(shapes[r][2] for r in trained)
+    n_rows = max(shapes[r][0] for r in trained)  # the largest role batch (rows padded to micro_batch)
+    micro = rl.micro_batch
+    dev = _split(micro, amesh)
+    Vd = _div(m.vocab_size, amesh.shape["tensor"])
+    accum = max(shapes[r][0] // micro for r in trained)
+    ref_copies = 3 * adapter_dev if rl.reference == "sft" else 0
+    # float32 logits of the scored positions / temperature, their log-softmax, the entropy's
+    # probabilities and the backward's softmax: 4 [C, vocab] float32 arrays per row
+    logits_row = C * Vd * 4 * 4
+    c["rl_states"] = len(trained) * (adapter_dev + opt_dev) + ref_copies
+    if cfg.task.framing == "chat":
+        tr, budgets = cfg.tree, cfg.sampling.budgets()
+        Qs = tr.questions_per_batch  # as the sample phase's components (an upper bound, see above)
+        sizes = [prompt_tokens + sum(budgets[: i + 1]) + i * turn_tokens for i in range(3)]
+        width = sizes[-1]  # the context rows are as wide as the last level's cache
+        rows = [Qs, Qs * tr.n, Qs * tr.n * tr.m, Qs * tr.n * tr.m * tr.l]
+        encoded = rows[:3] if tr.share_prefix else rows[1:]
+        per_token, per_score = layer_bytes
+        prefill = max(
+            _split(r, amesh) * width * (per_token + per_score * (sizes[i] + width)) for i, r in enumerate(encoded)
+        )
+        c["prefill_rl"] = max(0, prefill - c["kv_cache"] - c["kv_compacted"] - c["decode_logits"])
+    else:
+        c["prefill_rl"] = c["prefill"]
+    c["gradients_rl"] = adapter_dev * (2 if accum > 1 else 1)
+    c["activations_rl"] = saved(dev, T, logits_row)
+    c["logits_rl"] = dev * logits_row
+    n_logps = 2 if rl.updates_per_iteration > 1 else 1
+    row_bytes = T * (4 + 4 + 4) + C * (4 + 4 + 4 * n_logps) + 4  # tokens, targets, mask; index, valid, logps; adv
+    c["rl_batch"] = _split(n_rows, amesh) * row_bytes
+    c["rl_held"] = 3 * adapter_dev + (len(trained) - 1) * (adapter_dev + opt_dev) + ref_copies
+    phases["rl_sample"] = tuple(p if p != "prefill" else "prefill_rl" for p in phases["sample"]) + ("rl_states",)
+    phases["rl_update"] = (
+        "adapter",
+        "gradients_rl",
+        "optimizer",
+        "fsdp_gather",
+        "activations_rl",
+        "logits_rl",
+        "rl_batch",
+        "rl_held",
+    )
+    return {
+        "rl_rows": {r: shapes[r][0] for r in trained},
+        "rl_seq_len": T,
+        "rl_scored": C,
+        "rl_micro_batch": micro,
+        "rl_rows_per_device": dev,
+        "rl_questions": rl.questions_per_iteration,
+        "rl_sample_questions": min(cfg.tree.questions_per_batch, rl.questions_per_iteration),
+    }
 
 
 def make_plan(
@@ -254,12 +345,25 @@ def make_plan(
         "dpo": train_common + ("activations_dpo", "logits_dpo"),
     }
 
+    # -- RL (malt-jax rl): the rollout and the policy-gradient update ------------------------
+    rl_details: dict[str, Any] = {}
+    if cfg.rl.iterations > 0:
+        per_token = b * lin  # one layer's saved elements per token, and the attention's bytes per score
+        rl_details = _rl_components(
+            cfg, c, phases, amesh, adapter_dev, opt_dev, saved, (per_token, Hd * (4 + b)), prompt_tokens, turn_tokens
+        )
+
     # -- FLOPs -----------------------------------------------------------------------------
     flops = {}
     for kind, r in (("sft", t.batch_size), ("dpo", 2 * t.batch_size)):
         flops[kind] = analytic_step_flops(cfg, r)
         flops[f"{kind}_tokens"] = float(r * T)
         flops[f"{kind}_per_device"] = flops[kind] / n_dev
+    if cfg.rl.iterations > 0:
+        for k, v in rl_iteration_flops(cfg, prompt_tokens, turn_tokens).items():
+            flops[f"rl_{k}"] = v
+        for k in ("rollout", "update", "iteration"):
+            flops[f"rl_{k}_per_device"] = flops[f"rl_{k}"] / n_dev
 
     details = {
         "param_dtype": m.param_dtype,
@@ -281,7 +385,13 @@ def make_plan(
         "dpo_rows_per_device": dpo_dev,
         "activation_factor": (b * lin + Hd * T * (4 + b)) / (D * b),
     }
+    details.update(rl_details)
     notes = _notes(cfg, rows, micro, batch_shards(amesh), S)
+    if rl_details and batch_shards(amesh) > 1 and cfg.rl.micro_batch % batch_shards(amesh):
+        notes.append(
+            f"rl.micro_batch ({cfg.rl.micro_batch}) not divisible by data*fsdp = {batch_shards(amesh)}: the RL "
+            "update's rows are replicated, not split"
+        )
 
     plan = Plan(
         name=cfg.name,

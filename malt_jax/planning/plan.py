@@ -125,6 +125,25 @@ ADVICE = {
     "fsdp_gather_layer": "raise mesh tensor (splits each gathered layer)",
     "kv_compacted": "set sampling.compact_levels lower (0: no compaction copies), or see kv_cache",
 }
+ADVICE["rl_states"] = (
+    "train fewer roles at once (rl.roles), lower lora.rank or use fewer lora.targets, or raise mesh fsdp"
+)
+ADVICE["rl_held"] = ADVICE["rl_states"]
+ADVICE["gradients_rl"] = ADVICE["gradients"]
+ADVICE["activations_rl"] = (
+    "lower rl.micro_batch (rows per forward / backward pass), shorten the rows (sampling budgets, "
+    "train.max_seq_len) or add data/fsdp devices"
+)
+ADVICE["logits_rl"] = (
+    "lower rl.micro_batch or the role budgets (sampling.max_new_tokens), add data/fsdp devices or raise tensor "
+    "(splits the vocab)"
+)
+ADVICE["prefill_rl"] = (
+    "lower tree.questions_per_batch (the rollout re-encodes each level's parent contexts with the role's "
+    "adapter), rl.questions_per_iteration or sampling.max_new_tokens, add data/fsdp devices or raise tensor "
+    "(splits the heads)"
+)
+ADVICE["rl_batch"] = "lower rl.questions_per_iteration or the tree's branching, or add data/fsdp devices"
 ADVICE["activations_dpo"] = ADVICE["activations"] + (
     " (a DPO pair is one row of prompt + both completions; without model.remat, "
     "train.dpo_shared_prompt=false (a row per completion) halves the attention's share)"
@@ -203,6 +222,15 @@ def table(plan: Plan) -> str:
         f"DPO {fmt_flops(f['dpo'])}; per device SFT {fmt_flops(f['sft_per_device'])}, "
         f"DPO {fmt_flops(f['dpo_per_device'])} ({f['sft_tokens']:.0f} / {f['dpo_tokens']:.0f} tokens per step)",
     ]
+    if "rl_iteration" in f:
+        lines.append(
+            f"RL iteration (analytic; rl.questions_per_iteration {d['rl_questions']}, sampled "
+            f"{d['rl_sample_questions']} at a time): rollout {fmt_flops(f['rl_rollout'])} "
+            f"({f['rl_rollout_tokens']:.0f} tokens encoded / sampled) + update {fmt_flops(f['rl_update'])} "
+            f"(rows {d['rl_rows']} of <= {d['rl_seq_len']} tokens, {d['rl_scored']} scored, in microbatches of "
+            f"{d['rl_micro_batch']}, {d['rl_rows_per_device']} per device) = {fmt_flops(f['rl_iteration'])}; "
+            f"per device {fmt_flops(f['rl_iteration_per_device'])}"
+        )
     if plan.compiled:
         k = plan.compiled
         if "error" in k:

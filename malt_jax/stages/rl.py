@@ -35,8 +35,15 @@ from malt_jax.sampling.expansion import ExpansionSpec
 from malt_jax.stages.credit import node_context, node_output
 from malt_jax.stages.expand import decode_tree, grade_leaves, sample_trees
 from malt_jax.tasks import Example, Task
-from malt_jax.training.pg_step import PGConfig, batch_logps, compiled_pg_step, pg_batch
-from malt_jax.training.stepper import NonFiniteError
+from malt_jax.training.pg_step import (
+    PGConfig,
+    batch_logps,
+    compiled_pg_step,
+    pg_batch,
+    pg_signature,
+    place_pg_batch,
+)
+from malt_jax.training.stepper import NonFiniteError, _Hashable
 from malt_jax.training.steps import TrainState
 
 __all__ = [
@@ -157,6 +164,11 @@ def update_role(
     update is on-policy: ratio 1). Every log-prob is of the logits divided by the sampling
     temperature (``sampling.temperature``). Returns the new state and one metrics dict per update.
     Raises :class:`~malt_jax.training.stepper.NonFiniteError` (the update not applied).
+
+    With ``mesh``, ``base`` and ``state`` are on it (``param_shardings`` / ``state_shardings``)
+    and the step is the sharded one (:func:`~malt_jax.training.pg_step.compiled_pg_step`), the
+    batch rows split over ``data`` x ``fsdp``; every process of a multi-host run passes the same
+    rows (the same sampled trees) and gets the same metrics.
     """
     rl = cfg.rl
     micro = rl.micro_batch
@@ -164,14 +176,19 @@ def update_role(
     accum = batch["tokens"].shape[0] // micro
     temperature = float(cfg.sampling.temperature)
     pc = PGConfig(float(rl.clip_eps), float(rl.kl_coef), rl.loss_agg, accum, temperature)
-    step = compiled_pg_step(model_cfg, lora_scale, pc, update)
     history = []
     with mesh_context(mesh):
-        batch["ref"] = batch_logps(base, reference, batch, micro, model_cfg, lora_scale, temperature)
+        batch["ref"] = batch_logps(base, reference, batch, micro, model_cfg, lora_scale, temperature, mesh)
         if rl.updates_per_iteration > 1:
-            batch["old"] = batch_logps(base, state.adapter, batch, micro, model_cfg, lora_scale, temperature)
+            batch["old"] = batch_logps(base, state.adapter, batch, micro, model_cfg, lora_scale, temperature, mesh)
+        if mesh is None:
+            step = compiled_pg_step(model_cfg, lora_scale, pc, update)
+        else:  # sharded as the SFT / DPO steps are: base, state and batch rows with explicit shardings
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
+            step = compiled_pg_step(model_cfg, lora_scale, pc, update, mesh, _Hashable(abstract), pg_signature(batch))
+        placed = place_pg_batch(batch, mesh)
         for u in range(rl.updates_per_iteration):
-            new, metrics = step(base, state, batch)
+            new, metrics = step(base, state, placed)
             host = {k: float(v) for k, v in fetch(metrics).items()}
             if not host.pop("finite"):
                 raise NonFiniteError(

@@ -10,6 +10,14 @@ accumulated update equals the update on the whole batch for every ``loss_agg`` (
 ``token_mean``, rows for the per-sequence aggregations); the NaN/Inf guard and the optimizer
 update are the SFT / DPO steps' (``steps._apply``).
 
+With a mesh (:func:`compiled_pg_step`'s ``mesh``) the step is jitted with explicit
+``in_shardings`` / ``out_shardings`` as the SFT / DPO ``Stepper`` is: base params by
+``sharding.param_shardings`` (fsdp over embed, tensor over heads / ffn / vocab), the adapter and
+its Adam moments by the LoRA shardings (``stepper.state_shardings``), metrics replicated, and
+every per-row array of the batch split over ``data`` x ``fsdp`` (:func:`place_pg_batch`: the same
+host batch on every process, so it runs as one SPMD program over several ``jax.distributed``
+processes); the log-prob passes read their rows placed the same way.
+
 Log-probs ``[B, C]`` are those of the completion positions (``C`` = the batch's scored width),
 the layout of ``pg_loss``'s ``logp`` / ``old_logp`` / ``ref_logp``. Logits are divided by the
 sampling ``temperature`` first (as TRL's GRPO trainer does), so the policy trained, its ratios and
@@ -26,17 +34,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from malt_jax.config import ModelConfig
-from malt_jax.model.llama import Params
-from malt_jax.parallel.distributed import fetch
+from malt_jax.model.llama import Params, abstract_params
+from malt_jax.parallel.distributed import fetch, put
+from malt_jax.parallel.sharding import batch_sharding, param_shardings
 from malt_jax.training import data as data_lib
 from malt_jax.training.data import SFTExample
 from malt_jax.training.losses import token_logps
 from malt_jax.training.pg_loss import pg_loss, token_entropy
+from malt_jax.training.stepper import state_shardings
 from malt_jax.training.steps import TrainState, _accumulate, _apply, scored_logits
 
-__all__ = ["PGConfig", "PG_KEYS", "pg_batch", "pg_step", "compiled_pg_step", "completion_logps", "batch_logps"]
+__all__ = [
+    "PGConfig",
+    "PG_KEYS",
+    "pg_batch",
+    "pg_step",
+    "place_pg_batch",
+    "pg_signature",
+    "pg_batch_shardings",
+    "compiled_pg_step",
+    "completion_logps",
+    "batch_logps",
+]
 
 Metrics = dict[str, jax.Array]
 
@@ -109,14 +131,16 @@ def batch_logps(
     cfg: ModelConfig,
     scale: float,
     temperature: float = 1.0,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """:func:`completion_logps` of a :func:`pg_batch` (``adapter=None``: the base model), in
-    chunks of ``micro_batch`` rows; host array [B, C]."""
+    chunks of ``micro_batch`` rows (with ``mesh``: placed on it, split over ``data`` x ``fsdp``;
+    ``base`` / ``adapter`` already on it); host array [B, C], the same on every process."""
     keys = ("tokens", "targets", "loss_mask", "comp_index", "comp_valid")
     B = batch["tokens"].shape[0]
     out = []
     for lo in range(0, B, micro_batch):
-        rows = {k: batch[k][lo : lo + micro_batch] for k in keys}
+        rows = place_pg_batch({k: np.asarray(batch[k][lo : lo + micro_batch]) for k in keys}, mesh)
         lp = completion_logps(base, adapter, rows, cfg=cfg, scale=scale, temperature=temperature)
         out.append(np.asarray(fetch(lp)))
     return np.concatenate(out)
@@ -178,7 +202,48 @@ def pg_step(
     return _apply(state, loss, metrics, grads, update)
 
 
+def place_pg_batch(batch: dict, mesh: Mesh | None) -> dict:
+    """The :data:`PG_KEYS` arrays of a host batch, with a mesh placed on it with the leading (row)
+    axis split over ``data`` x ``fsdp`` (replicated when the rows do not split evenly). Every
+    process must pass the same host batch (as every process of a multi-host run samples the
+    same trees); without a mesh the host arrays, unchanged."""
+    keys = [k for k in PG_KEYS if k in batch]
+    if mesh is None:
+        return {k: batch[k] for k in keys}
+    return {k: put(np.asarray(batch[k]), batch_sharding(mesh, np.ndim(batch[k]), np.shape(batch[k]))) for k in keys}
+
+
+def pg_signature(batch: dict) -> tuple[tuple[str, int, int], ...]:
+    """``(key, rows, ndim)`` of every :data:`PG_KEYS` array of a batch: what the shardings of a
+    compiled :func:`pg_step` depend on (widths may vary from call to call)."""
+    return tuple((k, int(np.shape(batch[k])[0]), int(np.ndim(batch[k]))) for k in PG_KEYS if k in batch)
+
+
+def pg_batch_shardings(mesh: Mesh, signature: tuple[tuple[str, int, int], ...]) -> dict:
+    """NamedShardings of a batch of this :func:`pg_signature`: rows over ``data`` x ``fsdp``."""
+    return {k: batch_sharding(mesh, ndim, (rows,) + (1,) * (ndim - 1)) for k, rows, ndim in signature}
+
+
 @functools.lru_cache(maxsize=16)
-def compiled_pg_step(cfg: ModelConfig, scale: float, pc: PGConfig, update: optax.TransformUpdateFn) -> Any:
-    """:func:`pg_step` jitted for these static options (cached: roles share compilations)."""
-    return jax.jit(functools.partial(pg_step, cfg=cfg, scale=scale, pc=pc, update=update))
+def compiled_pg_step(
+    cfg: ModelConfig,
+    scale: float,
+    pc: PGConfig,
+    update: optax.TransformUpdateFn,
+    mesh: Mesh | None = None,
+    state_abs: Any = None,
+    signature: tuple[tuple[str, int, int], ...] = (),
+) -> Any:
+    """:func:`pg_step` jitted for these static options (cached: roles share compilations).
+
+    With ``mesh`` (then ``state_abs``: the TrainState's abstract tree wrapped as
+    ``stepper._Hashable``, and ``signature``: the batch's :func:`pg_signature`) it is jitted with
+    explicit shardings, as the SFT / DPO ``Stepper`` is (see the module docstring): call it with the
+    base params and state placed by ``param_shardings`` / ``state_shardings`` and the batch by
+    :func:`place_pg_batch`."""
+    part = functools.partial(pg_step, cfg=cfg, scale=scale, pc=pc, update=update)
+    if mesh is None:
+        return jax.jit(part)
+    st_sh = state_shardings(state_abs.tree, mesh)
+    in_sh = (param_shardings(abstract_params(cfg), mesh), st_sh, pg_batch_shardings(mesh, signature))
+    return jax.jit(part, in_shardings=in_sh, out_shardings=(st_sh, NamedSharding(mesh, P())))
