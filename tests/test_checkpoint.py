@@ -136,26 +136,32 @@ HELD = dataclasses.replace(
 )
 
 
+def _train_heldout(base, run_dir, **kw):
+    """train_role on ``_heldout_examples()`` with held-out sets (``kw``: report sets, stops)."""
+    sft, sft_ho, dpo, dpo_ho = _heldout_examples()
+    return train_role(
+        base,
+        CFG,
+        LORA,
+        HELD,
+        sft,
+        dpo,
+        "generator",
+        run_dir,
+        progress=False,
+        sft_heldout=sft_ho,
+        dpo_heldout=dpo_ho,
+        **kw,
+    )
+
+
 def test_train_role_resume_with_heldout_is_exact(base, tmp_path):
     """With held-out sets (best-epoch selection, early stopping, held-out DPO reference log-probs),
     runs preempted anywhere resume to the same adapters and epoch records."""
     sft, sft_ho, dpo, dpo_ho = _heldout_examples()
 
     def run(d, **kw):
-        return train_role(
-            base,
-            CFG,
-            LORA,
-            HELD,
-            sft,
-            dpo,
-            "generator",
-            d,
-            progress=False,
-            sft_heldout=sft_ho,
-            dpo_heldout=dpo_ho,
-            **kw,
-        )
+        return _train_heldout(base, d, **kw)
 
     full = run(tmp_path / "straight")
     sft_ep = [e for e in full.epochs if e["stage"] == "sft"]
@@ -194,28 +200,12 @@ def test_train_role_resume_with_report_sets_is_exact(base, tmp_path):
     resume exact: preempted in SFT or in DPO, the rerun gives the same adapters and epoch records,
     report figures included (a DPO stage resumed from its checkpoint scores its report pairs
     against the restored SFT adapter)."""
-    sft, sft_ho, dpo, dpo_ho = _heldout_examples()
     rng = np.random.default_rng(5)
     sft_rep = [D.SFTExample(list(rng.integers(20, 256, 4)), [7, 30, 40]) for _ in range(3)]
     dpo_rep = [D.DPOExample(list(rng.integers(20, 256, 3)), [9, 9, 9], [11, 11, 11]) for _ in range(3)]
 
     def run(d, **kw):
-        return train_role(
-            base,
-            CFG,
-            LORA,
-            HELD,
-            sft,
-            dpo,
-            "generator",
-            d,
-            progress=False,
-            sft_heldout=sft_ho,
-            dpo_heldout=dpo_ho,
-            sft_report=sft_rep,
-            dpo_report=dpo_rep,
-            **kw,
-        )
+        return _train_heldout(base, d, sft_report=sft_rep, dpo_report=dpo_rep, **kw)
 
     full = run(tmp_path / "straight")
     assert {e["stage"] for e in full.epochs if "report/loss" in e} == {"sft", "dpo"}
