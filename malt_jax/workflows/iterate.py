@@ -54,7 +54,7 @@ import numpy as np
 from malt_jax.config import RunConfig
 from malt_jax.evaluation.fmt import fmt_ci, fmt_float, fmt_p, md_table
 from malt_jax.evaluation.stats import mcnemar_exact
-from malt_jax.model.base_model import Model, load_model
+from malt_jax.model.base_model import Model
 from malt_jax.model.llama import Params
 from malt_jax.roles import ROLES
 from malt_jax.runtime.rss import PeakRSS
@@ -74,7 +74,7 @@ from malt_jax.stages.rundir import (
     write_atomic,
 )
 from malt_jax.tasks import Task
-from malt_jax.workflows.pipeline import make_run_mesh, make_task, publish_eval, run_record
+from malt_jax.workflows.pipeline import make_task, publish_eval, run_record, sharded_model
 from malt_jax.workflows.summary import system_table
 
 log = logging.getLogger(__name__)
@@ -169,12 +169,7 @@ def _run_iterative(
         stamp_run_dir(cfg, run_dir)
         train, evals = load_splits(cfg, task, run_dir, split)
         load_validation(cfg, run_dir, val)
-        model = model or load_model(cfg.weights, cfg.model)
-        mesh = make_run_mesh(cfg)
-        if mesh is not None:
-            from malt_jax.parallel.distributed import shard_params
-
-            model = dataclasses.replace(model, params=shard_params(model.params, mesh))
+        model, mesh = sharded_model(cfg, model)
     timings["load"] = round(time.perf_counter() - t0, 1)
     if rss.peak_gb is not None:
         memory["load"] = rss.peak_gb

@@ -121,6 +121,18 @@ def make_run_mesh(cfg: RunConfig):
     return make_mesh(dict(cfg.mesh) or None)
 
 
+def sharded_model(cfg: RunConfig, model: Model | None = None) -> tuple[Model, Any]:
+    """The run's model (``model``, else loaded from ``cfg.weights``) with its parameters placed on
+    the run's mesh (:func:`make_run_mesh`; ``None`` on one device), and that mesh."""
+    model = model or load_model(cfg.weights, cfg.model)
+    mesh = make_run_mesh(cfg)
+    if mesh is not None:
+        from malt_jax.parallel.distributed import shard_params
+
+        model = dataclasses.replace(model, params=shard_params(model.params, mesh))
+    return model, mesh
+
+
 def make_task(cfg: RunConfig) -> Task:
     """The run's task (``cfg.task``); an unknown task or a bad option is a ``ConfigError``."""
     from malt_jax.config import ConfigError
@@ -187,12 +199,7 @@ def _run(
         split = split_questions(cfg, task)
         stamp_run_dir(cfg, run_dir)  # only a config whose task and data load is recorded
         train, evals = load_splits(cfg, task, run_dir, split)
-        model = model or load_model(cfg.weights, cfg.model)
-        mesh = make_run_mesh(cfg)
-        if mesh is not None:
-            from malt_jax.parallel.distributed import shard_params
-
-            model = dataclasses.replace(model, params=shard_params(model.params, mesh))
+        model, mesh = sharded_model(cfg, model)
     timings["load"] = round(time.perf_counter() - t0, 1)
     if rss.peak_gb is not None:
         memory["load"] = rss.peak_gb

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from malt_jax.config import ConfigError, RunConfig, run_config_of, to_dict
-from malt_jax.model.base_model import Model, load_model
+from malt_jax.model.base_model import Model
 from malt_jax.model.llama import Params
 from malt_jax.parallel.distributed import is_lead, put
 from malt_jax.roles import ROLES, role_name
@@ -56,7 +56,7 @@ from malt_jax.stages.rundir import (
 )
 from malt_jax.tasks import Task
 from malt_jax.training.steps import TrainState
-from malt_jax.workflows.pipeline import make_run_mesh, make_task
+from malt_jax.workflows.pipeline import make_task, sharded_model
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,7 @@ def _run_rl(
     start_adapters, reference = initial_adapters(cfg)  # a bad rl.sft_run: refused before any write
     stamp_run_dir(cfg, run_dir)
     train, evals = load_splits(cfg, task, run_dir, split)
-    model = model or load_model(cfg.weights, cfg.model)
-    mesh = make_run_mesh(cfg)
-    if mesh is not None:
-        from malt_jax.parallel.distributed import shard_params
-
-        model = dataclasses.replace(model, params=shard_params(model.params, mesh))
+    model, mesh = sharded_model(cfg, model)
     pad_id = model.tokenizer.pad_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad (or eos) token to pad training rows with")

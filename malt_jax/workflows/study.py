@@ -19,7 +19,6 @@ work, so rerunning the command resumes the study.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from malt_jax.config import ConfigError, RunConfig
-from malt_jax.model.base_model import Model, load_model
+from malt_jax.model.base_model import Model
 from malt_jax.stages import run_credit, run_eval, run_expand, run_train
 from malt_jax.stages.eval import default_systems, primary_names
 from malt_jax.stages.rundir import (
@@ -43,7 +42,7 @@ from malt_jax.stages.rundir import (
     write_atomic,
 )
 from malt_jax.tasks import Task
-from malt_jax.workflows.pipeline import make_run_mesh, make_task
+from malt_jax.workflows.pipeline import make_task, sharded_model
 from malt_jax.workflows.summary import experiment_summary, system_table
 
 log = logging.getLogger(__name__)
@@ -135,12 +134,7 @@ def _run_study(
         write_atomic(timings_path, json.dumps(timings, indent=2))
         return out
 
-    model = model or timed("load", lambda: load_model(cfg.weights, cfg.model))
-    mesh = make_run_mesh(cfg)
-    if mesh is not None:
-        from malt_jax.parallel.distributed import shard_params
-
-        model = dataclasses.replace(model, params=shard_params(model.params, mesh))
+    model, mesh = sharded_model(cfg, model) if model is not None else timed("load", sharded_model, cfg)
     timed("expand", lambda: run_expand(cfg, model, task, train, run_dir, progress, mesh=mesh))
     votes = cfg.eval.votes
     all_systems = default_systems(votes, sft_chain=True)
