@@ -242,6 +242,21 @@ def test_aot_one_layer_compile_agrees_with_analytic_flops():
     assert "AOT check" in plan.table()
 
 
+def _compiler_config(shape: str, *extra: str):
+    """An experiment's config cut to 2 layers, float32, fsdp=8: the shape the planner-vs-compiler
+    tests compile (``extra``: more overrides)."""
+    return load_run_config(
+        ROOT / "experiments" / f"{shape}.yaml",
+        [
+            "model.n_layers=2",
+            "model.dtype=float32",
+            "model.param_dtype=float32",
+            "mesh={data: 1, fsdp: 8, tensor: 1}",
+            *extra,
+        ],
+    )
+
+
 @pytest.mark.parametrize("shape", ["llama32_1b_gsm8k", "llama31_8b_gsm8k"])
 @pytest.mark.parametrize("remat", [True, False])
 def test_planned_train_step_memory_is_within_25_percent_of_the_compiler(shape, remat):
@@ -253,16 +268,7 @@ def test_planned_train_step_memory_is_within_25_percent_of_the_compiler(shape, r
     from malt_jax.parallel.sharding import make_mesh
     from malt_jax.planning.aot import compile_step, compiled_bytes
 
-    cfg = load_run_config(
-        ROOT / "experiments" / f"{shape}.yaml",
-        [
-            "model.n_layers=2",
-            "model.dtype=float32",
-            "model.param_dtype=float32",
-            f"model.remat={str(remat).lower()}",
-            "mesh={data: 1, fsdp: 8, tensor: 1}",
-        ],
-    )
+    cfg = _compiler_config(shape, f"model.remat={str(remat).lower()}")
     plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200")
     mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
     for kind in ("sft", "dpo"):
@@ -278,10 +284,7 @@ def test_planned_sampling_memory_is_within_25_percent_of_the_compiler(shape):
     from malt_jax.parallel.sharding import make_mesh
     from malt_jax.planning.aot import compile_expansion, compiled_bytes
 
-    cfg = load_run_config(
-        ROOT / "experiments" / f"{shape}.yaml",
-        ["model.n_layers=2", "model.dtype=float32", "model.param_dtype=float32", "mesh={data: 1, fsdp: 8, tensor: 1}"],
-    )
+    cfg = _compiler_config(shape)
     plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200", prompt_tokens=256, turn_tokens=32)
     got = compiled_bytes(
         compile_expansion(
@@ -363,18 +366,8 @@ def test_planned_rl_update_memory_is_within_25_percent_of_the_compiler(shape, re
     from malt_jax.parallel.sharding import make_mesh
     from malt_jax.planning.aot import compile_pg_step, compiled_bytes
 
-    cfg = load_run_config(
-        ROOT / "experiments" / f"{shape}.yaml",
-        [
-            "model.n_layers=2",
-            "model.dtype=float32",
-            "model.param_dtype=float32",
-            f"model.remat={str(remat).lower()}",
-            "mesh={data: 1, fsdp: 8, tensor: 1}",
-            "rl.iterations=1",
-            "rl.reference=base",
-            "rl.micro_batch=8",
-        ],
+    cfg = _compiler_config(
+        shape, f"model.remat={str(remat).lower()}", "rl.iterations=1", "rl.reference=base", "rl.micro_batch=8"
     )
     plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200")
     got = compiled_bytes(compile_pg_step(cfg, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])))
@@ -392,17 +385,7 @@ def test_planned_rl_rollout_memory_is_within_25_percent_of_the_compiler(shape):
     from malt_jax.parallel.sharding import make_mesh
     from malt_jax.planning.aot import compile_expansion, compiled_bytes
 
-    cfg = load_run_config(
-        ROOT / "experiments" / f"{shape}.yaml",
-        [
-            "model.n_layers=2",
-            "model.dtype=float32",
-            "model.param_dtype=float32",
-            "mesh={data: 1, fsdp: 8, tensor: 1}",
-            "rl.iterations=1",
-            "rl.reference=base",
-        ],
-    )
+    cfg = _compiler_config(shape, "rl.iterations=1", "rl.reference=base")
     plan = make_plan(cfg, mesh="data=1,fsdp=8,tensor=1", device="h200", prompt_tokens=256, turn_tokens=32)
     mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
     got = compiled_bytes(compile_expansion(cfg, mesh, prompt_tokens=256, turn_tokens=32, mode="fork"))
