@@ -576,8 +576,9 @@ class RLConfig:
     (``tree.n`` x ``tree.m`` x ``tree.l``) on-policy for ``questions_per_iteration`` training
     questions, rewards the leaves with the task's grader and updates each trained role's LoRA
     adapter with the clipped policy-gradient loss and a k3 KL penalty to the reference.
-    ``iterations: 0`` (the default) = not an RL run. Added later: part of a run's identity only
-    when set."""
+    ``agents: single``: the single-agent GRPO baseline instead (G alone, ``tree.n`` answers per
+    question, each rewarded by its own grade). ``iterations: 0`` (the default) = not an RL run.
+    Added later: part of a run's identity only when set."""
 
     iterations: int = 0
     questions_per_iteration: int = 4
@@ -594,6 +595,13 @@ class RLConfig:
     reference: Literal["", "base", "sft"] = ""
     sft_run: str = ""
     roles: tuple[str, ...] = ("G", "V", "R")  # the roles trained; the others keep their start adapter
+    # which system is trained: "multi" = the G -> V -> R chain (trees tree.n x tree.m x tree.l, the
+    # leaves' joint reward credited to every role among its siblings); "single" = the single-agent
+    # GRPO baseline: G alone samples tree.n answers per question (depth-1 trees; tree.m, tree.l
+    # unused), each rewarded by the task's grade of its own answer, advantages over a question's
+    # n answers (rl.roles must be [G]), evaluated as G's trained adapter alone ("single-trained").
+    # Added later: part of a run's identity only when set.
+    agents: Literal["multi", "single"] = dataclasses.field(default="multi", metadata={"identity": "non-default"})
     token_budget: int = 0  # stop once this many tokens have been sampled in all (0 = no cap)
     checkpoint_every: int = 1  # iterations between orbax checkpoints (and at the end)
     seed: int = 0
@@ -620,6 +628,8 @@ class RLConfig:
         _check("rl", self, "roles", len(self.roles) >= 1, "at least one of G, V, R")
         _check("rl", self, "roles", all(r in ("G", "V", "R") for r in self.roles), "roles among G, V, R")
         _check("rl", self, "roles", len(set(self.roles)) == len(self.roles), "no duplicates")
+        if self.agents == "single":
+            _check("rl", self, "roles", self.roles == ("G",), "[G] with rl.agents: single (G alone is trained)")
         if self.reference == "sft":
             _check("rl", self, "sft_run", bool(self.sft_run.strip()), "the run directory of the SFT adapters")
         else:
@@ -627,9 +637,17 @@ class RLConfig:
         if self.iterations > 0:
             _check("rl", self, "reference", bool(self.reference), "base or sft for an RL run (rl.iterations > 0)")
 
+    @property
+    def depth(self) -> int:
+        """The levels of an iteration's trees: 3 (G -> V -> R), 1 with ``agents: single`` (G only)."""
+        return 1 if self.agents == "single" else 3
+
     def tree_tokens(self, tree: TreeConfig, sampling: SamplingConfig) -> int:
-        """The most tokens one question's tree samples (every node at its role's budget)."""
+        """The most tokens one question's tree samples (every node at its role's budget; with
+        ``agents: single`` the tree is G's ``tree.n`` answers)."""
         g, v, r = sampling.budgets()
+        if self.depth == 1:
+            return tree.n * g
         return tree.n * g + tree.n * tree.m * v + tree.n * tree.m * tree.l * r
 
 
@@ -720,9 +738,10 @@ class RunConfig:
             self._check_rl()
 
     def _check_rl(self) -> None:
-        """An RL run's cross-field checks: groups of two or more, a token budget of at least one
-        tree, no more questions per iteration than training questions."""
-        for dim in ("n", "m", "l"):
+        """An RL run's cross-field checks: groups of two or more (of G's answers only with
+        ``rl.agents: single``), a token budget of at least one tree, no more questions per
+        iteration than training questions."""
+        for dim in ("n", "m", "l")[: self.rl.depth]:
             size = getattr(self.tree, dim)
             ok = size >= 2
             _check("tree", self.tree, dim, ok, f">= 2 for an RL run (a group of {size} sample has no baseline)")

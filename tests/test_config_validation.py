@@ -132,6 +132,7 @@ BAD: dict[str, list] = {
     "rl.reference": ["policy"],
     "rl.sft_run": [[1], "runs/sft"],  # a run directory only with rl.reference: sft
     "rl.roles": [["X"], [], ["G", "G"]],
+    "rl.agents": ["both", "G"],  # "multi" or "single" (with rl.roles [G]: tests/test_rl_single.py)
     "rl.token_budget": [-1],
     "rl.checkpoint_every": [0],
     "rl.seed": [-1],

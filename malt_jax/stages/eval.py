@@ -30,6 +30,7 @@ from malt_jax.tasks import Example, Task
 __all__ = [
     "System",
     "ABLATIONS",
+    "SINGLE_TRAINED",
     "default_systems",
     "primary_names",
     "evaluate_system",
@@ -69,10 +70,26 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def default_systems(votes: int = 3, sft_chain: bool = False, ablations: bool = False) -> list[System]:
+#: The trained system of single-agent GRPO (``rl.agents: single``): G's trained adapter alone.
+SINGLE_TRAINED = "single-trained"
+
+
+def default_systems(
+    votes: int = 3, sft_chain: bool = False, ablations: bool = False, agents: str = "multi"
+) -> list[System]:
     """single-greedy, single (+MV), the untrained chain (+MV), MALT (+MV), with ``sft_chain`` the
     SFT-only trained chain (the paper's STaR-style ablation) and with ``ablations`` the role
-    ablations of :data:`ABLATIONS` (``malt-G``, ``malt-GV``, ``malt-GR``)."""
+    ablations of :data:`ABLATIONS` (``malt-G``, ``malt-GV``, ``malt-GR``).
+
+    ``agents="single"`` (a single-agent GRPO run, ``rl.agents``): no chains; single-greedy, single
+    (+MV) and the trained generator alone, ``single-trained`` (+MV); ``sft_chain`` and
+    ``ablations`` do not apply."""
+    if agents == "single":
+        return [
+            System("single-greedy", 1, 1, True, False),
+            System("single", 1, votes, False, False),
+            System(SINGLE_TRAINED, 1, votes, False, True),
+        ]
     systems = [
         System("single-greedy", 1, 1, True, False),
         System("single", 1, votes, False, False),
@@ -86,10 +103,12 @@ def default_systems(votes: int = 3, sft_chain: bool = False, ablations: bool = F
     return systems
 
 
-def primary_names(votes: int) -> tuple[str, str]:
-    """The pre-declared primary comparison: MALT+MV@k vs single+MV@k (MALT vs single at one vote)."""
+def primary_names(votes: int, agents: str = "multi") -> tuple[str, str]:
+    """The pre-declared primary comparison: MALT+MV@k vs single+MV@k (MALT vs single at one vote);
+    for a single-agent GRPO run (``agents="single"``), single-trained+MV@k vs single+MV@k."""
     suffix = f"+MV@{votes}" if votes > 1 else ""
-    return f"malt{suffix}", f"single{suffix}"
+    target = SINGLE_TRAINED if agents == "single" else "malt"
+    return f"{target}{suffix}", f"single{suffix}"
 
 
 def _score(system: System, task: Task, ex: Example, texts: dict[str, list[str]]) -> dict:
@@ -309,17 +328,21 @@ def run_eval(
     """Stage 4: every system on the held-out questions, paired statistics, verifier verdicts.
 
     ``adapters`` / ``sft_adapters``: the roles' adapters after DPO / after SFT only (systems
-    that need missing adapters are skipped). Returns ``results`` (name -> SystemResult),
-    ``comparisons`` (every trained system vs every baseline, and MALT vs the SFT-only chain; the
-    pre-declared primary comparison, :func:`primary_names`, is marked ``primary`` and the others
-    carry Holm-adjusted p-values ``p_holm``), ``verifier`` (chain name -> verdict confusion) and
-    ``skills`` (chain name -> :func:`role_skills`: G accuracy, V confusion, R fix / break rates).
+    that need missing adapters are skipped). ``systems``: default :func:`default_systems` of the
+    ``eval`` section (those of ``agents="single"`` for a single-agent GRPO run, ``rl.agents``).
+
+    Returns ``results`` (name -> SystemResult), ``comparisons`` (every trained system vs every
+    baseline, and MALT vs the SFT-only chain; the pre-declared primary comparison,
+    :func:`primary_names`, is marked ``primary`` and the others carry Holm-adjusted p-values
+    ``p_holm``), ``verifier`` (chain name -> verdict confusion) and ``skills`` (chain name ->
+    :func:`role_skills`: G accuracy, V confusion, R fix / break rates).
     """
     from malt_jax.evaluation.stats import compare, holm
 
     out = out or Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    systems = list(systems or default_systems(cfg.eval.votes, cfg.eval.sft_chain, cfg.eval.ablations))
+    agents = cfg.rl.agents if cfg.rl.iterations > 0 else "multi"  # a single-agent GRPO run: no chains
+    systems = list(systems or default_systems(cfg.eval.votes, cfg.eval.sft_chain, cfg.eval.ablations, agents))
     by_stage = {"final": adapters, "sft": sft_adapters}
     # A single-model system whose samples are an untrained chain's generator level is scored
     # from that chain's texts: the chain runs first and the single model is not sampled again.
@@ -366,7 +389,7 @@ def run_eval(
             and ("+MV" in n) == ("+MV" in target)
         ]
         comparisons += compare(results, target, others, cfg.eval.bootstrap_samples, cfg.eval.seed)
-    primary = primary_names(cfg.eval.votes)
+    primary = primary_names(cfg.eval.votes, agents)
     for c in comparisons:
         c["primary"] = (c["target"], c["baseline"]) == primary
     rest = [c for c in comparisons if not c["primary"]]

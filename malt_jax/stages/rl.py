@@ -9,6 +9,10 @@ checkpoints, metrics) is :mod:`malt_jax.workflows.rl`.
     update     -> :func:`update_role`           reference (and behaviour) log-probs, then the
                                                 policy-gradient updates of one role's adapter
 
+With ``rl.agents: single`` (the single-agent GRPO baseline) the trees are G alone: ``tree.n``
+answers per question (depth 1), each rewarded by the task's grade of that answer, G's advantages
+taken over a question's answers (:class:`GroupAdvantages`); only G is trained.
+
 Rows are built exactly as the credit stage builds SFT rows (``stages.credit.node_context`` /
 ``node_output``: the sampled token ids, never re-tokenized text, and the end-of-turn token after a
 completion that stopped by itself), so the trainer scores what the sampler produced.
@@ -16,6 +20,7 @@ completion that stopped by itself), so the trainer scores what the sampler produ
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from malt_jax.config import ModelConfig, RunConfig
-from malt_jax.credit.advantages import AdvantageConfig, TreeAdvantages, tree_advantages
+from malt_jax.credit.advantages import AdvantageConfig, TreeAdvantages, group_advantages, tree_advantages
 from malt_jax.model.base_model import Model
 from malt_jax.model.llama import Params
 from malt_jax.parallel.distributed import fetch
@@ -52,6 +57,7 @@ __all__ = [
     "rl_spec",
     "sample_iteration",
     "sampled_tokens",
+    "GroupAdvantages",
     "iteration_advantages",
     "role_rows",
     "update_role",
@@ -79,9 +85,14 @@ def iteration_seed(key_data: np.ndarray) -> tuple[np.ndarray, int]:
 def rl_spec(cfg: RunConfig, codec: PromptCodec) -> ExpansionSpec:
     """The trees of an RL iteration: the run's ``tree`` and ``sampling``, per-role adapters
     (``mode="fork"``: each parent context is encoded once with its role's adapter and its cache
-    forked to the children; ``"naive"`` without ``tree.share_prefix``)."""
+    forked to the children; ``"naive"`` without ``tree.share_prefix``); depth 1 (G's ``tree.n``
+    answers only) with ``rl.agents: single``."""
     return ExpansionSpec.from_tree(
-        cfg.tree, cfg.sampling, stop=codec.stop, mode="fork" if cfg.tree.share_prefix else "naive"
+        cfg.tree,
+        cfg.sampling,
+        stop=codec.stop,
+        mode="fork" if cfg.tree.share_prefix else "naive",
+        depth=cfg.rl.depth,
     )
 
 
@@ -101,7 +112,8 @@ def sample_iteration(
     """Samples one tree per question with the current role ``adapters`` (in batches of
     ``batch_size`` questions) and grades its leaves as the expand stage does
     (:func:`~malt_jax.stages.expand.grade_leaves`): the arrays of ``sample_trees`` for all
-    questions, with ``rewards`` / ``rewards_lenient`` [Q, n, m, l]."""
+    questions, with ``rewards`` / ``rewards_lenient`` [Q, n, m, l] (the refinements graded);
+    with ``spec.depth`` 1, [Q, n] (G's answers graded)."""
     parts: list[dict] = []
     sample_trees(
         model,
@@ -117,20 +129,51 @@ def sample_iteration(
         mesh=mesh,
     )
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    texts = decode_tree(codec, arrays)
-    arrays["rewards"], arrays["rewards_lenient"] = grade_leaves(task, questions, texts["R"], arrays["R_stopped"])
+    roles = ROLES[: spec.depth]
+    texts = decode_tree(codec, arrays, roles)
+    last = roles[-1]  # the leaves: R's refinements, or G's answers in depth-1 trees
+    arrays["rewards"], arrays["rewards_lenient"] = grade_leaves(task, questions, texts[last], arrays[f"{last}_stopped"])
     return arrays
 
 
 def sampled_tokens(arrays: dict[str, np.ndarray]) -> int:
-    """Tokens the sampler generated for these trees (every role's output lengths)."""
+    """Tokens the sampler generated for these trees (the output lengths of every role sampled)."""
     return int(sum(arrays[f"{r}_lengths"].sum() for r in ROLES if f"{r}_lengths" in arrays))
 
 
-def iteration_advantages(rewards: np.ndarray, cfg: RunConfig) -> TreeAdvantages:
+@dataclasses.dataclass(frozen=True)
+class GroupAdvantages:
+    """Single-agent GRPO's advantages (``rl.agents: single``): G's answers only, each group the
+    ``n`` answers of one question, with :class:`~malt_jax.credit.advantages.TreeAdvantages`'
+    interface for the generator.
+
+    generator: Float32[Array, "Q n"]; metrics: ``generator/<name>`` scalars (the names of
+    :func:`~malt_jax.credit.advantages.tree_advantages`).
+    """
+
+    generator: jax.Array
+    metrics: dict[str, jax.Array]
+
+    def advantages(self, role: str) -> jax.Array:
+        """The advantages of ``role`` (a letter or a name); only the generator has any."""
+        if role_name(role) != "generator":
+            raise KeyError(f"single-agent GRPO trains the generator only, not the {role_name(role)}")
+        return self.generator
+
+
+def iteration_advantages(rewards: np.ndarray, cfg: RunConfig) -> TreeAdvantages | GroupAdvantages:
     """Per-role group-relative advantages of the leaves' joint rewards [Q, n, m, l]
-    (``rl.baseline`` / ``rl.normalize``; :func:`~malt_jax.credit.advantages.tree_advantages`)."""
-    return tree_advantages(jnp.asarray(rewards), config=AdvantageConfig(cfg.rl.baseline, cfg.rl.normalize))
+    (``rl.baseline`` / ``rl.normalize``; :func:`~malt_jax.credit.advantages.tree_advantages`);
+    with ``rl.agents: single``, G's advantages of its answers' rewards [Q, n] over each
+    question's ``n`` answers (:func:`~malt_jax.credit.advantages.group_advantages`)."""
+    config = AdvantageConfig(cfg.rl.baseline, cfg.rl.normalize)
+    if cfg.rl.depth == 1:
+        x = jnp.asarray(rewards)
+        if x.ndim != 2:
+            raise ValueError(f"single-agent rewards must have shape [Q, n], got {x.shape}")
+        adv, metrics = group_advantages(x, config=config)
+        return GroupAdvantages(adv, {"generator/" + k.split("/", 1)[1]: v for k, v in metrics.items()})
+    return tree_advantages(jnp.asarray(rewards), config=config)
 
 
 def role_rows(arrays: dict[str, np.ndarray], role: str, seps: Any, end_token: int) -> list[tuple[list[int], list[int]]]:

@@ -14,6 +14,12 @@ trained role's LoRA adapter with the clipped policy-gradient loss and a k3 KL to
     tensorboard/<role>/rl                           the metrics as train/<name> (tensorboardX)
     eval/<system>.jsonl                             with evaluation: the trained chain ("malt" ...)
 
+``rl.agents: single`` trains the single-agent GRPO baseline instead: each iteration samples G's
+``tree.n`` answers per question (depth-1 trees), rewards each with the task's grade of that answer
+and updates G alone (advantages over a question's answers); V's and R's adapters stay their start
+adapters, and evaluation runs G's trained adapter alone ("single-trained", +MV@k) against the
+untrained single model (``stages.eval.default_systems`` with ``agents="single"``).
+
 A rerun resumes from the latest checkpoint (every ``rl.checkpoint_every`` iterations and at the
 end): the iteration's questions and sampling seed are functions of the iteration and of the
 checkpointed key, so an interrupted run ends with the adapters of an uninterrupted one.
@@ -123,7 +129,10 @@ def run_rl(
     """Online multi-agent GRPO over ``cfg.run_dir`` (see the module docstring); resumes from the
     latest checkpoint. With ``evaluate``, the final adapters are evaluated on the run's held-out
     questions by ``stages.eval.run_eval`` (``systems``: default the run's ``eval`` systems; the
-    RL-trained chain is the trained system, "malt"). Returns a summary dict.
+    RL-trained chain is the trained system, "malt"; with ``rl.agents: single``, G's trained
+    adapter alone, "single-trained"). Returns a summary dict (with evaluation: ``eval``
+    accuracies, ``table``, and ``primary``, the pre-declared primary comparison's row of
+    ``run_eval``, None when those systems were not evaluated).
 
     ``stop_after``: return once that many iterations are done, as if the process were killed
     there (nothing beyond the regular checkpoints is saved); for tests of resumption.
@@ -306,6 +315,7 @@ def _run_rl(
         "stopped_by": "token_budget" if budget_spent() and it < rl.iterations else "iterations",
         "num_tokens": num_tokens,
         "roles": trained,
+        "agents": rl.agents,
         "metrics": str(out / "metrics.jsonl"),
         "last": {r: next((row for row in reversed(rows) if row["role"] == r), None) for r in trained},
         "wall_time_s": round(time.perf_counter() - t0, 1),
@@ -316,6 +326,7 @@ def _run_rl(
         ev = run_eval(cfg, model, task, evals, run_dir, final, systems=systems, progress=progress, mesh=mesh)
         summary["eval"] = {name: res.accuracy for name, res in ev["results"].items()}
         summary["table"] = format_table(ev["results"])
+        summary["primary"] = next((c for c in ev["comparisons"] if c["primary"]), None)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if tblog.available():
         summary["tensorboard"] = tblog.command(run_dir)
