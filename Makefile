@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: csqa install lint test test-slow test-all test-peers malt study testbed testbed-study bench peers chat clean
+.PHONY: csqa install lint test test-slow test-all test-peers malt study testbed testbed-study testbed-rl bench peers chat clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -47,6 +47,12 @@ testbed: $(STAMP)
 # resumable (rerun to continue), a few hours on a 2-core CPU; ARGS="--parts seeds" for one part.
 testbed-study: $(STAMP)
 	$(BIN)/python experiments/testbed_study.py $(ARGS)
+
+# Offline MALT vs iterative MALT vs online multi-agent GRPO vs single-agent GRPO on the testbed at
+# equal sampled tokens, 3 seeds, 1000 held-out questions (experiments/testbed_rl_compare.py);
+# resumable (rerun to continue), reuses the testbed study's seed runs; ARGS="--seeds 0" for one seed.
+testbed-rl: $(STAMP)
+	$(BIN)/python experiments/testbed_rl_compare.py $(ARGS)
 
 # The learning-curve study (README "Study"): MALT on 40 / 126 / 400 training questions, 400 held-out
 # questions, every system; resumable (rerun to continue). Several hours on a 2-core CPU.

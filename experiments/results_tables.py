@@ -444,18 +444,27 @@ def testbed_phase_table(d: dict) -> list[str]:
     return out
 
 
+def testbed_curve_table(d: dict) -> list[str]:
+    out = study_table(d, {})
+    if not d.get("complete", True):
+        out += ["", "(Incomplete: the sizes above so far.)"]
+    return out
+
+
 def block_testbed_study(full: bool = False) -> str:
     d = load("testbed_study.json")
     body = testbed_seeds_tables(d)
     for name, label, render in (
         ("testbed_study_phase.json", "Phase diagram (seed 0; one base model per verifier level)", testbed_phase_table),
+        ("testbed_study_curve.json", "Learning curve (seed 0; nested training sets, one expansion)", testbed_curve_table),
     ):
         if (RESULTS / name).exists():
             ph = load(name)
             body += ["", f"{label}: {meta(name, ph)}", "", *render(ph)]
             png = name.replace(".json", ".png")
             if (RESULTS / png).exists():
-                body += ["", f"![phase diagram]({'../' if full else ''}results/{png})"]
+                alt = "phase diagram" if "phase" in name else "learning curve"
+                body += ["", f"![{alt}]({'../' if full else ''}results/{png})"]
     return _block("### `make testbed-study`: seeds, role ablations and where MALT pays", "testbed_study.json", d, body)
 
 
@@ -567,6 +576,7 @@ def file_block(path: str) -> str:
         "testbed_pretrain.json": lambda: block_testbed(full=True),
         "testbed_study.json": lambda: block_testbed_study(full=True),
         "testbed_study_phase.json": lambda: block_testbed_study(full=True),
+        "testbed_study_curve.json": lambda: block_testbed_study(full=True),
         "testbed_study_plain_dpo.json": block_testbed_plain_dpo,
         "testbed_rpo_validation.json": block_testbed_rpo_validation,
         "smollm2-synthetic.json": lambda: block_malt(full=True),

@@ -343,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     if "phase" in args.parts:
         points: dict[tuple[float, float], dict] = {}
         pre: dict[tuple[float, float], dict] = {}
-        order = [DEFAULT_LEVEL] + [lv for lv in LEVELS if lv != DEFAULT_LEVEL]
+        # the new base models first, extremes before the middle; the default level (a rerun of the
+        # seeds part's seed 0 on its own model) last
+        order = [(0.5, 0.5), (1.0, 0.0), (0.65, 0.35), DEFAULT_LEVEL]
+        assert sorted(order) == sorted(LEVELS), (order, LEVELS)
         for level in order:
             pre[level] = ensure_model(level, progress)
             points[level] = run_malt(level, 0, ablations=level == DEFAULT_LEVEL, progress=progress)
