@@ -33,6 +33,9 @@ MAKE = {  # the make target behind a summary's command
     "python experiments/testbed_study.py": "make testbed-study",
     "python experiments/testbed_study.py --parts seeds": "make testbed-study ARGS='--parts seeds'",
     "python experiments/testbed_study.py --parts phase": "make testbed-study ARGS='--parts phase'",
+    "python experiments/testbed_study.py --parts curve": "make testbed-study ARGS='--parts curve'",
+    "python experiments/testbed_rl_compare.py": "make testbed-rl",
+    "python experiments/testbed_rl_compare.py --seeds 0": "make testbed-rl ARGS='--seeds 0'",
 }
 STAGES = {"load": "load", "expand": "expansion", "credit": "credit", "train": "training", "eval": "evaluation"}
 
@@ -456,7 +459,7 @@ def block_testbed_study(full: bool = False) -> str:
     body = testbed_seeds_tables(d)
     for name, label, render in (
         ("testbed_study_phase.json", "Phase diagram (seed 0; one base model per verifier level)", testbed_phase_table),
-        ("testbed_study_curve.json", "Learning curve (seed 0; nested training sets, one expansion)", testbed_curve_table),
+        ("testbed_study_curve.json", "Learning curve (seed 0; nested training sets)", testbed_curve_table),
     ):
         if (RESULTS / name).exists():
             ph = load(name)
@@ -466,6 +469,60 @@ def block_testbed_study(full: bool = False) -> str:
                 alt = "phase diagram" if "phase" in name else "learning curve"
                 body += ["", f"![{alt}]({'../' if full else ''}results/{png})"]
     return _block("### `make testbed-study`: seeds, role ablations and where MALT pays", "testbed_study.json", d, body)
+
+
+def testbed_rl_tables(d: dict) -> list[str]:
+    """Accuracy and sampled tokens per method and seed, the comparisons pooled over seeds."""
+    seeds = [str(s) for s in d["seeds"]]
+    per = d["per_seed"]
+    out = [
+        f"| method (system; {d['n_eval']} evaluation questions) | "
+        + " | ".join(f"seed {s}: accuracy (sampled tokens)" for s in seeds)
+        + " | mean +- SD |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for m, acc in d["accuracy"].items():
+        system = d["systems"].get(m, "single+MV@3, untrained")
+        cells = []
+        for s in seeds:
+            a, tok = per[s]["accuracy"].get(m), per[s]["tokens"].get(m)
+            cells.append("" if a is None else f"{a:.3f}" + (f" ({tok:,})" if tok else ""))
+        sd = "" if acc["sd"] is None else f" +- {acc['sd']:.3f}"
+        out.append(f"| {m} ({system}) | " + " | ".join(cells) + f" | {acc['mean']:.3f}{sd} |")
+    out += [
+        "",
+        "| comparison (pooled over seeds) | diff [95% CI] | per seed | p (sign-flip over questions) | Holm p "
+        "| discordant (a only / b only) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, c in d["pooled"].items():
+        holm = "**primary**" if c.get("primary") else _p(c["p_holm"])
+        out.append(
+            f"| {k} | {c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
+            + ", ".join(f"{x:+.3f}" for x in c["diffs"])
+            + f" | {_p(c['p_value'])} | {holm} | {c['b10']} / {c['b01']} |"
+        )
+    t = d["targets"]
+    out += [
+        "",
+        "Target (online multi-agent GRPO beats offline MALT and single-agent GRPO+MV@3, Holm p < 0.05): "
+        + ", ".join(f"{k}: {'met' if v else 'not met'}" for k, v in t.items())
+        + ("." if d.get("complete") else f" (Incomplete: seeds {', '.join(seeds)} of 0, 1, 2 so far.)"),
+    ]
+    return out
+
+
+def block_testbed_rl(full: bool = False) -> str:
+    d = load("testbed_rl_compare.json")
+    body = testbed_rl_tables(d)
+    if (RESULTS / "testbed_rl_compare.png").exists():
+        body += ["", f"![reward against sampled tokens]({'../' if full else ''}results/testbed_rl_compare.png)"]
+    return _block(
+        "### `make testbed-rl`: offline MALT, iterative MALT, online multi-agent GRPO, single-agent GRPO",
+        "testbed_rl_compare.json",
+        d,
+        body,
+    )
 
 
 def block_testbed_plain_dpo() -> str:
@@ -544,7 +601,8 @@ def block_framing() -> str:
 
 
 def _study_blocks(full: bool) -> list[str]:
-    return [block_testbed_study(full)] if (RESULTS / "testbed_study.json").exists() else []
+    out = [block_testbed_study(full)] if (RESULTS / "testbed_study.json").exists() else []
+    return out + ([block_testbed_rl(full)] if (RESULTS / "testbed_rl_compare.json").exists() else [])
 
 
 def _testbed_recipe_blocks() -> list[str]:
@@ -578,6 +636,7 @@ def file_block(path: str) -> str:
         "testbed_study_phase.json": lambda: block_testbed_study(full=True),
         "testbed_study_curve.json": lambda: block_testbed_study(full=True),
         "testbed_study_plain_dpo.json": block_testbed_plain_dpo,
+        "testbed_rl_compare.json": lambda: block_testbed_rl(full=True),
         "testbed_rpo_validation.json": block_testbed_rpo_validation,
         "smollm2-synthetic.json": lambda: block_malt(full=True),
         "smollm2-csqa.json": lambda: block_csqa(full=True),

@@ -13,8 +13,8 @@ Declared before any run (none of it was chosen on the evaluation questions):
 * **seeds**: the MALT stage (tree sampling and training, ``train.seed``) with seeds 0, 1, 2 on
   one pretrained model (``models/testbed``), 1000 held-out test questions, every system and the
   paper's role ablations (``eval.ablations``: only G trained; G+V; trained G and R with the
-  untrained V). The G+R-with-an-empty-critique ablation is not run: the tree sampler has no
-  empty-critique level.
+  untrained V; trained G and R with an empty critique, ``malt-GR0``, added after the seeds had
+  run: its figures come from the runs evaluated since).
 * **phase**: the base verifier's skill set through the corpus (v_detect, v_false_alarm) = (0.5,
   0.5), (0.65, 0.35), (0.8, 0.2), (1.0, 0.0), one model pretrained per level (the same
   pretraining config otherwise), the MALT stage with seed 0 on each; x = the base chain's
@@ -63,6 +63,7 @@ POOLED = [
     (f"malt{MV}", f"malt-G{MV}"),
     (f"malt{MV}", f"malt-GV{MV}"),
     (f"malt{MV}", f"malt-GR{MV}"),
+    (f"malt{MV}", f"malt-GR0{MV}"),
 ]
 
 

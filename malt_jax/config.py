@@ -516,7 +516,7 @@ class EvalConfig:
     seed: int = 1
     sft_chain: bool = False  # also evaluate the SFT-only trained chain (the paper's STaR-style ablation)
     # also evaluate the paper's role ablations of the trained chain (stages.eval.ABLATIONS: only G
-    # trained; G and V; G and R with the untrained V)
+    # trained; G and V; G and R with the untrained V; G and R with an empty critique)
     ablations: bool = dataclasses.field(default=False, metadata={"identity": "non-default"})
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ completion ends with the template's end-of-turn token, the question prompt holds
 BOS as the template writes, and the token-level contexts decode to the rendered chats."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -148,6 +149,16 @@ def test_role_contexts_with_hf_chat_templates(tmp_path, style, framing):
     )
     assert tok.decode(pv + g + sv) == want_v
     assert tok.decode(pr + g + sr1 + v + sr2) == want_r
+    # the role ablation G -> (no critique) -> R: R's prompt rendered with the critique ""
+    (_,), (er1, er2) = codec.empty_critique_seps
+    want_empty = tok.apply_chat_template(msgs(p, "R", Q, generator_out=G_TEXT, verifier_out="")) + p.refiner_prefix
+    got = tok.decode(pr + g + er1 + er2)
+    if got != want_empty:
+        # a template that trims contents drops the whitespace before an empty critique at the end
+        # of R's user turn; contexts are never re-rendered (R is trained on prefix + g + sep + v +
+        # sep), so the empty critique's context keeps it, as a critique's would
+        assert framing == "separate" and style in ("gemma", "llama31")
+        assert re.sub(r"\s+" + re.escape(eot), eot, got) == want_empty
     if style == "gemma":  # no system role: the system prompt opens the first user turn
         assert not tok.supports_system_role and "<start_of_turn>system" not in want_v
         assert want_v.startswith(

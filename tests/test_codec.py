@@ -47,6 +47,30 @@ def test_contexts_equal_the_rendered_role_prompts(tok, framing):
     assert codec.text("R", " 8") == "Final Answer: 8" and codec.text("G", "x") == "x"
 
 
+@pytest.mark.parametrize("framing", ["chat", "separate"])
+def test_empty_critique_contexts_are_the_refiner_prompt_with_an_empty_critique(tok, framing):
+    """The role ablation G -> (no critique) -> R: R's context from ``empty_critique_seps`` is the
+    refiner prompt rendered with the critique "" (not even the verifier's reply prefix), token
+    for token as the codec builds a prompt; V's own separator does not change."""
+    task = get_task("synthetic", style="inverse")
+    codec = PromptCodec(tok, task, framing)
+    p = task.prompts
+    assert p.verifier_prefix  # the prefix R must not read
+    g = tok.encode(G_TEXT, add_special_tokens=False)
+    _, pr = codec.prefixes(Q)
+    (sv,), (sr1, sr2) = codec.empty_critique_seps
+    assert sv == codec.seps[0][0] and sr2 == codec.seps[1][1] and sr1 != codec.seps[1][0]
+    msgs = role_messages if framing == "chat" else separate_messages
+    r_msgs = msgs(p, "R", Q, generator_out=G_TEXT, verifier_out="")
+    assert tok.decode(pr + g + sr1 + sr2) == tok.apply_chat_template(r_msgs) + p.refiner_prefix
+    assert pr + g + sr1 + sr2 == tok.encode_parts([*tok.chat_parts(r_msgs), (p.refiner_prefix, True)])
+    # with a critique the same pieces give the usual context
+    v = tok.encode(V_TEXT, add_special_tokens=False)
+    full = msgs(p, "R", Q, generator_out=G_TEXT, verifier_out=p.verifier_prefix + V_TEXT)
+    (_,), (s1, s2) = codec.seps
+    assert pr + g + s1 + v + s2 == tok.encode_parts([*tok.chat_parts(full), (p.refiner_prefix, True)])
+
+
 def test_node_context_rebuilds_the_sampled_contexts(tok):
     """node_context (training prompts) from stored prefix arrays + outputs + separators."""
     import numpy as np

@@ -253,3 +253,115 @@ def test_separate_framing_holds_one_level_of_cache_at_a_time():
     caches = [Q * votes * s * per_slot for s in slots]
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert max(caches) < temp < sum(caches), (temp, caches)
+
+
+# ----------------------------------------------------------------------------------------------
+# an empty level (ExpansionSpec.empty_levels): the role ablation G -> (no critique) -> R
+
+
+def _role_adapters(top_layers):
+    from malt_jax.config import LoraConfig
+    from malt_jax.model import lora
+
+    return tuple(
+        jax.tree.map(
+            lambda w, r=r: w + 0.3 * jax.random.normal(jax.random.key(9 + r), w.shape),
+            lora.init_lora(CFG, LoraConfig(rank=2, top_layers=top_layers), jax.random.key(r)),
+        )
+        for r in range(3)
+    )
+
+
+def _leaf_key(q, path, fans=(2, 2, 3)):
+    key = sampling.row_keys(11, 2)[q]
+    for fan, idx in zip(fans, path):
+        key = expansion._child_keys(key[None], fan)[idx]
+    return jax.random.fold_in(key, 0xA11CE)
+
+
+def _generate(params, ctx, key, n):
+    xs, ls = sampling.pad_batch([ctx], bucket=8)
+    out = sampling.generate(
+        params,
+        jnp.asarray(xs),
+        jnp.asarray(ls),
+        key[None],
+        cfg=CFG,
+        sampling=SamplingConfig(temperature=1.0),
+        stop=sampling.StopCriteria(stop_ids=(2,)),
+        max_new_tokens=n,
+    )
+    return sampling.trim(out)[0]
+
+
+def _assert_empty_verifier(t, full):
+    """Level 1 wrote nothing (length 0, PAD tokens still max_new wide, stopped), level 0 as sampled
+    with the verifier."""
+    chex.assert_shape(t.tokens[1], (2, 2, 2, 5))
+    assert not np.asarray(t.lengths[1]).any()
+    assert (np.asarray(t.tokens[1]) == sampling.PAD_ID).all() and not np.asarray(t.logps[1]).any()
+    assert np.asarray(t.stopped[1]).all()
+    np.testing.assert_array_equal(np.asarray(t.tokens[0]), np.asarray(full.tokens[0]))
+    assert np.asarray(t.lengths[2]).any()
+
+
+def test_empty_levels_are_checked():
+    for bad in ((0,), (1, 1), (3,)):
+        with pytest.raises(ValueError, match="empty_levels"):
+            _spec("extend", empty_levels=bad)
+    assert _spec("extend", empty_levels=(1,)).budgets == (6, 0, 4)
+
+
+def test_empty_verifier_level_chat_every_mode_equals_generate_on_the_empty_turn(setup):
+    """Chat framing, every mode: V writes nothing, and each refiner leaf equals generate() on
+    question + g + V turn + R turn (nothing between them) with the leaf's usual key."""
+    params, x, lens, turns = setup
+    full = _run(setup, "naive")
+    runs = {m: _run(setup, m, empty_levels=(1,)) for m in ("extend", "fork", "naive")}
+    for t in runs.values():
+        _assert_empty_verifier(t, full)
+        for level in range(3):
+            np.testing.assert_array_equal(np.asarray(t.tokens[level]), np.asarray(runs["naive"].tokens[level]))
+            np.testing.assert_array_equal(np.asarray(t.lengths[level]), np.asarray(runs["naive"].lengths[level]))
+    t = runs["extend"]
+    for q, i, j, k in ((1, 1, 0, 2), (0, 0, 1, 1)):
+        g = np.asarray(t.tokens[0][q, i])[: int(t.lengths[0][q, i])].tolist()
+        ctx = np.asarray(x[q])[: int(lens[q])].tolist() + g + turns[0].tolist() + turns[1].tolist()
+        want = np.asarray(t.tokens[2][q, i, j, k])[: int(t.lengths[2][q, i, j, k])].tolist()
+        assert _generate(params, ctx, _leaf_key(q, (i, j, k)), 4) == want
+
+
+@pytest.mark.parametrize("top_layers", [0, 1])
+def test_empty_verifier_level_chat_with_role_adapters(setup, top_layers):
+    """Per-role adapters ("fork", re-encoding or refreshing the top layers): the same samples as
+    naive, and V's adapter changes nothing (V does not run)."""
+    adapters = _role_adapters(top_layers)
+    f = _run(setup, "fork", adapters, empty_levels=(1,))
+    n = _run(setup, "naive", adapters, empty_levels=(1,))
+    no_v = _run(setup, "fork", (adapters[0], None, adapters[2]), empty_levels=(1,))
+    assert not np.asarray(f.lengths[1]).any() and np.asarray(f.lengths[2]).any()
+    for level in range(3):
+        np.testing.assert_array_equal(np.asarray(f.tokens[level]), np.asarray(n.tokens[level]))
+        np.testing.assert_array_equal(np.asarray(f.tokens[level]), np.asarray(no_v.tokens[level]))
+
+
+def test_empty_verifier_level_separate_equals_generate_on_the_empty_critique(setup):
+    """Separate framing: V writes nothing (no cache is built for it), every mode gives the same
+    samples (with role adapters too), and each refiner leaf equals generate() on
+    prefix_R + g + sep + sep (the critique empty) with the leaf's usual key."""
+    params, x, lens, _ = setup
+    _, pv, pr, seps = _contexts()
+    t = _run_sep(setup, "extend", empty_levels=(1,))
+    _assert_empty_verifier(t, _run_sep(setup, "extend"))
+    naive = _run_sep(setup, "naive", empty_levels=(1,))
+    adapters = _role_adapters(0)
+    f, fn = (_run_sep(setup, m, adapters, empty_levels=(1,)) for m in ("fork", "naive"))
+    assert not np.asarray(f.lengths[1]).any()
+    for level in range(3):
+        np.testing.assert_array_equal(np.asarray(t.tokens[level]), np.asarray(naive.tokens[level]))
+        np.testing.assert_array_equal(np.asarray(f.tokens[level]), np.asarray(fn.tokens[level]))
+    for q, i, j, k in ((1, 0, 1, 2), (0, 1, 0, 0)):
+        g = np.asarray(t.tokens[0][q, i])[: int(t.lengths[0][q, i])].tolist()
+        ctx = pr[q] + g + seps[1][0].tolist() + seps[1][1].tolist()
+        want = np.asarray(t.tokens[2][q, i, j, k])[: int(t.lengths[2][q, i, j, k])].tolist()
+        assert _generate(params, ctx, _leaf_key(q, (i, j, k)), 4) == want

@@ -124,19 +124,22 @@ def test_role_ablations_use_trained_adapters_only_for_their_roles(tiny_run, tmp_
     adapters = {**adapters, "V": jax.tree.map(lambda x: x * 0 + 0.5, adapters["V"])}
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ablations=True))
     names = [s.name for s in default_systems(3, ablations=True)]
-    assert names[-3:] == ["malt-G", "malt-GV", "malt-GR"]
+    ablations = ("malt-G", "malt-GV", "malt-GR", "malt-GR0")
+    assert tuple(names[-4:]) == ablations
     ev = run_eval(cfg, model, task, evals, out, adapters, progress=False, sft_adapters=sft_adapters, out=tmp_path)
     rows = {n: [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in names}
     col = lambda name, role: [r["texts"][role] for r in rows[name]]  # noqa: E731
-    for ablation in ("malt-G", "malt-GV", "malt-GR"):
+    for ablation in ablations:
         assert col(ablation, "G") == col("malt", "G")
     assert col("malt-GV", "V") == col("malt", "V")
     assert col("malt-G", "V") == col("malt-GR", "V")  # both the base V, after the same G texts
     assert col("malt-G", "V") != col("malt", "V")  # the trained V adapter changes what V says
+    assert col("malt-GR0", "V") == [["", "", ""]] * len(evals)  # G -> (no critique) -> R
+    assert "malt-GR0" not in ev["verifier"] and ev["skills"]["malt-GR0"]["verifier"]["n"] == 0
     pairs = {(c["target"], c["baseline"]) for c in ev["comparisons"]}
-    assert not any(t.startswith(("malt-G", "malt-GV", "malt-GR")) for t, _ in pairs)
-    assert {("malt+MV@3", f"{a}+MV@3") for a in ("malt-G", "malt-GV", "malt-GR")} <= pairs
-    assert {("malt", a) for a in ("malt-G", "malt-GV", "malt-GR")} <= pairs
+    assert not any(t.startswith(ablations) for t, _ in pairs)
+    assert {("malt+MV@3", f"{a}+MV@3") for a in ablations} <= pairs
+    assert {("malt", a) for a in ablations} <= pairs
 
 
 def test_speed_only_fields_do_not_change_run_identity(tiny_run):

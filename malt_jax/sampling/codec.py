@@ -52,6 +52,14 @@ class PromptCodec:
     A role's reply prefix (``RolePrompts.verifier_prefix`` / ``refiner_prefix``) ends its
     separator, so it is context, and :meth:`text` puts it back in front of the output.
 
+    :attr:`empty_critique_seps` are the separators of a chain whose verifier turn is left empty
+    (the role ablation G -> no critique -> R): R's context is the one R is trained on with zero
+    critique tokens and without the verifier's reply prefix, i.e. its prompt rendered with the
+    critique ``""`` (so R reads no critique at all). Like every context it is not re-rendered: a
+    template that trims message contents (Llama 3.1, Gemma) would drop the whitespace before an
+    empty critique that ends a separate-framing turn; this context keeps it, as it would before
+    any critique.
+
     The question and the role prompts are plain text (only the template's own markers are control
     tokens, see ``Tokenizer.chat_parts``); the earlier outputs are their sampled ids. The outputs'
     places are found by position: they are rendered as hole strings that occur nowhere else (not
@@ -92,18 +100,19 @@ class PromptCodec:
 
         return fresh("G"), fresh("V")
 
-    def _messages(self, role: str, q: str, g: str, v: str) -> list[dict[str, str]]:
+    def _messages(self, role: str, q: str, g: str, v: str, v_prefix: bool = True) -> list[dict[str, str]]:
         from malt_jax.tasks.prompts import separate_messages
 
         p = self.task.prompts
         msgs = role_messages if self.framing == "chat" else separate_messages
-        return msgs(p, role, q, generator_out=g, verifier_out=p.verifier_prefix + v)
+        return msgs(p, role, q, generator_out=g, verifier_out=(p.verifier_prefix if v_prefix else "") + v)
 
-    def _segments(self, role: str, q: str) -> list[Parts]:
+    def _segments(self, role: str, q: str, v_prefix: bool = True) -> list[Parts]:
         """``role``'s rendered prompt for question ``q``, cut at the earlier outputs:
-        ``[before G's output, after it]`` for V, ``[before, between G's and V's, after]`` for R."""
+        ``[before G's output, after it]`` for V, ``[before, between G's and V's, after]`` for R
+        (``v_prefix=False``: V's output rendered without the verifier's reply prefix)."""
         g, v = self._holes(q)
-        parts = self.tokenizer.chat_parts(self._messages(role, q, g, v))
+        parts = self.tokenizer.chat_parts(self._messages(role, q, g, v, v_prefix))
         return _split_at(parts, (g,) if role == "V" else (g, v))
 
     def prefixes(self, q: str) -> tuple[list[int], list[int]]:
@@ -117,6 +126,19 @@ class PromptCodec:
     @functools.cached_property
     def seps(self) -> tuple[tuple[list[int]], tuple[list[int], list[int]]]:
         """Constant tokens after each earlier output: ``((after g,), (after g, after v))`` for V, R."""
+        return self._separators(critique=True)
+
+    @functools.cached_property
+    def empty_critique_seps(self) -> tuple[tuple[list[int]], tuple[list[int], list[int]]]:
+        """:attr:`seps` of a chain whose verifier turn is empty (zero tokens, not sampled: the
+        role ablation G -> no critique -> R): R's separator after G's answer lacks the verifier's
+        reply prefix, so ``prefixes(q)[1] + g + seps[1][0] + seps[1][1]`` is R's prompt rendered
+        with the critique ``""`` (in the chat framing: an empty verifier reply). V's own
+        separator is :attr:`seps`'s."""
+        return self._separators(critique=False)
+
+    def _separators(self, critique: bool) -> tuple[tuple[list[int]], tuple[list[int], list[int]]]:
+        """:attr:`seps` (``critique=False``: :attr:`empty_critique_seps`)."""
         tok, p = self.tokenizer, self.task.prompts
         if self.framing == "chat":
             q = "QUESTION"
@@ -130,10 +152,11 @@ class PromptCodec:
                 )
             t_v = tok.encode_parts([*self._segments("V", q)[1], (p.verifier_prefix, True)])
             t_r = tok.encode_parts([*self._segments("R", q)[2], (p.refiner_prefix, True)])
-            return (t_v,), (t_v, t_r)
+            # an empty verifier turn: the reply opened, nothing written, closed by R's turn
+            return (t_v,), (t_v if critique else tok.encode_parts(self._segments("V", q)[1]), t_r)
         out = []
         for role, prefix in (("V", p.verifier_prefix), ("R", p.refiner_prefix)):
-            pieces = [self._segments(role, q)[1:] for q in ("QUESTION A", "QUESTION B")]
+            pieces = [self._segments(role, q, v_prefix=critique)[1:] for q in ("QUESTION A", "QUESTION B")]
             if pieces[0] != pieces[1]:
                 raise ValueError(
                     f"the {role} prompt of the separate framing must quote the question before the "

@@ -35,6 +35,12 @@ above (with the level's adapter, if any), and "naive" re-encodes every row's who
 All modes give the same samples for the same keys (tests check this): the token a row
 samples at step t uses ``fold_in(row_key, t)``, and children keys are derived from the
 parent's key and the child's index.
+
+A level can be left **empty** (``ExpansionSpec.empty_levels``, e.g. the role ablation
+G -> no critique -> R): it samples nothing (no decode, and no cache of its own where no later
+level extends one) and its rows have length 0, so the later levels' contexts hold its
+separators with nothing between them. It stays inside the one compiled program, and the other
+levels' row keys do not change.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from jax.experimental import io_callback
 
 from malt_jax.config import ModelConfig, SamplingConfig, TreeConfig
 from malt_jax.model.llama import KVCache, Params, lora_first_layer, refresh_top
-from malt_jax.sampling.decode import Generation, StopCriteria, decode, prefill
+from malt_jax.sampling.decode import PAD_ID, Generation, StopCriteria, decode, prefill
 
 Mode = Literal["extend", "fork", "naive"]
 
@@ -63,6 +69,13 @@ class ExpansionSpec:
     A run's training trees take theirs from the config (:meth:`from_tree`: ``TreeConfig``'s
     branching, ``SamplingConfig``'s rules and budgets); evaluation chains are ``n = votes``,
     ``m = l = 1``, ``depth`` 1 or 3.
+
+    ``empty_levels``: levels (1 = V, 2 = R; the generator always answers) that emit nothing:
+    they are not sampled, their rows have length 0, PAD tokens (still ``max_new[level]`` wide),
+    zero log-probs and ``stopped`` True (an empty turn is complete, not cut off), and they take
+    no room in the later levels' caches. The later levels see the level's separators with
+    nothing between them: for an empty verifier give the sampler the codec's
+    ``empty_critique_seps`` (``stages.expand.sample_trees`` does), so R reads the critique ``""``.
     """
 
     n: int = 3
@@ -73,10 +86,21 @@ class ExpansionSpec:
     stop: StopCriteria = StopCriteria()
     depth: int = 3  # 1 = generator only, 3 = full G -> V -> R
     mode: Mode = "extend"
+    empty_levels: tuple[int, ...] = ()  # levels that emit nothing (see the class doc)
+
+    def __post_init__(self) -> None:
+        levels = tuple(self.empty_levels)
+        if any(lv not in (1, 2) for lv in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"ExpansionSpec.empty_levels must be distinct levels 1 (V) or 2 (R), got {levels!r}")
 
     @property
     def fanouts(self) -> tuple[int, int, int]:
         return (self.n, self.m, self.l)
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """The tokens each level can add to a context: ``max_new``, 0 for the empty levels."""
+        return tuple(0 if lv in self.empty_levels else b for lv, b in enumerate(self.max_new))
 
     @classmethod
     def from_tree(cls, tree: TreeConfig, sampling: SamplingConfig, **fields: Any) -> ExpansionSpec:
@@ -178,8 +202,10 @@ def _separate_level(
         logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
         return logits, cache, ctx_len
     # prefix sharing: the question prefix once per question, each earlier output once per node;
-    # the cache is made once the previous level is sampled (not alive beside that level's cache)
-    cache = KVCache.zeros(cfg, pre.shape[0], size, after=outs[-1])
+    # the cache is made once the previous level is sampled (not alive beside that level's cache;
+    # an empty level's zero-width output is no sample)
+    sampled = next((o for o in reversed(outs) if o[0].size), None)
+    cache = KVCache.zeros(cfg, pre.shape[0], size, after=sampled)
     logits, cache = prefill(params, cfg, cache, pre, pre_len, jnp.zeros_like(pre_len), lora, lora_scale)
     pos = pre_len
     for a in range(level):
@@ -198,6 +224,18 @@ def _tree(levels: list, Q: int, spec: ExpansionSpec) -> Tree:
         lengths=tuple(g.lengths.reshape(s) for g, s in zip(levels, lead)),
         logps=tuple(g.logps.reshape(s + (-1,)) for g, s in zip(levels, lead)),
         stopped=tuple(g.stopped.reshape(s) for g, s in zip(levels, lead)),
+    )
+
+
+def _empty_level(ctx_len: jax.Array, width: int) -> Generation:
+    """The generation of an empty level's rows (``ctx_len`` [rows]): nothing written."""
+    rows = ctx_len.shape[0]
+    return Generation(
+        tokens=jnp.full((rows, width), PAD_ID, jnp.int32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        logps=jnp.zeros((rows, width), jnp.float32),
+        stopped=jnp.ones((rows,), bool),
+        end_pos=ctx_len.astype(jnp.int32),
     )
 
 
@@ -258,7 +296,7 @@ def expand(
     # Cache slots each level needs (its context plus its own output): every level decodes over
     # a cache of exactly that size, since attention reads all of a cache's slots at every step.
     turn_lens = (0,) + tuple(int(t.shape[0]) for t in turns[: spec.depth - 1])
-    sizes = [Tq + sum(spec.max_new[: i + 1]) + sum(turn_lens[: i + 1]) for i in range(spec.depth)]
+    sizes = [Tq + sum(spec.budgets[: i + 1]) + sum(turn_lens[: i + 1]) for i in range(spec.depth)]
     size = sizes[-1]
     ctx = jnp.zeros((Q, size), jnp.int32).at[:, :Tq].set(q_tokens)
     ctx_len = q_lens.astype(jnp.int32)
@@ -278,6 +316,8 @@ def expand(
     for level in range(spec.depth):
         fan = spec.fanouts[level]
         lora = adapters[level]
+        # an empty level encodes only what a later level extends ("extend" / "refresh": its turn)
+        empty = level in spec.empty_levels
         if level > 0:  # append this role's turn tokens
             turn = turns[level - 1]
             B = ctx.shape[0]
@@ -293,23 +333,26 @@ def expand(
         if spec.mode == "extend" or (refresh and level > 0):
             assert cache is not None and logits is not None  # prefilled above or by the level above
             cache, logits = cache.repeat(fan), _fork(logits, fan)
-        elif spec.mode == "fork":
+        elif spec.mode == "fork" and not empty:
             cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level], hidden_at=hidden_at if refresh else 0)
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
             cache, logits = cache.repeat(fan), _fork(logits, fan)
         ctx, ctx_len = _fork(ctx, fan), _fork(ctx_len, fan)
         row_keys = _child_keys(row_keys, fan)
-        if spec.mode == "naive":
+        if spec.mode == "naive" and not empty:
             cache = KVCache.zeros(cfg, ctx.shape[0], sizes[level])
             logits, cache = prefill(params, cfg, cache, ctx, ctx_len, jnp.zeros_like(ctx_len), lora, lora_scale)
-        assert cache is not None and logits is not None  # every mode has prefilled by now
-        # the next level extends this level's cache ("extend", or "fork" refreshing the top layers)
-        reused = level + 1 < spec.depth and (spec.mode == "extend" or refresh)
-        gen, cache = _sample_level(
-            params, cfg, cache, logits, ctx_len, row_keys, spec, level, lora, lora_scale, keep_cache=reused
-        )
-        ctx = _append(ctx, ctx_len, gen.tokens)
-        ctx_len = ctx_len + gen.lengths
+        if empty:  # nothing sampled; a cache holding the turn stays for the next level to extend
+            gen = _empty_level(ctx_len, spec.max_new[level])
+        else:
+            assert cache is not None and logits is not None  # every mode has prefilled by now
+            # the next level extends this level's cache ("extend", or "fork" refreshing the top layers)
+            reused = level + 1 < spec.depth and (spec.mode == "extend" or refresh)
+            gen, cache = _sample_level(
+                params, cfg, cache, logits, ctx_len, row_keys, spec, level, lora, lora_scale, keep_cache=reused
+            )
+            ctx = _append(ctx, ctx_len, gen.tokens)
+            ctx_len = ctx_len + gen.lengths
         levels.append(gen)
         _emit(emit, level, gen)
     return _tree(levels, Q, spec)
@@ -368,6 +411,14 @@ def _expand_separate(
     levels = []
     for level in range(spec.depth):
         fan, lora = spec.fanouts[level], adapters[level]
+        if level in spec.empty_levels:  # nothing sampled, no cache: its rows are zero-width outputs
+            row_keys = _child_keys(row_keys, fan)
+            rows = outs[-1][1].shape[0] * fan
+            gen = _empty_level(jnp.zeros((rows,), jnp.int32), spec.max_new[level])
+            outs.append((jnp.zeros((rows, 0), jnp.int32), gen.lengths))
+            levels.append(gen)
+            _emit(emit, level, gen)
+            continue
         if level == 0:
             size = Tq + spec.max_new[0]
             ctx_len = q_lens.astype(jnp.int32)
@@ -394,7 +445,7 @@ def _expand_separate(
             seps = contexts.seps[level - 1]
             size = (
                 contexts.prefixes[level - 1].shape[1]
-                + sum(spec.max_new[: level + 1])
+                + sum(spec.budgets[: level + 1])
                 + sum(int(t.shape[0]) for t in seps)
             )
             logits, cache, ctx_len = _separate_level(

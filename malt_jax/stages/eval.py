@@ -30,6 +30,7 @@ from malt_jax.tasks import Example, Task
 __all__ = [
     "System",
     "ABLATIONS",
+    "EMPTY_CRITIQUE",
     "SINGLE_TRAINED",
     "default_systems",
     "primary_names",
@@ -48,7 +49,12 @@ class System:
     """An inference run: depth 1 (single model) or 3 (G->V->R chain), ``votes`` parallel passes,
     greedy or sampled, base or trained adapters (``stage`` "final": after SFT and DPO, "sft":
     after SFT only). A run with ``votes > 1`` reports two systems: ``name`` (its first pass
-    alone: one sampled chain, no vote) and ``name+MV@k``."""
+    alone: one sampled chain, no vote) and ``name+MV@k``.
+
+    ``critique=False`` (a chain only): the verifier's turn is left empty, G -> (no critique) -> R:
+    V samples nothing (zero tokens, its text ``""``) and R's prompt is the one R is trained on
+    with the critique ``""`` (``PromptCodec.empty_critique_seps``: not even the verifier's reply
+    prefix), in the run's framing."""
 
     name: str
     depth: int
@@ -59,6 +65,11 @@ class System:
     #: the roles that run with their trained adapters when ``trained`` (the others run the base
     #: model): the paper's role ablations, e.g. ``("generator",)`` = only G trained
     roles: tuple[str, ...] = ROLES
+    critique: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.critique and self.depth != 3:
+            raise ValueError(f"system {self.name!r}: critique=False needs a G -> V -> R chain (depth 3)")
 
 
 #: The paper's role ablations of the trained chain (MALT's adapters for some roles, the base
@@ -67,7 +78,14 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "G": ("G",),
     "GV": ("G", "V"),
     "GR": ("G", "R"),  # trained G and R with the untrained V
+    "GR0": ("G", "R"),  # trained G and R with an empty critique: G -> (no critique) -> R
 }
+
+#: The role ablations of :data:`ABLATIONS` whose verifier turn is left empty (``System.critique``
+#: False): ``malt-GR0`` is the paper's "G and R trained, empty critique": no V runs, R refines
+#: G's answer from its training prompt with the critique ``""``. Its role skills have no verifier
+#: verdicts (:func:`role_skills` with ``critiques=False``) and it has no ``verifier`` entry.
+EMPTY_CRITIQUE: frozenset[str] = frozenset({"GR0"})
 
 
 #: The trained system of single-agent GRPO (``rl.agents: single``): G's trained adapter alone.
@@ -79,7 +97,8 @@ def default_systems(
 ) -> list[System]:
     """single-greedy, single (+MV), the untrained chain (+MV), MALT (+MV), with ``sft_chain`` the
     SFT-only trained chain (the paper's STaR-style ablation) and with ``ablations`` the role
-    ablations of :data:`ABLATIONS` (``malt-G``, ``malt-GV``, ``malt-GR``).
+    ablations of :data:`ABLATIONS` (``malt-G``, ``malt-GV``, ``malt-GR``, ``malt-GR0``: trained G
+    and R with an empty critique, :data:`EMPTY_CRITIQUE`).
 
     ``agents="single"`` (a single-agent GRPO run, ``rl.agents``): no chains; single-greedy, single
     (+MV) and the trained generator alone, ``single-trained`` (+MV); ``sft_chain`` and
@@ -99,7 +118,10 @@ def default_systems(
         systems.append(System("sft-chain", 3, votes, False, True, stage="sft"))
     systems.append(System("malt", 3, votes, False, True))
     if ablations:
-        systems += [System(f"malt-{k}", 3, votes, False, True, roles=r) for k, r in ABLATIONS.items()]
+        systems += [
+            System(f"malt-{k}", 3, votes, False, True, roles=r, critique=k not in EMPTY_CRITIQUE)
+            for k, r in ABLATIONS.items()
+        ]
     return systems
 
 
@@ -164,6 +186,7 @@ def evaluate_system(
         sampling=sampling,
         stop=codec.stop,
         mode="fork" if trained else "extend",
+        empty_levels=() if system.critique else (ROLES.index("V"),),
     )
     ads = (
         tuple(adapters[r] if r in system.roles else None for r in ROLES)
@@ -173,7 +196,7 @@ def evaluate_system(
     rows = []
 
     def on_batch(b: int, arrays: dict) -> None:
-        texts = decode_tree(codec, arrays, ROLES[: system.depth])
+        texts = decode_tree(codec, arrays, ROLES[: system.depth], empty=() if system.critique else ("V",))
         for q, i in enumerate(arrays["index"]):
             rows.append(_score(system, task, examples[i], {r: texts[r][q].reshape(-1).tolist() for r in texts}))
 
@@ -259,9 +282,12 @@ def critique_verdict(task: Task, critique: str, answer: str, example: Example) -
     ("The correct answer is 12." -- the first sentence after that phrase) agrees iff that answer
     has the checked answer's key (``task.answer_key``); else the first verdict word ("correct",
     "incorrect", "wrong"), with answer-announcing phrases such as "the correct answer is" ignored.
+    An empty (or blank) critique says nothing: None.
     """
     from malt_jax.evaluation.stats import parse_verdict
 
+    if not critique.strip():
+        return None
     if _VERDICT_LINE.search(critique):
         return parse_verdict(critique)
     stated = _stated_answer(task, critique, example)
@@ -284,10 +310,16 @@ def verifier_stats(task: Task, examples: Sequence[Example], rows: list[dict]) ->
     return verifier_confusion(right, said)
 
 
-def role_skills(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
+def role_skills(task: Task, examples: Sequence[Example], rows: list[dict], critiques: bool = True) -> dict:
     """The measured skills of a chain's roles over every pass of every question: G's accuracy,
     V's verdict confusion against G's actual correctness (:func:`verifier_stats`) and R's fix
-    rate (its final answer right | G's answer wrong) and break rate (wrong | G's right)."""
+    rate (its final answer right | G's answer wrong) and break rate (wrong | G's right).
+
+    ``critiques=False`` (a chain whose verifier turn is empty, ``System.critique``): V gave no
+    critique to judge, so its confusion holds no verdicts at all (``n`` 0, NaN rates) instead of
+    counting every pass as "no verdict"."""
+    from malt_jax.evaluation.stats import verifier_confusion
+
     g_right, r_right = [], []
     for ex, r in zip(examples, rows, strict=True):
         for g, fin in zip(r["texts"]["G"], r["texts"]["R"], strict=True):
@@ -299,7 +331,7 @@ def role_skills(task: Task, examples: Sequence[Example], rows: list[dict]) -> di
     broken = sum(1 for g, r in zip(g_right, r_right) if g and not r)
     return {
         "generator": {"accuracy": n_right / len(g_right) if g_right else float("nan"), "n": len(g_right)},
-        "verifier": verifier_stats(task, examples, rows),
+        "verifier": verifier_stats(task, examples, rows) if critiques else verifier_confusion([], []),
         "refiner": {
             "fix_rate": fixed / n_wrong if n_wrong else float("nan"),
             "break_rate": broken / n_right if n_right else float("nan"),
@@ -334,8 +366,9 @@ def run_eval(
     Returns ``results`` (name -> SystemResult), ``comparisons`` (every trained system vs every
     baseline, and MALT vs the SFT-only chain; the pre-declared primary comparison,
     :func:`primary_names`, is marked ``primary`` and the others carry Holm-adjusted p-values
-    ``p_holm``), ``verifier`` (chain name -> verdict confusion) and ``skills`` (chain name ->
-    :func:`role_skills`: G accuracy, V confusion, R fix / break rates).
+    ``p_holm``), ``verifier`` (chain name -> verdict confusion; not the chains without a
+    critique, ``System.critique``) and ``skills`` (chain name -> :func:`role_skills`: G accuracy,
+    V confusion, R fix / break rates).
     """
     from malt_jax.evaluation.stats import compare, holm
 
@@ -363,15 +396,16 @@ def run_eval(
             rows = evaluate_system(sys_, cfg, model, task, examples, ads, path, progress, mesh=mesh)
         all_rows[sys_.name] = rows
         if sys_.depth == 3:
-            skills[sys_.name] = role_skills(task, examples, rows)
-            verifier[sys_.name] = skills[sys_.name]["verifier"]
+            skills[sys_.name] = role_skills(task, examples, rows, critiques=sys_.critique)
+            if sys_.critique:  # an empty critique has no verdicts to report
+                verifier[sys_.name] = skills[sys_.name]["verifier"]
     for sys_ in systems:  # the report lists systems in the given order
         if sys_.name in all_rows:
             res = system_results(sys_, all_rows[sys_.name])
             results.update(res)
             if sys_.trained:
                 trained_names += list(res)
-            if sys_.roles != ROLES:
+            if sys_.roles != ROLES or not sys_.critique:
                 ablation_names |= set(res)
     baselines = [n for n in results if n not in trained_names]
     comparisons = []

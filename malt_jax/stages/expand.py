@@ -65,6 +65,9 @@ def sample_trees(
     current batch as soon as that level is sampled (flat rows, padding questions included). With a
     ``mesh``, the question batch (rounded up to a multiple of the data-parallel size) is split
     over the ``data``/``fsdp`` axes and every tree row is sampled on its question's device.
+
+    With an empty verifier level (``spec.empty_levels`` holds 1) R's contexts are built with the
+    codec's ``empty_critique_seps``: R reads its prompt with the critique ``""``.
     """
     from tqdm.auto import tqdm
 
@@ -77,13 +80,14 @@ def sample_trees(
     q_ids = [codec.question(e.question) for e in examples]
     width = _bucket32(max(len(q) for q in q_ids))
     separate = codec.framing == "separate" and spec.depth > 1
+    codec_seps = codec.empty_critique_seps if 1 in spec.empty_levels else codec.seps
     if separate:  # the V and R contexts' per-question prefixes, padded to one width per level
         pre = [codec.prefixes(e.question) for e in examples]
         pre_width = [_bucket32(max(len(p[lv]) for p in pre)) for lv in range(2)]
-        seps = tuple(tuple(jnp.asarray(t, jnp.int32) for t in level) for level in codec.seps)
+        seps = tuple(tuple(jnp.asarray(t, jnp.int32) for t in level) for level in codec_seps)
         turns = None
     else:
-        turns = tuple(jnp.asarray(t, jnp.int32) for t in codec.seps[1])
+        turns = tuple(jnp.asarray(t, jnp.int32) for t in codec_seps[1])
     n_batches = -(-len(examples) // batch_size)
     todo = [b for b in range(n_batches) if not skip(b)]
     bar = tqdm(total=len(todo) * batch_size, desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
@@ -150,12 +154,22 @@ def decode_level(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray, 
     return out.reshape(lengths.shape)
 
 
-def decode_tree(codec: PromptCodec, arrays: dict, roles: Sequence[str] = ROLES) -> dict[str, np.ndarray]:
-    """Each role's texts of a sampled tree, read as graders and later roles read them."""
-    return {
-        r: decode_level(codec.tokenizer, arrays[f"{r}_tokens"], arrays[f"{r}_lengths"], codec.task.prompts.prefix(r))
-        for r in roles
-    }
+def decode_tree(
+    codec: PromptCodec, arrays: dict, roles: Sequence[str] = ROLES, empty: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """Each role's texts of a sampled tree, read as graders and later roles read them.
+
+    ``empty``: roles whose level was left empty (``ExpansionSpec.empty_levels``): their texts are
+    ``""``, without the role's reply prefix (no turn was written, and the later roles read none).
+    """
+    out = {}
+    for r in roles:
+        lengths = arrays[f"{r}_lengths"]
+        if r in empty:
+            out[r] = np.full(lengths.shape, "", dtype=object)
+        else:
+            out[r] = decode_level(codec.tokenizer, arrays[f"{r}_tokens"], lengths, codec.task.prompts.prefix(r))
+    return out
 
 
 def grade_leaves(
