@@ -367,6 +367,24 @@ def _sd(xs: list[float]) -> float:
     return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
+def pooled_table(pooled: dict, same_sign: bool) -> list[str]:
+    """Comparisons pooled over seeds (``evaluation.stats.seeds_paired_test`` records, Holm p)."""
+    out = [
+        "| comparison (pooled over seeds) | diff [95% CI] | per seed | p (sign-flip over questions) | Holm p "
+        "| discordant (a only / b only) |" + (" same sign every seed |" if same_sign else ""),
+        "|---|---|---|---|---|---|" + ("---|" if same_sign else ""),
+    ]
+    for k, c in pooled.items():
+        holm = "**primary**" if c.get("primary") else _p(c["p_holm"])
+        out.append(
+            f"| {k} | {c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
+            + ", ".join(f"{x:+.3f}" for x in c["diffs"])
+            + f" | {_p(c['p_value'])} | {holm} | {c['b10']} / {c['b01']} |"
+            + (f" {'yes' if c['same_sign_every_seed'] else 'no'} |" if same_sign else "")
+        )
+    return out
+
+
 def testbed_seeds_tables(d: dict) -> list[str]:
     """Per-seed accuracies (mean +- SD over seeds), the comparisons pooled over seeds, the skills."""
     seeds = [str(s) for s in d["seeds"]]
@@ -385,20 +403,7 @@ def testbed_seeds_tables(d: dict) -> list[str]:
             + " | ".join(f"{per[s]['systems'][n]['accuracy']:.3f}" if n in per[s]["systems"] else "" for s in seeds)
             + f" | {sum(accs) / len(accs):.3f} +- {_sd(accs):.3f} |"
         )
-    out += [
-        "",
-        "| comparison (pooled over seeds) | diff [95% CI] | per seed | p (sign-flip over questions) | Holm p "
-        "| discordant (a only / b only) | same sign every seed |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for k, c in d["pooled"].items():
-        holm = "**primary**" if c.get("primary") else _p(c["p_holm"])
-        out.append(
-            f"| {k} | {c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
-            + ", ".join(f"{x:+.3f}" for x in c["diffs"])
-            + f" | {_p(c['p_value'])} | {holm} | {c['b10']} / {c['b01']} "
-            + f"| {'yes' if c['same_sign_every_seed'] else 'no'} |"
-        )
+    out += ["", *pooled_table(d["pooled"], same_sign=True)]
     out += [
         "",
         "| role skill (mean over seeds, every pass) | G accuracy | V balanced accuracy | R fix rate | R break rate |",
@@ -489,19 +494,7 @@ def testbed_rl_tables(d: dict) -> list[str]:
             cells.append("" if a is None else f"{a:.3f}" + (f" ({tok:,})" if tok else ""))
         sd = "" if acc["sd"] is None else f" +- {acc['sd']:.3f}"
         out.append(f"| {m} ({system}) | " + " | ".join(cells) + f" | {acc['mean']:.3f}{sd} |")
-    out += [
-        "",
-        "| comparison (pooled over seeds) | diff [95% CI] | per seed | p (sign-flip over questions) | Holm p "
-        "| discordant (a only / b only) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for k, c in d["pooled"].items():
-        holm = "**primary**" if c.get("primary") else _p(c["p_holm"])
-        out.append(
-            f"| {k} | {c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
-            + ", ".join(f"{x:+.3f}" for x in c["diffs"])
-            + f" | {_p(c['p_value'])} | {holm} | {c['b10']} / {c['b01']} |"
-        )
+    out += ["", *pooled_table(d["pooled"], same_sign=False)]
     t = d["targets"]
     out += [
         "",

@@ -1,5 +1,6 @@
 """Small shared test helpers."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -115,3 +116,8 @@ def write_gguf(path, cfg, hf: dict, quantize: bool = False):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def rl_metric_rows(run_dir: Path) -> list[dict]:
+    """The metrics rows of a ``malt-jax rl`` run (``<run>/rl/metrics.jsonl``)."""
+    return [json.loads(line) for line in (Path(run_dir) / "rl" / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from malt_jax.stages.rl import iteration_questions
 from malt_jax.stages.rundir import RunDirError, load_adapters, save_adapter
 from malt_jax.training.pg_step import batch_logps, pg_batch
 from malt_jax.workflows.rl import METRIC_KEYS, initial_adapters, run_rl
-from tests.fixtures import write_tiny_config
+from tests.fixtures import rl_metric_rows, write_tiny_config
 from tests.parity_task import ParityTask
 
 RL = ["rl.iterations=2", "rl.reference=base", "rl.questions_per_iteration=2", "rl.learning_rate=1e-2"]
@@ -35,10 +34,6 @@ ONE_TREE = 2 * 6 + 4 * 6 + 8 * 6  # tokens of one 2x2x2 tree at 6 tokens per tur
 def _cfg(tmp: Path, run: str = "out", extra: tuple[str, ...] = ()) -> RunConfig:
     path = write_tiny_config(tmp / f"{run}.yaml", tmp / run, task="parity")
     return load_run_config(path, RL + list(extra))
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
 
 
 def _snapshot(d: Path) -> dict[str, str]:
@@ -61,7 +56,7 @@ def full(tmp_path_factory, model):
 def test_two_iterations_write_metrics_of_every_role_and_change_the_adapters(full):
     cfg, summary = full
     run_dir = Path(cfg.run_dir)
-    rows = _rows(run_dir)
+    rows = rl_metric_rows(run_dir)
     assert [(r["iteration"], r["role"]) for r in rows] == [(i, r) for i in (0, 1) for r in ROLES]
     for row in rows:
         assert set(METRIC_KEYS) <= set(row), sorted(set(METRIC_KEYS) - set(row))
@@ -81,7 +76,7 @@ def test_two_iterations_write_metrics_of_every_role_and_change_the_adapters(full
 
 
 def test_kl_is_zero_at_the_first_iteration_when_the_reference_is_the_start(full):
-    rows = _rows(Path(full[0].run_dir))
+    rows = rl_metric_rows(Path(full[0].run_dir))
     assert all(r["kl"] == pytest.approx(0.0, abs=1e-6) for r in rows if r["iteration"] == 0)
     assert all(r["kl"] > 0 for r in rows if r["iteration"] == 1)  # the adapters moved away from it
 
@@ -91,7 +86,7 @@ def test_resume_after_a_stop_gives_the_uninterrupted_adapters(full, tmp_path, mo
     stopped = run_rl(cfg, model=model, task=ParityTask(), progress=False, evaluate=False, stop_after=1)
     run_dir = Path(cfg.run_dir)
     assert stopped["stopped_at"] == 1 and not (run_dir / "adapters").exists()
-    assert {r["iteration"] for r in _rows(run_dir)} == {0}
+    assert {r["iteration"] for r in rl_metric_rows(run_dir)} == {0}
     run_rl(cfg, model=model, task=ParityTask(), progress=False, evaluate=False)
     resumed, _ = load_adapters(run_dir)
     uninterrupted, _ = load_adapters(Path(full[0].run_dir))
@@ -101,7 +96,7 @@ def test_resume_after_a_stop_gives_the_uninterrupted_adapters(full, tmp_path, mo
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     skip = {"iteration_s"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in skip} for r in rows]  # noqa: E731
-    assert strip(_rows(run_dir)) == strip(_rows(Path(full[0].run_dir)))
+    assert strip(rl_metric_rows(run_dir)) == strip(rl_metric_rows(Path(full[0].run_dir)))
 
 
 def test_sft_reference_starts_from_the_sft_adapters(tmp_path, model):
@@ -117,7 +112,7 @@ def test_sft_reference_starts_from_the_sft_adapters(tmp_path, model):
         save_adapter(ad, sft / "adapters" / f"{r}_sft.safetensors")
     cfg = _cfg(tmp_path, "rl_sft", ("rl.reference=sft", f"rl.sft_run={sft}", "rl.iterations=1", "rl.roles=[V]"))
     s = run_rl(cfg, model=model, task=ParityTask(), progress=False, systems=[System("malt", 3, 1, False, True)])
-    rows = _rows(Path(cfg.run_dir))
+    rows = rl_metric_rows(Path(cfg.run_dir))
     assert [r["role"] for r in rows] == ["V"] and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert set(s["eval"]) == {"malt"} and 0 <= s["eval"]["malt"] <= 1
     final, _ = load_adapters(Path(cfg.run_dir))
@@ -134,7 +129,7 @@ def test_token_budget_and_several_updates_per_iteration(tmp_path, model):
     cfg = _cfg(tmp_path, extra=extra)
     s = run_rl(cfg, model=model, task=ParityTask(), progress=False, evaluate=False)
     assert s["iterations"] == 1 and s["stopped_by"] == "token_budget" and s["num_tokens"] >= ONE_TREE
-    rows = _rows(Path(cfg.run_dir))
+    rows = rl_metric_rows(Path(cfg.run_dir))
     assert [(r["role"], r["update"], r["step"]) for r in rows] == [("G", 0, 1), ("G", 1, 2)]
     # the first update's ratio to the behaviour policy (the adapter before it) is 1: nothing clipped
     assert rows[0]["clip_ratio"] == 0 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)

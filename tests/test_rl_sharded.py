@@ -26,7 +26,7 @@ from safetensors.numpy import load_file
 
 from malt_jax import cli
 from malt_jax.roles import ROLES
-from tests.fixtures import write_tiny_config
+from tests.fixtures import rl_metric_rows, write_tiny_config
 from tests.processes import free_port, run_together
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,10 +60,6 @@ def _config(tmp: Path, name: str) -> Path:
     return write_tiny_config(tmp / f"{name}.yaml", tmp / name, name="tiny-rl", task=TASK)
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
-
-
 def _assert_same_adapters(got: Path, want: Path) -> None:
     moved = 0.0
     for r in ROLES:
@@ -82,7 +78,7 @@ def _assert_same_adapters(got: Path, want: Path) -> None:
 
 
 def _assert_same_metrics(got: Path, want: Path) -> None:
-    a, b = _rows(want), _rows(got)
+    a, b = rl_metric_rows(want), rl_metric_rows(got)
     assert [(r["iteration"], r["role"], r["step"]) for r in a] == [(r["iteration"], r["role"], r["step"]) for r in b]
     assert [(r["iteration"], r["role"]) for r in a] == [(i, r) for i in (0, 1) for r in ROLES]
     for x, y in zip(a, b):

@@ -22,7 +22,7 @@ from malt_jax.stages import rl as rl_stage
 from malt_jax.stages.eval import default_systems, primary_names
 from malt_jax.stages.rundir import load_adapters
 from malt_jax.workflows.rl import initial_adapters, run_rl
-from tests.fixtures import write_tiny_config
+from tests.fixtures import rl_metric_rows, write_tiny_config
 from tests.parity_task import ParityTask
 
 N = 4  # G's answers per question: the GRPO group
@@ -41,10 +41,6 @@ SYSTEMS = ["single-greedy", "single", "single+MV@3", "single-trained", "single-t
 def _cfg(tmp: Path, run: str = "out", extra: tuple[str, ...] = ()) -> RunConfig:
     path = write_tiny_config(tmp / f"{run}.yaml", tmp / run, task="parity")
     return load_run_config(path, SINGLE + list(extra))
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
 
 
 def _numpy_advantages(x: np.ndarray, baseline: str, normalize: str, eps: float = 1e-6) -> np.ndarray:
@@ -129,7 +125,7 @@ def test_single_advantages_equal_the_numpy_formula(tmp_path, baseline, normalize
 def test_single_trains_only_g_and_counts_only_g_tokens(full):
     cfg, summary = full
     run_dir = Path(cfg.run_dir)
-    rows = _rows(run_dir)
+    rows = rl_metric_rows(run_dir)
     assert [(r["iteration"], r["role"]) for r in rows] == [(0, "G"), (1, "G")]
     assert summary["roles"] == ["G"] and summary["agents"] == "single" and summary["iterations"] == 2
     for r in rows:  # G's reward is the system's accuracy: its answers are the leaves
@@ -160,7 +156,7 @@ def test_single_resume_after_a_stop_gives_the_uninterrupted_adapters(full, tmp_p
         for a, b in zip(jax.tree.leaves(resumed[r]), jax.tree.leaves(uninterrupted[r])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "iteration_s"} for r in rows]  # noqa: E731
-    assert strip(_rows(run_dir)) == strip(_rows(Path(full[0].run_dir)))
+    assert strip(rl_metric_rows(run_dir)) == strip(rl_metric_rows(Path(full[0].run_dir)))
 
 
 def test_single_evaluation_writes_the_single_trained_systems(full, tmp_path, model):
