@@ -317,9 +317,26 @@ def run_curve(progress: bool, command: str) -> dict:
     return out
 
 
+def _level(text: str) -> tuple[float, float]:
+    try:
+        level = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        level = ()
+    if level not in LEVELS:
+        raise argparse.ArgumentTypeError(f"--levels: {text!r} is not one of {[f'{a},{b}' for a, b in LEVELS]}")
+    return level  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument(
+        "--levels",
+        nargs="+",
+        type=_level,
+        default=None,
+        help="phase: only these verifier levels, as v_detect,v_false_alarm (default: all of LEVELS)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     import os
@@ -348,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         # seeds part's seed 0 on its own model) last
         order = [(0.5, 0.5), (1.0, 0.0), (0.65, 0.35), DEFAULT_LEVEL]
         assert sorted(order) == sorted(LEVELS), (order, LEVELS)
+        if args.levels:
+            order = [lv for lv in order if lv in args.levels]
+        # levels finished before (their runs' summaries) stay in the phase summary
+        for level in LEVELS:
+            done = ROOT / "runs/testbed_study" / f"{level_tag(level)}_s0" / "summary.json"
+            if level not in order and done.exists() and (level == DEFAULT_LEVEL or Path(model_dir(level)).exists()):
+                points[level] = json.loads(done.read_text())
+                pre[level] = json.loads((ROOT / model_dir(level) / "pretrain.json").read_text())
         for level in order:
             pre[level] = ensure_model(level, progress)
             points[level] = run_malt(level, 0, ablations=level == DEFAULT_LEVEL, progress=progress)

@@ -112,3 +112,12 @@ def test_block_renders_every_seed_and_the_primary(study):
     accs = [summary["per_seed"][s]["systems"]["malt+MV@3"]["accuracy"] for s in ("0", "1", "2")]
     assert f"{np.mean(accs):.3f} +- {np.std(accs, ddof=1):.3f}" in row
     assert "Targets:" in text
+
+
+def test_phase_levels_parse_and_unknown_levels_are_refused(capsys):
+    assert STUDY._level("1.0,0.0") == (1.0, 0.0)
+    assert STUDY._level("0.65,0.35") == (0.65, 0.35)
+    with pytest.raises(SystemExit):
+        STUDY.main(["--parts", "phase", "--levels", "0.7,0.3"])
+    err = capsys.readouterr().err
+    assert "--levels: '0.7,0.3' is not one of" in err and "'0.5,0.5'" in err
