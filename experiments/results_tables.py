@@ -431,18 +431,20 @@ def testbed_seeds_tables(d: dict) -> list[str]:
 
 
 def testbed_phase_table(d: dict) -> list[str]:
-    key, sft = "malt+MV@3 vs single+MV@3", "malt+MV@3 vs sft-chain+MV@3"
+    key, chain, sft = "malt+MV@3 vs single+MV@3", "malt+MV@3 vs chain+MV@3", "malt+MV@3 vs sft-chain+MV@3"
     out = [
         f"| corpus v_detect / v_false_alarm | base V balanced accuracy (measured) | base G accuracy | "
-        f"MALT V balanced accuracy | {key} (p) | {sft} (Holm p) |",
-        "|---|---|---|---|---|---|",
+        f"MALT V balanced accuracy | {key} (p) | {chain} (Holm p) | {sft} (Holm p) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in d["levels"]:
-        a, b = r["tests"].get(key), r["tests"].get(sft)
+        a, c, b = r["tests"].get(key), r["tests"].get(chain), r["tests"].get(sft)
         out.append(
             f"| {r['v_detect']} / {r['v_false_alarm']} | {_num(r['base']['verifier_balanced_accuracy'])} | "
             f"{_num(r['base']['generator_accuracy'])} | {_num(r['malt']['verifier_balanced_accuracy'])} | "
             + (f"{a['diff']:+.3f} ({_p(a['p'])})" if a else "")
+            + " | "
+            + (f"{c['diff']:+.3f} ({_p(c['p_holm'])})" if c else "")
             + " | "
             + (f"{b['diff']:+.3f} ({_p(b['p_holm'])})" if b else "")
             + " |"
