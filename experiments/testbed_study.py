@@ -274,6 +274,7 @@ def plot_phase(phase: dict, path: Path) -> None:
     ax = fig.add_subplot(1, 1, 1)
     for key, label, color in (
         ("{} vs {}".format(*PRIMARY), f"MALT{MV} - single{MV}", "C3"),
+        (f"{PRIMARY[0]} vs chain{MV}", f"MALT{MV} - untrained chain{MV}", "C0"),
         (f"{PRIMARY[0]} vs sft-chain{MV}", f"MALT{MV} - SFT-chain{MV}", "C2"),
     ):
         pts = [(r["base"]["verifier_balanced_accuracy"], r["tests"].get(key)) for r in phase["levels"]]
