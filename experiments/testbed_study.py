@@ -325,7 +325,7 @@ def _level(text: str) -> tuple[float, float]:
         level = ()
     if level not in LEVELS:
         raise argparse.ArgumentTypeError(f"--levels: {text!r} is not one of {[f'{a},{b}' for a, b in LEVELS]}")
-    return level  # type: ignore[return-value]
+    return level
 
 
 def main(argv: list[str] | None = None) -> int:
