@@ -1,7 +1,9 @@
 """Small shared test helpers."""
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -121,3 +123,13 @@ def write_gguf(path, cfg, hf: dict, quantize: bool = False):
 def rl_metric_rows(run_dir: Path) -> list[dict]:
     """The metrics rows of a ``malt-jax rl`` run (``<run>/rl/metrics.jsonl``)."""
     return [json.loads(line) for line in (Path(run_dir) / "rl" / "metrics.jsonl").read_text().splitlines()]
+
+
+def experiment_module(name: str, path: str) -> ModuleType:
+    """A script of ``experiments/`` (not a package) loaded as a module, by its path from the
+    repository root."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -5,26 +5,16 @@ the README block, on fabricated run directories of three seeds."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.fixtures import experiment_module
 
-
-def _module(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CMP = _module("testbed_rl_compare", "experiments/testbed_rl_compare.py")
-TABLES = _module("results_tables", "experiments/results_tables.py")
+CMP = experiment_module("testbed_rl_compare", "experiments/testbed_rl_compare.py")
+TABLES = experiment_module("results_tables", "experiments/results_tables.py")
 N = 80
 # per method: the systems its run directory evaluates and their accuracy
 RUNS = {

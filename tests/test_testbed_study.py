@@ -4,28 +4,16 @@ block rendered from the summary, on fabricated evaluation rows of three seeds.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from malt_jax.stages.eval import default_systems
+from tests.fixtures import experiment_module
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _module(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-STUDY = _module("testbed_study", "experiments/testbed_study.py")
-TABLES = _module("results_tables", "experiments/results_tables.py")
+STUDY = experiment_module("testbed_study", "experiments/testbed_study.py")
+TABLES = experiment_module("results_tables", "experiments/results_tables.py")
 N = 60
 RATES = {"single": 0.5, "chain": 0.45, "sft-chain": 0.6, "malt": 0.85, "malt-G": 0.6, "malt-GV": 0.7, "malt-GR": 0.55}
 
