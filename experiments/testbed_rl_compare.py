@@ -200,7 +200,6 @@ def reward_curve(run: Path, leaves: int) -> list[dict[str, Any]]:
 def summarize(records: dict[int, dict[str, Any]], command: str, wall: float) -> dict[str, Any]:
     import numpy as np
 
-    from malt_jax.evaluation.stats import holm, mcnemar_exact, seeds_paired_test
     from malt_jax.runtime.machine import machine_info
 
     seeds = sorted(records)
@@ -215,12 +214,7 @@ def summarize(records: dict[int, dict[str, Any]], command: str, wall: float) -> 
         if len(set(ids.values())) > 1:
             raise RuntimeError(f"seed {s}: the methods were evaluated on different questions: {sorted(ids)}")
         vectors[s] = {m: v[1] for m, v in vec.items()}
-        tests = {}
-        for a, b in [PRIMARY, *FAMILY]:
-            if a in vectors[s] and b in vectors[s]:
-                mc = mcnemar_exact(vectors[s][a], vectors[s][b])
-                diff = float(vectors[s][a].mean() - vectors[s][b].mean())
-                tests[f"{a} vs {b}"] = {"diff": diff, "p": mc["p_value"], "b01": mc["b01"], "b10": mc["b10"]}
+        tests = testbed_study.seed_tests(vectors[s], [PRIMARY, *FAMILY])
         per_seed[str(s)] = {
             "accuracy": {m: float(v.mean()) for m, v in vectors[s].items()},
             "tokens": {m: records[s][m].get("tokens") for m in METHODS if m in records[s]},
@@ -228,18 +222,7 @@ def summarize(records: dict[int, dict[str, Any]], command: str, wall: float) -> 
             "runs": {m: str(run_dir(m, s).relative_to(ROOT)) for m in METHODS if m in records[s]},
             "wall_time_s": {m: records[s][m].get("wall_time_s") for m in METHODS if m in records[s]},
         }
-    pooled: dict[str, Any] = {}
-    for a, b in [PRIMARY, *FAMILY]:
-        if all(a in vectors[s] and b in vectors[s] for s in seeds):
-            out = seeds_paired_test(np.stack([vectors[s][a] for s in seeds]), np.stack([vectors[s][b] for s in seeds]))
-            signs = {int(np.sign(d)) for d in out["diffs"]}
-            pooled[f"{a} vs {b}"] = {**out, "same_sign_every_seed": len(signs) == 1 and 0 not in signs}
-    key = "{} vs {}".format(*PRIMARY)
-    rest = [k for k in pooled if k != key]
-    for k, p in zip(rest, holm([pooled[k]["p_value"] for k in rest])):
-        pooled[k]["p_holm"] = p
-    if key in pooled:
-        pooled[key]["primary"] = True
+    pooled = testbed_study.pooled_tests(vectors, [PRIMARY, *FAMILY])
     accuracy = {
         m: {
             "mean": float(np.mean([vectors[s][m].mean() for s in seeds if m in vectors[s]])),

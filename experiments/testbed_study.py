@@ -144,11 +144,48 @@ def skills_line(summary: dict, chain: str) -> dict[str, Any]:
     }
 
 
+def seed_tests(correct: dict[str, Any], pairs: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """One seed's comparisons ``a vs b`` (both evaluated): accuracy difference, exact McNemar p
+    and its discordant counts. ``correct``: name -> boolean correctness per question."""
+    from malt_jax.evaluation.stats import mcnemar_exact
+
+    tests = {}
+    for a, b in pairs:
+        if a in correct and b in correct:
+            mc = mcnemar_exact(correct[a], correct[b])
+            diff = float(correct[a].mean() - correct[b].mean())
+            tests[f"{a} vs {b}"] = {"diff": diff, "p": mc["p_value"], "b01": mc["b01"], "b10": mc["b10"]}
+    return tests
+
+
+def pooled_tests(correct: dict[int, dict[str, Any]], pairs: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """The comparisons ``a vs b`` evaluated in every seed, pooled over seeds
+    (``seeds_paired_test``) with ``same_sign_every_seed``; ``pairs[0]`` is the primary (flagged,
+    no Holm), the rest get Holm-adjusted ``p_holm`` within their family."""
+    import numpy as np
+
+    from malt_jax.evaluation.stats import holm, seeds_paired_test
+
+    seeds = sorted(correct)
+    pooled = {}
+    for a, b in pairs:
+        if all(a in correct[s] and b in correct[s] for s in seeds):
+            out = seeds_paired_test(np.stack([correct[s][a] for s in seeds]), np.stack([correct[s][b] for s in seeds]))
+            signs = {int(np.sign(d)) for d in out["diffs"]}
+            pooled[f"{a} vs {b}"] = {**out, "same_sign_every_seed": len(signs) == 1 and 0 not in signs}
+    key = "{} vs {}".format(*pairs[0])
+    rest = [k for k in pooled if k != key]
+    for k, p in zip(rest, holm([pooled[k]["p_value"] for k in rest])):
+        pooled[k]["p_holm"] = p
+    if key in pooled:
+        pooled[key]["primary"] = True
+    return pooled
+
+
 def seeds_summary(records: dict[int, dict], command: str, wall: float) -> dict[str, Any]:
     """Per-seed tables and exact McNemar tests, comparisons pooled over seeds, the targets."""
     import numpy as np
 
-    from malt_jax.evaluation.stats import holm, mcnemar_exact, seeds_paired_test
     from malt_jax.runtime.machine import machine_info
 
     seeds = sorted(records)
@@ -157,12 +194,7 @@ def seeds_summary(records: dict[int, dict], command: str, wall: float) -> dict[s
     per_seed = {}
     for s in seeds:
         rec = records[s]
-        tests = {}
-        for a, b in [PRIMARY, *POOLED]:
-            if a in correct[s] and b in correct[s]:
-                mc = mcnemar_exact(correct[s][a], correct[s][b])
-                diff = float(correct[s][a].mean() - correct[s][b].mean())
-                tests[f"{a} vs {b}"] = {"diff": diff, "p": mc["p_value"], "b01": mc["b01"], "b10": mc["b10"]}
+        tests = seed_tests(correct[s], [PRIMARY, *POOLED])
         per_seed[str(s)] = {
             "systems": rec["systems"],
             "tests": tests,
@@ -170,17 +202,7 @@ def seeds_summary(records: dict[int, dict], command: str, wall: float) -> dict[s
             "training": rec.get("training"),
             "wall_time_s": rec["wall_time_s"],
         }
-    pooled = {}
-    for a, b in [PRIMARY, *POOLED]:
-        if all(a in correct[s] and b in correct[s] for s in seeds):
-            out = seeds_paired_test(np.stack([correct[s][a] for s in seeds]), np.stack([correct[s][b] for s in seeds]))
-            signs = {int(np.sign(d)) for d in out["diffs"]}
-            pooled[f"{a} vs {b}"] = {**out, "same_sign_every_seed": len(signs) == 1 and 0 not in signs}
-    rest = [k for k in pooled if k != "{} vs {}".format(*PRIMARY)]
-    for k, p in zip(rest, holm([pooled[k]["p_value"] for k in rest])):
-        pooled[k]["p_holm"] = p
-    if "{} vs {}".format(*PRIMARY) in pooled:
-        pooled["{} vs {}".format(*PRIMARY)]["primary"] = True
+    pooled = pooled_tests(correct, [PRIMARY, *POOLED])
 
     def mean_of(key: str, chain: str) -> float | None:
         xs = [per_seed[str(s)]["skills"][chain][key] for s in seeds]
