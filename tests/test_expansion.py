@@ -61,6 +61,28 @@ def test_extend_fork_naive_agree(setup):
         np.testing.assert_allclose(np.asarray(a.logps[level]), np.asarray(c.logps[level]), atol=2e-4)
 
 
+def _leaf_key(q, path, fans=(2, 2, 3)):
+    key = sampling.row_keys(11, 2)[q]
+    for fan, idx in zip(fans, path):
+        key = expansion._child_keys(key[None], fan)[idx]
+    return jax.random.fold_in(key, 0xA11CE)
+
+
+def _generate(params, ctx, key, n):
+    xs, ls = sampling.pad_batch([ctx], bucket=8)
+    out = sampling.generate(
+        params,
+        jnp.asarray(xs),
+        jnp.asarray(ls),
+        key[None],
+        cfg=CFG,
+        sampling=SamplingConfig(temperature=1.0),
+        stop=sampling.StopCriteria(stop_ids=(2,)),
+        max_new_tokens=n,
+    )
+    return sampling.trim(out)[0]
+
+
 def test_tree_rows_equal_flat_generation_of_full_context(setup):
     """Each refiner leaf equals a plain generate() on its full context with the leaf's key."""
     params, x, lens, turns = setup
@@ -70,22 +92,8 @@ def test_tree_rows_equal_flat_generation_of_full_context(setup):
     g = np.asarray(t.tokens[0][q, i])[: int(t.lengths[0][q, i])].tolist()
     v = np.asarray(t.tokens[1][q, i, j])[: int(t.lengths[1][q, i, j])].tolist()
     ctx = np.asarray(x[q])[: int(lens[q])].tolist() + g + turns[0].tolist() + v + turns[1].tolist()
-    key = sampling.row_keys(11, 2)[q]
-    for fan, idx in zip((2, 2, 3), (i, j, k)):
-        key = expansion._child_keys(key[None], fan)[idx]
-    key = jax.random.fold_in(key, 0xA11CE)
-    xs, ls = sampling.pad_batch([ctx], bucket=8)
-    out = sampling.generate(
-        params,
-        jnp.asarray(xs),
-        jnp.asarray(ls),
-        key[None],
-        cfg=CFG,
-        sampling=spec.sampling,
-        stop=spec.stop,
-        max_new_tokens=4,
-    )
-    assert sampling.trim(out)[0] == np.asarray(t.tokens[2][q, i, j, k])[: int(t.lengths[2][q, i, j, k])].tolist()
+    want = np.asarray(t.tokens[2][q, i, j, k])[: int(t.lengths[2][q, i, j, k])].tolist()
+    assert _generate(params, ctx, _leaf_key(q, (i, j, k)), 4) == want
 
 
 @pytest.mark.parametrize("top_layers", [0, 1])
@@ -270,28 +278,6 @@ def _role_adapters(top_layers):
         )
         for r in range(3)
     )
-
-
-def _leaf_key(q, path, fans=(2, 2, 3)):
-    key = sampling.row_keys(11, 2)[q]
-    for fan, idx in zip(fans, path):
-        key = expansion._child_keys(key[None], fan)[idx]
-    return jax.random.fold_in(key, 0xA11CE)
-
-
-def _generate(params, ctx, key, n):
-    xs, ls = sampling.pad_batch([ctx], bucket=8)
-    out = sampling.generate(
-        params,
-        jnp.asarray(xs),
-        jnp.asarray(ls),
-        key[None],
-        cfg=CFG,
-        sampling=SamplingConfig(temperature=1.0),
-        stop=sampling.StopCriteria(stop_ids=(2,)),
-        max_new_tokens=n,
-    )
-    return sampling.trim(out)[0]
 
 
 def _assert_empty_verifier(t, full):
