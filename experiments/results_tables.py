@@ -34,6 +34,7 @@ MAKE = {  # the make target behind a summary's command
     "python experiments/testbed_study.py --parts seeds": "make testbed-study ARGS='--parts seeds'",
     "python experiments/testbed_study.py --parts phase": "make testbed-study ARGS='--parts phase'",
     "python experiments/testbed_study.py --parts curve": "make testbed-study ARGS='--parts curve'",
+    "python experiments/testbed_study.py --parts seeds gr0": "make testbed-study ARGS='--parts seeds gr0'",
     "python experiments/testbed_rl_compare.py": "make testbed-rl",
     "python experiments/testbed_rl_compare.py --seeds 0": "make testbed-rl ARGS='--seeds 0'",
 }
@@ -404,12 +405,24 @@ def testbed_seeds_tables(d: dict) -> list[str]:
             + f" | {sum(accs) / len(accs):.3f} +- {_sd(accs):.3f} |"
         )
     out += ["", *pooled_table(d["pooled"], same_sign=True)]
+    gr0 = d.get("gr0")  # the gr0 part's runs (G and R trained with an empty critique), once there are any
+    if gr0:
+        out += [
+            "",
+            f"{gr0['system']}: G and R trained with an empty critique (`tree.critique: false`, "
+            f"{', '.join(f'`{o}`' for o in gr0['overrides'][1:])}), a run of its own per seed "
+            f"(seeds {', '.join(map(str, gr0['seeds']))}"
+            + ("" if gr0["complete"] else ", incomplete")
+            + f"), evaluated as G -> (no critique) -> R; its comparisons with MALT ({'; '.join(gr0['holm_family'])}) "
+            "are a Holm family of their own.",
+        ]
     out += [
         "",
         "| role skill (mean over seeds, every pass) | G accuracy | V balanced accuracy | R fix rate | R break rate |",
         "|---|---|---|---|---|",
     ]
-    for chain in ("chain", "sft-chain", "malt"):
+    gr0_skills = (gr0["system"],) if gr0 and all(gr0["system"] in per[s]["skills"] for s in seeds) else ()
+    for chain in ("chain", "sft-chain", "malt", *gr0_skills):
         vals = [per[s]["skills"][chain] for s in seeds]
         cells = []
         for key in ("generator_accuracy", "verifier_balanced_accuracy", "refiner_fix_rate", "refiner_break_rate"):

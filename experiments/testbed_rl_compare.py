@@ -33,9 +33,18 @@ Declared before any run (no setting below was chosen on evaluation questions):
   ``offline`` vs ``grpo-single``, ``grpo-single`` vs the untrained single+MV@3.
 * Target (the issue's): ``rl`` beats ``offline`` and ``grpo-single`` with Holm-adjusted p < 0.05.
 
+* **Held-out curves** (learning curves, not a test): during training each RL run evaluates its
+  current adapters (``rl.eval_every``: every 2 of ``rl``'s 8 iterations, every 10 of
+  ``grpo-single``'s; before the first update and after the last too) on 200 questions of the
+  testbed's **validation** split (``rl.eval_questions``), disjoint from the training and the test
+  questions, so the curves choose nothing and read no test question; the evaluation uses none of
+  the run's RNG, so the trained adapters are those of a run without it.
+
 Output: ``results/testbed_rl_compare.json`` (rewritten as runs land; ``"complete": false`` until
-all have) with per-seed accuracies and token counts, the tests, and the RL runs' reward curves
-(training reward against sampled tokens, per iteration, with 95% Wilson intervals), plotted in
+all have) with per-seed accuracies and token counts, the tests, the RL runs' reward curves
+(training reward against sampled tokens, per iteration, with 95% Wilson intervals) and their
+held-out curves (validation accuracy of the method's MV@3 system against sampled tokens, with 95%
+Wilson intervals; none for a run made before ``rl.eval_every``), plotted in
 ``results/testbed_rl_compare.png``. Run directories under ``runs/testbed_rl_compare/``.
 """
 
@@ -76,6 +85,10 @@ ITERATE_QUESTIONS = 128
 RL_ITERATIONS = 8
 RL_QUESTIONS = 32
 SINGLE_N = 8
+# held-out (validation) points: rl.eval_every per RL method (5 points over rl's 8 iterations,
+# about 9 over grpo-single's ~80), on EVAL_QUESTIONS validation questions
+EVAL_EVERY = {"rl": 2, "grpo-single": 10}
+EVAL_QUESTIONS = 200
 
 
 def run_dir(method: str, seed: int) -> Path:
@@ -135,7 +148,13 @@ def run_iterate(seed: int, progress: bool) -> dict:
 
 
 def rl_overrides(method: str, seed: int, budget: dict) -> list[str]:
-    over = [*common_overrides(method, seed), f"rl.seed={seed}", f"rl.questions_per_iteration={RL_QUESTIONS}"]
+    over = [
+        *common_overrides(method, seed),
+        f"rl.seed={seed}",
+        f"rl.questions_per_iteration={RL_QUESTIONS}",
+        f"rl.eval_every={EVAL_EVERY[method]}",
+        f"rl.eval_questions={EVAL_QUESTIONS}",
+    ]
     if method == "rl":
         return [*over, f"rl.iterations={RL_ITERATIONS}"]
     per_iteration = RL_QUESTIONS * SINGLE_N * budget["generator_mean_length"]
@@ -197,6 +216,18 @@ def reward_curve(run: Path, leaves: int) -> list[dict[str, Any]]:
     return out
 
 
+def heldout_curve(run: Path, system: str) -> list[dict[str, Any]]:
+    """Per held-out point of an RL run (``rl/heldout.jsonl``, ``rl.eval_every``): the iteration,
+    sampled tokens so far, ``system``'s validation accuracy, its 95% Wilson interval, correct and
+    n; empty for a run without held-out rows (made before ``rl.eval_every``, or without it)."""
+    from malt_jax.stages.rundir import read_jsonl
+
+    path = run / "rl" / "heldout.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    keys = ("iteration", "num_tokens", "accuracy", "ci95", "correct", "n")
+    return sorted(({k: r[k] for k in keys} for r in rows if r["system"] == system), key=lambda p: p["iteration"])
+
+
 def summarize(records: dict[int, dict[str, Any]], command: str, wall: float) -> dict[str, Any]:
     import numpy as np
 
@@ -248,6 +279,9 @@ def summarize(records: dict[int, dict[str, Any]], command: str, wall: float) -> 
         for m in ("rl", "grpo-single")
         if m in records[s] and (run_dir(m, s) / "rl" / "metrics.jsonl").exists()
     }
+    heldout = {
+        f"{m}_s{s}": heldout_curve(run_dir(m, s), SYSTEM[m]) for s in seeds for m in EVAL_EVERY if m in records[s]
+    }
     complete = seeds == list(SEEDS) and all(set(METHODS) <= set(records[s]) for s in seeds)
     return {
         "experiment": "testbed_rl_compare",
@@ -263,17 +297,28 @@ def summarize(records: dict[int, dict[str, Any]], command: str, wall: float) -> 
         "pooled": pooled,
         "targets": targets,
         "reward_curves": curves,
-        "wall_time_s": round(wall, 1),
+        "heldout_curves": {k: v for k, v in heldout.items() if v},
+        # the runs' own times summed (a rerun that only summarises finished runs takes seconds)
+        "wall_time_s": round(sum(w for s in seeds for w in per_seed[str(s)]["wall_time_s"].values() if w), 1),
+        "this_call_s": round(wall, 1),
         "date": datetime.date.today().isoformat(),
         "machine": machine_info(),
     }
 
 
+def _seed_style(name: str) -> tuple[str, str]:
+    """A curve's colour (its method) and line style (its seed) from its name ``<method>_s<seed>``."""
+    method, _, seed = name.rpartition("_s")
+    styles = ("-", "--", ":")
+    style = styles[int(seed) % len(styles)] if seed.isdigit() else "-"
+    return ("C3" if method == "rl" else "C0"), style
+
+
 def plot(summary: dict, path: Path) -> None:
     from malt_jax.evaluation.plots import new_figure
 
-    fig = new_figure(6.4, 4.2)
-    ax = fig.add_subplot(1, 1, 1)
+    fig = new_figure(12.8, 4.2)
+    ax = fig.add_subplot(1, 2, 1)
     for name, pts in sorted(summary["reward_curves"].items()):
         xs = [p["num_tokens"] for p in pts]
         ys = [p["reward"] for p in pts]
@@ -284,6 +329,22 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylabel("training reward (95% Wilson)")
     ax.set_title("Testbed: online GRPO reward against sampled tokens")
     ax.legend(fontsize=7)
+    ax = fig.add_subplot(1, 2, 2)
+    for name, pts in sorted(summary.get("heldout_curves", {}).items()):
+        color, style = _seed_style(name)
+        xs = [p["num_tokens"] for p in pts]
+        ys = [p["accuracy"] for p in pts]
+        err = [[y - p["ci95"][0] for y, p in zip(ys, pts)], [p["ci95"][1] - y for y, p in zip(ys, pts)]]
+        method = name.rpartition("_s")[0]
+        label = f"{name} ({SYSTEM.get(method, '?')})"
+        ax.errorbar(xs, ys, yerr=err, color=color, linestyle=style, marker=".", capsize=2, alpha=0.8, label=label)
+    ax.set_xlabel("sampled tokens")
+    ax.set_ylabel(f"validation accuracy (95% Wilson), {EVAL_QUESTIONS} questions")
+    ax.set_title("Held-out (validation) accuracy against sampled tokens")
+    if summary.get("heldout_curves"):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no held-out rows (runs without rl.eval_every)", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
 
@@ -319,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 res = run_rl(m, s, budget, progress)
                 tokens = res["num_tokens"]
-            records[s][m] = {"tokens": tokens, "wall_time_s": res.get("wall_time_s")}
+            wall = res.get("wall_time_s")
+            if wall is None and (run_dir(m, s) / "timings.json").exists():  # iterate: its stages' times
+                wall = round(sum(json.loads((run_dir(m, s) / "timings.json").read_text()).values()), 1)
+            records[s][m] = {"tokens": tokens, "wall_time_s": wall}
             summary = summarize(records, command, time.perf_counter() - t0)
             out.write_text(json.dumps(summary, indent=2) + "\n")
             plot(summary, out.with_suffix(".png"))

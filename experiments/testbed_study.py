@@ -1,7 +1,7 @@
 """The testbed study (``make testbed-study``): where MALT pays on a model whose roles can learn.
 
     python experiments/testbed_study.py                 # every part, resumable (rerun to continue)
-    python experiments/testbed_study.py --parts seeds   # one part: seeds | phase | curve
+    python experiments/testbed_study.py --parts seeds   # one part: seeds | gr0 | phase | curve
 
 Declared before any run (none of it was chosen on the evaluation questions):
 
@@ -15,6 +15,12 @@ Declared before any run (none of it was chosen on the evaluation questions):
   paper's role ablations (``eval.ablations``: only G trained; G+V; trained G and R with the
   untrained V; trained G and R with an empty critique, ``malt-GR0``, added after the seeds had
   run: its figures come from the runs evaluated since).
+* **gr0**: the paper's role ablation "G and R trained with an empty critique" as a training run
+  of its own per seed (``tree.critique: false``: trees of one empty critique per answer and
+  ``GR0_TREE``'s refinements, G and R trained on them, no verifier), the seed runs' overrides
+  otherwise; its chain G -> (no critique) -> R is the seeds summary's ``gr0-trained`` (+MV@3),
+  compared with the same seed's MALT (McNemar per seed; pooled over the seeds with a GR0 run, a
+  Holm family of its own, ``GR0_PAIRS``). Added after the seeds had run.
 * **phase**: the base verifier's skill set through the corpus (v_detect, v_false_alarm) = (0.5,
   0.5), (0.65, 0.35), (0.8, 0.2), (1.0, 0.0), one model pretrained per level (the same
   pretraining config otherwise), the MALT stage with seed 0 on each; x = the base chain's
@@ -48,7 +54,7 @@ DEFAULT_LEVEL = (0.8, 0.2)
 LEVELS = ((0.5, 0.5), (0.65, 0.35), (0.8, 0.2), (1.0, 0.0))
 TRAIN_SIZES = (32, 100, 320)
 VOTES = 3
-PARTS = ("seeds", "phase", "curve")
+PARTS = ("seeds", "gr0", "phase", "curve")
 
 MV = f"+MV@{VOTES}"
 PRIMARY = (f"malt{MV}", f"single{MV}")
@@ -65,6 +71,13 @@ POOLED = [
     (f"malt{MV}", f"malt-GR{MV}"),
     (f"malt{MV}", f"malt-GR0{MV}"),
 ]
+# G and R trained with an empty critique (the gr0 part): one empty critique per answer (tree.m
+# must be 1) and as many refinements of each answer as the seed runs' trees hold (m x l = 3 x 3,
+# experiments/testbed.yaml), so G's values average as many leaves and R is sampled as often
+GR0 = "gr0-trained"
+GR0_TREE = ("tree.critique=false", "tree.m=1", "tree.l=9")
+# the gr0 family (Holm within it, apart from the pre-declared family): MALT against it
+GR0_PAIRS = [(f"malt{MV}", f"{GR0}{MV}"), ("malt", GR0)]
 
 
 def level_tag(level: tuple[float, float]) -> str:
@@ -104,6 +117,57 @@ def run_overrides(level: tuple[float, float], seed: int, ablations: bool) -> tup
         f"eval.ablations={'true' if ablations else 'false'}",
         *corpus_overrides(level, "task.options"),
     ]
+
+
+def gr0_tag(seed: int) -> str:
+    return f"{level_tag(DEFAULT_LEVEL)}_gr0_s{seed}"
+
+
+def gr0_overrides(seed: int) -> tuple[str, list[str]]:
+    """The run of G and R trained with an empty critique at the default level: the seed run's
+    overrides (no role ablations: they need a trained V), its own name and run dir, ``GR0_TREE``."""
+    name = f"testbed_study_{gr0_tag(seed)}"
+    _, over = run_overrides(DEFAULT_LEVEL, seed, ablations=False)
+    own = [f"name={name}", f"run_dir=runs/testbed_study/{gr0_tag(seed)}"]
+    return name, own + [o for o in over if not o.startswith(("name=", "run_dir="))] + list(GR0_TREE)
+
+
+def run_gr0(seed: int, progress: bool) -> dict:
+    """The run of G and R trained with an empty critique of one seed (resumable); its summary."""
+    from malt_jax.config import load_run_config
+    from malt_jax.workflows.pipeline import run
+
+    _, over = gr0_overrides(seed)
+    cfg = load_run_config(RUN_CONFIG, over)
+    run(cfg, progress=progress, command=" ".join(["malt-jax run", RUN_CONFIG, *over]))
+    return json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+
+
+def seed_records() -> dict[int, dict]:
+    """The summaries of the seed runs finished so far (what the seeds part records)."""
+    out = {}
+    for s in SEEDS:
+        path = ROOT / "runs/testbed_study" / f"{level_tag(DEFAULT_LEVEL)}_s{s}" / "summary.json"
+        if path.exists():
+            out[s] = json.loads(path.read_text())
+    return out
+
+
+def gr0_records() -> dict[int, dict]:
+    """The summaries of the gr0 part's runs finished so far."""
+    out = {}
+    for s in SEEDS:
+        path = ROOT / "runs/testbed_study" / gr0_tag(s) / "summary.json"
+        if path.exists():
+            out[s] = json.loads(path.read_text())
+    return out
+
+
+def gr0_correctness(seed: int) -> dict[str, Any]:
+    """``gr0-trained`` (+MV@3) -> correctness per question: the chain (``malt``) of the seed's run
+    trained with an empty critique."""
+    runs = correctness(ROOT / "runs/testbed_study" / gr0_tag(seed))
+    return {GR0 + n[len("malt") :]: c for n, c in runs.items() if n in ("malt", f"malt{MV}")}
 
 
 def run_malt(level: tuple[float, float], seed: int, ablations: bool, progress: bool) -> dict:
@@ -183,7 +247,11 @@ def pooled_tests(correct: dict[int, dict[str, Any]], pairs: list[tuple[str, str]
 
 
 def seeds_summary(records: dict[int, dict], command: str, wall: float) -> dict[str, Any]:
-    """Per-seed tables and exact McNemar tests, comparisons pooled over seeds, the targets."""
+    """Per-seed tables and exact McNemar tests, comparisons pooled over seeds, the targets.
+
+    The gr0 part's runs finished so far (read from their run directories) add ``gr0-trained``
+    (+MV@3) to the seeds that have one, their tests against that seed's MALT (``GR0_PAIRS``;
+    pooled over those seeds, Holm within that family) and a ``gr0`` record."""
     import numpy as np
 
     from malt_jax.runtime.machine import machine_info
@@ -191,6 +259,9 @@ def seeds_summary(records: dict[int, dict], command: str, wall: float) -> dict[s
     seeds = sorted(records)
     runs = {s: ROOT / "runs/testbed_study" / f"{level_tag(DEFAULT_LEVEL)}_s{s}" for s in seeds}
     correct = {s: correctness(runs[s]) for s in seeds}
+    gr0 = {s: rec for s, rec in gr0_records().items() if s in records}
+    for s in gr0:
+        correct[s].update(gr0_correctness(s))
     per_seed = {}
     for s in seeds:
         rec = records[s]
@@ -202,7 +273,18 @@ def seeds_summary(records: dict[int, dict], command: str, wall: float) -> dict[s
             "training": rec.get("training"),
             "wall_time_s": rec["wall_time_s"],
         }
+        if s in gr0:
+            g = gr0[s]["systems"]
+            per_seed[str(s)]["systems"] = {**rec["systems"], GR0: g["malt"], f"{GR0}{MV}": g[f"malt{MV}"]}
+            tests.update(seed_tests(correct[s], GR0_PAIRS))
+            # its chain has no critique: no verifier verdicts to score
+            per_seed[str(s)]["skills"][GR0] = {**skills_line(gr0[s], "malt"), "verifier_balanced_accuracy": None}
     pooled = pooled_tests(correct, [PRIMARY, *POOLED])
+    if gr0:
+        # the gr0 family over the seeds that have its run: PRIMARY leads the list only to keep the
+        # family's pairs out of pooled_tests' primary slot (its pooled figure here is dropped)
+        family = pooled_tests({s: correct[s] for s in gr0}, [PRIMARY, *GR0_PAIRS])
+        pooled.update({k: v for k, v in family.items() if k != "{} vs {}".format(*PRIMARY)})
 
     def mean_of(key: str, chain: str) -> float | None:
         xs = [per_seed[str(s)]["skills"][chain][key] for s in seeds]
@@ -243,9 +325,26 @@ def seeds_summary(records: dict[int, dict], command: str, wall: float) -> dict[s
         "per_seed": per_seed,
         "pooled": pooled,
         "targets": targets,
+        **({"gr0": gr0_record(gr0)} if gr0 else {}),
         "wall_time_s": round(wall, 1),
         "date": datetime.date.today().isoformat(),
         "machine": machine_info(),
+    }
+
+
+def gr0_record(gr0: dict[int, dict]) -> dict[str, Any]:
+    """What the seeds summary says of the gr0 part's runs (``gr0``: seed -> run summary)."""
+    return {
+        "system": GR0,
+        "what": "G and R trained with an empty critique (tree.critique: false), one run per seed; its "
+        "chain G -> (no critique) -> R is gr0-trained",
+        "command": "python experiments/testbed_study.py --parts gr0",
+        "overrides": list(GR0_TREE),
+        "seeds": sorted(gr0),
+        "complete": sorted(gr0) == list(SEEDS),
+        "holm_family": ["{} vs {}".format(*p) for p in GR0_PAIRS],
+        "run_dirs": [f"runs/testbed_study/{gr0_tag(s)}" for s in sorted(gr0)],
+        "wall_time_s": round(sum(r["wall_time_s"] for r in gr0.values()), 1),
     }
 
 
@@ -372,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     results = ROOT / "results"
     t0 = time.perf_counter()
     records: dict[int, dict] = {}
-    if "seeds" in args.parts or "phase" in args.parts:
+    if {"seeds", "gr0", "phase"} & set(args.parts):
         ensure_model(DEFAULT_LEVEL, progress)
     if "seeds" in args.parts:
         for s in SEEDS:
@@ -381,6 +480,29 @@ def main(argv: list[str] | None = None) -> int:
             summary = seeds_summary(records, command, wall)
             (results / "testbed_study.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(f"testbed study: seed {s} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if "gr0" in args.parts:
+        path = results / "testbed_study.json"
+        for s in SEEDS:
+            run_gr0(s, progress)
+            # the seeds summary is rewritten with the gr0 runs so far, from the seed runs on disk,
+            # unless that would drop a seed it holds (its run directory is not on this machine)
+            old = json.loads(path.read_text()) if path.exists() else {}
+            finished = seed_records()
+            missing = sorted(set(old.get("seeds", [])) - set(finished))
+            if finished and not missing:
+                # the command that ran the seeds stays the summary's (the gr0 record names its own)
+                wall = sum(r["wall_time_s"] for r in finished.values())
+                summary = seeds_summary(finished, old.get("command", command), wall)
+                path.write_text(json.dumps(summary, indent=2) + "\n")
+                note = ""
+            else:
+                note = (
+                    f"; {path.name} left as it was: the run directories of its seeds {missing} are not here "
+                    "(the seeds part reruns them and then adds the gr0 runs)"
+                    if missing
+                    else "; no seed run yet: the seeds part adds the gr0 runs to its summary"
+                )
+            print(f"testbed study: gr0 seed {s} done ({time.perf_counter() - t0:.0f} s){note}", flush=True)
     if "phase" in args.parts:
         points: dict[tuple[float, float], dict] = {}
         pre: dict[tuple[float, float], dict] = {}
@@ -407,9 +529,12 @@ def main(argv: list[str] | None = None) -> int:
             plot_phase(phase, results / "testbed_study_phase.png")
             print(f"testbed study: level {level} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     if "curve" in args.parts:
+        from malt_jax.runtime.machine import machine_info
+
         ensure_model(DEFAULT_LEVEL, progress)
         curve = run_curve(progress, command)
         curve["date"] = datetime.date.today().isoformat()
+        curve["machine"] = machine_info()
         (results / "testbed_study_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
     return 0
 

@@ -82,6 +82,14 @@ def _cmd_rl(args: argparse.Namespace) -> int:
                 f"{role}: iteration {row['iteration']}: reward_mean {row['reward_mean']:.3f}, loss {row['loss']:.4f}, "
                 f"kl {row['kl']:.4f}, clip_ratio {row['clip_ratio']:.3f}"
             )
+    points = sorted({(r["iteration"], r["num_tokens"]) for r in s["heldout"]})
+    for it, tokens in points:
+        scores = ", ".join(
+            f"{r['system']} {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+            for r in s["heldout"]
+            if r["iteration"] == it
+        )
+        print(f"held-out (validation) after iteration {it}, {tokens:,} tokens: {scores}")
     if "table" in s:
         print(s["table"])
     if "tensorboard" in s:

@@ -381,10 +381,30 @@ class TreeConfig:
     l: int = 3
     questions_per_batch: int = 4
     share_prefix: bool = True
+    # false: the paper's role ablation "G and R trained with an empty critique" as a run of its
+    # own. The verifier's level is left empty (nothing sampled; R reads its prompt with the
+    # critique "", ``PromptCodec.empty_critique_seps``), only G and R get training data and
+    # adapters, and the run's trained chains are evaluated as G -> (no critique) -> R. Every
+    # empty critique is the same, so such a tree has one per answer: ``m`` must be 1 (``l``
+    # refinements of each answer). ``malt-jax run`` only. Added later: part of a run's identity
+    # only when set.
+    critique: bool = dataclasses.field(default=True, metadata={"identity": "non-default"})
 
     def __post_init__(self) -> None:
         _check_types("tree", self)
         _check_min("tree", self, n=1, m=1, l=1, questions_per_batch=1)
+        _check("tree", self, "m", self.critique or self.m == 1, "1 with tree.critique: false (one empty critique)")
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles a run trains (and evaluates with their adapters): G, V and R; G and R without
+        a critique."""
+        return ("G", "V", "R") if self.critique else ("G", "R")
+
+    @property
+    def empty_levels(self) -> tuple[int, ...]:
+        """The tree levels left empty (``ExpansionSpec.empty_levels``): V's (1) without a critique."""
+        return () if self.critique else (1,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -608,6 +628,12 @@ class RLConfig:
     # rows per forward / backward pass of an update (gradients summed over the passes); the same
     # update to float rounding, so not part of the run's identity
     micro_batch: int = dataclasses.field(default=8, metadata={"identity": False})
+    # held-out accuracy during training: the current adapters evaluated on ``eval_questions``
+    # questions of the task's validation split (disjoint from the training and evaluation
+    # questions) before the first update, every ``eval_every`` iterations and after the last
+    # (0 = off); the evaluation reads none of the run's RNG, so neither is part of its identity
+    eval_every: int = dataclasses.field(default=0, metadata={"identity": False})
+    eval_questions: int = dataclasses.field(default=200, metadata={"identity": False})
 
     def __post_init__(self) -> None:
         _check_types("rl", self)
@@ -622,6 +648,8 @@ class RLConfig:
             checkpoint_every=1,
             seed=0,
             micro_batch=1,
+            eval_every=0,
+            eval_questions=1,
         )
         _check("rl", self, "learning_rate", self.learning_rate > 0, "learning_rate > 0")
         _check("rl", self, "clip_eps", self.clip_eps > 0, "clip_eps > 0")
@@ -734,6 +762,8 @@ class RunConfig:
                 f"study.train_sizes: the largest size {max(self.study.train_sizes)} exceeds "
                 f"task.num_train={self.task.num_train} (the questions expanded for the study)"
             )
+        if not self.tree.critique:
+            self._check_no_critique()
         if self.rl.iterations > 0:
             self._check_rl()
 
@@ -752,6 +782,19 @@ class RunConfig:
         _check("rl", self.rl, "questions_per_iteration", k <= n_train, f"<= task.num_train={n_train}")
         sampled = not self.sampling.is_greedy
         _check("sampling", self.sampling, "temperature", sampled, "> 0 (and sampling.greedy off) for an RL run")
+
+    def _check_no_critique(self) -> None:
+        """A run without a critique (``tree.critique: false``) trains no verifier: the role
+        ablations (which need one) and the workflows that sample full G -> V -> R trees with
+        trained roles (RL, iterative MALT) are refused."""
+        no_v = "false with tree.critique: false (no verifier is trained)"
+        _check("eval", self.eval, "ablations", not self.eval.ablations, no_v)
+        for ok, what in (
+            (self.rl.iterations == 0, "an RL run (rl.iterations > 0)"),
+            (self.iterate.rounds == 1, "iterative MALT (iterate.rounds > 1)"),
+        ):
+            if not ok:
+                raise ConfigError(f"tree.critique: false is not supported by {what}; it is a malt-jax run option")
 
     def hash(self) -> str:
         """The run's identity: :func:`config_hash` of the fields that define its results."""

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -118,6 +119,38 @@ def write_gguf(path, cfg, hf: dict, quantize: bool = False):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# malt-jax rl on the tiny parity run: 2 iterations of 2 questions (trees 2x2x2), fresh adapters
+RL = ["rl.iterations=2", "rl.reference=base", "rl.questions_per_iteration=2", "rl.learning_rate=1e-2"]
+# the single-agent GRPO baseline (rl.agents: single): G alone, RL_SINGLE_N answers per question
+RL_SINGLE_N = 4
+RL_SINGLE = [*RL, "rl.agents=single", "rl.roles=[G]", f"tree.n={RL_SINGLE_N}"]
+
+
+def tiny_model():
+    """The random ``tiny`` model whose adapters the RL tests train."""
+    from malt_jax.config import load_run_config
+    from malt_jax.model.base_model import load_model
+
+    return load_model("random", load_run_config(None, ["model_preset=tiny"]).model)
+
+
+def rl_config(tmp: Path, overrides: Sequence[str], run: str = "out", extra: Sequence[str] = ()):
+    """The tiny parity run ``tmp/<run>`` (its config ``tmp/<run>.yaml``) with the RL
+    ``overrides`` (:data:`RL`, :data:`RL_SINGLE`) and ``extra`` ones."""
+    from malt_jax.config import load_run_config
+
+    path = write_tiny_config(tmp / f"{run}.yaml", tmp / run, task="parity")
+    return load_run_config(path, [*overrides, *extra])
+
+
+def uninterrupted_rl(cfg, model) -> tuple:
+    """``cfg``'s RL run from start to end (no evaluation of the final adapters): ``(cfg, summary)``."""
+    from malt_jax.workflows.rl import run_rl
+    from tests.parity_task import ParityTask
+
+    return cfg, run_rl(cfg, model=model, task=ParityTask(), progress=False, evaluate=False)
 
 
 def rl_metric_rows(run_dir: Path) -> list[dict]:

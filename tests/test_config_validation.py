@@ -77,6 +77,7 @@ BAD: dict[str, list] = {
     "tree.l": [0],
     "tree.questions_per_batch": [0],
     "tree.share_prefix": [MAYBE],
+    "tree.critique": [MAYBE],  # false with tree.m > 1: tests/test_no_critique_run.py
     "lora.rank": [0],
     "lora.alpha": [0.0, -16.0],
     "lora.targets": [["wq", "wx"], [], ["wq", "wq"]],
@@ -137,6 +138,8 @@ BAD: dict[str, list] = {
     "rl.checkpoint_every": [0],
     "rl.seed": [-1],
     "rl.micro_batch": [0],
+    "rl.eval_every": [-1],
+    "rl.eval_questions": [0],
     "iterate.rounds": [0, -1],
     "iterate.init": ["scratch"],
     "iterate.thresholds": [[1.5], [-0.1], [0.5, 0.6], ["high"]],  # [0.5, 0.6]: 2 thresholds, 1 round

@@ -16,7 +16,6 @@ import pytest
 
 from malt_jax import cli
 from malt_jax.config import ConfigError, RunConfig, load_run_config, to_dict
-from malt_jax.model.base_model import load_model
 from malt_jax.roles import ROLES
 from malt_jax.runtime import tblog
 from malt_jax.stages.eval import System
@@ -24,16 +23,14 @@ from malt_jax.stages.rl import iteration_questions
 from malt_jax.stages.rundir import RunDirError, load_adapters, save_adapter
 from malt_jax.training.pg_step import batch_logps, pg_batch
 from malt_jax.workflows.rl import METRIC_KEYS, initial_adapters, run_rl
-from tests.fixtures import rl_metric_rows, write_tiny_config
+from tests.fixtures import RL, rl_config, rl_metric_rows, tiny_model, uninterrupted_rl, write_tiny_config
 from tests.parity_task import ParityTask
 
-RL = ["rl.iterations=2", "rl.reference=base", "rl.questions_per_iteration=2", "rl.learning_rate=1e-2"]
 ONE_TREE = 2 * 6 + 4 * 6 + 8 * 6  # tokens of one 2x2x2 tree at 6 tokens per turn
 
 
 def _cfg(tmp: Path, run: str = "out", extra: tuple[str, ...] = ()) -> RunConfig:
-    path = write_tiny_config(tmp / f"{run}.yaml", tmp / run, task="parity")
-    return load_run_config(path, RL + list(extra))
+    return rl_config(tmp, RL, run, extra)
 
 
 def _snapshot(d: Path) -> dict[str, str]:
@@ -42,15 +39,13 @@ def _snapshot(d: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("random", load_run_config(None, ["model_preset=tiny"]).model)
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory, model):
     """An uninterrupted 2-iteration run (reference: the base model)."""
-    cfg = _cfg(tmp_path_factory.mktemp("rl"))
-    summary = run_rl(cfg, model=model, task=ParityTask(), progress=False, evaluate=False)
-    return cfg, summary
+    return uninterrupted_rl(_cfg(tmp_path_factory.mktemp("rl")), model)
 
 
 def test_two_iterations_write_metrics_of_every_role_and_change_the_adapters(full):

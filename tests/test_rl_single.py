@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from malt_jax.config import ConfigError, RunConfig, load_run_config, to_dict
-from malt_jax.model.base_model import load_model
 from malt_jax.model.lora import lora_scale
 from malt_jax.roles import ROLES
 from malt_jax.sampling.codec import PromptCodec
@@ -22,25 +21,22 @@ from malt_jax.stages import rl as rl_stage
 from malt_jax.stages.eval import default_systems, primary_names
 from malt_jax.stages.rundir import load_adapters
 from malt_jax.workflows.rl import initial_adapters, run_rl
-from tests.fixtures import rl_metric_rows, write_tiny_config
+from tests.fixtures import (
+    RL_SINGLE as SINGLE,
+    RL_SINGLE_N as N,
+    rl_config,
+    rl_metric_rows,
+    tiny_model,
+    uninterrupted_rl,
+    write_tiny_config,
+)
 from tests.parity_task import ParityTask
 
-N = 4  # G's answers per question: the GRPO group
-SINGLE = [
-    "rl.iterations=2",
-    "rl.reference=base",
-    "rl.questions_per_iteration=2",
-    "rl.learning_rate=1e-2",
-    "rl.agents=single",
-    "rl.roles=[G]",
-    f"tree.n={N}",
-]
 SYSTEMS = ["single-greedy", "single", "single+MV@3", "single-trained", "single-trained+MV@3"]
 
 
 def _cfg(tmp: Path, run: str = "out", extra: tuple[str, ...] = ()) -> RunConfig:
-    path = write_tiny_config(tmp / f"{run}.yaml", tmp / run, task="parity")
-    return load_run_config(path, SINGLE + list(extra))
+    return rl_config(tmp, SINGLE, run, extra)
 
 
 def _numpy_advantages(x: np.ndarray, baseline: str, normalize: str, eps: float = 1e-6) -> np.ndarray:
@@ -59,15 +55,13 @@ def _numpy_advantages(x: np.ndarray, baseline: str, normalize: str, eps: float =
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("random", load_run_config(None, ["model_preset=tiny"]).model)
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory, model):
     """An uninterrupted 2-iteration single-agent run (reference: the base model)."""
-    cfg = _cfg(tmp_path_factory.mktemp("rl_single"))
-    summary = run_rl(cfg, model=model, task=ParityTask(), progress=False, evaluate=False)
-    return cfg, summary
+    return uninterrupted_rl(_cfg(tmp_path_factory.mktemp("rl_single")), model)
 
 
 def test_single_samples_depth_one_trees_rewarded_by_the_grade_of_g(tmp_path, model):

@@ -1,7 +1,8 @@
 """The RL comparison's bookkeeping (experiments/testbed_rl_compare.py): the systems that stand for
 each method, per-seed McNemar tests, comparisons pooled over seeds with Holm over all but the
-primary, reward curves with Wilson intervals, refusal of runs evaluated on other questions, and
-the README block, on fabricated run directories of three seeds."""
+primary, reward curves with Wilson intervals, held-out (validation) curves of the MV@3 systems
+(none for a run without them), the plot, refusal of runs evaluated on other questions, and the
+README block, on fabricated run directories of three seeds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from malt_jax.evaluation.stats import wilson_interval
+from malt_jax.stages.rundir import read_jsonl
 from tests.fixtures import experiment_module
 
 CMP = experiment_module("testbed_rl_compare", "experiments/testbed_rl_compare.py")
@@ -54,6 +57,30 @@ def _write_metrics(run: Path, rng, iterations: int, tokens: int) -> None:
     (run / "rl" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _write_heldout(run: Path, rng, points: list[int], tokens: int, system: str) -> None:
+    """``rl/heldout.jsonl`` as malt-jax rl writes it: per point the first pass and the vote."""
+    rows = []
+    for i in points:
+        for name in (system.removesuffix("+MV@3"), system):
+            k = int(rng.integers(0, 201))
+            rows.append(
+                {
+                    "iteration": i,
+                    "num_tokens": i * tokens,
+                    "system": name,
+                    "accuracy": k / 200,
+                    "ci95": [round(x, 4) for x in wilson_interval(k, 200)],
+                    "correct": k,
+                    "n": 200,
+                }
+            )
+    (run / "rl" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# held-out points per method: rl every 2 of 4 iterations; grpo-single at the start and the end
+POINTS = {"rl": [0, 2, 4], "grpo-single": [0, 4]}
+
+
 @pytest.fixture()
 def runs(tmp_path, monkeypatch):
     monkeypatch.setattr(CMP, "ROOT", tmp_path)
@@ -68,6 +95,8 @@ def runs(tmp_path, monkeypatch):
             _write_eval(run / "eval", rng, acc, ids)
             if m in ("rl", "grpo-single"):
                 _write_metrics(run, rng, 4, 1000)
+                if (m, seed) != ("grpo-single", 2):  # a run made before rl.eval_every: no held-out rows
+                    _write_heldout(run, rng, POINTS[m], 1000, CMP.SYSTEM[m])
             records[seed][m] = {"tokens": 4000 + seed, "wall_time_s": 10.0}
     return records
 
@@ -98,6 +127,42 @@ def test_pooled_primary_holm_tokens_and_curves(runs):
     assert all(p["ci95"][0] <= p["reward"] <= p["ci95"][1] for p in curve)
     text = "\n".join(TABLES.testbed_rl_tables(summary))
     assert "| rl vs offline |" in text and "**primary**" in text and "4,000" in text
+
+
+def test_heldout_curves_of_the_mv_systems_and_the_plot(runs, tmp_path):
+    summary = CMP.summarize(runs, "cmd", 1.0)
+    curves = summary["heldout_curves"]
+    assert sorted(curves) == sorted(
+        f"{m}_s{s}" for s in CMP.SEEDS for m in ("rl", "grpo-single") if (m, s) != ("grpo-single", 2)
+    )
+    for name, pts in curves.items():
+        method = name.rpartition("_s")[0]
+        rows = [
+            r
+            for r in read_jsonl(CMP.run_dir(method, int(name[-1])) / "rl" / "heldout.jsonl")
+            if r["system"] == CMP.SYSTEM[method]
+        ]
+        assert [p["iteration"] for p in pts] == POINTS[method]
+        assert [p["num_tokens"] for p in pts] == [1000 * i for i in POINTS[method]]
+        assert [(p["accuracy"], p["correct"], p["ci95"]) for p in pts] == [
+            (r["accuracy"], r["correct"], r["ci95"]) for r in rows
+        ]
+        assert all(p["ci95"][0] <= p["accuracy"] <= p["ci95"][1] and p["n"] == 200 for p in pts)
+    assert "grpo-single_s2" in summary["reward_curves"]  # its training reward curve is still there
+    png = tmp_path / "plot.png"
+    CMP.plot(summary, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    CMP.plot({"reward_curves": summary["reward_curves"]}, png)  # a summary written before the curves
+
+
+def test_rl_runs_ask_for_heldout_points_on_validation_questions():
+    budget = {"tokens": 118_000, "generator_mean_length": 6.0}
+    for m in ("rl", "grpo-single"):
+        over = CMP.rl_overrides(m, 0, budget)
+        assert f"rl.eval_every={CMP.EVAL_EVERY[m]}" in over and "rl.eval_questions=200" in over
+    single = CMP.rl_overrides("grpo-single", 0, budget)
+    iterations = int(next(o for o in single if o.startswith("rl.iterations=")).split("=")[1])
+    assert 5 <= len([i for i in range(iterations + 1) if i % CMP.EVAL_EVERY["grpo-single"] == 0]) <= 10
 
 
 def test_runs_evaluated_on_other_questions_are_refused(runs):

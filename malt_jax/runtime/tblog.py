@@ -10,6 +10,8 @@ metric names so the usual dashboards read them:
                                        (the held-out slice)
     <run>/tensorboard/eval             eval/accuracy/<system> (malt+MV@3 -> malt_MV_3),
                                        eval/verifier/<chain>/balanced_accuracy
+    <run>/tensorboard/rl_heldout       heldout/<system>: malt-jax rl's held-out accuracy at step =
+                                       the tokens sampled by then (rl.eval_every)
 
     tensorboard --logdir <run>/tensorboard
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "tag", "trl_name", "write_training", "write_eval", "command"]
+__all__ = ["available", "tag", "trl_name", "write_training", "write_eval", "write_scalars", "command"]
 
 _RENAME = {"accuracy": "mean_token_accuracy"}
 _SKIP = {"stage", "step", "epoch", "best", "n_tokens", "tokens_per_s"}
@@ -103,6 +105,18 @@ def write_eval(run_dir: Path, systems: dict[str, dict], verifier: dict[str, dict
     for name, c in verifier.items():
         if c.get("balanced_accuracy") is not None:
             w.add_scalar(f"eval/verifier/{tag(name)}/balanced_accuracy", float(c["balanced_accuracy"]), step)
+    w.close()
+    return True
+
+
+def write_scalars(run_dir: Path, name: str, scalars: Iterable[tuple[str, float, int]]) -> bool:
+    """Scalars ``(tag, value, step)`` into ``<run>/tensorboard/<name>`` (rewritten); False if
+    TensorBoard is off."""
+    w = _writer(Path(run_dir) / "tensorboard" / name)
+    if w is None:
+        return False
+    for t, value, step in scalars:
+        w.add_scalar(t, float(value), int(step))
     w.close()
     return True
 

@@ -105,7 +105,8 @@ class ExpansionSpec:
     @classmethod
     def from_tree(cls, tree: TreeConfig, sampling: SamplingConfig, **fields: Any) -> ExpansionSpec:
         """The spec of a training-tree expansion: ``tree.n``/``m``/``l``, ``sampling`` with its per-role
-        budgets, mode ``"extend"`` (``"naive"`` without ``tree.share_prefix``); ``fields`` override."""
+        budgets, mode ``"extend"`` (``"naive"`` without ``tree.share_prefix``), the verifier's
+        level empty without ``tree.critique`` (``TreeConfig.empty_levels``); ``fields`` override."""
         return cls(
             **{
                 "n": tree.n,
@@ -114,6 +115,7 @@ class ExpansionSpec:
                 "max_new": sampling.budgets(),
                 "sampling": sampling,
                 "mode": "extend" if tree.share_prefix else "naive",
+                "empty_levels": tree.empty_levels,
                 **fields,
             }
         )

@@ -79,8 +79,14 @@ def build_datasets(
     max_pairs_per_parent: int | None,
     seed: int,
     verifier_balance: bool = False,
+    roles: Sequence[str] = ROLES,
 ) -> tuple[dict, dict]:
     """Value iteration + labels -> per-role SFT examples and DPO pairs (token level).
+
+    ``roles``: the roles that get data (``TreeConfig.roles``); the others get none and no
+    statistics in the summary (a tree without a critique, ``tree.critique: false``: its V nodes
+    are the empty critiques, one per answer, whose values are the answers' values). Values are
+    propagated through every level all the same.
 
     DPO pairs whose chosen and rejected completions are the same tokens are dropped (counted as
     ``<role>/dpo_identical``). With ``verifier_balance`` (and ``G_correct`` in the trees), the
@@ -90,8 +96,10 @@ def build_datasets(
     """
     values = credit_lib.assign_credit(jnp.asarray(trees["rewards"]), threshold=threshold)
     summary = credit_lib.summary(values, max_pairs_per_parent)
+    dropped = [role_name(r) + "/" for r in ROLES if r not in roles]
+    summary = {k: v for k, v in summary.items() if not k.startswith(tuple(dropped))}
     datasets: dict[str, dict[str, list]] = {}
-    for role in ROLES:
+    for role in (r for r in ROLES if r in roles):
         sft: list[dict[str, Any]] = [
             {
                 "prompt": node_context(trees, seps, c),
@@ -136,7 +144,10 @@ def run_credit(
     """Stage 2: value iteration, labels, SFT sets and DPO pairs for each role.
 
     ``n_questions``: use only the first that many trees (the study's nested training sets),
-    written to ``out`` (default ``run_dir / "credit"``).
+    written to ``out`` (default ``run_dir / "credit"``). Without a critique
+    (``tree.critique: false``) only G and R get data (``TreeConfig.roles``), and R's prompts are
+    the contexts the sampler gave it: the codec's ``empty_critique_seps`` around the empty
+    critique.
     """
     out = out or run_dir / "credit"
     if (out / "summary.json").exists():
@@ -150,12 +161,13 @@ def run_credit(
     codec = PromptCodec(model.tokenizer, task, cfg.task.framing)
     datasets, summary = build_datasets(
         trees,
-        codec.seps,
+        codec.seps if cfg.tree.critique else codec.empty_critique_seps,
         codec.end_of_turn,
         cfg.train.value_threshold,
         cfg.train.max_pairs_per_parent,
         cfg.train.seed,
         verifier_balance=cfg.train.verifier_balance,
+        roles=cfg.tree.roles,
     )
     for role, d in datasets.items():
         for kind, rows in d.items():

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,16 +94,23 @@ SINGLE_TRAINED = "single-trained"
 
 
 def default_systems(
-    votes: int = 3, sft_chain: bool = False, ablations: bool = False, agents: str = "multi"
+    votes: int = 3, sft_chain: bool = False, ablations: bool = False, agents: str = "multi", critique: bool = True
 ) -> list[System]:
     """single-greedy, single (+MV), the untrained chain (+MV), MALT (+MV), with ``sft_chain`` the
     SFT-only trained chain (the paper's STaR-style ablation) and with ``ablations`` the role
     ablations of :data:`ABLATIONS` (``malt-G``, ``malt-GV``, ``malt-GR``, ``malt-GR0``: trained G
     and R with an empty critique, :data:`EMPTY_CRITIQUE`).
 
+    ``critique=False`` (a run that trained G and R with an empty critique, ``tree.critique:
+    false``): its trained chains, ``malt`` and ``sft-chain``, are G -> (no critique) -> R with
+    the run's G and R adapters (``roles=("G", "R")``, ``critique=False``); the untrained
+    baselines are unchanged, and the role ablations (which need a trained V) do not apply.
+
     ``agents="single"`` (a single-agent GRPO run, ``rl.agents``): no chains; single-greedy, single
     (+MV) and the trained generator alone, ``single-trained`` (+MV); ``sft_chain`` and
     ``ablations`` do not apply."""
+    if not critique and ablations:
+        raise ValueError("the role ablations need a trained verifier; a chain without a critique has none")
     if agents == "single":
         return [
             System("single-greedy", 1, 1, True, False),
@@ -114,9 +122,10 @@ def default_systems(
         System("single", 1, votes, False, False),
         System("chain", 3, votes, False, False),
     ]
+    chain: dict[str, Any] = {} if critique else {"roles": ("G", "R"), "critique": False}
     if sft_chain:
-        systems.append(System("sft-chain", 3, votes, False, True, stage="sft"))
-    systems.append(System("malt", 3, votes, False, True))
+        systems.append(System("sft-chain", 3, votes, False, True, stage="sft", **chain))
+    systems.append(System("malt", 3, votes, False, True, **chain))
     if ablations:
         systems += [
             System(f"malt-{k}", 3, votes, False, True, roles=r, critique=k not in EMPTY_CRITIQUE)
@@ -361,7 +370,8 @@ def run_eval(
 
     ``adapters`` / ``sft_adapters``: the roles' adapters after DPO / after SFT only (systems
     that need missing adapters are skipped). ``systems``: default :func:`default_systems` of the
-    ``eval`` section (those of ``agents="single"`` for a single-agent GRPO run, ``rl.agents``).
+    ``eval`` section (those of ``agents="single"`` for a single-agent GRPO run, ``rl.agents``;
+    without a critique, ``tree.critique: false``, the trained chains G -> (no critique) -> R).
 
     Returns ``results`` (name -> SystemResult), ``comparisons`` (every trained system vs every
     baseline, and MALT vs the SFT-only chain; the pre-declared primary comparison,
@@ -375,7 +385,11 @@ def run_eval(
     out = out or Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     agents = cfg.rl.agents if cfg.rl.iterations > 0 else "multi"  # a single-agent GRPO run: no chains
-    systems = list(systems or default_systems(cfg.eval.votes, cfg.eval.sft_chain, cfg.eval.ablations, agents))
+    systems = list(
+        systems or default_systems(cfg.eval.votes, cfg.eval.sft_chain, cfg.eval.ablations, agents, cfg.tree.critique)
+    )
+    # the run's own trained chain (its roles and critique); a trained system otherwise is a role ablation
+    own_chain = (cfg.tree.roles, cfg.tree.critique)
     by_stage = {"final": adapters, "sft": sft_adapters}
     # A single-model system whose samples are an untrained chain's generator level is scored
     # from that chain's texts: the chain runs first and the single model is not sampled again.
@@ -405,7 +419,7 @@ def run_eval(
             results.update(res)
             if sys_.trained:
                 trained_names += list(res)
-            if sys_.roles != ROLES or not sys_.critique:
+            if sys_.trained and sys_.depth == 3 and (sys_.roles, sys_.critique) != own_chain:
                 ablation_names |= set(res)
     baselines = [n for n in results if n not in trained_names]
     comparisons = []

@@ -216,7 +216,11 @@ def run_expand(
     with any adapter the levels are sampled in mode ``"fork"`` (each role's context encoded with
     its own adapter; ``"naive"`` without ``tree.share_prefix``). ``seed_offset`` is added to
     ``train.seed`` for the per-question sampling keys. Without either, the trees are exactly
-    those of the plain pipeline."""
+    those of the plain pipeline.
+
+    Without a critique (``tree.critique: false``) the verifier's level is left empty
+    (``TreeConfig.empty_levels``): R refines each answer from its prompt with the critique ``""``
+    and the trees' V texts are ``""``."""
     from malt_jax.model.lora import lora_scale
 
     out = run_dir / "expansion"
@@ -231,7 +235,7 @@ def run_expand(
 
     def save(b: int, arrays: dict) -> None:
         exs = [train[i] for i in arrays["index"]]
-        texts = decode_tree(codec, arrays)
+        texts = decode_tree(codec, arrays, empty=[ROLES[lv] for lv in spec.empty_levels])
         arrays["rewards"], arrays["rewards_lenient"] = grade_leaves(task, exs, texts["R"], arrays["R_stopped"])
         # whether each generator answer is right (graded as evaluation grades it): the verifier's
         # training data is balanced over right and wrong answers, and its verdicts are scored

@@ -3,7 +3,8 @@
     <run>/config.yaml splits.json timings.json peak_rss_gb.json summary.json report.md
     <run>/expansion/batch_*.npz (+ .jsonl texts)     trees of G/V/R samples and leaf rewards
     <run>/credit/{G,V,R}_{sft,dpo}.jsonl summary.json per-role SFT examples and DPO pairs
-    <run>/adapters/{G,V,R}[_sft].safetensors          one LoRA adapter per role (after DPO / SFT only),
+    <run>/adapters/{G,V,R}[_sft].safetensors          one LoRA adapter per role (after DPO / SFT only;
+                  G and R only without a critique, tree.critique: false),
                   training.json, {G,V,R}_epochs.jsonl (+ orbax checkpoints while training)
     <run>/eval/<system>.jsonl                         per-question rows of every evaluated system
     <run>/round_<r>/expansion|credit|adapters|eval    iterative MALT's rounds (workflows/iterate.py),
@@ -252,27 +253,33 @@ def split_questions(cfg: RunConfig, task: Task) -> tuple[list[Example], list[Exa
 
 
 def validation_questions(
-    cfg: RunConfig, task: Task, train: list[Example], evals: list[Example], n: int, split: str = "validation"
+    cfg: RunConfig,
+    task: Task,
+    train: list[Example],
+    evals: list[Example],
+    n: int,
+    split: str = "validation",
+    field: str = "iterate.val_questions",
 ) -> list[Example]:
     """``n`` seeded (``task.seed``) questions of the task's ``split`` that are neither training nor
     evaluation questions (compared on :func:`~malt_jax.tasks.question_key`, so also when
     ``split`` is the evaluation split itself, or all splits load one file); nothing written. A
-    task without that split, or with too few such questions, is a ConfigError naming
-    ``iterate.val_questions``."""
+    task without that split, or with too few such questions, is a ConfigError naming ``field``
+    (the config key that asked for ``n``)."""
     from malt_jax.tasks.base import question_key, split_examples
 
     try:
         pool = task.load(split)
     except (ValueError, OSError, KeyError) as e:  # no such split / file
         raise ConfigError(
-            f"iterate.val_questions: task {cfg.task.name!r} has no {split!r} split to draw validation "
+            f"{field}: task {cfg.task.name!r} has no {split!r} split to draw validation "
             f"questions from ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
     used = {question_key(e.question) for e in [*train, *evals]}
     pool = [e for e in pool if question_key(e.question) not in used]
     if len(pool) < n:
         raise ConfigError(
-            f"iterate.val_questions: {n} asked, but the {split!r} split of task {cfg.task.name!r} has only "
+            f"{field}: {n} asked, but the {split!r} split of task {cfg.task.name!r} has only "
             f"{len(pool)} question(s) that are neither training nor evaluation questions"
         )
     return split_examples(pool, 0, n, cfg.task.seed)[1]
@@ -487,12 +494,15 @@ def training_counts(run_dir: Path) -> dict:
 
 def load_adapters(run_dir: Path) -> tuple[dict[str, Params] | None, dict[str, Params] | None]:
     """The roles' adapters after DPO and after SFT only (``None`` where a role's file is missing),
-    each checked against the run's config (read and verified once, where ``config.yaml`` exists)."""
+    each checked against the run's config (read and verified once, where ``config.yaml`` exists).
+    The roles are those the run trains (``TreeConfig.roles``: G and R only for a run without a
+    critique, ``tree.critique: false``; all three without a ``config.yaml``)."""
     d = run_dir / "adapters"
     cfg = run_config_of(run_dir) if (run_dir / "config.yaml").is_file() else None
+    roles = ROLES if cfg is None else cfg.tree.roles
 
     def load(suffix: str) -> dict[str, Params] | None:
-        paths = {r: d / f"{r}{suffix}.safetensors" for r in ROLES}
+        paths = {r: d / f"{r}{suffix}.safetensors" for r in roles}
         if not all(p.exists() for p in paths.values()):
             return None
         out = {}

@@ -22,7 +22,7 @@ from malt_jax.config import RunConfig
 from malt_jax.model.base_model import Model
 from malt_jax.model.llama import Params
 from malt_jax.parallel.distributed import is_lead
-from malt_jax.roles import ROLE_NAMES, ROLES
+from malt_jax.roles import ROLE_NAMES
 from malt_jax.runtime import tblog
 from malt_jax.stages.rundir import load_adapter, load_datasets, save_adapter, training_counts, write_atomic, write_rows
 
@@ -74,11 +74,14 @@ def run_train(
     run_dir: Path,
     mesh=None,
     progress: bool = True,
-    roles: Sequence[str] = ROLES,
+    roles: Sequence[str] | None = None,
     *,
     init: Path | None = None,
 ) -> dict[str, Params]:
     """Stage 3: SFT for every role, then DPO for V and R (and G if ``train.generator_dpo``).
+
+    ``roles``: the roles to train, default the run's (``TreeConfig.roles``: G and R only without
+    a critique, ``tree.critique: false``, whose credit stage gives V no data; V gets no adapter).
 
     ``init``: a directory holding ``{G,V,R}.safetensors`` (e.g. the ``adapters`` directory of an
     earlier round of iterative MALT) that each role's training starts from, checked against the
@@ -104,7 +107,7 @@ def run_train(
     select = held - report
     counts = training_counts(run_dir)
     adapters = {}
-    for role in roles:
+    for role in cfg.tree.roles if roles is None else roles:
         final = out / f"{role}.safetensors"
         if final.exists():
             adapters[role] = load_adapter(final)

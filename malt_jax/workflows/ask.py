@@ -53,10 +53,15 @@ def ask(
     lora_scale: float = 1.0,
     seed: int = 0,
     on_turn: Callable[[str, list[str]], None] | None = None,
+    critique: bool = True,
 ) -> dict[str, Any]:
     """Runs ``votes`` G -> V -> R chains on ``question`` (``adapters`` = the roles' adapters, or
     None for the untrained chain) and majority-votes the refiners' answers by the task's answer
-    key. Returns ``{"question", "chains": [{"G", "V", "R"}], "answers", "answer", "votes_for"}``."""
+    key. Returns ``{"question", "chains": [{"G", "V", "R"}], "answers", "answer", "votes_for"}``.
+
+    ``critique=False`` (a run trained without a critique, ``tree.critique: false``): the chains
+    are G -> (no critique) -> R, V's texts ``""`` and not passed to ``on_turn``; ``adapters``
+    then needs G and R only."""
     from malt_jax.config import SamplingConfig
     from malt_jax.sampling.codec import PromptCodec
     from malt_jax.stages.expand import decode_level, sample_trees
@@ -87,13 +92,18 @@ def ask(
         sampling=sampling,
         stop=codec.stop,
         mode="fork" if adapters else "extend",
+        empty_levels=() if critique else (ROLES.index("V"),),
     )
-    ads = tuple(adapters[r] for r in ROLES) if adapters else (None, None, None)
+    ads = tuple(adapters.get(r) for r in ROLES) if adapters else (None, None, None)
     ex = Example(id="ask", question=question, answer="")
     chains: list[dict[str, str]] = [{} for _ in range(votes)]
 
     def on_level(level: int, tokens: np.ndarray, lengths: np.ndarray) -> None:
         role = ROLES[level]
+        if level in spec.empty_levels:  # no turn was written
+            for c in chains:
+                c[role] = ""
+            return
         texts = decode_level(
             model.tokenizer, np.asarray(tokens)[:votes], np.asarray(lengths)[:votes], task.prompts.prefix(role)
         ).tolist()
@@ -137,8 +147,9 @@ def ask_run(
     on_turn: Callable[[str, list[str]], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`ask` with the base model, task, prompts, token budgets and role adapters of a run
-    directory (``base=True``: the untrained chain). ``temperature`` defaults to the run's
-    evaluation temperature. The question is checked before anything is loaded."""
+    directory (``base=True``: the untrained chain; a run trained without a critique,
+    ``tree.critique: false``, runs its chain G -> (no critique) -> R). ``temperature`` defaults
+    to the run's evaluation temperature. The question is checked before anything is loaded."""
     from malt_jax.config import run_config_of
     from malt_jax.model.base_model import load_model
     from malt_jax.model.lora import lora_scale
@@ -172,6 +183,7 @@ def ask_run(
         lora_scale=lora_scale(cfg.lora),
         seed=seed,
         on_turn=on_turn,
+        critique=base or cfg.tree.critique,
     )
     return {**out, "run_dir": str(run_dir), "trained": not base}
 

@@ -5,6 +5,11 @@
     train   -> <run>/adapters/{G,V,R}.safetensors            one LoRA adapter per role
     eval    -> <run>/eval/<system>.jsonl, report.md, *.png, summary.json
 
+With ``tree.critique: false`` the run is the paper's role ablation "G and R trained with an empty
+critique": the trees' verifier level is left empty (G -> (no critique) -> R), only G and R get
+training data and adapters, and the run's trained chains (``malt``, ``sft-chain``) are evaluated
+without a critique; the report and ``summary.json`` say so (:data:`NO_CRITIQUE`).
+
 The stages live in :mod:`malt_jax.stages`, the run directory's files in :mod:`malt_jax.stages.rundir`,
 the prompt codec in :mod:`malt_jax.sampling.codec` and the base model in :mod:`malt_jax.model.base_model`; their
 names used by earlier callers stay importable from here. Every stage skips work whose output
@@ -69,6 +74,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "run",
     "run_record",
+    "NO_CRITIQUE",
     "make_task",
     "make_run_mesh",
     # moved to base_model, codec, roles, rundir and stages/*; importable from here as before
@@ -145,9 +151,25 @@ def make_task(cfg: RunConfig) -> Task:
         raise ConfigError(f"task {cfg.task.name!r} (options {opts}): {e}") from None
 
 
+#: What the report and ``summary.json`` (``trained_chain``) say about a run without a critique
+#: (``tree.critique: false``).
+NO_CRITIQUE = (
+    "G -> (empty critique) -> R: G and R trained and evaluated with an empty critique (tree.critique: false); "
+    "no verifier is trained or run, and this run's malt and sft-chain systems are that chain"
+)
+
+
 def run_record(cfg: RunConfig, n_train: int, n_eval: int, timings: Mapping[str, float]) -> RunRecord:
-    """What the report says about a run (its "Run" table)."""
+    """What the report says about a run (its "Run" table; a run without a critique says so in
+    its title and a "Trained chain" row)."""
+    no_critique: dict[str, Any] = {}
+    if not cfg.tree.critique:
+        no_critique = {
+            "title": "MALT evaluation report: G and R trained with an empty critique",
+            "extra": {"Trained chain": NO_CRITIQUE},
+        }
     return RunRecord(
+        **no_critique,
         model=cfg.weights,
         task=cfg.task.name,
         n_questions=n_eval,
@@ -236,6 +258,8 @@ def _run(
                 cfg, model, task, evals, run_dir, adapters, progress=progress, mesh=mesh, sft_adapters=sft_adapters
             ),
         )
+        # a run without a critique says so in its summary.json
+        no_critique: dict[str, Any] = {} if cfg.tree.critique else {"critique": False, "trained_chain": NO_CRITIQUE}
         if credit_summary is None and (run_dir / "credit" / "summary.json").exists():
             credit_summary = read_json(run_dir / "credit" / "summary.json")
         publish_eval(
@@ -250,6 +274,7 @@ def _run(
             command,
             timings,
             memory,
+            **no_critique,
         )
     summary["timings"] = timings
     summary["peak_rss_gb"] = memory

@@ -9,9 +9,13 @@ trained role's LoRA adapter with the clipped policy-gradient loss and a k3 KL to
     config.yaml splits.json                         as every run
     rl/metrics.jsonl                                one row per role and update (TRL / Tunix names)
     rl/checkpoints/<iteration>/                     orbax: adapters, optimizer states, RNG key
-    rl/summary.json                                 written when the run ends
+    rl/heldout.jsonl                                with rl.eval_every: held-out accuracy against
+                                                    sampled tokens (per evaluation point and system)
+    rl/heldout/<iteration>/<system>.jsonl           its per-question rows (texts, passes, vote)
+    rl/summary.json rl/report.md                    written when the run ends
     adapters/{G,V,R}.safetensors                    the final adapters (the train stage's layout)
     tensorboard/<role>/rl                           the metrics as train/<name> (tensorboardX)
+    tensorboard/rl_heldout                          heldout/<system> at step = sampled tokens
     eval/<system>.jsonl                             with evaluation: the trained chain ("malt" ...)
 
 ``rl.agents: single`` trains the single-agent GRPO baseline instead: each iteration samples G's
@@ -20,9 +24,21 @@ and updates G alone (advantages over a question's answers); V's and R's adapters
 adapters, and evaluation runs G's trained adapter alone ("single-trained", +MV@k) against the
 untrained single model (``stages.eval.default_systems`` with ``agents="single"``).
 
+With ``rl.eval_every`` k > 0 the current adapters are evaluated on ``rl.eval_questions`` questions
+of the task's validation split (``stages.rundir.validation_questions``: disjoint from the training
+and evaluation questions; their ids in ``validation.json``) before the first update, after every
+k-th iteration and after the last: the trained system of the final evaluation ("malt", or
+"single-trained" with ``rl.agents: single``, each with its ``+MV@k`` vote) run by
+``stages.eval.run_eval`` with the ``eval`` section's votes, temperature and seed. It reads none of
+the run's RNG, so the adapters are those of a run without it. A point's row holds the sampled
+tokens so far (``num_tokens`` of the metrics rows), the correct answers of ``n`` and the 95%
+Wilson interval; the run's ``rl/report.md`` tabulates them.
+
 A rerun resumes from the latest checkpoint (every ``rl.checkpoint_every`` iterations and at the
 end): the iteration's questions and sampling seed are functions of the iteration and of the
-checkpointed key, so an interrupted run ends with the adapters of an uninterrupted one.
+checkpointed key, so an interrupted run ends with the adapters of an uninterrupted one. Metrics
+and held-out rows of iterations after the checkpoint are dropped and redone; held-out rows up to
+it are kept.
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +56,7 @@ import jax
 import numpy as np
 
 from malt_jax.config import ConfigError, RunConfig, run_config_of, to_dict
+from malt_jax.evaluation.fmt import fmt_ci, fmt_float, md_table
 from malt_jax.model.base_model import Model
 from malt_jax.model.llama import Params
 from malt_jax.parallel.distributed import is_lead, put
@@ -47,26 +65,40 @@ from malt_jax.runtime import tblog
 from malt_jax.runtime.checkpoint import Checkpointer, CheckpointError
 from malt_jax.sampling.codec import PromptCodec
 from malt_jax.stages import rl as rl_stage
-from malt_jax.stages.eval import System, run_eval
+from malt_jax.stages.eval import SINGLE_TRAINED, System, run_eval
 from malt_jax.stages.rundir import (
     load_adapter,
     load_splits,
+    load_validation,
     lock_run_dir,
     prepare_run_dir,
+    read_json,
     read_jsonl,
     save_adapter,
     split_questions,
     stamp_run_dir,
+    validation_questions,
     write_atomic,
     write_rows,
 )
-from malt_jax.tasks import Task
+from malt_jax.tasks import Example, Task
 from malt_jax.training.steps import TrainState
 from malt_jax.workflows.pipeline import make_task, sharded_model
+from malt_jax.workflows.summary import system_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_rl", "initial_adapters", "METRIC_KEYS"]
+__all__ = [
+    "run_rl",
+    "initial_adapters",
+    "METRIC_KEYS",
+    "HELDOUT",
+    "heldout_systems",
+    "is_heldout_point",
+    "heldout_rows",
+    "heldout_section",
+    "rl_report",
+]
 
 # the keys every metrics row holds (besides iteration / role / update / step / token counts)
 METRIC_KEYS = (
@@ -83,6 +115,94 @@ METRIC_KEYS = (
     "learning_rate",
 )
 _ADV_METRICS = ("reward_mean", "reward_std", "frac_reward_zero_std", "advantage_abs_mean", "groups")
+HELDOUT = "heldout.jsonl"  # <run>/rl/heldout.jsonl: the held-out rows (rl.eval_every)
+
+
+def heldout_systems(cfg: RunConfig) -> list[System]:
+    """What a held-out point evaluates: the run's trained system of the final evaluation, with
+    ``eval.votes`` passes (and so its ``+MV@k`` vote): the chain "malt", or G's adapter alone,
+    "single-trained", with ``rl.agents: single``."""
+    if cfg.rl.agents == "single":
+        return [System(SINGLE_TRAINED, 1, cfg.eval.votes, False, True)]
+    return [System("malt", 3, cfg.eval.votes, False, True)]
+
+
+def is_heldout_point(iteration: int, every: int, last: bool) -> bool:
+    """Whether the adapters after ``iteration`` iterations are evaluated on the validation
+    questions: never with ``every`` 0; otherwise before the first update (0), after every
+    ``every``-th iteration, and after the last (``last``: the iterations or the token budget ran
+    out)."""
+    return every > 0 and (iteration == 0 or iteration % every == 0 or last)
+
+
+def heldout_rows(ev: dict, iteration: int, num_tokens: int) -> list[dict[str, Any]]:
+    """A held-out point's rows, one per evaluated system (``ev``: its ``run_eval`` output):
+    ``iteration`` (the adapters after that many iterations; 0 = the start adapters),
+    ``num_tokens`` (tokens sampled by then, as the metrics rows count them), ``system``, and
+    ``accuracy``, ``ci95`` (95% Wilson), ``correct``, ``n``."""
+    return [
+        {"iteration": iteration, "num_tokens": num_tokens, "system": name, **scores}
+        for name, scores in system_table(ev["results"]).items()
+    ]
+
+
+def heldout_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's "Held-out accuracy against sampled tokens" section: one line per evaluation
+    point (its iteration and sampled tokens), per system its accuracy, 95% Wilson interval and
+    correct / n; no lines without rows."""
+    if not rows:
+        return []
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    points = sorted({(r["iteration"], r["num_tokens"]) for r in rows})
+    by = {(r["iteration"], r["system"]): r for r in rows}
+    table = []
+    for it, tokens in points:
+        cells = [str(it), f"{tokens:,}"]
+        for name in systems:
+            r = by.get((it, name))
+            cells.append(
+                "" if r is None else f"{fmt_float(r['accuracy'])} {fmt_ci(*r['ci95'])} ({r['correct']} / {r['n']})"
+            )
+        table.append(cells)
+    n = rows[0]["n"]
+    return [
+        "## Held-out accuracy against sampled tokens",
+        "",
+        f"The adapters after each evaluated iteration (0: the start adapters) on {n} questions of the task's "
+        "validation split (disjoint from the training and evaluation questions), with the evaluation's votes, "
+        "temperature and seed; 95% Wilson intervals.",
+        "",
+        *md_table(["iteration", "sampled tokens", *(f"{s} [95% CI] (correct / n)" for s in systems)], table),
+    ]
+
+
+def rl_report(summary: dict[str, Any], heldout: Sequence[dict[str, Any]]) -> str:
+    """``<run>/rl/report.md``: what ran, the held-out accuracy against sampled tokens (with
+    ``rl.eval_every``) and the final evaluation's accuracy table (when evaluated)."""
+    lines = [
+        "# Online GRPO report",
+        "",
+        f"{summary['iterations']} iteration(s), {summary['num_tokens']:,} tokens sampled (stopped by "
+        f"{summary['stopped_by']}); agents: {summary['agents']}; trained roles: {', '.join(summary['roles'])}.",
+    ]
+    section = heldout_section(heldout)
+    if section:
+        lines += ["", *section]
+    if "table" in summary:
+        lines += ["", "## Final evaluation (evaluation questions)", "", "```", summary["table"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _check_recorded_validation(run_dir: Path, n: int) -> None:
+    """A run whose ``validation.json`` records another number of validation questions than
+    ``rl.eval_questions`` asks for: its held-out rows are on those, so refused naming the field."""
+    old = read_json(run_dir / "validation.json", {})
+    recorded = old.get("validation") if isinstance(old, dict) else None
+    if isinstance(recorded, list) and len(recorded) != n:
+        raise ConfigError(
+            f"rl.eval_questions: {run_dir} evaluated its held-out points on {len(recorded)} validation questions "
+            f"(validation.json), not {n}; keep rl.eval_questions={len(recorded)} or use a new run_dir"
+        )
 
 
 def initial_adapters(cfg: RunConfig) -> tuple[dict[str, Params], dict[str, Params | None]]:
@@ -168,9 +288,15 @@ def _run_rl(
     run_dir = prepare_run_dir(cfg, stamp=False)  # another config's directory: refused, untouched
     task = task or make_task(cfg)
     split = split_questions(cfg, task)
+    val: list[Example] = []
+    if rl.eval_every:  # too few validation questions: refused before any write
+        val = validation_questions(cfg, task, *split, rl.eval_questions, field="rl.eval_questions")
+        _check_recorded_validation(run_dir, len(val))
     start_adapters, reference = initial_adapters(cfg)  # a bad rl.sft_run: refused before any write
     stamp_run_dir(cfg, run_dir)
     train, evals = load_splits(cfg, task, run_dir, split)
+    if val:
+        load_validation(cfg, run_dir, val)
     model, mesh = sharded_model(cfg, model)
     pad_id = model.tokenizer.pad_id
     if pad_id is None:
@@ -217,9 +343,52 @@ def _run_rl(
         metrics_path = out / "metrics.jsonl"
         rows = [r for r in read_jsonl(metrics_path) if r["iteration"] < start] if metrics_path.exists() else []
         write_rows(metrics_path, rows)  # drops rows of iterations after the checkpoint (redone)
+        heldout_path, heldout_dir = out / HELDOUT, out / "heldout"
+        # held-out rows up to the checkpoint are kept; those after it are dropped (redone)
+        heldout = [r for r in read_jsonl(heldout_path) if r["iteration"] <= start] if heldout_path.exists() else []
+        if heldout_path.exists() or rl.eval_every:
+            write_rows(heldout_path, heldout)
+        for d in heldout_dir.iterdir() if heldout_dir.is_dir() else ():
+            if d.is_dir() and not (d.name.isdigit() and int(d.name) <= start):
+                shutil.rmtree(d, ignore_errors=True)  # the raw rows of a dropped point: sampled again
 
         def budget_spent() -> bool:
             return bool(rl.token_budget) and num_tokens >= rl.token_budget
+
+        def current() -> dict[str, Any]:
+            return {r: states[r].adapter if r in states else start_adapters[r] for r in ROLES}
+
+        def evaluate_point(iteration: int) -> None:
+            """The adapters after ``iteration`` iterations on the validation questions, when that
+            is a held-out point not yet evaluated (the run's key is not read: training unchanged)."""
+            last = iteration >= rl.iterations or budget_spent()
+            done = any(r["iteration"] == iteration for r in heldout)
+            if done or not is_heldout_point(iteration, rl.eval_every, last):
+                return
+            t_ev = time.perf_counter()
+            ev = run_eval(
+                cfg,
+                model,
+                task,
+                val,
+                run_dir,
+                current(),
+                heldout_systems(cfg),
+                progress=False,
+                mesh=mesh,
+                out=heldout_dir / str(iteration),
+            )
+            new = heldout_rows(ev, iteration, num_tokens)
+            heldout.extend(new)
+            write_rows(heldout_path, heldout)
+            _mirror_heldout(run_dir, heldout)
+            log.info(
+                "rl: held-out after iteration %d (%d tokens): %s (%.1f s)",
+                iteration,
+                num_tokens,
+                ", ".join(f"{r['system']} {r['accuracy']:.4f}" for r in new),
+                time.perf_counter() - t_ev,
+            )
 
         def save(iteration: int) -> None:
             ckpt.save(
@@ -231,6 +400,7 @@ def _run_rl(
         bar = tqdm(total=rl.iterations, initial=start, desc="rl", unit="it", disable=not progress, dynamic_ncols=True)
         it = start
         try:
+            evaluate_point(it)  # the start adapters, or a point whose checkpoint came before its evaluation
             while it < rl.iterations and not budget_spent():
                 t_it = time.perf_counter()
                 key, seed = rl_stage.iteration_seed(key)
@@ -293,6 +463,7 @@ def _run_rl(
                 if it % rl.checkpoint_every == 0 or it == rl.iterations or budget_spent():
                     save(it)
                     _mirror(run_dir, rows)
+                evaluate_point(it)
                 bar.update(1)
                 bar.set_postfix(reward=f"{arrays['rewards'].mean():.3f}", tokens=num_tokens)
                 if stop_after is not None and it >= stop_after and it < rl.iterations and not budget_spent():
@@ -302,7 +473,7 @@ def _run_rl(
     finally:
         ckpt.close()
 
-    final = {r: states[r].adapter if r in states else start_adapters[r] for r in ROLES}
+    final = current()
     (run_dir / "adapters").mkdir(exist_ok=True)
     for r in ROLES:
         save_adapter(final[r], run_dir / "adapters" / f"{r}.safetensors")
@@ -317,6 +488,7 @@ def _run_rl(
         "roles": trained,
         "agents": rl.agents,
         "metrics": str(out / "metrics.jsonl"),
+        "heldout": heldout,
         "last": {r: next((row for row in reversed(rows) if row["role"] == r), None) for r in trained},
         "wall_time_s": round(time.perf_counter() - t0, 1),
     }
@@ -328,6 +500,7 @@ def _run_rl(
         summary["table"] = format_table(ev["results"])
         summary["primary"] = next((c for c in ev["comparisons"] if c["primary"]), None)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "report.md", rl_report(summary, heldout))
     if tblog.available():
         summary["tensorboard"] = tblog.command(run_dir)
     return summary
@@ -344,3 +517,11 @@ def _mirror(run_dir: Path, rows: list[dict]) -> None:
         ]
         if history and not tblog.write_training(run_dir, r, history, []):
             return
+
+
+def _mirror_heldout(run_dir: Path, rows: list[dict]) -> None:
+    """The held-out rows as TensorBoard scalars ``heldout/<system>`` at step = the tokens sampled
+    by then (``tensorboard/rl_heldout``)."""
+    if is_lead():
+        scalars = [(f"heldout/{tblog.tag(r['system'])}", r["accuracy"], r["num_tokens"]) for r in rows]
+        tblog.write_scalars(run_dir, "rl_heldout", scalars)

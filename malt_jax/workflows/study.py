@@ -102,6 +102,8 @@ def run_study(
     sizes = sorted(cfg.study.train_sizes)
     if not sizes:
         raise ConfigError("study.train_sizes: empty; a study needs at least one training-set size")
+    if not cfg.tree.critique:
+        raise ConfigError("tree.critique: false is not supported by malt-jax study; it is a malt-jax run option")
     with lock_run_dir(cfg.run_dir):
         return _run_study(cfg, sizes, progress, command, model, task)
 
