@@ -1,5 +1,6 @@
 """Small shared test helpers."""
 
+import hashlib
 import importlib.util
 import json
 from collections.abc import Sequence
@@ -166,3 +167,32 @@ def experiment_module(name: str, path: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def snapshot(d: Path) -> dict[str, str]:
+    """Every file under ``d`` -> its sha256: equal snapshots = nothing written or removed."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()}
+
+
+def hand_trees(rewards, g_correct, empty_critique: bool = False) -> dict:
+    """Expansion trees of 1-token outputs for the credit stage's tests: G i -> token 10+i, V (i,j)
+    -> 20+j, R (i,j,k) -> 30+k. ``empty_critique``: V's level left empty (zero-length critiques,
+    ``tree.critique: false``)."""
+    Q, n, m, l = rewards.shape
+    tok = lambda base, shape: (base + np.indices(shape)[-1])[..., None]  # noqa: E731
+    v_tokens = np.zeros((Q, n, m, 3), int) if empty_critique else tok(20, (Q, n, m))
+    return {
+        "q_tokens": np.full((Q, 4), 5),
+        "q_lens": np.full((Q,), 4),
+        "rewards": rewards,
+        "G_tokens": tok(10, (Q, n)),
+        "G_lengths": np.ones((Q, n), int),
+        "G_stopped": np.ones((Q, n), bool),
+        "V_tokens": v_tokens,
+        "V_lengths": np.full((Q, n, m), 0 if empty_critique else 1, int),
+        "V_stopped": np.ones((Q, n, m), bool),
+        "R_tokens": tok(30, (Q, n, m, l)),
+        "R_lengths": np.ones((Q, n, m, l), int),
+        "R_stopped": np.ones((Q, n, m, l), bool),
+        "G_correct": g_correct,
+    }

@@ -20,7 +20,7 @@ from malt_jax.stages import rundir
 from malt_jax.stages.credit import build_datasets
 from malt_jax.stages.eval import System, default_systems
 from malt_jax.workflows import pipeline
-from tests.fixtures import write_tiny_config
+from tests.fixtures import hand_trees, write_tiny_config
 from tests.parity_task import ParityTask
 
 NO_CRITIQUE = ["tree.critique=false", "tree.m=1", "tree.l=3", "task.framing=separate"]
@@ -137,22 +137,7 @@ def test_value_iteration_on_the_depth_two_tree_matches_numpy():
     rng = np.random.default_rng(3)
     Q, n, l, thr = 5, 3, 4, 0.5
     rewards = (rng.random((Q, n, 1, l)) < 0.5).astype(np.float32)
-    tok = lambda base, shape: (base + np.indices(shape)[-1])[..., None]  # noqa: E731
-    trees = {
-        "q_tokens": np.full((Q, 4), 5),
-        "q_lens": np.full((Q,), 4),
-        "rewards": rewards,
-        "G_tokens": tok(10, (Q, n)),
-        "G_lengths": np.ones((Q, n), int),
-        "G_stopped": np.ones((Q, n), bool),
-        "V_tokens": np.zeros((Q, n, 1, 3), int),
-        "V_lengths": np.zeros((Q, n, 1), int),
-        "V_stopped": np.ones((Q, n, 1), bool),
-        "R_tokens": tok(30, (Q, n, 1, l)),
-        "R_lengths": np.ones((Q, n, 1, l), int),
-        "R_stopped": np.ones((Q, n, 1, l), bool),
-        "G_correct": rng.random((Q, n)) < 0.5,
-    }
+    trees = hand_trees(rewards, rng.random((Q, n)) < 0.5, empty_critique=True)
     seps = (([1],), ([2, 3], [4]))
     data, summary = build_datasets(trees, seps, 99, thr, None, 0, verifier_balance=True, roles=("G", "R"))
     assert set(data) == {"G", "R"} and not any(k.startswith("verifier/") for k in summary)

@@ -15,7 +15,7 @@ from malt_jax.stages.eval import critique_verdict, default_systems, evaluate_sys
 from malt_jax.stages.train import heldout_questions, run_train
 from malt_jax.tasks import Example
 from malt_jax.workflows import pipeline
-from tests.fixtures import finished_tiny_run
+from tests.fixtures import finished_tiny_run, hand_trees
 from tests.parity_task import ParityTask
 
 
@@ -169,35 +169,13 @@ def test_write_atomic_text_and_binary_leave_no_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]
 
 
-def _hand_trees(rewards, g_correct):
-    """Trees of 1-token outputs: G i -> token 10+i, V (i,j) -> 20+j, R (i,j,k) -> 30+k (so the
-    R siblings 0 and 1 under V (0,0) get the SAME tokens when ``same`` is set below)."""
-    Q, n, m, l = rewards.shape
-    tok = lambda base, shape: (base + np.indices(shape)[-1])[..., None]  # noqa: E731
-    return {
-        "q_tokens": np.full((Q, 4), 5),
-        "q_lens": np.full((Q,), 4),
-        "rewards": rewards,
-        "G_tokens": tok(10, (Q, n)),
-        "G_lengths": np.ones((Q, n), int),
-        "G_stopped": np.ones((Q, n), bool),
-        "V_tokens": tok(20, (Q, n, m)),
-        "V_lengths": np.ones((Q, n, m), int),
-        "V_stopped": np.ones((Q, n, m), bool),
-        "R_tokens": tok(30, (Q, n, m, l)),
-        "R_lengths": np.ones((Q, n, m, l), int),
-        "R_stopped": np.ones((Q, n, m, l), bool),
-        "G_correct": g_correct,
-    }
-
-
 def test_build_datasets_drops_identical_pairs_and_balances_the_verifier():
     rewards = np.zeros((1, 2, 2, 2), np.float32)
     rewards[0, 0, 0] = [1, 0]  # V (0,0,0): value 0.5 -> negative; R pair 30 vs 31
     rewards[0, 0, 1] = [1, 1]  # V (0,0,1) positive (under a right G answer)
     rewards[0, 1, 0] = [1, 1]  # V (0,1,0) positive (under a wrong G answer)
     rewards[0, 1, 1] = [1, 1]  # V (0,1,1) positive (under a wrong G answer)
-    trees = _hand_trees(rewards, np.array([[True, False]]))
+    trees = hand_trees(rewards, np.array([[True, False]]))
     seps = (([1],), ([1], [2]))
     data, summary = build_datasets(trees, seps, 99, 0.5, None, 0, verifier_balance=True)
     assert summary["refiner/dpo_identical"] == 0 and len(data["R"]["dpo"]) == 1

@@ -5,7 +5,6 @@ policies, the token budget, and configs refused before any work."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from malt_jax.stages.rl import iteration_questions
 from malt_jax.stages.rundir import RunDirError, load_adapters, save_adapter
 from malt_jax.training.pg_step import batch_logps, pg_batch
 from malt_jax.workflows.rl import METRIC_KEYS, initial_adapters, run_rl
-from tests.fixtures import RL, rl_config, rl_metric_rows, tiny_model, uninterrupted_rl, write_tiny_config
+from tests.fixtures import RL, rl_config, rl_metric_rows, snapshot, tiny_model, uninterrupted_rl, write_tiny_config
 from tests.parity_task import ParityTask
 
 ONE_TREE = 2 * 6 + 4 * 6 + 8 * 6  # tokens of one 2x2x2 tree at 6 tokens per turn
@@ -31,10 +30,6 @@ ONE_TREE = 2 * 6 + 4 * 6 + 8 * 6  # tokens of one 2x2x2 tree at 6 tokens per tur
 
 def _cfg(tmp: Path, run: str = "out", extra: tuple[str, ...] = ()) -> RunConfig:
     return rl_config(tmp, RL, run, extra)
-
-
-def _snapshot(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +216,11 @@ def test_the_rl_section_leaves_existing_config_hashes_alone():
 def test_errors_leave_an_existing_run_directory_as_it_was(full, tmp_path, model):
     cfg, _ = full
     run_dir = Path(cfg.run_dir)
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     other = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, learning_rate=1e-3))  # another identity
     with pytest.raises(RunDirError, match="another config"):
         run_rl(other, model=model, task=ParityTask(), progress=False, evaluate=False)
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
     # a missing SFT run is refused before the run directory is stamped
     fresh = tmp_path / "fresh"
     fresh.mkdir()

@@ -7,7 +7,6 @@ written texts, exact resumption, the single-agent system, and settings refused n
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -23,7 +22,16 @@ from malt_jax.runtime import tblog
 from malt_jax.stages.eval import System, evaluate_system
 from malt_jax.stages.rundir import load_adapters, read_jsonl, write_rows
 from malt_jax.workflows.rl import initial_adapters, is_heldout_point, run_rl
-from tests.fixtures import RL, RL_SINGLE, rl_config, rl_metric_rows, tiny_model, uninterrupted_rl, write_tiny_config
+from tests.fixtures import (
+    RL,
+    RL_SINGLE,
+    rl_config,
+    rl_metric_rows,
+    snapshot,
+    tiny_model,
+    uninterrupted_rl,
+    write_tiny_config,
+)
 from tests.parity_task import ParityTask
 
 # checkpoints only at the end, so a stop after iteration 2 resumes from the start
@@ -47,10 +55,6 @@ def _assert_same_adapters(a: dict, b: dict) -> None:
     for r in ROLES:
         for x, y in zip(jax.tree.leaves(a[r]), jax.tree.leaves(b[r]), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _snapshot(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +179,12 @@ def test_resume_keeps_the_rows_up_to_the_checkpoint_and_redoes_the_others(heldou
 def test_another_number_of_validation_questions_is_refused_on_a_rerun(heldout, model):
     cfg, _ = heldout
     run_dir = Path(cfg.run_dir)
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     other = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, eval_questions=1))
     with pytest.raises(ConfigError, match=r"^rl.eval_questions: .* on 2 validation questions") as info:
         run_rl(other, model=model, task=ParityTask(), progress=False, evaluate=False)
     assert "\n" not in str(info.value)
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
 
 
 def test_single_agent_runs_record_the_single_trained_system(tmp_path, model):
